@@ -1,0 +1,53 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+let package = Package(
+    name: "l4lb",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "l4lb", targets: ["l4lb"]),
+        .library(name: "L4Balancer", targets: ["L4Balancer"]),
+        .library(name: "URing", targets: ["URing"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-atomics", from: "1.3.0"),
+        .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
+    ],
+    targets: [
+        .systemLibrary(
+            name: "CURing",
+            pkgConfig: "liburing",
+            providers: [.apt(["liburing-dev"])]
+        ),
+        .target(
+            name: "URing",
+            dependencies: ["CURing"]
+        ),
+        .target(name: "CLinux"),
+        .target(
+            name: "L4Balancer",
+            dependencies: [
+                "URing",
+                "CLinux",
+                .product(name: "Atomics", package: "swift-atomics"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Yams", package: "Yams"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
+        ),
+        .executableTarget(
+            name: "l4lb",
+            dependencies: [
+                "L4Balancer",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(name: "URingTests", dependencies: ["URing"]),
+        .testTarget(name: "L4BalancerTests", dependencies: ["L4Balancer"]),
+        .testTarget(name: "EndToEndTests", dependencies: ["L4Balancer"]),
+    ]
+)

@@ -1,0 +1,16 @@
+#ifndef CLINUX_H
+#define CLINUX_H
+
+// Linux calls that glibc declares only under _GNU_SOURCE, wrapped with plain types so the
+// header can be imported next to Swift's Glibc module (see Sources/CURing/shim.h).
+
+/// Fills `cpus` with the CPUs in this process's affinity mask; returns how many, or -1.
+int CLinux_allowed_cpus(int *cpus, int capacity);
+
+/// Pins the calling thread to one CPU; 0 or -errno.
+int CLinux_pin_current_thread(int cpu);
+
+/// A non-blocking, close-on-exec eventfd, or -errno.
+int CLinux_eventfd(void);
+
+#endif

@@ -1,0 +1,44 @@
+/// nginx's smooth weighted round robin: every pick adds each weight to its running score,
+/// takes the highest score, and subtracts the total from the winner. Weights 5:1:1 give
+/// a,a,b,a,c,a,a rather than a,a,a,a,a,b,c. Deterministic for a given weight list.
+/// One per worker per cluster, created at start-up; a pick allocates nothing.
+public final class SmoothRoundRobin {
+    @usableFromInline let weights: UnsafeMutableBufferPointer<Int>
+    @usableFromInline let scores: UnsafeMutableBufferPointer<Int>
+    @usableFromInline let total: Int
+
+    public init(weights: [Int]) {
+        self.weights = .allocate(capacity: max(weights.count, 1))
+        self.scores = .allocate(capacity: max(weights.count, 1))
+        _ = self.weights.initialize(from: weights)
+        self.scores.initialize(repeating: 0)
+        self.total = weights.reduce(0, +)
+    }
+
+    deinit {
+        weights.deallocate()
+        scores.deallocate()
+    }
+
+    public var count: Int { weights.count }
+
+    /// The next index, skipping those whose bit (`index % 64`) is set in `tried`; nil when
+    /// every index with a weight above 0 is skipped.
+    @inlinable
+    public func pick(tried: UInt64 = 0) -> Int? {
+        var best = -1
+        var bestScore = Int.min
+        var eligibleTotal = 0
+        for i in 0..<weights.count where weights[i] > 0 && tried & (1 &<< UInt64(i & 63)) == 0 {
+            scores[i] &+= weights[i]
+            eligibleTotal &+= weights[i]
+            if scores[i] > bestScore {
+                bestScore = scores[i]
+                best = i
+            }
+        }
+        guard best >= 0 else { return nil }
+        scores[best] &-= eligibleTotal
+        return best
+    }
+}

@@ -1,0 +1,353 @@
+import Foundation
+import Yams
+
+/// Turns YAML into a validated `Config`. Strict: unknown keys, wrong types, bad addresses
+/// and durations, duplicate names and dangling references are all errors, collected and
+/// reported together.
+public enum ConfigParser {
+    public static func parse(yaml: String) -> Result<Config, ConfigErrors> {
+        let root: Node?
+        do {
+            root = try Yams.compose(yaml: yaml)
+        } catch {
+            return .failure(ConfigErrors(errors: [ConfigError(path: "", message: "invalid YAML: \(error)")]))
+        }
+        var walker = ConfigWalker()
+        let config = walker.config(root)
+        if walker.errors.isEmpty { return .success(config) }
+        return .failure(ConfigErrors(errors: walker.errors))
+    }
+
+    public static func load(path: String) -> Result<Config, ConfigErrors> {
+        do {
+            let text = try String(contentsOfFile: path, encoding: .utf8)
+            return parse(yaml: text)
+        } catch {
+            let reason = (error as NSError).localizedFailureReason ?? "cannot read file"
+            return .failure(ConfigErrors(errors: [ConfigError(path: path, message: reason)]))
+        }
+    }
+}
+
+/// The YAML walk: each method reads one node at one path and records what is wrong.
+struct ConfigWalker {
+    var errors: [ConfigError] = []
+
+    mutating func fail(_ path: String, _ message: String) {
+        errors.append(ConfigError(path: path, message: message))
+    }
+
+    // MARK: Document
+
+    mutating func config(_ root: Node?) -> Config {
+        var config = Config()
+        guard let root else {
+            fail("listeners", "required")
+            fail("clusters", "required")
+            return config
+        }
+        guard let fields = mapping(root, "", keys: ["workers", "drain_timeout", "admin", "access_log", "listeners", "clusters", "filter"]) else {
+            return config
+        }
+        if let node = fields["workers"] {
+            if node.string == "auto" {
+                config.workers = .auto
+            } else if let n = int(node, "workers", 1...1024) {
+                config.workers = .count(n)
+            }
+        }
+        if let node = fields["drain_timeout"], let d = duration(node, "drain_timeout") { config.drainTimeout = d }
+        if let node = fields["admin"] { config.admin = admin(node, "admin") }
+        if let node = fields["access_log"] { config.accessLog = accessLog(node, "access_log") }
+        if fields["filter"] != nil { fail("filter", "not supported yet") }
+
+        if let node = fields["clusters"] {
+            config.clusters = list(node, "clusters", required: true) { walker, item, path in walker.cluster(item, path) }
+        } else {
+            fail("clusters", "required")
+        }
+        var seenClusters: [String: Int] = [:]
+        for (i, cluster) in config.clusters.enumerated() {
+            if let first = seenClusters[cluster.name] {
+                fail("clusters[\(i)].name", "duplicate cluster name \"\(cluster.name)\" (also clusters[\(first)])")
+            } else {
+                seenClusters[cluster.name] = i
+            }
+        }
+
+        if let node = fields["listeners"] {
+            config.listeners = list(node, "listeners", required: true) { walker, item, path in
+                walker.listener(item, path, clusters: seenClusters)
+            }
+        } else {
+            fail("listeners", "required")
+        }
+        var seenNames: [String: Int] = [:]
+        var seenAddresses: [SocketAddress: Int] = [:]
+        for (i, listener) in config.listeners.enumerated() {
+            if let first = seenNames[listener.name] {
+                fail("listeners[\(i)].name", "duplicate listener name \"\(listener.name)\" (also listeners[\(first)])")
+            } else {
+                seenNames[listener.name] = i
+            }
+            if let first = seenAddresses[listener.address] {
+                fail("listeners[\(i)].address", "\(listener.address) is already used by listeners[\(first)]")
+            } else {
+                seenAddresses[listener.address] = i
+            }
+        }
+        return config
+    }
+
+    mutating func admin(_ node: Node, _ path: String) -> Config.Admin {
+        var admin = Config.Admin()
+        guard let fields = mapping(node, path, keys: ["address", "token"]) else { return admin }
+        if let n = fields["address"], let a = address(n, "\(path).address") { admin.address = a }
+        if let n = fields["token"] { admin.token = string(n, "\(path).token") }
+        return admin
+    }
+
+    mutating func accessLog(_ node: Node, _ path: String) -> Config.AccessLog {
+        if node.string == "off" { return .off }
+        guard let fields = mapping(node, path, keys: ["path", "format"]) else { return .off }
+        var target = "stdout"
+        var format = Config.AccessLog.Format.json
+        if let n = fields["path"], let p = string(n, "\(path).path") {
+            if p.isEmpty { fail("\(path).path", "must not be empty") } else { target = p }
+        }
+        if let n = fields["format"], let f = choice(n, "\(path).format", Config.AccessLog.Format.self) { format = f }
+        return .on(path: target, format: format)
+    }
+
+    // MARK: Listeners
+
+    mutating func listener(_ node: Node, _ path: String, clusters known: [String: Int]) -> Config.Listener? {
+        guard let fields = mapping(node, path, keys: [
+            "name", "address", "protocol", "cluster", "clusters", "connect_timeout", "connect_attempts",
+            "idle_timeout", "max_connections", "proxy_protocol", "rate_limit", "tls", "routes",
+        ]) else { return nil }
+
+        let address: SocketAddress?
+        if let n = fields["address"] { address = self.address(n, "\(path).address") } else {
+            fail("\(path).address", "required")
+            address = nil
+        }
+
+        var targets: [Config.WeightedCluster] = []
+        switch (fields["cluster"], fields["clusters"]) {
+        case (.some, .some):
+            fail(path, "set either cluster or clusters, not both")
+        case (.some(let n), nil):
+            if let name = string(n, "\(path).cluster") {
+                if known[name] == nil { fail("\(path).cluster", "unknown cluster \"\(name)\"") }
+                targets = [Config.WeightedCluster(name: name, weight: 1)]
+            }
+        case (nil, .some(let n)):
+            targets = list(n, "\(path).clusters", required: true) { walker, item, itemPath in
+                walker.weightedCluster(item, itemPath, clusters: known)
+            }
+            if !targets.isEmpty, targets.allSatisfy({ $0.weight == 0 }) {
+                fail("\(path).clusters", "at least one cluster needs a weight above 0")
+            }
+        case (nil, nil):
+            fail("\(path).cluster", "required")
+        }
+
+        let name: String
+        if let n = fields["name"], let s = string(n, "\(path).name") {
+            if s.isEmpty { fail("\(path).name", "must not be empty") }
+            name = s
+        } else {
+            name = address?.description ?? path
+        }
+
+        guard let address else { return nil }
+        var listener = Config.Listener(name: name, address: address, clusters: targets)
+        if let n = fields["protocol"], let p = choice(n, "\(path).protocol", Config.Listener.TransportProtocol.self) {
+            listener.transport = p
+            if p == .udp { fail("\(path).protocol", "udp is not supported yet") }
+        }
+        if let n = fields["connect_timeout"], let d = duration(n, "\(path).connect_timeout") {
+            if d.milliseconds <= 0 { fail("\(path).connect_timeout", "must be greater than 0") }
+            listener.connectTimeout = d
+        }
+        if let n = fields["connect_attempts"], let v = int(n, "\(path).connect_attempts", 1...16) { listener.connectAttempts = v }
+        if let n = fields["idle_timeout"], let d = duration(n, "\(path).idle_timeout") { listener.idleTimeout = d }
+        if let n = fields["max_connections"], let v = int(n, "\(path).max_connections", 1...10_000_000) { listener.maxConnections = v }
+        if let n = fields["proxy_protocol"], let p = choice(n, "\(path).proxy_protocol", Config.Listener.ProxyProtocol.self) {
+            listener.proxyProtocol = p
+        }
+        for key in ["rate_limit", "tls", "routes"] where fields[key] != nil {
+            fail("\(path).\(key)", "not supported yet")
+        }
+        return listener
+    }
+
+    mutating func weightedCluster(_ node: Node, _ path: String, clusters known: [String: Int]) -> Config.WeightedCluster? {
+        guard let fields = mapping(node, path, keys: ["name", "weight"]) else { return nil }
+        guard let n = fields["name"] else {
+            fail("\(path).name", "required")
+            return nil
+        }
+        guard let name = string(n, "\(path).name") else { return nil }
+        if known[name] == nil { fail("\(path).name", "unknown cluster \"\(name)\"") }
+        var weight = 1
+        if let n = fields["weight"], let w = int(n, "\(path).weight", 0...1_000_000) { weight = w }
+        return Config.WeightedCluster(name: name, weight: weight)
+    }
+
+    // MARK: Clusters
+
+    mutating func cluster(_ node: Node, _ path: String) -> Config.Cluster? {
+        guard let fields = mapping(node, path, keys: [
+            "name", "balancer", "hash_key", "endpoints", "health_check", "outlier_detection",
+            "max_connections", "slow_start",
+        ]) else { return nil }
+        var name: String?
+        if let n = fields["name"] {
+            name = string(n, "\(path).name")
+            if name == "" { fail("\(path).name", "must not be empty") }
+        } else {
+            fail("\(path).name", "required")
+        }
+        var endpoints: [Config.Endpoint] = []
+        if let n = fields["endpoints"] {
+            endpoints = list(n, "\(path).endpoints", required: true) { walker, item, itemPath in walker.endpoint(item, itemPath) }
+            var seen: [SocketAddress: Int] = [:]
+            for (i, e) in endpoints.enumerated() {
+                if let first = seen[e.address] {
+                    fail("\(path).endpoints[\(i)].address", "duplicate endpoint \(e.address) (also endpoints[\(first)])")
+                } else {
+                    seen[e.address] = i
+                }
+            }
+            if !endpoints.isEmpty, endpoints.allSatisfy({ $0.weight == 0 }) {
+                fail("\(path).endpoints", "at least one endpoint needs a weight above 0")
+            }
+        } else {
+            fail("\(path).endpoints", "required")
+        }
+        var cluster = Config.Cluster(name: name ?? "", endpoints: endpoints)
+        if let n = fields["balancer"], let b = choice(n, "\(path).balancer", Config.Cluster.Balancer.self) {
+            cluster.balancer = b
+            if b != .roundRobin { fail("\(path).balancer", "\(b.rawValue) is not supported yet") }
+        }
+        if let n = fields["hash_key"], let k = choice(n, "\(path).hash_key", Config.Cluster.HashKey.self) { cluster.hashKey = k }
+        for key in ["health_check", "outlier_detection", "max_connections"] where fields[key] != nil {
+            fail("\(path).\(key)", "not supported yet")
+        }
+        if let n = fields["slow_start"], let d = duration(n, "\(path).slow_start"), d.milliseconds > 0 {
+            fail("\(path).slow_start", "not supported yet")
+        }
+        return name == nil ? nil : cluster
+    }
+
+    mutating func endpoint(_ node: Node, _ path: String) -> Config.Endpoint? {
+        guard let fields = mapping(node, path, keys: ["address", "weight"]) else { return nil }
+        guard let n = fields["address"] else {
+            fail("\(path).address", "required")
+            return nil
+        }
+        let address = self.address(n, "\(path).address")
+        var weight = 1
+        if let n = fields["weight"], let w = int(n, "\(path).weight", 0...1_000_000) { weight = w }
+        guard let address else { return nil }
+        return Config.Endpoint(address: address, weight: weight)
+    }
+
+    // MARK: Scalars and shapes
+
+    /// A mapping's fields by key; unknown and repeated keys are errors.
+    mutating func mapping(_ node: Node, _ path: String, keys: Set<String>) -> [String: Node]? {
+        guard case .mapping(let mapping) = node else {
+            fail(path.isEmpty ? "(document)" : path, "expected a mapping")
+            return nil
+        }
+        var fields: [String: Node] = [:]
+        for (keyNode, value) in mapping {
+            let key = keyNode.string ?? "\(keyNode)"
+            let keyPath = path.isEmpty ? key : "\(path).\(key)"
+            if !keys.contains(key) {
+                fail(keyPath, "unknown key")
+            } else if fields[key] != nil {
+                fail(keyPath, "duplicate key")
+            } else {
+                fields[key] = value
+            }
+        }
+        return fields
+    }
+
+    mutating func list<T>(_ node: Node, _ path: String, required: Bool, _ item: (inout ConfigWalker, Node, String) -> T?) -> [T] {
+        guard case .sequence(let sequence) = node else {
+            fail(path, "expected a list")
+            return []
+        }
+        if required, sequence.isEmpty { fail(path, "must not be empty") }
+        var result: [T] = []
+        for (i, element) in sequence.enumerated() {
+            if let value = item(&self, element, "\(path)[\(i)]") { result.append(value) }
+        }
+        return result
+    }
+
+    mutating func string(_ node: Node, _ path: String) -> String? {
+        guard case .scalar(let scalar) = node else {
+            fail(path, "expected a string")
+            return nil
+        }
+        return scalar.string
+    }
+
+    mutating func int(_ node: Node, _ path: String, _ range: ClosedRange<Int>) -> Int? {
+        guard case .scalar(let scalar) = node, let value = Int(scalar.string) else {
+            fail(path, "expected an integer, got \(describe(node))")
+            return nil
+        }
+        guard range.contains(value) else {
+            fail(path, "\(value) out of range \(range.lowerBound)...\(range.upperBound)")
+            return nil
+        }
+        return value
+    }
+
+    mutating func duration(_ node: Node, _ path: String) -> ConfigDuration? {
+        guard case .scalar(let scalar) = node, let d = ConfigDuration.parse(scalar.string) else {
+            fail(path, "invalid duration \(describe(node)) (use e.g. 500ms, 2s, 5m, 1h)")
+            return nil
+        }
+        return d
+    }
+
+    mutating func address(_ node: Node, _ path: String) -> SocketAddress? {
+        guard case .scalar(let scalar) = node else {
+            fail(path, "expected ip:port or \"[ipv6]:port\", got \(describe(node)) (quote IPv6 addresses in flow mappings)")
+            return nil
+        }
+        switch SocketAddress.parse(scalar.string) {
+        case .success(let a): return a
+        case .failure(let e):
+            fail(path, e.description)
+            return nil
+        }
+    }
+
+    mutating func choice<T: RawRepresentable & CaseIterable>(_ node: Node, _ path: String, _: T.Type) -> T? where T.RawValue == String {
+        guard case .scalar(let scalar) = node, let value = T(rawValue: scalar.string) else {
+            let options = T.allCases.map(\.rawValue).joined(separator: ", ")
+            fail(path, "must be one of \(options), got \(describe(node))")
+            return nil
+        }
+        return value
+    }
+
+    func describe(_ node: Node) -> String {
+        switch node {
+        case .scalar(let s): return "\"\(s.string)\""
+        case .mapping: return "a mapping"
+        case .sequence: return "a list"
+        case .alias: return "an alias"
+        }
+    }
+}
+

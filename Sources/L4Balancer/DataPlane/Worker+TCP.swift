@@ -1,0 +1,313 @@
+import URing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The TCP proxy: accept → pick an endpoint → connect (retrying elsewhere) → relay both
+/// directions with at most one request in flight each → half-close → close once.
+extension Worker {
+    // MARK: Accept
+
+    func armAccept(_ listener: Int) {
+        ring.prepareMultishotAccept(listener: listenerFDs[listener], userData: UserData(.accept, slot: UInt32(listener)).raw)
+        acceptArmed[listener] = true
+    }
+
+    func accepted(_ completion: Completion, listener: Int) {
+        if !completion.hasMore {
+            acceptArmed[listener] = false
+            // Re-arm at once after a normal end; after an error, at the next tick.
+            if completion.result >= 0, !draining { armAccept(listener) }
+        }
+        guard completion.result >= 0 else {
+            if completion.result != -ECANCELED, completion.result != -EINVAL {
+                stats.add(.acceptErrors, listener: listener)
+            }
+            return
+        }
+        let fd = completion.result
+        guard !draining, limits.admit(listener) else {
+            Glibc.close(fd)
+            stats.add(.refused, listener: listener)
+            return
+        }
+        guard let slot = slab.allocate() else {
+            limits.leave(listener)
+            Glibc.close(fd)
+            stats.add(.refused, listener: listener)
+            return
+        }
+        setNoDelay(fd)
+        let record = slab[slot]
+        let plan = snapshot.listeners[listener]
+        record.pointee.state = .connecting
+        record.pointee.listener = UInt16(listener)
+        record.pointee.client = fd
+        record.pointee.counted = true
+        record.pointee.lastActivity = nowTick
+        record.pointee.cluster = UInt16(clusterSplits[listener].flatMap { plan.clusters[$0.pick()!] } ?? plan.clusters[0])
+        stats.add(.accepted, listener: listener)
+        stats.add(.active, listener: listener)
+        if idleTicks[listener] > 0 {
+            wheel.insert(slot, deadline: nowTick &+ idleTicks[listener], in: slab)
+        }
+        startConnect(slot)
+    }
+
+    // MARK: Connect
+
+    func startConnect(_ slot: UInt32) {
+        let record = slab[slot]
+        let listener = Int(record.pointee.listener)
+        let cluster = snapshot.clusters[Int(record.pointee.cluster)]
+        guard let local = balancers[Int(record.pointee.cluster)].pick(flow: FlowKey(), tried: record.pointee.tried) else {
+            stats.add(.connectFailed, listener: listener)
+            close(slot)
+            return
+        }
+        record.pointee.tried |= 1 &<< UInt64(local & 63)
+        record.pointee.attempts &+= 1
+        let endpoint = cluster.firstEndpoint + local
+        let address = UnsafeMutableRawPointer(endpointAddresses + endpoint).assumingMemoryBound(to: sockaddr.self)
+        let fd = socket(Int32(address.pointee.sa_family), Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else {
+            stats.add(.connectFailed, listener: listener)
+            close(slot)
+            return
+        }
+        setNoDelay(fd)
+        record.pointee.upstream = fd
+        record.pointee.endpoint = Int32(endpoint)
+        stats.add(.active, endpoint: endpoint)
+        ring.prepareConnect(
+            socket: fd, address: address, length: endpointAddressLengths[endpoint],
+            userData: UserData(.connect, slot: slot, generation: record.pointee.generation).raw,
+            timeout: connectTimeouts + listener, timeoutUserData: UserData(.linkTimeout).raw)
+        record.pointee.inFlight += 1
+    }
+
+    func connected(_ completion: Completion, _ userData: UserData) {
+        let slot = userData.slot
+        let record = slab[slot]
+        guard record.pointee.generation == userData.generation else { return }
+        record.pointee.inFlight -= 1
+        guard record.pointee.state == .connecting else {
+            finishClosing(slot)
+            return
+        }
+        let endpoint = Int(record.pointee.endpoint)
+        let listener = Int(record.pointee.listener)
+        guard completion.result >= 0 else {
+            stats.add(.connectFailures, endpoint: endpoint)
+            releaseEndpoint(record)
+            Glibc.close(record.pointee.upstream)
+            record.pointee.upstream = -1
+            if Int(record.pointee.attempts) < snapshot.listeners[listener].connectAttempts {
+                startConnect(slot)
+            } else {
+                stats.add(.connectFailed, listener: listener)
+                close(slot)
+            }
+            return
+        }
+        stats.add(.total, endpoint: endpoint)
+        record.pointee.lastActivity = nowTick
+        let version = snapshot.listeners[listener].proxyProtocol
+        if version == .none {
+            startProxying(slot, record)
+            return
+        }
+        let header = proxyHeaders + Int(slot) * ProxyProtocolHeader.capacity
+        record.pointee.state = .sendingProxyHeader
+        record.pointee.toUpstream.length = Int32(ProxyProtocolHeader.write(version: version, client: record.pointee.client, into: header))
+        record.pointee.toUpstream.sent = 0
+        sendProxyHeader(slot, record)
+    }
+
+    func sendProxyHeader(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
+        let header = proxyHeaders + Int(slot) * ProxyProtocolHeader.capacity
+        let sent = Int(record.pointee.toUpstream.sent)
+        ring.prepareSend(
+            socket: record.pointee.upstream, bytes: header + sent, length: Int(record.pointee.toUpstream.length) - sent,
+            userData: UserData(.sendProxyHeader, slot: slot, generation: record.pointee.generation).raw)
+        record.pointee.inFlight += 1
+    }
+
+    func proxyHeaderSent(_ completion: Completion, _ userData: UserData) {
+        let slot = userData.slot
+        let record = slab[slot]
+        guard record.pointee.generation == userData.generation else { return }
+        record.pointee.inFlight -= 1
+        guard record.pointee.state == .sendingProxyHeader else {
+            finishClosing(slot)
+            return
+        }
+        guard completion.result > 0 else {
+            close(slot)
+            return
+        }
+        record.pointee.toUpstream.sent += completion.result
+        if record.pointee.toUpstream.sent < record.pointee.toUpstream.length {
+            sendProxyHeader(slot, record)
+        } else {
+            startProxying(slot, record)
+        }
+    }
+
+    // MARK: Relay
+
+    func startProxying(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
+        record.pointee.state = .proxying
+        record.pointee.toUpstream = Connection.Stream()
+        record.pointee.toClient = Connection.Stream()
+        armReceive(slot, record, toUpstream: true)
+        armReceive(slot, record, toUpstream: false)
+    }
+
+    @inline(__always)
+    func armReceive(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, toUpstream: Bool) {
+        stream(record, toUpstream: toUpstream).pointee.state = .receiving
+        ring.prepareReceive(
+            socket: toUpstream ? record.pointee.client : record.pointee.upstream, bufferGroup: Worker.bufferGroup,
+            userData: UserData(toUpstream ? .receiveFromClient : .receiveFromUpstream, slot: slot, generation: record.pointee.generation).raw)
+        record.pointee.inFlight += 1
+    }
+
+    @inline(__always)
+    func sendPending(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, toUpstream: Bool) {
+        let s = stream(record, toUpstream: toUpstream)
+        let sent = Int(s.pointee.sent)
+        ring.prepareSend(
+            socket: toUpstream ? record.pointee.upstream : record.pointee.client,
+            bytes: buffers.address(of: s.pointee.buffer) + sent, length: Int(s.pointee.length) - sent,
+            userData: UserData(toUpstream ? .sendToUpstream : .sendToClient, slot: slot, generation: record.pointee.generation).raw)
+        record.pointee.inFlight += 1
+    }
+
+    func received(_ completion: Completion, _ userData: UserData, toUpstream: Bool) {
+        let buffer = completion.bufferID
+        if buffer != nil { buffersOut += 1 }
+        let slot = userData.slot
+        let record = slab[slot]
+        guard record.pointee.generation == userData.generation else {
+            if let buffer { recycle(buffer) }
+            return
+        }
+        record.pointee.inFlight -= 1
+        guard record.pointee.state == .proxying else {
+            if let buffer { recycle(buffer) }
+            finishClosing(slot)
+            return
+        }
+        let s = stream(record, toUpstream: toUpstream)
+        let result = completion.result
+        if result > 0, let buffer {
+            s.pointee.state = .sending
+            s.pointee.buffer = buffer
+            s.pointee.length = result
+            s.pointee.sent = 0
+            record.pointee.lastActivity = nowTick
+            let listener = Int(record.pointee.listener)
+            let endpoint = Int(record.pointee.endpoint)
+            if toUpstream {
+                stats.add(.bytesIn, listener: listener, UInt64(result))
+                stats.add(.bytesOut, endpoint: endpoint, UInt64(result))
+            } else {
+                stats.add(.bytesOut, listener: listener, UInt64(result))
+                stats.add(.bytesIn, endpoint: endpoint, UInt64(result))
+            }
+            sendPending(slot, record, toUpstream: toUpstream)
+            return
+        }
+        if let buffer { recycle(buffer) }
+        if result == 0 {
+            // EOF: forward it as a half-close and keep the other direction open.
+            s.pointee.state = .finished
+            shutdown(toUpstream ? record.pointee.upstream : record.pointee.client, Int32(SHUT_WR))
+            if stream(record, toUpstream: !toUpstream).pointee.state == .finished { close(slot) }
+        } else if result == -ENOBUFS {
+            s.pointee.state = .waitingForBuffer
+            stats.add(.bufferWaits, listener: Int(record.pointee.listener))
+            waiters.push(userData.raw)
+        } else {
+            close(slot)
+        }
+    }
+
+    func sent(_ completion: Completion, _ userData: UserData, toUpstream: Bool) {
+        let slot = userData.slot
+        let record = slab[slot]
+        guard record.pointee.generation == userData.generation else { return }
+        record.pointee.inFlight -= 1
+        let s = stream(record, toUpstream: toUpstream)
+        guard record.pointee.state == .proxying else {
+            recycle(s.pointee.buffer)
+            s.pointee.state = .idle
+            finishClosing(slot)
+            return
+        }
+        guard completion.result > 0 else {
+            recycle(s.pointee.buffer)
+            s.pointee.state = .idle
+            close(slot)
+            return
+        }
+        s.pointee.sent += completion.result
+        if s.pointee.sent < s.pointee.length {
+            sendPending(slot, record, toUpstream: toUpstream)
+            return
+        }
+        recycle(s.pointee.buffer)
+        record.pointee.lastActivity = nowTick
+        armReceive(slot, record, toUpstream: toUpstream)
+    }
+
+    // MARK: Close
+
+    /// Starts closing: counts are released now; sockets close once every request in
+    /// flight has completed (they are cancelled), so each closes exactly once.
+    func close(_ slot: UInt32) {
+        let record = slab[slot]
+        let state = record.pointee.state
+        guard state != .closing, state != .free else { return }
+        record.pointee.state = .closing
+        wheel.remove(slot, in: slab)
+        releaseEndpoint(record)
+        if record.pointee.counted {
+            record.pointee.counted = false
+            let listener = Int(record.pointee.listener)
+            limits.leave(listener)
+            stats.add(.active, listener: listener, UInt64.max)
+        }
+        if record.pointee.inFlight > 0 {
+            ring.prepareCancelAll(fd: record.pointee.client, userData: UserData(.cancel).raw)
+            if record.pointee.upstream >= 0 {
+                ring.prepareCancelAll(fd: record.pointee.upstream, userData: UserData(.cancel).raw)
+            }
+        }
+        finishClosing(slot)
+    }
+
+    func finishClosing(_ slot: UInt32) {
+        let record = slab[slot]
+        guard record.pointee.state == .closing, record.pointee.inFlight == 0 else { return }
+        Glibc.close(record.pointee.client)
+        if record.pointee.upstream >= 0 { Glibc.close(record.pointee.upstream) }
+        slab.release(slot)
+    }
+
+    @inline(__always)
+    func releaseEndpoint(_ record: UnsafeMutablePointer<Connection>) {
+        let endpoint = Int(record.pointee.endpoint)
+        guard endpoint >= 0 else { return }
+        stats.add(.active, endpoint: endpoint, UInt64.max)
+        record.pointee.endpoint = -1
+    }
+
+    @inline(__always)
+    func setNoDelay(_ fd: Int32) {
+        var one: Int32 = 1
+        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+    }
+}

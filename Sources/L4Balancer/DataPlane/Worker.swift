@@ -1,0 +1,275 @@
+import Logging
+import URing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One data-plane worker: a thread with its own ring, listener sockets, connection slab,
+/// buffer ring, balancers and counters. It shares nothing mutable with other workers
+/// except the listeners' connection counts (`ListenerLimits`).
+final class Worker {
+    static let tickMilliseconds: Int64 = 100
+    static let bufferGroup: UInt16 = 1
+    static let completionBatch = 256
+
+    let snapshot: Snapshot
+    let control: WorkerControl
+    let limits: ListenerLimits
+    let stats: WorkerStats
+    let logger: Logger
+    let ring: Ring
+    var buffers: ProvidedBufferRing
+    /// Buffers handed to the kernel's receives minus those recycled.
+    var buffersOut = 0
+    var slab: ConnectionSlab
+    var wheel: TimerWheel
+    var waiters: BufferWaitQueue
+
+    let listenerFDs: [Int32]
+    var acceptArmed: [Bool]
+    let balancers: [ClusterBalancer]
+    /// Per listener with more than one cluster: the weighted split of new connections.
+    let clusterSplits: [SmoothRoundRobin?]
+    /// Per listener: idle timeout in ticks (0 = none).
+    let idleTicks: [UInt32]
+
+    // Memory the kernel reads at submit time, allocated once.
+    let endpointAddresses: UnsafeMutablePointer<sockaddr_storage>
+    let endpointAddressLengths: UnsafeMutablePointer<socklen_t>
+    let connectTimeouts: UnsafeMutablePointer<Timeout>
+    let tickTimeout: UnsafeMutablePointer<Timeout>
+    let wakeCounter: UnsafeMutablePointer<UInt64>
+    let proxyHeaders: UnsafeMutableRawPointer
+    let completions: UnsafeMutableBufferPointer<Completion>
+
+    var nowMilliseconds: Int64
+    var nowTick: UInt32
+    let startMilliseconds: Int64
+    var draining = false
+    var forcedClose = false
+
+    static let toUpstreamOffset = MemoryLayout<Connection>.offset(of: \Connection.toUpstream)!
+    static let toClientOffset = MemoryLayout<Connection>.offset(of: \Connection.toClient)!
+
+    struct Options {
+        var ringEntries: UInt32 = 4096
+        var bufferCount = 512
+        var bufferSize = 32 * 1024
+    }
+
+    init(
+        snapshot: Snapshot, control: WorkerControl, limits: ListenerLimits, listenerFDs: [Int32],
+        options: Options, logger: Logger
+    ) throws {
+        self.snapshot = snapshot
+        self.control = control
+        self.limits = limits
+        self.stats = control.stats
+        self.logger = logger
+        self.listenerFDs = listenerFDs
+        self.ring = try Ring(entries: options.ringEntries)
+        self.buffers = try ProvidedBufferRing(ring: ring, group: Worker.bufferGroup, count: options.bufferCount, bufferSize: options.bufferSize)
+
+        let capacity = min(snapshot.listeners.reduce(0) { $0 + $1.maxConnections }, 1 << 22)
+        slab = ConnectionSlab(capacity: capacity)
+        waiters = BufferWaitQueue(capacity: 2 * capacity)
+        startMilliseconds = monotonicMilliseconds()
+        nowMilliseconds = startMilliseconds
+        nowTick = 0
+        wheel = TimerWheel(now: 0)
+        acceptArmed = Array(repeating: false, count: listenerFDs.count)
+
+        balancers = snapshot.clusters.map { cluster in
+            ClusterBalancer(cluster: cluster, endpoints: snapshot.endpoints[cluster.firstEndpoint..<(cluster.firstEndpoint + cluster.endpointCount)])
+        }
+        clusterSplits = snapshot.listeners.map { $0.clusters.count > 1 ? SmoothRoundRobin(weights: $0.clusterWeights) : nil }
+        idleTicks = snapshot.listeners.map { listener in
+            listener.idleTimeoutMilliseconds <= 0 ? 0
+                : UInt32(max(1, (listener.idleTimeoutMilliseconds + Worker.tickMilliseconds - 1) / Worker.tickMilliseconds))
+        }
+
+        endpointAddresses = .allocate(capacity: max(snapshot.endpoints.count, 1))
+        endpointAddressLengths = .allocate(capacity: max(snapshot.endpoints.count, 1))
+        for (i, endpoint) in snapshot.endpoints.enumerated() {
+            endpointAddressLengths[i] = endpoint.address.write(to: endpointAddresses + i)
+        }
+        connectTimeouts = .allocate(capacity: max(snapshot.listeners.count, 1))
+        for (i, listener) in snapshot.listeners.enumerated() {
+            connectTimeouts[i] = Timeout(milliseconds: listener.connectTimeoutMilliseconds)
+        }
+        tickTimeout = .allocate(capacity: 1)
+        tickTimeout.initialize(to: Timeout(milliseconds: Worker.tickMilliseconds))
+        wakeCounter = .allocate(capacity: 1)
+        wakeCounter.initialize(to: 0)
+        // Reserved, not touched: only headers actually written become resident.
+        proxyHeaders = mmap(nil, capacity * ProxyProtocolHeader.capacity, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        completions = .allocate(capacity: Worker.completionBatch)
+    }
+
+    deinit {
+        slab.deallocate()
+        wheel.deallocate()
+        waiters.deallocate()
+        endpointAddresses.deallocate()
+        endpointAddressLengths.deallocate()
+        connectTimeouts.deallocate()
+        tickTimeout.deallocate()
+        wakeCounter.deallocate()
+        munmap(proxyHeaders, slab.capacity * ProxyProtocolHeader.capacity)
+        completions.deallocate()
+    }
+
+    // MARK: Loop
+
+    /// Runs until a drain has closed every connection.
+    func run() {
+        for listener in listenerFDs.indices { armAccept(listener) }
+        ring.prepareRead(fd: control.wakeFD, into: wakeCounter, length: 8, userData: UserData(.wake).raw)
+        ring.prepareTimeout(tickTimeout, userData: UserData(.tick).raw)
+        logger.debug("worker started", metadata: ["worker": "\(control.index)", "io_uring": "\(ring.capabilities)"])
+
+        while !(draining && slab.active == 0) {
+            do {
+                try waitForCompletions()
+            } catch {
+                logger.critical("io_uring wait failed: \(error)", metadata: ["worker": "\(control.index)"])
+                break
+            }
+            updateClock()
+            while true {
+                let count = ring.reap(into: completions)
+                for i in 0..<count { handle(completions[i]) }
+                if count < completions.count { break }
+            }
+            returnBuffers()
+        }
+        for fd in listenerFDs { Glibc.close(fd) }
+        logger.debug("worker stopped", metadata: ["worker": "\(control.index)"])
+    }
+
+    @inline(never)
+    func waitForCompletions() throws(Errno) {
+        try ring.submitAndWait(minimum: 1)
+    }
+
+    @inline(__always)
+    func updateClock() {
+        nowMilliseconds = monotonicMilliseconds()
+        nowTick = UInt32(truncatingIfNeeded: (nowMilliseconds - startMilliseconds) / Worker.tickMilliseconds)
+    }
+
+    @inline(__always)
+    func handle(_ completion: Completion) {
+        let userData = UserData(raw: completion.userData)
+        guard let operation = userData.operation else { return }
+        switch operation {
+        case .accept: accepted(completion, listener: Int(userData.slot))
+        case .connect: connected(completion, userData)
+        case .receiveFromClient: received(completion, userData, toUpstream: true)
+        case .receiveFromUpstream: received(completion, userData, toUpstream: false)
+        case .sendToUpstream: sent(completion, userData, toUpstream: true)
+        case .sendToClient: sent(completion, userData, toUpstream: false)
+        case .sendProxyHeader: proxyHeaderSent(completion, userData)
+        case .tick: ticked()
+        case .wake: woken()
+        case .linkTimeout, .cancel: break
+        }
+    }
+
+    // MARK: Buffers
+
+    @inline(__always)
+    func recycle(_ buffer: UInt16) {
+        buffers.recycle(buffer)
+        buffersOut -= 1
+    }
+
+    /// Publishes recycled buffers, then re-arms as many starved receives as there are free
+    /// buffers.
+    @inline(__always)
+    func returnBuffers() {
+        buffers.publish()
+        var free = buffers.count - buffersOut
+        while free > 0, let userData = waiters.pop() {
+            let ud = UserData(raw: userData)
+            let record = slab[ud.slot]
+            let toUpstream = ud.operation == .receiveFromClient
+            guard record.pointee.generation == ud.generation, record.pointee.state == .proxying,
+                  stream(record, toUpstream: toUpstream).pointee.state == .waitingForBuffer
+            else { continue }
+            armReceive(ud.slot, record, toUpstream: toUpstream)
+            free -= 1
+        }
+    }
+
+    @inline(__always)
+    func stream(_ record: UnsafeMutablePointer<Connection>, toUpstream: Bool) -> UnsafeMutablePointer<Connection.Stream> {
+        (UnsafeMutableRawPointer(record) + (toUpstream ? Worker.toUpstreamOffset : Worker.toClientOffset))
+            .assumingMemoryBound(to: Connection.Stream.self)
+    }
+
+    // MARK: Control
+
+    func woken() {
+        ring.prepareRead(fd: control.wakeFD, into: wakeCounter, length: 8, userData: UserData(.wake).raw)
+        if !draining, control.drainRequested.load(ordering: .acquiring) { startDrain() }
+    }
+
+    /// Stop accepting: the listening sockets stop listening at once (new SYNs are refused),
+    /// established connections carry on.
+    func startDrain() {
+        draining = true
+        for (i, fd) in listenerFDs.enumerated() {
+            shutdown(fd, Int32(SHUT_RDWR))
+            if acceptArmed[i] { ring.prepareCancelAll(fd: fd, userData: UserData(.cancel).raw) }
+        }
+        logger.debug("worker draining", metadata: ["worker": "\(control.index)", "connections": "\(slab.active)"])
+    }
+
+    func ticked() {
+        ring.prepareTimeout(tickTimeout, userData: UserData(.tick).raw)
+        expireIdleConnections()
+        if draining {
+            if !forcedClose, nowMilliseconds >= control.drainDeadline.load(ordering: .relaxed) {
+                forcedClose = true
+                closeAll()
+            }
+        } else {
+            // Accepts that stopped on an error (EMFILE and the like) retry once per tick.
+            for listener in listenerFDs.indices where !acceptArmed[listener] { armAccept(listener) }
+        }
+    }
+
+    func expireIdleConnections() {
+        while let head = wheel.takeNextDueBucket(now: nowTick) {
+            var cursor = head
+            while cursor != 0 {
+                let slot = cursor - 1
+                let record = slab[slot]
+                cursor = record.pointee.timerNext
+                record.pointee.timerBucket = UInt32.max
+                record.pointee.timerPrevious = 0
+                record.pointee.timerNext = 0
+                let state = record.pointee.state
+                guard state != .free, state != .closing else { continue }
+                let listener = Int(record.pointee.listener)
+                let deadline = record.pointee.lastActivity &+ idleTicks[listener]
+                if deadline <= nowTick {
+                    stats.add(.idleTimeouts, listener: listener)
+                    close(slot)
+                } else {
+                    wheel.insert(slot, deadline: deadline, in: slab)
+                }
+            }
+        }
+    }
+
+    func closeAll() {
+        logger.info("drain timeout reached, closing \(slab.active) connections", metadata: ["worker": "\(control.index)"])
+        for index in 0..<slab.highWater {
+            let state = slab[UInt32(index)].pointee.state
+            if state != .free, state != .closing { close(UInt32(index)) }
+        }
+    }
+}

@@ -1,0 +1,48 @@
+import URing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Opens listening sockets. Every worker gets its own socket per listener, bound to the
+/// same address with `SO_REUSEPORT`, so the kernel spreads connections across workers.
+enum ListenerSocket {
+    struct OpenError: Error, CustomStringConvertible {
+        let listener: String
+        let address: SocketAddress
+        let step: String
+        let errno: Errno
+
+        var description: String { "listener \(listener) (\(address)): \(step) failed: \(errno)" }
+    }
+
+    static func open(name: String, address: SocketAddress, backlog: Int32 = 4096) throws(OpenError) -> Int32 {
+        let domain = address.family == .inet ? AF_INET : AF_INET6
+        let fd = socket(domain, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw OpenError(listener: name, address: address, step: "socket", errno: .current) }
+        var one: Int32 = 1
+        let size = socklen_t(MemoryLayout<Int32>.size)
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, size)
+        setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, size)
+        if address.family == .inet6 {
+            // [::]:port serves IPv6 only, so 0.0.0.0:port can be a listener of its own.
+            setsockopt(fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, &one, size)
+        }
+        var storage = sockaddr_storage()
+        let length = address.write(to: &storage)
+        let bound = withUnsafePointer(to: &storage) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) }
+        }
+        guard bound == 0 else {
+            let error = Errno.current
+            Glibc.close(fd)
+            throw OpenError(listener: name, address: address, step: "bind", errno: error)
+        }
+        guard listen(fd, backlog) == 0 else {
+            let error = Errno.current
+            Glibc.close(fd)
+            throw OpenError(listener: name, address: address, step: "listen", errno: error)
+        }
+        return fd
+    }
+}

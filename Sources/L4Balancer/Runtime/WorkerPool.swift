@@ -1,0 +1,170 @@
+import Atomics
+import Foundation
+import Logging
+import ServiceLifecycle
+
+/// Starts the workers, one OS thread each pinned to its CPU, and stops them: on graceful
+/// shutdown (SIGTERM/SIGINT through the ServiceGroup) every worker stops accepting at
+/// once and exits when its connections have finished or `drain_timeout` has passed.
+public final class WorkerPool: Service, @unchecked Sendable {
+    public let snapshot: Snapshot
+    public let controls: [WorkerControl]
+    let limits: ListenerLimits
+    let logger: Logger
+    let options: Worker.Options
+    /// Listener sockets per worker, opened before any thread starts so a bind error stops
+    /// the process before it claims to serve.
+    var listenerFDs: [[Int32]]
+    let finished = ManagedAtomic<Int>(0)
+    let failed = ManagedAtomic<Int>(0)
+    private let lock = NSLock()
+    private var continuation: CheckedContinuation<Void, Never>?
+    private var allFinished = false
+
+    public struct StartError: Error, CustomStringConvertible {
+        public let description: String
+    }
+
+    public init(snapshot: Snapshot, logger: Logger) throws {
+        self.snapshot = snapshot
+        self.logger = logger
+        self.limits = ListenerLimits(snapshot: snapshot)
+        var options = Worker.Options()
+        let environment = ProcessInfo.processInfo.environment
+        if let size = environment["L4LB_BUFFER_SIZE"].flatMap(Int.init), size >= 4096 { options.bufferSize = size }
+        if let count = environment["L4LB_BUFFER_COUNT"].flatMap(Int.init), count > 0, count & (count - 1) == 0 { options.bufferCount = count }
+        self.options = options
+
+        let cpus = CPUAffinity.allowedCPUs()
+        let count: Int
+        switch snapshot.config.workers {
+        case .auto: count = cpus.count
+        case .count(let n): count = n
+        }
+        controls = try (0..<count).map { index in
+            try WorkerControl(
+                index: index, cpu: count <= cpus.count ? cpus[index] : nil,
+                stats: WorkerStats(listeners: snapshot.listeners.count, endpoints: snapshot.endpoints.count))
+        }
+        var fds: [[Int32]] = []
+        do {
+            for _ in 0..<count {
+                fds.append(try snapshot.listeners.map { try ListenerSocket.open(name: $0.name, address: $0.address) })
+            }
+        } catch {
+            for fd in fds.joined() { close(fd) }
+            throw StartError(description: "\(error)")
+        }
+        listenerFDs = fds
+    }
+
+    /// Starts the worker threads; throws when a worker cannot set up its ring.
+    public func start() throws {
+        let ready = DispatchSemaphore(value: 0)
+        let setupErrors = ManagedAtomic<Int>(0)
+        let firstError = LockedBox<String?>(nil)
+        for control in controls {
+            let fds = listenerFDs[control.index]
+            let thread = Thread { [self] in
+                if let cpu = control.cpu { CPUAffinity.pinCurrentThread(to: cpu) }
+                let worker: Worker
+                do {
+                    worker = try Worker(snapshot: snapshot, control: control, limits: limits, listenerFDs: fds, options: options, logger: logger)
+                } catch {
+                    setupErrors.wrappingIncrement(ordering: .relaxed)
+                    firstError.set { $0 = $0 ?? "worker \(control.index): \(error)" }
+                    for fd in fds { close(fd) }
+                    ready.signal()
+                    workerFinished()
+                    return
+                }
+                ready.signal()
+                worker.run()
+                workerFinished()
+            }
+            thread.name = "l4lb-worker-\(control.index)"
+            thread.stackSize = 1 << 20
+            thread.start()
+        }
+        for _ in controls { ready.wait() }
+        if setupErrors.load(ordering: .relaxed) > 0 {
+            beginDrain(timeoutMilliseconds: 0)
+            throw StartError(description: firstError.value ?? "worker setup failed")
+        }
+        logger.info("l4lb serving", metadata: [
+            "workers": "\(controls.count)",
+            "listeners": "\(snapshot.listeners.map { "\($0.name)=\($0.address)" }.joined(separator: ","))",
+        ])
+    }
+
+    /// Asks every worker to stop accepting and to close what remains after the timeout.
+    public func beginDrain(timeoutMilliseconds: Int64) {
+        let deadline = monotonicMilliseconds() + timeoutMilliseconds
+        for control in controls { control.requestDrain(deadline: deadline) }
+    }
+
+    private func workerFinished() {
+        guard finished.wrappingIncrementThenLoad(ordering: .acquiringAndReleasing) == controls.count else { return }
+        lock.lock()
+        allFinished = true
+        let waiting = continuation
+        continuation = nil
+        lock.unlock()
+        waiting?.resume()
+    }
+
+    /// Waits until every worker thread has returned.
+    public func waitUntilFinished() async {
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            lock.lock()
+            if allFinished {
+                lock.unlock()
+                c.resume()
+            } else {
+                continuation = c
+                lock.unlock()
+            }
+        }
+    }
+
+    // MARK: Service
+
+    public func run() async throws {
+        try start()
+        await withGracefulShutdownHandler {
+            await waitUntilFinished()
+        } onGracefulShutdown: { [self] in
+            logger.info("draining", metadata: ["drain_timeout": "\(snapshot.config.drainTimeout)"])
+            beginDrain(timeoutMilliseconds: snapshot.config.drainTimeout.milliseconds)
+        }
+        logSummary()
+    }
+
+    /// One line per listener with its totals across workers.
+    public func logSummary() {
+        for (i, listener) in snapshot.listeners.enumerated() {
+            func total(_ c: WorkerStats.ListenerCounter) -> UInt64 {
+                controls.reduce(0) { $0 &+ $1.stats.value(c, listener: i) }
+            }
+            logger.info("listener totals", metadata: [
+                "listener": "\(listener.name)",
+                "accepted": "\(total(.accepted))",
+                "refused": "\(total(.refused))",
+                "connect_failed": "\(total(.connectFailed))",
+                "idle_timeouts": "\(total(.idleTimeouts))",
+                "bytes_in": "\(total(.bytesIn))",
+                "bytes_out": "\(total(.bytesOut))",
+                "accept_errors": "\(total(.acceptErrors))",
+            ])
+        }
+    }
+}
+
+/// A value behind a lock, for start-up bookkeeping only.
+final class LockedBox<Value>: @unchecked Sendable {
+    private let lock = NSLock()
+    private var stored: Value
+    init(_ value: Value) { stored = value }
+    var value: Value { lock.withLock { stored } }
+    func set(_ body: (inout Value) -> Void) { lock.withLock { body(&stored) } }
+}

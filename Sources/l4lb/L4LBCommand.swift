@@ -1,0 +1,82 @@
+import ArgumentParser
+import Foundation
+import L4Balancer
+import Logging
+import ServiceLifecycle
+
+@main
+struct L4LBCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "l4lb",
+        abstract: "A Layer-4 (TCP/UDP) load balancer on io_uring.",
+        subcommands: [Run.self, Check.self],
+        defaultSubcommand: Run.self)
+}
+
+struct ConfigOption: ParsableArguments {
+    @Option(name: .long, help: "Path to the YAML configuration.")
+    var config: String = "l4lb.yaml"
+}
+
+/// Prints every config error as `path: message` and exits 2 (DESIGN §6).
+func loadConfigOrExit(_ path: String) throws -> Config {
+    switch ConfigParser.load(path: path) {
+    case .success(let config):
+        return config
+    case .failure(let errors):
+        for error in errors.errors {
+            FileHandle.standardError.write(Data("\(error)\n".utf8))
+        }
+        throw ExitCode(2)
+    }
+}
+
+struct Check: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Validate a configuration file.")
+    @OptionGroup var options: ConfigOption
+
+    func run() throws {
+        _ = try loadConfigOrExit(options.config)
+        print("configuration OK")
+    }
+}
+
+struct Run: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Run the load balancer.")
+    @OptionGroup var options: ConfigOption
+
+    func run() async throws {
+        signal(SIGPIPE, SIG_IGN)
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            let level = ProcessInfo.processInfo.environment["L4LB_LOG_LEVEL"].flatMap(Logger.Level.init(rawValue:))
+            handler.logLevel = level ?? .info
+            return handler
+        }
+        let logger = Logger(label: "l4lb")
+        let config = try loadConfigOrExit(options.config)
+        if config.admin.token != nil || config.admin != Config.Admin() {
+            logger.warning("admin API is not implemented yet; admin settings are ignored")
+        }
+        if config.accessLog != .off {
+            logger.warning("access log is not implemented yet; access_log is ignored")
+        }
+        let pool: WorkerPool
+        do {
+            pool = try WorkerPool(snapshot: Snapshot(config: config), logger: logger)
+        } catch {
+            logger.critical("\(error)")
+            throw ExitCode(1)
+        }
+        let group = ServiceGroup(configuration: .init(
+            services: [.init(service: pool, successTerminationBehavior: .gracefullyShutdownGroup)],
+            gracefulShutdownSignals: [.sigterm, .sigint],
+            logger: logger))
+        do {
+            try await group.run()
+        } catch {
+            logger.critical("\(error)")
+            throw ExitCode(1)
+        }
+    }
+}
