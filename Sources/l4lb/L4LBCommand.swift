@@ -47,6 +47,7 @@ struct Run: AsyncParsableCommand {
 
     func run() async throws {
         signal(SIGPIPE, SIG_IGN)
+        ResourceLimits.raiseOpenFileLimit()
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)
             let level = ProcessInfo.processInfo.environment["L4LB_LOG_LEVEL"].flatMap(Logger.Level.init(rawValue:))

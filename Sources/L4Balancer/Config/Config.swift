@@ -50,6 +50,11 @@ public struct Config: Sendable, Equatable {
     public struct WeightedCluster: Sendable, Equatable {
         public var name: String
         public var weight: Int
+
+        public init(name: String, weight: Int) {
+            self.name = name
+            self.weight = weight
+        }
     }
 
     public struct Cluster: Sendable, Equatable {

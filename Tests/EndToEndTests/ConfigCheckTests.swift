@@ -1,0 +1,76 @@
+import XCTest
+
+/// `l4lb check` on broken configs: the exact `path: message` lines and exit 2.
+final class ConfigCheckTests: XCTestCase {
+    func check(_ yaml: String) throws -> (status: Int32, output: String) {
+        let url = FileManager.default.temporaryDirectory.appendingPathComponent("l4lb-check-\(UUID().uuidString).yaml")
+        try yaml.write(to: url, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(at: url) }
+        return try L4LBProcess.runCommand(["check", "--config", url.path])
+    }
+
+    static let valid = """
+        listeners:
+          - name: web
+            address: 127.0.0.1:8080
+            cluster: web
+        clusters:
+          - name: web
+            endpoints:
+              - { address: 127.0.0.1:9001 }
+        """
+
+    func testValidConfigIsOK() throws {
+        let (status, output) = try check(Self.valid)
+        XCTAssertEqual(status, 0, output)
+        XCTAssertEqual(output, "configuration OK\n")
+    }
+
+    func testTenBrokenConfigsNameTheFieldAndExit2() throws {
+        let cases: [(String, [String])] = [
+            // 1. Port out of range (the DESIGN example).
+            (Self.valid.replacingOccurrences(of: "127.0.0.1:9001", with: "127.0.0.1:70000"),
+             ["clusters[0].endpoints[0].address: port 70000 out of range"]),
+            // 2. Unknown key.
+            (Self.valid.replacingOccurrences(of: "    cluster: web", with: "    cluster: web\n    conect_timeout: 2s"),
+             ["listeners[0].conect_timeout: unknown key"]),
+            // 3. Bad duration.
+            (Self.valid.replacingOccurrences(of: "    cluster: web", with: "    cluster: web\n    idle_timeout: 5x"),
+             ["listeners[0].idle_timeout: invalid duration \"5x\" (use e.g. 500ms, 2s, 5m, 1h)"]),
+            // 4. Dangling cluster reference.
+            (Self.valid.replacingOccurrences(of: "    cluster: web", with: "    cluster: api"),
+             ["listeners[0].cluster: unknown cluster \"api\""]),
+            // 5. Duplicate cluster names.
+            (Self.valid + "\n  - name: web\n    endpoints:\n      - { address: 127.0.0.1:9002 }",
+             ["clusters[1].name: duplicate cluster name \"web\" (also clusters[0])"]),
+            // 6. Bad IP address.
+            (Self.valid.replacingOccurrences(of: "address: 127.0.0.1:8080", with: "address: 300.1.2.3:8080"),
+             ["listeners[0].address: invalid IP address \"300.1.2.3\""]),
+            // 7. Missing endpoints and missing listener address.
+            ("listeners:\n  - cluster: web\nclusters:\n  - name: web\n",
+             ["clusters[0].endpoints: required", "listeners[0].address: required"]),
+            // 8. Wrong type and out-of-range integer.
+            (Self.valid.replacingOccurrences(of: "    cluster: web", with: "    cluster: web\n    connect_attempts: many\n    max_connections: 0"),
+             ["listeners[0].connect_attempts: expected an integer, got \"many\"", "listeners[0].max_connections: 0 out of range 1...10000000"]),
+            // 9. Unknown enum value.
+            (Self.valid.replacingOccurrences(of: "    cluster: web", with: "    cluster: web\n    proxy_protocol: v3"),
+             ["listeners[0].proxy_protocol: must be one of none, v1, v2, got \"v3\""]),
+            // 10. Several problems at once, all reported.
+            ("workers: lots\nbogus: 1\nlisteners:\n  - address: \"[::1]\"\n    cluster: web\nclusters:\n  - name: web\n    endpoints:\n      - { address: 127.0.0.1:9001, weight: -1 }\n",
+             ["bogus: unknown key", "workers: expected an integer, got \"lots\"",
+              "clusters[0].endpoints[0].weight: -1 out of range 0...1000000",
+              "listeners[0].address: expected ip:port or [ipv6]:port, got \"[::1]\""]),
+        ]
+        for (i, (yaml, expected)) in cases.enumerated() {
+            let (status, output) = try check(yaml)
+            XCTAssertEqual(status, 2, "case \(i + 1): \(output)")
+            XCTAssertEqual(output.split(separator: "\n").map(String.init), expected, "case \(i + 1)")
+        }
+    }
+
+    func testMissingFileIsAClearError() throws {
+        let (status, output) = try L4LBProcess.runCommand(["check", "--config", "/nonexistent/l4lb.yaml"])
+        XCTAssertEqual(status, 2)
+        XCTAssertTrue(output.hasPrefix("/nonexistent/l4lb.yaml: "), output)
+    }
+}

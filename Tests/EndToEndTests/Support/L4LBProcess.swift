@@ -1,0 +1,126 @@
+import Foundation
+import XCTest
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The `l4lb` binary under test, run as a real process with a config written to a
+/// temporary file.
+final class L4LBProcess {
+    let process = Process()
+    let directory: URL
+    let logURL: URL
+    private var stopped = false
+
+    static var binary: String {
+        if let path = ProcessInfo.processInfo.environment["L4LB_BINARY"] { return path }
+        // Tests/EndToEndTests/Support/ → package root.
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().deletingLastPathComponent()
+        for configuration in ["release", "debug"] {
+            let path = root.appendingPathComponent(".build/\(configuration)/l4lb").path
+            if FileManager.default.isExecutableFile(atPath: path) { return path }
+        }
+        return "l4lb"
+    }
+
+    /// Starts `l4lb run` and waits until `listen` accepts connections.
+    init(config: String, waitFor listen: (host: String, port: UInt16)?, file: StaticString = #filePath, line: UInt = #line) throws {
+        directory = FileManager.default.temporaryDirectory.appendingPathComponent("l4lb-test-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        let configURL = directory.appendingPathComponent("l4lb.yaml")
+        try config.write(to: configURL, atomically: true, encoding: .utf8)
+        logURL = directory.appendingPathComponent("l4lb.log")
+        FileManager.default.createFile(atPath: logURL.path, contents: nil)
+        process.executableURL = URL(fileURLWithPath: L4LBProcess.binary)
+        process.arguments = ["run", "--config", configURL.path]
+        process.standardError = try FileHandle(forWritingTo: logURL)
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+        if let listen {
+            let up = waitUntil(timeout: 10) {
+                guard process.isRunning else { return false }
+                guard let fd = try? Sockets.connect(host: listen.host, port: listen.port, timeout: 1) else { return false }
+                close(fd)
+                return true
+            }
+            if !up {
+                stop()
+                XCTFail("l4lb did not start listening on \(listen.host):\(listen.port); log:\n\(log)", file: file, line: line)
+                throw Sockets.Failure("l4lb start", 0)
+            }
+        }
+    }
+
+    deinit { stop() }
+
+    var pid: Int32 { process.processIdentifier }
+    var log: String { (try? String(contentsOf: logURL, encoding: .utf8)) ?? "" }
+
+    /// A field of /proc/PID/status in KiB (VmRSS, VmHWM).
+    func memoryKiB(_ field: String) -> Int {
+        guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8) else { return -1 }
+        for line in status.split(separator: "\n") where line.hasPrefix(field + ":") {
+            return Int(line.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first ?? "") ?? -1
+        }
+        return -1
+    }
+
+    /// Sends SIGTERM.
+    func terminate() { kill(pid, SIGTERM) }
+
+    /// Waits for the process to exit; returns its status, nil on timeout.
+    func waitForExit(timeout: TimeInterval) -> Int32? {
+        guard waitUntil(timeout: timeout, { !process.isRunning }) else { return nil }
+        process.waitUntilExit()
+        return process.terminationStatus
+    }
+
+    /// Stops the process (SIGTERM, then SIGKILL) and waits for it.
+    func stop() {
+        guard !stopped else { return }
+        stopped = true
+        if process.isRunning {
+            terminate()
+            if waitForExit(timeout: 5) == nil {
+                kill(pid, SIGKILL)
+                process.waitUntilExit()
+            }
+        }
+        try? FileManager.default.removeItem(at: directory)
+    }
+
+    /// Stops the process gracefully and returns its log (for the exit summary).
+    func stopAndCollectLog() -> (status: Int32?, log: String) {
+        terminate()
+        let status = waitForExit(timeout: 10)
+        let text = log
+        stop()
+        return (status, text)
+    }
+
+    /// Runs `l4lb ARGS…` to completion: exit status and combined output.
+    static func runCommand(_ arguments: [String]) throws -> (status: Int32, output: String) {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: binary)
+        process.arguments = arguments
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        process.standardError = pipe
+        try process.run()
+        let data = pipe.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return (process.terminationStatus, String(decoding: data, as: UTF8.self))
+    }
+}
+
+/// A summary counter from the exit log line (`listener totals … connect_failed=N …`).
+func summaryCounter(_ log: String, listener: String, _ name: String) -> Int? {
+    for line in log.split(separator: "\n") where line.contains("listener totals") && line.contains("listener=\(listener) ") {
+        for field in line.split(separator: " ") where field.hasPrefix(name + "=") {
+            return Int(field.dropFirst(name.count + 1))
+        }
+    }
+    return nil
+}

@@ -1,0 +1,78 @@
+import L4Balancer
+import XCTest
+
+final class ConfigParserTests: XCTestCase {
+    func parse(_ yaml: String) -> Result<Config, ConfigErrors> { ConfigParser.parse(yaml: yaml) }
+
+    func testDefaultsAreFilledIn() throws {
+        let config = try parse("""
+            listeners: [{ address: "0.0.0.0:8080", cluster: web }]
+            clusters: [{ name: web, endpoints: [{ address: "127.0.0.1:9001" }] }]
+            """).get()
+        XCTAssertEqual(config.workers, .auto)
+        XCTAssertEqual(config.drainTimeout, .seconds(30))
+        let listener = try XCTUnwrap(config.listeners.first)
+        XCTAssertEqual(listener.name, "0.0.0.0:8080")
+        XCTAssertEqual(listener.connectTimeout, .seconds(2))
+        XCTAssertEqual(listener.connectAttempts, 3)
+        XCTAssertEqual(listener.idleTimeout, .seconds(300))
+        XCTAssertEqual(listener.maxConnections, 100_000)
+        XCTAssertEqual(listener.proxyProtocol, .none)
+        XCTAssertEqual(listener.clusters, [Config.WeightedCluster(name: "web", weight: 1)])
+        XCTAssertEqual(config.clusters.first?.balancer, .roundRobin)
+        XCTAssertEqual(config.clusters.first?.endpoints.first?.weight, 1)
+    }
+
+    func testFullListenerAndCanarySplit() throws {
+        let config = try parse("""
+            workers: 4
+            drain_timeout: 500ms
+            listeners:
+              - name: web
+                address: "[::1]:8443"
+                clusters: [{ name: v1, weight: 95 }, { name: v2, weight: 5 }]
+                connect_timeout: 250ms
+                connect_attempts: 2
+                idle_timeout: 1h
+                max_connections: 10
+                proxy_protocol: v2
+            clusters:
+              - { name: v1, endpoints: [{ address: "[2001:db8::1]:80", weight: 3 }] }
+              - { name: v2, endpoints: [{ address: "192.0.2.1:80" }] }
+            """).get()
+        XCTAssertEqual(config.workers, .count(4))
+        XCTAssertEqual(config.drainTimeout.milliseconds, 500)
+        let l = config.listeners[0]
+        XCTAssertEqual(l.address.description, "[::1]:8443")
+        XCTAssertEqual(l.clusters.map(\.weight), [95, 5])
+        XCTAssertEqual(l.connectTimeout.milliseconds, 250)
+        XCTAssertEqual(l.idleTimeout.milliseconds, 3_600_000)
+        XCTAssertEqual(l.proxyProtocol, .v2)
+        XCTAssertEqual(config.clusters[0].endpoints[0].address.description, "[2001:db8::1]:80")
+    }
+
+    func testNotYetSupportedFeaturesAreRejectedByName() {
+        guard case .failure(let errors) = parse("""
+            listeners: [{ address: "127.0.0.1:1", cluster: c, protocol: udp, tls: {} }]
+            clusters: [{ name: c, balancer: maglev, health_check: {}, endpoints: [{ address: "127.0.0.1:2" }] }]
+            filter: {}
+            """) else { return XCTFail("accepted") }
+        XCTAssertEqual(Set(errors.errors.map(\.description)), [
+            "filter: not supported yet",
+            "listeners[0].protocol: udp is not supported yet",
+            "listeners[0].tls: not supported yet",
+            "clusters[0].balancer: maglev is not supported yet",
+            "clusters[0].health_check: not supported yet",
+        ])
+    }
+
+    func testDurationsAndAddresses() {
+        XCTAssertEqual(ConfigDuration.parse("5m")?.milliseconds, 300_000)
+        XCTAssertEqual(ConfigDuration.parse("0")?.milliseconds, 0)
+        XCTAssertNil(ConfigDuration.parse("1.5s"))
+        XCTAssertNil(ConfigDuration.parse("s"))
+        XCTAssertEqual(try SocketAddress.parse("[::ffff:1.2.3.4]:1").get().port, 1)
+        XCTAssertEqual(SocketAddress.parse("::1:80"), .failure(.shape("::1:80")))
+        XCTAssertEqual(SocketAddress.parse("1.2.3.4:0"), .failure(.port("port 0 out of range")))
+    }
+}
