@@ -1,0 +1,517 @@
+#!/usr/bin/env python3
+"""l4lb against HAProxy and nginx stream, measured side by side (../shared/BENCH.md).
+
+Every proxy runs one worker pinned to CPU 1; backends and load generators run on CPU 0.
+The headline figure is machine CPU (all CPUs, /proc/stat) per unit of work minus the
+direct run's; the proxy process's own CPU (/proc/PID/stat) is reported beside it.
+Runs alternate between proxies, a few rounds, and medians are reported.
+"""
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PROXY_CPU = "1"
+LOAD_CPU = "0"
+# Each process's open-file limit: the hard limit (20,000 on these machines, and not raisable
+# here). A proxied connection holds two descriptors and HAProxy's splice mode reserves
+# pipes (two more per four connections), so maxconn is 3/8 of it and idle-memory opens 7,000.
+NOFILE = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+# Ports: backends, then one pair (http, bulk) per proxy.
+BACKEND_HTTP = 18100
+BACKEND_BULK = 18101
+PORTS = {
+    "direct": (BACKEND_HTTP, BACKEND_BULK),
+    "l4lb": (18110, 18111),
+    "haproxy": (18120, 18121),
+    "haproxy-splice": (18130, 18131),
+    "nginx": (18140, 18141),
+}
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Processes
+
+class Procs:
+    """Every process the run starts; all are stopped on exit, error or Ctrl-C."""
+
+    def __init__(self):
+        self.procs = []
+
+    def start(self, name, argv, cpu, **kw):
+        wrapped = ["bash", "-c", f"ulimit -Sn {NOFILE}; exec taskset -c {cpu} \"$@\"", name] + argv
+        p = subprocess.Popen(wrapped, stdout=kw.pop("stdout", subprocess.DEVNULL),
+                             stderr=kw.pop("stderr", subprocess.DEVNULL), start_new_session=True, **kw)
+        self.procs.append((name, p))
+        return p
+
+    def stop(self, p, sig=signal.SIGTERM, timeout=10):
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+    def stop_all(self):
+        for _, p in reversed(self.procs):
+            self.stop(p, timeout=5)
+        self.procs.clear()
+
+
+def wait_port(port, timeout=10, proc=None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port} after {timeout}s")
+
+
+def group_pids(p):
+    """The process and its children (nginx master + worker)."""
+    pids = [p.pid]
+    try:
+        for line in subprocess.run(["pgrep", "-g", str(p.pid)], capture_output=True, text=True).stdout.split():
+            if int(line) not in pids:
+                pids.append(int(line))
+    except Exception:
+        pass
+    return pids
+
+
+def proc_cpu_seconds(pids):
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (FileNotFoundError, IndexError, ProcessLookupError):
+            pass
+    return total / CLK_TCK
+
+
+def proc_rss_kib(pids):
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def machine_busy_seconds():
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, idle, iowait, irq, softirq = (int(x) for x in fields[:7])
+    steal = int(fields[7]) if len(fields) > 7 else 0
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+# ---------------------------------------------------------------------------------------
+# Configurations
+
+def write_configs(tmp, l4lb_bin):
+    cfg = {}
+    (tmp / "backend-nginx.conf").write_text(f"""
+worker_processes 1;
+worker_rlimit_nofile {NOFILE};
+daemon off;
+pid {tmp}/backend-nginx.pid;
+error_log stderr error;
+events {{ worker_connections {NOFILE}; multi_accept on; }}
+http {{
+    access_log off;
+    keepalive_requests 10000000;
+    keepalive_timeout 600s;
+    default_type text/plain;
+    server {{
+        listen 127.0.0.1:{BACKEND_HTTP} backlog=65535 reuseport;
+        location / {{ return 200 "hello world\\n"; }}
+    }}
+}}
+""")
+    h, b = PORTS["l4lb"]
+    (tmp / "l4lb.yaml").write_text(f"""
+workers: 1
+drain_timeout: 1s
+listeners:
+  - {{ name: http, address: "127.0.0.1:{h}", cluster: http, idle_timeout: 10m, max_connections: 1000000 }}
+  - {{ name: bulk, address: "127.0.0.1:{b}", cluster: bulk, idle_timeout: 10m }}
+clusters:
+  - {{ name: http, endpoints: [{{ address: "127.0.0.1:{BACKEND_HTTP}" }}] }}
+  - {{ name: bulk, endpoints: [{{ address: "127.0.0.1:{BACKEND_BULK}" }}] }}
+""")
+    for name, splice in (("haproxy", False), ("haproxy-splice", True)):
+        h, b = PORTS[name]
+        (tmp / f"{name}.cfg").write_text(f"""
+global
+    nbthread 1
+    maxconn {max(1000, NOFILE * 3 // 8)}
+    log stderr format raw local0 err
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 10m
+    timeout server 10m
+    {"option splice-auto" if splice else ""}
+frontend http
+    bind 127.0.0.1:{h}
+    default_backend http
+frontend bulk
+    bind 127.0.0.1:{b}
+    default_backend bulk
+backend http
+    server s1 127.0.0.1:{BACKEND_HTTP}
+backend bulk
+    server s1 127.0.0.1:{BACKEND_BULK}
+""")
+    h, b = PORTS["nginx"]
+    (tmp / "nginx-stream.conf").write_text(f"""
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes 1;
+worker_rlimit_nofile {NOFILE};
+daemon off;
+pid {tmp}/nginx-stream.pid;
+error_log stderr error;
+events {{ worker_connections {NOFILE}; multi_accept on; }}
+stream {{
+    server {{ listen 127.0.0.1:{h} backlog=65535; proxy_pass 127.0.0.1:{BACKEND_HTTP}; proxy_timeout 10m; }}
+    server {{ listen 127.0.0.1:{b} backlog=65535; proxy_pass 127.0.0.1:{BACKEND_BULK}; proxy_timeout 10m; }}
+}}
+""")
+    return {
+        "l4lb": [str(l4lb_bin), "run", "--config", str(tmp / "l4lb.yaml")],
+        "haproxy": ["haproxy", "-db", "-f", str(tmp / "haproxy.cfg")],
+        "haproxy-splice": ["haproxy", "-db", "-f", str(tmp / "haproxy-splice.cfg")],
+        "nginx": ["nginx", "-e", "stderr", "-p", str(tmp), "-c", str(tmp / "nginx-stream.conf")],
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Workloads: each returns {"units": n, "unit": …, extra figures}
+
+def parse_wrk(out):
+    figures = {}
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    figures["rate"] = float(m.group(1)) if m else 0.0
+    m = re.search(r"(\d+) requests in", out)
+    figures["units"] = int(m.group(1)) if m else 0
+    for pct in ("50", "99"):
+        m = re.search(rf"^\s+{pct}(?:\.000)?%\s+([\d.]+)(us|ms|s)", out, re.M)
+        if m:
+            scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
+            figures[f"p{pct}_ms"] = float(m.group(1)) * scale
+    errors = re.search(r"Socket errors: (.*)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    figures["errors"] = (errors.group(1) if errors else "") + (f" non2xx={non2xx.group(1)}" if non2xx else "")
+    return figures
+
+
+def run_wrk(port, duration, close):
+    argv = ["taskset", "-c", LOAD_CPU, "wrk", "-t1", "-c50", f"-d{duration}s", "--latency"]
+    if close:
+        argv += ["-H", "Connection: close"]
+    argv.append(f"http://127.0.0.1:{port}/")
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30).stdout
+    return parse_wrk(out)
+
+
+def run_iperf(port, duration, streams):
+    argv = ["taskset", "-c", LOAD_CPU, "iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(duration), "-J"]
+    if streams > 1:
+        argv += ["-P", str(streams)]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30)
+    data = json.loads(res.stdout)
+    if "error" in data:
+        raise RuntimeError(f"iperf3: {data['error']}")
+    received = data["end"]["sum_received"]
+    return {"units": received["bytes"] / 1e9, "rate": received["bits_per_second"] / 1e9}
+
+
+def measure(pids, fn):
+    """Runs fn() and returns its figures plus machine and process CPU seconds."""
+    m0, p0, t0 = machine_busy_seconds(), proc_cpu_seconds(pids), time.time()
+    figures = fn()
+    m1, p1, t1 = machine_busy_seconds(), proc_cpu_seconds(pids), time.time()
+    figures["machine_cpu_s"] = m1 - m0
+    figures["proc_cpu_s"] = p1 - p0
+    figures["wall_s"] = t1 - t0
+    return figures
+
+
+def idle_memory(port, pids, count):
+    """Opens `count` connections through the proxy, one request each, then leaves them idle."""
+    base = proc_rss_kib(pids)
+    socks = []
+    request = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+    try:
+        for _ in range(count):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(request)
+            got = b""
+            while b"hello world\n" not in got:
+                chunk = s.recv(4096)
+                if not chunk:
+                    raise RuntimeError("connection closed during idle-memory setup")
+                got += chunk
+            socks.append(s)
+        time.sleep(1.0)
+        after = proc_rss_kib(pids)
+    finally:
+        for s in socks:
+            s.close()
+    return {"units": count, "rss_growth_kib": after - base, "bytes_per_conn": (after - base) * 1024 / count}
+
+
+# ---------------------------------------------------------------------------------------
+
+WORKLOADS = {
+    "rr-keepalive": ("requests", "µs/request", lambda port, d: run_wrk(port, d, close=False), 1e6),
+    "conn-rate": ("connections", "µs/connection", lambda port, d: run_wrk(port, d, close=True), 1e6),
+    "bulk-1": ("GB", "CPU-s/GB", lambda port, d: run_iperf(port, d, 1), 1.0),
+    "bulk-4": ("GB", "CPU-s/GB", lambda port, d: run_iperf(port, d, 4), 1.0),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="one short round (under 2 minutes)")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--duration", type=int, default=None, help="seconds per run")
+    ap.add_argument("--proxies", default="direct,l4lb,haproxy,haproxy-splice,nginx")
+    ap.add_argument("--workloads", default="rr-keepalive,conn-rate,bulk-1,bulk-4,idle-memory")
+    ap.add_argument("--idle-connections", type=int, default=min(10_000, NOFILE * 3 // 8 - 500))
+    ap.add_argument("--l4lb", default=str(ROOT / ".build" / "release" / "l4lb"))
+    args = ap.parse_args()
+    rounds = args.rounds or (1 if args.quick else 2)
+    duration = args.duration or (3 if args.quick else 8)
+    idle_count = min(2000, args.idle_connections) if args.quick else args.idle_connections
+    proxies = args.proxies.split(",")
+    workloads = args.workloads.split(",")
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+    procs = Procs()
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
+    tmp = Path(tempfile.mkdtemp(prefix="l4lb-bench-"))
+    raw = {}  # workload -> proxy -> [figures per round]
+    started = time.time()
+    try:
+        commands = write_configs(tmp, args.l4lb)
+        log(f"bench: {rounds} round(s) × {duration}s, proxies {proxies}, workloads {workloads}")
+        backend = procs.start("nginx-backend", ["nginx", "-e", "stderr", "-p", str(tmp), "-c", str(tmp / "backend-nginx.conf")], LOAD_CPU)
+        iperf = procs.start("iperf3", ["iperf3", "-s", "-p", str(BACKEND_BULK)], LOAD_CPU)
+        wait_port(BACKEND_HTTP, proc=backend)
+        wait_port(BACKEND_BULK, proc=iperf)
+        running = {}
+        for name in proxies:
+            if name == "direct":
+                continue
+            p = procs.start(name, commands[name], PROXY_CPU, stderr=open(tmp / f"{name}.log", "w"))
+            wait_port(PORTS[name][0], proc=p)
+            running[name] = p
+        for rnd in range(rounds):
+            for workload in workloads:
+                if workload == "idle-memory":
+                    continue
+                unit, per, fn, scale = WORKLOADS[workload]
+                order = proxies if rnd % 2 == 0 else list(reversed(proxies))
+                for name in order:
+                    port = PORTS[name][1 if workload.startswith("bulk") else 0]
+                    pids = group_pids(running[name]) if name in running else []
+                    log(f"[{time.time() - started:5.0f}s] round {rnd + 1}/{rounds} {workload:13} {name:15} …")
+                    try:
+                        fig = measure(pids, lambda: fn(port, duration))
+                    except Exception as e:  # one failed run is reported, not fatal
+                        log(f"    failed: {e}")
+                        continue
+                    fig["cpu_per_unit"] = fig["machine_cpu_s"] / fig["units"] * scale if fig["units"] else None
+                    fig["proc_cpu_per_unit"] = fig["proc_cpu_s"] / fig["units"] * scale if fig["units"] else None
+                    raw.setdefault(workload, {}).setdefault(name, []).append(fig)
+                    log(f"    rate {fig['rate']:.2f}  machine {fig['cpu_per_unit']:.3f} {per}  process {fig['proc_cpu_per_unit']:.3f}")
+        if "idle-memory" in workloads:
+            for name in proxies:
+                if name == "direct" or name not in running:
+                    continue
+                log(f"[{time.time() - started:5.0f}s] idle-memory {name}: {idle_count} connections …")
+                try:
+                    fig = idle_memory(PORTS[name][0], group_pids(running[name]), idle_count)
+                    raw.setdefault("idle-memory", {}).setdefault(name, []).append(fig)
+                    log(f"    {fig['bytes_per_conn']:.0f} bytes/connection")
+                except Exception as e:
+                    log(f"    failed: {e}")
+    except KeyboardInterrupt:
+        log("bench: interrupted, stopping everything")
+        procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+        sys.exit(130)
+    finally:
+        procs.stop_all()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    summary = summarize(raw)
+    report(summary, raw, rounds, duration, time.time() - started)
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(raw):
+    summary = {}
+    for workload, by_proxy in raw.items():
+        summary[workload] = {}
+        for name, runs in by_proxy.items():
+            keys = set().union(*(r.keys() for r in runs))
+            summary[workload][name] = {k: median([r.get(k) for r in runs]) for k in keys if k != "errors"}
+            errors = [r.get("errors") for r in runs if r.get("errors")]
+            if errors:
+                summary[workload][name]["errors"] = "; ".join(errors)
+        direct = summary[workload].get("direct", {}).get("cpu_per_unit")
+        for name, s in summary[workload].items():
+            if direct is not None and s.get("cpu_per_unit") is not None and name != "direct":
+                s["overhead_per_unit"] = s["cpu_per_unit"] - direct
+    return summary
+
+
+def machine_info():
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    def version(argv, pattern):
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True).stdout + subprocess.run(argv, capture_output=True, text=True).stderr
+            m = re.search(pattern, out)
+            return m.group(1) if m else "?"
+        except FileNotFoundError:
+            return "?"
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "kernel": os.uname().release,
+        "haproxy": version(["haproxy", "-v"], r"version (\S+)"),
+        "nginx": version(["nginx", "-v"], r"nginx/(\S+)"),
+        "wrk": version(["wrk", "-v"], r"wrk (\S+)"),
+        "iperf3": version(["iperf3", "--version"], r"iperf (\S+)"),
+    }
+
+
+def fmt(v, digits=2):
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def report(summary, raw, rounds, duration, elapsed):
+    info = machine_info()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (RESULTS / f"bench-{stamp}.json").write_text(json.dumps({"machine": info, "rounds": rounds, "duration_s": duration, "summary": summary, "raw": raw}, indent=2))
+
+    lines = []
+    lines.append(f"| workload | proxy | rate | machine CPU per unit | overhead over direct | vs HAProxy best | process CPU per unit | p50 / p99 ms |")
+    lines.append("|---|---|---|---|---|---|---|---|")
+    rate_units = {"rr-keepalive": "req/s", "conn-rate": "conn/s", "bulk-1": "Gbit/s", "bulk-4": "Gbit/s"}
+    for workload in ("rr-keepalive", "conn-rate", "bulk-1", "bulk-4"):
+        by = summary.get(workload)
+        if not by:
+            continue
+        unit = WORKLOADS[workload][1]
+        ha = [by[h]["overhead_per_unit"] for h in ("haproxy", "haproxy-splice") if h in by and by[h].get("overhead_per_unit") is not None]
+        ha_best = min(ha) if ha else None
+        for name in ("direct", "l4lb", "haproxy", "haproxy-splice", "nginx"):
+            s = by.get(name)
+            if not s:
+                continue
+            rate = s.get("rate")
+            rate_text = f"{rate / 1000:.1f}k {rate_units[workload]}" if workload in ("rr-keepalive", "conn-rate") and rate else f"{fmt(rate)} {rate_units[workload]}"
+            ratio = s["overhead_per_unit"] / ha_best if s.get("overhead_per_unit") is not None and ha_best else None
+            lat = f"{fmt(s.get('p50_ms'))} / {fmt(s.get('p99_ms'))}" if "p50_ms" in s else ""
+            lines.append(f"| {workload} | {name} | {rate_text} | {fmt(s.get('cpu_per_unit'))} {unit} | {fmt(s.get('overhead_per_unit'))} | {fmt(ratio)}× | {fmt(s.get('proc_cpu_per_unit'))} | {lat} |")
+    if "idle-memory" in summary:
+        for name, s in summary["idle-memory"].items():
+            lines.append(f"| idle-memory | {name} | {int(s['units'])} conns | {s['bytes_per_conn']:.0f} bytes/conn RSS | | | | |")
+    table = "\n".join(lines)
+    print(table)
+    chart = draw_chart(summary, RESULTS / f"bench-{stamp}.png")
+    header = (f"# Benchmark results\n\nLatest run: {info['date']}, {info['nproc']} CPUs ({info['cpu']}), Linux {info['kernel']}; "
+              f"HAProxy {info['haproxy']}, nginx {info['nginx']}, wrk {info['wrk']}, iperf3 {info['iperf3']}. "
+              f"{rounds} round(s) × {duration} s per run, medians; proxies pinned to CPU {PROXY_CPU} with one worker, "
+              f"backends and load on CPU {LOAD_CPU}. Took {elapsed:.0f} s. Reproduce: `scripts/bench` (`--quick` for a short run).\n\n"
+              "Machine CPU per unit = busy CPU time on all CPUs (/proc/stat) / units served; overhead = that minus the direct "
+              "run's; `vs HAProxy best` = l4lb's (or a peer's) overhead over the lower of HAProxy's two modes (lower is better). "
+              "Process CPU = the proxy process's own utime+stime per unit.\n\n")
+    (ROOT / "bench" / "RESULTS.md").write_text(header + table + "\n" + (f"\nChart: `bench/results/{chart.name}` (not committed).\n" if chart else ""))
+    log(f"bench: wrote {RESULTS}/bench-{stamp}.json, bench/RESULTS.md" + (f", {chart}" if chart else ""))
+
+
+def draw_chart(summary, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("bench: matplotlib missing, no chart (scripts/bootstrap --bench installs it)")
+        return None
+    workloads = [w for w in ("rr-keepalive", "conn-rate", "bulk-1", "bulk-4") if w in summary]
+    proxies = ["l4lb", "haproxy", "haproxy-splice", "nginx"]
+    fig, axes = plt.subplots(1, len(workloads) + ("idle-memory" in summary), figsize=(4 * (len(workloads) + 1), 4))
+    if not hasattr(axes, "__len__"):
+        axes = [axes]
+    for ax, w in zip(axes, workloads):
+        vals = [summary[w].get(p, {}).get("overhead_per_unit") or 0 for p in proxies]
+        ax.bar(proxies, vals, color=["#2a7", "#c44", "#e88", "#48c"])
+        ax.set_title(f"{w}\noverhead {WORKLOADS[w][1]} (lower is better)", fontsize=9)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    if "idle-memory" in summary:
+        ax = axes[-1]
+        vals = [summary["idle-memory"].get(p, {}).get("bytes_per_conn") or 0 for p in proxies]
+        ax.bar(proxies, vals, color=["#2a7", "#c44", "#e88", "#48c"])
+        ax.set_title("idle memory\nbytes RSS per connection", fontsize=9)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return path
+
+
+if __name__ == "__main__":
+    main()
