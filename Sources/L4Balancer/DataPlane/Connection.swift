@@ -27,6 +27,10 @@ struct Connection {
         }
 
         var state: State = .idle
+        /// The receive in flight, or the buffer held, is from the large-buffer group.
+        var large = false
+        /// The last read filled a small buffer: bulk traffic, use large buffers.
+        var prefersLarge = false
         var buffer: UInt16 = 0
         var length: Int32 = 0
         var sent: Int32 = 0

@@ -8,6 +8,8 @@ struct UserData {
         case linkTimeout
         case receiveFromClient
         case receiveFromUpstream
+        case receiveLargeFromClient
+        case receiveLargeFromUpstream
         case sendToUpstream
         case sendToClient
         case sendProxyHeader

@@ -167,10 +167,17 @@ extension Worker {
 
     @inline(__always)
     func armReceive(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, toUpstream: Bool) {
-        stream(record, toUpstream: toUpstream).pointee.state = .receiving
+        let s = stream(record, toUpstream: toUpstream)
+        s.pointee.state = .receiving
+        let large = s.pointee.prefersLarge
+        s.pointee.large = large
+        let operation: UserData.Operation = large
+            ? (toUpstream ? .receiveLargeFromClient : .receiveLargeFromUpstream)
+            : (toUpstream ? .receiveFromClient : .receiveFromUpstream)
         ring.prepareReceive(
-            socket: toUpstream ? record.pointee.client : record.pointee.upstream, bufferGroup: Worker.bufferGroup,
-            userData: UserData(toUpstream ? .receiveFromClient : .receiveFromUpstream, slot: slot, generation: record.pointee.generation).raw)
+            socket: toUpstream ? record.pointee.client : record.pointee.upstream,
+            bufferGroup: large ? Worker.largeBufferGroup : Worker.smallBufferGroup,
+            userData: UserData(operation, slot: slot, generation: record.pointee.generation).raw)
         record.pointee.inFlight += 1
     }
 
@@ -180,23 +187,23 @@ extension Worker {
         let sent = Int(s.pointee.sent)
         ring.prepareSend(
             socket: toUpstream ? record.pointee.upstream : record.pointee.client,
-            bytes: buffers.address(of: s.pointee.buffer) + sent, length: Int(s.pointee.length) - sent,
+            bytes: bufferAddress(s.pointee.buffer, large: s.pointee.large) + sent, length: Int(s.pointee.length) - sent,
             userData: UserData(toUpstream ? .sendToUpstream : .sendToClient, slot: slot, generation: record.pointee.generation).raw)
         record.pointee.inFlight += 1
     }
 
-    func received(_ completion: Completion, _ userData: UserData, toUpstream: Bool) {
+    func received(_ completion: Completion, _ userData: UserData, toUpstream: Bool, large: Bool) {
         let buffer = completion.bufferID
-        if buffer != nil { buffersOut += 1 }
+        if buffer != nil, !large { smallBuffersOut += 1 }
         let slot = userData.slot
         let record = slab[slot]
         guard record.pointee.generation == userData.generation else {
-            if let buffer { recycle(buffer) }
+            if let buffer { recycle(buffer, large: large) }
             return
         }
         record.pointee.inFlight -= 1
         guard record.pointee.state == .proxying else {
-            if let buffer { recycle(buffer) }
+            if let buffer { recycle(buffer, large: large) }
             finishClosing(slot)
             return
         }
@@ -207,6 +214,11 @@ extension Worker {
             s.pointee.buffer = buffer
             s.pointee.length = result
             s.pointee.sent = 0
+            if !large, Int(result) == smallBuffers.bufferSize {
+                s.pointee.prefersLarge = true
+            } else if large, Int(result) < smallBuffers.bufferSize {
+                s.pointee.prefersLarge = false
+            }
             record.pointee.lastActivity = nowTick
             let listener = Int(record.pointee.listener)
             let endpoint = Int(record.pointee.endpoint)
@@ -220,12 +232,16 @@ extension Worker {
             sendPending(slot, record, toUpstream: toUpstream)
             return
         }
-        if let buffer { recycle(buffer) }
+        if let buffer { recycle(buffer, large: large) }
         if result == 0 {
             // EOF: forward it as a half-close and keep the other direction open.
             s.pointee.state = .finished
             shutdown(toUpstream ? record.pointee.upstream : record.pointee.client, Int32(SHUT_WR))
             if stream(record, toUpstream: !toUpstream).pointee.state == .finished { close(slot) }
+        } else if result == -ENOBUFS, large {
+            // Large buffers are few: fall back to small ones rather than wait.
+            s.pointee.prefersLarge = false
+            armReceive(slot, record, toUpstream: toUpstream)
         } else if result == -ENOBUFS {
             s.pointee.state = .waitingForBuffer
             stats.add(.bufferWaits, listener: Int(record.pointee.listener))
@@ -242,13 +258,13 @@ extension Worker {
         record.pointee.inFlight -= 1
         let s = stream(record, toUpstream: toUpstream)
         guard record.pointee.state == .proxying else {
-            recycle(s.pointee.buffer)
+            recycle(s.pointee.buffer, large: s.pointee.large)
             s.pointee.state = .idle
             finishClosing(slot)
             return
         }
         guard completion.result > 0 else {
-            recycle(s.pointee.buffer)
+            recycle(s.pointee.buffer, large: s.pointee.large)
             s.pointee.state = .idle
             close(slot)
             return
@@ -258,7 +274,7 @@ extension Worker {
             sendPending(slot, record, toUpstream: toUpstream)
             return
         }
-        recycle(s.pointee.buffer)
+        recycle(s.pointee.buffer, large: s.pointee.large)
         record.pointee.lastActivity = nowTick
         armReceive(slot, record, toUpstream: toUpstream)
     }

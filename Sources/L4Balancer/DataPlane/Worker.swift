@@ -10,7 +10,8 @@ import Glibc
 /// except the listeners' connection counts (`ListenerLimits`).
 final class Worker {
     static let tickMilliseconds: Int64 = 100
-    static let bufferGroup: UInt16 = 1
+    static let smallBufferGroup: UInt16 = 1
+    static let largeBufferGroup: UInt16 = 2
     static let completionBatch = 256
 
     let snapshot: Snapshot
@@ -19,9 +20,13 @@ final class Worker {
     let stats: WorkerStats
     let logger: Logger
     let ring: Ring
-    var buffers: ProvidedBufferRing
-    /// Buffers handed to the kernel's receives minus those recycled.
-    var buffersOut = 0
+    /// Receive buffers in two sizes: a direction starts with small ones (request/response
+    /// traffic stays cache-friendly) and moves to large ones once a read fills a small
+    /// buffer (bulk transfers: fewer, bigger reads and sends).
+    var smallBuffers: ProvidedBufferRing
+    var largeBuffers: ProvidedBufferRing
+    /// Small buffers handed to the kernel's receives minus those recycled.
+    var smallBuffersOut = 0
     var slab: ConnectionSlab
     var wheel: TimerWheel
     var waiters: BufferWaitQueue
@@ -54,8 +59,10 @@ final class Worker {
 
     struct Options {
         var ringEntries: UInt32 = 4096
-        var bufferCount = 512
-        var bufferSize = 32 * 1024
+        var smallBufferCount = 1024
+        var smallBufferSize = 16 * 1024
+        var largeBufferCount = 64
+        var largeBufferSize = 256 * 1024
     }
 
     init(
@@ -69,7 +76,10 @@ final class Worker {
         self.logger = logger
         self.listenerFDs = listenerFDs
         self.ring = try Ring(entries: options.ringEntries)
-        self.buffers = try ProvidedBufferRing(ring: ring, group: Worker.bufferGroup, count: options.bufferCount, bufferSize: options.bufferSize)
+        self.smallBuffers = try ProvidedBufferRing(
+            ring: ring, group: Worker.smallBufferGroup, count: options.smallBufferCount, bufferSize: options.smallBufferSize)
+        self.largeBuffers = try ProvidedBufferRing(
+            ring: ring, group: Worker.largeBufferGroup, count: options.largeBufferCount, bufferSize: options.largeBufferSize)
 
         let capacity = min(snapshot.listeners.reduce(0) { $0 + $1.maxConnections }, 1 << 22)
         slab = ConnectionSlab(capacity: capacity)
@@ -166,8 +176,10 @@ final class Worker {
         switch operation {
         case .accept: accepted(completion, listener: Int(userData.slot))
         case .connect: connected(completion, userData)
-        case .receiveFromClient: received(completion, userData, toUpstream: true)
-        case .receiveFromUpstream: received(completion, userData, toUpstream: false)
+        case .receiveFromClient: received(completion, userData, toUpstream: true, large: false)
+        case .receiveFromUpstream: received(completion, userData, toUpstream: false, large: false)
+        case .receiveLargeFromClient: received(completion, userData, toUpstream: true, large: true)
+        case .receiveLargeFromUpstream: received(completion, userData, toUpstream: false, large: true)
         case .sendToUpstream: sent(completion, userData, toUpstream: true)
         case .sendToClient: sent(completion, userData, toUpstream: false)
         case .sendProxyHeader: proxyHeaderSent(completion, userData)
@@ -180,17 +192,27 @@ final class Worker {
     // MARK: Buffers
 
     @inline(__always)
-    func recycle(_ buffer: UInt16) {
-        buffers.recycle(buffer)
-        buffersOut -= 1
+    func recycle(_ buffer: UInt16, large: Bool) {
+        if large {
+            largeBuffers.recycle(buffer)
+        } else {
+            smallBuffers.recycle(buffer)
+            smallBuffersOut -= 1
+        }
+    }
+
+    @inline(__always)
+    func bufferAddress(_ buffer: UInt16, large: Bool) -> UnsafeMutableRawPointer {
+        large ? largeBuffers.address(of: buffer) : smallBuffers.address(of: buffer)
     }
 
     /// Publishes recycled buffers, then re-arms as many starved receives as there are free
-    /// buffers.
+    /// small buffers (a starved large receive falls back to small buffers at once).
     @inline(__always)
     func returnBuffers() {
-        buffers.publish()
-        var free = buffers.count - buffersOut
+        smallBuffers.publish()
+        largeBuffers.publish()
+        var free = smallBuffers.count - smallBuffersOut
         while free > 0, let userData = waiters.pop() {
             let ud = UserData(raw: userData)
             let record = slab[ud.slot]

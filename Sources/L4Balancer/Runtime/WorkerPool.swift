@@ -29,11 +29,7 @@ public final class WorkerPool: Service, @unchecked Sendable {
         self.snapshot = snapshot
         self.logger = logger
         self.limits = ListenerLimits(snapshot: snapshot)
-        var options = Worker.Options()
-        let environment = ProcessInfo.processInfo.environment
-        if let size = environment["L4LB_BUFFER_SIZE"].flatMap(Int.init), size >= 4096 { options.bufferSize = size }
-        if let count = environment["L4LB_BUFFER_COUNT"].flatMap(Int.init), count > 0, count & (count - 1) == 0 { options.bufferCount = count }
-        self.options = options
+        self.options = Worker.Options()
 
         let cpus = CPUAffinity.allowedCPUs()
         let count: Int
