@@ -54,14 +54,15 @@ final class ConfigParserTests: XCTestCase {
     func testNotYetSupportedFeaturesAreRejectedByName() {
         guard case .failure(let errors) = parse("""
             listeners: [{ address: "127.0.0.1:1", cluster: c, protocol: udp, tls: {} }]
-            clusters: [{ name: c, balancer: maglev, health_check: {}, endpoints: [{ address: "127.0.0.1:2" }] }]
+            clusters: [{ name: c, balancer: maglev, table_size: 1000, choice_count: 2, health_check: {}, endpoints: [{ address: "127.0.0.1:2" }] }]
             filter: {}
             """) else { return XCTFail("accepted") }
         XCTAssertEqual(Set(errors.errors.map(\.description)), [
             "filter: not supported yet",
             "listeners[0].protocol: udp is not supported yet",
             "listeners[0].tls: not supported yet",
-            "clusters[0].balancer: maglev is not supported yet",
+            "clusters[0].table_size: 1000 is not prime (e.g. 65537, 655373)",
+            "clusters[0].choice_count: applies to balancer least_request only, not maglev",
             "clusters[0].health_check: not supported yet",
         ])
     }

@@ -1,35 +1,189 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// The balancer a worker runs for one cluster. An enum, not a protocol existential, so a
-/// pick is a switch and a direct call. Issue-by-issue, each `Config.Cluster.Balancer`
-/// gets its case here.
+/// pick is a switch and a direct call; each case is a per-worker object created at start,
+/// reading tables the control plane built into the snapshot. No pick allocates.
 public enum ClusterBalancer {
     case roundRobin(SmoothRoundRobin)
+    case random(WeightedRandom)
+    case leastRequest(LeastRequest)
+    case maglev(MaglevPicker)
+    case ringHash(RingHashPicker)
 
-    public init(cluster: Snapshot.ClusterPlan, endpoints: ArraySlice<Snapshot.EndpointPlan>) {
+    /// `seed` makes per-worker random streams differ but stay reproducible.
+    public init(cluster: Snapshot.ClusterPlan, seed: UInt64) {
+        let weights = cluster.weights
         switch cluster.balancer {
-        case .roundRobin, .random, .leastRequest, .maglev, .ringHash:
-            self = .roundRobin(SmoothRoundRobin(weights: endpoints.map(\.weight)))
+        case .roundRobin: self = .roundRobin(SmoothRoundRobin(weights: weights))
+        case .random: self = .random(WeightedRandom(cluster: cluster, seed: seed))
+        case .leastRequest: self = .leastRequest(LeastRequest(cluster: cluster, seed: seed))
+        case .maglev: self = .maglev(MaglevPicker(cluster: cluster))
+        case .ringHash: self = .ringHash(RingHashPicker(cluster: cluster))
         }
     }
 
-    /// An endpoint index within the cluster, avoiding those in `tried` (bit `i % 64` set).
-    @inlinable
-    public func pick(flow: FlowKey, tried: UInt64) -> Int? {
+    /// Whether picks depend on the flow's hash (so the worker must compute it).
+    public var usesFlowHash: Bool {
         switch self {
-        case .roundRobin(let rr):
-            return rr.pick(tried: tried)
+        case .maglev, .ringHash: return true
+        default: return false
+        }
+    }
+
+    /// An endpoint index within the cluster, never one with weight 0 or whose bit
+    /// (`index % 64`) is set in `tried`. `active` points at this worker's active-connection
+    /// count per endpoint of the cluster, `clusterActive` is their sum.
+    @inlinable
+    public func pick(flowHash: UInt64, tried: UInt64, active: UnsafePointer<Int32>, clusterActive: Int) -> Int? {
+        switch self {
+        case .roundRobin(let rr): return rr.pick(tried: tried)
+        case .random(let r): return r.pick(tried: tried)
+        case .leastRequest(let lr): return lr.pick(tried: tried, active: active)
+        case .maglev(let m): return m.pick(flowHash: flowHash, tried: tried)
+        case .ringHash(let r): return r.pick(flowHash: flowHash, tried: tried, active: active, clusterActive: clusterActive)
         }
     }
 }
 
-/// What hash-based balancers key on: the client's address and port, and the listener's.
-public struct FlowKey {
-    public var sourceHash: UInt64
-    public var sourcePort: UInt16
-    public var destinationPort: UInt16
+@inlinable
+func isTried(_ index: Int, _ tried: UInt64) -> Bool { tried & (1 &<< UInt64(index & 63)) != 0 }
 
-    public init(sourceHash: UInt64 = 0, sourcePort: UInt16 = 0, destinationPort: UInt16 = 0) {
-        self.sourceHash = sourceHash
-        self.sourcePort = sourcePort
-        self.destinationPort = destinationPort
+/// Weighted random: an alias table, one random number per pick.
+public final class WeightedRandom {
+    @usableFromInline let table: AliasTable
+    @usableFromInline let weights: [Int]
+    @usableFromInline var random: FastRandom
+
+    public init(cluster: Snapshot.ClusterPlan, seed: UInt64) {
+        table = cluster.aliasTable
+        weights = cluster.weights
+        random = FastRandom(seed: seed)
+    }
+
+    @inlinable
+    public func pick(tried: UInt64) -> Int? {
+        for _ in 0..<8 {
+            let i = table.pick(random.next())
+            if weights[i] > 0, !isTried(i, tried) { return i }
+        }
+        // Most endpoints excluded: scan from a random start.
+        let start = random.next(below: weights.count)
+        for k in 0..<weights.count {
+            let i = (start + k) % weights.count
+            if weights[i] > 0, !isTried(i, tried) { return i }
+        }
+        return nil
+    }
+}
+
+/// Envoy's least request. Equal weights: sample `choiceCount` endpoints uniformly, take the
+/// one with fewest active connections (power of two choices). Unequal weights: sample
+/// `choiceCount` by weight and take the highest `weight / (active + 1)^bias`. Active counts
+/// are this worker's own, as in Envoy; connections still connecting count.
+public final class LeastRequest {
+    @usableFromInline let weights: [Int]
+    @usableFromInline let table: AliasTable
+    @usableFromInline let equalWeights: Bool
+    @usableFromInline let choiceCount: Int
+    @usableFromInline let bias: Double
+    @usableFromInline var random: FastRandom
+
+    public init(cluster: Snapshot.ClusterPlan, seed: UInt64) {
+        weights = cluster.weights
+        table = cluster.aliasTable
+        let positive = weights.filter { $0 > 0 }
+        equalWeights = Set(positive).count <= 1
+        choiceCount = cluster.choiceCount
+        bias = cluster.activeRequestBias
+        random = FastRandom(seed: seed)
+    }
+
+    @inlinable
+    func score(_ i: Int, _ active: UnsafePointer<Int32>) -> Double {
+        let load = Double(active[i]) + 1
+        let divisor = bias == 1 ? load : (bias == 0 ? 1 : pow(load, bias))
+        return Double(weights[i]) / divisor
+    }
+
+    @inlinable
+    public func pick(tried: UInt64, active: UnsafePointer<Int32>) -> Int? {
+        var best = -1
+        var bestActive = Int32.max
+        var bestScore = -1.0
+        var draws = 0
+        var found = 0
+        while found < choiceCount, draws < choiceCount * 8 {
+            draws += 1
+            let i = equalWeights ? random.next(below: weights.count) : table.pick(random.next())
+            guard weights[i] > 0, !isTried(i, tried) else { continue }
+            found += 1
+            if equalWeights {
+                if active[i] < bestActive {
+                    best = i
+                    bestActive = active[i]
+                }
+            } else {
+                let s = score(i, active)
+                if s > bestScore {
+                    best = i
+                    bestScore = s
+                }
+            }
+        }
+        if best >= 0 { return best }
+        for i in 0..<weights.count where weights[i] > 0 && !isTried(i, tried) {
+            if best < 0 || active[i] < active[best] { best = i }
+        }
+        return best >= 0 ? best : nil
+    }
+}
+
+/// Maglev: the table is the snapshot's; a worker only looks up.
+public final class MaglevPicker {
+    @usableFromInline let table: MaglevTable
+    @usableFromInline let weights: [Int]
+
+    public init(cluster: Snapshot.ClusterPlan) {
+        table = cluster.maglevTable ?? MaglevTable(endpoints: [], size: 2)
+        weights = cluster.weights
+    }
+
+    @inlinable
+    public func pick(flowHash: UInt64, tried: UInt64) -> Int? {
+        let weights = self.weights
+        return table.lookup(flowHash) { weights[$0] > 0 && !isTried($0, tried) }
+    }
+}
+
+/// Ring hash with optional bounded load: an endpoint is skipped while it holds more than
+/// `⌈factor × (active + 1) / endpoints⌉` of this worker's connections to the cluster.
+public final class RingHashPicker {
+    @usableFromInline let ring: HashRing
+    @usableFromInline let weights: [Int]
+    /// Percent (125 = 1.25×), or 0 for unbounded.
+    @usableFromInline let balanceFactor: Int
+    @usableFromInline let eligible: Int
+
+    public init(cluster: Snapshot.ClusterPlan) {
+        ring = cluster.hashRing ?? HashRing(endpoints: [])
+        weights = cluster.weights
+        balanceFactor = cluster.hashBalanceFactor ?? 0
+        eligible = max(1, cluster.weights.filter { $0 > 0 }.count)
+    }
+
+    @inlinable
+    public func pick(flowHash: UInt64, tried: UInt64, active: UnsafePointer<Int32>, clusterActive: Int) -> Int? {
+        let weights = self.weights
+        if balanceFactor == 0 {
+            return ring.lookup(flowHash) { weights[$0] > 0 && !isTried($0, tried) }
+        }
+        // ⌈factor/100 × (total + 1) / n⌉, the most any endpoint may hold after this pick.
+        let bound = Int32((balanceFactor * (clusterActive + 1) + 100 * eligible - 1) / (100 * eligible))
+        if let bounded = ring.lookup(flowHash, accept: { weights[$0] > 0 && !isTried($0, tried) && active[$0] + 1 <= bound }) {
+            return bounded
+        }
+        return ring.lookup(flowHash) { weights[$0] > 0 && !isTried($0, tried) }
     }
 }

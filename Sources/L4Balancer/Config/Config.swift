@@ -75,6 +75,16 @@ public struct Config: Sendable, Equatable {
         public var balancer: Balancer = .roundRobin
         public var hashKey: HashKey = .sourceIP
         public var endpoints: [Endpoint]
+        /// maglev: lookup table size, prime.
+        public var tableSize = 65537
+        /// ring_hash: points for the smallest weight (see `HashRing`).
+        public var minimumRingSize = 1024
+        /// ring_hash: bounded load in percent (≥ 100), nil = unbounded.
+        public var hashBalanceFactor: Int?
+        /// least_request: endpoints sampled per pick.
+        public var choiceCount = 2
+        /// least_request with unequal weights: weight / (active + 1)^bias.
+        public var activeRequestBias = 1.0
 
         public init(name: String, endpoints: [Endpoint]) {
             self.name = name

@@ -201,7 +201,8 @@ struct ConfigWalker {
     mutating func cluster(_ node: Node, _ path: String) -> Config.Cluster? {
         guard let fields = mapping(node, path, keys: [
             "name", "balancer", "hash_key", "endpoints", "health_check", "outlier_detection",
-            "max_connections", "slow_start",
+            "max_connections", "slow_start", "table_size", "minimum_ring_size", "hash_balance_factor",
+            "choice_count", "active_request_bias",
         ]) else { return nil }
         var name: String?
         if let n = fields["name"] {
@@ -230,9 +231,37 @@ struct ConfigWalker {
         var cluster = Config.Cluster(name: name ?? "", endpoints: endpoints)
         if let n = fields["balancer"], let b = choice(n, "\(path).balancer", Config.Cluster.Balancer.self) {
             cluster.balancer = b
-            if b != .roundRobin { fail("\(path).balancer", "\(b.rawValue) is not supported yet") }
         }
-        if let n = fields["hash_key"], let k = choice(n, "\(path).hash_key", Config.Cluster.HashKey.self) { cluster.hashKey = k }
+        let balancer = cluster.balancer
+        /// A balancer-specific key set on a cluster whose balancer does not use it.
+        func only(_ key: String, _ allowed: Config.Cluster.Balancer...) -> Node? {
+            guard let node = fields[key] else { return nil }
+            if !allowed.contains(balancer) {
+                fail("\(path).\(key)", "applies to balancer \(allowed.map(\.rawValue).joined(separator: " or ")) only, not \(balancer.rawValue)")
+                return nil
+            }
+            return node
+        }
+        if let n = only("hash_key", .maglev, .ringHash), let k = choice(n, "\(path).hash_key", Config.Cluster.HashKey.self) { cluster.hashKey = k }
+        if let n = only("table_size", .maglev), let v = int(n, "\(path).table_size", 2...10_000_019) {
+            if !MaglevTable.isPrime(v) {
+                fail("\(path).table_size", "\(v) is not prime (e.g. 65537, 655373)")
+            } else if v < cluster.endpoints.count * 10 {
+                fail("\(path).table_size", "\(v) is too small for \(cluster.endpoints.count) endpoints (at least 10 slots each)")
+            } else {
+                cluster.tableSize = v
+            }
+        }
+        if let n = only("minimum_ring_size", .ringHash), let v = int(n, "\(path).minimum_ring_size", 1...HashRing.maximumRingSize) { cluster.minimumRingSize = v }
+        if let n = only("hash_balance_factor", .ringHash), let v = int(n, "\(path).hash_balance_factor", 100...100_000) { cluster.hashBalanceFactor = v }
+        if let n = only("choice_count", .leastRequest), let v = int(n, "\(path).choice_count", 1...100) { cluster.choiceCount = v }
+        if let n = only("active_request_bias", .leastRequest) {
+            if case .scalar(let s) = n, let v = Double(s.string), v >= 0, v <= 100 {
+                cluster.activeRequestBias = v
+            } else {
+                fail("\(path).active_request_bias", "expected a number from 0 to 100, got \(describe(n))")
+            }
+        }
         for key in ["health_check", "outlier_detection", "max_connections"] where fields[key] != nil {
             fail("\(path).\(key)", "not supported yet")
         }

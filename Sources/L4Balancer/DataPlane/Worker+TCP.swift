@@ -46,7 +46,11 @@ extension Worker {
         record.pointee.client = fd
         record.pointee.counted = true
         record.pointee.lastActivity = nowTick
-        record.pointee.cluster = UInt16(clusterSplits[listener].flatMap { plan.clusters[$0.pick()!] } ?? plan.clusters[0])
+        let cluster = clusterSplits[listener].flatMap { plan.clusters[$0.pick()!] } ?? plan.clusters[0]
+        record.pointee.cluster = UInt16(cluster)
+        if balancers[cluster].usesFlowHash {
+            record.pointee.flowHash = FlowHash.compute(client: fd, key: snapshot.clusters[cluster].hashKey)
+        }
         stats.add(.accepted, listener: listener)
         stats.add(.active, listener: listener)
         if idleTicks[listener] > 0 {
@@ -60,8 +64,12 @@ extension Worker {
     func startConnect(_ slot: UInt32) {
         let record = slab[slot]
         let listener = Int(record.pointee.listener)
-        let cluster = snapshot.clusters[Int(record.pointee.cluster)]
-        guard let local = balancers[Int(record.pointee.cluster)].pick(flow: FlowKey(), tried: record.pointee.tried) else {
+        let clusterIndex = Int(record.pointee.cluster)
+        let cluster = snapshot.clusters[clusterIndex]
+        guard let local = balancers[clusterIndex].pick(
+            flowHash: record.pointee.flowHash, tried: record.pointee.tried,
+            active: activeByEndpoint + cluster.firstEndpoint, clusterActive: activeByCluster[clusterIndex])
+        else {
             stats.add(.connectFailed, listener: listener)
             close(slot)
             return
@@ -80,6 +88,8 @@ extension Worker {
         record.pointee.upstream = fd
         record.pointee.endpoint = Int32(endpoint)
         stats.add(.active, endpoint: endpoint)
+        activeByEndpoint[endpoint] += 1
+        activeByCluster[clusterIndex] += 1
         ring.prepareConnect(
             socket: fd, address: address, length: endpointAddressLengths[endpoint],
             userData: UserData(.connect, slot: slot, generation: record.pointee.generation).raw,
@@ -318,6 +328,8 @@ extension Worker {
         let endpoint = Int(record.pointee.endpoint)
         guard endpoint >= 0 else { return }
         stats.add(.active, endpoint: endpoint, UInt64.max)
+        activeByEndpoint[endpoint] -= 1
+        activeByCluster[Int(record.pointee.cluster)] -= 1
         record.pointee.endpoint = -1
     }
 

@@ -34,6 +34,10 @@ final class Worker {
     let listenerFDs: [Int32]
     var acceptArmed: [Bool]
     let balancers: [ClusterBalancer]
+    /// This worker's connections (connecting or connected) per endpoint and per cluster,
+    /// for least-request and bounded-load picks.
+    let activeByEndpoint: UnsafeMutablePointer<Int32>
+    let activeByCluster: UnsafeMutablePointer<Int>
     /// Per listener with more than one cluster: the weighted split of new connections.
     let clusterSplits: [SmoothRoundRobin?]
     /// Per listener: idle timeout in ticks (0 = none).
@@ -90,9 +94,13 @@ final class Worker {
         wheel = TimerWheel(now: 0)
         acceptArmed = Array(repeating: false, count: listenerFDs.count)
 
-        balancers = snapshot.clusters.map { cluster in
-            ClusterBalancer(cluster: cluster, endpoints: snapshot.endpoints[cluster.firstEndpoint..<(cluster.firstEndpoint + cluster.endpointCount)])
+        balancers = snapshot.clusters.enumerated().map { i, cluster in
+            ClusterBalancer(cluster: cluster, seed: UInt64(control.index) << 32 | UInt64(i))
         }
+        activeByEndpoint = .allocate(capacity: max(snapshot.endpoints.count, 1))
+        activeByEndpoint.initialize(repeating: 0, count: max(snapshot.endpoints.count, 1))
+        activeByCluster = .allocate(capacity: max(snapshot.clusters.count, 1))
+        activeByCluster.initialize(repeating: 0, count: max(snapshot.clusters.count, 1))
         clusterSplits = snapshot.listeners.map { $0.clusters.count > 1 ? SmoothRoundRobin(weights: $0.clusterWeights) : nil }
         idleTicks = snapshot.listeners.map { listener in
             listener.idleTimeoutMilliseconds <= 0 ? 0
@@ -123,6 +131,8 @@ final class Worker {
         waiters.deallocate()
         endpointAddresses.deallocate()
         endpointAddressLengths.deallocate()
+        activeByEndpoint.deallocate()
+        activeByCluster.deallocate()
         connectTimeouts.deallocate()
         tickTimeout.deallocate()
         wakeCounter.deallocate()

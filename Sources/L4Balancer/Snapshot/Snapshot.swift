@@ -28,6 +28,15 @@ public final class Snapshot: Sendable {
         public let hashKey: Config.Cluster.HashKey
         public let firstEndpoint: Int
         public let endpointCount: Int
+        /// Weights of the cluster's endpoints, in config order.
+        public let weights: [Int]
+        public let aliasTable: AliasTable
+        /// Built here, by the control plane, never on the data path.
+        public let maglevTable: MaglevTable?
+        public let hashRing: HashRing?
+        public let hashBalanceFactor: Int?
+        public let choiceCount: Int
+        public let activeRequestBias: Double
     }
 
     public struct EndpointPlan: Sendable {
@@ -43,9 +52,16 @@ public final class Snapshot: Sendable {
         var endpoints: [EndpointPlan] = []
         for (i, cluster) in config.clusters.enumerated() {
             clusterIndex[cluster.name] = i
+            let members = cluster.endpoints.map { (address: $0.address, weight: $0.weight) }
             clusters.append(ClusterPlan(
                 name: cluster.name, balancer: cluster.balancer, hashKey: cluster.hashKey,
-                firstEndpoint: endpoints.count, endpointCount: cluster.endpoints.count))
+                firstEndpoint: endpoints.count, endpointCount: cluster.endpoints.count,
+                weights: cluster.endpoints.map(\.weight),
+                aliasTable: AliasTable(weights: cluster.endpoints.map(\.weight)),
+                maglevTable: cluster.balancer == .maglev ? MaglevTable(endpoints: members, size: cluster.tableSize) : nil,
+                hashRing: cluster.balancer == .ringHash ? HashRing(endpoints: members, minimumRingSize: cluster.minimumRingSize) : nil,
+                hashBalanceFactor: cluster.hashBalanceFactor, choiceCount: cluster.choiceCount,
+                activeRequestBias: cluster.activeRequestBias))
             for endpoint in cluster.endpoints {
                 endpoints.append(EndpointPlan(cluster: i, address: endpoint.address, weight: endpoint.weight))
             }

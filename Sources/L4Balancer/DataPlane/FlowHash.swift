@@ -1,0 +1,51 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The key hash-based balancers use for a connection, from the accepted socket's peer
+/// (and, for `five_tuple`, local) address. IPv4-mapped IPv6 addresses hash as IPv4, so a
+/// client hashes the same on a dual-stack listener. `StableHash` keeps it identical on
+/// every instance.
+enum FlowHash {
+    static func compute(client fd: Int32, key: Config.Cluster.HashKey) -> UInt64 {
+        var bytes: (UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0)
+        var count = 0
+        withUnsafeMutableBytes(of: &bytes) { out in
+            func append(_ storage: inout sockaddr_storage, withPort: Bool) {
+                switch Int32(storage.ss_family) {
+                case AF_INET:
+                    let sin = withUnsafeBytes(of: storage) { $0.load(as: sockaddr_in.self) }
+                    withUnsafeBytes(of: sin.sin_addr) { for b in $0 { out[count] = b; count += 1 } }
+                    if withPort { withUnsafeBytes(of: sin.sin_port) { for b in $0 { out[count] = b; count += 1 } } }
+                case AF_INET6:
+                    let sin6 = withUnsafeBytes(of: storage) { $0.load(as: sockaddr_in6.self) }
+                    withUnsafeBytes(of: sin6.sin6_addr) { raw in
+                        let mapped = raw[0..<10].allSatisfy { $0 == 0 } && raw[10] == 0xFF && raw[11] == 0xFF
+                        for b in raw[(mapped ? 12 : 0)...] { out[count] = b; count += 1 }
+                    }
+                    if withPort { withUnsafeBytes(of: sin6.sin6_port) { for b in $0 { out[count] = b; count += 1 } } }
+                default:
+                    break
+                }
+            }
+            var peer = sockaddr_storage()
+            var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+            let ok = withUnsafeMutablePointer(to: &peer) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(fd, $0, &length) == 0 }
+            }
+            guard ok else { return }
+            append(&peer, withPort: key != .sourceIP)
+            if key == .fiveTuple {
+                var local = sockaddr_storage()
+                length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+                _ = withUnsafeMutablePointer(to: &local) {
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
+                }
+                append(&local, withPort: true)
+                out[count] = UInt8(IPPROTO_TCP)
+                count += 1
+            }
+        }
+        return withUnsafeBytes(of: bytes) { StableHash.hash($0[..<count]) }
+    }
+}
