@@ -46,6 +46,11 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        .target(name: "CMallocCounter"),
+        .executableTarget(
+            name: "l4lb-balancer-bench",
+            dependencies: ["L4Balancer", "CMallocCounter"]
+        ),
         .testTarget(name: "URingTests", dependencies: ["URing"]),
         .testTarget(name: "L4BalancerTests", dependencies: ["L4Balancer"]),
         .testTarget(name: "EndToEndTests", dependencies: ["L4Balancer"]),

@@ -35,9 +35,19 @@ struct Check: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Validate a configuration file.")
     @OptionGroup var options: ConfigOption
 
+    @Flag(help: "Also print a digest of each cluster's Maglev table or hash ring; equal digests route keys alike.")
+    var showTables = false
+
     func run() throws {
-        _ = try loadConfigOrExit(options.config)
+        let config = try loadConfigOrExit(options.config)
         print("configuration OK")
+        guard showTables else { return }
+        let snapshot = Snapshot(config: config)
+        for cluster in snapshot.clusters {
+            if let digest = cluster.tableDigest(endpoints: snapshot.endpoints) {
+                print("cluster \(cluster.name): \(digest)")
+            }
+        }
     }
 }
 

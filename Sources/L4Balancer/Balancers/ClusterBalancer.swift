@@ -7,6 +7,8 @@ import Glibc
 /// reading tables the control plane built into the snapshot. No pick allocates.
 public enum ClusterBalancer {
     case roundRobin(SmoothRoundRobin)
+    /// Round robin for clusters above `SmoothRoundRobin.maximumEndpoints`.
+    case deadlineRoundRobin(DeadlineScheduler)
     case random(WeightedRandom)
     case leastRequest(LeastRequest)
     case maglev(MaglevPicker)
@@ -16,7 +18,9 @@ public enum ClusterBalancer {
     public init(cluster: Snapshot.ClusterPlan, seed: UInt64) {
         let weights = cluster.weights
         switch cluster.balancer {
-        case .roundRobin: self = .roundRobin(SmoothRoundRobin(weights: weights))
+        case .roundRobin:
+            self = weights.count <= SmoothRoundRobin.maximumEndpoints
+                ? .roundRobin(SmoothRoundRobin(weights: weights)) : .deadlineRoundRobin(DeadlineScheduler(weights: weights))
         case .random: self = .random(WeightedRandom(cluster: cluster, seed: seed))
         case .leastRequest: self = .leastRequest(LeastRequest(cluster: cluster, seed: seed))
         case .maglev: self = .maglev(MaglevPicker(cluster: cluster))
@@ -39,6 +43,7 @@ public enum ClusterBalancer {
     public func pick(flowHash: UInt64, tried: UInt64, active: UnsafePointer<Int32>, clusterActive: Int) -> Int? {
         switch self {
         case .roundRobin(let rr): return rr.pick(tried: tried)
+        case .deadlineRoundRobin(let rr): return rr.pick(tried: tried)
         case .random(let r): return r.pick(tried: tried)
         case .leastRequest(let lr): return lr.pick(tried: tried, active: active)
         case .maglev(let m): return m.pick(flowHash: flowHash, tried: tried)

@@ -1,8 +1,11 @@
 /// nginx's smooth weighted round robin: every pick adds each weight to its running score,
 /// takes the highest score, and subtracts the total from the winner. Weights 5:1:1 give
 /// a,a,b,a,c,a,a rather than a,a,a,a,a,b,c. Deterministic for a given weight list.
-/// One per worker per cluster, created at start-up; a pick allocates nothing.
+/// One per worker per cluster, created at start-up; a pick allocates nothing. A pick is
+/// O(n), so clusters above `maximumEndpoints` use `DeadlineScheduler` instead.
 public final class SmoothRoundRobin {
+    public static let maximumEndpoints = 64
+
     @usableFromInline let weights: UnsafeMutableBufferPointer<Int>
     @usableFromInline let scores: UnsafeMutableBufferPointer<Int>
     @usableFromInline let total: Int

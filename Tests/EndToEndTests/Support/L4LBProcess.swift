@@ -18,11 +18,13 @@ final class L4LBProcess {
         // Tests/EndToEndTests/Support/ → package root.
         let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
             .deletingLastPathComponent().deletingLastPathComponent()
-        for configuration in ["release", "debug"] {
-            let path = root.appendingPathComponent(".build/\(configuration)/l4lb").path
-            if FileManager.default.isExecutableFile(atPath: path) { return path }
+        // The newest of the release and debug builds.
+        let candidates = ["release", "debug"].map { root.appendingPathComponent(".build/\($0)/l4lb").path }
+            .filter { FileManager.default.isExecutableFile(atPath: $0) }
+        func modified(_ path: String) -> Date {
+            ((try? FileManager.default.attributesOfItem(atPath: path))?[.modificationDate] as? Date) ?? .distantPast
         }
-        return "l4lb"
+        return candidates.max { modified($0) < modified($1) } ?? "l4lb"
     }
 
     /// Starts `l4lb run` and waits until `listen` accepts connections.

@@ -16,6 +16,10 @@ final class TestBackend: @unchecked Sendable {
         case proxyProtocol
         /// Reads and checks a `PatternStream` with `seed`, only while not paused.
         case patternSink(seed: UInt64)
+        /// Echoes each read after `milliseconds`: a slow upstream.
+        case delayedEcho(milliseconds: Int)
+        /// Sends `name` and a newline on accept, then closes after the client's EOF.
+        case identify(String)
     }
 
     let port: UInt16
@@ -74,6 +78,8 @@ final class TestBackend: @unchecked Sendable {
         var eof = false
         var headerDone = false
         var pattern = PatternStream(seed: 0)
+        var delayed: [UInt8] = []
+        var releaseAt = Date.distantFuture
     }
 
     private func loop() {
@@ -81,6 +87,12 @@ final class TestBackend: @unchecked Sendable {
         var buffer = [UInt8](repeating: 0, count: 65536)
         while lock.withLock({ running }) {
             let paused = self.paused
+            let now = Date()
+            for i in connections.indices where !connections[i].delayed.isEmpty && connections[i].releaseAt <= now {
+                connections[i].pending += connections[i].delayed
+                connections[i].delayed.removeAll()
+                connections[i].releaseAt = .distantFuture
+            }
             var fds = [pollfd(fd: listener, events: Int16(POLLIN), revents: 0)]
             for c in connections {
                 var events: Int16 = 0
@@ -88,7 +100,7 @@ final class TestBackend: @unchecked Sendable {
                 else if !c.eof, !(paused && isSink) { events |= Int16(POLLIN) }
                 fds.append(pollfd(fd: c.fd, events: events, revents: 0))
             }
-            guard poll(&fds, nfds_t(fds.count), 20) >= 0 else { continue }
+            guard poll(&fds, nfds_t(fds.count), 2) >= 0 else { continue }
             var closedIndices: [Int] = []
             for i in 0..<(fds.count - 1) where fds[i + 1].revents != 0 {
                 if !service(&connections[i], revents: fds[i + 1].revents, buffer: &buffer) {
@@ -116,6 +128,7 @@ final class TestBackend: @unchecked Sendable {
             Sockets.setNonBlocking(fd, true)
             var c = Connection(fd: fd)
             if case .patternSink(let seed) = behavior { c.pattern = PatternStream(seed: seed) }
+            if case .identify(let name) = behavior { c.pending = Array(name.utf8) + [0x0A] }
             connections.append(c)
             lock.withLock { _accepted += 1 }
         }
@@ -166,6 +179,11 @@ final class TestBackend: @unchecked Sendable {
                     c.headerDone = true
                 }
             }
+        case .delayedEcho(let milliseconds):
+            c.delayed.append(contentsOf: buffer[..<n])
+            c.releaseAt = Date().addingTimeInterval(Double(milliseconds) / 1000)
+        case .identify:
+            break
         case .patternSink:
             let ok = buffer[..<n].withUnsafeBytes { c.pattern.matches($0) }
             lock.withLock {
