@@ -76,6 +76,8 @@ public struct Ring: ~Copyable {
             caps.multishotAccept = caps.socket
             caps.providedBufferRings = caps.socket
         }
+        // Registering the ring's own fd spares every io_uring_enter a file-table lookup.
+        _ = io_uring_register_ring_fd(ring)
         self.ring = ring
         self.capabilities = caps
     }
