@@ -54,7 +54,7 @@ final class ConfigParserTests: XCTestCase {
     func testNotYetSupportedFeaturesAreRejectedByName() {
         guard case .failure(let errors) = parse("""
             listeners: [{ address: "127.0.0.1:1", cluster: c, protocol: udp, tls: {} }]
-            clusters: [{ name: c, balancer: maglev, table_size: 1000, choice_count: 2, health_check: {}, endpoints: [{ address: "127.0.0.1:2" }] }]
+            clusters: [{ name: c, balancer: maglev, table_size: 1000, choice_count: 2, slow_start: 1s, health_check: { type: ping }, endpoints: [{ address: "127.0.0.1:2" }] }]
             filter: {}
             """) else { return XCTFail("accepted") }
         XCTAssertEqual(Set(errors.errors.map(\.description)), [
@@ -63,7 +63,8 @@ final class ConfigParserTests: XCTestCase {
             "listeners[0].tls: not supported yet",
             "clusters[0].table_size: 1000 is not prime (e.g. 65537, 655373)",
             "clusters[0].choice_count: applies to balancer least_request only, not maglev",
-            "clusters[0].health_check: not supported yet",
+            "clusters[0].health_check.type: must be one of tcp, send_expect, http, got \"ping\"",
+            "clusters[0].slow_start: applies to round_robin, random and least_request, not maglev (hashing must not move keys)",
         ])
     }
 

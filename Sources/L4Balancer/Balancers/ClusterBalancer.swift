@@ -36,24 +36,34 @@ public enum ClusterBalancer {
         }
     }
 
-    /// An endpoint index within the cluster, never one with weight 0 or whose bit
+    /// An endpoint index within the cluster, never one with weight 0, one `endpoints` says
+    /// is unavailable (unhealthy, ejected, at its connection limit), or one whose bit
     /// (`index % 64`) is set in `tried`. `active` points at this worker's active-connection
     /// count per endpoint of the cluster, `clusterActive` is their sum.
     @inlinable
-    public func pick(flowHash: UInt64, tried: UInt64, active: UnsafePointer<Int32>, clusterActive: Int) -> Int? {
+    public func pick(
+        flowHash: UInt64, tried: UInt64, active: UnsafePointer<Int32>, clusterActive: Int,
+        endpoints: EndpointView = .allAvailable
+    ) -> Int? {
         switch self {
-        case .roundRobin(let rr): return rr.pick(tried: tried)
-        case .deadlineRoundRobin(let rr): return rr.pick(tried: tried)
-        case .random(let r): return r.pick(tried: tried)
-        case .leastRequest(let lr): return lr.pick(tried: tried, active: active)
-        case .maglev(let m): return m.pick(flowHash: flowHash, tried: tried)
-        case .ringHash(let r): return r.pick(flowHash: flowHash, tried: tried, active: active, clusterActive: clusterActive)
+        case .roundRobin(let rr): return rr.pick(tried: tried, endpoints: endpoints)
+        case .deadlineRoundRobin(let rr): return rr.pick(tried: tried, endpoints: endpoints)
+        case .random(let r): return r.pick(tried: tried, endpoints: endpoints)
+        case .leastRequest(let lr): return lr.pick(tried: tried, active: active, endpoints: endpoints)
+        case .maglev(let m): return m.pick(flowHash: flowHash, tried: tried, endpoints: endpoints)
+        case .ringHash(let r): return r.pick(flowHash: flowHash, tried: tried, active: active, clusterActive: clusterActive, endpoints: endpoints)
         }
     }
 }
 
 @inlinable
 func isTried(_ index: Int, _ tried: UInt64) -> Bool { tried & (1 &<< UInt64(index & 63)) != 0 }
+
+/// Not tried yet for this connection and able to take it.
+@inlinable
+func isEligible(_ index: Int, _ tried: UInt64, _ endpoints: EndpointView) -> Bool {
+    !isTried(index, tried) && endpoints.isAvailable(index)
+}
 
 /// Weighted random: an alias table, one random number per pick.
 public final class WeightedRandom {
@@ -68,16 +78,16 @@ public final class WeightedRandom {
     }
 
     @inlinable
-    public func pick(tried: UInt64) -> Int? {
+    public func pick(tried: UInt64, endpoints: EndpointView) -> Int? {
         for _ in 0..<8 {
             let i = table.pick(random.next())
-            if weights[i] > 0, !isTried(i, tried) { return i }
+            if weights[i] > 0, isEligible(i, tried, endpoints) { return i }
         }
         // Most endpoints excluded: scan from a random start.
         let start = random.next(below: weights.count)
         for k in 0..<weights.count {
             let i = (start + k) % weights.count
-            if weights[i] > 0, !isTried(i, tried) { return i }
+            if weights[i] > 0, isEligible(i, tried, endpoints) { return i }
         }
         return nil
     }
@@ -113,7 +123,7 @@ public final class LeastRequest {
     }
 
     @inlinable
-    public func pick(tried: UInt64, active: UnsafePointer<Int32>) -> Int? {
+    public func pick(tried: UInt64, active: UnsafePointer<Int32>, endpoints: EndpointView) -> Int? {
         var best = -1
         var bestActive = Int32.max
         var bestScore = -1.0
@@ -122,7 +132,7 @@ public final class LeastRequest {
         while found < choiceCount, draws < choiceCount * 8 {
             draws += 1
             let i = equalWeights ? random.next(below: weights.count) : table.pick(random.next())
-            guard weights[i] > 0, !isTried(i, tried) else { continue }
+            guard weights[i] > 0, isEligible(i, tried, endpoints) else { continue }
             found += 1
             if equalWeights {
                 if active[i] < bestActive {
@@ -138,7 +148,7 @@ public final class LeastRequest {
             }
         }
         if best >= 0 { return best }
-        for i in 0..<weights.count where weights[i] > 0 && !isTried(i, tried) {
+        for i in 0..<weights.count where weights[i] > 0 && isEligible(i, tried, endpoints) {
             if best < 0 || active[i] < active[best] { best = i }
         }
         return best >= 0 ? best : nil
@@ -156,9 +166,9 @@ public final class MaglevPicker {
     }
 
     @inlinable
-    public func pick(flowHash: UInt64, tried: UInt64) -> Int? {
+    public func pick(flowHash: UInt64, tried: UInt64, endpoints: EndpointView) -> Int? {
         let weights = self.weights
-        return table.lookup(flowHash) { weights[$0] > 0 && !isTried($0, tried) }
+        return table.lookup(flowHash) { weights[$0] > 0 && isEligible($0, tried, endpoints) }
     }
 }
 
@@ -179,16 +189,16 @@ public final class RingHashPicker {
     }
 
     @inlinable
-    public func pick(flowHash: UInt64, tried: UInt64, active: UnsafePointer<Int32>, clusterActive: Int) -> Int? {
+    public func pick(flowHash: UInt64, tried: UInt64, active: UnsafePointer<Int32>, clusterActive: Int, endpoints: EndpointView) -> Int? {
         let weights = self.weights
         if balanceFactor == 0 {
-            return ring.lookup(flowHash) { weights[$0] > 0 && !isTried($0, tried) }
+            return ring.lookup(flowHash) { weights[$0] > 0 && isEligible($0, tried, endpoints) }
         }
         // ⌈factor/100 × (total + 1) / n⌉, the most any endpoint may hold after this pick.
         let bound = Int32((balanceFactor * (clusterActive + 1) + 100 * eligible - 1) / (100 * eligible))
-        if let bounded = ring.lookup(flowHash, accept: { weights[$0] > 0 && !isTried($0, tried) && active[$0] + 1 <= bound }) {
+        if let bounded = ring.lookup(flowHash, accept: { weights[$0] > 0 && isEligible($0, tried, endpoints) && active[$0] + 1 <= bound }) {
             return bounded
         }
-        return ring.lookup(flowHash) { weights[$0] > 0 && !isTried($0, tried) }
+        return ring.lookup(flowHash) { weights[$0] > 0 && isEligible($0, tried, endpoints) }
     }
 }

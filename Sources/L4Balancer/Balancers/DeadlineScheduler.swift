@@ -70,11 +70,11 @@ public final class DeadlineScheduler {
 
     /// The next index whose bit (`index % 64`) is not set in `tried`.
     @inlinable
-    public func pick(tried: UInt64 = 0) -> Int? {
+    public func pick(tried: UInt64 = 0, endpoints: EndpointView = .allAvailable) -> Int? {
         var chosen: Int?
         var skippedCount = 0
         while let entry = pop() {
-            if isTried(Int(entry.index), tried) {
+            if !isEligible(Int(entry.index), tried, endpoints) {
                 skipped[skippedCount] = entry
                 skippedCount += 1
                 continue

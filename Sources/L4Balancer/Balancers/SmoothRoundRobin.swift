@@ -28,11 +28,11 @@ public final class SmoothRoundRobin {
     /// The next index, skipping those whose bit (`index % 64`) is set in `tried`; nil when
     /// every index with a weight above 0 is skipped.
     @inlinable
-    public func pick(tried: UInt64 = 0) -> Int? {
+    public func pick(tried: UInt64 = 0, endpoints: EndpointView = .allAvailable) -> Int? {
         var best = -1
         var bestScore = Int.min
         var eligibleTotal = 0
-        for i in 0..<weights.count where weights[i] > 0 && tried & (1 &<< UInt64(i & 63)) == 0 {
+        for i in 0..<weights.count where weights[i] > 0 && isEligible(i, tried, endpoints) {
             scores[i] &+= weights[i]
             eligibleTotal &+= weights[i]
             if scores[i] > bestScore {

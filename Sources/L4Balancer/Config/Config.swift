@@ -85,6 +85,19 @@ public struct Config: Sendable, Equatable {
         public var choiceCount = 2
         /// least_request with unequal weights: weight / (active + 1)^bias.
         public var activeRequestBias = 1.0
+        public var healthCheck: HealthCheck?
+        public var outlierDetection: OutlierDetection?
+        /// Concurrent connections to the cluster across workers; nil = unlimited.
+        public var maxConnections: Int?
+        /// Ramp an endpoint that became healthy from 10% to 100% of its weight over this.
+        public var slowStart: ConfigDuration = .zero
+        public var onUnhealthy: OnUnhealthy = .keep
+
+        public enum OnUnhealthy: String, Sendable, CaseIterable {
+            /// Connections already open carry on (HAProxy's default).
+            case keep
+            case close
+        }
 
         public init(name: String, endpoints: [Endpoint]) {
             self.name = name
@@ -92,9 +105,44 @@ public struct Config: Sendable, Equatable {
         }
     }
 
+    public struct HealthCheck: Sendable, Equatable {
+        public enum Kind: Sendable, Equatable {
+            case tcp
+            /// Send bytes, expect the reply to start with bytes.
+            case sendExpect(send: [UInt8], expect: [UInt8])
+            /// GET `path` with `Host: host`; healthy on a status in `statuses`.
+            case http(path: String, host: String?, statuses: ClosedRange<Int>)
+        }
+
+        public var kind: Kind = .tcp
+        public var interval: ConfigDuration = .seconds(5)
+        public var timeout: ConfigDuration = .seconds(1)
+        public var healthyThreshold = 2
+        public var unhealthyThreshold = 3
+        /// Extra delay before the first check, at most this (random per endpoint).
+        public var initialJitter: ConfigDuration = .zero
+        /// Each interval varies by up to ± this (random).
+        public var intervalJitter: ConfigDuration = .zero
+        /// Endpoints count as healthy before their first check.
+        public var startHealthy = false
+
+        public init() {}
+    }
+
+    public struct OutlierDetection: Sendable, Equatable {
+        public var consecutiveFailures = 5
+        public var ejectionTime: ConfigDuration = .seconds(30)
+        public var maxEjectionTime: ConfigDuration = .seconds(300)
+        public var maxEjectionPercent = 50
+
+        public init() {}
+    }
+
     public struct Endpoint: Sendable, Equatable {
         public var address: SocketAddress
         public var weight: Int = 1
+        /// Concurrent connections to this endpoint across workers; nil = unlimited.
+        public var maxConnections: Int?
 
         public init(address: SocketAddress, weight: Int = 1) {
             self.address = address

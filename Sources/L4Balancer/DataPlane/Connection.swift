@@ -41,6 +41,8 @@ struct Connection {
     var attempts: UInt8 = 0
     /// Whether this connection holds a place in its listener's and endpoint's active counts.
     var counted = false
+    /// Whether it holds a place in its cluster's `max_connections`.
+    var clusterAdmitted = false
     var connected = false
     var listener: UInt16 = 0
     var cluster: UInt16 = 0

@@ -32,7 +32,18 @@ extension Worker {
             stats.add(.refused, listener: listener)
             return
         }
+        let plan = snapshot.listeners[listener]
+        let cluster = clusterSplits[listener].flatMap { plan.clusters[$0.pick()!] } ?? plan.clusters[0]
+        guard status.admit(cluster: cluster) else {
+            // Circuit breaking: the cluster is at max_connections.
+            limits.leave(listener)
+            Glibc.close(fd)
+            stats.add(.refused, listener: listener)
+            stats.add(.clusterFull, listener: listener)
+            return
+        }
         guard let slot = slab.allocate() else {
+            status.leave(cluster: cluster)
             limits.leave(listener)
             Glibc.close(fd)
             stats.add(.refused, listener: listener)
@@ -40,13 +51,12 @@ extension Worker {
         }
         setNoDelay(fd)
         let record = slab[slot]
-        let plan = snapshot.listeners[listener]
         record.pointee.state = .connecting
         record.pointee.listener = UInt16(listener)
         record.pointee.client = fd
         record.pointee.counted = true
+        record.pointee.clusterAdmitted = true
         record.pointee.lastActivity = nowTick
-        let cluster = clusterSplits[listener].flatMap { plan.clusters[$0.pick()!] } ?? plan.clusters[0]
         record.pointee.cluster = UInt16(cluster)
         if balancers[cluster].usesFlowHash {
             record.pointee.flowHash = FlowHash.compute(client: fd, key: snapshot.clusters[cluster].hashKey)
@@ -66,10 +76,7 @@ extension Worker {
         let listener = Int(record.pointee.listener)
         let clusterIndex = Int(record.pointee.cluster)
         let cluster = snapshot.clusters[clusterIndex]
-        guard let local = balancers[clusterIndex].pick(
-            flowHash: record.pointee.flowHash, tried: record.pointee.tried,
-            active: activeByEndpoint + cluster.firstEndpoint, clusterActive: activeByCluster[clusterIndex])
-        else {
+        guard let local = chooseEndpoint(record, clusterIndex: clusterIndex, cluster: cluster) else {
             stats.add(.connectFailed, listener: listener)
             close(slot)
             return
@@ -95,6 +102,40 @@ extension Worker {
             userData: UserData(.connect, slot: slot, generation: record.pointee.generation).raw,
             timeout: connectTimeouts + listener, timeoutUserData: UserData(.linkTimeout).raw)
         record.pointee.inFlight += 1
+    }
+
+    /// The balancer's pick among available endpoints, holding a place on it (its
+    /// max_connections). During slow start an endpoint is taken with probability
+    /// 10% → 100% over the window, so its share ramps up; rejected picks are skipped for
+    /// this choice only.
+    func chooseEndpoint(_ record: UnsafeMutablePointer<Connection>, clusterIndex: Int, cluster: Snapshot.ClusterPlan) -> Int? {
+        let view = status.view(firstEndpoint: cluster.firstEndpoint)
+        let window = slowStartMilliseconds[clusterIndex]
+        var skip = record.pointee.tried
+        var fallback: Int?
+        for _ in 0..<8 {
+            guard let local = balancers[clusterIndex].pick(
+                flowHash: record.pointee.flowHash, tried: skip,
+                active: activeByEndpoint + cluster.firstEndpoint, clusterActive: activeByCluster[clusterIndex], endpoints: view)
+            else { break }
+            let bit: UInt64 = 1 &<< UInt64(local & 63)
+            if window > 0 {
+                let since = status.availableSince(cluster.firstEndpoint + local)
+                let elapsed = nowMilliseconds - since
+                if since > 0, elapsed < window {
+                    let factor = 0.1 + 0.9 * Double(elapsed) / Double(window)
+                    if Double(random.next() >> 11) * 0x1p-53 >= factor {
+                        if fallback == nil { fallback = local }
+                        skip |= bit
+                        continue
+                    }
+                }
+            }
+            if status.admit(cluster.firstEndpoint + local) { return local }
+            skip |= bit
+        }
+        if let fallback, status.admit(cluster.firstEndpoint + fallback) { return fallback }
+        return nil
     }
 
     func connected(_ completion: Completion, _ userData: UserData) {
@@ -300,6 +341,10 @@ extension Worker {
         record.pointee.state = .closing
         wheel.remove(slot, in: slab)
         releaseEndpoint(record)
+        if record.pointee.clusterAdmitted {
+            record.pointee.clusterAdmitted = false
+            status.leave(cluster: Int(record.pointee.cluster))
+        }
         if record.pointee.counted {
             record.pointee.counted = false
             let listener = Int(record.pointee.listener)
@@ -328,6 +373,7 @@ extension Worker {
         let endpoint = Int(record.pointee.endpoint)
         guard endpoint >= 0 else { return }
         stats.add(.active, endpoint: endpoint, UInt64.max)
+        status.leave(endpoint)
         activeByEndpoint[endpoint] -= 1
         activeByCluster[Int(record.pointee.cluster)] -= 1
         record.pointee.endpoint = -1

@@ -17,7 +17,14 @@ final class Worker {
     let snapshot: Snapshot
     let control: WorkerControl
     let limits: ListenerLimits
+    let status: EndpointStatus
     let stats: WorkerStats
+    /// Per cluster: slow start window in ms (0 = none).
+    let slowStartMilliseconds: [Int64]
+    /// Whether any cluster closes connections to endpoints that turn unhealthy.
+    let closesOnUnhealthy: Bool
+    var seenUnavailableEpoch: UInt64 = 0
+    var random: FastRandom
     let logger: Logger
     let ring: Ring
     /// Receive buffers in two sizes: a direction starts with small ones (request/response
@@ -70,13 +77,17 @@ final class Worker {
     }
 
     init(
-        snapshot: Snapshot, control: WorkerControl, limits: ListenerLimits, listenerFDs: [Int32],
+        snapshot: Snapshot, control: WorkerControl, limits: ListenerLimits, status: EndpointStatus, listenerFDs: [Int32],
         options: Options, logger: Logger
     ) throws {
         self.snapshot = snapshot
         self.control = control
         self.limits = limits
+        self.status = status
         self.stats = control.stats
+        slowStartMilliseconds = snapshot.config.clusters.map { $0.slowStart.milliseconds }
+        closesOnUnhealthy = snapshot.config.clusters.contains { $0.onUnhealthy == .close }
+        random = FastRandom(seed: UInt64(control.index) &+ 0x5EED)
         self.logger = logger
         self.listenerFDs = listenerFDs
         self.ring = try Ring(entries: options.ringEntries)
@@ -262,6 +273,7 @@ final class Worker {
     func ticked() {
         ring.prepareTimeout(tickTimeout, userData: UserData(.tick).raw)
         expireIdleConnections()
+        if closesOnUnhealthy { closeConnectionsToUnavailableEndpoints() }
         if draining {
             if !forcedClose, nowMilliseconds >= control.drainDeadline.load(ordering: .relaxed) {
                 forcedClose = true
@@ -294,6 +306,24 @@ final class Worker {
                     wheel.insert(slot, deadline: deadline, in: slab)
                 }
             }
+        }
+    }
+
+    /// `on_unhealthy: close`: after an endpoint stops being available, close what is open
+    /// to it (checked once per tick, only when something changed).
+    func closeConnectionsToUnavailableEndpoints() {
+        let epoch = status.unavailableEpoch.load(ordering: .acquiring)
+        guard epoch != seenUnavailableEpoch else { return }
+        seenUnavailableEpoch = epoch
+        for index in 0..<slab.highWater {
+            let record = slab[UInt32(index)]
+            let endpoint = Int(record.pointee.endpoint)
+            guard endpoint >= 0, record.pointee.state != .free, record.pointee.state != .closing,
+                  snapshot.config.clusters[Int(record.pointee.cluster)].onUnhealthy == .close,
+                  !status.flags(endpoint).isEmpty
+            else { continue }
+            stats.add(.closedUnhealthy, listener: Int(record.pointee.listener))
+            close(UInt32(index))
         }
     }
 

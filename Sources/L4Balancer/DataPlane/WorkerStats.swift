@@ -6,6 +6,10 @@ import Atomics
 public final class WorkerStats: @unchecked Sendable {
     public enum ListenerCounter: Int, CaseIterable {
         case accepted, active, refused, connectFailed, idleTimeouts, bytesIn, bytesOut, acceptErrors, bufferWaits
+        /// Refused because the chosen cluster was at its max_connections (also in `refused`).
+        case clusterFull
+        /// Closed because their endpoint became unhealthy (`on_unhealthy: close`).
+        case closedUnhealthy
     }
     public enum EndpointCounter: Int, CaseIterable {
         case active, total, connectFailures, bytesIn, bytesOut

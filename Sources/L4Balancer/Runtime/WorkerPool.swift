@@ -10,6 +10,8 @@ public final class WorkerPool: Service, @unchecked Sendable {
     public let snapshot: Snapshot
     public let controls: [WorkerControl]
     let limits: ListenerLimits
+    public let status: EndpointStatus
+    public let healthChecker: HealthChecker
     let logger: Logger
     let options: Worker.Options
     /// Listener sockets per worker, opened before any thread starts so a bind error stops
@@ -29,6 +31,7 @@ public final class WorkerPool: Service, @unchecked Sendable {
         self.snapshot = snapshot
         self.logger = logger
         self.limits = ListenerLimits(snapshot: snapshot)
+        self.status = EndpointStatus(snapshot: snapshot)
         self.options = Worker.Options()
 
         let cpus = CPUAffinity.allowedCPUs()
@@ -42,6 +45,7 @@ public final class WorkerPool: Service, @unchecked Sendable {
                 index: index, cpu: count <= cpus.count ? cpus[index] : nil,
                 stats: WorkerStats(listeners: snapshot.listeners.count, endpoints: snapshot.endpoints.count))
         }
+        healthChecker = HealthChecker(snapshot: snapshot, status: status, workerStats: controls.map(\.stats), logger: logger)
         var fds: [[Int32]] = []
         do {
             for _ in 0..<count {
@@ -65,7 +69,8 @@ public final class WorkerPool: Service, @unchecked Sendable {
                 if let cpu = control.cpu { CPUAffinity.pinCurrentThread(to: cpu) }
                 let worker: Worker
                 do {
-                    worker = try Worker(snapshot: snapshot, control: control, limits: limits, listenerFDs: fds, options: options, logger: logger)
+                    worker = try Worker(
+                        snapshot: snapshot, control: control, limits: limits, status: status, listenerFDs: fds, options: options, logger: logger)
                 } catch {
                     setupErrors.wrappingIncrement(ordering: .relaxed)
                     firstError.set { $0 = $0 ?? "worker \(control.index): \(error)" }
@@ -126,6 +131,9 @@ public final class WorkerPool: Service, @unchecked Sendable {
     // MARK: Service
 
     public func run() async throws {
+        // Health first: workers accept only once every endpoint has had its first check.
+        healthChecker.start()
+        defer { healthChecker.stop() }
         try start()
         await withGracefulShutdownHandler {
             await waitUntilFinished()
@@ -151,6 +159,8 @@ public final class WorkerPool: Service, @unchecked Sendable {
                 "bytes_in": "\(total(.bytesIn))",
                 "bytes_out": "\(total(.bytesOut))",
                 "accept_errors": "\(total(.acceptErrors))",
+                "cluster_full": "\(total(.clusterFull))",
+                "closed_unhealthy": "\(total(.closedUnhealthy))",
             ])
         }
     }

@@ -43,6 +43,7 @@ public final class Snapshot: Sendable {
         public let cluster: Int
         public let address: SocketAddress
         public let weight: Int
+        public let maxConnections: Int?
     }
 
     public init(config: Config) {
@@ -63,7 +64,7 @@ public final class Snapshot: Sendable {
                 hashBalanceFactor: cluster.hashBalanceFactor, choiceCount: cluster.choiceCount,
                 activeRequestBias: cluster.activeRequestBias))
             for endpoint in cluster.endpoints {
-                endpoints.append(EndpointPlan(cluster: i, address: endpoint.address, weight: endpoint.weight))
+                endpoints.append(EndpointPlan(cluster: i, address: endpoint.address, weight: endpoint.weight, maxConnections: endpoint.maxConnections))
             }
         }
         self.clusters = clusters

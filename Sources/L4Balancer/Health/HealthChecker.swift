@@ -1,0 +1,364 @@
+import Atomics
+import Foundation
+import Logging
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Active health checks and passive outlier detection, on one control-plane thread (never
+/// in a worker's loop). Checks use non-blocking sockets and `poll`, so hundreds run
+/// concurrently. Results go to `EndpointStatus`, where workers see them at their next pick.
+/// Every transition is logged once (endpoint, old → new, reason) and counted.
+public final class HealthChecker: @unchecked Sendable {
+    let snapshot: Snapshot
+    let status: EndpointStatus
+    let workerStats: [WorkerStats]
+    let logger: Logger
+    private let running = ManagedAtomic<Bool>(true)
+    private let firstRoundDone = ManagedAtomic<Int>(0)
+    private var thread: Thread?
+    private let finished = DispatchSemaphore(value: 0)
+    /// Health transitions per endpoint (healthy ↔ unhealthy, ejected ↔ returned).
+    public let transitions: UnsafeMutablePointer<UnsafeAtomic<Int>.Storage>
+
+    /// One endpoint under active checks.
+    struct Target {
+        enum Phase { case idle, connecting, sending, reading }
+
+        let endpoint: Int
+        let check: Config.HealthCheck
+        let request: [UInt8]
+        var phase = Phase.idle
+        var fd: Int32 = -1
+        var started: Int64 = 0
+        var deadline: Int64 = 0
+        var nextDue: Int64 = 0
+        var sent = 0
+        var received: [UInt8] = []
+        var passes = 0
+        var failures = 0
+        var healthy: Bool
+        var checked = false
+        var random: FastRandom
+    }
+
+    /// Outlier-detection bookkeeping for one endpoint.
+    struct Outlier {
+        let endpoint: Int
+        let cluster: Int
+        let detection: Config.OutlierDetection
+        var failuresAtLastSuccess: UInt64 = 0
+        var lastSuccesses: UInt64 = 0
+        var ejectedUntil: Int64 = 0
+        var ejections = 0
+        var returnedAt: Int64 = 0
+    }
+
+    var targets: [Target] = []
+    var outliers: [Outlier] = []
+
+    public init(snapshot: Snapshot, status: EndpointStatus, workerStats: [WorkerStats], logger: Logger) {
+        self.snapshot = snapshot
+        self.status = status
+        self.workerStats = workerStats
+        self.logger = logger
+        transitions = .allocate(capacity: max(snapshot.endpoints.count, 1))
+        transitions.initialize(repeating: .init(0), count: max(snapshot.endpoints.count, 1))
+        let now = monotonicMilliseconds()
+        for (i, endpoint) in snapshot.endpoints.enumerated() {
+            let cluster = snapshot.config.clusters[endpoint.cluster]
+            if let check = cluster.healthCheck {
+                var random = FastRandom(seed: StableHash.endpoint(endpoint.address, seed: 3))
+                let jitter = check.initialJitter.milliseconds > 0 ? Int64(random.next(below: Int(check.initialJitter.milliseconds))) : 0
+                targets.append(Target(
+                    endpoint: i, check: check, request: HealthChecker.request(check.kind, endpoint.address),
+                    nextDue: now + jitter, healthy: check.startHealthy, random: random))
+            }
+            if let detection = cluster.outlierDetection {
+                outliers.append(Outlier(endpoint: i, cluster: endpoint.cluster, detection: detection))
+            }
+        }
+    }
+
+    deinit { transitions.deallocate() }
+
+    public var isEmpty: Bool { targets.isEmpty && outliers.isEmpty }
+
+    public func transitionCount(endpoint: Int) -> Int {
+        UnsafeAtomic<Int>(at: transitions + endpoint).load(ordering: .relaxed)
+    }
+
+    static func request(_ kind: Config.HealthCheck.Kind, _ address: SocketAddress) -> [UInt8] {
+        switch kind {
+        case .tcp: return []
+        case .sendExpect(let send, _): return send
+        case .http(let path, let host, _):
+            return Array("GET \(path) HTTP/1.1\r\nHost: \(host ?? address.description)\r\nUser-Agent: l4lb-health-check\r\nConnection: close\r\n\r\n".utf8)
+        }
+    }
+
+    /// Starts the thread and waits (at most the longest check timeout + 1 s) until every
+    /// endpoint has had its first check, so l4lb does not accept before it knows.
+    public func start() {
+        guard !isEmpty else { return }
+        let thread = Thread { [self] in
+            run()
+            finished.signal()
+        }
+        thread.name = "l4lb-health"
+        self.thread = thread
+        thread.start()
+        let longest = targets.map { $0.check.timeout.milliseconds + $0.check.initialJitter.milliseconds }.max() ?? 0
+        let deadline = Date().addingTimeInterval(Double(longest) / 1000 + 1)
+        while firstRoundDone.load(ordering: .acquiring) < targets.count, Date() < deadline { usleep(2000) }
+    }
+
+    public func stop() {
+        guard thread != nil else { return }
+        running.store(false, ordering: .relaxed)
+        finished.wait()
+        thread = nil
+    }
+
+    // MARK: Loop
+
+    private func run() {
+        var fds: [pollfd] = []
+        var owners: [Int] = []
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        var nextOutlierSweep: Int64 = 0
+        while running.load(ordering: .relaxed) {
+            let now = monotonicMilliseconds()
+            for i in targets.indices where targets[i].phase == .idle && targets[i].nextDue <= now { begin(i, now: now) }
+            if !outliers.isEmpty, now >= nextOutlierSweep {
+                sweepOutliers(now: now)
+                nextOutlierSweep = now + 50
+            }
+            fds.removeAll(keepingCapacity: true)
+            owners.removeAll(keepingCapacity: true)
+            var wake = now + 100
+            for (i, t) in targets.enumerated() {
+                if t.phase == .idle {
+                    wake = min(wake, t.nextDue)
+                    continue
+                }
+                wake = min(wake, t.deadline)
+                fds.append(pollfd(fd: t.fd, events: Int16(t.phase == .reading ? POLLIN : POLLOUT), revents: 0))
+                owners.append(i)
+            }
+            if !outliers.isEmpty { wake = min(wake, nextOutlierSweep) }
+            _ = poll(&fds, nfds_t(fds.count), Int32(max(0, min(100, wake - now))))
+            let after = monotonicMilliseconds()
+            for (k, pfd) in fds.enumerated() {
+                let i = owners[k]
+                if pfd.revents != 0 {
+                    advance(i, revents: pfd.revents, buffer: &buffer, now: after)
+                } else if after >= targets[i].deadline {
+                    finish(i, passed: false, reason: "timed out after \(targets[i].check.timeout)", now: after)
+                }
+            }
+        }
+        for i in targets.indices where targets[i].fd >= 0 { close(targets[i].fd) }
+    }
+
+    private func begin(_ i: Int, now: Int64) {
+        let address = snapshot.endpoints[targets[i].endpoint].address
+        var storage = sockaddr_storage()
+        let length = address.write(to: &storage)
+        let fd = socket(Int32(storage.ss_family), Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        targets[i].started = now
+        targets[i].deadline = now + targets[i].check.timeout.milliseconds
+        targets[i].sent = 0
+        targets[i].received.removeAll(keepingCapacity: true)
+        guard fd >= 0 else {
+            finish(i, passed: false, reason: "socket: \(String(cString: strerror(errno)))", now: now)
+            return
+        }
+        targets[i].fd = fd
+        targets[i].phase = .connecting
+        let rc = withUnsafePointer(to: &storage) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, length) } }
+        if rc != 0, errno != EINPROGRESS {
+            finish(i, passed: false, reason: "connect: \(String(cString: strerror(errno)))", now: now)
+        }
+    }
+
+    private func advance(_ i: Int, revents: Int16, buffer: inout [UInt8], now: Int64) {
+        let fd = targets[i].fd
+        switch targets[i].phase {
+        case .connecting:
+            var error: Int32 = 0
+            var size = socklen_t(4)
+            getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &size)
+            guard error == 0 else {
+                finish(i, passed: false, reason: "connect: \(String(cString: strerror(error)))", now: now)
+                return
+            }
+            if case .tcp = targets[i].check.kind {
+                finish(i, passed: true, reason: "connected", now: now)
+            } else {
+                targets[i].phase = .sending
+                advance(i, revents: Int16(POLLOUT), buffer: &buffer, now: now)
+            }
+        case .sending:
+            let request = targets[i].request
+            if targets[i].sent < request.count {
+                let n = request[targets[i].sent...].withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+                if n < 0 {
+                    if errno != EAGAIN { finish(i, passed: false, reason: "send: \(String(cString: strerror(errno)))", now: now) }
+                    return
+                }
+                targets[i].sent += n
+            }
+            if targets[i].sent == request.count { targets[i].phase = .reading }
+        case .reading:
+            let n = recv(fd, &buffer, buffer.count, 0)
+            if n < 0 {
+                if errno != EAGAIN { finish(i, passed: false, reason: "recv: \(String(cString: strerror(errno)))", now: now) }
+                return
+            }
+            if n > 0 { targets[i].received += buffer[..<n] }
+            judge(i, eof: n == 0, now: now)
+        case .idle:
+            break
+        }
+    }
+
+    /// Decides from the bytes so far whether the check passed, failed, or needs more.
+    private func judge(_ i: Int, eof: Bool, now: Int64) {
+        let got = targets[i].received
+        switch targets[i].check.kind {
+        case .tcp:
+            finish(i, passed: true, reason: "connected", now: now)
+        case .sendExpect(_, let expect):
+            if got.count >= expect.count {
+                let passed = Array(got.prefix(expect.count)) == expect
+                finish(i, passed: passed, reason: passed ? "expected reply" : "unexpected reply \(printable(got.prefix(32)))", now: now)
+            } else if got != Array(expect.prefix(got.count)) {
+                finish(i, passed: false, reason: "unexpected reply \(printable(got.prefix(32)))", now: now)
+            } else if eof {
+                finish(i, passed: false, reason: "connection closed after \(got.count) bytes", now: now)
+            }
+        case .http(_, _, let statuses):
+            if let lineEnd = got.firstIndex(of: 0x0A) {
+                let line = String(decoding: got[..<lineEnd], as: UTF8.self)
+                let parts = line.split(separator: " ")
+                if parts.count >= 2, parts[0].hasPrefix("HTTP/"), let code = Int(parts[1]) {
+                    finish(i, passed: statuses.contains(code), reason: "HTTP \(code)", now: now)
+                } else {
+                    finish(i, passed: false, reason: "not an HTTP response: \(printable(got.prefix(32)))", now: now)
+                }
+            } else if eof || got.count > 8192 {
+                finish(i, passed: false, reason: "no HTTP status line", now: now)
+            }
+        }
+    }
+
+    private func printable<S: Sequence>(_ bytes: S) -> String where S.Element == UInt8 {
+        "\"" + bytes.map { $0 >= 0x20 && $0 < 0x7F ? String(UnicodeScalar($0)) : ($0 == 0x0D ? "\\r" : ($0 == 0x0A ? "\\n" : "\\x" + String($0, radix: 16))) }.joined() + "\""
+    }
+
+    private func finish(_ i: Int, passed: Bool, reason: String, now: Int64) {
+        if targets[i].fd >= 0 {
+            close(targets[i].fd)
+            targets[i].fd = -1
+        }
+        targets[i].phase = .idle
+        let check = targets[i].check
+        let first = !targets[i].checked
+        targets[i].checked = true
+        // The next check: one interval after this one started, ± jitter; after the first,
+        // at a phase of its own within the interval, so checks spread out.
+        var next = targets[i].started + check.interval.milliseconds
+        if first {
+            next += Int64(targets[i].random.next(below: Int(check.interval.milliseconds)))
+        }
+        if check.intervalJitter.milliseconds > 0 {
+            let span = Int(check.intervalJitter.milliseconds) * 2 + 1
+            next += Int64(targets[i].random.next(below: span)) - check.intervalJitter.milliseconds
+        }
+        targets[i].nextDue = max(next, now + 1)
+
+        let wasHealthy = targets[i].healthy
+        if passed {
+            targets[i].failures = 0
+            targets[i].passes += 1
+            // Before the first check an endpoint is unhealthy; one pass is enough then.
+            if !wasHealthy, first || targets[i].passes >= check.healthyThreshold {
+                transition(i, healthy: true, reason: first ? "first check passed (\(reason))" : "\(targets[i].passes) checks passed (\(reason))", now: now)
+            }
+        } else {
+            targets[i].passes = 0
+            targets[i].failures += 1
+            if wasHealthy, targets[i].failures >= check.unhealthyThreshold {
+                transition(i, healthy: false, reason: "\(targets[i].failures) checks failed, last: \(reason)", now: now)
+            } else if first, !wasHealthy {
+                logger.warning("endpoint failed its first health check", metadata: metadata(targets[i].endpoint, ["reason": "\(reason)"]))
+            }
+        }
+        if first { firstRoundDone.wrappingIncrement(ordering: .releasing) }
+    }
+
+    private func transition(_ i: Int, healthy: Bool, reason: String, now: Int64) {
+        targets[i].healthy = healthy
+        let endpoint = targets[i].endpoint
+        status.set(.unhealthy, !healthy, endpoint: endpoint, now: now)
+        UnsafeAtomic<Int>(at: transitions + endpoint).wrappingIncrement(ordering: .relaxed)
+        logger.info("endpoint health changed", metadata: metadata(endpoint, [
+            "from": "\(healthy ? "unhealthy" : "healthy")", "to": "\(healthy ? "healthy" : "unhealthy")", "reason": "\(reason)",
+        ]))
+    }
+
+    private func metadata(_ endpoint: Int, _ extra: Logger.Metadata) -> Logger.Metadata {
+        let plan = snapshot.endpoints[endpoint]
+        return extra.merging(["cluster": "\(snapshot.clusters[plan.cluster].name)", "endpoint": "\(plan.address)"]) { a, _ in a }
+    }
+
+    // MARK: Outlier detection
+
+    /// Reads the workers' connect counters: an endpoint whose connects failed
+    /// `consecutive_failures` times with no success in between is ejected for
+    /// `ejection_time`, doubled on each repeat up to `max_ejection_time`, unless that
+    /// would eject more than `max_ejection_percent` of its cluster.
+    private func sweepOutliers(now: Int64) {
+        for k in outliers.indices {
+            let e = outliers[k].endpoint
+            let failures = workerStats.reduce(UInt64(0)) { $0 &+ $1.value(.connectFailures, endpoint: e) }
+            let successes = workerStats.reduce(UInt64(0)) { $0 &+ $1.value(.total, endpoint: e) }
+            let detection = outliers[k].detection
+            if successes != outliers[k].lastSuccesses {
+                outliers[k].lastSuccesses = successes
+                outliers[k].failuresAtLastSuccess = failures
+            }
+            if outliers[k].ejectedUntil > 0 {
+                guard now >= outliers[k].ejectedUntil else { continue }
+                outliers[k].ejectedUntil = 0
+                outliers[k].returnedAt = now
+                outliers[k].failuresAtLastSuccess = failures
+                status.set(.ejected, false, endpoint: e, now: now)
+                UnsafeAtomic<Int>(at: transitions + e).wrappingIncrement(ordering: .relaxed)
+                logger.info("endpoint returned from ejection", metadata: metadata(e, ["from": "ejected", "to": "available"]))
+                continue
+            }
+            let consecutive = failures &- outliers[k].failuresAtLastSuccess
+            guard consecutive >= UInt64(detection.consecutiveFailures) else { continue }
+            let members = outliers.filter { $0.cluster == outliers[k].cluster }
+            let ejected = members.filter { $0.ejectedUntil > 0 }.count
+            guard (ejected + 1) * 100 <= detection.maxEjectionPercent * members.count else { continue }
+            // Repeat offenders stay out longer; a quiet max_ejection_time forgives.
+            if outliers[k].returnedAt > 0, now - outliers[k].returnedAt > detection.maxEjectionTime.milliseconds {
+                outliers[k].ejections = 0
+            }
+            let factor = Int64(1) << min(outliers[k].ejections, 20)
+            let duration = min(detection.ejectionTime.milliseconds * factor, max(detection.maxEjectionTime.milliseconds, detection.ejectionTime.milliseconds))
+            outliers[k].ejections += 1
+            outliers[k].ejectedUntil = now + duration
+            status.set(.ejected, true, endpoint: e, now: now)
+            UnsafeAtomic<Int>(at: transitions + e).wrappingIncrement(ordering: .relaxed)
+            logger.info("endpoint ejected", metadata: metadata(e, [
+                "from": "available", "to": "ejected", "reason": "\(consecutive) consecutive connect failures",
+                "ejection_time": "\(ConfigDuration(milliseconds: duration))",
+            ]))
+        }
+    }
+}
