@@ -74,7 +74,8 @@ public final class EndpointStatus: @unchecked Sendable {
         Flags(rawValue: UnsafeAtomic<UInt8>(at: flags + endpoint).load(ordering: .relaxed))
     }
 
-    /// Sets or clears `flag`; returns whether availability changed.
+    /// Sets or clears `flag`; returns whether availability changed. `now` is recorded as
+    /// the moment it became available again (0: no slow start).
     @discardableResult
     public func set(_ flag: Flags, _ on: Bool, endpoint: Int, now: Int64) -> Bool {
         let atomic = UnsafeAtomic<UInt8>(at: flags + endpoint)

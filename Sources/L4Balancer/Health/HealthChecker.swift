@@ -285,7 +285,9 @@ public final class HealthChecker: @unchecked Sendable {
             targets[i].passes += 1
             // Before the first check an endpoint is unhealthy; one pass is enough then.
             if !wasHealthy, first || targets[i].passes >= check.healthyThreshold {
-                transition(i, healthy: true, reason: first ? "first check passed (\(reason))" : "\(targets[i].passes) checks passed (\(reason))", now: now)
+                // Healthy from the first check is where everyone starts: no slow start.
+                transition(i, healthy: true, reason: first ? "first check passed (\(reason))" : "\(targets[i].passes) checks passed (\(reason))",
+                           now: now, availableSince: first ? 0 : now)
             }
         } else {
             targets[i].passes = 0
@@ -299,10 +301,10 @@ public final class HealthChecker: @unchecked Sendable {
         if first { firstRoundDone.wrappingIncrement(ordering: .releasing) }
     }
 
-    private func transition(_ i: Int, healthy: Bool, reason: String, now: Int64) {
+    private func transition(_ i: Int, healthy: Bool, reason: String, now: Int64, availableSince: Int64 = 0) {
         targets[i].healthy = healthy
         let endpoint = targets[i].endpoint
-        status.set(.unhealthy, !healthy, endpoint: endpoint, now: now)
+        status.set(.unhealthy, !healthy, endpoint: endpoint, now: availableSince)
         UnsafeAtomic<Int>(at: transitions + endpoint).wrappingIncrement(ordering: .relaxed)
         logger.info("endpoint health changed", metadata: metadata(endpoint, [
             "from": "\(healthy ? "unhealthy" : "healthy")", "to": "\(healthy ? "healthy" : "unhealthy")", "reason": "\(reason)",

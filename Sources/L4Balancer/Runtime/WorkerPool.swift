@@ -163,6 +163,18 @@ public final class WorkerPool: Service, @unchecked Sendable {
                 "closed_unhealthy": "\(total(.closedUnhealthy))",
             ])
         }
+        for (e, endpoint) in snapshot.endpoints.enumerated() {
+            func total(_ c: WorkerStats.EndpointCounter) -> UInt64 {
+                controls.reduce(0) { $0 &+ $1.stats.value(c, endpoint: e) }
+            }
+            logger.info("endpoint totals", metadata: [
+                "cluster": "\(snapshot.clusters[endpoint.cluster].name)",
+                "endpoint": "\(endpoint.address)",
+                "connections": "\(total(.total))",
+                "connect_failures": "\(total(.connectFailures))",
+                "health_transitions": "\(healthChecker.transitionCount(endpoint: e))",
+            ])
+        }
     }
 }
 

@@ -117,6 +117,25 @@ final class L4LBProcess {
     }
 }
 
+/// Waits until a log line contains every one of `parts`; returns how long it took.
+func waitForLogLine(_ proxy: L4LBProcess, containing parts: [String], timeout: TimeInterval) -> TimeInterval? {
+    let start = Date()
+    let found = waitUntil(timeout: timeout) {
+        proxy.log.split(separator: "\n").contains { line in parts.allSatisfy { line.contains($0) } }
+    }
+    return found ? Date().timeIntervalSince(start) : nil
+}
+
+/// A counter from the exit log's `endpoint totals` line for `endpoint`.
+func endpointCounter(_ log: String, endpoint: String, _ name: String) -> Int? {
+    for line in log.split(separator: "\n") where line.contains("endpoint totals") && line.contains("endpoint=\(endpoint) ") {
+        for field in line.split(separator: " ") where field.hasPrefix(name + "=") {
+            return Int(field.dropFirst(name.count + 1))
+        }
+    }
+    return nil
+}
+
 /// A summary counter from the exit log line (`listener totals … connect_failed=N …`).
 func summaryCounter(_ log: String, listener: String, _ name: String) -> Int? {
     for line in log.split(separator: "\n") where line.contains("listener totals") && line.contains("listener=\(listener) ") {

@@ -36,6 +36,7 @@ final class TestBackend: @unchecked Sendable {
     private var _headers: [[UInt8]] = []
     private var _sinkBytes = 0
     private var _sinkMismatch = false
+    private var _dataConnections = 0
     private var _paused = false
 
     var accepted: Int { lock.withLock { _accepted } }
@@ -43,6 +44,8 @@ final class TestBackend: @unchecked Sendable {
     var headers: [[UInt8]] { lock.withLock { _headers } }
     var sinkBytes: Int { lock.withLock { _sinkBytes } }
     var sinkMismatch: Bool { lock.withLock { _sinkMismatch } }
+    /// Connections that sent at least one byte (health checks of type tcp send none).
+    var dataConnections: Int { lock.withLock { _dataConnections } }
     var paused: Bool {
         get { lock.withLock { _paused } }
         set { lock.withLock { _paused = newValue } }
@@ -79,6 +82,7 @@ final class TestBackend: @unchecked Sendable {
         var headerDone = false
         var pattern = PatternStream(seed: 0)
         var delayed: [UInt8] = []
+        var sentData = false
         var releaseAt = Date.distantFuture
     }
 
@@ -161,6 +165,10 @@ final class TestBackend: @unchecked Sendable {
             default:
                 return false
             }
+        }
+        if !c.sentData {
+            c.sentData = true
+            lock.withLock { _dataConnections += 1 }
         }
         switch behavior {
         case .echo:
