@@ -100,15 +100,17 @@ public final class EndpointStatus: @unchecked Sendable {
         UnsafeAtomic<Int64>(at: availableSince + endpoint).load(ordering: .relaxed)
     }
 
-    /// Live connections to the endpoint across workers.
+    /// Live connections to the endpoint across workers (counted only under a limit).
     @inlinable
     public func connections(_ endpoint: Int) -> Int {
         UnsafeAtomic<Int>(at: connections + endpoint).load(ordering: .relaxed)
     }
 
-    /// Takes a place on the endpoint; false when it is at `max_connections`.
+    /// Takes a place on the endpoint; false when it is at `max_connections`. Endpoints
+    /// without a limit are not counted, so workers share no cache line for them.
     @inlinable
     public func admit(_ endpoint: Int) -> Bool {
+        guard limits[endpoint] != Int.max else { return true }
         let atomic = UnsafeAtomic<Int>(at: connections + endpoint)
         if atomic.loadThenWrappingIncrement(ordering: .relaxed) < limits[endpoint] { return true }
         atomic.wrappingDecrement(ordering: .relaxed)
@@ -117,6 +119,7 @@ public final class EndpointStatus: @unchecked Sendable {
 
     @inlinable
     public func leave(_ endpoint: Int) {
+        guard limits[endpoint] != Int.max else { return }
         UnsafeAtomic<Int>(at: connections + endpoint).wrappingDecrement(ordering: .relaxed)
     }
 

@@ -128,17 +128,16 @@ func waitForLogLine(_ proxy: L4LBProcess, containing parts: [String], timeout: T
 
 /// A counter from the exit log's `endpoint totals` line for `endpoint`.
 func endpointCounter(_ log: String, endpoint: String, _ name: String) -> Int? {
-    for line in log.split(separator: "\n") where line.contains("endpoint totals") && line.contains("endpoint=\(endpoint) ") {
-        for field in line.split(separator: " ") where field.hasPrefix(name + "=") {
-            return Int(field.dropFirst(name.count + 1))
-        }
-    }
-    return nil
+    totalsCounter(log, line: "endpoint totals", key: "endpoint=\(endpoint) ", name)
 }
 
 /// A summary counter from the exit log line (`listener totals … connect_failed=N …`).
 func summaryCounter(_ log: String, listener: String, _ name: String) -> Int? {
-    for line in log.split(separator: "\n") where line.contains("listener totals") && line.contains("listener=\(listener) ") {
+    totalsCounter(log, line: "listener totals", key: "listener=\(listener) ", name)
+}
+
+private func totalsCounter(_ log: String, line kind: String, key: String, _ name: String) -> Int? {
+    for line in log.split(separator: "\n") where line.contains(kind) && line.contains(key) {
         for field in line.split(separator: " ") where field.hasPrefix(name + "=") {
             return Int(field.dropFirst(name.count + 1))
         }
