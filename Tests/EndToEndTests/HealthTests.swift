@@ -128,6 +128,9 @@ final class HealthTests: XCTestCase {
             port: port, endpoints: [a.address, "127.0.0.1:\(bPort)"],
             cluster: ["slow_start: 3s", "health_check: { type: tcp, interval: 100ms, timeout: 100ms, healthy_threshold: 1, unhealthy_threshold: 1 }"]),
             waitFor: ("127.0.0.1", port))
+        // l4lb listens before its first health round ends; start B only once its first
+        // check has failed, so B *returns* (and ramps) rather than starts healthy.
+        XCTAssertNotNil(waitForLogLine(proxy, containing: ["failed its first health check", "endpoint=127.0.0.1:\(bPort) "], timeout: 5))
         let b = try TestBackend(.echo, port: bPort)
         XCTAssertNotNil(waitForLogLine(proxy, containing: ["endpoint=127.0.0.1:\(bPort) ", "to=healthy"], timeout: 5))
         let clients = SteadyClients(port: port, count: 4) { HealthTests.exchange($0) }

@@ -72,8 +72,8 @@ final class Worker {
         var ringEntries: UInt32 = 4096
         var smallBufferCount = 1024
         var smallBufferSize = 16 * 1024
-        var largeBufferCount = 64
-        var largeBufferSize = 256 * 1024
+        var largeBufferCount = 16
+        var largeBufferSize = 1024 * 1024
     }
 
     init(

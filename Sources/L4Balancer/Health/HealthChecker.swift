@@ -194,6 +194,12 @@ public final class HealthChecker: @unchecked Sendable {
                 finish(i, passed: false, reason: "connect: \(String(cString: strerror(error)))", now: now)
                 return
             }
+            // On loopback, connecting to a port nobody listens on can pick that very port as
+            // the source and connect the socket to itself: that is not a live endpoint.
+            if HealthChecker.isConnectedToItself(fd) {
+                finish(i, passed: false, reason: "connected to itself (nothing listens on the port)", now: now)
+                return
+            }
             if case .tcp = targets[i].check.kind {
                 finish(i, passed: true, reason: "connected", now: now)
             } else {
@@ -256,6 +262,17 @@ public final class HealthChecker: @unchecked Sendable {
 
     private func printable<S: Sequence>(_ bytes: S) -> String where S.Element == UInt8 {
         "\"" + bytes.map { $0 >= 0x20 && $0 < 0x7F ? String(UnicodeScalar($0)) : ($0 == 0x0D ? "\\r" : ($0 == 0x0A ? "\\n" : "\\x" + String($0, radix: 16))) }.joined() + "\""
+    }
+
+    static func isConnectedToItself(_ fd: Int32) -> Bool {
+        var local = sockaddr_storage()
+        var peer = sockaddr_storage()
+        var localLength = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        var peerLength = localLength
+        let ok = withUnsafeMutablePointer(to: &local) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &localLength) == 0 } }
+            && withUnsafeMutablePointer(to: &peer) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(fd, $0, &peerLength) == 0 } }
+        guard ok, localLength == peerLength else { return false }
+        return withUnsafeBytes(of: &local) { l in withUnsafeBytes(of: &peer) { p in l.prefix(Int(localLength)).elementsEqual(p.prefix(Int(peerLength))) } }
     }
 
     private func finish(_ i: Int, passed: Bool, reason: String, now: Int64) {
