@@ -310,7 +310,7 @@ final class HealthTests: XCTestCase {
             let fd = try Sockets.connect(port: port)
             let elapsed = Sockets.waitForClose(fd, timeout: 2)
             close(fd)
-            XCTAssertNotNil(elapsed)
+            XCTAssertNotNil(elapsed, proxy.log)
             XCTAssertLessThan(elapsed ?? 99, 1.0, "not closed within connect_timeout × attempts")
         }
         backend = try TestBackend(.echo, port: backendPort)

@@ -43,7 +43,6 @@ struct Connection {
     var counted = false
     /// Whether it holds a place in its cluster's `max_connections`.
     var clusterAdmitted = false
-    var connected = false
     var listener: UInt16 = 0
     var cluster: UInt16 = 0
     var endpoint: Int32 = -1

@@ -18,7 +18,6 @@ public final class WorkerPool: Service, @unchecked Sendable {
     /// the process before it claims to serve.
     var listenerFDs: [[Int32]]
     let finished = ManagedAtomic<Int>(0)
-    let failed = ManagedAtomic<Int>(0)
     private let lock = NSLock()
     private var continuation: CheckedContinuation<Void, Never>?
     private var allFinished = false
