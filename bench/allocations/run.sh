@@ -7,7 +7,8 @@ n=${1:-200}
 swift build -c release --product l4lb >/dev/null
 tmp=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$tmp"' EXIT
-gcc -O2 -shared -fPIC -o "$tmp/malloc_count.so" bench/allocations/malloc_count.c
+gcc -O2 -shared -fPIC -I Sources/CMallocCounter/include -o "$tmp/malloc_count.so" \
+  Sources/CMallocCounter/CMallocCounter.c bench/allocations/report.c
 cat > "$tmp/l4lb.yaml" <<CONF
 workers: 1
 drain_timeout: 1s
