@@ -55,3 +55,14 @@ public final class WorkerStats: @unchecked Sendable {
         UnsafeAtomic<UInt64>(at: endpointValues + (endpoint * EndpointCounter.allCases.count + counter.rawValue)).load(ordering: .relaxed)
     }
 }
+
+/// Totals across workers, for the exit summary, outlier detection and (later) `/stats`.
+extension Array where Element == WorkerStats {
+    func total(_ counter: WorkerStats.ListenerCounter, listener: Int) -> UInt64 {
+        reduce(0) { $0 &+ $1.value(counter, listener: listener) }
+    }
+
+    func total(_ counter: WorkerStats.EndpointCounter, endpoint: Int) -> UInt64 {
+        reduce(0) { $0 &+ $1.value(counter, endpoint: endpoint) }
+    }
+}

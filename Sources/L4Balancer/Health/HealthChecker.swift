@@ -342,8 +342,8 @@ public final class HealthChecker: @unchecked Sendable {
     private func sweepOutliers(now: Int64) {
         for k in outliers.indices {
             let e = outliers[k].endpoint
-            let failures = workerStats.reduce(UInt64(0)) { $0 &+ $1.value(.connectFailures, endpoint: e) }
-            let successes = workerStats.reduce(UInt64(0)) { $0 &+ $1.value(.total, endpoint: e) }
+            let failures = workerStats.total(.connectFailures, endpoint: e)
+            let successes = workerStats.total(.total, endpoint: e)
             let detection = outliers[k].detection
             if successes != outliers[k].lastSuccesses {
                 outliers[k].lastSuccesses = successes

@@ -145,10 +145,9 @@ public final class WorkerPool: Service, @unchecked Sendable {
 
     /// One line per listener with its totals across workers.
     public func logSummary() {
+        let stats = controls.map(\.stats)
         for (i, listener) in snapshot.listeners.enumerated() {
-            func total(_ c: WorkerStats.ListenerCounter) -> UInt64 {
-                controls.reduce(0) { $0 &+ $1.stats.value(c, listener: i) }
-            }
+            func total(_ c: WorkerStats.ListenerCounter) -> UInt64 { stats.total(c, listener: i) }
             logger.info("listener totals", metadata: [
                 "listener": "\(listener.name)",
                 "accepted": "\(total(.accepted))",
@@ -163,9 +162,7 @@ public final class WorkerPool: Service, @unchecked Sendable {
             ])
         }
         for (e, endpoint) in snapshot.endpoints.enumerated() {
-            func total(_ c: WorkerStats.EndpointCounter) -> UInt64 {
-                controls.reduce(0) { $0 &+ $1.stats.value(c, endpoint: e) }
-            }
+            func total(_ c: WorkerStats.EndpointCounter) -> UInt64 { stats.total(c, endpoint: e) }
             logger.info("endpoint totals", metadata: [
                 "cluster": "\(snapshot.clusters[endpoint.cluster].name)",
                 "endpoint": "\(endpoint.address)",
