@@ -10,6 +10,7 @@ final class BalancerBenchmarkTests: XCTestCase {
         process.executableURL = URL(fileURLWithPath: binary)
         process.arguments = ["--quick"]
         let pipe = Pipe()
+        StdioKeeper.shared.keep(pipe)
         process.standardOutput = pipe
         try process.run()
         let output = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
