@@ -10,7 +10,6 @@ final class BalancerBenchmarkTests: XCTestCase {
         process.executableURL = URL(fileURLWithPath: binary)
         process.arguments = ["--quick"]
         let pipe = Pipe()
-        StdioKeeper.shared.keep(pipe)
         process.standardOutput = pipe
         try process.run()
         let output = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)

@@ -5,17 +5,6 @@ import XCTest
 import Glibc
 #endif
 
-/// Child stdio handles stay alive for the whole test run. Foundation closes a child's
-/// stdio descriptor in the parent after spawning; if the FileHandle or Pipe is deallocated
-/// later, it can close that descriptor number again, by then reused by another test's
-/// socket (seen as a backend listener refusing connections in a full run).
-final class StdioKeeper: @unchecked Sendable {
-    static let shared = StdioKeeper()
-    private let lock = NSLock()
-    private var kept: [AnyObject] = []
-    func keep(_ object: AnyObject) { lock.withLock { kept.append(object) } }
-}
-
 /// The `l4lb` binary under test, run as a real process with a config written to a
 /// temporary file.
 final class L4LBProcess {
@@ -48,9 +37,7 @@ final class L4LBProcess {
         FileManager.default.createFile(atPath: logURL.path, contents: nil)
         process.executableURL = URL(fileURLWithPath: L4LBProcess.binary)
         process.arguments = ["run", "--config", configURL.path]
-        let log = try FileHandle(forWritingTo: logURL)
-        StdioKeeper.shared.keep(log)
-        process.standardError = log
+        process.standardError = try FileHandle(forWritingTo: logURL)
         process.standardOutput = FileHandle.nullDevice
         try process.run()
         if let listen {
@@ -121,7 +108,6 @@ final class L4LBProcess {
         process.executableURL = URL(fileURLWithPath: binary)
         process.arguments = arguments
         let pipe = Pipe()
-        StdioKeeper.shared.keep(pipe)
         process.standardOutput = pipe
         process.standardError = pipe
         try process.run()
