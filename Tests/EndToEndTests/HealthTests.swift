@@ -305,7 +305,12 @@ final class HealthTests: XCTestCase {
             cluster: ["health_check: { type: tcp, interval: 100ms, timeout: 100ms, healthy_threshold: 2, unhealthy_threshold: 1 }"],
             listener: ["connect_timeout: 500ms", "connect_attempts: 2"]), waitFor: ("127.0.0.1", port))
         backend.stop()
-        XCTAssertNotNil(waitForLogLine(proxy, containing: ["to=unhealthy"], timeout: 3))
+        if waitForLogLine(proxy, containing: ["to=unhealthy"], timeout: 3) == nil {
+            let raw = (try? Data(contentsOf: proxy.logURL)) ?? Data()
+            let copy = "/tmp/l4lb-flake-\(UUID().uuidString).log"
+            FileManager.default.createFile(atPath: copy, contents: raw)
+            XCTFail("no unhealthy transition within 3 s of stopping the backend on port \(backendPort); l4lb running: \(proxy.process.isRunning), log \(raw.count) bytes copied to \(copy):\n\(String(decoding: raw, as: UTF8.self))")
+        }
         for _ in 0..<10 {
             let fd = try Sockets.connect(port: port)
             let elapsed = Sockets.waitForClose(fd, timeout: 2)
