@@ -40,6 +40,8 @@ PORTS = {
     "haproxy": (18120, 18121),
     "haproxy-splice": (18130, 18131),
     "nginx": (18140, 18141),
+    # Another l4lb build (--baseline), to judge a data-plane change in the same run.
+    "l4lb-baseline": (18150, 18151),
 }
 
 
@@ -139,7 +141,7 @@ def machine_busy_seconds():
 # ---------------------------------------------------------------------------------------
 # Configurations
 
-def write_configs(tmp, l4lb_bin):
+def write_configs(tmp, l4lb_bin, baseline_bin=None):
     cfg = {}
     (tmp / "backend-nginx.conf").write_text(f"""
 worker_processes 1;
@@ -159,8 +161,9 @@ http {{
     }}
 }}
 """)
-    h, b = PORTS["l4lb"]
-    (tmp / "l4lb.yaml").write_text(f"""
+    for name in ("l4lb", "l4lb-baseline"):
+        h, b = PORTS[name]
+        (tmp / f"{name}.yaml").write_text(f"""
 workers: 1
 drain_timeout: 1s
 listeners:
@@ -210,6 +213,7 @@ stream {{
 """)
     return {
         "l4lb": [str(l4lb_bin), "run", "--config", str(tmp / "l4lb.yaml")],
+        "l4lb-baseline": [str(baseline_bin), "run", "--config", str(tmp / "l4lb-baseline.yaml")],
         "haproxy": ["haproxy", "-db", "-f", str(tmp / "haproxy.cfg")],
         "haproxy-splice": ["haproxy", "-db", "-f", str(tmp / "haproxy-splice.cfg")],
         "nginx": ["nginx", "-e", "stderr", "-p", str(tmp), "-c", str(tmp / "nginx-stream.conf")],
@@ -311,11 +315,14 @@ def main():
     ap.add_argument("--workloads", default="rr-keepalive,conn-rate,bulk-1,bulk-4,idle-memory")
     ap.add_argument("--idle-connections", type=int, default=min(10_000, NOFILE * 3 // 8 - 500))
     ap.add_argument("--l4lb", default=str(ROOT / ".build" / "release" / "l4lb"))
+    ap.add_argument("--baseline", help="another l4lb binary, measured in the same run as proxy l4lb-baseline")
     args = ap.parse_args()
     rounds = args.rounds or (1 if args.quick else 2)
     duration = args.duration or (3 if args.quick else 8)
     idle_count = min(2000, args.idle_connections) if args.quick else args.idle_connections
     proxies = args.proxies.split(",")
+    if args.baseline and "l4lb-baseline" not in proxies:
+        proxies.insert(proxies.index("l4lb") + 1 if "l4lb" in proxies else len(proxies), "l4lb-baseline")
     workloads = args.workloads.split(",")
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -334,7 +341,7 @@ def main():
     raw = {}  # workload -> proxy -> [figures per round]
     started = time.time()
     try:
-        commands = write_configs(tmp, args.l4lb)
+        commands = write_configs(tmp, args.l4lb, args.baseline)
         log(f"bench: {rounds} round(s) × {duration}s, proxies {proxies}, workloads {workloads}")
         backend = procs.start("nginx-backend", ["nginx", "-e", "stderr", "-p", str(tmp), "-c", str(tmp / "backend-nginx.conf")], LOAD_CPU)
         iperf = procs.start("iperf3", ["iperf3", "-s", "-p", str(BACKEND_BULK)], LOAD_CPU)
@@ -458,7 +465,7 @@ def report(summary, raw, rounds, duration, elapsed):
         unit = WORKLOADS[workload][1]
         ha = [by[h]["overhead_per_unit"] for h in ("haproxy", "haproxy-splice") if h in by and by[h].get("overhead_per_unit") is not None]
         ha_best = min(ha) if ha else None
-        for name in ("direct", "l4lb", "haproxy", "haproxy-splice", "nginx"):
+        for name in ("direct", "l4lb", "l4lb-baseline", "haproxy", "haproxy-splice", "nginx"):
             s = by.get(name)
             if not s:
                 continue

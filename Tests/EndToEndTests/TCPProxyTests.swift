@@ -57,7 +57,16 @@ final class TCPProxyTests: XCTestCase {
     /// A backend that stops reading while the client pushes 512 MiB: l4lb's memory stays
     /// bounded, and when the backend resumes every byte arrives in order.
     func testBackpressureBoundsMemoryAndDeliversEveryByte() throws {
-        let total = 512 * 1024 * 1024
+        try pushThroughStalledBackend(total: 512 * 1024 * 1024, chunk: 256 * 1024)
+    }
+
+    /// The same with 1 KiB writes: small reads arrive while a send is stalled, queue up,
+    /// stop the multishot receive, and resume in order when the backend reads again.
+    func testSmallWritesToAStalledBackendQueueStopAndResumeInOrder() throws {
+        try pushThroughStalledBackend(total: 48 * 1024 * 1024, chunk: 1024)
+    }
+
+    func pushThroughStalledBackend(total: Int, chunk chunkSize: Int) throws {
         let backend = try TestBackend(.patternSink(seed: 42))
         backend.paused = true
         let port = Sockets.freePort()
@@ -69,7 +78,7 @@ final class TCPProxyTests: XCTestCase {
         let sender = Thread {
             guard let fd = try? Sockets.connect(port: port, timeout: 120) else { return }
             var stream = PatternStream(seed: 42)
-            var chunk = [UInt8](repeating: 0, count: 256 * 1024)
+            var chunk = [UInt8](repeating: 0, count: chunkSize)
             var remaining = total
             while remaining > 0 {
                 let count = min(chunk.count, remaining)
@@ -92,7 +101,7 @@ final class TCPProxyTests: XCTestCase {
         }
         XCTAssertTrue(stalled, "the client never stalled (sent \(sent.value))")
         XCTAssertEqual(backend.sinkBytes, 0)
-        XCTAssertLessThan(sent.value, total, "512 MiB went nowhere: backpressure is missing")
+        XCTAssertLessThan(sent.value, total, "\(total >> 20) MiB went nowhere: backpressure is missing")
         let stalledRSS = proxy.memoryKiB("VmRSS")
         XCTAssertLessThan(stalledRSS - baseline, 64 * 1024, "RSS grew \(stalledRSS - baseline) KiB while the backend was stalled")
 

@@ -13,27 +13,41 @@ struct Connection {
         case closing
     }
 
-    /// One direction of the byte stream. At most one receive or one send is in flight, so
-    /// a direction holds at most one buffer and a slow reader stops its writer.
-        struct Stream {
-                enum State: UInt8 {
-            case idle
-            case receiving
-            case sending
-            /// The buffer ring was empty; re-armed when buffers return.
-            case waitingForBuffer
-            /// EOF received and forwarded with `shutdown(SHUT_WR)`.
-            case finished
-        }
-
-        var state: State = .idle
-        /// The receive in flight, or the buffer held, is from the large-buffer group.
+    /// One direction of the byte stream. Small buffers arrive from a multishot receive that
+    /// stays armed across sends; what arrives while a send is in flight waits in a short
+    /// queue, and a second waiting buffer stops the receive (cancel) until the queue has
+    /// drained, so a slow reader stops its writer after a few buffers. Large buffers
+    /// (bulk) use one single-shot receive at a time, re-armed when its send completes.
+    struct Stream {
+        /// A receive is in flight: multishot (small buffers) or single-shot (large).
+        var receiving = false
+        var multishot = false
+        /// A cancel is on its way to the multishot receive (backpressure, or switching to
+        /// large buffers).
+        var stopping = false
+        /// A send of `buffer` is in flight.
+        var sending = false
+        /// The buffer ring was empty; re-armed when buffers return.
+        var waitingForBuffer = false
+        /// EOF received; forwarded once everything before it has been sent.
+        var eof = false
+        /// EOF forwarded with `shutdown(SHUT_WR)`.
+        var finished = false
+        /// The buffer being sent is from the large-buffer group.
         var large = false
         /// The last read filled a small buffer: bulk traffic, use large buffers.
         var prefersLarge = false
+        /// Small buffers received while a send was in flight, oldest first, linked through
+        /// the worker's per-buffer `queuedNext`.
+        var queued: UInt16 = 0
+        var queueHead: UInt16 = 0
+        var queueTail: UInt16 = 0
         var buffer: UInt16 = 0
         var length: Int32 = 0
         var sent: Int32 = 0
+
+        /// Nothing left to send or receive in this direction.
+        var isIdle: Bool { !receiving && !sending && queued == 0 }
     }
 
     var generation: UInt32 = 0

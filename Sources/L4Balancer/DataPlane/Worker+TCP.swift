@@ -216,19 +216,25 @@ extension Worker {
         armReceive(slot, record, toUpstream: false)
     }
 
+    /// Small buffers: a multishot receive that stays armed across sends. Large buffers: one
+    /// single-shot receive, re-armed after its send (bulk wants big reads, not overlap).
     @inline(__always)
     func armReceive(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, toUpstream: Bool) {
         let s = stream(record, toUpstream: toUpstream)
-        s.pointee.state = .receiving
+        s.pointee.receiving = true
+        s.pointee.waitingForBuffer = false
         let large = s.pointee.prefersLarge
-        s.pointee.large = large
-        let operation: UserData.Operation = large
-            ? (toUpstream ? .receiveLargeFromClient : .receiveLargeFromUpstream)
-            : (toUpstream ? .receiveFromClient : .receiveFromUpstream)
-        ring.prepareReceive(
-            socket: toUpstream ? record.pointee.client : record.pointee.upstream,
-            bufferGroup: large ? Worker.largeBufferGroup : Worker.smallBufferGroup,
-            userData: UserData(operation, slot: slot, generation: record.pointee.generation).raw)
+        s.pointee.multishot = !large
+        let socket = toUpstream ? record.pointee.client : record.pointee.upstream
+        if large {
+            ring.prepareReceive(
+                socket: socket, bufferGroup: Worker.largeBufferGroup,
+                userData: UserData(toUpstream ? .receiveLargeFromClient : .receiveLargeFromUpstream, slot: slot, generation: record.pointee.generation).raw)
+        } else {
+            ring.prepareMultishotReceive(
+                socket: socket, bufferGroup: Worker.smallBufferGroup,
+                userData: UserData(toUpstream ? .receiveFromClient : .receiveFromUpstream, slot: slot, generation: record.pointee.generation).raw)
+        }
         record.pointee.inFlight += 1
     }
 
@@ -243,6 +249,17 @@ extension Worker {
         record.pointee.inFlight += 1
     }
 
+    @inline(__always)
+    func startSend(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, toUpstream: Bool, buffer: UInt16, length: Int32, large: Bool) {
+        let s = stream(record, toUpstream: toUpstream)
+        s.pointee.sending = true
+        s.pointee.buffer = buffer
+        s.pointee.large = large
+        s.pointee.length = length
+        s.pointee.sent = 0
+        sendPending(slot, record, toUpstream: toUpstream)
+    }
+
     func received(_ completion: Completion, _ userData: UserData, toUpstream: Bool, large: Bool) {
         let buffer = completion.bufferID
         if buffer != nil, !large { smallBuffersOut += 1 }
@@ -252,19 +269,21 @@ extension Worker {
             if let buffer { recycle(buffer, large: large) }
             return
         }
-        record.pointee.inFlight -= 1
+        let more = completion.hasMore
+        if !more { record.pointee.inFlight -= 1 }
         guard record.pointee.state == .proxying else {
             if let buffer { recycle(buffer, large: large) }
-            finishClosing(slot)
+            if !more { finishClosing(slot) }
             return
         }
         let s = stream(record, toUpstream: toUpstream)
+        if !more {
+            s.pointee.receiving = false
+            s.pointee.multishot = false
+            s.pointee.stopping = false
+        }
         let result = completion.result
         if result > 0, let buffer {
-            s.pointee.state = .sending
-            s.pointee.buffer = buffer
-            s.pointee.length = result
-            s.pointee.sent = 0
             if !large, Int(result) == smallBuffers.bufferSize {
                 s.pointee.prefersLarge = true
             } else if large, Int(result) < smallBuffers.bufferSize {
@@ -280,23 +299,39 @@ extension Worker {
                 stats.add(.bytesOut, listener: listener, UInt64(result))
                 stats.add(.bytesIn, endpoint: endpoint, UInt64(result))
             }
-            sendPending(slot, record, toUpstream: toUpstream)
+            if s.pointee.sending {
+                enqueue(buffer, length: result, on: s)
+            } else {
+                startSend(slot, record, toUpstream: toUpstream, buffer: buffer, length: result, large: large)
+            }
+            // Backpressure: a buffer already waiting means the reader is slower than the
+            // writer; stop receiving until the queue drains. Bulk: stop, to re-arm large.
+            if s.pointee.receiving, s.pointee.multishot, !s.pointee.stopping, s.pointee.queued > 0 || s.pointee.prefersLarge {
+                s.pointee.stopping = true
+                ring.prepareCancel(target: userData.raw, userData: UserData(.cancel).raw)
+            }
             return
         }
         if let buffer { recycle(buffer, large: large) }
         if result == 0 {
-            // EOF: forward it as a half-close and keep the other direction open.
-            s.pointee.state = .finished
-            shutdown(toUpstream ? record.pointee.upstream : record.pointee.client, Int32(SHUT_WR))
-            if stream(record, toUpstream: !toUpstream).pointee.state == .finished { close(slot) }
+            // EOF: forward it as a half-close (after what is queued) and keep the other
+            // direction open.
+            s.pointee.eof = true
+            if !s.pointee.sending { forwardEOF(slot, record, toUpstream: toUpstream) }
         } else if result == -ENOBUFS, large {
             // Large buffers are few: fall back to small ones rather than wait.
             s.pointee.prefersLarge = false
-            armReceive(slot, record, toUpstream: toUpstream)
+            if !s.pointee.sending { armReceive(slot, record, toUpstream: toUpstream) }
         } else if result == -ENOBUFS {
-            s.pointee.state = .waitingForBuffer
-            stats.add(.bufferWaits, listener: Int(record.pointee.listener))
-            waiters.push(userData.raw)
+            // Re-armed when the send in flight completes, or when buffers return.
+            if !s.pointee.sending {
+                s.pointee.waitingForBuffer = true
+                stats.add(.bufferWaits, listener: Int(record.pointee.listener))
+                waiters.push(userData.raw)
+            }
+        } else if result == -ECANCELED, !more {
+            // Stopped for backpressure or to switch buffer size: re-armed once idle.
+            if !s.pointee.sending { armReceive(slot, record, toUpstream: toUpstream) }
         } else {
             close(slot)
         }
@@ -308,16 +343,10 @@ extension Worker {
         guard record.pointee.generation == userData.generation else { return }
         record.pointee.inFlight -= 1
         let s = stream(record, toUpstream: toUpstream)
-        guard record.pointee.state == .proxying else {
+        guard record.pointee.state == .proxying, completion.result > 0 else {
             recycle(s.pointee.buffer, large: s.pointee.large)
-            s.pointee.state = .idle
-            finishClosing(slot)
-            return
-        }
-        guard completion.result > 0 else {
-            recycle(s.pointee.buffer, large: s.pointee.large)
-            s.pointee.state = .idle
-            close(slot)
+            s.pointee.sending = false
+            if record.pointee.state == .proxying { close(slot) } else { finishClosing(slot) }
             return
         }
         s.pointee.sent += completion.result
@@ -327,7 +356,51 @@ extension Worker {
         }
         recycle(s.pointee.buffer, large: s.pointee.large)
         record.pointee.lastActivity = nowTick
-        armReceive(slot, record, toUpstream: toUpstream)
+        if s.pointee.queued > 0 {
+            let next = dequeue(from: s)
+            startSend(slot, record, toUpstream: toUpstream, buffer: next, length: queuedLength[Int(next)], large: false)
+            return
+        }
+        s.pointee.sending = false
+        if s.pointee.eof {
+            forwardEOF(slot, record, toUpstream: toUpstream)
+        } else if !s.pointee.receiving, !s.pointee.waitingForBuffer {
+            armReceive(slot, record, toUpstream: toUpstream)
+        }
+    }
+
+    /// Everything before the EOF has been sent: half-close the peer, and close the
+    /// connection once both directions are done.
+    func forwardEOF(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, toUpstream: Bool) {
+        let s = stream(record, toUpstream: toUpstream)
+        s.pointee.finished = true
+        shutdown(toUpstream ? record.pointee.upstream : record.pointee.client, Int32(SHUT_WR))
+        if stream(record, toUpstream: !toUpstream).pointee.finished { close(slot) }
+    }
+
+    @inline(__always)
+    func enqueue(_ buffer: UInt16, length: Int32, on s: UnsafeMutablePointer<Connection.Stream>) {
+        queuedLength[Int(buffer)] = length
+        if s.pointee.queued == 0 {
+            s.pointee.queueHead = buffer
+        } else {
+            queuedNext[Int(s.pointee.queueTail)] = buffer
+        }
+        s.pointee.queueTail = buffer
+        s.pointee.queued += 1
+    }
+
+    @inline(__always)
+    func dequeue(from s: UnsafeMutablePointer<Connection.Stream>) -> UInt16 {
+        let buffer = s.pointee.queueHead
+        s.pointee.queueHead = queuedNext[Int(buffer)]
+        s.pointee.queued -= 1
+        return buffer
+    }
+
+    /// Buffers received but not sent go back to the ring when the connection closes.
+    func dropQueued(_ s: UnsafeMutablePointer<Connection.Stream>) {
+        while s.pointee.queued > 0 { recycle(dequeue(from: s), large: false) }
     }
 
     // MARK: Close
@@ -351,6 +424,8 @@ extension Worker {
             limits.leave(listener)
             stats.add(.active, listener: listener, UInt64.max)
         }
+        dropQueued(stream(record, toUpstream: true))
+        dropQueued(stream(record, toUpstream: false))
         if record.pointee.inFlight > 0 {
             ring.prepareCancelAll(fd: record.pointee.client, userData: UserData(.cancel).raw)
             if record.pointee.upstream >= 0 {

@@ -37,6 +37,9 @@ final class Worker {
     var slab: ConnectionSlab
     var wheel: TimerWheel
     var waiters: BufferWaitQueue
+    /// Per small buffer: the next buffer in its stream's send queue, and its length.
+    let queuedNext: UnsafeMutablePointer<UInt16>
+    let queuedLength: UnsafeMutablePointer<Int32>
 
     let listenerFDs: [Int32]
     var acceptArmed: [Bool]
@@ -96,6 +99,10 @@ final class Worker {
         self.largeBuffers = try ProvidedBufferRing(
             ring: ring, group: Worker.largeBufferGroup, count: options.largeBufferCount, bufferSize: options.largeBufferSize)
 
+        queuedNext = .allocate(capacity: options.smallBufferCount)
+        queuedNext.initialize(repeating: 0, count: options.smallBufferCount)
+        queuedLength = .allocate(capacity: options.smallBufferCount)
+        queuedLength.initialize(repeating: 0, count: options.smallBufferCount)
         let capacity = min(snapshot.listeners.reduce(0) { $0 + $1.maxConnections }, 1 << 22)
         slab = ConnectionSlab(capacity: capacity)
         waiters = BufferWaitQueue(capacity: 2 * capacity)
@@ -140,6 +147,8 @@ final class Worker {
         slab.deallocate()
         wheel.deallocate()
         waiters.deallocate()
+        queuedNext.deallocate()
+        queuedLength.deallocate()
         endpointAddresses.deallocate()
         endpointAddressLengths.deallocate()
         activeByEndpoint.deallocate()
@@ -239,7 +248,7 @@ final class Worker {
             let record = slab[ud.slot]
             let toUpstream = ud.operation == .receiveFromClient
             guard record.pointee.generation == ud.generation, record.pointee.state == .proxying,
-                  stream(record, toUpstream: toUpstream).pointee.state == .waitingForBuffer
+                  stream(record, toUpstream: toUpstream).pointee.waitingForBuffer
             else { continue }
             armReceive(ud.slot, record, toUpstream: toUpstream)
             free -= 1
