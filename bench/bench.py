@@ -317,8 +317,8 @@ def main():
     ap.add_argument("--l4lb", default=str(ROOT / ".build" / "release" / "l4lb"))
     ap.add_argument("--baseline", help="another l4lb binary, measured in the same run as proxy l4lb-baseline")
     args = ap.parse_args()
-    rounds = args.rounds or (1 if args.quick else 2)
-    duration = args.duration or (3 if args.quick else 8)
+    rounds = args.rounds or (1 if args.quick else 3)
+    duration = args.duration or (3 if args.quick else 6)
     idle_count = min(2000, args.idle_connections) if args.quick else args.idle_connections
     proxies = args.proxies.split(",")
     if args.baseline and "l4lb-baseline" not in proxies:
@@ -371,6 +371,7 @@ def main():
                         continue
                     fig["cpu_per_unit"] = fig["machine_cpu_s"] / fig["units"] * scale if fig["units"] else None
                     fig["proc_cpu_per_unit"] = fig["proc_cpu_s"] / fig["units"] * scale if fig["units"] else None
+                    fig["round"] = rnd
                     raw.setdefault(workload, {}).setdefault(name, []).append(fig)
                     log(f"    rate {fig['rate']:.2f}  machine {fig['cpu_per_unit']:.3f} {per}  process {fig['proc_cpu_per_unit']:.3f}")
         if "idle-memory" in workloads:
@@ -408,7 +409,7 @@ def summarize(raw):
         summary[workload] = {}
         for name, runs in by_proxy.items():
             keys = set().union(*(r.keys() for r in runs))
-            summary[workload][name] = {k: median([r.get(k) for r in runs]) for k in keys if k != "errors"}
+            summary[workload][name] = {k: median([r.get(k) for r in runs]) for k in keys if k not in ("errors", "round")}
             errors = [r.get("errors") for r in runs if r.get("errors")]
             if errors:
                 summary[workload][name]["errors"] = "; ".join(errors)
@@ -416,7 +417,27 @@ def summarize(raw):
         for name, s in summary[workload].items():
             if direct is not None and s.get("cpu_per_unit") is not None and name != "direct":
                 s["overhead_per_unit"] = s["cpu_per_unit"] - direct
+        for name, ratios in round_ratios(by_proxy).items():
+            summary[workload][name]["round_ratios"] = ratios
     return summary
+
+
+def round_ratios(by_proxy):
+    """Per round, each proxy's overhead over HAProxy's best mode in that same round: runs
+    of one round are minutes apart at most, so slow drift of the machine cancels out."""
+    def per_round(name):
+        return {r["round"]: r.get("cpu_per_unit") for r in by_proxy.get(name, []) if r.get("cpu_per_unit") is not None}
+    direct = per_round("direct")
+    haproxy = [per_round(h) for h in ("haproxy", "haproxy-splice")]
+    ratios = {}
+    for name in by_proxy:
+        if name == "direct":
+            continue
+        for rnd, cpu in sorted(per_round(name).items()):
+            best = [h[rnd] - direct[rnd] for h in haproxy if rnd in h and rnd in direct]
+            if best and min(best) > 0:
+                ratios.setdefault(name, []).append((cpu - direct[rnd]) / min(best))
+    return ratios
 
 
 def machine_info():
@@ -455,8 +476,8 @@ def report(summary, raw, rounds, duration, elapsed):
     (RESULTS / f"bench-{stamp}.json").write_text(json.dumps({"machine": info, "rounds": rounds, "duration_s": duration, "summary": summary, "raw": raw}, indent=2))
 
     lines = []
-    lines.append(f"| workload | proxy | rate | machine CPU per unit | overhead over direct | vs HAProxy best | process CPU per unit | p50 / p99 ms |")
-    lines.append("|---|---|---|---|---|---|---|---|")
+    lines.append(f"| workload | proxy | rate | machine CPU per unit | overhead over direct | vs HAProxy best | per round | process CPU per unit | p50 / p99 ms |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     rate_units = {"rr-keepalive": "req/s", "conn-rate": "conn/s", "bulk-1": "Gbit/s", "bulk-4": "Gbit/s"}
     for workload in ("rr-keepalive", "conn-rate", "bulk-1", "bulk-4"):
         by = summary.get(workload)
@@ -473,10 +494,11 @@ def report(summary, raw, rounds, duration, elapsed):
             rate_text = f"{rate / 1000:.1f}k {rate_units[workload]}" if workload in ("rr-keepalive", "conn-rate") and rate else f"{fmt(rate)} {rate_units[workload]}"
             ratio = s["overhead_per_unit"] / ha_best if s.get("overhead_per_unit") is not None and ha_best else None
             lat = f"{fmt(s.get('p50_ms'))} / {fmt(s.get('p99_ms'))}" if "p50_ms" in s else ""
-            lines.append(f"| {workload} | {name} | {rate_text} | {fmt(s.get('cpu_per_unit'))} {unit} | {fmt(s.get('overhead_per_unit'))} | {fmt(ratio)}× | {fmt(s.get('proc_cpu_per_unit'))} | {lat} |")
+            rounds_text = ", ".join(f"{r:.2f}" for r in s.get("round_ratios", []))
+            lines.append(f"| {workload} | {name} | {rate_text} | {fmt(s.get('cpu_per_unit'))} {unit} | {fmt(s.get('overhead_per_unit'))} | {fmt(ratio)}× | {rounds_text} | {fmt(s.get('proc_cpu_per_unit'))} | {lat} |")
     if "idle-memory" in summary:
         for name, s in summary["idle-memory"].items():
-            lines.append(f"| idle-memory | {name} | {int(s['units'])} conns | {s['bytes_per_conn']:.0f} bytes/conn RSS | | | | |")
+            lines.append(f"| idle-memory | {name} | {int(s['units'])} conns | {s['bytes_per_conn']:.0f} bytes/conn RSS | | | | | |")
     table = "\n".join(lines)
     print(table)
     chart = draw_chart(summary, RESULTS / f"bench-{stamp}.png")
@@ -485,7 +507,8 @@ def report(summary, raw, rounds, duration, elapsed):
               f"{rounds} round(s) × {duration} s per run, medians; proxies pinned to CPU {PROXY_CPU} with one worker, "
               f"backends and load on CPU {LOAD_CPU}. Took {elapsed:.0f} s. Reproduce: `scripts/bench` (`--quick` for a short run).\n\n"
               "Machine CPU per unit = busy CPU time on all CPUs (/proc/stat) / units served; overhead = that minus the direct "
-              "run's; `vs HAProxy best` = l4lb's (or a peer's) overhead over the lower of HAProxy's two modes (lower is better). "
+              "run's; `vs HAProxy best` = l4lb's (or a peer's) overhead over the lower of HAProxy's two modes (lower is better), "
+              "from the medians; `per round` = the same ratio within each round (runs minutes apart at most), which shows the spread. "
               "Process CPU = the proxy process's own utime+stime per unit.\n\n")
     (ROOT / "bench" / "RESULTS.md").write_text(header + table + "\n" + (f"\nChart: `bench/results/{chart.name}` (not committed).\n" if chart else ""))
     log(f"bench: wrote {RESULTS}/bench-{stamp}.json, bench/RESULTS.md" + (f", {chart}" if chart else ""))

@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
-# Profiles l4lb under rr-keepalive (wrk -c50 through one pinned worker) with perf's
-# software clock (hardware counters are not available on these machines) and prints the
-# split by binary and the top symbols. See bench/PROFILE.md.
+# Profiles l4lb under rr-keepalive (wrk -c50 through one pinned worker), or conn-rate
+# (`bench/profile.sh conn-rate`: a new connection per request), with perf's software
+# clock (hardware counters are not available on these machines) and prints the split by
+# binary and the top symbols. See bench/PROFILE.md.
 set -euo pipefail
+workload=${1:-rr-keepalive}
+case "$workload" in
+  rr-keepalive) wrk_args=() ;;
+  conn-rate) wrk_args=(-H "Connection: close") ;;
+  *) echo "usage: $0 [rr-keepalive|conn-rate]" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 command -v perf >/dev/null || { echo "perf missing: apt-get install linux-perf"; exit 1; }
 swift build -c release --product l4lb >/dev/null
@@ -25,9 +32,9 @@ taskset -c 1 .build/release/l4lb run --config "$tmp/l4lb.yaml" 2>/dev/null &
 pid=$!
 sleep 0.5
 perf record -F 2000 -g -p "$pid" -o "$tmp/perf.data" -- sleep 8 >/dev/null 2>&1 &
-taskset -c 0 wrk -t1 -c50 -d8s http://127.0.0.1:18210/ | grep -E "Requests/sec"
+taskset -c 0 wrk -t1 -c50 -d8s "${wrk_args[@]}" http://127.0.0.1:18210/ | grep -E "Requests/sec"
 wait %3 2>/dev/null || sleep 1
 echo "== by binary"
 perf report -i "$tmp/perf.data" --no-children --sort dso --stdio 2>/dev/null | grep -E "^ +[0-9]" | head -8
 echo "== top symbols"
-perf report -i "$tmp/perf.data" --no-children --sort symbol --stdio -g none 2>/dev/null | grep -E "^ +[0-9]" | head -40
+perf report -i "$tmp/perf.data" --no-children --sort symbol --stdio -g none 2>/dev/null | grep -E "^ +[0-9]" > "$tmp/symbols"; head -40 "$tmp/symbols"; echo "== io_uring"; grep -E "io_|uring" "$tmp/symbols" | head -20

@@ -152,15 +152,11 @@ final class HealthTests: XCTestCase {
     /// when it answers something else (-NOAUTH) and when it hangs past the timeout.
     func testSendExpectAgainstRedis() throws {
         let redisPort = Sockets.freePort()
-        let redis = Process()
-        redis.executableURL = URL(fileURLWithPath: "/usr/bin/redis-server")
-        redis.arguments = ["--port", "\(redisPort)", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        redis.standardOutput = FileHandle.nullDevice
-        try redis.run()
+        let redis = try ChildProcess("/usr/bin/redis-server", ["--port", "\(redisPort)", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         defer {
-            kill(redis.processIdentifier, SIGCONT)
+            redis.signal(SIGCONT)
             redis.terminate()
-            redis.waitUntilExit()
+            redis.wait()
         }
         XCTAssertTrue(waitUntil(timeout: 5) { (try? Sockets.connect(port: redisPort, timeout: 0.5)).map { close($0); return true } ?? false })
         func redisCommand(_ command: String) throws -> String {
@@ -183,7 +179,7 @@ final class HealthTests: XCTestCase {
         XCTAssertEqual(try redisCommand("AUTH secret\r\nCONFIG SET requirepass \"\"\r\n").hasPrefix("+OK"), true)
         XCTAssertNotNil(waitForLogLine(proxy, containing: ["to=healthy", "1 checks passed"], timeout: 5), proxy.log)
 
-        kill(redis.processIdentifier, SIGSTOP)  // hangs: accepts (the kernel does), never answers
+        redis.signal(SIGSTOP)  // hangs: accepts (the kernel does), never answers
         XCTAssertNotNil(waitForLogLine(proxy, containing: ["to=unhealthy", "timed out after 300ms"], timeout: 5), proxy.log)
         proxy.stop()
     }
@@ -202,14 +198,10 @@ final class HealthTests: XCTestCase {
                 """.write(to: directory.appendingPathComponent("nginx.conf"), atomically: true, encoding: .utf8)
         }
         try writeConfig(status: 200)
-        let nginx = Process()
-        nginx.executableURL = URL(fileURLWithPath: "/usr/sbin/nginx")
-        nginx.arguments = ["-e", "stderr", "-p", directory.path, "-c", directory.appendingPathComponent("nginx.conf").path]
-        nginx.standardError = FileHandle.nullDevice
-        try nginx.run()
+        let nginx = try ChildProcess("/usr/sbin/nginx", ["-e", "stderr", "-p", directory.path, "-c", directory.appendingPathComponent("nginx.conf").path])
         defer {
             nginx.terminate()
-            nginx.waitUntilExit()
+            nginx.wait()
         }
         XCTAssertTrue(waitUntil(timeout: 5) { (try? Sockets.connect(port: nginxPort, timeout: 0.5)).map { close($0); return true } ?? false })
         let port = Sockets.freePort()
@@ -219,7 +211,7 @@ final class HealthTests: XCTestCase {
             waitFor: ("127.0.0.1", port))
         XCTAssertNotNil(waitForLogLine(proxy, containing: ["to=healthy", "HTTP 200"], timeout: 5), proxy.log)
         try writeConfig(status: 503)
-        kill(nginx.processIdentifier, SIGHUP)  // nginx reloads its config
+        nginx.signal(SIGHUP)  // nginx reloads its config
         XCTAssertNotNil(waitForLogLine(proxy, containing: ["to=unhealthy", "HTTP 503"], timeout: 5), proxy.log)
         proxy.stop()
     }
@@ -304,11 +296,15 @@ final class HealthTests: XCTestCase {
             port: port, endpoints: [backend.address],
             cluster: ["health_check: { type: tcp, interval: 100ms, timeout: 100ms, healthy_threshold: 2, unhealthy_threshold: 1 }"],
             listener: ["connect_timeout: 500ms", "connect_attempts: 2"]), waitFor: ("127.0.0.1", port))
+        // Precondition: the backend passed l4lb's first check (a flake once saw it refused).
+        if proxy.log.contains("failed its first health check") {
+            return XCTFail("the backend on port \(backendPort) was refused before the test began: \(backend.listenerDiagnosis)\n\(proxy.log)")
+        }
         backend.stop()
         if waitForLogLine(proxy, containing: ["to=unhealthy"], timeout: 3) == nil {
             let raw = (try? Data(contentsOf: proxy.logURL)) ?? Data()
             let copy = "/tmp/l4lb-flake-\(UUID().uuidString).log"
-            FileManager.default.createFile(atPath: copy, contents: raw)
+            _ = FileManager.default.createFile(atPath: copy, contents: raw)
             XCTFail("no unhealthy transition within 3 s of stopping the backend on port \(backendPort); l4lb running: \(proxy.process.isRunning), log \(raw.count) bytes copied to \(copy):\n\(String(decoding: raw, as: UTF8.self))")
         }
         for _ in 0..<10 {
@@ -318,7 +314,7 @@ final class HealthTests: XCTestCase {
             if elapsed == nil {
                 let raw = (try? Data(contentsOf: proxy.logURL)) ?? Data()
                 let copy = "/tmp/l4lb-flake-\(UUID().uuidString).log"
-                FileManager.default.createFile(atPath: copy, contents: raw)
+                _ = FileManager.default.createFile(atPath: copy, contents: raw)
                 XCTFail("client not closed within 2 s; l4lb running: \(proxy.process.isRunning), log \(raw.count) bytes copied to \(copy):\n\(String(decoding: raw, as: UTF8.self))")
             }
             XCTAssertLessThan(elapsed ?? 99, 1.0, "not closed within connect_timeout × attempts")

@@ -20,12 +20,8 @@ final class ResourceExhaustionTests: XCTestCase {
         let port = Sockets.freePort()
         let proxy = try L4LBProcess(
             config: proxyConfig(listen: "127.0.0.1:\(port)", endpoints: [backend.address], workers: 1), waitFor: ("127.0.0.1", port))
-        let squeeze = Process()
-        squeeze.executableURL = URL(fileURLWithPath: "/usr/bin/prlimit")
-        squeeze.arguments = ["--pid", "\(proxy.pid)", "--nofile=64:64"]
-        try squeeze.run()
-        squeeze.waitUntilExit()
-        XCTAssertEqual(squeeze.terminationStatus, 0)
+        let squeeze = try ChildProcess.run("/usr/bin/prlimit", ["--pid", "\(proxy.pid)", "--nofile=64:64"])
+        XCTAssertEqual(squeeze.status, 0, squeeze.output)
 
         func exchange(_ fd: Int32) -> Bool {
             Sockets.setTimeout(fd, seconds: 0.3)

@@ -8,7 +8,7 @@ import Glibc
 /// The `l4lb` binary under test, run as a real process with a config written to a
 /// temporary file.
 final class L4LBProcess {
-    let process = Process()
+    let process: ChildProcess
     let directory: URL
     let logURL: URL
     private var stopped = false
@@ -34,15 +34,11 @@ final class L4LBProcess {
         let configURL = directory.appendingPathComponent("l4lb.yaml")
         try config.write(to: configURL, atomically: true, encoding: .utf8)
         logURL = directory.appendingPathComponent("l4lb.log")
-        FileManager.default.createFile(atPath: logURL.path, contents: nil)
-        process.executableURL = URL(fileURLWithPath: L4LBProcess.binary)
-        process.arguments = ["run", "--config", configURL.path]
-        process.standardError = try FileHandle(forWritingTo: logURL)
-        process.standardOutput = FileHandle.nullDevice
-        try process.run()
+        _ = FileManager.default.createFile(atPath: logURL.path, contents: nil)
+        process = try ChildProcess(L4LBProcess.binary, ["run", "--config", configURL.path], stderr: logURL.path)
         if let listen {
             let up = waitUntil(timeout: 10) {
-                guard process.isRunning else { return false }
+                guard self.process.isRunning else { return false }
                 guard let fd = try? Sockets.connect(host: listen.host, port: listen.port, timeout: 1) else { return false }
                 close(fd)
                 return true
@@ -57,7 +53,7 @@ final class L4LBProcess {
 
     deinit { stop() }
 
-    var pid: Int32 { process.processIdentifier }
+    var pid: Int32 { process.pid }
     var log: String { (try? String(contentsOf: logURL, encoding: .utf8)) ?? "" }
 
     /// A field of /proc/PID/status in KiB (VmRSS, VmHWM).
@@ -70,14 +66,10 @@ final class L4LBProcess {
     }
 
     /// Sends SIGTERM.
-    func terminate() { kill(pid, SIGTERM) }
+    func terminate() { process.terminate() }
 
     /// Waits for the process to exit; returns its status, nil on timeout.
-    func waitForExit(timeout: TimeInterval) -> Int32? {
-        guard waitUntil(timeout: timeout, { !process.isRunning }) else { return nil }
-        process.waitUntilExit()
-        return process.terminationStatus
-    }
+    func waitForExit(timeout: TimeInterval) -> Int32? { process.wait(timeout: timeout) }
 
     /// Stops the process (SIGTERM, then SIGKILL) and waits for it.
     func stop() {
@@ -86,8 +78,8 @@ final class L4LBProcess {
         if process.isRunning {
             terminate()
             if waitForExit(timeout: 5) == nil {
-                kill(pid, SIGKILL)
-                process.waitUntilExit()
+                process.signal(SIGKILL)
+                process.wait()
             }
         }
         try? FileManager.default.removeItem(at: directory)
@@ -102,26 +94,9 @@ final class L4LBProcess {
         return (status, text)
     }
 
-    /// Runs `l4lb ARGS…` to completion: exit status and combined output. posix_spawn and
-    /// waitpid directly, with no Foundation Process machinery left running afterwards.
+    /// Runs `l4lb ARGS…` to completion: exit status and combined output.
     static func runCommand(_ arguments: [String]) throws -> (status: Int32, output: String) {
-        let output = FileManager.default.temporaryDirectory.appendingPathComponent("l4lb-out-\(UUID().uuidString)").path
-        defer { try? FileManager.default.removeItem(atPath: output) }
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 1, output, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
-        posix_spawn_file_actions_adddup2(&actions, 1, 2)
-        let argv = ([binary] + arguments).map { strdup($0) } + [nil]
-        defer { argv.forEach { free($0) } }
-        var pid: pid_t = 0
-        let rc = posix_spawn(&pid, binary, &actions, nil, argv, environ)
-        guard rc == 0 else { throw Sockets.Failure("posix_spawn \(binary)", rc) }
-        var status: Int32 = 0
-        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
-        let text = (try? String(contentsOfFile: output, encoding: .utf8)) ?? ""
-        // WEXITSTATUS, a macro Swift cannot import.
-        return ((status >> 8) & 0xFF, text)
+        try ChildProcess.run(binary, arguments)
     }
 }
 

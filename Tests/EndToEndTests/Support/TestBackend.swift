@@ -38,6 +38,7 @@ final class TestBackend: @unchecked Sendable {
     private var _sinkMismatch = false
     private var _dataConnections = 0
     private var _paused = false
+    private var _listenerLost: String?
 
     var accepted: Int { lock.withLock { _accepted } }
     var closed: Int { lock.withLock { _closed } }
@@ -46,6 +47,21 @@ final class TestBackend: @unchecked Sendable {
     var sinkMismatch: Bool { lock.withLock { _sinkMismatch } }
     /// Connections that sent at least one byte (health checks of type tcp send none).
     var dataConnections: Int { lock.withLock { _dataConnections } }
+    /// Set when `poll` found the listening descriptor closed under the backend (a double
+    /// close elsewhere in the test process): what was seen, for the failure message.
+    var listenerLost: String? { lock.withLock { _listenerLost } }
+
+    /// The listening descriptor as the kernel sees it now: still this socket, still
+    /// listening, still on `port`.
+    var listenerDiagnosis: String {
+        var acceptConn: Int32 = 0
+        var length = socklen_t(4)
+        let rc = getsockopt(listener, SOL_SOCKET, SO_ACCEPTCONN, &acceptConn, &length)
+        let link = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(listener)")) ?? "none"
+        let bound = rc == 0 ? Sockets.localPort(listener) : 0
+        return "fd \(listener) → \(link), listening \(rc == 0 ? String(acceptConn) : "error \(errno)"), port \(bound) (expected \(port)); lost: \(listenerLost ?? "no")"
+    }
+
     var paused: Bool {
         get { lock.withLock { _paused } }
         set { lock.withLock { _paused = newValue } }
@@ -115,6 +131,9 @@ final class TestBackend: @unchecked Sendable {
             if !closedIndices.isEmpty {
                 for i in closedIndices.reversed() { connections.remove(at: i) }
                 lock.withLock { _closed += closedIndices.count }
+            }
+            if fds[0].revents & Int16(POLLNVAL) != 0, listenerLost == nil {
+                lock.withLock { _listenerLost = "POLLNVAL on fd \(listener) at \(Date())" }
             }
             if fds[0].revents != 0 { acceptAll(&connections) }
         }
@@ -237,7 +256,7 @@ enum ProxyHeaderParser {
                 Array(header[offset..<(offset + size)]).withUnsafeBytes {
                     _ = inet_ntop(isV4 ? AF_INET : AF_INET6, $0.baseAddress, &text, 64)
                 }
-                return String(cString: text)
+                return String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
             }
             let portOffset = 16 + 2 * size
             return Parsed(
