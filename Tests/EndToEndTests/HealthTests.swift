@@ -297,6 +297,7 @@ final class HealthTests: XCTestCase {
             cluster: ["health_check: { type: tcp, interval: 100ms, timeout: 100ms, healthy_threshold: 2, unhealthy_threshold: 1 }"],
             listener: ["connect_timeout: 500ms", "connect_attempts: 2"]), waitFor: ("127.0.0.1", port))
         // Precondition: the backend passed l4lb's first check (a flake once saw it refused).
+        _ = waitForLogLine(proxy, containing: ["l4lb serving"], timeout: 5)
         if proxy.log.contains("failed its first health check") {
             return XCTFail("the backend on port \(backendPort) was refused before the test began: \(backend.listenerDiagnosis)\n\(proxy.log)")
         }
