@@ -49,7 +49,6 @@ extension Worker {
             stats.add(.refused, listener: listener)
             return
         }
-        setNoDelay(fd)
         let record = slab[slot]
         record.pointee.state = .connecting
         record.pointee.listener = UInt16(listener)

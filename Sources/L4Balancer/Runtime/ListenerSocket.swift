@@ -24,6 +24,8 @@ enum ListenerSocket {
         let size = socklen_t(MemoryLayout<Int32>.size)
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, size)
         setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, size)
+        // Accepted sockets inherit TCP_NODELAY: one setsockopt per listener, not per connection.
+        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, size)
         if address.family == .inet6 {
             // [::]:port serves IPv6 only, so 0.0.0.0:port can be a listener of its own.
             setsockopt(fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, &one, size)
