@@ -73,4 +73,41 @@ static inline int CURing_cq_needs_enter(const struct io_uring *ring) {
     return (flags & (IORING_SQ_CQ_OVERFLOW | IORING_SQ_TASKRUN)) != 0;
 }
 
+/// IORING_FEAT_MIN_TIMEOUT (Linux 6.12): io_uring_getevents_arg's `pad` became
+/// `min_wait_usec`. liburing 2.3 knows neither.
+static const unsigned CURing_FEAT_MIN_TIMEOUT = 1U << 15;
+
+/// Submits what is queued, then waits for `wait_nr` completions — but once
+/// `min_wait_usec` has passed and at least one completion is ready, returns with what is
+/// there; with none, it waits for the first one (up to `timeout_ms`). With DEFER_TASKRUN
+/// the kernel does not wake the thread for each completion inside that window, so a busy
+/// ring is woken once per batch rather than once per packet. This is liburing 2.8's
+/// io_uring_submit_and_wait_min_timeout, written against 2.3's struct io_uring: the SQ
+/// flush mirrors its __io_uring_flush_sq, and int_flags bit 0 is its INT_FLAG_REG_RING.
+static inline int CURing_submit_and_wait_min_timeout(struct io_uring *ring, unsigned wait_nr,
+                                                     unsigned min_wait_usec, unsigned timeout_ms) {
+    struct io_uring_sq *sq = &ring->sq;
+    unsigned tail = sq->sqe_tail;
+    if (sq->sqe_head != tail) {
+        sq->sqe_head = tail;
+        io_uring_smp_store_release(sq->ktail, tail);
+    }
+    unsigned submit = tail - *sq->khead;
+    struct __kernel_timespec ts;
+    ts.tv_sec = timeout_ms / 1000;
+    ts.tv_nsec = (long long)(timeout_ms % 1000) * 1000000;
+    struct io_uring_getevents_arg arg;
+    memset(&arg, 0, sizeof(arg));
+    arg.pad = min_wait_usec;
+    arg.ts = (unsigned long long)(uintptr_t)&ts;
+    unsigned flags = IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG;
+    int fd = ring->ring_fd;
+    if (ring->int_flags & 1) {
+        flags |= IORING_ENTER_REGISTERED_RING;
+        fd = ring->enter_ring_fd;
+    }
+    // Returns -errno, like every liburing syscall wrapper.
+    return io_uring_enter2(fd, submit, wait_nr, flags, (sigset_t *)&arg, sizeof(arg));
+}
+
 #endif

@@ -5,6 +5,8 @@ public struct Capabilities: Sendable, CustomStringConvertible {
     public var singleIssuer: Bool
     public var deferTaskrun: Bool
     public var fastPoll: Bool
+    /// Batched waits (`IORING_FEAT_MIN_TIMEOUT`, Linux 6.12) with deferred task work.
+    public var batchWait: Bool
     public var noDrop: Bool
     public var multishotAccept: Bool
     public var providedBufferRings: Bool
@@ -18,6 +20,7 @@ public struct Capabilities: Sendable, CustomStringConvertible {
         if singleIssuer { on.append("single-issuer") }
         if deferTaskrun { on.append("defer-taskrun") }
         if fastPoll { on.append("fast-poll") }
+        if batchWait { on.append("batch-wait") }
         if multishotAccept { on.append("multishot-accept") }
         if providedBufferRings { on.append("buffer-rings") }
         if msgRing { on.append("msg-ring") }

@@ -54,6 +54,7 @@ public struct Ring: ~Copyable {
         var caps = Capabilities(
             singleIssuer: singleIssuer, deferTaskrun: deferTaskrun,
             fastPoll: params.features & IORING_FEAT_FAST_POLL != 0,
+            batchWait: deferTaskrun && params.features & CURing_FEAT_MIN_TIMEOUT != 0,
             noDrop: params.features & IORING_FEAT_NODROP != 0,
             multishotAccept: false, providedBufferRings: false, msgRing: false,
             sendZeroCopy: false, splice: false, socket: false)
@@ -144,6 +145,18 @@ public struct Ring: ~Copyable {
     /// Submits queued requests and waits for at least `minimum` completions.
     /// `EINTR` and `ETIME` are not failures: the caller reaps what there is and loops.
     @inline(never)
+    /// Submits, then waits for `batch` completions — but returns as soon as
+    /// `windowMicroseconds` have passed with at least one ready (without one, it waits for
+    /// the first, at most `timeoutMilliseconds`). The kernel wakes the thread once per
+    /// window instead of once per completion. Needs `capabilities.batchWait` (6.12).
+    @inlinable
+    public func submitAndWait(batch: UInt32, windowMicroseconds: UInt32, timeoutMilliseconds: UInt32) throws(Errno) {
+        let result = CURing_submit_and_wait_min_timeout(ring, batch, windowMicroseconds, timeoutMilliseconds)
+        if result < 0, result != -EINTR, result != -ETIME, result != -EAGAIN, result != -EBUSY {
+            throw Errno(result: result)
+        }
+    }
+
     public func submitAndWait(minimum: UInt32) throws(Errno) {
         let result = io_uring_submit_and_wait(ring, minimum)
         if result < 0, result != -EINTR, result != -ETIME, result != -EAGAIN, result != -EBUSY {

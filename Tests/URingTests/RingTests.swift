@@ -1,3 +1,4 @@
+import Foundation
 import Glibc
 import URing
 import XCTest
@@ -32,6 +33,25 @@ final class RingTests: XCTestCase {
         XCTAssertTrue(ring.capabilities.providedBufferRings)
         XCTAssertTrue(ring.capabilities.singleIssuer)
         XCTAssertTrue(ring.capabilities.deferTaskrun)
+    }
+
+    /// Batched wait: returns with the one completion there is once the window has passed
+    /// (not after waiting for the whole batch), and without any, at the timeout.
+    func testBatchedWaitReturnsAfterTheWindowWithWhatIsReady() throws {
+        let ring = try Ring(entries: 8)
+        XCTAssertTrue(ring.capabilities.batchWait, "Linux 6.12+ with DEFER_TASKRUN: \(ring.capabilities)")
+        ring.prepareNop(userData: 7)
+        var start = Date()
+        try ring.submitAndWait(batch: 64, windowMicroseconds: 2_000, timeoutMilliseconds: 5_000)
+        XCTAssertLessThan(Date().timeIntervalSince(start), 1, "waited for the batch, not the window")
+        XCTAssertEqual(ring.reap(into: completions), 1)
+        XCTAssertEqual(completions[0].userData, 7)
+        start = Date()
+        try ring.submitAndWait(batch: 64, windowMicroseconds: 2_000, timeoutMilliseconds: 200)
+        let idle = Date().timeIntervalSince(start)
+        XCTAssertGreaterThanOrEqual(idle, 0.15, "returned early with nothing ready")
+        XCTAssertLessThan(idle, 2, "ignored the timeout")
+        XCTAssertEqual(ring.reap(into: completions), 0)
     }
 
     func testNopCarriesUserData() throws {
