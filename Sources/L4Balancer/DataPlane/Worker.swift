@@ -13,11 +13,12 @@ final class Worker {
     static let smallBufferGroup: UInt16 = 1
     static let largeBufferGroup: UInt16 = 2
     static let completionBatch: UInt32 = 256
-    /// Completions gather for up to this long before the worker is woken: under load one
-    /// wake-up per window instead of one per packet (measured: −10 to −15% proxy overhead
-    /// on rr-keepalive and conn-rate, p50 unchanged); a lone completion waits at most
-    /// the window.
-    static let defaultBatchWindowMicroseconds: UInt32 = 20
+    /// Completions may gather for up to this long before the worker is woken (batched
+    /// waits). Off by default: in same-run comparisons a 20 µs window did not lower the
+    /// overhead reliably (one run −12%, a longer one within noise), and a lone request
+    /// then waits up to the window on each hop (ping-pong through l4lb: 69 µs round trip
+    /// instead of 51). `L4LB_BATCH_US` sets it, for measuring.
+    static let defaultBatchWindowMicroseconds: UInt32 = 0
 
     let snapshot: Snapshot
     let control: WorkerControl
@@ -148,8 +149,8 @@ final class Worker {
         // Reserved, not touched: only headers actually written become resident.
         proxyHeaders = mmap(nil, capacity * ProxyProtocolHeader.capacity, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
         completions = .allocate(capacity: Int(Worker.completionBatch))
-        // L4LB_BATCH_US overrides the window (0: wake for every completion), for
-        // measuring; the kernel must support batched waits (6.12).
+        // L4LB_BATCH_US sets the window (0: wake for every completion), for measuring;
+        // the kernel must support batched waits (6.12).
         let window = getenv("L4LB_BATCH_US").flatMap { UInt32(String(cString: $0)) } ?? Worker.defaultBatchWindowMicroseconds
         batchWindowMicroseconds = ring.capabilities.batchWait ? window : 0
     }
