@@ -145,20 +145,21 @@ public struct Ring: ~Copyable {
     /// Submits queued requests and waits for at least `minimum` completions.
     /// `EINTR` and `ETIME` are not failures: the caller reaps what there is and loops.
     @inline(never)
+    public func submitAndWait(minimum: UInt32) throws(Errno) {
+        try Ring.checkWait(io_uring_submit_and_wait(ring, minimum))
+    }
+
     /// Submits, then waits for `batch` completions — but returns as soon as
     /// `windowMicroseconds` have passed with at least one ready (without one, it waits for
     /// the first, at most `timeoutMilliseconds`). The kernel wakes the thread once per
     /// window instead of once per completion. Needs `capabilities.batchWait` (6.12).
-    @inlinable
+    @inline(never)
     public func submitAndWait(batch: UInt32, windowMicroseconds: UInt32, timeoutMilliseconds: UInt32) throws(Errno) {
-        let result = CURing_submit_and_wait_min_timeout(ring, batch, windowMicroseconds, timeoutMilliseconds)
-        if result < 0, result != -EINTR, result != -ETIME, result != -EAGAIN, result != -EBUSY {
-            throw Errno(result: result)
-        }
+        try Ring.checkWait(CURing_submit_and_wait_min_timeout(ring, batch, windowMicroseconds, timeoutMilliseconds))
     }
 
-    public func submitAndWait(minimum: UInt32) throws(Errno) {
-        let result = io_uring_submit_and_wait(ring, minimum)
+    /// A wait that ended on a signal, a timeout or a busy queue is not a failure.
+    private static func checkWait(_ result: Int32) throws(Errno) {
         if result < 0, result != -EINTR, result != -ETIME, result != -EAGAIN, result != -EBUSY {
             throw Errno(result: result)
         }

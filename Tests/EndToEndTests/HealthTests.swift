@@ -303,27 +303,28 @@ final class HealthTests: XCTestCase {
         }
         backend.stop()
         if waitForLogLine(proxy, containing: ["to=unhealthy"], timeout: 3) == nil {
-            let raw = (try? Data(contentsOf: proxy.logURL)) ?? Data()
-            let copy = "/tmp/l4lb-flake-\(UUID().uuidString).log"
-            _ = FileManager.default.createFile(atPath: copy, contents: raw)
-            XCTFail("no unhealthy transition within 3 s of stopping the backend on port \(backendPort); l4lb running: \(proxy.process.isRunning), log \(raw.count) bytes copied to \(copy):\n\(String(decoding: raw, as: UTF8.self))")
+            failKeepingLog(proxy, "no unhealthy transition within 3 s of stopping the backend on port \(backendPort)")
         }
         for _ in 0..<10 {
             let fd = try Sockets.connect(port: port)
             let elapsed = Sockets.waitForClose(fd, timeout: 2)
             close(fd)
-            if elapsed == nil {
-                let raw = (try? Data(contentsOf: proxy.logURL)) ?? Data()
-                let copy = "/tmp/l4lb-flake-\(UUID().uuidString).log"
-                _ = FileManager.default.createFile(atPath: copy, contents: raw)
-                XCTFail("client not closed within 2 s; l4lb running: \(proxy.process.isRunning), log \(raw.count) bytes copied to \(copy):\n\(String(decoding: raw, as: UTF8.self))")
-            }
+            if elapsed == nil { failKeepingLog(proxy, "client not closed within 2 s") }
             XCTAssertLessThan(elapsed ?? 99, 1.0, "not closed within connect_timeout × attempts")
         }
         backend = try TestBackend(.echo, port: backendPort)
         XCTAssertTrue(waitUntil(timeout: 5) { self.exchange(port) }, "traffic did not resume")
         let (_, log) = proxy.stopAndCollectLog()
         XCTAssertGreaterThanOrEqual(summaryCounter(log, listener: "test", "connect_failed") ?? 0, 10, log)
+    }
+
+    /// Fails with l4lb's raw log and process state, keeping a copy of the log in /tmp
+    /// (the test directory is removed when l4lb stops).
+    func failKeepingLog(_ proxy: L4LBProcess, _ message: String, file: StaticString = #filePath, line: UInt = #line) {
+        let raw = (try? Data(contentsOf: proxy.logURL)) ?? Data()
+        let copy = "/tmp/l4lb-flake-\(UUID().uuidString).log"
+        _ = FileManager.default.createFile(atPath: copy, contents: raw)
+        XCTFail("\(message); l4lb running: \(proxy.process.isRunning), log \(raw.count) bytes copied to \(copy):\n\(String(decoding: raw, as: UTF8.self))", file: file, line: line)
     }
 
     /// Must show 7: checks of 200 endpoints every 1 s spread over the interval.

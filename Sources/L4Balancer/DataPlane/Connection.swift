@@ -45,9 +45,6 @@ struct Connection {
         var buffer: UInt16 = 0
         var length: Int32 = 0
         var sent: Int32 = 0
-
-        /// Nothing left to send or receive in this direction.
-        var isIdle: Bool { !receiving && !sending && queued == 0 }
     }
 
     var generation: UInt32 = 0

@@ -225,14 +225,14 @@ extension Worker {
         let large = s.pointee.prefersLarge
         s.pointee.multishot = !large
         let socket = toUpstream ? record.pointee.client : record.pointee.upstream
+        let operation: UserData.Operation = large
+            ? (toUpstream ? .receiveLargeFromClient : .receiveLargeFromUpstream)
+            : (toUpstream ? .receiveFromClient : .receiveFromUpstream)
+        let userData = UserData(operation, slot: slot, generation: record.pointee.generation).raw
         if large {
-            ring.prepareReceive(
-                socket: socket, bufferGroup: Worker.largeBufferGroup,
-                userData: UserData(toUpstream ? .receiveLargeFromClient : .receiveLargeFromUpstream, slot: slot, generation: record.pointee.generation).raw)
+            ring.prepareReceive(socket: socket, bufferGroup: Worker.largeBufferGroup, userData: userData)
         } else {
-            ring.prepareMultishotReceive(
-                socket: socket, bufferGroup: Worker.smallBufferGroup,
-                userData: UserData(toUpstream ? .receiveFromClient : .receiveFromUpstream, slot: slot, generation: record.pointee.generation).raw)
+            ring.prepareMultishotReceive(socket: socket, bufferGroup: Worker.smallBufferGroup, userData: userData)
         }
         record.pointee.inFlight += 1
     }
