@@ -373,11 +373,16 @@ extension Worker {
     func forwardEOF(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, toUpstream: Bool) {
         let s = stream(record, toUpstream: toUpstream)
         s.pointee.finished = true
+        // The last direction to end needs no shutdown: both sockets have been read to
+        // their FIN, so closing them sends FIN (not RST) — one syscall less per connection.
+        if stream(record, toUpstream: !toUpstream).pointee.finished {
+            close(slot)
+            return
+        }
         // A direct syscall, not IORING_OP_SHUTDOWN: the ring always runs shutdown on an
         // io-wq thread, which could resolve the descriptor number after it was closed and
         // reused by a new connection.
         shutdown(toUpstream ? record.pointee.upstream : record.pointee.client, Int32(SHUT_WR))
-        if stream(record, toUpstream: !toUpstream).pointee.finished { close(slot) }
     }
 
     @inline(__always)
