@@ -35,6 +35,29 @@ final class TCPProxyTests: XCTestCase {
         XCTAssertEqual(summaryCounter(log, listener: "test", "bytes_out"), 1000 * 256 * 1024, log)
     }
 
+    /// Batched waits start only under load: a lone request is never held for the window.
+    /// With a 50 ms window, so that a held completion would be unmistakable, a one-byte
+    /// ping-pong through l4lb still round-trips in well under the window.
+    func testALoneRequestIsNotHeldForTheBatchWindow() throws {
+        let backend = try TestBackend(.echo)
+        let port = Sockets.freePort()
+        let proxy = try L4LBProcess(
+            config: proxyConfig(listen: "127.0.0.1:\(port)", endpoints: [backend.address], workers: 1),
+            waitFor: ("127.0.0.1", port), environment: ["L4LB_BATCH_US": "50000"])
+        let fd = try Sockets.connect(port: port, timeout: 5)
+        var roundTrips: [TimeInterval] = []
+        for i in 0..<40 {
+            let started = Date()
+            try Sockets.sendAll(fd, [UInt8(i)])
+            XCTAssertEqual(try Sockets.receiveExactly(fd, 1), [UInt8(i)])
+            roundTrips.append(Date().timeIntervalSince(started))
+        }
+        close(fd)
+        let median = roundTrips.sorted()[roundTrips.count / 2]
+        XCTAssertLessThan(median, 0.010, "median round trip \(median * 1000) ms: a lone request waited for the window")
+        proxy.stop()
+    }
+
     /// The client half-closes; the backend answers only after EOF; the answer arrives whole.
     func testHalfCloseForwardsEOFAndKeepsTheOtherDirectionOpen() throws {
         let backend = try TestBackend(.replyAfterEOF)

@@ -13,12 +13,15 @@ final class Worker {
     static let smallBufferGroup: UInt16 = 1
     static let largeBufferGroup: UInt16 = 2
     static let completionBatch: UInt32 = 256
-    /// Completions may gather for up to this long before the worker is woken (batched
-    /// waits). Off by default: in same-run comparisons a 20 µs window did not lower the
-    /// overhead reliably (one run −12%, a longer one within noise), and a lone request
-    /// then waits up to the window on each hop (ping-pong through l4lb: 69 µs round trip
-    /// instead of 51). `L4LB_BATCH_US` sets it, for measuring.
-    static let defaultBatchWindowMicroseconds: UInt32 = 0
+    /// Under load, completions may gather for up to this long before the worker is woken
+    /// (batched waits): the peers that send the packets then stop paying a cross-CPU
+    /// wake-up for most of them (function-call IPIs on the worker's CPU: 0.2–0.5 per
+    /// request without, ~0.02 with). `L4LB_BATCH_US` sets it; 0 wakes for every completion.
+    static let defaultBatchWindowMicroseconds: UInt32 = 20
+    /// The load that turns the window on: a wake-up that found at least this many
+    /// completions. A lone request (ping-pong) stays below it and is never delayed.
+    /// `L4LB_BATCH_MIN` sets it, for measuring.
+    static let defaultBatchThreshold = 8
 
     let snapshot: Snapshot
     let control: WorkerControl
@@ -75,6 +78,10 @@ final class Worker {
     var forcedClose = false
     /// How long the worker lets completions gather before it is woken (0: woken for each).
     let batchWindowMicroseconds: UInt32
+    /// Completions found by one wake-up that switch the window on for the next wait.
+    let batchThreshold: Int
+    /// Completions handled since the last wait: the load signal for batched waits.
+    var lastBatch = 0
 
     static let toUpstreamOffset = MemoryLayout<Connection>.offset(of: \Connection.toUpstream)!
     static let toClientOffset = MemoryLayout<Connection>.offset(of: \Connection.toClient)!
@@ -149,10 +156,11 @@ final class Worker {
         // Reserved, not touched: only headers actually written become resident.
         proxyHeaders = mmap(nil, capacity * ProxyProtocolHeader.capacity, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
         completions = .allocate(capacity: Int(Worker.completionBatch))
-        // L4LB_BATCH_US sets the window (0: wake for every completion), for measuring;
-        // the kernel must support batched waits (6.12).
+        // L4LB_BATCH_US sets the window (0: wake for every completion), L4LB_BATCH_MIN the
+        // load that turns it on; the kernel must support batched waits (6.12).
         let window = getenv("L4LB_BATCH_US").flatMap { UInt32(String(cString: $0)) } ?? Worker.defaultBatchWindowMicroseconds
         batchWindowMicroseconds = ring.capabilities.batchWait ? window : 0
+        batchThreshold = getenv("L4LB_BATCH_MIN").flatMap { Int(String(cString: $0)) } ?? Worker.defaultBatchThreshold
     }
 
     deinit {
@@ -189,11 +197,14 @@ final class Worker {
                 break
             }
             updateClock()
+            var handled = 0
             while true {
                 let count = ring.reap(into: completions)
                 for i in 0..<count { handle(completions[i]) }
+                handled += count
                 if count < completions.count { break }
             }
+            lastBatch = handled
             returnBuffers()
         }
         for fd in listenerFDs { Glibc.close(fd) }
@@ -202,7 +213,7 @@ final class Worker {
 
     @inline(never)
     func waitForCompletions() throws(Errno) {
-        if batchWindowMicroseconds > 0 {
+        if batchWindowMicroseconds > 0, lastBatch >= batchThreshold {
             try ring.submitAndWait(batch: Worker.completionBatch, windowMicroseconds: batchWindowMicroseconds, timeoutMilliseconds: 1000)
         } else {
             try ring.submitAndWait(minimum: 1)

@@ -15,7 +15,9 @@ final class ChildProcess: @unchecked Sendable {
     private let lock = NSLock()
     private var status: Int32?
 
-    init(_ executable: String, _ arguments: [String], stdout: String = "/dev/null", stderr: String = "/dev/null") throws {
+    /// `environment` is added to the test process's own.
+    init(_ executable: String, _ arguments: [String], stdout: String = "/dev/null", stderr: String = "/dev/null",
+         environment: [String: String] = [:]) throws {
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
@@ -33,8 +35,17 @@ final class ChildProcess: @unchecked Sendable {
         posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETPGROUP))
         let argv = ([executable] + arguments).map { strdup($0) } + [nil]
         defer { argv.forEach { free($0) } }
+        var inherited: [UnsafeMutablePointer<CChar>?] = []
+        var entry = environ
+        while let variable = entry.pointee {
+            inherited.append(variable)
+            entry += 1
+        }
+        let added = environment.map { strdup("\($0.key)=\($0.value)") }
+        defer { added.forEach { free($0) } }
+        let envp = inherited + added + [nil]
         var pid: pid_t = 0
-        let rc = posix_spawn(&pid, executable, &actions, &attributes, argv, environ)
+        let rc = posix_spawn(&pid, executable, &actions, &attributes, argv, envp)
         guard rc == 0 else { throw Sockets.Failure("posix_spawn \(executable)", rc) }
         self.pid = pid
     }

@@ -28,14 +28,15 @@ final class L4LBProcess {
     }
 
     /// Starts `l4lb run` and waits until `listen` accepts connections.
-    init(config: String, waitFor listen: (host: String, port: UInt16)?, file: StaticString = #filePath, line: UInt = #line) throws {
+    init(config: String, waitFor listen: (host: String, port: UInt16)?, environment: [String: String] = [:],
+         file: StaticString = #filePath, line: UInt = #line) throws {
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("l4lb-test-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         let configURL = directory.appendingPathComponent("l4lb.yaml")
         try config.write(to: configURL, atomically: true, encoding: .utf8)
         logURL = directory.appendingPathComponent("l4lb.log")
         _ = FileManager.default.createFile(atPath: logURL.path, contents: nil)
-        process = try ChildProcess(L4LBProcess.binary, ["run", "--config", configURL.path], stderr: logURL.path)
+        process = try ChildProcess(L4LBProcess.binary, ["run", "--config", configURL.path], stderr: logURL.path, environment: environment)
         if let listen {
             let up = waitUntil(timeout: 10) {
                 guard self.process.isRunning else { return false }
