@@ -317,8 +317,10 @@ def main():
     ap.add_argument("--l4lb", default=str(ROOT / ".build" / "release" / "l4lb"))
     ap.add_argument("--baseline", help="another l4lb binary, measured in the same run as proxy l4lb-baseline")
     args = ap.parse_args()
-    rounds = args.rounds or (1 if args.quick else 3)
-    duration = args.duration or (3 if args.quick else 6)
+    # Five short alternating rounds rather than three longer ones: the host's speed drifts
+    # over seconds, and a median of five pairs is harder for one slow spell to move.
+    rounds = args.rounds or (1 if args.quick else 5)
+    duration = args.duration or (3 if args.quick else 4)
     idle_count = min(2000, args.idle_connections) if args.quick else args.idle_connections
     proxies = args.proxies.split(",")
     if args.baseline and "l4lb-baseline" not in proxies:
@@ -469,6 +471,11 @@ def fmt(v, digits=2):
     return "—" if v is None else f"{v:.{digits}f}"
 
 
+# bench/RESULTS.md is rewritten on every run; what follows this line in it (notes written
+# by hand, comparisons) is kept.
+NOTES_MARKER = "<!-- Notes below are kept when scripts/bench rewrites this file. -->"
+
+
 def report(summary, raw, rounds, duration, elapsed):
     info = machine_info()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -510,7 +517,11 @@ def report(summary, raw, rounds, duration, elapsed):
               "run's; `vs HAProxy best` = l4lb's (or a peer's) overhead over the lower of HAProxy's two modes (lower is better), "
               "from the medians; `per round` = the same ratio within each round (runs minutes apart at most), which shows the spread. "
               "Process CPU = the proxy process's own utime+stime per unit.\n\n")
-    (ROOT / "bench" / "RESULTS.md").write_text(header + table + "\n" + (f"\nChart: `bench/results/{chart.name}` (not committed).\n" if chart else ""))
+    results_md = ROOT / "bench" / "RESULTS.md"
+    previous = results_md.read_text() if results_md.exists() else ""
+    notes = previous[previous.index(NOTES_MARKER):] if NOTES_MARKER in previous else ""
+    chart_line = f"\nChart: `bench/results/{chart.name}` (not committed).\n" if chart else ""
+    results_md.write_text(header + table + "\n" + chart_line + ("\n" + notes if notes else ""))
     log(f"bench: wrote {RESULTS}/bench-{stamp}.json, bench/RESULTS.md" + (f", {chart}" if chart else ""))
 
 
