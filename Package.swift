@@ -1,6 +1,14 @@
 // swift-tools-version:6.1
 import PackageDescription
 
+/// Release builds of the data plane skip Swift's run-time exclusivity checks: every access
+/// to a worker's stored properties otherwise calls `swift_beginAccess`, which was about a
+/// third of l4lb's user-space time under rr-keepalive (`bench/PROFILE.md`). The compiler's
+/// static checks still apply, and debug builds keep the run-time ones.
+let dataPlaneSettings: [SwiftSetting] = [
+    .unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release))
+]
+
 let package = Package(
     name: "l4lb",
     platforms: [.macOS(.v15)],
@@ -24,7 +32,8 @@ let package = Package(
         ),
         .target(
             name: "URing",
-            dependencies: ["CURing"]
+            dependencies: ["CURing"],
+            swiftSettings: dataPlaneSettings
         ),
         .target(name: "CLinux"),
         .target(
@@ -36,7 +45,8 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-            ]
+            ],
+            swiftSettings: dataPlaneSettings
         ),
         .executableTarget(
             name: "l4lb",

@@ -37,4 +37,4 @@ wait %3 2>/dev/null || sleep 1
 echo "== by binary"
 perf report -i "$tmp/perf.data" --no-children --sort dso --stdio 2>/dev/null | grep -E "^ +[0-9]" | head -8
 echo "== top symbols"
-perf report -i "$tmp/perf.data" --no-children --sort symbol --stdio -g none 2>/dev/null | grep -E "^ +[0-9]" > "$tmp/symbols"; head -40 "$tmp/symbols"; echo "== io_uring"; grep -E "io_|uring" "$tmp/symbols" | head -20
+perf report -i "$tmp/perf.data" --no-children --sort symbol --stdio -g none 2>/dev/null | grep -E "^ +[0-9]" > "$tmp/symbols"; head -40 "$tmp/symbols"; echo "== user space"; perf report -i "$tmp/perf.data" --no-children --sort dso,symbol --stdio -g none 2>/dev/null | grep -E "^ +[0-9]" | grep -v kernel | head -25 || true; echo "== io_uring"; grep -E "io_|uring" "$tmp/symbols" | head -20

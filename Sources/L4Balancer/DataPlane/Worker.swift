@@ -83,8 +83,10 @@ final class Worker {
     /// Completions handled since the last wait: the load signal for batched waits.
     var lastBatch = 0
 
-    static let toUpstreamOffset = MemoryLayout<Connection>.offset(of: \Connection.toUpstream)!
-    static let toClientOffset = MemoryLayout<Connection>.offset(of: \Connection.toClient)!
+    // Computed, not stored: the optimizer folds these to constants, where a stored static
+    // would be a lazily initialised global (a `swift_once` call per event).
+    @inline(__always) static var toUpstreamOffset: Int { MemoryLayout<Connection>.offset(of: \Connection.toUpstream)! }
+    @inline(__always) static var toClientOffset: Int { MemoryLayout<Connection>.offset(of: \Connection.toClient)! }
 
     struct Options {
         var ringEntries: UInt32 = 4096
