@@ -416,10 +416,15 @@ def summarize(raw):
             errors = [r.get("errors") for r in runs if r.get("errors")]
             if errors:
                 summary[workload][name]["errors"] = "; ".join(errors)
-        direct = summary[workload].get("direct", {}).get("cpu_per_unit")
+        direct = summary[workload].get("direct", {})
         for name, s in summary[workload].items():
-            if direct is not None and s.get("cpu_per_unit") is not None and name != "direct":
-                s["overhead_per_unit"] = s["cpu_per_unit"] - direct
+            if name == "direct":
+                continue
+            if direct.get("cpu_per_unit") and s.get("cpu_per_unit") is not None:
+                s["overhead_per_unit"] = s["cpu_per_unit"] - direct["cpu_per_unit"]
+                s["cpu_vs_direct"] = s["cpu_per_unit"] / direct["cpu_per_unit"]
+            if direct.get("rate") and s.get("rate") is not None:
+                s["rate_vs_direct"] = s["rate"] / direct["rate"]
         for name, ratios in round_ratios(by_proxy).items():
             summary[workload][name]["round_ratios"] = ratios
     return summary
@@ -484,8 +489,8 @@ def report(summary, raw, rounds, duration, elapsed):
     (RESULTS / f"bench-{stamp}.json").write_text(json.dumps({"machine": info, "rounds": rounds, "duration_s": duration, "summary": summary, "raw": raw}, indent=2))
 
     lines = []
-    lines.append(f"| workload | proxy | rate | machine CPU per unit | overhead over direct | vs HAProxy best | per round | process CPU per unit | p50 / p99 ms |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines.append(f"| workload | proxy | rate | machine CPU per unit | vs direct: rate, CPU | overhead over direct | vs HAProxy best | per round | process CPU per unit | p50 / p99 ms |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     rate_units = {"rr-keepalive": "req/s", "conn-rate": "conn/s", "bulk-1": "Gbit/s", "bulk-4": "Gbit/s"}
     for workload in ("rr-keepalive", "conn-rate", "bulk-1", "bulk-4"):
         by = summary.get(workload)
@@ -503,10 +508,11 @@ def report(summary, raw, rounds, duration, elapsed):
             ratio = s["overhead_per_unit"] / ha_best if s.get("overhead_per_unit") is not None and ha_best else None
             lat = f"{fmt(s.get('p50_ms'))} / {fmt(s.get('p99_ms'))}" if "p50_ms" in s else ""
             rounds_text = ", ".join(f"{r:.2f}" for r in s.get("round_ratios", []))
-            lines.append(f"| {workload} | {name} | {rate_text} | {fmt(s.get('cpu_per_unit'))} {unit} | {fmt(s.get('overhead_per_unit'))} | {fmt(ratio)}× | {rounds_text} | {fmt(s.get('proc_cpu_per_unit'))} | {lat} |")
+            vs_direct = f"{fmt(s.get('rate_vs_direct'))}×, {fmt(s.get('cpu_vs_direct'))}×" if "rate_vs_direct" in s else ""
+            lines.append(f"| {workload} | {name} | {rate_text} | {fmt(s.get('cpu_per_unit'))} {unit} | {vs_direct} | {fmt(s.get('overhead_per_unit'))} | {fmt(ratio)}× | {rounds_text} | {fmt(s.get('proc_cpu_per_unit'))} | {lat} |")
     if "idle-memory" in summary:
         for name, s in summary["idle-memory"].items():
-            lines.append(f"| idle-memory | {name} | {int(s['units'])} conns | {s['bytes_per_conn']:.0f} bytes/conn RSS | | | | | |")
+            lines.append(f"| idle-memory | {name} | {int(s['units'])} conns | {s['bytes_per_conn']:.0f} bytes/conn RSS | | | | | | |")
     table = "\n".join(lines)
     print(table)
     chart = draw_chart(summary, RESULTS / f"bench-{stamp}.png")
@@ -514,7 +520,8 @@ def report(summary, raw, rounds, duration, elapsed):
               f"HAProxy {info['haproxy']}, nginx {info['nginx']}, wrk {info['wrk']}, iperf3 {info['iperf3']}. "
               f"{rounds} round(s) × {duration} s per run, medians; proxies pinned to CPU {PROXY_CPU} with one worker, "
               f"backends and load on CPU {LOAD_CPU}. Took {elapsed:.0f} s. Reproduce: `scripts/bench` (`--quick` for a short run).\n\n"
-              "Machine CPU per unit = busy CPU time on all CPUs (/proc/stat) / units served; overhead = that minus the direct "
+              "Machine CPU per unit = busy CPU time on all CPUs (/proc/stat) / units served; `vs direct` = the rate and that "
+              "CPU over the direct run's (client straight to backend); overhead = that CPU minus the direct "
               "run's; `vs HAProxy best` = l4lb's (or a peer's) overhead over the lower of HAProxy's two modes (lower is better), "
               "from the medians; `per round` = the same ratio within each round (runs minutes apart at most), which shows the spread. "
               "Process CPU = the proxy process's own utime+stime per unit.\n\n")
