@@ -43,6 +43,8 @@ PORTS = {
     # Another l4lb build (--baseline), to judge a data-plane change in the same run.
     "l4lb-baseline": (18150, 18151),
 }
+# HAProxy runs in two modes; ratios are taken against the better of them.
+HAPROXY_MODES = ("haproxy", "haproxy-splice")
 
 
 def log(msg):
@@ -436,7 +438,7 @@ def round_ratios(by_proxy):
     def per_round(name):
         return {r["round"]: r.get("cpu_per_unit") for r in by_proxy.get(name, []) if r.get("cpu_per_unit") is not None}
     direct = per_round("direct")
-    haproxy = [per_round(h) for h in ("haproxy", "haproxy-splice")]
+    haproxy = [per_round(h) for h in HAPROXY_MODES]
     ratios = {}
     for name in by_proxy:
         if name == "direct":
@@ -497,7 +499,7 @@ def report(summary, raw, rounds, duration, elapsed):
         if not by:
             continue
         unit = WORKLOADS[workload][1]
-        ha = [by[h]["overhead_per_unit"] for h in ("haproxy", "haproxy-splice") if h in by and by[h].get("overhead_per_unit") is not None]
+        ha = [by[h]["overhead_per_unit"] for h in HAPROXY_MODES if h in by and by[h].get("overhead_per_unit") is not None]
         ha_best = min(ha) if ha else None
         for name in ("direct", "l4lb", "l4lb-baseline", "haproxy", "haproxy-splice", "nginx"):
             s = by.get(name)

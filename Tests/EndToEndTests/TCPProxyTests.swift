@@ -13,8 +13,8 @@ final class TCPProxyTests: XCTestCase {
         signal(SIGPIPE, SIG_IGN)
     }
 
-    func startProxy(_ config: String, port: UInt16, host: String = "127.0.0.1") throws -> L4LBProcess {
-        try L4LBProcess(config: config, waitFor: (host, port))
+    func startProxy(_ config: String, port: UInt16, host: String = "127.0.0.1", environment: [String: String] = [:]) throws -> L4LBProcess {
+        try L4LBProcess(config: config, waitFor: (host, port), environment: environment)
     }
 
     /// 1,000 concurrent connections through 2 workers, 256 KiB each way: every byte identical.
@@ -41,9 +41,9 @@ final class TCPProxyTests: XCTestCase {
     func testALoneRequestIsNotHeldForTheBatchWindow() throws {
         let backend = try TestBackend(.echo)
         let port = Sockets.freePort()
-        let proxy = try L4LBProcess(
-            config: proxyConfig(listen: "127.0.0.1:\(port)", endpoints: [backend.address], workers: 1),
-            waitFor: ("127.0.0.1", port), environment: ["L4LB_BATCH_US": "50000"])
+        let proxy = try startProxy(
+            proxyConfig(listen: "127.0.0.1:\(port)", endpoints: [backend.address], workers: 1),
+            port: port, environment: ["L4LB_BATCH_US": "50000"])
         let fd = try Sockets.connect(port: port, timeout: 5)
         var roundTrips: [TimeInterval] = []
         for i in 0..<40 {

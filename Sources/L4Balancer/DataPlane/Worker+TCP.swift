@@ -224,7 +224,7 @@ extension Worker {
         s.pointee.waitingForBuffer = false
         let large = s.pointee.prefersLarge
         s.pointee.multishot = !large
-        let socket = toUpstream ? record.pointee.client : record.pointee.upstream
+        let socket = source(record, toUpstream: toUpstream)
         let operation: UserData.Operation = large
             ? (toUpstream ? .receiveLargeFromClient : .receiveLargeFromUpstream)
             : (toUpstream ? .receiveFromClient : .receiveFromUpstream)
@@ -242,7 +242,7 @@ extension Worker {
         let s = stream(record, toUpstream: toUpstream)
         let sent = Int(s.pointee.sent)
         ring.prepareSend(
-            socket: toUpstream ? record.pointee.upstream : record.pointee.client,
+            socket: destination(record, toUpstream: toUpstream),
             bytes: bufferAddress(s.pointee.buffer, large: s.pointee.large) + sent, length: Int(s.pointee.length) - sent,
             userData: UserData(toUpstream ? .sendToUpstream : .sendToClient, slot: slot, generation: record.pointee.generation).raw)
         record.pointee.inFlight += 1
@@ -382,7 +382,7 @@ extension Worker {
         // A direct syscall, not IORING_OP_SHUTDOWN: the ring always runs shutdown on an
         // io-wq thread, which could resolve the descriptor number after it was closed and
         // reused by a new connection.
-        shutdown(toUpstream ? record.pointee.upstream : record.pointee.client, Int32(SHUT_WR))
+        shutdown(destination(record, toUpstream: toUpstream), Int32(SHUT_WR))
     }
 
     @inline(__always)

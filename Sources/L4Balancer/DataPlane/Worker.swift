@@ -290,6 +290,18 @@ final class Worker {
             .assumingMemoryBound(to: Connection.Stream.self)
     }
 
+    /// The socket a direction reads from: the client's for bytes going upstream.
+    @inline(__always)
+    func source(_ record: UnsafeMutablePointer<Connection>, toUpstream: Bool) -> Int32 {
+        toUpstream ? record.pointee.client : record.pointee.upstream
+    }
+
+    /// The socket a direction writes to (and half-closes).
+    @inline(__always)
+    func destination(_ record: UnsafeMutablePointer<Connection>, toUpstream: Bool) -> Int32 {
+        toUpstream ? record.pointee.upstream : record.pointee.client
+    }
+
     // MARK: Control
 
     func woken() {
