@@ -63,6 +63,7 @@ let package = Package(
         ),
         .testTarget(name: "URingTests", dependencies: ["URing"]),
         .testTarget(name: "L4BalancerTests", dependencies: ["L4Balancer"]),
-        .testTarget(name: "EndToEndTests", dependencies: ["L4Balancer"]),
+        .target(name: "CTestSupport", path: "Tests/CTestSupport"),
+        .testTarget(name: "EndToEndTests", dependencies: ["L4Balancer", "CTestSupport"]),
     ]
 )

@@ -27,3 +27,15 @@ int CLinux_eventfd(void) {
     int fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     return fd >= 0 ? fd : -errno;
 }
+
+#include <linux/tcp.h>
+#include <netinet/in.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+unsigned CLinux_tcp_ms_since_data_sent(int fd) {
+    struct tcp_info info;
+    socklen_t length = sizeof(info);
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &length) != 0) return UINT32_MAX;
+    return info.tcpi_last_data_sent;
+}

@@ -14,6 +14,9 @@ public struct Capabilities: Sendable, CustomStringConvertible {
     public var sendZeroCopy: Bool
     public var splice: Bool
     public var socket: Bool
+    /// A multishot receive can be given a total byte limit (Linux 6.16), which bounds what
+    /// one arm takes from the buffer ring.
+    public var multishotReceiveLimit: Bool = false
 
     public var description: String {
         var on: [String] = []
@@ -26,6 +29,7 @@ public struct Capabilities: Sendable, CustomStringConvertible {
         if msgRing { on.append("msg-ring") }
         if sendZeroCopy { on.append("send-zc") }
         if splice { on.append("splice") }
+        if multishotReceiveLimit { on.append("recv-multishot-limit") }
         return on.joined(separator: ",")
     }
 

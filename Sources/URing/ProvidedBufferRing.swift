@@ -4,50 +4,66 @@ import CURing
 import Glibc
 #endif
 
-/// A ring of equally sized buffers the kernel picks from when a buffer-select receive
-/// completes. Memory is mapped once; only buffers that have carried bytes become resident.
-/// A buffer handed out by a completion is given back with `recycle` and becomes visible
-/// to the kernel at the next `publish`.
+/// A pool of equally sized buffers the kernel picks from when a buffer-select receive
+/// completes. The kernel's ring holds at most `window` of them at a time; the rest wait in
+/// a last-in-first-out stack, so the buffers that carry traffic are the recently used,
+/// cache-warm ones, and memory becomes resident only for as many buffers as were ever in
+/// use at once plus the window, however large `count` is.
+///
+/// A buffer named by a completion is reported with `handedOut()`, given back with
+/// `recycle`, and offered to the kernel again at the next `publish`. The owner must call
+/// `unregister(from:)` before the ring itself is torn down.
 public struct ProvidedBufferRing: ~Copyable {
-    @usableFromInline let ring: UnsafeMutablePointer<io_uring>
     @usableFromInline let bufferRing: UnsafeMutablePointer<io_uring_buf_ring>
     @usableFromInline let memory: UnsafeMutableRawPointer
+    /// Buffers not in use and not in the kernel's ring, most recently returned last.
+    @usableFromInline let freeStack: UnsafeMutablePointer<UInt16>
     public let group: UInt16
     public let count: Int
+    public let window: Int
     public let bufferSize: Int
     @usableFromInline let mask: Int32
-    @usableFromInline var pendingCount: Int32 = 0
+    @usableFromInline var freeCount: Int
+    /// Buffers in the kernel's ring that no completion has named yet.
+    @usableFromInline var inKernel = 0
 
-    /// `count` must be a power of two, at most 32768.
-    public init(ring: borrowing Ring, group: UInt16, count: Int, bufferSize: Int) throws(Errno) {
-        precondition(count > 0 && count & (count - 1) == 0 && count <= 32768, "buffer count must be a power of two ≤ 32768")
+    /// `count` buffers of `bufferSize` bytes, at most `window` (a power of two ≤ 32768) in
+    /// the kernel's ring at once; `count` ≤ 65536.
+    public init(ring: borrowing Ring, group: UInt16, count: Int, bufferSize: Int, window: Int? = nil) throws(Errno) {
+        let window = min(window ?? count, count)
+        precondition(window > 0 && window & (window - 1) == 0 && window <= 32768, "buffer window must be a power of two ≤ 32768")
+        precondition(count <= 65536, "at most 65536 buffers: their ids are 16 bits")
         var err: Int32 = 0
-        guard let bufferRing = CURing_setup_buf_ring(ring.ring, UInt32(count), group, &err) else {
+        guard let bufferRing = CURing_setup_buf_ring(ring.ring, UInt32(window), group, &err) else {
             throw Errno(rawValue: err)
         }
         let bytes = count * bufferSize
-        let memory = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE, -1, 0)
+        let memory = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE | MAP_NORESERVE, -1, 0)
         guard let memory, memory != MAP_FAILED else {
             let error = Errno.current
-            CURing_free_buf_ring(ring.ring, bufferRing, UInt32(count), group)
+            CURing_free_buf_ring(ring.ring, bufferRing, UInt32(window), group)
             throw error
         }
-        self.ring = ring.ring
         self.bufferRing = bufferRing
         self.memory = memory
         self.group = group
         self.count = count
+        self.window = window
         self.bufferSize = bufferSize
-        self.mask = io_uring_buf_ring_mask(UInt32(count))
-        for id in 0..<count {
-            io_uring_buf_ring_add(bufferRing, memory + id * bufferSize, UInt32(bufferSize), UInt16(id), mask, Int32(id))
-        }
-        io_uring_buf_ring_advance(bufferRing, Int32(count))
+        self.mask = io_uring_buf_ring_mask(UInt32(window))
+        freeStack = .allocate(capacity: count)
+        // Lowest ids on top: they are handed out first and stay the warm ones.
+        for i in 0..<count { freeStack[i] = UInt16(truncatingIfNeeded: count - 1 - i) }
+        freeCount = count
+        publish()
     }
 
-    deinit {
-        CURing_free_buf_ring(ring, bufferRing, UInt32(count), group)
+    /// Unregisters the group from `ring` and frees the memory. Call it once, while the ring
+    /// is still alive.
+    public func unregister(from ring: borrowing Ring) {
+        CURing_free_buf_ring(ring.ring, bufferRing, UInt32(window), group)
         munmap(memory, count * bufferSize)
+        freeStack.deallocate()
     }
 
     /// The bytes of buffer `id`.
@@ -56,22 +72,41 @@ public struct ProvidedBufferRing: ~Copyable {
         memory + Int(id) * bufferSize
     }
 
-    /// Hands buffer `id` back; the kernel sees it after `publish()`.
+    /// Buffers free to be handed out: in the kernel's ring or waiting to be published.
     @inlinable
-    public mutating func recycle(_ id: UInt16) {
-        io_uring_buf_ring_add(bufferRing, address(of: id), UInt32(bufferSize), id, mask, pendingCount)
-        pendingCount += 1
+    public var available: Int { freeCount + inKernel }
+
+    /// Buffers the kernel has handed out that have not been recycled.
+    @inlinable
+    public var inUse: Int { count - available }
+
+    /// A completion named one of this group's buffers.
+    @inlinable
+    public mutating func handedOut() {
+        inKernel -= 1
     }
 
-    /// Makes recycled buffers visible to the kernel. Returns how many were published.
+    /// Hands buffer `id` back; the kernel may see it after `publish()`.
+    @inlinable
+    public mutating func recycle(_ id: UInt16) {
+        freeStack[freeCount] = id
+        freeCount += 1
+    }
+
+    /// Tops the kernel's ring up to `window` buffers from the free stack. Returns how many
+    /// were added.
     @inlinable
     @discardableResult
     public mutating func publish() -> Int {
-        let published = Int(pendingCount)
-        if pendingCount > 0 {
-            io_uring_buf_ring_advance(bufferRing, pendingCount)
-            pendingCount = 0
+        var added: Int32 = 0
+        while inKernel < window, freeCount > 0 {
+            freeCount -= 1
+            let id = freeStack[freeCount]
+            io_uring_buf_ring_add(bufferRing, address(of: id), UInt32(bufferSize), id, mask, added)
+            added += 1
+            inKernel += 1
         }
-        return published
+        if added > 0 { io_uring_buf_ring_advance(bufferRing, added) }
+        return Int(added)
     }
 }

@@ -79,8 +79,35 @@ public struct Ring: ~Copyable {
         }
         // Registering the ring's own fd spares every io_uring_enter a file-table lookup.
         _ = io_uring_register_ring_fd(ring)
+        caps.multishotReceiveLimit = Ring.probeMultishotReceiveLimit(ring)
         self.ring = ring
         self.capabilities = caps
+    }
+
+    /// Older kernels reject a multishot receive whose `optlen` is set (`EINVAL` at prep);
+    /// newer ones take it as a total limit. One byte waits on a socket pair, and the
+    /// receive names a buffer group that does not exist: a kernel that knows the limit
+    /// answers `ENOBUFS`. Runs before the ring is handed out, so it is the only request.
+    static func probeMultishotReceiveLimit(_ ring: UnsafeMutablePointer<io_uring>) -> Bool {
+        var pair: [Int32] = [-1, -1]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &pair) == 0 else { return false }
+        defer {
+            close(pair[0])
+            close(pair[1])
+        }
+        var byte: UInt8 = 1
+        guard write(pair[1], &byte, 1) == 1, let sqe = io_uring_get_sqe(ring) else { return false }
+        io_uring_prep_recv_multishot(sqe, pair[0], nil, 0, 0)
+        sqe.pointee.flags |= UInt8(CURing_IOSQE_BUFFER_SELECT)
+        sqe.pointee.buf_group = 0xFFFF
+        sqe.pointee.file_index = 1
+        sqe.pointee.user_data = 0
+        guard io_uring_submit_and_wait(ring, 1) >= 0 else { return false }
+        var cqe: UnsafeMutablePointer<io_uring_cqe>?
+        guard io_uring_peek_cqe(ring, &cqe) == 0, let cqe else { return false }
+        let result = cqe.pointee.res
+        io_uring_cqe_seen(ring, cqe)
+        return result != -EINVAL
     }
 
     deinit {
@@ -118,13 +145,17 @@ public struct Ring: ~Copyable {
 
     // MARK: Submission
 
-    /// A free submission slot. When the queue is full, what is queued is submitted first.
+    /// A free submission slot. When the queue is full, what is queued is submitted first;
+    /// nil when the kernel takes none of it (its completion queue is backed up), so the
+    /// caller can drop that one request and count it instead of trapping.
     @inlinable
-    func nextSQE() -> UnsafeMutablePointer<io_uring_sqe> {
+    func nextSQE() -> UnsafeMutablePointer<io_uring_sqe>? {
         if let sqe = io_uring_get_sqe(ring) { return sqe }
-        _ = submitPending()
-        if let sqe = io_uring_get_sqe(ring) { return sqe }
-        preconditionFailure("io_uring submission queue stays full after submit")
+        for _ in 0..<3 {
+            _ = submitPending()
+            if let sqe = io_uring_get_sqe(ring) { return sqe }
+        }
+        return nil
     }
 
     /// Free submission slots.

@@ -34,6 +34,41 @@ final class BalancerTests: XCTestCase {
 
     // MARK: Maglev
 
+    /// 300 endpoints, 290 of them down: every key still finds one of the 10 left (its probe
+    /// sequence alone misses them for about one key in nine), and keys spread over them.
+    func testMaglevNeverGivesUpWhileAnEndpointIsAvailable() {
+        let table = MaglevTable(endpoints: endpoints(300))
+        let up = Set(stride(from: 7, to: 300, by: 30))
+        XCTAssertEqual(up.count, 10)
+        var counts: [Int: Int] = [:]
+        for key in keys(100_000) {
+            guard let chosen = table.lookup(key, available: { up.contains($0) }) else { return XCTFail("key \(key) found no endpoint") }
+            XCTAssertTrue(up.contains(chosen))
+            counts[chosen, default: 0] += 1
+        }
+        XCTAssertEqual(counts.count, 10)
+        XCTAssertGreaterThan(counts.values.min() ?? 0, 100_000 / 10 / 2, "\(counts)")
+        XCTAssertNil(table.lookup(1, available: { _ in false }))
+    }
+
+    /// Endpoints 64 apart are different endpoints: trying 0 does not exclude 64.
+    func testTriedEndpointsAreExactAbove64() throws {
+        let rr = SmoothRoundRobin(weights: [Int](repeating: 1, count: 200))
+        let others: [UInt16] = [64, 130, .max]
+        try others.withUnsafeBufferPointer { list in
+            let tried = TriedEndpoints(bits: 1, others: list.baseAddress, otherCount: 3)
+            XCTAssertTrue(tried.contains(0))
+            XCTAssertTrue(tried.contains(64))
+            XCTAssertTrue(tried.contains(130))
+            XCTAssertFalse(tried.contains(128))
+            XCTAssertFalse(tried.contains(1))
+            var seen = Set<Int>()
+            for _ in 0..<400 { seen.insert(try XCTUnwrap(rr.pick(tried: tried))) }
+            XCTAssertEqual(seen.count, 197)
+            XCTAssertTrue(seen.isDisjoint(with: [0, 64, 130]))
+        }
+    }
+
     func testMaglevSpreadsSlotsEvenly() {
         let table = MaglevTable(endpoints: endpoints(10))
         var owned = [Int](repeating: 0, count: 10)

@@ -16,7 +16,11 @@ final class ConfigParserTests: XCTestCase {
         XCTAssertEqual(listener.connectTimeout, .seconds(2))
         XCTAssertEqual(listener.connectAttempts, 3)
         XCTAssertEqual(listener.idleTimeout, .seconds(300))
-        XCTAssertEqual(listener.maxConnections, 100_000)
+        XCTAssertNil(listener.maxConnections, "no shared limit unless one is set")
+        XCTAssertEqual(listener.sendTimeout, .seconds(30))
+        XCTAssertEqual(config.buffers, Config.Buffers())
+        XCTAssertEqual(config.buffers.small, 16_384)
+        XCTAssertEqual(config.buffers.smallSize, 16_384)
         XCTAssertEqual(listener.proxyProtocol, .none)
         XCTAssertEqual(listener.clusters, [Config.WeightedCluster(name: "web", weight: 1)])
         XCTAssertEqual(config.clusters.first?.balancer, .roundRobin)
@@ -34,6 +38,7 @@ final class ConfigParserTests: XCTestCase {
                 connect_timeout: 250ms
                 connect_attempts: 2
                 idle_timeout: 1h
+                send_timeout: 5s
                 max_connections: 10
                 proxy_protocol: v2
             clusters:
@@ -47,8 +52,34 @@ final class ConfigParserTests: XCTestCase {
         XCTAssertEqual(l.clusters.map(\.weight), [95, 5])
         XCTAssertEqual(l.connectTimeout.milliseconds, 250)
         XCTAssertEqual(l.idleTimeout.milliseconds, 3_600_000)
+        XCTAssertEqual(l.sendTimeout.milliseconds, 5_000)
+        XCTAssertEqual(l.maxConnections, 10)
         XCTAssertEqual(l.proxyProtocol, .v2)
         XCTAssertEqual(config.clusters[0].endpoints[0].address.description, "[2001:db8::1]:80")
+    }
+
+    func testBufferPoolSizes() throws {
+        let config = try parse("""
+            buffers: { small: 4096, small_size: 8KiB, large: 4, large_size: 2MiB }
+            listeners: [{ address: "127.0.0.1:1", cluster: c }]
+            clusters: [{ name: c, endpoints: [{ address: "127.0.0.1:2" }] }]
+            """).get()
+        XCTAssertEqual(config.buffers.small, 4096)
+        XCTAssertEqual(config.buffers.smallSize, 8192)
+        XCTAssertEqual(config.buffers.large, 4)
+        XCTAssertEqual(config.buffers.largeSize, 2 << 20)
+        guard case .failure(let errors) = parse("""
+            buffers: { small: 10, small_size: 2 MiB, large_size: 2048, pool: 1 }
+            listeners: [{ address: "127.0.0.1:1", cluster: c, send_timeout: soon }]
+            clusters: [{ name: c, endpoints: [{ address: "127.0.0.1:2" }] }]
+            """) else { return XCTFail("accepted") }
+        XCTAssertEqual(Set(errors.errors.map(\.description)), [
+            "buffers.pool: unknown key",
+            "buffers.small: 10 out of range 64...65536",
+            "buffers.small_size: expected a size such as 16384, 16KiB or 1MiB, got \"2 MiB\"",
+            "buffers.large_size: 2048 bytes out of range 4096...67108864",
+            "listeners[0].send_timeout: invalid duration \"soon\" (use e.g. 500ms, 2s, 5m, 1h)",
+        ])
     }
 
     func testNotYetSupportedFeaturesAreRejectedByName() {

@@ -29,7 +29,7 @@ final class DeadlineSchedulerTests: XCTestCase {
         // One cycle is Σw = 250 picks per unit of lcm; 6,000 picks = 24 cycles.
         for _ in 0..<6000 { counts[scheduler.pick()!] += 1 }
         for i in 0..<100 { XCTAssertEqual(counts[i], 24 * (i % 4 + 1), "endpoint \(i)") }
-        for _ in 0..<100 { XCTAssertNotEqual(scheduler.pick(tried: 1 << 3), 3) }
+        for _ in 0..<100 { XCTAssertNotEqual(scheduler.pick(tried: TriedEndpoints(bits: 1 << 3)), 3) }
     }
 
     func testLargeRoundRobinClustersUseTheScheduler() throws {

@@ -82,6 +82,7 @@ final class RingTests: XCTestCase {
     func testReceiveUsesProvidedBufferAndRunsDryWithENOBUFS() throws {
         let ring = try Ring(entries: 16)
         var buffers = try ProvidedBufferRing(ring: ring, group: 3, count: 2, bufferSize: 4096)
+        defer { buffers.unregister(from: ring) }
         let (a, b) = socketPair()
         defer { close(a); close(b) }
 
@@ -92,8 +93,10 @@ final class RingTests: XCTestCase {
             let c = try next(ring)[0]
             XCTAssertEqual(c.result, 4)
             let id = try XCTUnwrap(c.bufferID)
+            buffers.handedOut()
             XCTAssertEqual(String(decoding: UnsafeRawBufferPointer(start: buffers.address(of: id), count: 4), as: UTF8.self), "msg\(i)")
         }
+        XCTAssertEqual(buffers.inUse, 2)
         // The ring is empty: ENOBUFS, and nothing is lost from the socket.
         XCTAssertEqual(send(b, "late", 4, 0), 4)
         ring.prepareReceive(socket: a, bufferGroup: 3, userData: 9)
@@ -105,6 +108,71 @@ final class RingTests: XCTestCase {
         let c = try next(ring)[0]
         XCTAssertEqual(c.result, 4)
         XCTAssertEqual(c.bufferID, 0)
+    }
+
+    /// The kernel sees at most `window` buffers; the rest wait in the pool, and the most
+    /// recently returned buffer is the next one handed out (it is the warm one).
+    func testBufferPoolKeepsAWindowInTheKernelAndReusesTheWarmestBuffer() throws {
+        let ring = try Ring(entries: 16)
+        var buffers = try ProvidedBufferRing(ring: ring, group: 4, count: 8, bufferSize: 1024, window: 2)
+        defer { buffers.unregister(from: ring) }
+        let (a, b) = socketPair()
+        defer { close(a); close(b) }
+        func receive(_ text: String) throws -> Completion {
+            XCTAssertEqual(send(b, text, text.utf8.count, 0), text.utf8.count)
+            ring.prepareReceive(socket: a, bufferGroup: 4, userData: 1)
+            let c = try next(ring)[0]
+            if c.bufferID != nil { buffers.handedOut() }
+            return c
+        }
+        let first = try XCTUnwrap(try receive("one").bufferID)
+        let second = try XCTUnwrap(try receive("two").bufferID)
+        // Two handed out, the window is empty although six are free.
+        XCTAssertEqual(try receive("three").error, .noBufferSpace)
+        XCTAssertEqual(buffers.available, 6)
+        XCTAssertEqual(buffers.publish(), 2)
+        let third = try XCTUnwrap(try receive("three").bufferID)
+        XCTAssertFalse([first, second].contains(third))
+        // Returned buffers go on top of the stack: after the window refills, the next
+        // receives get the buffers just returned.
+        buffers.recycle(first)
+        buffers.recycle(second)
+        XCTAssertEqual(buffers.inUse, 1)
+        _ = try receive("four")
+        buffers.publish()
+        let fifth = try XCTUnwrap(try receive("five").bufferID)
+        let sixth = try XCTUnwrap(try receive("six").bufferID)
+        XCTAssertTrue([first, second].contains(fifth) || [first, second].contains(sixth), "\(fifth) \(sixth)")
+    }
+
+    /// A multishot receive with a total limit ends by itself once the limit is reached:
+    /// the completion that reaches it has no `hasMore`, so one arm takes less than the
+    /// limit plus one buffer, whatever the peer sends.
+    func testMultishotReceiveWithALimitEndsByItself() throws {
+        let ring = try Ring(entries: 16)
+        try XCTSkipUnless(ring.capabilities.multishotReceiveLimit, "needs Linux 6.16 (this machine has it; the data plane falls back to single-shot receives)")
+        var buffers = try ProvidedBufferRing(ring: ring, group: 5, count: 64, bufferSize: 4096)
+        defer { buffers.unregister(from: ring) }
+        let (a, b) = socketPair()
+        defer { close(a); close(b) }
+        ring.prepareMultishotReceive(socket: a, bufferGroup: 5, limit: 4096, userData: 1)
+        ring.submitPending()
+        var total = 0
+        var completions = 0
+        var ended = false
+        let chunk = [UInt8](repeating: 7, count: 1000)
+        for _ in 0..<20 where !ended {
+            XCTAssertEqual(send(b, chunk, chunk.count, 0), chunk.count)
+            let c = try next(ring)[0]
+            XCTAssertGreaterThan(c.result, 0)
+            total += Int(c.result)
+            completions += 1
+            ended = !c.hasMore
+        }
+        XCTAssertTrue(ended, "the receive did not end at its limit")
+        XCTAssertGreaterThanOrEqual(total, 4096)
+        XCTAssertLessThan(total, 4096 + 4096)
+        XCTAssertLessThanOrEqual(completions, 5)
     }
 
     func testMultishotAcceptDeliversEveryConnection() throws {

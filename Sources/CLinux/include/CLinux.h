@@ -13,4 +13,8 @@ int CLinux_pin_current_thread(int cpu);
 /// A non-blocking, close-on-exec eventfd, or -errno.
 int CLinux_eventfd(void);
 
+/// Milliseconds since this TCP socket last transmitted data (TCP_INFO's
+/// tcpi_last_data_sent: new data only, not window probes), or UINT32_MAX when unknown.
+unsigned CLinux_tcp_ms_since_data_sent(int fd);
+
 #endif

@@ -37,12 +37,11 @@ public enum ClusterBalancer {
     }
 
     /// An endpoint index within the cluster, never one with weight 0, one `endpoints` says
-    /// is unavailable (unhealthy, ejected, at its connection limit), or one whose bit
-    /// (`index % 64`) is set in `tried`. `active` points at this worker's active-connection
+    /// is unavailable (unhealthy, ejected, at its connection limit), or one in `tried`. `active` points at this worker's active-connection
     /// count per endpoint of the cluster, `clusterActive` is their sum.
     @inlinable
     public func pick(
-        flowHash: UInt64, tried: UInt64, active: UnsafePointer<Int32>, clusterActive: Int,
+        flowHash: UInt64, tried: TriedEndpoints, active: UnsafePointer<Int32>, clusterActive: Int,
         endpoints: EndpointView = .allAvailable
     ) -> Int? {
         switch self {
@@ -56,12 +55,40 @@ public enum ClusterBalancer {
     }
 }
 
+/// The endpoints a connection has tried already, so a retry goes elsewhere: a bit per
+/// endpoint below 64, and for larger clusters a short list of the others (a connection
+/// makes at most 16 attempts). Exact for clusters of any size; an integer literal gives
+/// the bits.
+public struct TriedEndpoints: ExpressibleByIntegerLiteral {
+    public var bits: UInt64
+    @usableFromInline let others: UnsafePointer<UInt16>?
+    @usableFromInline let otherCount: Int
+
+    @inlinable
+    public init(bits: UInt64, others: UnsafePointer<UInt16>? = nil, otherCount: Int = 0) {
+        self.bits = bits
+        self.others = others
+        self.otherCount = otherCount
+    }
+
+    @inlinable
+    public init(integerLiteral value: UInt64) { self.init(bits: value) }
+
+    @inlinable
+    public func contains(_ index: Int) -> Bool {
+        if index < 64 { return bits & (1 &<< UInt64(index)) != 0 }
+        guard let others else { return false }
+        for k in 0..<otherCount where Int(others[k]) == index { return true }
+        return false
+    }
+}
+
 @inlinable
-func isTried(_ index: Int, _ tried: UInt64) -> Bool { tried & (1 &<< UInt64(index & 63)) != 0 }
+func isTried(_ index: Int, _ tried: TriedEndpoints) -> Bool { tried.contains(index) }
 
 /// Not tried yet for this connection and able to take it.
 @inlinable
-func isEligible(_ index: Int, _ tried: UInt64, _ endpoints: EndpointView) -> Bool {
+func isEligible(_ index: Int, _ tried: TriedEndpoints, _ endpoints: EndpointView) -> Bool {
     !isTried(index, tried) && endpoints.isAvailable(index)
 }
 
@@ -78,7 +105,7 @@ public final class WeightedRandom {
     }
 
     @inlinable
-    public func pick(tried: UInt64, endpoints: EndpointView) -> Int? {
+    public func pick(tried: TriedEndpoints, endpoints: EndpointView) -> Int? {
         for _ in 0..<8 {
             let i = table.pick(random.next())
             if weights[i] > 0, isEligible(i, tried, endpoints) { return i }
@@ -123,7 +150,7 @@ public final class LeastRequest {
     }
 
     @inlinable
-    public func pick(tried: UInt64, active: UnsafePointer<Int32>, endpoints: EndpointView) -> Int? {
+    public func pick(tried: TriedEndpoints, active: UnsafePointer<Int32>, endpoints: EndpointView) -> Int? {
         var best = -1
         var bestActive = Int32.max
         var bestScore = -1.0
@@ -166,7 +193,7 @@ public final class MaglevPicker {
     }
 
     @inlinable
-    public func pick(flowHash: UInt64, tried: UInt64, endpoints: EndpointView) -> Int? {
+    public func pick(flowHash: UInt64, tried: TriedEndpoints, endpoints: EndpointView) -> Int? {
         let weights = self.weights
         return table.lookup(flowHash) { weights[$0] > 0 && isEligible($0, tried, endpoints) }
     }
@@ -189,7 +216,7 @@ public final class RingHashPicker {
     }
 
     @inlinable
-    public func pick(flowHash: UInt64, tried: UInt64, active: UnsafePointer<Int32>, clusterActive: Int, endpoints: EndpointView) -> Int? {
+    public func pick(flowHash: UInt64, tried: TriedEndpoints, active: UnsafePointer<Int32>, clusterActive: Int, endpoints: EndpointView) -> Int? {
         let weights = self.weights
         if balanceFactor == 0 {
             return ring.lookup(flowHash) { weights[$0] > 0 && isEligible($0, tried, endpoints) }

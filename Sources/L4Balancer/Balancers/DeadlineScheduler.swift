@@ -68,9 +68,9 @@ public final class DeadlineScheduler {
         return first
     }
 
-    /// The next index whose bit (`index % 64`) is not set in `tried`.
+    /// The next index not in `tried`.
     @inlinable
-    public func pick(tried: UInt64 = 0, endpoints: EndpointView = .allAvailable) -> Int? {
+    public func pick(tried: TriedEndpoints = 0, endpoints: EndpointView = .allAvailable) -> Int? {
         var chosen: Int?
         var skippedCount = 0
         while let entry = pop() {

@@ -13,6 +13,8 @@ public struct MaglevTable: Sendable {
     /// Endpoint index (into the cluster's endpoints as listed in the config) per slot.
     public let slots: [Int32]
     public var size: Int { slots.count }
+    /// Endpoints in the config's order (weight 0 ones included), for the fallback scan.
+    public let endpointCount: Int
 
     public init(endpoints: [(address: SocketAddress, weight: Int)], size: Int = MaglevTable.defaultSize) {
         precondition(MaglevTable.isPrime(size), "Maglev table size must be prime")
@@ -21,6 +23,7 @@ public struct MaglevTable: Sendable {
         let order = endpoints.indices.filter { endpoints[$0].weight > 0 }
             .sorted { endpoints[$0].address.description < endpoints[$1].address.description }
         var table = [Int32](repeating: -1, count: size)
+        endpointCount = endpoints.count
         guard !order.isEmpty else {
             slots = table
             return
@@ -53,7 +56,10 @@ public struct MaglevTable: Sendable {
 
     /// The endpoint for a key hash, walking on through the key's own probe sequence while
     /// `available(index)` is false (an endpoint that is unhealthy, draining, or already
-    /// tried). Keys whose endpoint is available never move.
+    /// tried). Keys whose endpoint is available never move. When most of the cluster is
+    /// out, the probe sequence can miss the few left; after `attempts` probes the key scans
+    /// the endpoints from a place its hash decides, so it never gives up while one is
+    /// available (and keys still spread over those left).
     @inlinable
     public func lookup(_ key: UInt64, attempts: Int = 64, available: (Int) -> Bool) -> Int? {
         let m = UInt64(slots.count)
@@ -63,6 +69,12 @@ public struct MaglevTable: Sendable {
             let endpoint = Int(slots[Int(slot)])
             if endpoint >= 0, available(endpoint) { return endpoint }
             slot = (slot &+ step) % m
+        }
+        guard endpointCount > 0 else { return nil }
+        let start = Int(key % UInt64(endpointCount))
+        for k in 0..<endpointCount {
+            let endpoint = (start + k) % endpointCount
+            if available(endpoint) { return endpoint }
         }
         return nil
     }

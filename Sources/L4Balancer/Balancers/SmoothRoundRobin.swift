@@ -25,10 +25,10 @@ public final class SmoothRoundRobin {
 
     public var count: Int { weights.count }
 
-    /// The next index, skipping those whose bit (`index % 64`) is set in `tried`; nil when
+    /// The next index, skipping those in `tried`; nil when
     /// every index with a weight above 0 is skipped.
     @inlinable
-    public func pick(tried: UInt64 = 0, endpoints: EndpointView = .allAvailable) -> Int? {
+    public func pick(tried: TriedEndpoints = 0, endpoints: EndpointView = .allAvailable) -> Int? {
         var best = -1
         var bestScore = Int.min
         var eligibleTotal = 0

@@ -7,6 +7,7 @@ public struct Config: Sendable, Equatable {
     public var drainTimeout: ConfigDuration = .seconds(30)
     public var admin = Admin()
     public var accessLog = AccessLog.off
+    public var buffers = Buffers()
     public var listeners: [Listener] = []
     public var clusters: [Cluster] = []
 
@@ -15,6 +16,18 @@ public struct Config: Sendable, Equatable {
     public struct Admin: Sendable, Equatable {
         public var address = SocketAddress(ip: [127, 0, 0, 1], port: 9901)
         public var token: String?
+
+        public init() {}
+    }
+
+    /// Each worker's receive buffers (the memory contract, README "Memory"). Small buffers
+    /// carry request/response traffic; a direction whose reads fill one moves to large
+    /// buffers. Only buffers that have carried bytes become resident.
+    public struct Buffers: Sendable, Equatable {
+        public var small = 16_384
+        public var smallSize = 16_384
+        public var large = 16
+        public var largeSize = 1_048_576
 
         public init() {}
     }
@@ -37,7 +50,14 @@ public struct Config: Sendable, Equatable {
         public var connectTimeout: ConfigDuration = .seconds(2)
         public var connectAttempts = 3
         public var idleTimeout: ConfigDuration = .seconds(300)
-        public var maxConnections = 100_000
+        /// How long a send may make no progress at all (the peer accepts nothing) before
+        /// the connection is closed; 0 = never. HAProxy's `timeout client/server` for a
+        /// peer that stopped reading.
+        public var sendTimeout: ConfigDuration = .seconds(30)
+        /// A limit shared by all workers; nil = none (each worker still holds at most
+        /// `Listener.defaultCapacity`), and then no shared counter is touched per connection.
+        public var maxConnections: Int?
+        public static let defaultCapacity = 100_000
         public var proxyProtocol: ProxyProtocol = .none
 
         public init(name: String, address: SocketAddress, clusters: [WeightedCluster]) {

@@ -46,7 +46,7 @@ struct ConfigWalker {
             fail("clusters", "required")
             return config
         }
-        guard let fields = mapping(root, "", keys: ["workers", "drain_timeout", "admin", "access_log", "listeners", "clusters", "filter"]) else {
+        guard let fields = mapping(root, "", keys: ["workers", "drain_timeout", "admin", "access_log", "buffers", "listeners", "clusters", "filter"]) else {
             return config
         }
         if let node = fields["workers"] {
@@ -59,6 +59,7 @@ struct ConfigWalker {
         if let node = fields["drain_timeout"], let d = duration(node, "drain_timeout") { config.drainTimeout = d }
         if let node = fields["admin"] { config.admin = admin(node, "admin") }
         if let node = fields["access_log"] { config.accessLog = accessLog(node, "access_log") }
+        if let node = fields["buffers"] { config.buffers = buffers(node, "buffers") }
         if fields["filter"] != nil { fail("filter", "not supported yet") }
 
         if let node = fields["clusters"] {
@@ -124,7 +125,7 @@ struct ConfigWalker {
     mutating func listener(_ node: Node, _ path: String, clusters known: [String: Int]) -> Config.Listener? {
         guard let fields = mapping(node, path, keys: [
             "name", "address", "protocol", "cluster", "clusters", "connect_timeout", "connect_attempts",
-            "idle_timeout", "max_connections", "proxy_protocol", "rate_limit", "tls", "routes",
+            "idle_timeout", "send_timeout", "max_connections", "proxy_protocol", "rate_limit", "tls", "routes",
         ]) else { return nil }
 
         let address: SocketAddress?
@@ -173,6 +174,7 @@ struct ConfigWalker {
         }
         if let n = fields["connect_attempts"], let v = int(n, "\(path).connect_attempts", 1...16) { listener.connectAttempts = v }
         if let n = fields["idle_timeout"], let d = duration(n, "\(path).idle_timeout") { listener.idleTimeout = d }
+        if let n = fields["send_timeout"], let d = duration(n, "\(path).send_timeout") { listener.sendTimeout = d }
         if let n = fields["max_connections"], let v = int(n, "\(path).max_connections", 1...10_000_000) { listener.maxConnections = v }
         if let n = fields["proxy_protocol"], let p = choice(n, "\(path).proxy_protocol", Config.Listener.ProxyProtocol.self) {
             listener.proxyProtocol = p

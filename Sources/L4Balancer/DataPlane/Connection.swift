@@ -2,7 +2,7 @@
 /// streams between them. A plain struct in the worker's slab; nothing is allocated per
 /// connection.
 struct Connection {
-        enum State: UInt8 {
+    enum State: UInt8 {
         case free
         /// Waiting for the upstream connect (attempt `attempts`).
         case connecting
@@ -13,38 +13,98 @@ struct Connection {
         case closing
     }
 
-    /// One direction of the byte stream. Small buffers arrive from a multishot receive that
-    /// stays armed across sends; what arrives while a send is in flight waits in a short
-    /// queue, and a second waiting buffer stops the receive (cancel) until the queue has
-    /// drained, so a slow reader stops its writer after a few buffers. Large buffers
-    /// (bulk) use one single-shot receive at a time, re-armed when its send completes.
+    /// One direction of the byte stream: bytes received from its source socket are sent to
+    /// its destination socket in the buffer they arrived in.
+    ///
+    /// **Memory contract.** A direction holds at most two small buffers (the one being
+    /// sent, and one filling behind it) or one large buffer, whatever its peers do:
+    /// - a receive is armed only while the direction holds nothing;
+    /// - a small receive is multishot with a total limit of one small buffer, so the kernel
+    ///   ends it by itself: every completion but the last of one arm brings less than a
+    ///   buffer in all, the last at most one more buffer;
+    /// - bytes that arrive while a send is in flight are copied onto the end of the buffer
+    ///   being sent (or of the one behind it), so one arm never needs a third buffer;
+    /// - a large receive is single-shot and re-armed only after its send has completed.
+    /// (Without the kernel's limit, Linux < 6.16, small receives are single-shot too.)
+    ///
+    /// **States** (`state`; `receive` says whether a receive request is armed):
+    ///
+    /// | from | event | to |
+    /// |---|---|---|
+    /// | receiving | bytes arrive | sending |
+    /// | receiving | the arm ends without bytes (limit, or re-armed) | receiving |
+    /// | receiving | `ENOBUFS` | waitingForBuffer (queued in `BufferWaitQueue`) |
+    /// | receiving | EOF | finished (FIN forwarded with `shutdown(SHUT_WR)`) |
+    /// | sending | bytes arrive (appended, or the buffer behind) | sending |
+    /// | sending | a partial send, or the next buffer starts | sending |
+    /// | sending | everything sent (re-armed if the arm had ended) | receiving |
+    /// | sending | everything sent, but the re-arm could not be queued | waitingForBuffer |
+    /// | sending | EOF | flushingBeforeEOF |
+    /// | waitingForBuffer | buffers return, re-armed | receiving |
+    /// | flushingBeforeEOF | a partial send, or the next buffer starts | flushingBeforeEOF |
+    /// | flushingBeforeEOF | everything sent | finished |
+    ///
+    /// An error on either socket, a timeout or a drain closes the whole connection from any
+    /// state. Debug builds assert every move against this table (`move(to:)`).
     struct Stream {
-        /// A receive is in flight: multishot (small buffers) or single-shot (large).
-        var receiving = false
-        var multishot = false
-        /// A cancel is on its way to the multishot receive (backpressure, or switching to
-        /// large buffers).
-        var stopping = false
-        /// A send of `buffer` is in flight.
-        var sending = false
-        /// The buffer ring was empty; re-armed when buffers return.
-        var waitingForBuffer = false
-        /// EOF received; forwarded once everything before it has been sent.
-        var eof = false
-        /// EOF forwarded with `shutdown(SHUT_WR)`.
-        var finished = false
+        enum State: UInt8 {
+            /// Nothing held; a receive is armed.
+            case receiving
+            /// `buffer` (and maybe `pending`) held; a send of `buffer` is in flight.
+            case sending
+            /// Nothing held, nothing in flight: queued until buffers return.
+            case waitingForBuffer
+            /// EOF received; what came before it is still being sent.
+            case flushingBeforeEOF
+            /// EOF forwarded; nothing held, nothing in flight.
+            case finished
+        }
+
+        /// The receive request of this direction.
+        enum Receive: UInt8 {
+            case off
+            case multishot
+            case single
+        }
+
+        static let noBuffer: UInt16 = .max
+
+        var state = State.receiving
+        var receive = Receive.off
         /// The buffer being sent is from the large-buffer group.
         var large = false
         /// The last read filled a small buffer: bulk traffic, use large buffers.
         var prefersLarge = false
-        /// Small buffers received while a send was in flight, oldest first, linked through
-        /// the worker's per-buffer `queuedNext`.
-        var queued: UInt16 = 0
-        var queueHead: UInt16 = 0
-        var queueTail: UInt16 = 0
+        /// The buffer being sent: bytes `sent..<length` are still to go.
         var buffer: UInt16 = 0
+        /// A small buffer waiting behind `buffer`, holding `pendingLength` bytes.
+        var pending = Stream.noBuffer
+        var pendingLength: Int32 = 0
         var length: Int32 = 0
         var sent: Int32 = 0
+        /// When the send in flight last made progress (timer ticks), for `send_timeout`.
+        var sendProgress: UInt32 = 0
+
+        var isSending: Bool { state == .sending || state == .flushingBeforeEOF }
+
+        @inline(__always)
+        mutating func move(to next: State) {
+            assert(Stream.isLegal(from: state, to: next), "relay: \(state) → \(next) is not in the table")
+            state = next
+        }
+
+        /// The transition table above.
+        static func isLegal(from: State, to: State) -> Bool {
+            switch (from, to) {
+            case (.receiving, .sending), (.receiving, .receiving), (.receiving, .waitingForBuffer), (.receiving, .finished),
+                (.sending, .sending), (.sending, .receiving), (.sending, .flushingBeforeEOF), (.sending, .waitingForBuffer),
+                (.waitingForBuffer, .receiving),
+                (.flushingBeforeEOF, .flushingBeforeEOF), (.flushingBeforeEOF, .finished):
+                return true
+            default:
+                return false
+            }
+        }
     }
 
     var generation: UInt32 = 0
@@ -61,14 +121,15 @@ struct Connection {
     var upstream: Int32 = -1
     /// Requests in flight whose completions still name this slot.
     var inFlight: Int32 = 0
-    /// Endpoints already tried (bit `index % 64`), so retries go elsewhere.
+    /// Endpoints already tried (below 64: a bit each; others in the worker's side table).
     var tried: UInt64 = 0
     /// Client → upstream.
     var toUpstream = Stream()
     /// Upstream → client.
     var toClient = Stream()
-    /// Last time bytes moved, in timer ticks.
+    /// Last time bytes moved either way (received or sent), in timer ticks.
     var lastActivity: UInt32 = 0
+
     /// Timer wheel links (slot index + 1; 0 = none) and the bucket it is in.
     var timerPrevious: UInt32 = 0
     var timerNext: UInt32 = 0

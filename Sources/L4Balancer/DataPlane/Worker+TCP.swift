@@ -23,6 +23,7 @@ extension Worker {
         guard completion.result >= 0 else {
             if completion.result != -ECANCELED, completion.result != -EINVAL {
                 stats.add(.acceptErrors, listener: listener)
+                noteResourceError(-completion.result, while: "accepting")
             }
             return
         }
@@ -62,9 +63,7 @@ extension Worker {
         }
         stats.add(.accepted, listener: listener)
         stats.add(.active, listener: listener)
-        if idleTicks[listener] > 0 {
-            wheel.insert(slot, deadline: nowTick &+ idleTicks[listener], in: slab)
-        }
+        startTimers(slot, listener: listener)
         startConnect(slot)
     }
 
@@ -75,17 +74,17 @@ extension Worker {
         let listener = Int(record.pointee.listener)
         let clusterIndex = Int(record.pointee.cluster)
         let cluster = snapshot.clusters[clusterIndex]
-        guard let local = chooseEndpoint(record, clusterIndex: clusterIndex, cluster: cluster) else {
+        guard let local = chooseEndpoint(slot, record, clusterIndex: clusterIndex, cluster: cluster) else {
             stats.add(.connectFailed, listener: listener)
             close(slot)
             return
         }
-        record.pointee.tried |= 1 &<< UInt64(local & 63)
-        record.pointee.attempts &+= 1
+        markTried(slot, record, local)
         let endpoint = cluster.firstEndpoint + local
         let address = UnsafeMutableRawPointer(endpointAddresses + endpoint).assumingMemoryBound(to: sockaddr.self)
         let fd = socket(Int32(address.pointee.sa_family), Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else {
+            noteResourceError(errno, while: "opening an upstream socket")
             stats.add(.connectFailed, listener: listener)
             close(slot)
             return
@@ -96,28 +95,58 @@ extension Worker {
         stats.add(.active, endpoint: endpoint)
         activeByEndpoint[endpoint] += 1
         activeByCluster[clusterIndex] += 1
-        ring.prepareConnect(
+        guard ring.prepareConnect(
             socket: fd, address: address, length: endpointAddressLengths[endpoint],
             userData: UserData(.connect, slot: slot, generation: record.pointee.generation).raw,
             timeout: connectTimeouts + listener, timeoutUserData: UserData(.linkTimeout).raw)
+        else {
+            stats.add(.submissionDrops)
+            stats.add(.connectFailed, listener: listener)
+            close(slot)
+            return
+        }
         record.pointee.inFlight += 1
+    }
+
+    /// Records that this connection tried `local`: a bit below 64, else the slot's side
+    /// table, at the position of this attempt.
+    @inline(__always)
+    func markTried(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, _ local: Int) {
+        let attempt = Int(record.pointee.attempts)
+        if local < 64 {
+            record.pointee.tried |= 1 &<< UInt64(local)
+            triedAbove64[Int(slot) * Worker.triedStride + attempt] = UInt16.max
+        } else {
+            triedAbove64[Int(slot) * Worker.triedStride + attempt] = UInt16(local)
+        }
+        record.pointee.attempts &+= 1
     }
 
     /// The balancer's pick among available endpoints, holding a place on it (its
     /// max_connections). During slow start an endpoint is taken with probability
     /// 10% → 100% over the window, so its share ramps up; rejected picks are skipped for
     /// this choice only.
-    func chooseEndpoint(_ record: UnsafeMutablePointer<Connection>, clusterIndex: Int, cluster: Snapshot.ClusterPlan) -> Int? {
+    func chooseEndpoint(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, clusterIndex: Int, cluster: Snapshot.ClusterPlan) -> Int? {
         let view = status.view(firstEndpoint: cluster.firstEndpoint)
         let window = slowStartMilliseconds[clusterIndex]
-        var skip = record.pointee.tried
+        // Tried endpoints, plus those skipped for this choice only (appended after them).
+        var bits = record.pointee.tried
+        let others = triedAbove64 + Int(slot) * Worker.triedStride
+        var otherCount = Int(record.pointee.attempts)
         var fallback: Int?
-        for _ in 0..<8 {
+        for _ in 0..<Worker.picksPerChoice {
             guard let local = balancers[clusterIndex].pick(
-                flowHash: record.pointee.flowHash, tried: skip,
+                flowHash: record.pointee.flowHash, tried: TriedEndpoints(bits: bits, others: others, otherCount: otherCount),
                 active: activeByEndpoint + cluster.firstEndpoint, clusterActive: activeByCluster[clusterIndex], endpoints: view)
             else { break }
-            let bit: UInt64 = 1 &<< UInt64(local & 63)
+            func skip() {
+                if local < 64 {
+                    bits |= 1 &<< UInt64(local)
+                } else {
+                    others[otherCount] = UInt16(local)
+                    otherCount += 1
+                }
+            }
             if window > 0 {
                 let since = status.availableSince(cluster.firstEndpoint + local)
                 let elapsed = nowMilliseconds - since
@@ -125,13 +154,13 @@ extension Worker {
                     let factor = 0.1 + 0.9 * Double(elapsed) / Double(window)
                     if Double(random.next() >> 11) * 0x1p-53 >= factor {
                         if fallback == nil { fallback = local }
-                        skip |= bit
+                        skip()
                         continue
                     }
                 }
             }
             if status.admit(cluster.firstEndpoint + local) { return local }
-            skip |= bit
+            skip()
         }
         if let fallback, status.admit(cluster.firstEndpoint + fallback) { return fallback }
         return nil
@@ -215,53 +244,83 @@ extension Worker {
         armReceive(slot, record, toUpstream: false)
     }
 
-    /// Small buffers: a multishot receive that stays armed across sends. Large buffers: one
-    /// single-shot receive, re-armed after its send (bulk wants big reads, not overlap).
+    /// Arms the receive of a direction that holds nothing (`Connection.Stream` has the
+    /// contract): small buffers through a multishot receive limited to one buffer's worth,
+    /// large ones through a single-shot receive.
     @inline(__always)
     func armReceive(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, toUpstream: Bool) {
         let s = stream(record, toUpstream: toUpstream)
-        s.pointee.receiving = true
-        s.pointee.waitingForBuffer = false
-        let large = s.pointee.prefersLarge
-        s.pointee.multishot = !large
         let socket = source(record, toUpstream: toUpstream)
+        let large = s.pointee.prefersLarge
         let operation: UserData.Operation = large
             ? (toUpstream ? .receiveLargeFromClient : .receiveLargeFromUpstream)
             : (toUpstream ? .receiveFromClient : .receiveFromUpstream)
         let userData = UserData(operation, slot: slot, generation: record.pointee.generation).raw
+        let queued: Bool
         if large {
-            ring.prepareReceive(socket: socket, bufferGroup: Worker.largeBufferGroup, userData: userData)
+            queued = ring.prepareReceive(socket: socket, bufferGroup: Worker.largeBufferGroup, userData: userData)
+            s.pointee.receive = .single
+        } else if multishotSmallReceives {
+            queued = ring.prepareMultishotReceive(
+                socket: socket, bufferGroup: Worker.smallBufferGroup, limit: UInt32(smallBuffers.bufferSize), userData: userData)
+            s.pointee.receive = .multishot
         } else {
-            ring.prepareMultishotReceive(socket: socket, bufferGroup: Worker.smallBufferGroup, userData: userData)
+            queued = ring.prepareReceive(socket: socket, bufferGroup: Worker.smallBufferGroup, userData: userData)
+            s.pointee.receive = .single
         }
+        guard queued else {
+            // The submission queue stayed full: try again when buffers are next published.
+            stats.add(.submissionDrops)
+            s.pointee.receive = .off
+            waitForBuffer(slot, record, toUpstream: toUpstream)
+            return
+        }
+        s.pointee.move(to: .receiving)
         record.pointee.inFlight += 1
     }
 
+    /// Queues a direction that holds nothing until buffers return; behind the others when
+    /// its connection's other direction is stuck on a peer that is not reading.
+    func waitForBuffer(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, toUpstream: Bool) {
+        let s = stream(record, toUpstream: toUpstream)
+        if s.pointee.state != .waitingForBuffer { s.pointee.move(to: .waitingForBuffer) }
+        let stuck = stream(record, toUpstream: !toUpstream).pointee.isSending
+        waiters.push(BufferWaitQueue.entry(slot: slot, toUpstream: toUpstream), priority: stuck ? .later : .first)
+    }
+
+    /// Sends what is left of the direction's buffer. The buffer is recycled when this send
+    /// completes, never before: the kernel reads it until then.
     @inline(__always)
     func sendPending(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, toUpstream: Bool) {
         let s = stream(record, toUpstream: toUpstream)
         let sent = Int(s.pointee.sent)
-        ring.prepareSend(
+        guard ring.prepareSend(
             socket: destination(record, toUpstream: toUpstream),
             bytes: bufferAddress(s.pointee.buffer, large: s.pointee.large) + sent, length: Int(s.pointee.length) - sent,
             userData: UserData(toUpstream ? .sendToUpstream : .sendToClient, slot: slot, generation: record.pointee.generation).raw)
+        else {
+            stats.add(.submissionDrops)
+            recycle(s.pointee.buffer, large: s.pointee.large)
+            close(slot)
+            return
+        }
         record.pointee.inFlight += 1
     }
 
     @inline(__always)
     func startSend(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, toUpstream: Bool, buffer: UInt16, length: Int32, large: Bool) {
         let s = stream(record, toUpstream: toUpstream)
-        s.pointee.sending = true
         s.pointee.buffer = buffer
         s.pointee.large = large
         s.pointee.length = length
         s.pointee.sent = 0
+        s.pointee.sendProgress = nowTick
         sendPending(slot, record, toUpstream: toUpstream)
     }
 
     func received(_ completion: Completion, _ userData: UserData, toUpstream: Bool, large: Bool) {
         let buffer = completion.bufferID
-        if buffer != nil, !large { smallBuffersOut += 1 }
+        if buffer != nil { handedOut(large: large) }
         let slot = userData.slot
         let record = slab[slot]
         guard record.pointee.generation == userData.generation else {
@@ -276,11 +335,7 @@ extension Worker {
             return
         }
         let s = stream(record, toUpstream: toUpstream)
-        if !more {
-            s.pointee.receiving = false
-            s.pointee.multishot = false
-            s.pointee.stopping = false
-        }
+        if !more { s.pointee.receive = .off }
         let result = completion.result
         if result > 0, let buffer {
             if !large, Int(result) == smallBuffers.bufferSize {
@@ -298,40 +353,64 @@ extension Worker {
                 stats.add(.bytesOut, listener: listener, UInt64(result))
                 stats.add(.bytesIn, endpoint: endpoint, UInt64(result))
             }
-            if s.pointee.sending {
-                enqueue(buffer, length: result, on: s)
+            if s.pointee.state == .sending {
+                absorb(slot, buffer, length: result, into: s)
             } else {
+                s.pointee.move(to: .sending)
                 startSend(slot, record, toUpstream: toUpstream, buffer: buffer, length: result, large: large)
-            }
-            // Backpressure: a buffer already waiting means the reader is slower than the
-            // writer; stop receiving until the queue drains. Bulk: stop, to re-arm large.
-            if s.pointee.receiving, s.pointee.multishot, !s.pointee.stopping, s.pointee.queued > 0 || s.pointee.prefersLarge {
-                s.pointee.stopping = true
-                ring.prepareCancel(target: userData.raw, userData: UserData(.cancel).raw)
             }
             return
         }
         if let buffer { recycle(buffer, large: large) }
         if result == 0 {
-            // EOF: forward it as a half-close (after what is queued) and keep the other
-            // direction open.
-            s.pointee.eof = true
-            if !s.pointee.sending { forwardEOF(slot, record, toUpstream: toUpstream) }
+            // EOF: forward it as a half-close once what came before it is sent, and keep
+            // the other direction open.
+            if s.pointee.state == .sending {
+                s.pointee.move(to: .flushingBeforeEOF)
+            } else {
+                forwardEOF(slot, record, toUpstream: toUpstream)
+            }
         } else if result == -ENOBUFS, large {
             // Large buffers are few: fall back to small ones rather than wait.
             s.pointee.prefersLarge = false
-            if !s.pointee.sending { armReceive(slot, record, toUpstream: toUpstream) }
+            if s.pointee.state == .receiving { armReceive(slot, record, toUpstream: toUpstream) }
         } else if result == -ENOBUFS {
-            // Re-armed when the send in flight completes, or when buffers return.
-            if !s.pointee.sending {
-                s.pointee.waitingForBuffer = true
-                stats.add(.bufferWaits, listener: Int(record.pointee.listener))
-                waiters.push(userData.raw)
-            }
+            // Nothing held: wait for buffers. Sending: re-armed when the send completes.
+            stats.add(.bufferWaits, listener: Int(record.pointee.listener))
+            if s.pointee.state == .receiving { waitForBuffer(slot, record, toUpstream: toUpstream) }
         } else if result == -ECANCELED, !more {
-            // Stopped for backpressure or to switch buffer size: re-armed once idle.
-            if !s.pointee.sending { armReceive(slot, record, toUpstream: toUpstream) }
+            if s.pointee.state == .receiving { armReceive(slot, record, toUpstream: toUpstream) }
+        } else if !more || result < 0 {
+            close(slot)
+        }
+    }
+
+    /// Bytes that arrived while a send is in flight: copied onto the end of the buffer
+    /// being sent, or of the one waiting behind it, or kept as that one. By the receive's
+    /// limit one arm never needs more (`Connection.Stream`).
+    @inline(__always)
+    func absorb(_ slot: UInt32, _ buffer: UInt16, length: Int32, into s: UnsafeMutablePointer<Connection.Stream>) {
+        let capacity = Int32(smallBuffers.bufferSize)
+        if s.pointee.pending == Connection.Stream.noBuffer {
+            if !s.pointee.large, s.pointee.length + length <= capacity {
+                // Past the bytes the send in flight reads: safe to write now.
+                (bufferAddress(s.pointee.buffer, large: false) + Int(s.pointee.length))
+                    .copyMemory(from: bufferAddress(buffer, large: false), byteCount: Int(length))
+                s.pointee.length += length
+                recycle(buffer, large: false)
+            } else {
+                s.pointee.pending = buffer
+                s.pointee.pendingLength = length
+            }
+        } else if s.pointee.pendingLength + length <= capacity {
+            (bufferAddress(s.pointee.pending, large: false) + Int(s.pointee.pendingLength))
+                .copyMemory(from: bufferAddress(buffer, large: false), byteCount: Int(length))
+            s.pointee.pendingLength += length
+            recycle(buffer, large: false)
         } else {
+            // Outside the contract (a kernel that ignored the limit): keep no third buffer.
+            assertionFailure("a direction received beyond its two buffers")
+            recycle(buffer, large: false)
             close(slot)
         }
     }
@@ -344,27 +423,30 @@ extension Worker {
         let s = stream(record, toUpstream: toUpstream)
         guard record.pointee.state == .proxying, completion.result > 0 else {
             recycle(s.pointee.buffer, large: s.pointee.large)
-            s.pointee.sending = false
             if record.pointee.state == .proxying { close(slot) } else { finishClosing(slot) }
             return
         }
         s.pointee.sent += completion.result
+        record.pointee.lastActivity = nowTick
+        s.pointee.sendProgress = nowTick
         if s.pointee.sent < s.pointee.length {
             sendPending(slot, record, toUpstream: toUpstream)
             return
         }
         recycle(s.pointee.buffer, large: s.pointee.large)
-        record.pointee.lastActivity = nowTick
-        if s.pointee.queued > 0 {
-            let next = dequeue(from: s)
-            startSend(slot, record, toUpstream: toUpstream, buffer: next, length: queuedLength[Int(next)], large: false)
+        if s.pointee.pending != Connection.Stream.noBuffer {
+            let next = s.pointee.pending
+            s.pointee.pending = Connection.Stream.noBuffer
+            startSend(slot, record, toUpstream: toUpstream, buffer: next, length: s.pointee.pendingLength, large: false)
             return
         }
-        s.pointee.sending = false
-        if s.pointee.eof {
+        if s.pointee.state == .flushingBeforeEOF {
             forwardEOF(slot, record, toUpstream: toUpstream)
-        } else if !s.pointee.receiving, !s.pointee.waitingForBuffer {
+        } else if s.pointee.receive == .off {
             armReceive(slot, record, toUpstream: toUpstream)
+        } else {
+            // The multishot receive is still armed: it goes on filling.
+            s.pointee.move(to: .receiving)
         }
     }
 
@@ -372,10 +454,10 @@ extension Worker {
     /// connection once both directions are done.
     func forwardEOF(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, toUpstream: Bool) {
         let s = stream(record, toUpstream: toUpstream)
-        s.pointee.finished = true
+        s.pointee.move(to: .finished)
         // The last direction to end needs no shutdown: both sockets have been read to
         // their FIN, so closing them sends FIN (not RST) — one syscall less per connection.
-        if stream(record, toUpstream: !toUpstream).pointee.finished {
+        if stream(record, toUpstream: !toUpstream).pointee.state == .finished {
             close(slot)
             return
         }
@@ -385,29 +467,13 @@ extension Worker {
         shutdown(destination(record, toUpstream: toUpstream), Int32(SHUT_WR))
     }
 
-    @inline(__always)
-    func enqueue(_ buffer: UInt16, length: Int32, on s: UnsafeMutablePointer<Connection.Stream>) {
-        queuedLength[Int(buffer)] = length
-        if s.pointee.queued == 0 {
-            s.pointee.queueHead = buffer
-        } else {
-            queuedNext[Int(s.pointee.queueTail)] = buffer
+    /// A closing connection gives back the buffer waiting behind a send; the one being
+    /// sent goes back when that send completes (cancelled).
+    func dropPending(_ s: UnsafeMutablePointer<Connection.Stream>) {
+        if s.pointee.pending != Connection.Stream.noBuffer {
+            recycle(s.pointee.pending, large: false)
+            s.pointee.pending = Connection.Stream.noBuffer
         }
-        s.pointee.queueTail = buffer
-        s.pointee.queued += 1
-    }
-
-    @inline(__always)
-    func dequeue(from s: UnsafeMutablePointer<Connection.Stream>) -> UInt16 {
-        let buffer = s.pointee.queueHead
-        s.pointee.queueHead = queuedNext[Int(buffer)]
-        s.pointee.queued -= 1
-        return buffer
-    }
-
-    /// Buffers received but not sent go back to the ring when the connection closes.
-    func dropQueued(_ s: UnsafeMutablePointer<Connection.Stream>) {
-        while s.pointee.queued > 0 { recycle(dequeue(from: s), large: false) }
     }
 
     // MARK: Close
@@ -431,15 +497,25 @@ extension Worker {
             limits.leave(listener)
             stats.add(.active, listener: listener, UInt64.max)
         }
-        dropQueued(stream(record, toUpstream: true))
-        dropQueued(stream(record, toUpstream: false))
+        dropPending(stream(record, toUpstream: true))
+        dropPending(stream(record, toUpstream: false))
+        waiters.remove(BufferWaitQueue.entry(slot: slot, toUpstream: true))
+        waiters.remove(BufferWaitQueue.entry(slot: slot, toUpstream: false))
         if record.pointee.inFlight > 0 {
-            ring.prepareCancelAll(fd: record.pointee.client, userData: UserData(.cancel).raw)
-            if record.pointee.upstream >= 0 {
-                ring.prepareCancelAll(fd: record.pointee.upstream, userData: UserData(.cancel).raw)
-            }
+            cancelAll(on: record.pointee.client)
+            if record.pointee.upstream >= 0 { cancelAll(on: record.pointee.upstream) }
         }
         finishClosing(slot)
+    }
+
+    /// Cancels every request on `fd`. When even that cannot be queued, shutting the socket
+    /// down makes its requests complete on their own.
+    @inline(__always)
+    func cancelAll(on fd: Int32) {
+        if !ring.prepareCancelAll(fd: fd, userData: UserData(.cancel).raw) {
+            stats.add(.submissionDrops)
+            shutdown(fd, Int32(SHUT_RDWR))
+        }
     }
 
     func finishClosing(_ slot: UInt32) {
@@ -459,6 +535,27 @@ extension Worker {
         activeByEndpoint[endpoint] -= 1
         activeByCluster[Int(record.pointee.cluster)] -= 1
         record.pointee.endpoint = -1
+    }
+
+    /// Out of descriptors or memory: tell the operator, at most once a minute per worker
+    /// (the counters have every occurrence).
+    @inline(never)
+    func noteResourceError(_ code: Int32, while doing: String) {
+        guard code == EMFILE || code == ENFILE || code == ENOMEM || code == ENOBUFS else { return }
+        guard nowMilliseconds - lastResourceWarning >= 60_000 || lastResourceWarning == 0 else { return }
+        lastResourceWarning = nowMilliseconds
+        let what = code == EMFILE || code == ENFILE ? "out of file descriptors" : "out of memory"
+        logger.warning("\(what) while \(doing): \(String(cString: strerror(code))); new clients are refused until it recovers", metadata: [
+            "worker": "\(control.index)",
+        ])
+    }
+
+    /// Makes the coming close send RST on both sockets and drop what is unsent.
+    func resetOnClose(_ record: UnsafeMutablePointer<Connection>) {
+        var linger = Glibc.linger(l_onoff: 1, l_linger: 0)
+        let size = socklen_t(MemoryLayout<Glibc.linger>.size)
+        setsockopt(record.pointee.client, SOL_SOCKET, SO_LINGER, &linger, size)
+        if record.pointee.upstream >= 0 { setsockopt(record.pointee.upstream, SOL_SOCKET, SO_LINGER, &linger, size) }
     }
 
     @inline(__always)

@@ -1,3 +1,4 @@
+import CLinux
 import Logging
 import URing
 
@@ -41,14 +42,21 @@ final class Worker {
     /// buffer (bulk transfers: fewer, bigger reads and sends).
     var smallBuffers: ProvidedBufferRing
     var largeBuffers: ProvidedBufferRing
-    /// Small buffers handed to the kernel's receives minus those recycled.
-    var smallBuffersOut = 0
+    /// Whether small receives are multishot with a total limit (Linux 6.16); without it
+    /// they are single-shot, which keeps the same per-direction bound.
+    let multishotSmallReceives: Bool
     var slab: ConnectionSlab
     var wheel: TimerWheel
     var waiters: BufferWaitQueue
-    /// Per small buffer: the next buffer in its stream's send queue, and its length.
-    let queuedNext: UnsafeMutablePointer<UInt16>
-    let queuedLength: UnsafeMutablePointer<Int32>
+    /// Per slot: endpoints at index 64 and above already tried (`Connection.tried` has a
+    /// bit for each below 64), up to `maximumAttempts`. Reserved, touched only by
+    /// connections to clusters that large.
+    let triedAbove64: UnsafeMutablePointer<UInt16>
+    static let maximumAttempts = 16
+    /// Balancer picks per endpoint choice (slow start and full endpoints skip some).
+    static let picksPerChoice = 8
+    /// Side-table entries per slot: one per attempt, then this choice's skips.
+    static let triedStride = maximumAttempts + picksPerChoice
 
     let listenerFDs: [Int32]
     var acceptArmed: [Bool]
@@ -59,8 +67,9 @@ final class Worker {
     let activeByCluster: UnsafeMutablePointer<Int>
     /// Per listener with more than one cluster: the weighted split of new connections.
     let clusterSplits: [SmoothRoundRobin?]
-    /// Per listener: idle timeout in ticks (0 = none).
+    /// Per listener: idle timeout and send timeout in ticks (0 = none).
     let idleTicks: [UInt32]
+    let sendTicks: [UInt32]
 
     // Memory the kernel reads at submit time, allocated once.
     let endpointAddresses: UnsafeMutablePointer<sockaddr_storage>
@@ -76,6 +85,8 @@ final class Worker {
     let startMilliseconds: Int64
     var draining = false
     var forcedClose = false
+    /// When a resource error was last logged (monotonic ms; 0 = never).
+    var lastResourceWarning: Int64 = 0
     /// How long the worker lets completions gather before it is woken (0: woken for each).
     let batchWindowMicroseconds: UInt32
     /// Completions found by one wake-up that switch the window on for the next wait.
@@ -90,10 +101,28 @@ final class Worker {
 
     struct Options {
         var ringEntries: UInt32 = 4096
-        var smallBufferCount = 1024
+        var smallBufferCount = 16_384
         var smallBufferSize = 16 * 1024
         var largeBufferCount = 16
         var largeBufferSize = 1024 * 1024
+        /// Buffers in the kernel's ring at once; the rest wait in the pool's free stack.
+        var smallBufferWindow = 1024
+
+        init() {}
+
+        init(buffers: Config.Buffers) {
+            smallBufferCount = buffers.small
+            smallBufferSize = buffers.smallSize
+            largeBufferCount = buffers.large
+            largeBufferSize = buffers.largeSize
+        }
+
+        /// The largest power of two ≤ `count`, capped: what one ring can hold.
+        static func window(for count: Int, cap: Int) -> Int {
+            var window = 1
+            while window * 2 <= min(count, cap) { window *= 2 }
+            return window
+        }
     }
 
     init(
@@ -112,17 +141,18 @@ final class Worker {
         self.listenerFDs = listenerFDs
         self.ring = try Ring(entries: options.ringEntries)
         self.smallBuffers = try ProvidedBufferRing(
-            ring: ring, group: Worker.smallBufferGroup, count: options.smallBufferCount, bufferSize: options.smallBufferSize)
+            ring: ring, group: Worker.smallBufferGroup, count: options.smallBufferCount, bufferSize: options.smallBufferSize,
+            window: Options.window(for: options.smallBufferCount, cap: options.smallBufferWindow))
         self.largeBuffers = try ProvidedBufferRing(
-            ring: ring, group: Worker.largeBufferGroup, count: options.largeBufferCount, bufferSize: options.largeBufferSize)
+            ring: ring, group: Worker.largeBufferGroup, count: options.largeBufferCount, bufferSize: options.largeBufferSize,
+            window: Options.window(for: options.largeBufferCount, cap: 32768))
+        multishotSmallReceives = ring.capabilities.multishotReceiveLimit
 
-        queuedNext = .allocate(capacity: options.smallBufferCount)
-        queuedNext.initialize(repeating: 0, count: options.smallBufferCount)
-        queuedLength = .allocate(capacity: options.smallBufferCount)
-        queuedLength.initialize(repeating: 0, count: options.smallBufferCount)
-        let capacity = min(snapshot.listeners.reduce(0) { $0 + $1.maxConnections }, 1 << 22)
+        let capacity = min(snapshot.listeners.reduce(0) { $0 + $1.workerCapacity }, 1 << 22)
         slab = ConnectionSlab(capacity: capacity)
-        waiters = BufferWaitQueue(capacity: 2 * capacity)
+        waiters = BufferWaitQueue(slots: capacity)
+        triedAbove64 = mmap(nil, capacity * Worker.triedStride * 2, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)!
+            .bindMemory(to: UInt16.self, capacity: capacity * Worker.triedStride)
         startMilliseconds = monotonicMilliseconds()
         nowMilliseconds = startMilliseconds
         nowTick = 0
@@ -137,10 +167,8 @@ final class Worker {
         activeByCluster = .allocate(capacity: max(snapshot.clusters.count, 1))
         activeByCluster.initialize(repeating: 0, count: max(snapshot.clusters.count, 1))
         clusterSplits = snapshot.listeners.map { $0.clusters.count > 1 ? SmoothRoundRobin(weights: $0.clusterWeights) : nil }
-        idleTicks = snapshot.listeners.map { listener in
-            listener.idleTimeoutMilliseconds <= 0 ? 0
-                : UInt32(max(1, (listener.idleTimeoutMilliseconds + Worker.tickMilliseconds - 1) / Worker.tickMilliseconds))
-        }
+        idleTicks = snapshot.listeners.map { Worker.ticks($0.idleTimeoutMilliseconds) }
+        sendTicks = snapshot.listeners.map { Worker.ticks($0.sendTimeoutMilliseconds) }
 
         endpointAddresses = .allocate(capacity: max(snapshot.endpoints.count, 1))
         endpointAddressLengths = .allocate(capacity: max(snapshot.endpoints.count, 1))
@@ -166,11 +194,14 @@ final class Worker {
     }
 
     deinit {
+        // Explicitly, while the ring is alive: stored properties are destroyed after this
+        // body, in an order the language does not promise.
+        smallBuffers.unregister(from: ring)
+        largeBuffers.unregister(from: ring)
         slab.deallocate()
         wheel.deallocate()
         waiters.deallocate()
-        queuedNext.deallocate()
-        queuedLength.deallocate()
+        munmap(triedAbove64, slab.capacity * Worker.triedStride * 2)
         endpointAddresses.deallocate()
         endpointAddressLengths.deallocate()
         activeByEndpoint.deallocate()
@@ -182,6 +213,11 @@ final class Worker {
         completions.deallocate()
     }
 
+    /// Milliseconds as timer ticks, rounded up (0 stays 0: no timeout).
+    static func ticks(_ milliseconds: Int64) -> UInt32 {
+        milliseconds <= 0 ? 0 : UInt32(min(max(1, (milliseconds + tickMilliseconds - 1) / tickMilliseconds), Int64(UInt32.max / 2)))
+    }
+
     // MARK: Loop
 
     /// Runs until a drain has closed every connection.
@@ -191,13 +227,21 @@ final class Worker {
         ring.prepareTimeout(tickTimeout, userData: UserData(.tick).raw)
         logger.debug("worker started", metadata: ["worker": "\(control.index)", "io_uring": "\(ring.capabilities)"])
 
+        var loggedWaitError = false
         while !(draining && slab.active == 0) {
             do {
                 try waitForCompletions()
             } catch {
-                logger.critical("io_uring wait failed: \(error)", metadata: ["worker": "\(control.index)"])
-                break
+                // Degrade, never stop serving: count it, log the first one, back off a
+                // moment, and reap whatever is there.
+                stats.add(.waitErrors)
+                if !loggedWaitError {
+                    loggedWaitError = true
+                    logger.error("io_uring wait failed: \(error); retrying", metadata: ["worker": "\(control.index)"])
+                }
+                usleep(1000)
             }
+            stats.add(.iterations)
             updateClock()
             var handled = 0
             while true {
@@ -252,12 +296,13 @@ final class Worker {
 
     @inline(__always)
     func recycle(_ buffer: UInt16, large: Bool) {
-        if large {
-            largeBuffers.recycle(buffer)
-        } else {
-            smallBuffers.recycle(buffer)
-            smallBuffersOut -= 1
-        }
+        if large { largeBuffers.recycle(buffer) } else { smallBuffers.recycle(buffer) }
+    }
+
+    /// A completion named a buffer of this group: it is ours until recycled.
+    @inline(__always)
+    func handedOut(large: Bool) {
+        if large { largeBuffers.handedOut() } else { smallBuffers.handedOut() }
     }
 
     @inline(__always)
@@ -265,23 +310,32 @@ final class Worker {
         large ? largeBuffers.address(of: buffer) : smallBuffers.address(of: buffer)
     }
 
-    /// Publishes recycled buffers, then re-arms as many starved receives as there are free
-    /// small buffers (a starved large receive falls back to small buffers at once).
+    /// Publishes recycled buffers, then re-arms as many waiting receives as there are free
+    /// small buffers: connections that are moving first (`BufferWaitQueue`).
     @inline(__always)
     func returnBuffers() {
         smallBuffers.publish()
         largeBuffers.publish()
-        var free = smallBuffers.count - smallBuffersOut
-        while free > 0, let userData = waiters.pop() {
-            let ud = UserData(raw: userData)
-            let record = slab[ud.slot]
-            let toUpstream = ud.operation == .receiveFromClient
-            guard record.pointee.generation == ud.generation, record.pointee.state == .proxying,
-                  stream(record, toUpstream: toUpstream).pointee.waitingForBuffer
-            else { continue }
-            armReceive(ud.slot, record, toUpstream: toUpstream)
-            free -= 1
+        if waiters.count > 0 {
+            // Each waiting direction at most once per pass: one whose re-arm fails goes
+            // back to the end of the queue.
+            var budget = min(smallBuffers.available, waiters.count)
+            while budget > 0, let entry = waiters.pop() {
+                let slot = entry / 2
+                let toUpstream = entry & 1 == 0
+                let record = slab[slot]
+                // Only proxying connections wait; closing removes its entries.
+                assert(record.pointee.state == .proxying && stream(record, toUpstream: toUpstream).pointee.state == .waitingForBuffer)
+                armReceive(slot, record, toUpstream: toUpstream)
+                budget -= 1
+            }
         }
+        let small = UInt64(smallBuffers.inUse)
+        let large = UInt64(largeBuffers.inUse)
+        stats.set(.smallBuffersInUse, small)
+        stats.set(.largeBuffersInUse, large)
+        if small > stats.value(.smallBuffersPeak) { stats.set(.smallBuffersPeak, small) }
+        if large > stats.value(.largeBuffersPeak) { stats.set(.largeBuffersPeak, large) }
     }
 
     @inline(__always)
@@ -322,7 +376,7 @@ final class Worker {
 
     func ticked() {
         ring.prepareTimeout(tickTimeout, userData: UserData(.tick).raw)
-        expireIdleConnections()
+        expireConnections()
         if closesOnUnhealthy { closeConnectionsToUnavailableEndpoints() }
         if draining {
             if !forcedClose, nowMilliseconds >= control.drainDeadline.load(ordering: .relaxed) {
@@ -335,7 +389,10 @@ final class Worker {
         }
     }
 
-    func expireIdleConnections() {
+    /// Due timer buckets: each connection in one is closed if it has been idle (no bytes
+    /// either way) for `idle_timeout`, or a send of it has made no progress for
+    /// `send_timeout`; otherwise it is filed again at its next deadline.
+    func expireConnections() {
         while let head = wheel.takeNextDueBucket(now: nowTick) {
             var cursor = head
             while cursor != 0 {
@@ -348,15 +405,91 @@ final class Worker {
                 let state = record.pointee.state
                 guard state != .free, state != .closing else { continue }
                 let listener = Int(record.pointee.listener)
-                let deadline = record.pointee.lastActivity &+ idleTicks[listener]
-                if deadline <= nowTick {
+                switch timerCheck(record, listener: listener) {
+                case .idle:
                     stats.add(.idleTimeouts, listener: listener)
+                    logger.debug("idle timeout", metadata: [
+                        "listener": "\(snapshot.listeners[listener].name)",
+                        "to_upstream": "\(record.pointee.toUpstream.state)", "to_client": "\(record.pointee.toClient.state)",
+                    ])
                     close(slot)
-                } else {
+                case .stalledSend:
+                    stats.add(.sendTimeouts, listener: listener)
+                    // Give up on the peer: reset rather than leave the kernel holding
+                    // unsent bytes for a reader that may never come back.
+                    resetOnClose(record)
+                    close(slot)
+                case .refile(let deadline):
                     wheel.insert(slot, deadline: deadline, in: slab)
                 }
             }
         }
+    }
+
+    enum TimerVerdict {
+        case idle, stalledSend
+        case refile(UInt32)
+    }
+
+    /// What a connection's timers say now. With no send in flight the next check is one
+    /// send timeout away, so a send that starts later is still caught in time.
+    @inline(__always)
+    func timerCheck(_ record: UnsafeMutablePointer<Connection>, listener: Int) -> TimerVerdict {
+        let idle = idleTicks[listener]
+        let send = sendTicks[listener]
+        var next = UInt32.max
+        if idle > 0 {
+            var deadline = record.pointee.lastActivity &+ idle
+            if deadline <= nowTick {
+                // The kernel still sending what l4lb handed it long ago is progress too: a
+                // slow reader draining a large socket buffer is not idle.
+                let sent = min(ticksSinceDataSent(record.pointee.client), ticksSinceDataSent(record.pointee.upstream))
+                guard sent < idle else { return .idle }
+                deadline = nowTick &+ (idle - sent)
+            }
+            next = deadline
+        }
+        if send > 0 {
+            let up = sendDeadline(record, toUpstream: true, send: send)
+            let down = sendDeadline(record, toUpstream: false, send: send)
+            guard let up, let down else { return .stalledSend }
+            next = min(next, up, down)
+        }
+        return .refile(next)
+    }
+
+    /// When a direction's send next needs a look, or nil when it has stalled for
+    /// `send_timeout`: by then the kernel must also have sent the peer no new data for as
+    /// long (a peer draining a large socket buffer is reading, though l4lb's send waits
+    /// for room all along; window probes to a peer that reads nothing are not data).
+    @inline(__always)
+    func sendDeadline(_ record: UnsafeMutablePointer<Connection>, toUpstream: Bool, send: UInt32) -> UInt32? {
+        let s = stream(record, toUpstream: toUpstream)
+        guard s.pointee.isSending else { return nowTick &+ send }
+        let due = s.pointee.sendProgress &+ send
+        if due > nowTick { return due }
+        let sent = ticksSinceDataSent(destination(record, toUpstream: toUpstream))
+        guard sent < send else { return nil }
+        s.pointee.sendProgress = nowTick &- sent
+        return nowTick &+ (send - sent)
+    }
+
+    /// Timer ticks since the kernel last sent new data on a socket (TCP_INFO).
+    @inline(__always)
+    func ticksSinceDataSent(_ fd: Int32) -> UInt32 {
+        guard fd >= 0 else { return .max }
+        let milliseconds = CLinux_tcp_ms_since_data_sent(fd)
+        return milliseconds == .max ? .max : milliseconds / UInt32(Worker.tickMilliseconds)
+    }
+
+    /// Files a new connection under its first timer deadline, if it has any timer.
+    @inline(__always)
+    func startTimers(_ slot: UInt32, listener: Int) {
+        let idle = idleTicks[listener]
+        let send = sendTicks[listener]
+        guard idle > 0 || send > 0 else { return }
+        let first = min(idle == 0 ? UInt32.max : idle, send == 0 ? UInt32.max : send)
+        wheel.insert(slot, deadline: nowTick &+ first, in: slab)
     }
 
     /// `on_unhealthy: close`: after an endpoint stops being available, close what is open

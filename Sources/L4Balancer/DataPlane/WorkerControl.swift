@@ -42,25 +42,30 @@ public final class WorkerControl: @unchecked Sendable {
 }
 
 /// Live connection counts per listener across all workers, for `max_connections`. The one
-/// piece of mutable state workers share: an atomic add on accept and on close.
+/// piece of mutable state workers share: an atomic add on accept and on close — only on
+/// listeners that set a limit; the others touch nothing shared per connection.
 public final class ListenerLimits: Sendable {
-    let active: [ManagedAtomic<Int>]
-    let maximum: [Int]
+    let active: [ManagedAtomic<Int>?]
+    let maximum: [Int?]
 
     init(snapshot: Snapshot) {
-        active = snapshot.listeners.map { _ in ManagedAtomic(0) }
         maximum = snapshot.listeners.map(\.maxConnections)
+        active = maximum.map { $0 == nil ? nil : ManagedAtomic(0) }
     }
 
     /// Takes a place on `listener`; false when it is full.
+    @inline(__always)
     func admit(_ listener: Int) -> Bool {
-        let now = active[listener].loadThenWrappingIncrement(ordering: .relaxed)
-        if now < maximum[listener] { return true }
-        active[listener].wrappingDecrement(ordering: .relaxed)
+        guard let counter = active[listener], let maximum = maximum[listener] else { return true }
+        let now = counter.loadThenWrappingIncrement(ordering: .relaxed)
+        if now < maximum { return true }
+        counter.wrappingDecrement(ordering: .relaxed)
         return false
     }
+
+    @inline(__always)
     func leave(_ listener: Int) {
-        active[listener].wrappingDecrement(ordering: .relaxed)
+        active[listener]?.wrappingDecrement(ordering: .relaxed)
     }
 }
 

@@ -2,7 +2,7 @@ import Atomics
 
 /// A worker's counters: plain integers its own thread increments, and the control plane
 /// reads with relaxed atomic loads (for `/stats` and the exit summary). One block per
-/// worker; nothing here is shared between workers.
+/// worker, cache-line aligned and padded, so two workers never write the same line.
 public final class WorkerStats: @unchecked Sendable {
     public enum ListenerCounter: Int, CaseIterable {
         case accepted, active, refused, connectFailed, idleTimeouts, bytesIn, bytesOut, acceptErrors, bufferWaits
@@ -10,41 +10,82 @@ public final class WorkerStats: @unchecked Sendable {
         case clusterFull
         /// Closed because their endpoint became unhealthy (`on_unhealthy: close`).
         case closedUnhealthy
+        /// Closed because a peer accepted nothing for `send_timeout`.
+        case sendTimeouts
     }
     public enum EndpointCounter: Int, CaseIterable {
         case active, total, connectFailures, bytesIn, bytesOut
     }
+    /// The worker's own: not tied to a listener or endpoint.
+    public enum WorkerCounter: Int, CaseIterable {
+        /// Loop iterations (one wait each).
+        case iterations
+        /// Waits the kernel failed (counted; the loop carries on).
+        case waitErrors
+        /// Requests dropped because the submission queue stayed full (the connection was
+        /// closed, or its receive retried).
+        case submissionDrops
+        /// Small / large buffers in use now, and the most ever in use at once.
+        case smallBuffersInUse, smallBuffersPeak, largeBuffersInUse, largeBuffersPeak
+    }
+
+    static let cacheLine = 64
 
     let listenerCount: Int
     let endpointCount: Int
+    let block: UnsafeMutableRawPointer
+    let blockBytes: Int
     let listenerValues: UnsafeMutablePointer<UnsafeAtomic<UInt64>.Storage>
     let endpointValues: UnsafeMutablePointer<UnsafeAtomic<UInt64>.Storage>
+    let workerValues: UnsafeMutablePointer<UnsafeAtomic<UInt64>.Storage>
 
     init(listeners: Int, endpoints: Int) {
         listenerCount = listeners
         endpointCount = endpoints
         let l = listeners * ListenerCounter.allCases.count
-        let e = max(endpoints * EndpointCounter.allCases.count, 1)
-        listenerValues = .allocate(capacity: l)
-        listenerValues.initialize(repeating: UnsafeAtomic<UInt64>.Storage(0), count: l)
-        endpointValues = .allocate(capacity: e)
-        endpointValues.initialize(repeating: UnsafeAtomic<UInt64>.Storage(0), count: e)
+        let e = endpoints * EndpointCounter.allCases.count
+        let w = WorkerCounter.allCases.count
+        let count = l + e + w
+        let stride = MemoryLayout<UnsafeAtomic<UInt64>.Storage>.stride
+        // Rounded up to whole cache lines: the next worker's block starts on a line of its own.
+        blockBytes = max((count * stride + WorkerStats.cacheLine - 1) / WorkerStats.cacheLine, 1) * WorkerStats.cacheLine
+        block = .allocate(byteCount: blockBytes, alignment: WorkerStats.cacheLine)
+        let values = block.bindMemory(to: UnsafeAtomic<UInt64>.Storage.self, capacity: blockBytes / stride)
+        values.initialize(repeating: UnsafeAtomic<UInt64>.Storage(0), count: blockBytes / stride)
+        listenerValues = values
+        endpointValues = values + l
+        workerValues = values + l + e
     }
 
     deinit {
-        listenerValues.deallocate()
-        endpointValues.deallocate()
+        block.deallocate()
     }
-    func add(_ counter: ListenerCounter, listener: Int, _ delta: UInt64 = 1) {
-        let p = listenerValues + (listener * ListenerCounter.allCases.count + counter.rawValue)
+
+    @inline(__always)
+    static func bump(_ p: UnsafeMutablePointer<UnsafeAtomic<UInt64>.Storage>, _ delta: UInt64) {
         // Single writer: a relaxed load and store, no read-modify-write instruction.
         let counter = UnsafeAtomic<UInt64>(at: p)
         counter.store(counter.load(ordering: .relaxed) &+ delta, ordering: .relaxed)
     }
+
+    @inline(__always)
+    func add(_ counter: ListenerCounter, listener: Int, _ delta: UInt64 = 1) {
+        WorkerStats.bump(listenerValues + (listener * ListenerCounter.allCases.count + counter.rawValue), delta)
+    }
+
+    @inline(__always)
     func add(_ counter: EndpointCounter, endpoint: Int, _ delta: UInt64 = 1) {
-        let p = endpointValues + (endpoint * EndpointCounter.allCases.count + counter.rawValue)
-        let counter = UnsafeAtomic<UInt64>(at: p)
-        counter.store(counter.load(ordering: .relaxed) &+ delta, ordering: .relaxed)
+        WorkerStats.bump(endpointValues + (endpoint * EndpointCounter.allCases.count + counter.rawValue), delta)
+    }
+
+    @inline(__always)
+    func add(_ counter: WorkerCounter, _ delta: UInt64 = 1) {
+        WorkerStats.bump(workerValues + counter.rawValue, delta)
+    }
+
+    @inline(__always)
+    func set(_ counter: WorkerCounter, _ value: UInt64) {
+        UnsafeAtomic<UInt64>(at: workerValues + counter.rawValue).store(value, ordering: .relaxed)
     }
 
     public func value(_ counter: ListenerCounter, listener: Int) -> UInt64 {
@@ -53,6 +94,10 @@ public final class WorkerStats: @unchecked Sendable {
 
     public func value(_ counter: EndpointCounter, endpoint: Int) -> UInt64 {
         UnsafeAtomic<UInt64>(at: endpointValues + (endpoint * EndpointCounter.allCases.count + counter.rawValue)).load(ordering: .relaxed)
+    }
+
+    public func value(_ counter: WorkerCounter) -> UInt64 {
+        UnsafeAtomic<UInt64>(at: workerValues + counter.rawValue).load(ordering: .relaxed)
     }
 }
 

@@ -31,7 +31,7 @@ public final class WorkerPool: Service, @unchecked Sendable {
         self.logger = logger
         self.limits = ListenerLimits(snapshot: snapshot)
         self.status = EndpointStatus(snapshot: snapshot)
-        self.options = Worker.Options()
+        self.options = Worker.Options(buffers: snapshot.config.buffers)
 
         let cpus = CPUAffinity.allowedCPUs()
         let count: Int
@@ -159,6 +159,19 @@ public final class WorkerPool: Service, @unchecked Sendable {
                 "accept_errors": "\(total(.acceptErrors))",
                 "cluster_full": "\(total(.clusterFull))",
                 "closed_unhealthy": "\(total(.closedUnhealthy))",
+                "send_timeouts": "\(total(.sendTimeouts))",
+                "buffer_waits": "\(total(.bufferWaits))",
+            ])
+        }
+        for control in controls {
+            let s = control.stats
+            logger.info("worker totals", metadata: [
+                "worker": "\(control.index)",
+                "iterations": "\(s.value(.iterations))",
+                "small_buffers_peak": "\(s.value(.smallBuffersPeak))",
+                "large_buffers_peak": "\(s.value(.largeBuffersPeak))",
+                "submission_drops": "\(s.value(.submissionDrops))",
+                "wait_errors": "\(s.value(.waitErrors))",
             ])
         }
         for (e, endpoint) in snapshot.endpoints.enumerated() {

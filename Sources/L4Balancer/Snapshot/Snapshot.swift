@@ -18,7 +18,11 @@ public final class Snapshot: Sendable {
         public let connectTimeoutMilliseconds: Int64
         public let connectAttempts: Int
         public let idleTimeoutMilliseconds: Int64
-        public let maxConnections: Int
+        public let sendTimeoutMilliseconds: Int64
+        /// The shared limit across workers, or nil for none.
+        public let maxConnections: Int?
+        /// Connections one worker can hold on this listener (its slab's share).
+        public var workerCapacity: Int { maxConnections ?? Config.Listener.defaultCapacity }
         public let proxyProtocol: Config.Listener.ProxyProtocol
     }
 
@@ -77,6 +81,7 @@ public final class Snapshot: Sendable {
                 connectTimeoutMilliseconds: listener.connectTimeout.milliseconds,
                 connectAttempts: listener.connectAttempts,
                 idleTimeoutMilliseconds: listener.idleTimeout.milliseconds,
+                sendTimeoutMilliseconds: listener.sendTimeout.milliseconds,
                 maxConnections: listener.maxConnections,
                 proxyProtocol: listener.proxyProtocol)
         }
