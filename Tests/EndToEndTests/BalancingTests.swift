@@ -90,6 +90,36 @@ final class BalancingTests: XCTestCase {
         proxy.stop()
     }
 
+    /// A 300-endpoint Maglev cluster with 290 endpoints down (health checks fail: nothing
+    /// listens there): every one of 200 client addresses is served by one of the 10 left.
+    /// A key's probe sequence alone misses all 10 for about one key in nine.
+    func testMaglevWithMostOfALargeClusterDownServesEveryClient() throws {
+        let up = try (0..<10).map { try TestBackend(.identify("up-\($0)")) }
+        var endpoints = (1...290).map { "127.0.1.\($0 % 250 + 1):\(9000 + $0 / 250)" }
+        // The live ones spread through the cluster's order.
+        for (i, backend) in up.enumerated() { endpoints.insert(backend.address, at: i * 30) }
+        let port = Sockets.freePort()
+        let proxy = try L4LBProcess(
+            config: config(
+                listen: port, balancer: "maglev", endpoints: endpoints,
+                clusterExtra: ["health_check: { type: tcp, interval: 500ms, timeout: 200ms }"]),
+            waitFor: ("127.0.0.1", port))
+        var used: Set<String> = []
+        var failures: [String] = []
+        for host in 1...200 {
+            let source = "127.0.2.\(host)"
+            do {
+                used.insert(try servedBy(port: port, source: source))
+            } catch {
+                failures.append("\(source): \(error)")
+            }
+        }
+        XCTAssertEqual(failures, [], "clients left unserved while 10 endpoints were up")
+        XCTAssertEqual(used, Set((0..<10).map { "up-\($0)" }), "200 addresses should reach all 10 endpoints left")
+        let (_, log) = proxy.stopAndCollectLog()
+        XCTAssertEqual(summaryCounter(log, listener: "test", "connect_failed"), 0, log)
+    }
+
     /// A 95/5 canary split over 10,000 connections lands within ±1 percentage point.
     func testCanarySplitNinetyFiveFive() throws {
         let stable = try TestBackend(.echo)

@@ -66,6 +66,27 @@ final class L4LBProcess {
         return -1
     }
 
+    /// User + system CPU seconds the process has used so far.
+    var cpuSeconds: Double {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let end = stat.lastIndex(of: ")") else { return -1 }
+        let fields = stat[stat.index(after: end)...].split(separator: " ")
+        // After the command name: state is field 3, utime 14, stime 15.
+        let ticks = (Double(fields[11]) ?? 0) + (Double(fields[12]) ?? 0)
+        return ticks / Double(sysconf(Int32(_SC_CLK_TCK)))
+    }
+
+    /// Waits until the process uses less than 5% of a CPU over half a second.
+    func waitUntilQuiet(timeout: TimeInterval) -> Bool {
+        var last = cpuSeconds
+        return waitUntil(timeout: timeout) {
+            usleep(500_000)
+            let now = cpuSeconds
+            defer { last = now }
+            return now - last < 0.025
+        }
+    }
+
     /// Sends SIGTERM.
     func terminate() { process.terminate() }
 
@@ -118,6 +139,11 @@ func endpointCounter(_ log: String, endpoint: String, _ name: String) -> Int? {
 /// A summary counter from the exit log line (`listener totals … connect_failed=N …`).
 func summaryCounter(_ log: String, listener: String, _ name: String) -> Int? {
     totalsCounter(log, line: "listener totals", key: "listener=\(listener) ", name)
+}
+
+/// A counter from the exit log's `worker totals` line of worker `index`.
+func workerCounter(_ log: String, worker index: Int, _ name: String) -> Int? {
+    totalsCounter(log, line: "worker totals", key: "worker=\(index) ", name)
 }
 
 private func totalsCounter(_ log: String, line kind: String, key: String, _ name: String) -> Int? {

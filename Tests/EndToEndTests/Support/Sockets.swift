@@ -99,6 +99,26 @@ enum Sockets {
         return fd
     }
 
+    /// Connects with the socket's receive or send buffer set small first (a slow phone,
+    /// or a client that fills its pipe at once).
+    static func connect(port: UInt16, receiveBuffer: Int32? = nil, sendBuffer: Int32? = nil) throws -> Int32 {
+        let (storage, length) = sockaddr("127.0.0.1", port)
+        let fd = socket(Int32(storage.ss_family), Int32(SOCK_STREAM.rawValue), 0)
+        if var size = receiveBuffer { setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, 4) }
+        if var size = sendBuffer { setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, 4) }
+        var s = storage
+        let rc = withUnsafePointer(to: &s) { $0.withMemoryRebound(to: Glibc.sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, length) } }
+        guard rc == 0 else { let e = errno; close(fd); throw Failure("connect 127.0.0.1:\(port)", e) }
+        return fd
+    }
+
+    /// Whether the peer has closed or reset `fd` (without reading from it).
+    static func isClosedByPeer(_ fd: Int32) -> Bool {
+        let rdhup: Int16 = 0x2000  // POLLRDHUP, which Glibc's module does not export
+        var p = pollfd(fd: fd, events: rdhup, revents: 0)
+        return poll(&p, 1, 0) == 1 && p.revents & (rdhup | Int16(POLLHUP | POLLERR)) != 0
+    }
+
     static func setNonBlocking(_ fd: Int32, _ on: Bool) {
         let flags = fcntl(fd, F_GETFL)
         _ = fcntl(fd, F_SETFL, on ? flags | O_NONBLOCK : flags & ~O_NONBLOCK)

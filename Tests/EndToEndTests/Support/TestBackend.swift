@@ -20,6 +20,11 @@ final class TestBackend: @unchecked Sendable {
         case delayedEcho(milliseconds: Int)
         /// Sends `name` and a newline on accept, then closes after the client's EOF.
         case identify(String)
+        /// Sends `bytes` of `PatternStream(seed:)`, then closes (a download of known size).
+        case stream(bytes: Int, seed: UInt64)
+        /// Sends `bytes` of `PatternStream(seed:)` and half-closes (FIN first), then reads
+        /// and checks `PatternStream(seed: seed + 1)` until the client's EOF.
+        case halfCloseFirst(bytes: Int, seed: UInt64)
     }
 
     let port: UInt16
@@ -100,6 +105,20 @@ final class TestBackend: @unchecked Sendable {
         var delayed: [UInt8] = []
         var sentData = false
         var releaseAt = Date.distantFuture
+        /// Bytes still to produce from `source` (`.stream`, `.halfCloseFirst`).
+        var sourceRemaining = 0
+        var source = PatternStream(seed: 0)
+        var halfClosed = false
+    }
+
+    /// Refills `pending` from the connection's source, if it has one.
+    private func refill(_ c: inout Connection) {
+        guard c.sourceRemaining > 0 else { return }
+        let n = min(c.sourceRemaining, 65536)
+        c.pending = [UInt8](repeating: 0, count: n)
+        c.pending.withUnsafeMutableBytes { c.source.fill($0) }
+        c.pendingOffset = 0
+        c.sourceRemaining -= n
     }
 
     private func loop() {
@@ -152,6 +171,17 @@ final class TestBackend: @unchecked Sendable {
             var c = Connection(fd: fd)
             if case .patternSink(let seed) = behavior { c.pattern = PatternStream(seed: seed) }
             if case .identify(let name) = behavior { c.pending = Array(name.utf8) + [0x0A] }
+            if case .stream(let bytes, let seed) = behavior {
+                c.source = PatternStream(seed: seed)
+                c.sourceRemaining = bytes
+                refill(&c)
+            }
+            if case .halfCloseFirst(let bytes, let seed) = behavior {
+                c.source = PatternStream(seed: seed)
+                c.sourceRemaining = bytes
+                c.pattern = PatternStream(seed: seed + 1)
+                refill(&c)
+            }
             connections.append(c)
             lock.withLock { _accepted += 1 }
         }
@@ -167,6 +197,14 @@ final class TestBackend: @unchecked Sendable {
                 c.pending.removeAll(keepingCapacity: true)
                 c.pendingOffset = 0
                 if c.eof { return false }
+                refill(&c)
+                if c.pending.isEmpty {
+                    if case .stream = behavior { return false }
+                    if case .halfCloseFirst = behavior, !c.halfClosed {
+                        c.halfClosed = true
+                        shutdown(c.fd, Int32(SHUT_WR))
+                    }
+                }
             }
             return true
         }
@@ -179,7 +217,7 @@ final class TestBackend: @unchecked Sendable {
             case .replyAfterEOF:
                 c.pending = c.received
                 return !c.pending.isEmpty
-            case .patternSink:
+            case .patternSink, .halfCloseFirst:
                 return false
             default:
                 return false
@@ -211,7 +249,9 @@ final class TestBackend: @unchecked Sendable {
             c.releaseAt = Date().addingTimeInterval(Double(milliseconds) / 1000)
         case .identify:
             break
-        case .patternSink:
+        case .stream:
+            break
+        case .patternSink, .halfCloseFirst:
             let ok = buffer[..<n].withUnsafeBytes { c.pattern.matches($0) }
             lock.withLock {
                 _sinkBytes += n
