@@ -110,6 +110,8 @@ struct Connection {
     var generation: UInt32 = 0
     var state: State = .free
     var attempts: UInt8 = 0
+    /// Entries of the worker's side table of tried endpoints at index 64 and above.
+    var triedAbove64: UInt8 = 0
     /// Whether this connection holds a place in its listener's and endpoint's active counts.
     var counted = false
     /// Whether it holds a place in its cluster's `max_connections`.

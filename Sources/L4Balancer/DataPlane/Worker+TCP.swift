@@ -108,16 +108,15 @@ extension Worker {
         record.pointee.inFlight += 1
     }
 
-    /// Records that this connection tried `local`: a bit below 64, else the slot's side
-    /// table, at the position of this attempt.
+    /// Records that this connection tried `local`: a bit below 64, else the next entry of
+    /// the slot's side table (touched only by clusters that large).
     @inline(__always)
     func markTried(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, _ local: Int) {
-        let attempt = Int(record.pointee.attempts)
         if local < 64 {
             record.pointee.tried |= 1 &<< UInt64(local)
-            triedAbove64[Int(slot) * Worker.triedStride + attempt] = UInt16.max
         } else {
-            triedAbove64[Int(slot) * Worker.triedStride + attempt] = UInt16(local)
+            triedAbove64[Int(slot) * Worker.triedStride + Int(record.pointee.triedAbove64)] = UInt16(local)
+            record.pointee.triedAbove64 &+= 1
         }
         record.pointee.attempts &+= 1
     }
@@ -132,7 +131,7 @@ extension Worker {
         // Tried endpoints, plus those skipped for this choice only (appended after them).
         var bits = record.pointee.tried
         let others = triedAbove64 + Int(slot) * Worker.triedStride
-        var otherCount = Int(record.pointee.attempts)
+        var otherCount = Int(record.pointee.triedAbove64)
         var fallback: Int?
         for _ in 0..<Worker.picksPerChoice {
             guard let local = balancers[clusterIndex].pick(

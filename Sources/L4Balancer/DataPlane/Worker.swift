@@ -225,7 +225,10 @@ final class Worker {
         for listener in listenerFDs.indices { armAccept(listener) }
         ring.prepareRead(fd: control.wakeFD, into: wakeCounter, length: 8, userData: UserData(.wake).raw)
         ring.prepareTimeout(tickTimeout, userData: UserData(.tick).raw)
-        logger.debug("worker started", metadata: ["worker": "\(control.index)", "io_uring": "\(ring.capabilities)"])
+        logger.debug("worker started", metadata: [
+            "worker": "\(control.index)", "io_uring": "\(ring.capabilities)",
+            "connection_record_bytes": "\(MemoryLayout<Connection>.stride)",
+        ])
 
         var loggedWaitError = false
         while !(draining && slab.active == 0) {
