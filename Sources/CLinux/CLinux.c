@@ -33,9 +33,12 @@ int CLinux_eventfd(void) {
 #include <stdint.h>
 #include <sys/socket.h>
 
-unsigned CLinux_tcp_ms_since_data_sent(int fd) {
+unsigned CLinux_tcp_ms_since_progress(int fd) {
     struct tcp_info info;
     socklen_t length = sizeof(info);
     if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &length) != 0) return UINT32_MAX;
-    return info.tcpi_last_data_sent;
+    // Data sent (new or retransmitted) and an acknowledgement received: a reader that
+    // reads nothing gets only window probes (no data); a peer that is gone acknowledges
+    // nothing. The older of the two is when the peer last took data.
+    return info.tcpi_last_data_sent > info.tcpi_last_ack_recv ? info.tcpi_last_data_sent : info.tcpi_last_ack_recv;
 }

@@ -37,7 +37,11 @@ extension Ring {
         socket fd: Int32, address: UnsafePointer<sockaddr>, length: socklen_t, userData: UInt64,
         timeout: UnsafePointer<Timeout>?, timeoutUserData: UInt64
     ) -> Bool {
-        if timeout != nil, submissionSpace < 2 { submitPending() }
+        // A connect and its linked timeout must go in the same submission.
+        if timeout != nil, submissionSpace < 2 {
+            submitPending()
+            guard submissionSpace >= 2 else { return false }
+        }
         guard let sqe = nextSQE() else { return false }
         io_uring_prep_connect(sqe, fd, address, length)
         sqe.pointee.user_data = userData

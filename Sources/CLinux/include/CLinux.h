@@ -13,8 +13,9 @@ int CLinux_pin_current_thread(int cpu);
 /// A non-blocking, close-on-exec eventfd, or -errno.
 int CLinux_eventfd(void);
 
-/// Milliseconds since this TCP socket last transmitted data (TCP_INFO's
-/// tcpi_last_data_sent: new data only, not window probes), or UINT32_MAX when unknown.
-unsigned CLinux_tcp_ms_since_data_sent(int fd);
+/// Milliseconds since this TCP socket's peer last took data: the older of TCP_INFO's
+/// tcpi_last_data_sent (data, not window probes) and tcpi_last_ack_recv; UINT32_MAX when
+/// unknown.
+unsigned CLinux_tcp_ms_since_progress(int fd);
 
 #endif

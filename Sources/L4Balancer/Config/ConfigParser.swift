@@ -216,6 +216,8 @@ struct ConfigWalker {
         var endpoints: [Config.Endpoint] = []
         if let n = fields["endpoints"] {
             endpoints = list(n, "\(path).endpoints", required: true) { walker, item, itemPath in walker.endpoint(item, itemPath) }
+            // Workers keep endpoint indices in 16 bits (the tried set of a connection).
+            if endpoints.count > 65_535 { fail("\(path).endpoints", "\(endpoints.count) endpoints; at most 65535 per cluster") }
             var seen: [SocketAddress: Int] = [:]
             for (i, e) in endpoints.enumerated() {
                 if let first = seen[e.address] {

@@ -9,9 +9,10 @@ import Glibc
 extension Worker {
     // MARK: Accept
 
+    /// Not armed when the submission queue stays full: the next tick tries again.
     func armAccept(_ listener: Int) {
-        ring.prepareMultishotAccept(listener: listenerFDs[listener], userData: UserData(.accept, slot: UInt32(listener)).raw)
-        acceptArmed[listener] = true
+        acceptArmed[listener] = ring.prepareMultishotAccept(listener: listenerFDs[listener], userData: UserData(.accept, slot: UInt32(listener)).raw)
+        if !acceptArmed[listener] { stats.add(.submissionDrops) }
     }
 
     func accepted(_ completion: Completion, listener: Int) {
@@ -85,6 +86,8 @@ extension Worker {
         let fd = socket(Int32(address.pointee.sa_family), Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else {
             noteResourceError(errno, while: "opening an upstream socket")
+            // The pick took a place on the endpoint (its max_connections); give it back.
+            status.leave(endpoint)
             stats.add(.connectFailed, listener: listener)
             close(slot)
             return
@@ -206,9 +209,14 @@ extension Worker {
     func sendProxyHeader(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
         let header = proxyHeaders + Int(slot) * ProxyProtocolHeader.capacity
         let sent = Int(record.pointee.toUpstream.sent)
-        ring.prepareSend(
+        guard ring.prepareSend(
             socket: record.pointee.upstream, bytes: header + sent, length: Int(record.pointee.toUpstream.length) - sent,
             userData: UserData(.sendProxyHeader, slot: slot, generation: record.pointee.generation).raw)
+        else {
+            stats.add(.submissionDrops)
+            close(slot)
+            return
+        }
         record.pointee.inFlight += 1
     }
 

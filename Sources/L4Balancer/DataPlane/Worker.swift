@@ -87,6 +87,8 @@ final class Worker {
     var forcedClose = false
     /// When a resource error was last logged (monotonic ms; 0 = never).
     var lastResourceWarning: Int64 = 0
+    var tickArmed = false
+    var wakeArmed = false
     /// How long the worker lets completions gather before it is woken (0: woken for each).
     let batchWindowMicroseconds: UInt32
     /// Completions found by one wake-up that switch the window on for the next wait.
@@ -151,8 +153,10 @@ final class Worker {
         let capacity = min(snapshot.listeners.reduce(0) { $0 + $1.workerCapacity }, 1 << 22)
         slab = ConnectionSlab(capacity: capacity)
         waiters = BufferWaitQueue(slots: capacity)
-        triedAbove64 = mmap(nil, capacity * Worker.triedStride * 2, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)!
-            .bindMemory(to: UInt16.self, capacity: capacity * Worker.triedStride)
+        guard let side = mmap(nil, capacity * Worker.triedStride * 2, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
+              side != MAP_FAILED
+        else { throw Errno.current }
+        triedAbove64 = side.bindMemory(to: UInt16.self, capacity: capacity * Worker.triedStride)
         startMilliseconds = monotonicMilliseconds()
         nowMilliseconds = startMilliseconds
         nowTick = 0
@@ -223,8 +227,8 @@ final class Worker {
     /// Runs until a drain has closed every connection.
     func run() {
         for listener in listenerFDs.indices { armAccept(listener) }
-        ring.prepareRead(fd: control.wakeFD, into: wakeCounter, length: 8, userData: UserData(.wake).raw)
-        ring.prepareTimeout(tickTimeout, userData: UserData(.tick).raw)
+        armWake()
+        armTick()
         logger.debug("worker started", metadata: [
             "worker": "\(control.index)", "io_uring": "\(ring.capabilities)",
             "connection_record_bytes": "\(MemoryLayout<Connection>.stride)",
@@ -255,6 +259,9 @@ final class Worker {
             }
             lastBatch = handled
             returnBuffers()
+            // The worker's own requests, if the submission queue refused them.
+            if !tickArmed { armTick() }
+            if !wakeArmed { armWake() }
         }
         for fd in listenerFDs { Glibc.close(fd) }
         logger.debug("worker stopped", metadata: ["worker": "\(control.index)"])
@@ -361,8 +368,20 @@ final class Worker {
 
     // MARK: Control
 
+    /// The timer tick and the control plane's wake-up read. Losing either would stop the
+    /// timers or leave a drain request unseen, so a refusal is retried every loop.
+    func armTick() {
+        tickArmed = ring.prepareTimeout(tickTimeout, userData: UserData(.tick).raw)
+        if !tickArmed { stats.add(.submissionDrops) }
+    }
+
+    func armWake() {
+        wakeArmed = ring.prepareRead(fd: control.wakeFD, into: wakeCounter, length: 8, userData: UserData(.wake).raw)
+        if !wakeArmed { stats.add(.submissionDrops) }
+    }
+
     func woken() {
-        ring.prepareRead(fd: control.wakeFD, into: wakeCounter, length: 8, userData: UserData(.wake).raw)
+        armWake()
         if !draining, control.drainRequested.load(ordering: .acquiring) { startDrain() }
     }
 
@@ -378,7 +397,7 @@ final class Worker {
     }
 
     func ticked() {
-        ring.prepareTimeout(tickTimeout, userData: UserData(.tick).raw)
+        armTick()
         expireConnections()
         if closesOnUnhealthy { closeConnectionsToUnavailableEndpoints() }
         if draining {
@@ -444,8 +463,8 @@ final class Worker {
         if idle > 0 {
             var deadline = record.pointee.lastActivity &+ idle
             if deadline <= nowTick {
-                // The kernel still sending what l4lb handed it long ago is progress too: a
-                // slow reader draining a large socket buffer is not idle.
+                // The peer still taking what l4lb handed the kernel long ago is progress
+                // too: a slow reader draining a large socket buffer is not idle.
                 let sent = min(ticksSinceDataSent(record.pointee.client), ticksSinceDataSent(record.pointee.upstream))
                 guard sent < idle else { return .idle }
                 deadline = nowTick &+ (idle - sent)
@@ -462,9 +481,10 @@ final class Worker {
     }
 
     /// When a direction's send next needs a look, or nil when it has stalled for
-    /// `send_timeout`: by then the kernel must also have sent the peer no new data for as
+    /// `send_timeout`: by then the peer must also have taken no data from the kernel for as
     /// long (a peer draining a large socket buffer is reading, though l4lb's send waits
-    /// for room all along; window probes to a peer that reads nothing are not data).
+    /// for room all along; window probes to a peer that reads nothing are not data, and
+    /// retransmissions to a peer that acknowledges nothing are not progress).
     @inline(__always)
     func sendDeadline(_ record: UnsafeMutablePointer<Connection>, toUpstream: Bool, send: UInt32) -> UInt32? {
         let s = stream(record, toUpstream: toUpstream)
@@ -477,11 +497,12 @@ final class Worker {
         return nowTick &+ (send - sent)
     }
 
-    /// Timer ticks since the kernel last sent new data on a socket (TCP_INFO).
+    /// Timer ticks since the socket's peer last took data (TCP_INFO; see
+    /// `CLinux_tcp_ms_since_progress`).
     @inline(__always)
     func ticksSinceDataSent(_ fd: Int32) -> UInt32 {
         guard fd >= 0 else { return .max }
-        let milliseconds = CLinux_tcp_ms_since_data_sent(fd)
+        let milliseconds = CLinux_tcp_ms_since_progress(fd)
         return milliseconds == .max ? .max : milliseconds / UInt32(Worker.tickMilliseconds)
     }
 
