@@ -146,6 +146,8 @@ def machine_busy_seconds():
 
 def write_configs(tmp, l4lb_bin, baseline_bin=None):
     cfg = {}
+    with open(tmp / "big.bin", "wb") as f:  # sparse: no disk is written
+        f.truncate(64 << 30)
     (tmp / "backend-nginx.conf").write_text(f"""
 worker_processes 1;
 worker_rlimit_nofile {NOFILE};
@@ -161,6 +163,8 @@ http {{
     server {{
         listen 127.0.0.1:{BACKEND_HTTP} backlog=65535 reuseport;
         location / {{ return 200 "hello world\\n"; }}
+        # A download that never ends for a client that never reads (stalled-readers).
+        location = /big {{ alias {tmp}/big.bin; }}
     }}
 }}
 """)
@@ -299,6 +303,46 @@ def idle_memory(port, pids, count):
     return {"units": count, "rss_growth_kib": after - base, "bytes_per_conn": (after - base) * 1024 / count}
 
 
+def wait_quiet(pids, timeout=15.0):
+    """Waits until `pids` use under 5% of a CPU over half a second (or `timeout`)."""
+    deadline = time.time() + timeout
+    last = proc_cpu_seconds(pids)
+    while time.time() < deadline:
+        time.sleep(0.5)
+        now = proc_cpu_seconds(pids)
+        if now - last < 0.025:
+            return True
+        last = now
+    return False
+
+
+def stalled_readers(port, pids, duration, count):
+    """The hostile-load case of issue 10: `count` clients download a file that never ends
+    through the proxy and never read it (4 KiB receive buffers), while wrk's 50 keep-alive
+    clients run rr-keepalive through the same listener and worker. Reports wrk's figures."""
+    socks = []
+    request = b"GET /big HTTP/1.1\r\nHost: bench\r\n\r\n"
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.settimeout(10)
+            s.connect(("127.0.0.1", port))
+            s.sendall(request)
+            socks.append(s)
+        # The downloads fill every buffer on the way, then the proxy goes quiet.
+        time.sleep(1.0)
+        settled = wait_quiet(pids) if pids else True
+        figures = run_wrk(port, duration, close=False)
+        if not settled:
+            figures["errors"] = (figures.get("errors", "") + " proxy never went quiet").strip()
+        figures["stalled"] = count
+        return figures
+    finally:
+        for s in socks:
+            s.close()
+
+
 # ---------------------------------------------------------------------------------------
 
 WORKLOADS = {
@@ -317,6 +361,8 @@ def main():
     ap.add_argument("--proxies", default="direct,l4lb,haproxy,haproxy-splice,nginx")
     ap.add_argument("--workloads", default="rr-keepalive,conn-rate,bulk-1,bulk-4,idle-memory")
     ap.add_argument("--idle-connections", type=int, default=min(10_000, NOFILE * 3 // 8 - 500))
+    ap.add_argument("--stalled-readers", type=int, default=800,
+                    help="clients that never read, for the opt-in stalled-readers workload")
     ap.add_argument("--l4lb", default=str(ROOT / ".build" / "release" / "l4lb"))
     ap.add_argument("--baseline", help="another l4lb binary, measured in the same run as proxy l4lb-baseline")
     args = ap.parse_args()
@@ -361,7 +407,7 @@ def main():
             running[name] = p
         for rnd in range(rounds):
             for workload in workloads:
-                if workload == "idle-memory":
+                if workload in ("idle-memory", "stalled-readers"):
                     continue
                 unit, per, fn, scale = WORKLOADS[workload]
                 order = proxies if rnd % 2 == 0 else list(reversed(proxies))
@@ -379,6 +425,18 @@ def main():
                     fig["round"] = rnd
                     raw.setdefault(workload, {}).setdefault(name, []).append(fig)
                     log(f"    rate {fig['rate']:.2f}  machine {fig['cpu_per_unit']:.3f} {per}  process {fig['proc_cpu_per_unit']:.3f}")
+        if "stalled-readers" in workloads:
+            for name in proxies:
+                if name != "direct" and name not in running:
+                    continue
+                log(f"[{time.time() - started:5.0f}s] stalled-readers {name}: {args.stalled_readers} never read, rr-keepalive beside them …")
+                try:
+                    pids = group_pids(running[name]) if name in running else []
+                    fig = stalled_readers(PORTS[name][0], pids, duration, args.stalled_readers)
+                    raw.setdefault("stalled-readers", {}).setdefault(name, []).append(fig)
+                    log(f"    rate {fig['rate']:.0f} req/s  p99 {fig.get('p99_ms', float('nan')):.2f} ms  errors {fig.get('errors') or 'none'}")
+                except Exception as e:
+                    log(f"    failed: {e}")
         if "idle-memory" in workloads:
             for name in proxies:
                 if name == "direct" or name not in running:
@@ -512,6 +570,14 @@ def report(summary, raw, rounds, duration, elapsed):
             rounds_text = ", ".join(f"{r:.2f}" for r in s.get("round_ratios", []))
             vs_direct = f"{fmt(s.get('rate_vs_direct'))}×, {fmt(s.get('cpu_vs_direct'))}×" if "rate_vs_direct" in s else ""
             lines.append(f"| {workload} | {name} | {rate_text} | {fmt(s.get('cpu_per_unit'))} {unit} | {vs_direct} | {fmt(s.get('overhead_per_unit'))} | {fmt(ratio)}× | {rounds_text} | {fmt(s.get('proc_cpu_per_unit'))} | {lat} |")
+    if "stalled-readers" in summary:
+        for name in ("direct", "l4lb", "l4lb-baseline", "haproxy", "haproxy-splice", "nginx"):
+            s = summary["stalled-readers"].get(name)
+            if not s:
+                continue
+            errors = f" (errors: {s['errors'].strip()})" if s.get("errors", "").strip() else ""
+            lines.append(f"| stalled-readers | {name} | {(s.get('rate') or 0) / 1000:.1f}k req/s beside {int(s['stalled'])} stalled{errors} | | | | | | | "
+                         f"{fmt(s.get('p50_ms'))} / {fmt(s.get('p99_ms'))} |")
     if "idle-memory" in summary:
         for name, s in summary["idle-memory"].items():
             lines.append(f"| idle-memory | {name} | {int(s['units'])} conns | {s['bytes_per_conn']:.0f} bytes/conn RSS | | | | | | |")
@@ -544,6 +610,8 @@ def draw_chart(summary, path):
         log("bench: matplotlib missing, no chart (scripts/bootstrap --bench installs it)")
         return None
     workloads = [w for w in ("rr-keepalive", "conn-rate", "bulk-1", "bulk-4") if w in summary]
+    if not workloads and "idle-memory" not in summary:
+        return None
     proxies = ["l4lb", "haproxy", "haproxy-splice", "nginx"]
     fig, axes = plt.subplots(1, len(workloads) + ("idle-memory" in summary), figsize=(4 * (len(workloads) + 1), 4))
     if not hasattr(axes, "__len__"):
