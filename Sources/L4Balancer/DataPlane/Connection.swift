@@ -27,7 +27,7 @@ struct Connection {
     /// - a large receive is single-shot and re-armed only after its send has completed.
     /// (Without the kernel's limit, Linux < 6.16, small receives are single-shot too.)
     ///
-    /// **States** (`state`; `receive` says whether a receive request is armed):
+    /// **States** (`state`; `receiveArmed` says whether a receive request is armed):
     ///
     /// | from | event | to |
     /// |---|---|---|
@@ -60,17 +60,12 @@ struct Connection {
             case finished
         }
 
-        /// The receive request of this direction.
-        enum Receive: UInt8 {
-            case off
-            case multishot
-            case single
-        }
-
         static let noBuffer: UInt16 = .max
 
         var state = State.receiving
-        var receive = Receive.off
+        /// A receive request of this direction is armed (a multishot one until its
+        /// completion without `hasMore`).
+        var receiveArmed = false
         /// The buffer being sent is from the large-buffer group.
         var large = false
         /// The last read filled a small buffer: bulk traffic, use large buffers.

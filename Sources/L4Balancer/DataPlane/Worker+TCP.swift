@@ -115,12 +115,9 @@ extension Worker {
     /// the slot's side table (touched only by clusters that large).
     @inline(__always)
     func markTried(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, _ local: Int) {
-        if local < 64 {
-            record.pointee.tried |= 1 &<< UInt64(local)
-        } else {
-            triedAbove64[Int(slot) * Worker.triedStride + Int(record.pointee.triedAbove64)] = UInt16(local)
-            record.pointee.triedAbove64 &+= 1
-        }
+        var count = Int(record.pointee.triedAbove64)
+        Worker.exclude(local, bits: &record.pointee.tried, others: triedAbove64 + Int(slot) * Worker.triedStride, count: &count)
+        record.pointee.triedAbove64 = UInt8(count)
         record.pointee.attempts &+= 1
     }
 
@@ -141,14 +138,6 @@ extension Worker {
                 flowHash: record.pointee.flowHash, tried: TriedEndpoints(bits: bits, others: others, otherCount: otherCount),
                 active: activeByEndpoint + cluster.firstEndpoint, clusterActive: activeByCluster[clusterIndex], endpoints: view)
             else { break }
-            func skip() {
-                if local < 64 {
-                    bits |= 1 &<< UInt64(local)
-                } else {
-                    others[otherCount] = UInt16(local)
-                    otherCount += 1
-                }
-            }
             if window > 0 {
                 let since = status.availableSince(cluster.firstEndpoint + local)
                 let elapsed = nowMilliseconds - since
@@ -156,13 +145,13 @@ extension Worker {
                     let factor = 0.1 + 0.9 * Double(elapsed) / Double(window)
                     if Double(random.next() >> 11) * 0x1p-53 >= factor {
                         if fallback == nil { fallback = local }
-                        skip()
+                        Worker.exclude(local, bits: &bits, others: others, count: &otherCount)
                         continue
                     }
                 }
             }
             if status.admit(cluster.firstEndpoint + local) { return local }
-            skip()
+            Worker.exclude(local, bits: &bits, others: others, count: &otherCount)
         }
         if let fallback, status.admit(cluster.firstEndpoint + fallback) { return fallback }
         return nil
@@ -266,22 +255,19 @@ extension Worker {
         let queued: Bool
         if large {
             queued = ring.prepareReceive(socket: socket, bufferGroup: Worker.largeBufferGroup, userData: userData)
-            s.pointee.receive = .single
         } else if multishotSmallReceives {
             queued = ring.prepareMultishotReceive(
                 socket: socket, bufferGroup: Worker.smallBufferGroup, limit: UInt32(smallBuffers.bufferSize), userData: userData)
-            s.pointee.receive = .multishot
         } else {
             queued = ring.prepareReceive(socket: socket, bufferGroup: Worker.smallBufferGroup, userData: userData)
-            s.pointee.receive = .single
         }
         guard queued else {
             // The submission queue stayed full: try again when buffers are next published.
             stats.add(.submissionDrops)
-            s.pointee.receive = .off
             waitForBuffer(slot, record, toUpstream: toUpstream)
             return
         }
+        s.pointee.receiveArmed = true
         s.pointee.move(to: .receiving)
         record.pointee.inFlight += 1
     }
@@ -342,7 +328,7 @@ extension Worker {
             return
         }
         let s = stream(record, toUpstream: toUpstream)
-        if !more { s.pointee.receive = .off }
+        if !more { s.pointee.receiveArmed = false }
         let result = completion.result
         if result > 0, let buffer {
             if !large, Int(result) == smallBuffers.bufferSize {
@@ -401,25 +387,28 @@ extension Worker {
         if s.pointee.pending == Connection.Stream.noBuffer {
             if !s.pointee.large, s.pointee.length + length <= capacity {
                 // Past the bytes the send in flight reads: safe to write now.
-                (bufferAddress(s.pointee.buffer, large: false) + Int(s.pointee.length))
-                    .copyMemory(from: bufferAddress(buffer, large: false), byteCount: Int(length))
-                s.pointee.length += length
-                recycle(buffer, large: false)
+                append(buffer, length: length, onto: s.pointee.buffer, holding: &s.pointee.length)
             } else {
                 s.pointee.pending = buffer
                 s.pointee.pendingLength = length
             }
         } else if s.pointee.pendingLength + length <= capacity {
-            (bufferAddress(s.pointee.pending, large: false) + Int(s.pointee.pendingLength))
-                .copyMemory(from: bufferAddress(buffer, large: false), byteCount: Int(length))
-            s.pointee.pendingLength += length
-            recycle(buffer, large: false)
+            append(buffer, length: length, onto: s.pointee.pending, holding: &s.pointee.pendingLength)
         } else {
             // Outside the contract (a kernel that ignored the limit): keep no third buffer.
             assertionFailure("a direction received beyond its two buffers")
             recycle(buffer, large: false)
             close(slot)
         }
+    }
+
+    /// Copies small buffer `buffer` onto the end of small buffer `target` (which holds
+    /// `held` bytes) and recycles it.
+    @inline(__always)
+    func append(_ buffer: UInt16, length: Int32, onto target: UInt16, holding held: inout Int32) {
+        (bufferAddress(target, large: false) + Int(held)).copyMemory(from: bufferAddress(buffer, large: false), byteCount: Int(length))
+        held += length
+        recycle(buffer, large: false)
     }
 
     func sent(_ completion: Completion, _ userData: UserData, toUpstream: Bool) {
@@ -449,7 +438,7 @@ extension Worker {
         }
         if s.pointee.state == .flushingBeforeEOF {
             forwardEOF(slot, record, toUpstream: toUpstream)
-        } else if s.pointee.receive == .off {
+        } else if !s.pointee.receiveArmed {
             armReceive(slot, record, toUpstream: toUpstream)
         } else {
             // The multishot receive is still armed: it goes on filling.

@@ -58,6 +58,18 @@ final class Worker {
     /// Side-table entries per slot: one per attempt, then this choice's skips.
     static let triedStride = maximumAttempts + picksPerChoice
 
+    /// Notes `local` as excluded: a bit below 64, else the next entry of the slot's side
+    /// table (`others`, holding `count` entries).
+    @inline(__always)
+    static func exclude(_ local: Int, bits: inout UInt64, others: UnsafeMutablePointer<UInt16>, count: inout Int) {
+        if local < 64 {
+            bits |= 1 &<< UInt64(local)
+        } else {
+            others[count] = UInt16(local)
+            count += 1
+        }
+    }
+
     let listenerFDs: [Int32]
     var acceptArmed: [Bool]
     let balancers: [ClusterBalancer]
@@ -89,6 +101,8 @@ final class Worker {
     var lastResourceWarning: Int64 = 0
     var tickArmed = false
     var wakeArmed = false
+    var smallBuffersPeak = 0
+    var largeBuffersPeak = 0
     /// How long the worker lets completions gather before it is woken (0: woken for each).
     let batchWindowMicroseconds: UInt32
     /// Completions found by one wake-up that switch the window on for the next wait.
@@ -103,20 +117,13 @@ final class Worker {
 
     struct Options {
         var ringEntries: UInt32 = 4096
-        var smallBufferCount = 16_384
-        var smallBufferSize = 16 * 1024
-        var largeBufferCount = 16
-        var largeBufferSize = 1024 * 1024
-        /// Buffers in the kernel's ring at once; the rest wait in the pool's free stack.
+        /// Sizes and counts come from the config (`Config.Buffers` has the defaults).
+        var buffers: Config.Buffers
+        /// Small buffers in the kernel's ring at once; the rest wait in the pool's free stack.
         var smallBufferWindow = 1024
 
-        init() {}
-
-        init(buffers: Config.Buffers) {
-            smallBufferCount = buffers.small
-            smallBufferSize = buffers.smallSize
-            largeBufferCount = buffers.large
-            largeBufferSize = buffers.largeSize
+        init(buffers: Config.Buffers = Config.Buffers()) {
+            self.buffers = buffers
         }
 
         /// The largest power of two ≤ `count`, capped: what one ring can hold.
@@ -142,12 +149,13 @@ final class Worker {
         self.logger = logger
         self.listenerFDs = listenerFDs
         self.ring = try Ring(entries: options.ringEntries)
+        let buffers = options.buffers
         self.smallBuffers = try ProvidedBufferRing(
-            ring: ring, group: Worker.smallBufferGroup, count: options.smallBufferCount, bufferSize: options.smallBufferSize,
-            window: Options.window(for: options.smallBufferCount, cap: options.smallBufferWindow))
+            ring: ring, group: Worker.smallBufferGroup, count: buffers.small, bufferSize: buffers.smallSize,
+            window: Options.window(for: buffers.small, cap: options.smallBufferWindow))
         self.largeBuffers = try ProvidedBufferRing(
-            ring: ring, group: Worker.largeBufferGroup, count: options.largeBufferCount, bufferSize: options.largeBufferSize,
-            window: Options.window(for: options.largeBufferCount, cap: 32768))
+            ring: ring, group: Worker.largeBufferGroup, count: buffers.large, bufferSize: buffers.largeSize,
+            window: Options.window(for: buffers.large, cap: 32768))
         multishotSmallReceives = ring.capabilities.multishotReceiveLimit
 
         let capacity = min(snapshot.listeners.reduce(0) { $0 + $1.workerCapacity }, 1 << 22)
@@ -340,12 +348,15 @@ final class Worker {
                 budget -= 1
             }
         }
-        let small = UInt64(smallBuffers.inUse)
-        let large = UInt64(largeBuffers.inUse)
-        stats.set(.smallBuffersInUse, small)
-        stats.set(.largeBuffersInUse, large)
-        if small > stats.value(.smallBuffersPeak) { stats.set(.smallBuffersPeak, small) }
-        if large > stats.value(.largeBuffersPeak) { stats.set(.largeBuffersPeak, large) }
+        // The most buffers in use at once: a shared store only when a peak is passed.
+        if smallBuffers.inUse > smallBuffersPeak {
+            smallBuffersPeak = smallBuffers.inUse
+            stats.set(.smallBuffersPeak, UInt64(smallBuffersPeak))
+        }
+        if largeBuffers.inUse > largeBuffersPeak {
+            largeBuffersPeak = largeBuffers.inUse
+            stats.set(.largeBuffersPeak, UInt64(largeBuffersPeak))
+        }
     }
 
     @inline(__always)
@@ -430,10 +441,6 @@ final class Worker {
                 switch timerCheck(record, listener: listener) {
                 case .idle:
                     stats.add(.idleTimeouts, listener: listener)
-                    logger.debug("idle timeout", metadata: [
-                        "listener": "\(snapshot.listeners[listener].name)",
-                        "to_upstream": "\(record.pointee.toUpstream.state)", "to_client": "\(record.pointee.toClient.state)",
-                    ])
                     close(slot)
                 case .stalledSend:
                     stats.add(.sendTimeouts, listener: listener)
@@ -465,7 +472,7 @@ final class Worker {
             if deadline <= nowTick {
                 // The peer still taking what l4lb handed the kernel long ago is progress
                 // too: a slow reader draining a large socket buffer is not idle.
-                let sent = min(ticksSinceDataSent(record.pointee.client), ticksSinceDataSent(record.pointee.upstream))
+                let sent = min(ticksSincePeerTookData(record.pointee.client), ticksSincePeerTookData(record.pointee.upstream))
                 guard sent < idle else { return .idle }
                 deadline = nowTick &+ (idle - sent)
             }
@@ -491,7 +498,7 @@ final class Worker {
         guard s.pointee.isSending else { return nowTick &+ send }
         let due = s.pointee.sendProgress &+ send
         if due > nowTick { return due }
-        let sent = ticksSinceDataSent(destination(record, toUpstream: toUpstream))
+        let sent = ticksSincePeerTookData(destination(record, toUpstream: toUpstream))
         guard sent < send else { return nil }
         s.pointee.sendProgress = nowTick &- sent
         return nowTick &+ (send - sent)
@@ -500,7 +507,7 @@ final class Worker {
     /// Timer ticks since the socket's peer last took data (TCP_INFO; see
     /// `CLinux_tcp_ms_since_progress`).
     @inline(__always)
-    func ticksSinceDataSent(_ fd: Int32) -> UInt32 {
+    func ticksSincePeerTookData(_ fd: Int32) -> UInt32 {
         guard fd >= 0 else { return .max }
         let milliseconds = CLinux_tcp_ms_since_progress(fd)
         return milliseconds == .max ? .max : milliseconds / UInt32(Worker.tickMilliseconds)

@@ -25,8 +25,8 @@ public final class WorkerStats: @unchecked Sendable {
         /// Requests dropped because the submission queue stayed full (the connection was
         /// closed, or its receive retried).
         case submissionDrops
-        /// Small / large buffers in use now, and the most ever in use at once.
-        case smallBuffersInUse, smallBuffersPeak, largeBuffersInUse, largeBuffersPeak
+        /// The most small / large buffers ever in use at once.
+        case smallBuffersPeak, largeBuffersPeak
     }
 
     static let cacheLine = 64
