@@ -13,6 +13,11 @@
 #include <sched.h>
 #include <signal.h>
 #include <errno.h>
+// The kernel's io_uring header before liburing's own copy of it (same include guard, so
+// the copy is skipped): swift-system's CSystem module includes the kernel's, and the
+// importer rejects two modules defining io_uring_sqe differently. liburing 2.3's inline
+// functions build against the newer header unchanged (the ABI only ever grows).
+#include <linux/io_uring.h>
 #include <liburing.h>
 #include <sys/mman.h>
 #include <string.h>

@@ -40,7 +40,7 @@ for balancer in Config.Cluster.Balancer.allCases {
         func run(_ n: Int) {
             for _ in 0..<n {
                 key = StableHash.mix(key)
-                let chosen = picker.pick(flowHash: key, tried: 0, active: active, clusterActive: clusterActive)!
+                let chosen = picker.pick(flowHash: key, tried: 0, active: ActiveCounts(active), clusterActive: clusterActive)!
                 // Keep counts moving like a live worker would (bounded so they stay small).
                 if active[chosen] < 64 {
                     active[chosen] += 1

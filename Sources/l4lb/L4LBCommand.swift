@@ -9,7 +9,7 @@ struct L4LBCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "l4lb",
         abstract: "A Layer-4 (TCP/UDP) load balancer on io_uring.",
-        subcommands: [Run.self, Check.self],
+        subcommands: [Run.self, Check.self, Stats.self, Reload.self, Drain.self],
         defaultSubcommand: Run.self)
 }
 
@@ -66,21 +66,22 @@ struct Run: AsyncParsableCommand {
         }
         let logger = Logger(label: "l4lb")
         let config = try loadConfigOrExit(options.config)
-        if config.admin.token != nil || config.admin != Config.Admin() {
-            logger.warning("admin API is not implemented yet; admin settings are ignored")
-        }
         if config.accessLog != .off {
             logger.warning("access log is not implemented yet; access_log is ignored")
         }
         let pool: WorkerPool
         do {
-            pool = try WorkerPool(snapshot: Snapshot(config: config), logger: logger)
+            pool = try WorkerPool(config: config, configPath: options.config, logger: logger)
         } catch {
             logger.critical("\(error)")
             throw ExitCode(1)
         }
         let group = ServiceGroup(configuration: .init(
-            services: [.init(service: pool, successTerminationBehavior: .gracefullyShutdownGroup)],
+            services: [
+                .init(service: pool, successTerminationBehavior: .gracefullyShutdownGroup),
+                .init(service: AdminAPI.application(pool: pool, logger: logger)),
+                .init(service: ReloadOnSignal(pool: pool)),
+            ],
             gracefulShutdownSignals: [.sigterm, .sigint],
             logger: logger))
         do {

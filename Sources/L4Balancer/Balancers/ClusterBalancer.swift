@@ -37,11 +37,12 @@ public enum ClusterBalancer {
     }
 
     /// An endpoint index within the cluster, never one with weight 0, one `endpoints` says
-    /// is unavailable (unhealthy, ejected, at its connection limit), or one in `tried`. `active` points at this worker's active-connection
-    /// count per endpoint of the cluster, `clusterActive` is their sum.
+    /// is unavailable (unhealthy, ejected, drained, at its connection limit), or one in
+    /// `tried`. `active` is this worker's active-connection count per endpoint of the
+    /// cluster, `clusterActive` their sum.
     @inlinable
     public func pick(
-        flowHash: UInt64, tried: TriedEndpoints, active: UnsafePointer<Int32>, clusterActive: Int,
+        flowHash: UInt64, tried: TriedEndpoints, active: ActiveCounts, clusterActive: Int,
         endpoints: EndpointView = .allAvailable
     ) -> Int? {
         switch self {
@@ -52,6 +53,32 @@ public enum ClusterBalancer {
         case .maglev(let m): return m.pick(flowHash: flowHash, tried: tried, endpoints: endpoints)
         case .ringHash(let r): return r.pick(flowHash: flowHash, tried: tried, active: active, clusterActive: clusterActive, endpoints: endpoints)
         }
+    }
+}
+
+/// A worker's active connections per endpoint of one cluster: a plain array by position
+/// (benchmarks, tests), or the worker's table by endpoint identity read through the
+/// snapshot's position → identity map.
+public struct ActiveCounts {
+    @usableFromInline let base: UnsafePointer<Int32>
+    @usableFromInline let ids: UnsafePointer<Int32>?
+
+    @inlinable
+    public init(_ base: UnsafePointer<Int32>) {
+        self.base = base
+        ids = nil
+    }
+
+    @inlinable
+    init(base: UnsafePointer<Int32>, ids: UnsafePointer<Int32>) {
+        self.base = base
+        self.ids = ids
+    }
+
+    @inlinable
+    public subscript(_ i: Int) -> Int32 {
+        guard let ids else { return base[i] }
+        return base[Int(ids[i])]
     }
 }
 
@@ -143,14 +170,14 @@ public final class LeastRequest {
     }
 
     @inlinable
-    func score(_ i: Int, _ active: UnsafePointer<Int32>) -> Double {
+    func score(_ i: Int, _ active: ActiveCounts) -> Double {
         let load = Double(active[i]) + 1
         let divisor = bias == 1 ? load : (bias == 0 ? 1 : pow(load, bias))
         return Double(weights[i]) / divisor
     }
 
     @inlinable
-    public func pick(tried: TriedEndpoints, active: UnsafePointer<Int32>, endpoints: EndpointView) -> Int? {
+    public func pick(tried: TriedEndpoints, active: ActiveCounts, endpoints: EndpointView) -> Int? {
         var best = -1
         var bestActive = Int32.max
         var bestScore = -1.0
@@ -216,7 +243,7 @@ public final class RingHashPicker {
     }
 
     @inlinable
-    public func pick(flowHash: UInt64, tried: TriedEndpoints, active: UnsafePointer<Int32>, clusterActive: Int, endpoints: EndpointView) -> Int? {
+    public func pick(flowHash: UInt64, tried: TriedEndpoints, active: ActiveCounts, clusterActive: Int, endpoints: EndpointView) -> Int? {
         let weights = self.weights
         if balanceFactor == 0 {
             return ring.lookup(flowHash) { weights[$0] > 0 && isEligible($0, tried, endpoints) }

@@ -100,11 +100,28 @@ struct ConfigWalker {
         return config
     }
 
+    /// The admin API's address and bearer token. A token file is read here, so a reload
+    /// picks up a rotated token; an address off loopback without a token is refused.
     mutating func admin(_ node: Node, _ path: String) -> Config.Admin {
         var admin = Config.Admin()
-        guard let fields = mapping(node, path, keys: ["address", "token"]) else { return admin }
+        guard let fields = mapping(node, path, keys: ["address", "token", "token_file"]) else { return admin }
         if let n = fields["address"], let a = address(n, "\(path).address") { admin.address = a }
-        if let n = fields["token"] { admin.token = string(n, "\(path).token") }
+        if let n = fields["token"], let token = string(n, "\(path).token") {
+            if token.isEmpty { fail("\(path).token", "must not be empty") } else { admin.token = token }
+        }
+        if let n = fields["token_file"], let file = string(n, "\(path).token_file") {
+            if fields["token"] != nil {
+                fail("\(path).token_file", "set token or token_file, not both")
+            } else if let data = FileManager.default.contents(atPath: file), let text = String(data: data, encoding: .utf8) {
+                let token = text.trimmingCharacters(in: .whitespacesAndNewlines)
+                if token.isEmpty { fail("\(path).token_file", "\(file) is empty") } else { admin.token = token }
+            } else {
+                fail("\(path).token_file", "cannot read \(file)")
+            }
+        }
+        if admin.token == nil, !admin.address.isLoopback, fields["token_file"] == nil {
+            fail("\(path).address", "\(admin.address) is not a loopback address: set admin.token or admin.token_file, or anyone who can reach it can reload and drain l4lb")
+        }
         return admin
     }
 

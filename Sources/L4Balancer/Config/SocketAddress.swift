@@ -12,6 +12,13 @@ public struct SocketAddress: Sendable, Hashable, CustomStringConvertible {
 
     public var family: Family { ip.count == 4 ? .inet : .inet6 }
 
+    /// 127.0.0.0/8, ::1, or an IPv4-mapped loopback address.
+    public var isLoopback: Bool {
+        if ip.count == 4 { return ip[0] == 127 }
+        if ip == [UInt8](repeating: 0, count: 15) + [1] { return true }
+        return ip.prefix(12) == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF][...] && ip[12] == 127
+    }
+
     public init(ip: [UInt8], port: UInt16) {
         precondition(ip.count == 4 || ip.count == 16)
         self.ip = ip

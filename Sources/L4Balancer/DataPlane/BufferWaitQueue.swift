@@ -29,16 +29,9 @@ public struct BufferWaitQueue {
     public init(slots: Int) {
         capacity = 2 * slots
         // Fresh anonymous pages read as 0; 0 in `queueOf` means "not queued".
-        next = BufferWaitQueue.reserve(UInt32.self, capacity)
-        previous = BufferWaitQueue.reserve(UInt32.self, capacity)
-        queueOf = BufferWaitQueue.reserve(UInt8.self, capacity)
-    }
-
-    static func reserve<T>(_: T.Type, _ count: Int) -> UnsafeMutablePointer<T> {
-        let bytes = max(count * MemoryLayout<T>.stride, 1)
-        let raw = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
-        precondition(raw != nil && raw != MAP_FAILED, "cannot reserve the buffer wait queue")
-        return raw!.bindMemory(to: T.self, capacity: count)
+        next = reserve(UInt32.self, capacity)
+        previous = reserve(UInt32.self, capacity)
+        queueOf = reserve(UInt8.self, capacity)
     }
 
     public func deallocate() {

@@ -107,12 +107,19 @@ struct Connection {
     var attempts: UInt8 = 0
     /// Entries of the worker's side table of tried endpoints at index 64 and above.
     var triedAbove64: UInt8 = 0
-    /// Whether this connection holds a place in its listener's and endpoint's active counts.
+    /// Whether this connection holds a place in its listener's active count.
     var counted = false
-    /// Whether it holds a place in its cluster's `max_connections`.
+    /// Whether it holds a place in its cluster's / listener's / endpoint's shared
+    /// `max_connections` count (only those with a limit are counted).
     var clusterAdmitted = false
+    var listenerLimited = false
+    var endpointLimited = false
+    /// The worker plan it was opened under (`WorkerPlan.index`).
+    var plan: UInt16 = 0
+    /// The listener's identity; the cluster's position in the plan's snapshot.
     var listener: UInt16 = 0
     var cluster: UInt16 = 0
+    /// The endpoint's identity (-1: none yet).
     var endpoint: Int32 = -1
     var client: Int32 = -1
     var upstream: Int32 = -1

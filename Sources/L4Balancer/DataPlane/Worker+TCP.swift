@@ -10,57 +10,74 @@ extension Worker {
     // MARK: Accept
 
     /// Not armed when the submission queue stays full: the next tick tries again.
+    /// Not armed when the submission queue stays full: the next tick tries again.
+    /// `listener` is the listener's identity; the completion carries its socket's serial.
     func armAccept(_ listener: Int) {
-        acceptArmed[listener] = ring.prepareMultishotAccept(listener: listenerFDs[listener], userData: UserData(.accept, slot: UInt32(listener)).raw)
+        acceptArmed[listener] = ring.prepareMultishotAccept(
+            listener: listenerFDs[listener], userData: UserData(.accept, slot: UInt32(listener), generation: listenerSerials[listener]).raw)
         if !acceptArmed[listener] { stats.add(.submissionDrops) }
     }
 
-    func accepted(_ completion: Completion, listener: Int) {
-        if !completion.hasMore {
+    func accepted(_ completion: Completion, listener: Int, serial: UInt32) {
+        // A retired socket's last completions (its listener was removed or rebound).
+        let live = serial == listenerSerials[listener] && listenerFDs[listener] >= 0
+        if !completion.hasMore, live {
             acceptArmed[listener] = false
             // Re-arm at once after a normal end; after an error, at the next tick.
             if completion.result >= 0, !draining { armAccept(listener) }
         }
         guard completion.result >= 0 else {
-            if completion.result != -ECANCELED, completion.result != -EINVAL {
+            if live, completion.result != -ECANCELED, completion.result != -EINVAL {
                 stats.add(.acceptErrors, listener: listener)
                 noteResourceError(-completion.result, while: "accepting")
             }
             return
         }
         let fd = completion.result
-        guard !draining, limits.admit(listener) else {
+        guard live, !draining else {
             Glibc.close(fd)
             stats.add(.refused, listener: listener)
             return
         }
-        let plan = snapshot.listeners[listener]
-        let cluster = clusterSplits[listener].flatMap { plan.clusters[$0.pick()!] } ?? plan.clusters[0]
-        guard status.admit(cluster: cluster) else {
+        let plan = current
+        let listenerPlan = plan.listener(listener)
+        let limited = listenerPlan.maxConnections != nil
+        if let maximum = listenerPlan.maxConnections, !limits.admit(listener, maximum: maximum) {
+            Glibc.close(fd)
+            stats.add(.refused, listener: listener)
+            return
+        }
+        let cluster = plan.clusterSplits[listener].flatMap { listenerPlan.clusters[$0.pick()!] } ?? listenerPlan.clusters[0]
+        let clusterID = plan.snapshot.clusters[cluster].id
+        let clusterLimit = plan.snapshot.clusters[cluster].config.maxConnections
+        if let clusterLimit, !status.admit(cluster: clusterID, limit: clusterLimit) {
             // Circuit breaking: the cluster is at max_connections.
-            limits.leave(listener)
+            if limited { limits.leave(listener) }
             Glibc.close(fd)
             stats.add(.refused, listener: listener)
             stats.add(.clusterFull, listener: listener)
             return
         }
         guard let slot = slab.allocate() else {
-            status.leave(cluster: cluster)
-            limits.leave(listener)
+            if clusterLimit != nil { status.leave(cluster: clusterID) }
+            if limited { limits.leave(listener) }
             Glibc.close(fd)
             stats.add(.refused, listener: listener)
             return
         }
         let record = slab[slot]
         record.pointee.state = .connecting
+        record.pointee.plan = plan.index
+        plan.connections += 1
         record.pointee.listener = UInt16(listener)
         record.pointee.client = fd
         record.pointee.counted = true
-        record.pointee.clusterAdmitted = true
+        record.pointee.listenerLimited = limited
+        record.pointee.clusterAdmitted = clusterLimit != nil
         record.pointee.lastActivity = nowTick
         record.pointee.cluster = UInt16(cluster)
-        if balancers[cluster].usesFlowHash {
-            record.pointee.flowHash = FlowHash.compute(client: fd, key: snapshot.clusters[cluster].hashKey)
+        if plan.balancers[cluster].usesFlowHash {
+            record.pointee.flowHash = FlowHash.compute(client: fd, key: plan.snapshot.clusters[cluster].hashKey)
         }
         stats.add(.accepted, listener: listener)
         stats.add(.active, listener: listener)
@@ -73,21 +90,27 @@ extension Worker {
     func startConnect(_ slot: UInt32) {
         let record = slab[slot]
         let listener = Int(record.pointee.listener)
+        let plan = plans[Int(record.pointee.plan)].unsafelyUnwrapped
         let clusterIndex = Int(record.pointee.cluster)
-        let cluster = snapshot.clusters[clusterIndex]
-        guard let local = chooseEndpoint(slot, record, clusterIndex: clusterIndex, cluster: cluster) else {
+        let firstEndpoint = plan.snapshot.clusters[clusterIndex].firstEndpoint
+        let clusterID = plan.snapshot.clusters[clusterIndex].id
+        guard let local = chooseEndpoint(slot, record, plan: plan, clusterIndex: clusterIndex, clusterID: clusterID, firstEndpoint: firstEndpoint) else {
             stats.add(.connectFailed, listener: listener)
             close(slot)
             return
         }
         markTried(slot, record, local)
-        let endpoint = cluster.firstEndpoint + local
-        let address = UnsafeMutableRawPointer(endpointAddresses + endpoint).assumingMemoryBound(to: sockaddr.self)
+        let position = firstEndpoint + local
+        let endpoint = Int(plan.snapshot.endpointIDs[position])
+        let address = UnsafeMutableRawPointer(plan.endpointAddresses + position).assumingMemoryBound(to: sockaddr.self)
         let fd = socket(Int32(address.pointee.sa_family), Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else {
             noteResourceError(errno, while: "opening an upstream socket")
             // The pick took a place on the endpoint (its max_connections); give it back.
-            status.leave(endpoint)
+            if record.pointee.endpointLimited {
+                record.pointee.endpointLimited = false
+                status.leave(endpoint)
+            }
             stats.add(.connectFailed, listener: listener)
             close(slot)
             return
@@ -97,11 +120,11 @@ extension Worker {
         record.pointee.endpoint = Int32(endpoint)
         stats.add(.active, endpoint: endpoint)
         activeByEndpoint[endpoint] += 1
-        activeByCluster[clusterIndex] += 1
+        activeByCluster[clusterID] += 1
         guard ring.prepareConnect(
-            socket: fd, address: address, length: endpointAddressLengths[endpoint],
+            socket: fd, address: address, length: plan.endpointAddressLengths[position],
             userData: UserData(.connect, slot: slot, generation: record.pointee.generation).raw,
-            timeout: connectTimeouts + listener, timeoutUserData: UserData(.linkTimeout).raw)
+            timeout: plan.connectTimeouts + listener, timeoutUserData: UserData(.linkTimeout).raw)
         else {
             stats.add(.submissionDrops)
             stats.add(.connectFailed, listener: listener)
@@ -125,21 +148,26 @@ extension Worker {
     /// max_connections). During slow start an endpoint is taken with probability
     /// 10% → 100% over the window, so its share ramps up; rejected picks are skipped for
     /// this choice only.
-    func chooseEndpoint(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, clusterIndex: Int, cluster: Snapshot.ClusterPlan) -> Int? {
-        let view = status.view(firstEndpoint: cluster.firstEndpoint)
-        let window = slowStartMilliseconds[clusterIndex]
+    func chooseEndpoint(
+        _ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, plan: WorkerPlan, clusterIndex: Int, clusterID: Int, firstEndpoint: Int
+    ) -> Int? {
+        let snapshot = plan.snapshot
+        let view = status.view(snapshot, firstEndpoint: firstEndpoint)
+        let ids = snapshot.endpointIDs + firstEndpoint
+        let limits = snapshot.endpointLimits + firstEndpoint
+        let window = plan.slowStartMilliseconds[clusterIndex]
         // Tried endpoints, plus those skipped for this choice only (appended after them).
         var bits = record.pointee.tried
         let others = triedAbove64 + Int(slot) * Worker.triedStride
         var otherCount = Int(record.pointee.triedAbove64)
         var fallback: Int?
         for _ in 0..<Worker.picksPerChoice {
-            guard let local = balancers[clusterIndex].pick(
+            guard let local = plan.balancers[clusterIndex].pick(
                 flowHash: record.pointee.flowHash, tried: TriedEndpoints(bits: bits, others: others, otherCount: otherCount),
-                active: activeByEndpoint + cluster.firstEndpoint, clusterActive: activeByCluster[clusterIndex], endpoints: view)
+                active: ActiveCounts(base: activeByEndpoint, ids: ids), clusterActive: activeByCluster[clusterID], endpoints: view)
             else { break }
             if window > 0 {
-                let since = status.availableSince(cluster.firstEndpoint + local)
+                let since = status.availableSince(Int(ids[local]))
                 let elapsed = nowMilliseconds - since
                 if since > 0, elapsed < window {
                     let factor = 0.1 + 0.9 * Double(elapsed) / Double(window)
@@ -150,11 +178,21 @@ extension Worker {
                     }
                 }
             }
-            if status.admit(cluster.firstEndpoint + local) { return local }
+            if admit(record, id: Int(ids[local]), limit: limits[local]) { return local }
             Worker.exclude(local, bits: &bits, others: others, count: &otherCount)
         }
-        if let fallback, status.admit(cluster.firstEndpoint + fallback) { return fallback }
+        if let fallback, admit(record, id: Int(ids[fallback]), limit: limits[fallback]) { return fallback }
         return nil
+    }
+
+    /// Takes a place on endpoint `id` when it has a connection limit (Int.max: none, and
+    /// nothing shared is touched); the record remembers to give it back.
+    @inline(__always)
+    func admit(_ record: UnsafeMutablePointer<Connection>, id: Int, limit: Int) -> Bool {
+        guard limit != Int.max else { return true }
+        guard status.admit(id, limit: limit) else { return false }
+        record.pointee.endpointLimited = true
+        return true
     }
 
     func connected(_ completion: Completion, _ userData: UserData) {
@@ -173,7 +211,7 @@ extension Worker {
             releaseEndpoint(record)
             Glibc.close(record.pointee.upstream)
             record.pointee.upstream = -1
-            if Int(record.pointee.attempts) < snapshot.listeners[listener].connectAttempts {
+            if Int(record.pointee.attempts) < plans[Int(record.pointee.plan)].unsafelyUnwrapped.listener(listener).connectAttempts {
                 startConnect(slot)
             } else {
                 stats.add(.connectFailed, listener: listener)
@@ -183,7 +221,7 @@ extension Worker {
         }
         stats.add(.total, endpoint: endpoint)
         record.pointee.lastActivity = nowTick
-        let version = snapshot.listeners[listener].proxyProtocol
+        let version = plans[Int(record.pointee.plan)].unsafelyUnwrapped.listener(listener).proxyProtocol
         if version == .none {
             startProxying(slot, record)
             return
@@ -485,12 +523,12 @@ extension Worker {
         releaseEndpoint(record)
         if record.pointee.clusterAdmitted {
             record.pointee.clusterAdmitted = false
-            status.leave(cluster: Int(record.pointee.cluster))
+            status.leave(cluster: plans[Int(record.pointee.plan)].unsafelyUnwrapped.snapshot.clusters[Int(record.pointee.cluster)].id)
         }
         if record.pointee.counted {
             record.pointee.counted = false
             let listener = Int(record.pointee.listener)
-            limits.leave(listener)
+            if record.pointee.listenerLimited { limits.leave(listener) }
             stats.add(.active, listener: listener, UInt64.max)
         }
         dropPending(stream(record, toUpstream: true))
@@ -519,7 +557,9 @@ extension Worker {
         guard record.pointee.state == .closing, record.pointee.inFlight == 0 else { return }
         Glibc.close(record.pointee.client)
         if record.pointee.upstream >= 0 { Glibc.close(record.pointee.upstream) }
+        let plan = record.pointee.plan
         slab.release(slot)
+        release(plan: plan)
     }
 
     @inline(__always)
@@ -527,9 +567,12 @@ extension Worker {
         let endpoint = Int(record.pointee.endpoint)
         guard endpoint >= 0 else { return }
         stats.add(.active, endpoint: endpoint, UInt64.max)
-        status.leave(endpoint)
+        if record.pointee.endpointLimited {
+            record.pointee.endpointLimited = false
+            status.leave(endpoint)
+        }
         activeByEndpoint[endpoint] -= 1
-        activeByCluster[Int(record.pointee.cluster)] -= 1
+        activeByCluster[plans[Int(record.pointee.plan)].unsafelyUnwrapped.snapshot.clusters[Int(record.pointee.cluster)].id] -= 1
         record.pointee.endpoint = -1
     }
 

@@ -24,15 +24,11 @@ final class Worker {
     /// `L4LB_BATCH_MIN` sets it, for measuring.
     static let defaultBatchThreshold = 8
 
-    let snapshot: Snapshot
+    let store: SnapshotStore
     let control: WorkerControl
     let limits: ListenerLimits
     let status: EndpointStatus
     let stats: WorkerStats
-    /// Per cluster: slow start window in ms (0 = none).
-    let slowStartMilliseconds: [Int64]
-    /// Whether any cluster closes connections to endpoints that turn unhealthy.
-    let closesOnUnhealthy: Bool
     var seenUnavailableEpoch: UInt64 = 0
     var random: FastRandom
     let logger: Logger
@@ -70,23 +66,30 @@ final class Worker {
         }
     }
 
-    let listenerFDs: [Int32]
+    /// The plan new connections are opened under, and every plan still alive, by
+    /// `WorkerPlan.index` (older ones stay until their last connection closes).
+    var current: WorkerPlan
+    var plans: [WorkerPlan?]
+    var freePlanIndices: [UInt16] = []
+    var livePlanCount = 1
+    /// Per listener identity: this worker's listening socket (-1: none), whether its
+    /// multishot accept is armed, and a serial that tells a retired socket's accept
+    /// completions from those of the socket that replaced it.
+    var listenerFDs: [Int32]
     var acceptArmed: [Bool]
-    let balancers: [ClusterBalancer]
-    /// This worker's connections (connecting or connected) per endpoint and per cluster,
-    /// for least-request and bounded-load picks.
+    var listenerSerials: [UInt32]
+    /// Listener sockets the current plan serves (identities).
+    var servedListeners: [Int] = []
+    /// Shut-down listener sockets to close once their cancel is submitted (after loop `after`).
+    var retiredListenerFDs: [(fd: Int32, after: UInt64)] = []
+    /// Whether any live plan closes connections to endpoints that turn unhealthy.
+    var closesOnUnhealthy = false
+    /// This worker's connections (connecting or connected) per endpoint and per cluster
+    /// identity, for least-request and bounded-load picks.
     let activeByEndpoint: UnsafeMutablePointer<Int32>
     let activeByCluster: UnsafeMutablePointer<Int>
-    /// Per listener with more than one cluster: the weighted split of new connections.
-    let clusterSplits: [SmoothRoundRobin?]
-    /// Per listener: idle timeout and send timeout in ticks (0 = none).
-    let idleTicks: [UInt32]
-    let sendTicks: [UInt32]
 
     // Memory the kernel reads at submit time, allocated once.
-    let endpointAddresses: UnsafeMutablePointer<sockaddr_storage>
-    let endpointAddressLengths: UnsafeMutablePointer<socklen_t>
-    let connectTimeouts: UnsafeMutablePointer<Timeout>
     let tickTimeout: UnsafeMutablePointer<Timeout>
     let wakeCounter: UnsafeMutablePointer<UInt64>
     let proxyHeaders: UnsafeMutableRawPointer
@@ -134,20 +137,25 @@ final class Worker {
         }
     }
 
-    init(
-        snapshot: Snapshot, control: WorkerControl, limits: ListenerLimits, status: EndpointStatus, listenerFDs: [Int32],
-        options: Options, logger: Logger
-    ) throws {
-        self.snapshot = snapshot
+    /// Slots per worker: enough for every listener's share, at least `minimumCapacity` so
+    /// listeners added by a reload have room. Reserved, not touched: unused slots cost no
+    /// resident memory.
+    static let minimumCapacity = 1 << 20
+
+    init(store: SnapshotStore, control: WorkerControl, limits: ListenerLimits, status: EndpointStatus, options: Options, logger: Logger) throws {
+        self.store = store
         self.control = control
         self.limits = limits
         self.status = status
         self.stats = control.stats
-        slowStartMilliseconds = snapshot.config.clusters.map { $0.slowStart.milliseconds }
-        closesOnUnhealthy = snapshot.config.clusters.contains { $0.onUnhealthy == .close }
         random = FastRandom(seed: UInt64(control.index) &+ 0x5EED)
         self.logger = logger
-        self.listenerFDs = listenerFDs
+        let snapshot = store.snapshot
+        current = WorkerPlan(snapshot: snapshot, index: 0, worker: control.index, previous: nil)
+        plans = [current]
+        listenerFDs = Array(repeating: -1, count: IdentityRegistry.listenerCapacity)
+        acceptArmed = Array(repeating: false, count: IdentityRegistry.listenerCapacity)
+        listenerSerials = Array(repeating: 0, count: IdentityRegistry.listenerCapacity)
         self.ring = try Ring(entries: options.ringEntries)
         let buffers = options.buffers
         self.smallBuffers = try ProvidedBufferRing(
@@ -158,7 +166,8 @@ final class Worker {
             window: Options.window(for: buffers.large, cap: 32768))
         multishotSmallReceives = ring.capabilities.multishotReceiveLimit
 
-        let capacity = min(snapshot.listeners.reduce(0) { $0 + $1.workerCapacity }, 1 << 22)
+        let shares = snapshot.listeners.reduce(0) { $0 + ($1.maxConnections ?? Config.Listener.defaultCapacity) }
+        let capacity = min(max(shares, Worker.minimumCapacity), 1 << 22)
         slab = ConnectionSlab(capacity: capacity)
         waiters = BufferWaitQueue(slots: capacity)
         guard let side = mmap(nil, capacity * Worker.triedStride * 2, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
@@ -169,28 +178,8 @@ final class Worker {
         nowMilliseconds = startMilliseconds
         nowTick = 0
         wheel = TimerWheel(now: 0)
-        acceptArmed = Array(repeating: false, count: listenerFDs.count)
-
-        balancers = snapshot.clusters.enumerated().map { i, cluster in
-            ClusterBalancer(cluster: cluster, seed: UInt64(control.index) << 32 | UInt64(i))
-        }
-        activeByEndpoint = .allocate(capacity: max(snapshot.endpoints.count, 1))
-        activeByEndpoint.initialize(repeating: 0, count: max(snapshot.endpoints.count, 1))
-        activeByCluster = .allocate(capacity: max(snapshot.clusters.count, 1))
-        activeByCluster.initialize(repeating: 0, count: max(snapshot.clusters.count, 1))
-        clusterSplits = snapshot.listeners.map { $0.clusters.count > 1 ? SmoothRoundRobin(weights: $0.clusterWeights) : nil }
-        idleTicks = snapshot.listeners.map { Worker.ticks($0.idleTimeoutMilliseconds) }
-        sendTicks = snapshot.listeners.map { Worker.ticks($0.sendTimeoutMilliseconds) }
-
-        endpointAddresses = .allocate(capacity: max(snapshot.endpoints.count, 1))
-        endpointAddressLengths = .allocate(capacity: max(snapshot.endpoints.count, 1))
-        for (i, endpoint) in snapshot.endpoints.enumerated() {
-            endpointAddressLengths[i] = endpoint.address.write(to: endpointAddresses + i)
-        }
-        connectTimeouts = .allocate(capacity: max(snapshot.listeners.count, 1))
-        for (i, listener) in snapshot.listeners.enumerated() {
-            connectTimeouts[i] = Timeout(milliseconds: listener.connectTimeoutMilliseconds)
-        }
+        activeByEndpoint = reserve(Int32.self, IdentityRegistry.endpointCapacity)
+        activeByCluster = reserve(Int.self, IdentityRegistry.clusterCapacity)
         tickTimeout = .allocate(capacity: 1)
         tickTimeout.initialize(to: Timeout(milliseconds: Worker.tickMilliseconds))
         wakeCounter = .allocate(capacity: 1)
@@ -214,11 +203,8 @@ final class Worker {
         wheel.deallocate()
         waiters.deallocate()
         munmap(triedAbove64, slab.capacity * Worker.triedStride * 2)
-        endpointAddresses.deallocate()
-        endpointAddressLengths.deallocate()
-        activeByEndpoint.deallocate()
-        activeByCluster.deallocate()
-        connectTimeouts.deallocate()
+        munmap(activeByEndpoint, IdentityRegistry.endpointCapacity * MemoryLayout<Int32>.stride)
+        munmap(activeByCluster, IdentityRegistry.clusterCapacity * MemoryLayout<Int>.stride)
         tickTimeout.deallocate()
         wakeCounter.deallocate()
         munmap(proxyHeaders, slab.capacity * ProxyProtocolHeader.capacity)
@@ -234,7 +220,8 @@ final class Worker {
 
     /// Runs until a drain has closed every connection.
     func run() {
-        for listener in listenerFDs.indices { armAccept(listener) }
+        serve(current.snapshot)
+        publishPlans()
         armWake()
         armTick()
         logger.debug("worker started", metadata: [
@@ -267,11 +254,13 @@ final class Worker {
             }
             lastBatch = handled
             returnBuffers()
+            closeRetiredListeners()
             // The worker's own requests, if the submission queue refused them.
             if !tickArmed { armTick() }
             if !wakeArmed { armWake() }
         }
-        for fd in listenerFDs { Glibc.close(fd) }
+        for id in servedListeners where listenerFDs[id] >= 0 { Glibc.close(listenerFDs[id]) }
+        closeRetiredListeners(all: true)
         logger.debug("worker stopped", metadata: ["worker": "\(control.index)"])
     }
 
@@ -295,7 +284,7 @@ final class Worker {
         let userData = UserData(raw: completion.userData)
         guard let operation = userData.operation else { return }
         switch operation {
-        case .accept: accepted(completion, listener: Int(userData.slot))
+        case .accept: accepted(completion, listener: Int(userData.slot), serial: userData.generation)
         case .connect: connected(completion, userData)
         case .receiveFromClient: received(completion, userData, toUpstream: true, large: false)
         case .receiveFromUpstream: received(completion, userData, toUpstream: false, large: false)
@@ -394,16 +383,18 @@ final class Worker {
     func woken() {
         armWake()
         if !draining, control.drainRequested.load(ordering: .acquiring) { startDrain() }
+        if !draining {
+            let published = store.snapshot
+            if published !== current.snapshot { adopt(published) }
+        }
     }
 
     /// Stop accepting: the listening sockets stop listening at once (new SYNs are refused),
     /// established connections carry on.
     func startDrain() {
         draining = true
-        for (i, fd) in listenerFDs.enumerated() {
-            shutdown(fd, Int32(SHUT_RDWR))
-            if acceptArmed[i] { ring.prepareCancelAll(fd: fd, userData: UserData(.cancel).raw) }
-        }
+        for id in servedListeners { retireListener(id) }
+        servedListeners = []
         logger.debug("worker draining", metadata: ["worker": "\(control.index)", "connections": "\(slab.active)"])
     }
 
@@ -411,6 +402,7 @@ final class Worker {
         armTick()
         expireConnections()
         if closesOnUnhealthy { closeConnectionsToUnavailableEndpoints() }
+        if !draining, store.snapshot !== current.snapshot { adopt(store.snapshot) }
         if draining {
             if !forcedClose, nowMilliseconds >= control.drainDeadline.load(ordering: .relaxed) {
                 forcedClose = true
@@ -418,7 +410,7 @@ final class Worker {
             }
         } else {
             // Accepts that stopped on an error (EMFILE and the like) retry once per tick.
-            for listener in listenerFDs.indices where !acceptArmed[listener] { armAccept(listener) }
+            for id in servedListeners where !acceptArmed[id] { armAccept(id) }
         }
     }
 
@@ -438,7 +430,7 @@ final class Worker {
                 let state = record.pointee.state
                 guard state != .free, state != .closing else { continue }
                 let listener = Int(record.pointee.listener)
-                switch timerCheck(record, listener: listener) {
+                switch timerCheck(record, plan: plans[Int(record.pointee.plan)].unsafelyUnwrapped, listener: listener) {
                 case .idle:
                     stats.add(.idleTimeouts, listener: listener)
                     close(slot)
@@ -463,9 +455,9 @@ final class Worker {
     /// What a connection's timers say now. With no send in flight the next check is one
     /// send timeout away, so a send that starts later is still caught in time.
     @inline(__always)
-    func timerCheck(_ record: UnsafeMutablePointer<Connection>, listener: Int) -> TimerVerdict {
-        let idle = idleTicks[listener]
-        let send = sendTicks[listener]
+    func timerCheck(_ record: UnsafeMutablePointer<Connection>, plan: WorkerPlan, listener: Int) -> TimerVerdict {
+        let idle = plan.idleTicks[listener]
+        let send = plan.sendTicks[listener]
         var next = UInt32.max
         if idle > 0 {
             var deadline = record.pointee.lastActivity &+ idle
@@ -516,8 +508,8 @@ final class Worker {
     /// Files a new connection under its first timer deadline, if it has any timer.
     @inline(__always)
     func startTimers(_ slot: UInt32, listener: Int) {
-        let idle = idleTicks[listener]
-        let send = sendTicks[listener]
+        let idle = current.idleTicks[listener]
+        let send = current.sendTicks[listener]
         guard idle > 0 || send > 0 else { return }
         let first = min(idle == 0 ? UInt32.max : idle, send == 0 ? UInt32.max : send)
         wheel.insert(slot, deadline: nowTick &+ first, in: slab)
@@ -533,8 +525,8 @@ final class Worker {
             let record = slab[UInt32(index)]
             let endpoint = Int(record.pointee.endpoint)
             guard endpoint >= 0, record.pointee.state != .free, record.pointee.state != .closing,
-                  snapshot.config.clusters[Int(record.pointee.cluster)].onUnhealthy == .close,
-                  !status.flags(endpoint).isEmpty
+                  plans[Int(record.pointee.plan)].unsafelyUnwrapped.closeOnUnhealthy[Int(record.pointee.cluster)],
+                  !status.flags(endpoint).isDisjoint(with: [.unhealthy, .ejected])
             else { continue }
             stats.add(.closedUnhealthy, listener: Int(record.pointee.listener))
             close(UInt32(index))

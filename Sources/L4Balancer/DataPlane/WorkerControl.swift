@@ -7,7 +7,8 @@ import Glibc
 #endif
 
 /// What the control plane shares with one worker: a wake-up eventfd, the drain request,
-/// and the worker's counters. The worker reads the flags only after a wake-up.
+/// and the worker's counters. The worker reads the flags (and the published snapshot) only
+/// after a wake-up.
 public final class WorkerControl: @unchecked Sendable {
     public let index: Int
     public let cpu: Int?
@@ -41,33 +42,49 @@ public final class WorkerControl: @unchecked Sendable {
     }
 }
 
-/// Live connection counts per listener across all workers, for `max_connections`. The one
-/// piece of mutable state workers share: an atomic add on accept and on close — only on
-/// listeners that set a limit; the others touch nothing shared per connection.
-public final class ListenerLimits: Sendable {
-    let active: [ManagedAtomic<Int>?]
-    let maximum: [Int?]
+/// Live connection counts per listener (by identity) across all workers, for
+/// `max_connections`. The one piece of mutable state workers share: an atomic add on
+/// accept and on close, only on listeners that set a limit (the plan says which); the
+/// others touch nothing shared per connection.
+public final class ListenerLimits: @unchecked Sendable {
+    let active: UnsafeMutablePointer<UnsafeAtomic<Int>.Storage>
 
-    init(snapshot: Snapshot) {
-        maximum = snapshot.listeners.map(\.maxConnections)
-        active = maximum.map { $0 == nil ? nil : ManagedAtomic(0) }
+    init() {
+        active = reserve(UnsafeAtomic<Int>.Storage.self, IdentityRegistry.listenerCapacity)
     }
 
-    /// Takes a place on `listener`; false when it is full.
+    /// Takes a place on listener `id`; false when it already holds `maximum`.
     @inline(__always)
-    func admit(_ listener: Int) -> Bool {
-        guard let counter = active[listener], let maximum = maximum[listener] else { return true }
-        let now = counter.loadThenWrappingIncrement(ordering: .relaxed)
-        if now < maximum { return true }
+    func admit(_ id: Int, maximum: Int) -> Bool {
+        let counter = UnsafeAtomic<Int>(at: active + id)
+        if counter.loadThenWrappingIncrement(ordering: .relaxed) < maximum { return true }
         counter.wrappingDecrement(ordering: .relaxed)
         return false
     }
 
     @inline(__always)
-    func leave(_ listener: Int) {
-        active[listener]?.wrappingDecrement(ordering: .relaxed)
+    func leave(_ id: Int) {
+        UnsafeAtomic<Int>(at: active + id).wrappingDecrement(ordering: .relaxed)
     }
 }
+
+/// Where the control plane publishes the snapshot new connections run on: one atomic
+/// reference, stored once per reload, loaded by a worker only after a wake-up.
+public final class SnapshotStore: Sendable {
+    private let current: ManagedAtomic<Snapshot>
+
+    init(_ snapshot: Snapshot) {
+        current = ManagedAtomic(snapshot)
+    }
+
+    public var snapshot: Snapshot { current.load(ordering: .acquiring) }
+
+    func publish(_ snapshot: Snapshot) {
+        current.store(snapshot, ordering: .releasing)
+    }
+}
+
+extension Snapshot: AtomicReference {}
 
 /// Monotonic time in milliseconds (the coarse clock: a vDSO read, a few ns).
 func monotonicMilliseconds() -> Int64 {

@@ -1,8 +1,14 @@
 import Atomics
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// A worker's counters: plain integers its own thread increments, and the control plane
-/// reads with relaxed atomic loads (for `/stats` and the exit summary). One block per
-/// worker, cache-line aligned and padded, so two workers never write the same line.
+/// reads with relaxed atomic loads (for `/stats` and the exit summary). Indexed by stable
+/// identity (`IdentityRegistry`), so totals carry on across reloads. One block per worker,
+/// page-aligned and reserved for every identity the process can have: only counters that
+/// are ever written become resident, and two workers never write the same cache line.
 public final class WorkerStats: @unchecked Sendable {
     public enum ListenerCounter: Int, CaseIterable {
         case accepted, active, refused, connectFailed, idleTimeouts, bytesIn, bytesOut, acceptErrors, bufferWaits
@@ -27,6 +33,12 @@ public final class WorkerStats: @unchecked Sendable {
         case submissionDrops
         /// The most small / large buffers ever in use at once.
         case smallBuffersPeak, largeBuffersPeak
+        /// The snapshot generation the worker runs new connections on.
+        case adoptedGeneration
+        /// Plans still alive: the current one plus older ones with open connections.
+        case livePlans
+        /// The generation of the oldest plan still alive.
+        case oldestPlanGeneration
     }
 
     static let cacheLine = 64
@@ -39,7 +51,7 @@ public final class WorkerStats: @unchecked Sendable {
     let endpointValues: UnsafeMutablePointer<UnsafeAtomic<UInt64>.Storage>
     let workerValues: UnsafeMutablePointer<UnsafeAtomic<UInt64>.Storage>
 
-    init(listeners: Int, endpoints: Int) {
+    init(listeners: Int = IdentityRegistry.listenerCapacity, endpoints: Int = IdentityRegistry.endpointCapacity) {
         listenerCount = listeners
         endpointCount = endpoints
         let l = listeners * ListenerCounter.allCases.count
@@ -49,16 +61,15 @@ public final class WorkerStats: @unchecked Sendable {
         let stride = MemoryLayout<UnsafeAtomic<UInt64>.Storage>.stride
         // Rounded up to whole cache lines: the next worker's block starts on a line of its own.
         blockBytes = max((count * stride + WorkerStats.cacheLine - 1) / WorkerStats.cacheLine, 1) * WorkerStats.cacheLine
-        block = .allocate(byteCount: blockBytes, alignment: WorkerStats.cacheLine)
-        let values = block.bindMemory(to: UnsafeAtomic<UInt64>.Storage.self, capacity: blockBytes / stride)
-        values.initialize(repeating: UnsafeAtomic<UInt64>.Storage(0), count: blockBytes / stride)
+        let values = reserve(UnsafeAtomic<UInt64>.Storage.self, blockBytes / stride)
+        block = UnsafeMutableRawPointer(values)
         listenerValues = values
         endpointValues = values + l
         workerValues = values + l + e
     }
 
     deinit {
-        block.deallocate()
+        munmap(block, blockBytes)
     }
 
     @inline(__always)

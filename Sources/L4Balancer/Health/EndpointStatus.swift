@@ -1,10 +1,17 @@
 import Atomics
 
-/// What the control plane knows about every endpoint, shared with the workers: health
-/// and ejection flags (written by the health checker and outlier detection), when an
-/// endpoint last became available (for slow start), and live connection counts across
-/// workers (for circuit breaking). Workers read it at pick time with relaxed loads, so a
-/// change reaches every worker on its next pick. Indexed like `Snapshot.endpoints`.
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What the control plane knows about every endpoint, shared with the workers: health,
+/// ejection and drain flags (written by the health checker, outlier detection and the
+/// admin API), when an endpoint last became available (for slow start), and live
+/// connection counts across workers (for circuit breaking). Workers read it at pick time
+/// with relaxed loads, so a change reaches every worker on its next pick. Indexed by
+/// stable identity (`IdentityRegistry`), not config position: a reload that leaves an
+/// endpoint alone leaves its state alone. Sized once for every identity the process can
+/// have; untouched entries are never made resident.
 public final class EndpointStatus: @unchecked Sendable {
     public struct Flags: OptionSet, Sendable {
         public let rawValue: UInt8
@@ -13,59 +20,45 @@ public final class EndpointStatus: @unchecked Sendable {
         public static let unhealthy = Flags(rawValue: 1)
         /// Ejected by outlier detection.
         public static let ejected = Flags(rawValue: 2)
+        /// Drained by the operator: no new connections, open ones finish.
+        public static let draining = Flags(rawValue: 4)
     }
 
     public let count: Int
     @usableFromInline let flags: UnsafeMutablePointer<UnsafeAtomic<UInt8>.Storage>
     @usableFromInline let availableSince: UnsafeMutablePointer<UnsafeAtomic<Int64>.Storage>
     @usableFromInline let connections: UnsafeMutablePointer<UnsafeAtomic<Int>.Storage>
-    @usableFromInline let limits: UnsafeMutablePointer<Int>
     @usableFromInline let clusterConnections: UnsafeMutablePointer<UnsafeAtomic<Int>.Storage>
-    @usableFromInline let clusterLimits: [Int]
-    /// Bumped whenever an endpoint stops being available (workers re-check open
+    /// Bumped whenever an endpoint stops being healthy or is ejected (workers re-check open
     /// connections for `on_unhealthy: close`).
     public let unavailableEpoch = ManagedAtomic<UInt64>(0)
 
-    public init(snapshot: Snapshot) {
-        count = snapshot.endpoints.count
-        let n = max(count, 1)
-        flags = .allocate(capacity: n)
-        availableSince = .allocate(capacity: n)
-        connections = .allocate(capacity: n)
-        limits = .allocate(capacity: n)
-        clusterConnections = .allocate(capacity: max(snapshot.clusters.count, 1))
-        clusterConnections.initialize(repeating: .init(0), count: max(snapshot.clusters.count, 1))
-        clusterLimits = snapshot.config.clusters.map { $0.maxConnections ?? Int.max }
-        for i in 0..<n {
-            let endpoint = i < count ? snapshot.endpoints[i] : nil
-            let check = endpoint.flatMap { snapshot.config.clusters[$0.cluster].healthCheck }
-            let startsUnhealthy = check.map { !$0.startHealthy } ?? false
-            (flags + i).initialize(to: .init(startsUnhealthy ? Flags.unhealthy.rawValue : 0))
-            (availableSince + i).initialize(to: .init(0))
-            (connections + i).initialize(to: .init(0))
-            limits[i] = endpoint?.maxConnections ?? Int.max
-        }
+    public init(endpoints: Int = IdentityRegistry.endpointCapacity, clusters: Int = IdentityRegistry.clusterCapacity) {
+        count = endpoints
+        // Fresh anonymous pages read as 0: every flag clear, every count 0.
+        flags = reserve(UnsafeAtomic<UInt8>.Storage.self, endpoints)
+        availableSince = reserve(UnsafeAtomic<Int64>.Storage.self, endpoints)
+        connections = reserve(UnsafeAtomic<Int>.Storage.self, endpoints)
+        clusterConnections = reserve(UnsafeAtomic<Int>.Storage.self, clusters)
     }
 
-    deinit {
-        flags.deallocate()
-        availableSince.deallocate()
-        connections.deallocate()
-        limits.deallocate()
-        clusterConnections.deallocate()
+    /// Puts an endpoint that is new to the running config in its starting state: unhealthy
+    /// until its first check passes when it has one, not ejected, not drained.
+    public func reset(_ endpoint: Int, startsUnhealthy: Bool) {
+        UnsafeAtomic<UInt8>(at: flags + endpoint).store(startsUnhealthy ? Flags.unhealthy.rawValue : 0, ordering: .relaxed)
+        UnsafeAtomic<Int64>(at: availableSince + endpoint).store(0, ordering: .relaxed)
     }
 
-    /// Takes a place on the cluster; false when it is at its `max_connections`.
-    public func admit(cluster: Int) -> Bool {
-        guard clusterLimits[cluster] != Int.max else { return true }
+    /// Takes a place on the cluster (identity `cluster`) under `limit`; false when full.
+    /// Only clusters with a limit are counted: the caller remembers that it took a place.
+    public func admit(cluster: Int, limit: Int) -> Bool {
         let atomic = UnsafeAtomic<Int>(at: clusterConnections + cluster)
-        if atomic.loadThenWrappingIncrement(ordering: .relaxed) < clusterLimits[cluster] { return true }
+        if atomic.loadThenWrappingIncrement(ordering: .relaxed) < limit { return true }
         atomic.wrappingDecrement(ordering: .relaxed)
         return false
     }
 
     public func leave(cluster: Int) {
-        guard clusterLimits[cluster] != Int.max else { return }
         UnsafeAtomic<Int>(at: clusterConnections + cluster).wrappingDecrement(ordering: .relaxed)
     }
 
@@ -106,41 +99,46 @@ public final class EndpointStatus: @unchecked Sendable {
         UnsafeAtomic<Int>(at: connections + endpoint).load(ordering: .relaxed)
     }
 
-    /// Takes a place on the endpoint; false when it is at `max_connections`. Endpoints
-    /// without a limit are not counted, so workers share no cache line for them.
+    /// Takes a place on the endpoint (identity) under `limit`; false when it is full.
+    /// Endpoints without a limit are not counted (the caller does not call this), so
+    /// workers share no cache line for them.
     @inlinable
-    public func admit(_ endpoint: Int) -> Bool {
-        guard limits[endpoint] != Int.max else { return true }
+    public func admit(_ endpoint: Int, limit: Int) -> Bool {
         let atomic = UnsafeAtomic<Int>(at: connections + endpoint)
-        if atomic.loadThenWrappingIncrement(ordering: .relaxed) < limits[endpoint] { return true }
+        if atomic.loadThenWrappingIncrement(ordering: .relaxed) < limit { return true }
         atomic.wrappingDecrement(ordering: .relaxed)
         return false
     }
 
     @inlinable
     public func leave(_ endpoint: Int) {
-        guard limits[endpoint] != Int.max else { return }
         UnsafeAtomic<Int>(at: connections + endpoint).wrappingDecrement(ordering: .relaxed)
     }
 
-    /// The view a balancer uses for one cluster.
+    /// The view a balancer uses for one cluster of `snapshot`.
     @inlinable
-    public func view(firstEndpoint: Int) -> EndpointView {
-        EndpointView(flags: flags + firstEndpoint, connections: connections + firstEndpoint, limits: limits + firstEndpoint)
+    public func view(_ snapshot: Snapshot, firstEndpoint: Int) -> EndpointView {
+        EndpointView(flags: flags, connections: connections, ids: snapshot.endpointIDs + firstEndpoint, limits: snapshot.endpointLimits + firstEndpoint)
     }
 }
 
 /// One cluster's slice of `EndpointStatus`: whether an endpoint may take a new connection
-/// (healthy, not ejected, below its connection limit). A plain struct of pointers.
+/// (healthy, not ejected, not drained, below its connection limit). A plain struct of
+/// pointers: `ids` maps the cluster's positions to identities, `limits` is per position.
 public struct EndpointView: @unchecked Sendable {
     @usableFromInline let flags: UnsafeMutablePointer<UnsafeAtomic<UInt8>.Storage>?
     @usableFromInline let connections: UnsafeMutablePointer<UnsafeAtomic<Int>.Storage>?
+    @usableFromInline let ids: UnsafeMutablePointer<Int32>?
     @usableFromInline let limits: UnsafeMutablePointer<Int>?
 
     @inlinable
-    init(flags: UnsafeMutablePointer<UnsafeAtomic<UInt8>.Storage>, connections: UnsafeMutablePointer<UnsafeAtomic<Int>.Storage>, limits: UnsafeMutablePointer<Int>) {
+    init(
+        flags: UnsafeMutablePointer<UnsafeAtomic<UInt8>.Storage>, connections: UnsafeMutablePointer<UnsafeAtomic<Int>.Storage>,
+        ids: UnsafeMutablePointer<Int32>, limits: UnsafeMutablePointer<Int>
+    ) {
         self.flags = flags
         self.connections = connections
+        self.ids = ids
         self.limits = limits
     }
 
@@ -148,6 +146,7 @@ public struct EndpointView: @unchecked Sendable {
     init() {
         flags = nil
         connections = nil
+        ids = nil
         limits = nil
     }
 
@@ -156,8 +155,9 @@ public struct EndpointView: @unchecked Sendable {
 
     @inlinable
     public func isAvailable(_ i: Int) -> Bool {
-        guard let flags, let connections, let limits else { return true }
-        return UnsafeAtomic<UInt8>(at: flags + i).load(ordering: .relaxed) == 0
-            && UnsafeAtomic<Int>(at: connections + i).load(ordering: .relaxed) < limits[i]
+        guard let flags, let connections, let ids, let limits else { return true }
+        let id = Int(ids[i])
+        guard UnsafeAtomic<UInt8>(at: flags + id).load(ordering: .relaxed) == 0 else { return false }
+        return limits[i] == Int.max || UnsafeAtomic<Int>(at: connections + id).load(ordering: .relaxed) < limits[i]
     }
 }

@@ -9,24 +9,32 @@ import Glibc
 /// Active health checks and passive outlier detection, on one control-plane thread (never
 /// in a worker's loop). Checks use non-blocking sockets and `poll`, so hundreds run
 /// concurrently. Results go to `EndpointStatus`, where workers see them at their next pick.
-/// Every transition is logged once (endpoint, old → new, reason) and counted.
+/// Every transition is logged once (endpoint, old → new, reason) and counted. Endpoints
+/// are tracked by identity: a reload (`apply`) keeps the state of every endpoint whose
+/// check it does not change, checks new ones at once, and forgets removed ones.
 public final class HealthChecker: @unchecked Sendable {
-    let snapshot: Snapshot
     let status: EndpointStatus
     let workerStats: [WorkerStats]
     let logger: Logger
     private let running = ManagedAtomic<Bool>(true)
-    private let firstRoundDone = ManagedAtomic<Int>(0)
+    /// Targets that have not had their first check yet.
+    private let unchecked = ManagedAtomic<Int>(0)
+    /// The generation of the snapshot the checker runs on.
+    private let installed = ManagedAtomic<UInt64>(0)
+    private let pending = LockedBox<Snapshot?>(nil)
     private var thread: Thread?
     private let finished = DispatchSemaphore(value: 0)
-    /// Health transitions per endpoint (healthy ↔ unhealthy, ejected ↔ returned).
+    /// Health transitions per endpoint identity (healthy ↔ unhealthy, ejected ↔ returned).
     public let transitions: UnsafeMutablePointer<UnsafeAtomic<Int>.Storage>
 
     /// One endpoint under active checks.
     struct Target {
         enum Phase { case idle, connecting, sending, reading }
 
+        /// The endpoint's identity.
         let endpoint: Int
+        let cluster: String
+        let address: SocketAddress
         let check: Config.HealthCheck
         let request: [UInt8]
         var phase = Phase.idle
@@ -45,8 +53,11 @@ public final class HealthChecker: @unchecked Sendable {
 
     /// Outlier-detection bookkeeping for one endpoint.
     struct Outlier {
+        /// The endpoint's and its cluster's identity.
         let endpoint: Int
         let cluster: Int
+        let clusterName: String
+        let address: SocketAddress
         let detection: Config.OutlierDetection
         var failuresAtLastSuccess: UInt64 = 0
         var lastSuccesses: UInt64 = 0
@@ -59,34 +70,92 @@ public final class HealthChecker: @unchecked Sendable {
     var outliers: [Outlier] = []
 
     public init(snapshot: Snapshot, status: EndpointStatus, workerStats: [WorkerStats], logger: Logger) {
-        self.snapshot = snapshot
         self.status = status
         self.workerStats = workerStats
         self.logger = logger
-        transitions = .allocate(capacity: max(snapshot.endpoints.count, 1))
-        transitions.initialize(repeating: .init(0), count: max(snapshot.endpoints.count, 1))
-        let now = monotonicMilliseconds()
-        for (i, endpoint) in snapshot.endpoints.enumerated() {
-            let cluster = snapshot.config.clusters[endpoint.cluster]
-            if let check = cluster.healthCheck {
-                var random = FastRandom(seed: StableHash.endpoint(endpoint.address, seed: 3))
-                let jitter = check.initialJitter.milliseconds > 0 ? Int64(random.next(below: Int(check.initialJitter.milliseconds))) : 0
-                targets.append(Target(
-                    endpoint: i, check: check, request: HealthChecker.request(check.kind, endpoint.address),
-                    nextDue: now + jitter, healthy: check.startHealthy, random: random))
-            }
-            if let detection = cluster.outlierDetection {
-                outliers.append(Outlier(endpoint: i, cluster: endpoint.cluster, detection: detection))
-            }
-        }
+        transitions = reserve(UnsafeAtomic<Int>.Storage.self, IdentityRegistry.endpointCapacity)
+        install(snapshot, now: monotonicMilliseconds())
     }
 
-    deinit { transitions.deallocate() }
-
-    public var isEmpty: Bool { targets.isEmpty && outliers.isEmpty }
+    deinit { munmap(transitions, IdentityRegistry.endpointCapacity * MemoryLayout<UnsafeAtomic<Int>.Storage>.stride) }
 
     public func transitionCount(endpoint: Int) -> Int {
         UnsafeAtomic<Int>(at: transitions + endpoint).load(ordering: .relaxed)
+    }
+
+    /// Makes the checker run on `snapshot` (from the next pass of its loop), and waits at
+    /// most `timeoutMilliseconds` until every endpoint it adds has had its first check, so
+    /// a reload publishes new endpoints with their health known.
+    public func apply(_ snapshot: Snapshot, timeoutMilliseconds: Int64) {
+        pending.set { $0 = snapshot }
+        let deadline = monotonicMilliseconds() + timeoutMilliseconds
+        while monotonicMilliseconds() < deadline {
+            if installed.load(ordering: .acquiring) >= snapshot.generation, unchecked.load(ordering: .acquiring) == 0 { return }
+            usleep(2000)
+        }
+    }
+
+    /// Rebuilds the targets for `snapshot`, by identity: same endpoint and same check keeps
+    /// its target as it is (an unhealthy endpoint stays unhealthy, thresholds carry on); a
+    /// changed check starts over from the endpoint's current health; a new endpoint is
+    /// checked at once. Same for outlier detection.
+    private func install(_ snapshot: Snapshot, now: Int64) {
+        var oldTargets: [Int: Target] = [:]
+        for t in targets { oldTargets[t.endpoint] = t }
+        var oldOutliers: [Int: Outlier] = [:]
+        for o in outliers { oldOutliers[o.endpoint] = o }
+        var newTargets: [Target] = []
+        var newOutliers: [Outlier] = []
+        var fresh = 0
+        for endpoint in snapshot.endpoints {
+            let cluster = snapshot.clusters[endpoint.cluster]
+            let id = endpoint.id
+            if let check = cluster.config.healthCheck {
+                if let old = oldTargets.removeValue(forKey: id), old.check == check {
+                    newTargets.append(old)
+                } else {
+                    var random = FastRandom(seed: StableHash.endpoint(endpoint.address, seed: 3))
+                    var target = Target(
+                        endpoint: id, cluster: cluster.name, address: endpoint.address, check: check,
+                        request: HealthChecker.request(check.kind, endpoint.address), nextDue: now,
+                        healthy: !status.flags(id).contains(.unhealthy), random: random)
+                    if let old = oldTargets[id] {
+                        // The check changed: keep the health it has, let thresholds decide.
+                        if old.fd >= 0 { close(old.fd) }
+                        oldTargets[id] = nil
+                        target.checked = true
+                    } else {
+                        let jitter = check.initialJitter.milliseconds > 0 ? Int64(random.next(below: Int(check.initialJitter.milliseconds))) : 0
+                        target.nextDue = now + jitter
+                        target.random = random
+                        fresh += 1
+                    }
+                    newTargets.append(target)
+                }
+            } else if status.flags(id).contains(.unhealthy) {
+                // No check any more: nothing says it is unhealthy.
+                status.set(.unhealthy, false, endpoint: id, now: 0)
+            }
+            if let detection = cluster.config.outlierDetection {
+                if let old = oldOutliers.removeValue(forKey: id), old.detection == detection {
+                    newOutliers.append(old)
+                } else {
+                    oldOutliers[id] = nil
+                    newOutliers.append(Outlier(
+                        endpoint: id, cluster: cluster.id, clusterName: cluster.name, address: endpoint.address,
+                        detection: detection, failuresAtLastSuccess: workerStats.total(.connectFailures, endpoint: id),
+                        lastSuccesses: workerStats.total(.total, endpoint: id)))
+                }
+            }
+        }
+        // Removed endpoints (and endpoints whose detection was turned off) are forgotten;
+        // an ejection outlier detection can no longer end is ended now.
+        for old in oldTargets.values where old.fd >= 0 { close(old.fd) }
+        for old in oldOutliers.values where old.ejectedUntil > 0 { status.set(.ejected, false, endpoint: old.endpoint, now: now) }
+        targets = newTargets
+        outliers = newOutliers
+        unchecked.store(fresh, ordering: .releasing)
+        installed.store(snapshot.generation, ordering: .releasing)
     }
 
     static func request(_ kind: Config.HealthCheck.Kind, _ address: SocketAddress) -> [UInt8] {
@@ -101,7 +170,6 @@ public final class HealthChecker: @unchecked Sendable {
     /// Starts the thread and waits (at most the longest check timeout + 1 s) until every
     /// endpoint has had its first check, so l4lb does not accept before it knows.
     public func start() {
-        guard !isEmpty else { return }
         let thread = Thread { [self] in
             run()
             finished.signal()
@@ -111,7 +179,7 @@ public final class HealthChecker: @unchecked Sendable {
         thread.start()
         let longest = targets.map { $0.check.timeout.milliseconds + $0.check.initialJitter.milliseconds }.max() ?? 0
         let deadline = Date().addingTimeInterval(Double(longest) / 1000 + 1)
-        while firstRoundDone.load(ordering: .acquiring) < targets.count, Date() < deadline { usleep(2000) }
+        while unchecked.load(ordering: .acquiring) > 0, Date() < deadline { usleep(2000) }
     }
 
     public func stop() {
@@ -130,6 +198,7 @@ public final class HealthChecker: @unchecked Sendable {
         var nextOutlierSweep: Int64 = 0
         while running.load(ordering: .relaxed) {
             let now = monotonicMilliseconds()
+            if let snapshot = pending.take() { install(snapshot, now: now) }
             for i in targets.indices where targets[i].phase == .idle && targets[i].nextDue <= now { begin(i, now: now) }
             if !outliers.isEmpty, now >= nextOutlierSweep {
                 sweepOutliers(now: now)
@@ -163,7 +232,7 @@ public final class HealthChecker: @unchecked Sendable {
     }
 
     private func begin(_ i: Int, now: Int64) {
-        let address = snapshot.endpoints[targets[i].endpoint].address
+        let address = targets[i].address
         var storage = sockaddr_storage()
         let length = address.write(to: &storage)
         let fd = socket(Int32(storage.ss_family), Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
@@ -312,10 +381,10 @@ public final class HealthChecker: @unchecked Sendable {
             if wasHealthy, targets[i].failures >= check.unhealthyThreshold {
                 transition(i, healthy: false, reason: "\(targets[i].failures) checks failed, last: \(reason)", now: now)
             } else if first, !wasHealthy {
-                logger.warning("endpoint failed its first health check", metadata: metadata(targets[i].endpoint, ["reason": "\(reason)"]))
+                logger.warning("endpoint failed its first health check", metadata: metadata(targets[i].cluster, targets[i].address, ["reason": "\(reason)"]))
             }
         }
-        if first { firstRoundDone.wrappingIncrement(ordering: .releasing) }
+        if first { unchecked.wrappingDecrement(ordering: .releasing) }
     }
 
     private func transition(_ i: Int, healthy: Bool, reason: String, now: Int64, availableSince: Int64 = 0) {
@@ -323,14 +392,13 @@ public final class HealthChecker: @unchecked Sendable {
         let endpoint = targets[i].endpoint
         status.set(.unhealthy, !healthy, endpoint: endpoint, now: availableSince)
         UnsafeAtomic<Int>(at: transitions + endpoint).wrappingIncrement(ordering: .relaxed)
-        logger.info("endpoint health changed", metadata: metadata(endpoint, [
+        logger.info("endpoint health changed", metadata: metadata(targets[i].cluster, targets[i].address, [
             "from": "\(healthy ? "unhealthy" : "healthy")", "to": "\(healthy ? "healthy" : "unhealthy")", "reason": "\(reason)",
         ]))
     }
 
-    private func metadata(_ endpoint: Int, _ extra: Logger.Metadata) -> Logger.Metadata {
-        let plan = snapshot.endpoints[endpoint]
-        return extra.merging(["cluster": "\(snapshot.clusters[plan.cluster].name)", "endpoint": "\(plan.address)"]) { a, _ in a }
+    private func metadata(_ cluster: String, _ address: SocketAddress, _ extra: Logger.Metadata) -> Logger.Metadata {
+        extra.merging(["cluster": "\(cluster)", "endpoint": "\(address)"]) { a, _ in a }
     }
 
     // MARK: Outlier detection
@@ -356,7 +424,7 @@ public final class HealthChecker: @unchecked Sendable {
                 outliers[k].failuresAtLastSuccess = failures
                 status.set(.ejected, false, endpoint: e, now: now)
                 UnsafeAtomic<Int>(at: transitions + e).wrappingIncrement(ordering: .relaxed)
-                logger.info("endpoint returned from ejection", metadata: metadata(e, ["from": "ejected", "to": "available"]))
+                logger.info("endpoint returned from ejection", metadata: metadata(outliers[k].clusterName, outliers[k].address, ["from": "ejected", "to": "available"]))
                 continue
             }
             let consecutive = failures &- outliers[k].failuresAtLastSuccess
@@ -374,7 +442,7 @@ public final class HealthChecker: @unchecked Sendable {
             outliers[k].ejectedUntil = now + duration
             status.set(.ejected, true, endpoint: e, now: now)
             UnsafeAtomic<Int>(at: transitions + e).wrappingIncrement(ordering: .relaxed)
-            logger.info("endpoint ejected", metadata: metadata(e, [
+            logger.info("endpoint ejected", metadata: metadata(outliers[k].clusterName, outliers[k].address, [
                 "from": "available", "to": "ejected", "reason": "\(consecutive) consecutive connect failures",
                 "ejection_time": "\(ConfigDuration(milliseconds: duration))",
             ]))

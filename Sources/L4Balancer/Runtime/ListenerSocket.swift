@@ -48,3 +48,47 @@ enum ListenerSocket {
         return fd
     }
 }
+
+/// The listening sockets of a whole config: one per listener per worker.
+enum ListenerSockets {
+    struct OpenError: Error, CustomStringConvertible {
+        let index: Int
+        let error: ListenerSocket.OpenError
+        var description: String { "listeners[\(index)].address: \(error)" }
+    }
+
+    /// Per worker, per listener: a socket. Listeners `previous` already serves at the same
+    /// address keep their sockets (so nothing in their accept queues is lost); the others
+    /// get new ones. On an error every socket opened here is closed again.
+    static func open(_ listeners: [Config.Listener], workers: Int, reusing previous: Snapshot?) throws(OpenError) -> [[Int32]] {
+        var opened: [Int32] = []
+        var sockets = Array(repeating: [Int32](), count: workers)
+        for (i, listener) in listeners.enumerated() {
+            let kept = previous.flatMap { snapshot in
+                snapshot.listeners.firstIndex { $0.name == listener.name && $0.address == listener.address }
+            }
+            for worker in 0..<workers {
+                if let kept, let old = previous?.listenerSockets[worker][kept] {
+                    sockets[worker].append(old)
+                    continue
+                }
+                do {
+                    let fd = try ListenerSocket.open(name: listener.name, address: listener.address)
+                    opened.append(fd)
+                    sockets[worker].append(fd)
+                } catch {
+                    for fd in opened { close(fd) }
+                    throw OpenError(index: i, error: error)
+                }
+            }
+        }
+        return sockets
+    }
+
+    /// The sockets `new` opened that `previous` did not have (to close when `new` is
+    /// never published).
+    static func added(_ new: [[Int32]], to previous: Snapshot) -> [Int32] {
+        let old = Set(previous.listenerSockets.joined())
+        return new.joined().filter { !old.contains($0) }
+    }
+}

@@ -5,18 +5,23 @@ import ServiceLifecycle
 
 /// Starts the workers, one OS thread each pinned to its CPU, and stops them: on graceful
 /// shutdown (SIGTERM/SIGINT through the ServiceGroup) every worker stops accepting at
-/// once and exits when its connections have finished or `drain_timeout` has passed.
+/// once and exits when its connections have finished or `drain_timeout` has passed. It
+/// also owns what the control plane shares with them: the published snapshot, endpoint
+/// status, listener limits and the identity registry a reload numbers things with.
 public final class WorkerPool: Service, @unchecked Sendable {
-    public let snapshot: Snapshot
+    public let store: SnapshotStore
+    public let registry: IdentityRegistry
     public let controls: [WorkerControl]
     let limits: ListenerLimits
     public let status: EndpointStatus
     public let healthChecker: HealthChecker
     let logger: Logger
     let options: Worker.Options
-    /// Listener sockets per worker, opened before any thread starts so a bind error stops
-    /// the process before it claims to serve.
-    var listenerFDs: [[Int32]]
+    /// Where the running config came from (re-read on reload).
+    public let configPath: String?
+    /// Serialises reloads and drain changes; never taken on the data path.
+    let controlLock = NSLock()
+    public let reloads = ReloadLog()
     let finished = ManagedAtomic<Int>(0)
     private let lock = NSLock()
     private var continuation: CheckedContinuation<Void, Never>?
@@ -26,35 +31,45 @@ public final class WorkerPool: Service, @unchecked Sendable {
         public let description: String
     }
 
-    public init(snapshot: Snapshot, logger: Logger) throws {
-        self.snapshot = snapshot
+    public var snapshot: Snapshot { store.snapshot }
+
+    public init(config: Config, configPath: String? = nil, logger: Logger) throws {
         self.logger = logger
-        self.limits = ListenerLimits(snapshot: snapshot)
-        self.status = EndpointStatus(snapshot: snapshot)
-        self.options = Worker.Options(buffers: snapshot.config.buffers)
+        self.configPath = configPath
+        self.limits = ListenerLimits()
+        self.status = EndpointStatus()
+        self.options = Worker.Options(buffers: config.buffers)
+        self.registry = IdentityRegistry()
 
         let cpus = CPUAffinity.allowedCPUs()
         let count: Int
-        switch snapshot.config.workers {
+        switch config.workers {
         case .auto: count = cpus.count
         case .count(let n): count = n
         }
         controls = try (0..<count).map { index in
-            try WorkerControl(
-                index: index, cpu: count <= cpus.count ? cpus[index] : nil,
-                stats: WorkerStats(listeners: snapshot.listeners.count, endpoints: snapshot.endpoints.count))
+            try WorkerControl(index: index, cpu: count <= cpus.count ? cpus[index] : nil, stats: WorkerStats())
         }
-        healthChecker = HealthChecker(snapshot: snapshot, status: status, workerStats: controls.map(\.stats), logger: logger)
-        var fds: [[Int32]] = []
+        let ids: (listeners: [Int], clusters: [Int], endpoints: [[Int]])
         do {
-            for _ in 0..<count {
-                fds.append(try snapshot.listeners.map { try ListenerSocket.open(name: $0.name, address: $0.address) })
-            }
+            ids = try registry.assign(config)
         } catch {
-            for fd in fds.joined() { close(fd) }
+            throw StartError(description: error.description)
+        }
+        // Listener sockets per worker, opened before any thread starts so a bind error
+        // stops the process before it claims to serve.
+        let sockets: [[Int32]]
+        do {
+            sockets = try ListenerSockets.open(config.listeners, workers: count, reusing: nil)
+        } catch {
             throw StartError(description: "\(error)")
         }
-        listenerFDs = fds
+        let snapshot = Snapshot(config: config, generation: 1, ids: ids, previous: nil, listenerSockets: sockets)
+        for endpoint in snapshot.endpoints {
+            status.reset(endpoint.id, startsUnhealthy: snapshot.clusters[endpoint.cluster].config.healthCheck.map { !$0.startHealthy } ?? false)
+        }
+        store = SnapshotStore(snapshot)
+        healthChecker = HealthChecker(snapshot: snapshot, status: status, workerStats: controls.map(\.stats), logger: logger)
     }
 
     /// Starts the worker threads; throws when a worker cannot set up its ring.
@@ -63,17 +78,15 @@ public final class WorkerPool: Service, @unchecked Sendable {
         let setupErrors = ManagedAtomic<Int>(0)
         let firstError = LockedBox<String?>(nil)
         for control in controls {
-            let fds = listenerFDs[control.index]
             let thread = Thread { [self] in
                 if let cpu = control.cpu { CPUAffinity.pinCurrentThread(to: cpu) }
                 let worker: Worker
                 do {
-                    worker = try Worker(
-                        snapshot: snapshot, control: control, limits: limits, status: status, listenerFDs: fds, options: options, logger: logger)
+                    worker = try Worker(store: store, control: control, limits: limits, status: status, options: options, logger: logger)
                 } catch {
                     setupErrors.wrappingIncrement(ordering: .relaxed)
                     firstError.set { $0 = $0 ?? "worker \(control.index): \(error)" }
-                    for fd in fds { close(fd) }
+                    for fd in store.snapshot.listenerSockets[control.index] { close(fd) }
                     ready.signal()
                     workerFinished()
                     return
@@ -137,8 +150,9 @@ public final class WorkerPool: Service, @unchecked Sendable {
         await withGracefulShutdownHandler {
             await waitUntilFinished()
         } onGracefulShutdown: { [self] in
-            logger.info("draining", metadata: ["drain_timeout": "\(snapshot.config.drainTimeout)"])
-            beginDrain(timeoutMilliseconds: snapshot.config.drainTimeout.milliseconds)
+            let timeout = store.snapshot.config.drainTimeout
+            logger.info("draining", metadata: ["drain_timeout": "\(timeout)"])
+            beginDrain(timeoutMilliseconds: timeout.milliseconds)
         }
         logSummary()
     }
@@ -146,8 +160,9 @@ public final class WorkerPool: Service, @unchecked Sendable {
     /// One line per listener with its totals across workers.
     public func logSummary() {
         let stats = controls.map(\.stats)
-        for (i, listener) in snapshot.listeners.enumerated() {
-            func total(_ c: WorkerStats.ListenerCounter) -> UInt64 { stats.total(c, listener: i) }
+        let snapshot = store.snapshot
+        for listener in snapshot.listeners {
+            func total(_ c: WorkerStats.ListenerCounter) -> UInt64 { stats.total(c, listener: listener.id) }
             logger.info("listener totals", metadata: [
                 "listener": "\(listener.name)",
                 "accepted": "\(total(.accepted))",
@@ -174,7 +189,8 @@ public final class WorkerPool: Service, @unchecked Sendable {
                 "wait_errors": "\(s.value(.waitErrors))",
             ])
         }
-        for (e, endpoint) in snapshot.endpoints.enumerated() {
+        for endpoint in snapshot.endpoints {
+            let e = endpoint.id
             func total(_ c: WorkerStats.EndpointCounter) -> UInt64 { stats.total(c, endpoint: e) }
             logger.info("endpoint totals", metadata: [
                 "cluster": "\(snapshot.clusters[endpoint.cluster].name)",
@@ -194,4 +210,6 @@ final class LockedBox<Value>: @unchecked Sendable {
     init(_ value: Value) { stored = value }
     var value: Value { lock.withLock { stored } }
     func set(_ body: (inout Value) -> Void) { lock.withLock { body(&stored) } }
+    /// The value, leaving nil behind.
+    func take<T>() -> T? where Value == T? { lock.withLock { defer { stored = nil }; return stored } }
 }

@@ -1,16 +1,31 @@
 /// The immutable view of the configuration that workers run on: listeners and clusters
-/// resolved to indices, every endpoint numbered once across clusters so per-endpoint
-/// counters are flat arrays. Built by the control plane; a worker adopts one at the top
-/// of its loop and a connection keeps the one it was opened under.
-public final class Snapshot: Sendable {
+/// resolved to positions, every endpoint listed once across clusters (contiguous per
+/// cluster, as balancers index them), and each of them carrying its stable identity
+/// (`IdentityRegistry`), by which counters, health and drain state are kept. Built by the
+/// control plane, tables included; published with one atomic store (`SnapshotStore`); a
+/// worker turns it into its own plan, and a connection keeps the plan it was opened under.
+public final class Snapshot: @unchecked Sendable {
+    /// 1 for the configuration l4lb started with, +1 per successful reload.
+    public let generation: UInt64
     public let config: Config
     public let listeners: [ListenerPlan]
     public let clusters: [ClusterPlan]
     /// Every endpoint of every cluster, in cluster order (`ClusterPlan.firstEndpoint` is
     /// where a cluster's endpoints start).
     public let endpoints: [EndpointPlan]
+    /// Per endpoint position: its stable identity, and its `max_connections` (Int.max for
+    /// none). Raw memory, so a pick reads them without touching an array's header.
+    @usableFromInline let endpointIDs: UnsafeMutablePointer<Int32>
+    @usableFromInline let endpointLimits: UnsafeMutablePointer<Int>
+    /// Per worker, per listener position: the listening socket (SO_REUSEPORT). The worker
+    /// owns it once it has adopted this snapshot; empty in snapshots never served.
+    let listenerSockets: [[Int32]]
+    /// One past the largest listener identity, for tables indexed by it.
+    let listenerIDBound: Int
 
     public struct ListenerPlan: Sendable {
+        /// Stable identity (by name).
+        public let id: Int
         public let name: String
         public let address: SocketAddress
         public let clusters: [Int]
@@ -21,13 +36,14 @@ public final class Snapshot: Sendable {
         public let sendTimeoutMilliseconds: Int64
         /// The shared limit across workers, or nil for none.
         public let maxConnections: Int?
-        /// Connections one worker can hold on this listener (its slab's share).
-        public var workerCapacity: Int { maxConnections ?? Config.Listener.defaultCapacity }
         public let proxyProtocol: Config.Listener.ProxyProtocol
     }
 
     public struct ClusterPlan: Sendable {
+        /// Stable identity (by name).
+        public let id: Int
         public let name: String
+        public let config: Config.Cluster
         public let balancer: Config.Cluster.Balancer
         public let hashKey: Config.Cluster.HashKey
         public let firstEndpoint: Int
@@ -44,38 +60,69 @@ public final class Snapshot: Sendable {
     }
 
     public struct EndpointPlan: Sendable {
+        /// Stable identity (cluster name + address).
+        public let id: Int
         public let cluster: Int
         public let address: SocketAddress
         public let weight: Int
         public let maxConnections: Int?
     }
 
-    public init(config: Config) {
+    /// A snapshot whose identities are positions (for `check` and tools that never reload).
+    public convenience init(config: Config) {
+        let ids = (
+            listeners: Array(config.listeners.indices),
+            clusters: Array(config.clusters.indices),
+            endpoints: config.clusters.reduce(into: [[Int]]()) { all, c in
+                let first = all.reduce(0) { $0 + $1.count }
+                all.append(Array(first..<(first + c.endpoints.count)))
+            })
+        self.init(config: config, generation: 1, ids: ids, previous: nil, listenerSockets: [])
+    }
+
+    /// `ids` from `IdentityRegistry.assign`; clusters whose config equals their namesake in
+    /// `previous` reuse its tables rather than build them again.
+    init(config: Config, generation: UInt64, ids: (listeners: [Int], clusters: [Int], endpoints: [[Int]]), previous: Snapshot?, listenerSockets: [[Int32]]) {
         self.config = config
+        self.generation = generation
+        self.listenerSockets = listenerSockets
+        var previousClusters: [String: ClusterPlan] = [:]
+        for cluster in previous?.clusters ?? [] { previousClusters[cluster.name] = cluster }
         var clusterIndex: [String: Int] = [:]
         var clusters: [ClusterPlan] = []
         var endpoints: [EndpointPlan] = []
         for (i, cluster) in config.clusters.enumerated() {
             clusterIndex[cluster.name] = i
+            let reused = previousClusters[cluster.name].flatMap { $0.config == cluster ? $0 : nil }
             let members = cluster.endpoints.map { (address: $0.address, weight: $0.weight) }
             clusters.append(ClusterPlan(
-                name: cluster.name, balancer: cluster.balancer, hashKey: cluster.hashKey,
+                id: ids.clusters[i], name: cluster.name, config: cluster, balancer: cluster.balancer, hashKey: cluster.hashKey,
                 firstEndpoint: endpoints.count, endpointCount: cluster.endpoints.count,
                 weights: cluster.endpoints.map(\.weight),
-                aliasTable: AliasTable(weights: cluster.endpoints.map(\.weight)),
-                maglevTable: cluster.balancer == .maglev ? MaglevTable(endpoints: members, size: cluster.tableSize) : nil,
-                hashRing: cluster.balancer == .ringHash ? HashRing(endpoints: members, minimumRingSize: cluster.minimumRingSize) : nil,
+                aliasTable: reused?.aliasTable ?? AliasTable(weights: cluster.endpoints.map(\.weight)),
+                maglevTable: cluster.balancer == .maglev
+                    ? (reused?.maglevTable ?? MaglevTable(endpoints: members, size: cluster.tableSize)) : nil,
+                hashRing: cluster.balancer == .ringHash
+                    ? (reused?.hashRing ?? HashRing(endpoints: members, minimumRingSize: cluster.minimumRingSize)) : nil,
                 hashBalanceFactor: cluster.hashBalanceFactor, choiceCount: cluster.choiceCount,
                 activeRequestBias: cluster.activeRequestBias))
-            for endpoint in cluster.endpoints {
-                endpoints.append(EndpointPlan(cluster: i, address: endpoint.address, weight: endpoint.weight, maxConnections: endpoint.maxConnections))
+            for (k, endpoint) in cluster.endpoints.enumerated() {
+                endpoints.append(EndpointPlan(
+                    id: ids.endpoints[i][k], cluster: i, address: endpoint.address, weight: endpoint.weight,
+                    maxConnections: endpoint.maxConnections))
             }
         }
         self.clusters = clusters
         self.endpoints = endpoints
-        self.listeners = config.listeners.map { listener in
+        endpointIDs = .allocate(capacity: max(endpoints.count, 1))
+        endpointLimits = .allocate(capacity: max(endpoints.count, 1))
+        for (i, endpoint) in endpoints.enumerated() {
+            endpointIDs[i] = Int32(endpoint.id)
+            endpointLimits[i] = endpoint.maxConnections ?? Int.max
+        }
+        self.listeners = config.listeners.enumerated().map { i, listener in
             ListenerPlan(
-                name: listener.name, address: listener.address,
+                id: ids.listeners[i], name: listener.name, address: listener.address,
                 clusters: listener.clusters.map { clusterIndex[$0.name]! },
                 clusterWeights: listener.clusters.map(\.weight),
                 connectTimeoutMilliseconds: listener.connectTimeout.milliseconds,
@@ -85,5 +132,17 @@ public final class Snapshot: Sendable {
                 maxConnections: listener.maxConnections,
                 proxyProtocol: listener.proxyProtocol)
         }
+        listenerIDBound = (ids.listeners.max() ?? -1) + 1
+    }
+
+    deinit {
+        endpointIDs.deallocate()
+        endpointLimits.deallocate()
+    }
+
+    /// The position of the endpoint `address` of cluster `name`, if this snapshot has it.
+    public func endpointPosition(cluster name: String, address: SocketAddress) -> Int? {
+        guard let cluster = clusters.first(where: { $0.name == name }) else { return nil }
+        return (cluster.firstEndpoint..<(cluster.firstEndpoint + cluster.endpointCount)).first { endpoints[$0].address == address }
     }
 }

@@ -1,0 +1,92 @@
+import Foundation
+import Hummingbird
+import Logging
+
+/// The admin HTTP API (DESIGN §6), a Hummingbird application run as a `Service` in the
+/// process's ServiceGroup, on Hummingbird's own event loops (never a worker thread). It
+/// reads the workers' counters with relaxed loads and changes the data plane only through
+/// the control plane (`WorkerPool.reload`, `setDraining`), which blocks — so those run on
+/// a dispatch queue, off the event loops.
+public enum AdminAPI {
+    public static func application(pool: WorkerPool, logger: Logger) -> some ApplicationProtocol {
+        let router = Router()
+        router.add(middleware: BearerTokenMiddleware(pool: pool))
+        router.get("/healthz") { _, _ in "ok\n" }
+        router.get("/stats") { _, _ in json(pool.statsDocument()) }
+        router.get("/config") { _, _ in json(pool.snapshot.config.document) }
+        router.post("/reload") { _, _ in
+            let outcome = await offEventLoop { pool.reload(trigger: "POST /reload") }
+            return json(outcome.document, status: outcome.succeeded ? .ok : .badRequest)
+        }
+        router.post("/clusters/:cluster/endpoints/:address/drain") { _, context in
+            try await drain(pool: pool, context: context, draining: true)
+        }
+        router.delete("/clusters/:cluster/endpoints/:address/drain") { _, context in
+            try await drain(pool: pool, context: context, draining: false)
+        }
+        let address = pool.snapshot.config.admin.address
+        return Application(
+            router: router,
+            configuration: .init(address: .hostname(address.ipString, port: Int(address.port)), serverName: "l4lb"),
+            onServerRunning: { _ in logger.info("admin API listening", metadata: ["address": "\(address)"]) },
+            logger: logger)
+    }
+
+    static func drain(pool: WorkerPool, context: some RequestContext, draining: Bool) async throws -> Response {
+        let cluster = try context.parameters.require("cluster")
+        let raw = try context.parameters.require("address")
+        let address = raw.removingPercentEncoding ?? raw
+        let result: Result<Void, WorkerPool.DrainError> = await offEventLoop {
+            Result { () throws(WorkerPool.DrainError) in try pool.setDraining(draining, cluster: cluster, address: address) }
+        }
+        switch result {
+        case .success:
+            return json(["cluster": cluster, "endpoint": address, "draining": draining])
+        case .failure(let error):
+            if case .badAddress = error { return json(["error": error.description], status: .badRequest) }
+            return json(["error": error.description], status: .notFound)
+        }
+    }
+
+    /// Runs blocking control-plane work on a dispatch queue.
+    static func offEventLoop<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
+        await withCheckedContinuation { continuation in
+            DispatchQueue.global().async { continuation.resume(returning: body()) }
+        }
+    }
+
+    static func json(_ object: [String: Any], status: HTTPResponse.Status = .ok) -> Response {
+        let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .prettyPrinted])) ?? Data("{}".utf8)
+        var buffer = ByteBuffer()
+        buffer.writeBytes(data)
+        buffer.writeString("\n")
+        return Response(status: status, headers: [.contentType: "application/json"], body: .init(byteBuffer: buffer))
+    }
+}
+
+/// Every endpoint but `/healthz` needs `Authorization: Bearer TOKEN` when the running
+/// config sets a token (read per request, so a reload can rotate it).
+struct BearerTokenMiddleware<Context: RequestContext>: RouterMiddleware {
+    let pool: WorkerPool
+
+    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        guard request.uri.path != "/healthz", let token = pool.snapshot.config.admin.token else {
+            return try await next(request, context)
+        }
+        let presented = request.headers[.authorization] ?? ""
+        guard constantTimeEqual(presented, "Bearer \(token)") else {
+            var response = AdminAPI.json(["error": "missing or wrong bearer token"], status: .unauthorized)
+            response.headers[.wwwAuthenticate] = "Bearer realm=\"l4lb\""
+            return response
+        }
+        return try await next(request, context)
+    }
+
+    private func constantTimeEqual(_ a: String, _ b: String) -> Bool {
+        let x = Array(a.utf8)
+        let y = Array(b.utf8)
+        var difference = UInt8(x.count == y.count ? 0 : 1)
+        for i in 0..<min(x.count, y.count) { difference |= x[i] ^ y[i] }
+        return difference == 0
+    }
+}

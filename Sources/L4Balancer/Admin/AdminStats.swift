@@ -1,0 +1,126 @@
+import Foundation
+
+/// The `/stats` document: totals across workers, read with relaxed loads of the workers'
+/// counters (never a lock on the data path). Listeners and endpoints are those of the
+/// running config, plus removed ones that still have open connections.
+extension WorkerPool {
+    public func statsDocument() -> [String: Any] {
+        let snapshot = store.snapshot
+        let stats = controls.map(\.stats)
+        func signed(_ value: UInt64) -> Int { Int(Int64(bitPattern: value)) }
+
+        func listenerEntry(id: Int, name: String, address: String?, removed: Bool) -> [String: Any] {
+            func total(_ c: WorkerStats.ListenerCounter) -> UInt64 { stats.total(c, listener: id) }
+            var entry: [String: Any] = [
+                "name": name,
+                "active": signed(total(.active)),
+                "total": total(.accepted),
+                "refused": total(.refused),
+                "bytes_in": total(.bytesIn),
+                "bytes_out": total(.bytesOut),
+                "connect_failed": total(.connectFailed),
+                "idle_timeouts": total(.idleTimeouts),
+                "send_timeouts": total(.sendTimeouts),
+                "accept_errors": total(.acceptErrors),
+                "cluster_full": total(.clusterFull),
+                "closed_unhealthy": total(.closedUnhealthy),
+                "buffer_waits": total(.bufferWaits),
+            ]
+            if let address { entry["address"] = address }
+            if removed { entry["removed"] = true }
+            return entry
+        }
+        var listeners = snapshot.listeners.map {
+            var entry = listenerEntry(id: $0.id, name: $0.name, address: $0.address.description, removed: false)
+            entry["protocol"] = "tcp"
+            entry["max_connections"] = $0.maxConnections.map { $0 as Any } ?? NSNull()
+            return entry
+        }
+        let running = Set(snapshot.listeners.map(\.id))
+        for (id, name) in registry.allListeners.enumerated() where !running.contains(id) {
+            if signed(stats.total(.active, listener: id)) > 0 {
+                listeners.append(listenerEntry(id: id, name: name, address: nil, removed: true))
+            }
+        }
+
+        func endpointEntry(id: Int, address: SocketAddress, weight: Int?, removed: Bool) -> [String: Any] {
+            func total(_ c: WorkerStats.EndpointCounter) -> UInt64 { stats.total(c, endpoint: id) }
+            let flags = status.flags(id)
+            var entry: [String: Any] = [
+                "address": address.description,
+                "healthy": !flags.contains(.unhealthy),
+                "ejected": flags.contains(.ejected),
+                "draining": flags.contains(.draining),
+                "active": signed(total(.active)),
+                "total": total(.total),
+                "connect_failures": total(.connectFailures),
+                "bytes_in": total(.bytesIn),
+                "bytes_out": total(.bytesOut),
+                "health_transitions": healthChecker.transitionCount(endpoint: id),
+            ]
+            if let weight { entry["weight"] = weight }
+            if removed { entry["removed"] = true }
+            return entry
+        }
+        var clusters: [[String: Any]] = []
+        var clusterPositions: [String: Int] = [:]
+        for cluster in snapshot.clusters {
+            clusterPositions[cluster.name] = clusters.count
+            let endpoints = (cluster.firstEndpoint..<(cluster.firstEndpoint + cluster.endpointCount)).map { position in
+                let endpoint = snapshot.endpoints[position]
+                return endpointEntry(id: endpoint.id, address: endpoint.address, weight: endpoint.weight, removed: false)
+            }
+            clusters.append(["name": cluster.name, "balancer": cluster.balancer.rawValue, "endpoints": endpoints])
+        }
+        let current = Set(snapshot.endpoints.map(\.id))
+        for (id, key) in registry.allEndpoints.enumerated() where !current.contains(id) {
+            guard signed(stats.total(.active, endpoint: id)) > 0 else { continue }
+            let entry = endpointEntry(id: id, address: key.address, weight: nil, removed: true)
+            if let position = clusterPositions[key.cluster] {
+                clusters[position]["endpoints"] = (clusters[position]["endpoints"] as? [[String: Any]] ?? []) + [entry]
+            } else {
+                clusterPositions[key.cluster] = clusters.count
+                clusters.append(["name": key.cluster, "removed": true, "endpoints": [entry]])
+            }
+        }
+
+        let workers = controls.map { control -> [String: Any] in
+            let s = control.stats
+            return [
+                "index": control.index,
+                "cpu": control.cpu.map { $0 as Any } ?? NSNull(),
+                "generation": s.value(.adoptedGeneration),
+                "plans": s.value(.livePlans),
+                "oldest_plan_generation": s.value(.oldestPlanGeneration),
+                "iterations": s.value(.iterations),
+                "small_buffers_peak": s.value(.smallBuffersPeak),
+                "large_buffers_peak": s.value(.largeBuffersPeak),
+                "submission_drops": s.value(.submissionDrops),
+                "wait_errors": s.value(.waitErrors),
+            ]
+        }
+        var reloadEntry: [String: Any] = ["succeeded": reloads.succeeded, "failed": reloads.failed]
+        if let last = reloads.last { reloadEntry["last"] = last.document }
+        return [
+            "generation": snapshot.generation,
+            "listeners": listeners,
+            "clusters": clusters,
+            "workers": workers,
+            "reloads": reloadEntry,
+        ]
+    }
+}
+
+extension ReloadOutcome {
+    public var document: [String: Any] {
+        [
+            "succeeded": succeeded,
+            "generation": generation,
+            "errors": errors,
+            "changes": changes,
+            "trigger": trigger,
+            "finished_at": ISO8601DateFormatter().string(from: finishedAt),
+            "milliseconds": milliseconds,
+        ]
+    }
+}

@@ -1,0 +1,103 @@
+import Foundation
+
+/// The running config as JSON for `GET /config`: every field with its default filled in,
+/// in the config file's own names and units. The admin token is never shown.
+extension Config {
+    public var document: [String: Any] {
+        var root: [String: Any] = [:]
+        switch workers {
+        case .auto: root["workers"] = "auto"
+        case .count(let n): root["workers"] = n
+        }
+        root["drain_timeout"] = drainTimeout.description
+        root["admin"] = ["address": admin.address.description, "token": admin.token == nil ? "none" : "set"]
+        switch accessLog {
+        case .off: root["access_log"] = "off"
+        case .on(let path, let format): root["access_log"] = ["path": path, "format": format.rawValue]
+        }
+        root["buffers"] = ["small": buffers.small, "small_size": buffers.smallSize, "large": buffers.large, "large_size": buffers.largeSize]
+        root["listeners"] = listeners.map(\.document)
+        root["clusters"] = clusters.map(\.document)
+        return root
+    }
+}
+
+extension Config.Listener {
+    var document: [String: Any] {
+        var entry: [String: Any] = [
+            "name": name,
+            "address": address.description,
+            "protocol": transport.rawValue,
+            "connect_timeout": connectTimeout.description,
+            "connect_attempts": connectAttempts,
+            "idle_timeout": idleTimeout.description,
+            "send_timeout": sendTimeout.description,
+            "max_connections": maxConnections.map { $0 as Any } ?? NSNull(),
+            "proxy_protocol": proxyProtocol.rawValue,
+        ]
+        if clusters.count == 1 {
+            entry["cluster"] = clusters[0].name
+        } else {
+            entry["clusters"] = clusters.map { ["name": $0.name, "weight": $0.weight] }
+        }
+        return entry
+    }
+}
+
+extension Config.Cluster {
+    var document: [String: Any] {
+        var entry: [String: Any] = [
+            "name": name,
+            "balancer": balancer.rawValue,
+            "endpoints": endpoints.map { endpoint -> [String: Any] in
+                ["address": endpoint.address.description, "weight": endpoint.weight,
+                 "max_connections": endpoint.maxConnections.map { $0 as Any } ?? NSNull()]
+            },
+            "max_connections": maxConnections.map { $0 as Any } ?? NSNull(),
+            "slow_start": slowStart.description,
+            "on_unhealthy": onUnhealthy.rawValue,
+        ]
+        switch balancer {
+        case .maglev:
+            entry["hash_key"] = hashKey.rawValue
+            entry["table_size"] = tableSize
+        case .ringHash:
+            entry["hash_key"] = hashKey.rawValue
+            entry["minimum_ring_size"] = minimumRingSize
+            entry["hash_balance_factor"] = hashBalanceFactor.map { $0 as Any } ?? NSNull()
+        case .leastRequest:
+            entry["choice_count"] = choiceCount
+            entry["active_request_bias"] = activeRequestBias
+        case .roundRobin, .random:
+            break
+        }
+        if let check = healthCheck {
+            var c: [String: Any] = [
+                "interval": check.interval.description, "timeout": check.timeout.description,
+                "healthy_threshold": check.healthyThreshold, "unhealthy_threshold": check.unhealthyThreshold,
+                "initial_jitter": check.initialJitter.description, "interval_jitter": check.intervalJitter.description,
+                "start_healthy": check.startHealthy,
+            ]
+            switch check.kind {
+            case .tcp: c["type"] = "tcp"
+            case .sendExpect(let send, let expect):
+                c["type"] = "send_expect"
+                c["send_hex"] = send.map { String(format: "%02x", $0) }.joined()
+                c["expect_hex"] = expect.map { String(format: "%02x", $0) }.joined()
+            case .http(let path, let host, let statuses):
+                c["type"] = "http"
+                c["path"] = path
+                c["host"] = host.map { $0 as Any } ?? NSNull()
+                c["expected_statuses"] = "\(statuses.lowerBound)-\(statuses.upperBound)"
+            }
+            entry["health_check"] = c
+        }
+        if let detection = outlierDetection {
+            entry["outlier_detection"] = [
+                "consecutive_failures": detection.consecutiveFailures, "ejection_time": detection.ejectionTime.description,
+                "max_ejection_time": detection.maxEjectionTime.description, "max_ejection_percent": detection.maxEjectionPercent,
+            ]
+        }
+        return entry
+    }
+}

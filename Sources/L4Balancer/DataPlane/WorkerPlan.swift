@@ -1,0 +1,94 @@
+import URing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What one worker runs a snapshot with: its balancers (with their per-worker state), the
+/// listeners' cluster splits and timeouts in ticks, and the memory the kernel reads at
+/// submit time (endpoint addresses, connect timeouts). Built on the worker's own thread
+/// when it adopts the snapshot — never per connection. Every connection holds the plan it
+/// was opened under (`Connection.plan`, counted in `connections`); a plan that is no longer
+/// current is freed when its last connection closes.
+final class WorkerPlan {
+    let snapshot: Snapshot
+    /// Position in the worker's plan table, stored in each of its connections.
+    let index: UInt16
+    /// Connections opened under this plan and not yet released.
+    var connections = 0
+    /// Per cluster position.
+    let balancers: [ClusterBalancer]
+    let slowStartMilliseconds: [Int64]
+    let closeOnUnhealthy: [Bool]
+    let closesOnUnhealthy: Bool
+    /// Per listener identity (`snapshot.listenerIDBound` entries; -1 / 0 where absent).
+    let listenerPosition: [Int32]
+    let idleTicks: [UInt32]
+    let sendTicks: [UInt32]
+    let clusterSplits: [SmoothRoundRobin?]
+    let connectTimeouts: UnsafeMutablePointer<Timeout>
+    /// Per endpoint position.
+    let endpointAddresses: UnsafeMutablePointer<sockaddr_storage>
+    let endpointAddressLengths: UnsafeMutablePointer<socklen_t>
+
+    /// `previous`: the plan being replaced; clusters whose config did not change keep its
+    /// balancers, so a reload does not restart their rotation.
+    init(snapshot: Snapshot, index: UInt16, worker: Int, previous: WorkerPlan?) {
+        self.snapshot = snapshot
+        self.index = index
+        var kept: [String: ClusterBalancer] = [:]
+        if let previous {
+            for (i, cluster) in previous.snapshot.clusters.enumerated() { kept[cluster.name] = previous.balancers[i] }
+        }
+        balancers = snapshot.clusters.enumerated().map { i, cluster in
+            if let balancer = kept[cluster.name],
+               let old = previous?.snapshot.clusters.first(where: { $0.name == cluster.name }), old.config == cluster.config {
+                return balancer
+            }
+            return ClusterBalancer(cluster: cluster, seed: UInt64(worker) << 32 | UInt64(i) ^ snapshot.generation << 48)
+        }
+        slowStartMilliseconds = snapshot.clusters.map { $0.config.slowStart.milliseconds }
+        closeOnUnhealthy = snapshot.clusters.map { $0.config.onUnhealthy == .close }
+        closesOnUnhealthy = closeOnUnhealthy.contains(true)
+
+        let bound = max(snapshot.listenerIDBound, 1)
+        var position = [Int32](repeating: -1, count: bound)
+        var idle = [UInt32](repeating: 0, count: bound)
+        var send = [UInt32](repeating: 0, count: bound)
+        var splits = [SmoothRoundRobin?](repeating: nil, count: bound)
+        connectTimeouts = .allocate(capacity: bound)
+        for (i, listener) in snapshot.listeners.enumerated() {
+            position[listener.id] = Int32(i)
+            idle[listener.id] = Worker.ticks(listener.idleTimeoutMilliseconds)
+            send[listener.id] = Worker.ticks(listener.sendTimeoutMilliseconds)
+            if listener.clusters.count > 1 { splits[listener.id] = SmoothRoundRobin(weights: listener.clusterWeights) }
+            (connectTimeouts + listener.id).initialize(to: Timeout(milliseconds: listener.connectTimeoutMilliseconds))
+        }
+        listenerPosition = position
+        idleTicks = idle
+        sendTicks = send
+        clusterSplits = splits
+
+        endpointAddresses = .allocate(capacity: max(snapshot.endpoints.count, 1))
+        endpointAddressLengths = .allocate(capacity: max(snapshot.endpoints.count, 1))
+        for (i, endpoint) in snapshot.endpoints.enumerated() {
+            endpointAddressLengths[i] = endpoint.address.write(to: endpointAddresses + i)
+        }
+    }
+
+    deinit {
+        connectTimeouts.deallocate()
+        endpointAddresses.deallocate()
+        endpointAddressLengths.deallocate()
+    }
+
+    /// The plan's listener with identity `id` (it must have one).
+    @inline(__always)
+    func listener(_ id: Int) -> Snapshot.ListenerPlan {
+        snapshot.listeners[Int(listenerPosition[id])]
+    }
+
+    func has(listener id: Int) -> Bool {
+        id < listenerPosition.count && listenerPosition[id] >= 0
+    }
+}

@@ -1,0 +1,190 @@
+import Foundation
+
+/// One reload attempt, as `/stats`, `POST /reload` and the log report it.
+public struct ReloadOutcome: Sendable {
+    public let succeeded: Bool
+    /// The generation running after the attempt (unchanged when it failed).
+    public let generation: UInt64
+    /// Every error, as `path: message` (the same lines `l4lb check` prints).
+    public let errors: [String]
+    /// What changed, one line each (`listener dns added`, ...).
+    public let changes: [String]
+    public let trigger: String
+    public let finishedAt: Date
+    public let milliseconds: Int64
+}
+
+/// Counts and the last few outcomes of reloads.
+public final class ReloadLog: @unchecked Sendable {
+    private let lock = NSLock()
+    private var succeededCount = 0
+    private var failedCount = 0
+    private var recent: [ReloadOutcome] = []
+
+    func record(_ outcome: ReloadOutcome) {
+        lock.withLock {
+            if outcome.succeeded { succeededCount += 1 } else { failedCount += 1 }
+            recent.append(outcome)
+            if recent.count > 10 { recent.removeFirst(recent.count - 10) }
+        }
+    }
+
+    public var succeeded: Int { lock.withLock { succeededCount } }
+    public var failed: Int { lock.withLock { failedCount } }
+    public var last: ReloadOutcome? { lock.withLock { recent.last } }
+}
+
+extension WorkerPool {
+    /// How long a reload waits for every worker to take the new snapshot.
+    static let adoptionTimeoutMilliseconds: Int64 = 5000
+
+    /// Re-reads the config file and, if it is valid, makes it the running config without
+    /// touching established connections (DESIGN §1). An invalid file changes nothing and
+    /// reports every error. Returns once every worker runs new connections on it.
+    /// Reloads are serialised; this blocks (health checks of new endpoints, adoption), so
+    /// call it off the async executors.
+    public func reload(trigger: String) -> ReloadOutcome {
+        controlLock.lock()
+        defer { controlLock.unlock() }
+        let started = monotonicMilliseconds()
+        let old = store.snapshot
+        func fail(_ errors: [String]) -> ReloadOutcome {
+            let outcome = ReloadOutcome(
+                succeeded: false, generation: old.generation, errors: errors, changes: [], trigger: trigger,
+                finishedAt: Date(), milliseconds: monotonicMilliseconds() - started)
+            reloads.record(outcome)
+            logger.error("reload failed; the running config is unchanged", metadata: [
+                "trigger": "\(trigger)", "generation": "\(old.generation)", "errors": "\(errors.joined(separator: "; "))",
+            ])
+            return outcome
+        }
+        guard let path = configPath else { return fail(["l4lb was started without a config file to re-read"]) }
+        let config: Config
+        switch ConfigParser.load(path: path) {
+        case .success(let parsed): config = parsed
+        case .failure(let errors): return fail(errors.errors.map(\.description))
+        }
+        let fixed = WorkerPool.restartOnlyChanges(from: old.config, to: config)
+        guard fixed.isEmpty else { return fail(fixed) }
+        let ids: (listeners: [Int], clusters: [Int], endpoints: [[Int]])
+        let sockets: [[Int32]]
+        do {
+            ids = try registry.assign(config)
+            sockets = try ListenerSockets.open(config.listeners, workers: controls.count, reusing: old)
+        } catch let error as ListenerSockets.OpenError {
+            return fail([error.description])
+        } catch {
+            return fail(["\(error)"])
+        }
+        let snapshot = Snapshot(config: config, generation: old.generation + 1, ids: ids, previous: old, listenerSockets: sockets)
+
+        // Endpoints new to the running config start as l4lb starts them: unhealthy until a
+        // first check passes. The checker checks them now, before any worker can pick them.
+        let running = Set(old.endpoints.map(\.id))
+        for endpoint in snapshot.endpoints where !running.contains(endpoint.id) {
+            status.reset(endpoint.id, startsUnhealthy: snapshot.clusters[endpoint.cluster].config.healthCheck.map { !$0.startHealthy } ?? false)
+        }
+        let longestCheck = config.clusters.compactMap { $0.healthCheck.map { $0.timeout.milliseconds + $0.initialJitter.milliseconds } }.max() ?? 0
+        healthChecker.apply(snapshot, timeoutMilliseconds: longestCheck + 1000)
+
+        store.publish(snapshot)
+        for control in controls { control.wake() }
+        let deadline = monotonicMilliseconds() + WorkerPool.adoptionTimeoutMilliseconds
+        var lagging: [Int] = []
+        repeat {
+            lagging = controls.filter { $0.stats.value(.adoptedGeneration) < snapshot.generation }.map(\.index)
+            if lagging.isEmpty { break }
+            usleep(1000)
+        } while monotonicMilliseconds() < deadline
+        var changes = WorkerPool.changes(from: old, to: snapshot)
+        if !lagging.isEmpty { changes.append("workers \(lagging.map(String.init).joined(separator: ",")) have not adopted it yet") }
+        let outcome = ReloadOutcome(
+            succeeded: true, generation: snapshot.generation, errors: [], changes: changes, trigger: trigger,
+            finishedAt: Date(), milliseconds: monotonicMilliseconds() - started)
+        reloads.record(outcome)
+        logger.info("reloaded", metadata: [
+            "trigger": "\(trigger)", "generation": "\(snapshot.generation)",
+            "changes": "\(changes.isEmpty ? "none" : changes.joined(separator: "; "))", "ms": "\(outcome.milliseconds)",
+        ])
+        return outcome
+    }
+
+    /// Settings a running process cannot take on: they size or bind what exists once.
+    static func restartOnlyChanges(from old: Config, to new: Config) -> [String] {
+        var errors: [String] = []
+        if old.workers != new.workers { errors.append("workers: cannot change on reload; restart l4lb to apply") }
+        if old.buffers != new.buffers { errors.append("buffers: cannot change on reload; restart l4lb to apply") }
+        if old.admin.address != new.admin.address {
+            errors.append("admin.address: cannot change on reload (\(old.admin.address) → \(new.admin.address)); restart l4lb to apply")
+        }
+        return errors
+    }
+
+    /// One line per listener, cluster and endpoint a reload added, removed or changed.
+    static func changes(from old: Snapshot, to new: Snapshot) -> [String] {
+        var lines: [String] = []
+        let oldListeners = Dictionary(old.config.listeners.map { ($0.name, $0) }) { a, _ in a }
+        let newListeners = Dictionary(new.config.listeners.map { ($0.name, $0) }) { a, _ in a }
+        for listener in new.config.listeners {
+            if let before = oldListeners[listener.name] {
+                if before != listener { lines.append("listener \(listener.name) changed") }
+            } else {
+                lines.append("listener \(listener.name) added (\(listener.address))")
+            }
+        }
+        for listener in old.config.listeners where newListeners[listener.name] == nil { lines.append("listener \(listener.name) removed") }
+        let oldClusters = Dictionary(old.config.clusters.map { ($0.name, $0) }) { a, _ in a }
+        let newClusters = Dictionary(new.config.clusters.map { ($0.name, $0) }) { a, _ in a }
+        for cluster in new.config.clusters {
+            guard let before = oldClusters[cluster.name] else {
+                lines.append("cluster \(cluster.name) added")
+                continue
+            }
+            guard before != cluster else { continue }
+            let was = Set(before.endpoints.map(\.address))
+            let now = Set(cluster.endpoints.map(\.address))
+            let added = cluster.endpoints.map(\.address).filter { !was.contains($0) }
+            let removed = before.endpoints.map(\.address).filter { !now.contains($0) }
+            var parts: [String] = []
+            if !added.isEmpty { parts.append("+\(added.map(\.description).joined(separator: ","))") }
+            if !removed.isEmpty { parts.append("-\(removed.map(\.description).joined(separator: ","))") }
+            if before.balancer != cluster.balancer { parts.append("balancer \(before.balancer.rawValue) → \(cluster.balancer.rawValue)") }
+            lines.append("cluster \(cluster.name) changed" + (parts.isEmpty ? "" : " (\(parts.joined(separator: " ")))"))
+        }
+        for cluster in old.config.clusters where newClusters[cluster.name] == nil { lines.append("cluster \(cluster.name) removed") }
+        return lines
+    }
+
+    public enum DrainError: Error, CustomStringConvertible {
+        case unknownCluster(String)
+        case unknownEndpoint(cluster: String, address: String)
+        case badAddress(String)
+
+        public var description: String {
+            switch self {
+            case .unknownCluster(let name): return "no cluster \"\(name)\" in the running config"
+            case .unknownEndpoint(let cluster, let address): return "cluster \"\(cluster)\" has no endpoint \(address)"
+            case .badAddress(let text): return "not an address (ip:port or [v6]:port): \(text)"
+            }
+        }
+    }
+
+    /// Drains an endpoint of the running config (no new connections; open ones finish), or
+    /// undoes it. Kept by identity, so it survives reloads that keep the endpoint.
+    public func setDraining(_ draining: Bool, cluster: String, address text: String) throws(DrainError) {
+        controlLock.lock()
+        defer { controlLock.unlock() }
+        guard case .success(let address) = SocketAddress.parse(text) else { throw .badAddress(text) }
+        let snapshot = store.snapshot
+        guard snapshot.clusters.contains(where: { $0.name == cluster }) else { throw .unknownCluster(cluster) }
+        guard let position = snapshot.endpointPosition(cluster: cluster, address: address) else {
+            throw .unknownEndpoint(cluster: cluster, address: text)
+        }
+        let id = snapshot.endpoints[position].id
+        let was = status.flags(id).contains(.draining)
+        status.set(.draining, draining, endpoint: id, now: monotonicMilliseconds())
+        if was != draining {
+            logger.info(draining ? "endpoint draining" : "endpoint no longer draining", metadata: ["cluster": "\(cluster)", "endpoint": "\(address)"])
+        }
+    }
+}

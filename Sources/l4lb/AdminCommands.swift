@@ -1,0 +1,121 @@
+import ArgumentParser
+import Foundation
+
+struct Stats: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show listeners, endpoints and workers of a running l4lb.")
+    @OptionGroup var adminOptions: AdminOptions
+
+    @Flag(help: "Print the admin API's JSON as it is.")
+    var json = false
+
+    func run() async throws {
+        try await runAdmin {
+            let (status, body) = try await AdminClient(adminOptions).request("GET", "/stats")
+            guard status == 200 else { throw AdminClient.Failure(description: "GET /stats answered \(status): \(String(decoding: body, as: UTF8.self))") }
+            if json {
+                FileHandle.standardOutput.write(body)
+            } else {
+                print(StatsTable.render(AdminClient.object(body)), terminator: "")
+            }
+        }
+    }
+}
+
+struct Reload: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Make a running l4lb re-read its config file.")
+    @OptionGroup var adminOptions: AdminOptions
+
+    func run() async throws {
+        try await runAdmin {
+            let (status, body) = try await AdminClient(adminOptions).request("POST", "/reload")
+            let outcome = AdminClient.object(body)
+            if status == 200 {
+                let changes = outcome["changes"] as? [String] ?? []
+                print("reloaded: generation \(outcome["generation"] ?? "?")" + (changes.isEmpty ? ", nothing changed" : ""))
+                for change in changes { print("  \(change)") }
+                return
+            }
+            let errors = outcome["errors"] as? [String] ?? [String(decoding: body, as: UTF8.self)]
+            FileHandle.standardError.write(Data("reload failed; the running config is unchanged:\n".utf8))
+            for error in errors { FileHandle.standardError.write(Data("\(error)\n".utf8)) }
+            throw ExitCode(2)
+        }
+    }
+}
+
+struct Drain: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Stop new connections to one endpoint (its open ones finish), or resume them with --undo.")
+    @OptionGroup var adminOptions: AdminOptions
+
+    @Argument(help: "The cluster's name.")
+    var cluster: String
+
+    @Argument(help: "The endpoint's address as in the config (ip:port or [v6]:port).")
+    var address: String
+
+    @Flag(help: "Resume new connections to the endpoint.")
+    var undo = false
+
+    func run() async throws {
+        try await runAdmin {
+            let encoded = address.addingPercentEncoding(withAllowedCharacters: .urlPathAllowed.subtracting(CharacterSet(charactersIn: "/"))) ?? address
+            let name = cluster.addingPercentEncoding(withAllowedCharacters: .urlPathAllowed.subtracting(CharacterSet(charactersIn: "/"))) ?? cluster
+            let (status, body) = try await AdminClient(adminOptions).request(undo ? "DELETE" : "POST", "/clusters/\(name)/endpoints/\(encoded)/drain")
+            guard status == 200 else {
+                let message = AdminClient.object(body)["error"] as? String ?? String(decoding: body, as: UTF8.self)
+                throw AdminClient.Failure(description: message)
+            }
+            print(undo ? "\(cluster) \(address): taking new connections again" : "\(cluster) \(address): draining (no new connections; open ones finish)")
+        }
+    }
+}
+
+/// `l4lb stats` without `--json`: aligned tables.
+enum StatsTable {
+    static func render(_ stats: [String: Any]) -> String {
+        var out = "generation \(stats["generation"] ?? "?")"
+        if let reloads = stats["reloads"] as? [String: Any] {
+            out += ", reloads: \(reloads["succeeded"] ?? 0) ok, \(reloads["failed"] ?? 0) failed"
+        }
+        out += "\n\n"
+        let listeners = (stats["listeners"] as? [[String: Any]] ?? []).map { l in
+            [l["name"], l["address"] ?? "(removed)", l["active"], l["total"], l["refused"], l["bytes_in"], l["bytes_out"]].map(text)
+        }
+        out += table(["LISTENER", "ADDRESS", "ACTIVE", "TOTAL", "REFUSED", "BYTES IN", "BYTES OUT"], listeners) + "\n"
+        var endpoints: [[String]] = []
+        for cluster in stats["clusters"] as? [[String: Any]] ?? [] {
+            for e in cluster["endpoints"] as? [[String: Any]] ?? [] {
+                var state: [String] = []
+                if e["healthy"] as? Bool == false { state.append("unhealthy") }
+                if e["ejected"] as? Bool == true { state.append("ejected") }
+                if e["draining"] as? Bool == true { state.append("draining") }
+                if e["removed"] as? Bool == true { state.append("removed") }
+                endpoints.append([cluster["name"], e["address"], state.isEmpty ? "healthy" : state.joined(separator: ","), e["weight"] ?? "-",
+                                  e["active"], e["total"], e["connect_failures"], e["bytes_in"], e["bytes_out"]].map(text))
+            }
+        }
+        out += table(["CLUSTER", "ENDPOINT", "STATE", "WEIGHT", "ACTIVE", "TOTAL", "CONNECT FAILS", "BYTES IN", "BYTES OUT"], endpoints) + "\n"
+        let workers = (stats["workers"] as? [[String: Any]] ?? []).map { w in
+            [w["index"], w["cpu"], w["generation"], w["plans"], w["small_buffers_peak"], w["large_buffers_peak"]].map(text)
+        }
+        out += table(["WORKER", "CPU", "GENERATION", "PLANS", "SMALL BUF PEAK", "LARGE BUF PEAK"], workers)
+        return out
+    }
+
+    static func text(_ value: Any?) -> String {
+        switch value {
+        case nil, is NSNull: return "-"
+        case let v?: return "\(v)"
+        }
+    }
+
+    static func table(_ header: [String], _ rows: [[String]]) -> String {
+        let widths = header.indices.map { i in ([header[i]] + rows.map { $0[i] }).map(\.count).max() ?? 0 }
+        func line(_ cells: [String]) -> String {
+            cells.enumerated().map { i, c in c.padding(toLength: widths[i], withPad: " ", startingAt: 0) }.joined(separator: "  ")
+                .trimmingCharacters(in: .whitespaces) + "\n"
+        }
+        return line(header) + rows.map(line).joined()
+    }
+}
