@@ -156,7 +156,7 @@ final class BalancerTests: XCTestCase {
             var counts = [0, 0, 0, 0]
             active.withUnsafeBufferPointer { a in
                 for key in flows {
-                    counts[picker.pick(flowHash: key, tried: 0, active: a.baseAddress!, clusterActive: 0, endpoints: .allAvailable)!] += 1
+                    counts[picker.pick(flowHash: key, tried: 0, active: ActiveCounts(a.baseAddress!), clusterActive: 0, endpoints: .allAvailable)!] += 1
                 }
             }
             assertShares(counts, weights: weights, balancer.rawValue)
@@ -174,7 +174,7 @@ final class BalancerTests: XCTestCase {
         var total = 0
         for i in 0..<1000 {
             let key = i % 5 == 4 ? cold[i % 200] : hot[i % 3]
-            let chosen = active.withUnsafeBufferPointer { picker.pick(flowHash: key, tried: 0, active: $0.baseAddress!, clusterActive: total, endpoints: .allAvailable)! }
+            let chosen = active.withUnsafeBufferPointer { picker.pick(flowHash: key, tried: 0, active: ActiveCounts($0.baseAddress!), clusterActive: total, endpoints: .allAvailable)! }
             active[chosen] += 1
             total += 1
         }
@@ -187,7 +187,7 @@ final class BalancerTests: XCTestCase {
         var counts = [Int32](repeating: 0, count: 5)
         for i in 0..<1000 {
             let key = i % 5 == 4 ? cold[i % 200] : hot[i % 3]
-            counts[counts.withUnsafeBufferPointer { unbounded.pick(flowHash: key, tried: 0, active: $0.baseAddress!, clusterActive: 0, endpoints: .allAvailable)! }] += 1
+            counts[counts.withUnsafeBufferPointer { unbounded.pick(flowHash: key, tried: 0, active: ActiveCounts($0.baseAddress!), clusterActive: 0, endpoints: .allAvailable)! }] += 1
         }
         XCTAssertGreaterThan(counts.max()!, cap, "the skewed keys should overload some endpoint when unbounded: \(counts)")
     }
@@ -197,7 +197,7 @@ final class BalancerTests: XCTestCase {
         let active: [Int32] = [10, 0, 10]
         var counts = [0, 0, 0]
         active.withUnsafeBufferPointer { a in
-            for _ in 0..<10_000 { counts[picker.pick(tried: 0, active: a.baseAddress!, endpoints: .allAvailable)!] += 1 }
+            for _ in 0..<10_000 { counts[picker.pick(tried: 0, active: ActiveCounts(a.baseAddress!), endpoints: .allAvailable)!] += 1 }
         }
         // With two choices the idle endpoint wins whenever it is sampled: ~5/9 of picks.
         XCTAssertGreaterThan(counts[1], 5000, "\(counts)")

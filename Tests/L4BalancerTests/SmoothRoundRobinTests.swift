@@ -44,7 +44,7 @@ final class DeadlineSchedulerTests: XCTestCase {
         var seen = Set<Int>()
         let active = [Int32](repeating: 0, count: 100)
         active.withUnsafeBufferPointer { a in
-            for _ in 0..<100 { seen.insert(picker.pick(flowHash: 0, tried: 0, active: a.baseAddress!, clusterActive: 0)!) }
+            for _ in 0..<100 { seen.insert(picker.pick(flowHash: 0, tried: 0, active: ActiveCounts(a.baseAddress!), clusterActive: 0)!) }
         }
         XCTAssertEqual(seen.count, 100, "equal weights: each endpoint once per 100 picks")
     }

@@ -105,10 +105,10 @@ final class ChildProcess: @unchecked Sendable {
     }
 
     /// Runs to completion: exit code and combined output.
-    static func run(_ executable: String, _ arguments: [String]) throws -> (status: Int32, output: String) {
+    static func run(_ executable: String, _ arguments: [String], environment: [String: String] = [:]) throws -> (status: Int32, output: String) {
         let output = FileManager.default.temporaryDirectory.appendingPathComponent("l4lb-out-\(UUID().uuidString)").path
         defer { try? FileManager.default.removeItem(atPath: output) }
-        let child = try ChildProcess(executable, arguments, stdout: output, stderr: output)
+        let child = try ChildProcess(executable, arguments, stdout: output, stderr: output, environment: environment)
         let status = child.wait()
         return (status, (try? String(contentsOfFile: output, encoding: .utf8)) ?? "")
     }

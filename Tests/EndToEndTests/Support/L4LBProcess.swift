@@ -11,6 +11,10 @@ final class L4LBProcess {
     let process: ChildProcess
     let directory: URL
     let logURL: URL
+    let configURL: URL
+    /// The admin API's port: the config's, or a free one the harness added when the config
+    /// sets no `admin:` (so runs never contend for the default 9901).
+    let adminPort: UInt16
     private var stopped = false
 
     static var binary: String {
@@ -32,16 +36,26 @@ final class L4LBProcess {
          file: StaticString = #filePath, line: UInt = #line) throws {
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("l4lb-test-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
-        let configURL = directory.appendingPathComponent("l4lb.yaml")
-        try config.write(to: configURL, atomically: true, encoding: .utf8)
+        configURL = directory.appendingPathComponent("l4lb.yaml")
+        var text = config
+        if let port = L4LBProcess.adminPort(in: config) {
+            adminPort = port
+        } else {
+            adminPort = Sockets.freePort()
+            text = "admin: { address: 127.0.0.1:\(adminPort) }\n" + config
+        }
+        try text.write(to: configURL, atomically: true, encoding: .utf8)
         logURL = directory.appendingPathComponent("l4lb.log")
         _ = FileManager.default.createFile(atPath: logURL.path, contents: nil)
         process = try ChildProcess(L4LBProcess.binary, ["run", "--config", configURL.path], stderr: logURL.path, environment: environment)
         if let listen {
+            // The listener and the admin API both up (they start concurrently).
             let up = waitUntil(timeout: 10) {
                 guard self.process.isRunning else { return false }
-                guard let fd = try? Sockets.connect(host: listen.host, port: listen.port, timeout: 1) else { return false }
-                close(fd)
+                for (host, port) in [(listen.host, listen.port), ("127.0.0.1", self.adminPort)] {
+                    guard let fd = try? Sockets.connect(host: host, port: port, timeout: 1) else { return false }
+                    close(fd)
+                }
                 return true
             }
             if !up {
@@ -54,6 +68,42 @@ final class L4LBProcess {
 
     deinit { stop() }
 
+    /// The port of `admin: { address: HOST:PORT ...` in a config, if it sets one.
+    static func adminPort(in config: String) -> UInt16? {
+        guard let line = config.split(separator: "\n").first(where: { $0.hasPrefix("admin:") }),
+              let range = line.range(of: #":(\d+)[ ,}]"#, options: .regularExpression)
+        else { return nil }
+        return UInt16(line[range].dropFirst().dropLast())
+    }
+
+    /// Replaces the config file (for a reload to pick up). A config without `admin:` gets
+    /// the harness's admin address, as at start.
+    func writeConfig(_ config: String) throws {
+        let text = config.contains("admin:") ? config : "admin: { address: 127.0.0.1:\(adminPort) }\n" + config
+        let temporary = directory.appendingPathComponent("l4lb.yaml.new")
+        try text.write(to: temporary, atomically: false, encoding: .utf8)
+        // rename(2): a reload reads the old file or the new one, never half of one.
+        guard rename(temporary.path, configURL.path) == 0 else { throw Sockets.Failure("rename", errno) }
+    }
+
+    /// A request to the admin API.
+    func admin(_ method: String, _ path: String, token: String? = nil) throws -> AdminHTTP.Response {
+        try AdminHTTP.request(port: adminPort, method, path, token: token)
+    }
+
+    /// `GET /stats`, parsed.
+    func stats(token: String? = nil) throws -> [String: Any] {
+        let response = try admin("GET", "/stats", token: token)
+        guard response.status == 200 else { throw Sockets.Failure("GET /stats: \(response.status) \(response.text)", 0) }
+        return response.json
+    }
+
+    /// Descriptors, threads and resident memory of the process now.
+    var resources: (descriptors: Int, threads: Int, rssKiB: Int) {
+        let descriptors = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd"))?.count ?? -1
+        return (descriptors, memoryKiB("Threads"), memoryKiB("VmRSS"))
+    }
+
     var pid: Int32 { process.pid }
     var log: String { (try? String(contentsOf: logURL, encoding: .utf8)) ?? "" }
 
@@ -61,7 +111,7 @@ final class L4LBProcess {
     func memoryKiB(_ field: String) -> Int {
         guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8) else { return -1 }
         for line in status.split(separator: "\n") where line.hasPrefix(field + ":") {
-            return Int(line.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first ?? "") ?? -1
+            return Int(line.split(whereSeparator: { $0 == " " || $0 == "\t" }).dropFirst().first ?? "") ?? -1
         }
         return -1
     }
@@ -117,8 +167,13 @@ final class L4LBProcess {
     }
 
     /// Runs `l4lb ARGS…` to completion: exit status and combined output.
-    static func runCommand(_ arguments: [String]) throws -> (status: Int32, output: String) {
-        try ChildProcess.run(binary, arguments)
+    static func runCommand(_ arguments: [String], environment: [String: String] = [:]) throws -> (status: Int32, output: String) {
+        try ChildProcess.run(binary, arguments, environment: environment)
+    }
+
+    /// `l4lb ARGS… --admin URL-of-this-process`.
+    func runAdminCommand(_ arguments: [String], environment: [String: String] = [:]) throws -> (status: Int32, output: String) {
+        try L4LBProcess.runCommand(arguments + ["--admin", "http://127.0.0.1:\(adminPort)"], environment: environment)
     }
 }
 
