@@ -168,11 +168,13 @@ http {{
     }}
 }}
 """)
-    for name in ("l4lb", "l4lb-baseline"):
+    for name, admin in (("l4lb", 18152), ("l4lb-baseline", 18153)):
         h, b = PORTS[name]
+        # Each l4lb its own admin port: both run at once.
         (tmp / f"{name}.yaml").write_text(f"""
 workers: 1
 drain_timeout: 1s
+admin: {{ address: "127.0.0.1:{admin}" }}
 listeners:
   - {{ name: http, address: "127.0.0.1:{h}", cluster: http, idle_timeout: 10m, max_connections: 1000000 }}
   - {{ name: bulk, address: "127.0.0.1:{b}", cluster: bulk, idle_timeout: 10m }}

@@ -57,6 +57,8 @@ struct Run: AsyncParsableCommand {
 
     func run() async throws {
         signal(SIGPIPE, SIG_IGN)
+        // SIGHUP is a reload; until the handler is installed, one must not kill the process.
+        signal(SIGHUP, SIG_IGN)
         ResourceLimits.raiseOpenFileLimit()
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)

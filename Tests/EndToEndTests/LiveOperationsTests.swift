@@ -375,4 +375,39 @@ final class LiveOperationsTests: XCTestCase {
         let withFile = try L4LBProcess.runCommand(["check", "--config", url.path])
         XCTAssertEqual(withFile.status, 0, withFile.output)
     }
+
+    /// A removed listener stops accepting at once; its open connections carry on, are
+    /// listed as removed in `/stats`, and are closed once `drain_timeout` has passed.
+    func testRemovedListenerFinishesWithinDrainTimeout() throws {
+        let backend = try TestBackend(.echo)
+        defer { backend.stop() }
+        let main = Sockets.freePort()
+        let extra = Sockets.freePort()
+        var config = LiveConfig(main: main, extra: extra, pool: [(backend.address, 1)], side: [backend.address])
+        config.healthCheck = nil
+        let proxy = try L4LBProcess(config: config.yaml, waitFor: ("127.0.0.1", extra))
+        defer { proxy.stop() }
+        let fd = try Sockets.connect(port: extra)
+        defer { close(fd) }
+        Sockets.setTimeout(fd, seconds: 10)
+        try Sockets.sendAll(fd, Array("before".utf8))
+        XCTAssertEqual(try Sockets.receiveExactly(fd, 6), Array("before".utf8))
+
+        config.extra = nil
+        try proxy.writeConfig(config.yaml.replacingOccurrences(of: "drain_timeout: 5s", with: "drain_timeout: 1s"))
+        XCTAssertEqual(try proxy.admin("POST", "/reload").status, 200)
+        let removedAt = Date()
+        XCTAssertThrowsError(try Sockets.connect(port: extra, timeout: 2), "the removed listener still accepts")
+        try Sockets.sendAll(fd, Array("after".utf8))
+        XCTAssertEqual(try Sockets.receiveExactly(fd, 5), Array("after".utf8), "the open connection was disturbed")
+        let listed = try proxy.stats().listener("extra")
+        XCTAssertEqual(listed?.bool("removed"), true)
+        XCTAssertEqual(listed?.int("active"), 1)
+
+        let closedAfter = Sockets.waitForClose(fd, timeout: 5)
+        XCTAssertNotNil(closedAfter, "not closed after drain_timeout")
+        XCTAssertGreaterThanOrEqual(Date().timeIntervalSince(removedAt), 0.9, "closed before drain_timeout")
+        XCTAssertNil(try proxy.stats().listener("extra"), "a removed listener with nothing open is still listed")
+        XCTAssertTrue(HealthTests.exchange(main))
+    }
 }

@@ -21,6 +21,7 @@ extension WorkerPool {
                 "connect_failed": total(.connectFailed),
                 "idle_timeouts": total(.idleTimeouts),
                 "send_timeouts": total(.sendTimeouts),
+                "drain_timeouts": total(.drainTimeouts),
                 "accept_errors": total(.acceptErrors),
                 "cluster_full": total(.clusterFull),
                 "closed_unhealthy": total(.closedUnhealthy),

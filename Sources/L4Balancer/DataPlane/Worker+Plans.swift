@@ -48,7 +48,13 @@ extension Worker {
             }
             served.append(id)
         }
-        for id in servedListeners where !served.contains(id) { retireListener(id) }
+        for id in servedListeners where !served.contains(id) {
+            retireListener(id)
+            // Its connections finish, but within drain_timeout.
+            removedListeners.append((
+                listener: id, generation: snapshot.generation,
+                deadline: nowMilliseconds + snapshot.config.drainTimeout.milliseconds))
+        }
         servedListeners = served
     }
 
@@ -73,6 +79,25 @@ extension Worker {
             guard all || retired.after < now else { return false }
             Glibc.close(retired.fd)
             return true
+        }
+    }
+
+    /// Closes what is still open on listeners removed more than `drain_timeout` ago
+    /// (connections opened before the removal; a listener of the same name added back
+    /// later keeps its own).
+    func closeExpiredRemovedListeners() {
+        guard removedListeners.contains(where: { $0.deadline <= nowMilliseconds }) else { return }
+        let due = removedListeners.filter { $0.deadline <= nowMilliseconds }
+        removedListeners.removeAll { $0.deadline <= nowMilliseconds }
+        for index in 0..<slab.highWater {
+            let record = slab[UInt32(index)]
+            let state = record.pointee.state
+            guard state != .free, state != .closing else { continue }
+            let listener = Int(record.pointee.listener)
+            let generation = plans[Int(record.pointee.plan)].unsafelyUnwrapped.snapshot.generation
+            guard due.contains(where: { $0.listener == listener && generation < $0.generation }) else { continue }
+            stats.add(.drainTimeouts, listener: listener)
+            close(UInt32(index))
         }
     }
 

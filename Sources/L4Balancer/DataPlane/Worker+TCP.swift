@@ -40,16 +40,16 @@ extension Worker {
             return
         }
         let plan = current
-        let listenerPlan = plan.listener(listener)
-        let limited = listenerPlan.maxConnections != nil
-        if let maximum = listenerPlan.maxConnections, !limits.admit(listener, maximum: maximum) {
+        let maximum = plan.listenerLimits[listener]
+        let limited = maximum != nil
+        if let maximum, !limits.admit(listener, maximum: maximum) {
             Glibc.close(fd)
             stats.add(.refused, listener: listener)
             return
         }
-        let cluster = plan.clusterSplits[listener].flatMap { listenerPlan.clusters[$0.pick()!] } ?? listenerPlan.clusters[0]
-        let clusterID = plan.snapshot.clusters[cluster].id
-        let clusterLimit = plan.snapshot.clusters[cluster].config.maxConnections
+        let cluster = plan.clusterSplits[listener].flatMap { plan.listenerClusters[listener][$0.pick()!] } ?? plan.listenerClusters[listener][0]
+        let clusterID = plan.clusterIDs[cluster]
+        let clusterLimit = plan.clusterLimits[cluster]
         if let clusterLimit, !status.admit(cluster: clusterID, limit: clusterLimit) {
             // Circuit breaking: the cluster is at max_connections.
             if limited { limits.leave(listener) }
@@ -77,7 +77,7 @@ extension Worker {
         record.pointee.lastActivity = nowTick
         record.pointee.cluster = UInt16(cluster)
         if plan.balancers[cluster].usesFlowHash {
-            record.pointee.flowHash = FlowHash.compute(client: fd, key: plan.snapshot.clusters[cluster].hashKey)
+            record.pointee.flowHash = FlowHash.compute(client: fd, key: plan.hashKeys[cluster])
         }
         stats.add(.accepted, listener: listener)
         stats.add(.active, listener: listener)
@@ -92,8 +92,8 @@ extension Worker {
         let listener = Int(record.pointee.listener)
         let plan = plans[Int(record.pointee.plan)].unsafelyUnwrapped
         let clusterIndex = Int(record.pointee.cluster)
-        let firstEndpoint = plan.snapshot.clusters[clusterIndex].firstEndpoint
-        let clusterID = plan.snapshot.clusters[clusterIndex].id
+        let firstEndpoint = plan.firstEndpoints[clusterIndex]
+        let clusterID = plan.clusterIDs[clusterIndex]
         guard let local = chooseEndpoint(slot, record, plan: plan, clusterIndex: clusterIndex, clusterID: clusterID, firstEndpoint: firstEndpoint) else {
             stats.add(.connectFailed, listener: listener)
             close(slot)
@@ -211,7 +211,7 @@ extension Worker {
             releaseEndpoint(record)
             Glibc.close(record.pointee.upstream)
             record.pointee.upstream = -1
-            if Int(record.pointee.attempts) < plans[Int(record.pointee.plan)].unsafelyUnwrapped.listener(listener).connectAttempts {
+            if Int(record.pointee.attempts) < plans[Int(record.pointee.plan)].unsafelyUnwrapped.connectAttempts[listener] {
                 startConnect(slot)
             } else {
                 stats.add(.connectFailed, listener: listener)
@@ -221,7 +221,7 @@ extension Worker {
         }
         stats.add(.total, endpoint: endpoint)
         record.pointee.lastActivity = nowTick
-        let version = plans[Int(record.pointee.plan)].unsafelyUnwrapped.listener(listener).proxyProtocol
+        let version = plans[Int(record.pointee.plan)].unsafelyUnwrapped.proxyProtocols[listener]
         if version == .none {
             startProxying(slot, record)
             return
@@ -523,7 +523,7 @@ extension Worker {
         releaseEndpoint(record)
         if record.pointee.clusterAdmitted {
             record.pointee.clusterAdmitted = false
-            status.leave(cluster: plans[Int(record.pointee.plan)].unsafelyUnwrapped.snapshot.clusters[Int(record.pointee.cluster)].id)
+            status.leave(cluster: plans[Int(record.pointee.plan)].unsafelyUnwrapped.clusterIDs[Int(record.pointee.cluster)])
         }
         if record.pointee.counted {
             record.pointee.counted = false
@@ -572,7 +572,7 @@ extension Worker {
             status.leave(endpoint)
         }
         activeByEndpoint[endpoint] -= 1
-        activeByCluster[plans[Int(record.pointee.plan)].unsafelyUnwrapped.snapshot.clusters[Int(record.pointee.cluster)].id] -= 1
+        activeByCluster[plans[Int(record.pointee.plan)].unsafelyUnwrapped.clusterIDs[Int(record.pointee.cluster)]] -= 1
         record.pointee.endpoint = -1
     }
 

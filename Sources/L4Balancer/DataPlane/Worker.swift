@@ -82,6 +82,9 @@ final class Worker {
     var servedListeners: [Int] = []
     /// Shut-down listener sockets to close once their cancel is submitted (after loop `after`).
     var retiredListenerFDs: [(fd: Int32, after: UInt64)] = []
+    /// Listeners a reload removed: their connections opened before `generation` are closed
+    /// at `deadline` (monotonic ms) if still open.
+    var removedListeners: [(listener: Int, generation: UInt64, deadline: Int64)] = []
     /// Whether any live plan closes connections to endpoints that turn unhealthy.
     var closesOnUnhealthy = false
     /// This worker's connections (connecting or connected) per endpoint and per cluster
@@ -402,6 +405,7 @@ final class Worker {
         armTick()
         expireConnections()
         if closesOnUnhealthy { closeConnectionsToUnavailableEndpoints() }
+        if !removedListeners.isEmpty { closeExpiredRemovedListeners() }
         if !draining, store.snapshot !== current.snapshot { adopt(store.snapshot) }
         if draining {
             if !forcedClose, nowMilliseconds >= control.drainDeadline.load(ordering: .relaxed) {

@@ -16,16 +16,23 @@ final class WorkerPlan {
     let index: UInt16
     /// Connections opened under this plan and not yet released.
     var connections = 0
-    /// Per cluster position.
+    /// Per cluster position (flat, so the accept and connect paths copy no plan structs).
     let balancers: [ClusterBalancer]
+    let clusterIDs: [Int]
+    let clusterLimits: [Int?]
+    let firstEndpoints: [Int]
+    let hashKeys: [Config.Cluster.HashKey]
     let slowStartMilliseconds: [Int64]
     let closeOnUnhealthy: [Bool]
     let closesOnUnhealthy: Bool
-    /// Per listener identity (`snapshot.listenerIDBound` entries; -1 / 0 where absent).
-    let listenerPosition: [Int32]
+    /// Per listener identity (`snapshot.listenerIDBound` entries; 0 / nil where absent).
     let idleTicks: [UInt32]
     let sendTicks: [UInt32]
     let clusterSplits: [SmoothRoundRobin?]
+    let listenerClusters: [[Int]]
+    let listenerLimits: [Int?]
+    let connectAttempts: [Int]
+    let proxyProtocols: [Config.Listener.ProxyProtocol]
     let connectTimeouts: UnsafeMutablePointer<Timeout>
     /// Per endpoint position.
     let endpointAddresses: UnsafeMutablePointer<sockaddr_storage>
@@ -47,27 +54,40 @@ final class WorkerPlan {
             }
             return ClusterBalancer(cluster: cluster, seed: UInt64(worker) << 32 | UInt64(i) ^ snapshot.generation << 48)
         }
+        clusterIDs = snapshot.clusters.map(\.id)
+        clusterLimits = snapshot.clusters.map(\.config.maxConnections)
+        firstEndpoints = snapshot.clusters.map(\.firstEndpoint)
+        hashKeys = snapshot.clusters.map(\.hashKey)
         slowStartMilliseconds = snapshot.clusters.map { $0.config.slowStart.milliseconds }
         closeOnUnhealthy = snapshot.clusters.map { $0.config.onUnhealthy == .close }
         closesOnUnhealthy = closeOnUnhealthy.contains(true)
 
         let bound = max(snapshot.listenerIDBound, 1)
-        var position = [Int32](repeating: -1, count: bound)
         var idle = [UInt32](repeating: 0, count: bound)
         var send = [UInt32](repeating: 0, count: bound)
         var splits = [SmoothRoundRobin?](repeating: nil, count: bound)
+        var clusters = [[Int]](repeating: [], count: bound)
+        var maxima = [Int?](repeating: nil, count: bound)
+        var attempts = [Int](repeating: 0, count: bound)
+        var proxy = [Config.Listener.ProxyProtocol](repeating: .none, count: bound)
         connectTimeouts = .allocate(capacity: bound)
-        for (i, listener) in snapshot.listeners.enumerated() {
-            position[listener.id] = Int32(i)
+        for listener in snapshot.listeners {
             idle[listener.id] = Worker.ticks(listener.idleTimeoutMilliseconds)
             send[listener.id] = Worker.ticks(listener.sendTimeoutMilliseconds)
             if listener.clusters.count > 1 { splits[listener.id] = SmoothRoundRobin(weights: listener.clusterWeights) }
+            clusters[listener.id] = listener.clusters
+            maxima[listener.id] = listener.maxConnections
+            attempts[listener.id] = listener.connectAttempts
+            proxy[listener.id] = listener.proxyProtocol
             (connectTimeouts + listener.id).initialize(to: Timeout(milliseconds: listener.connectTimeoutMilliseconds))
         }
-        listenerPosition = position
         idleTicks = idle
         sendTicks = send
         clusterSplits = splits
+        listenerClusters = clusters
+        listenerLimits = maxima
+        connectAttempts = attempts
+        proxyProtocols = proxy
 
         endpointAddresses = .allocate(capacity: max(snapshot.endpoints.count, 1))
         endpointAddressLengths = .allocate(capacity: max(snapshot.endpoints.count, 1))
@@ -80,15 +100,5 @@ final class WorkerPlan {
         connectTimeouts.deallocate()
         endpointAddresses.deallocate()
         endpointAddressLengths.deallocate()
-    }
-
-    /// The plan's listener with identity `id` (it must have one).
-    @inline(__always)
-    func listener(_ id: Int) -> Snapshot.ListenerPlan {
-        snapshot.listeners[Int(listenerPosition[id])]
-    }
-
-    func has(listener id: Int) -> Bool {
-        id < listenerPosition.count && listenerPosition[id] >= 0
     }
 }

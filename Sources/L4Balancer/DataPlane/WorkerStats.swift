@@ -18,6 +18,8 @@ public final class WorkerStats: @unchecked Sendable {
         case closedUnhealthy
         /// Closed because a peer accepted nothing for `send_timeout`.
         case sendTimeouts
+        /// Closed because a reload removed their listener `drain_timeout` ago.
+        case drainTimeouts
     }
     public enum EndpointCounter: Int, CaseIterable {
         case active, total, connectFailures, bytesIn, bytesOut

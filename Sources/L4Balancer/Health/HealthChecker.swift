@@ -106,7 +106,6 @@ public final class HealthChecker: @unchecked Sendable {
         for o in outliers { oldOutliers[o.endpoint] = o }
         var newTargets: [Target] = []
         var newOutliers: [Outlier] = []
-        var fresh = 0
         for endpoint in snapshot.endpoints {
             let cluster = snapshot.clusters[endpoint.cluster]
             let id = endpoint.id
@@ -128,7 +127,6 @@ public final class HealthChecker: @unchecked Sendable {
                         let jitter = check.initialJitter.milliseconds > 0 ? Int64(random.next(below: Int(check.initialJitter.milliseconds))) : 0
                         target.nextDue = now + jitter
                         target.random = random
-                        fresh += 1
                     }
                     newTargets.append(target)
                 }
@@ -154,7 +152,9 @@ public final class HealthChecker: @unchecked Sendable {
         for old in oldOutliers.values where old.ejectedUntil > 0 { status.set(.ejected, false, endpoint: old.endpoint, now: now) }
         targets = newTargets
         outliers = newOutliers
-        unchecked.store(fresh, ordering: .releasing)
+        // Every target still waiting for its first check (new ones, and any an earlier
+        // reload added that has not had it yet).
+        unchecked.store(newTargets.filter { !$0.checked }.count, ordering: .releasing)
         installed.store(snapshot.generation, ordering: .releasing)
     }
 
