@@ -16,6 +16,8 @@ struct UserData {
         case tick
         case wake
         case cancel
+        /// The cancel of a retired listener's accept (slot: the listener socket's fd).
+        case listenerCancelled
     }
 
     var raw: UInt64

@@ -59,27 +59,27 @@ extension Worker {
     }
 
     /// Stops accepting on listener `id` at once: the socket is shut down (it leaves the
-    /// SO_REUSEPORT group, and new SYNs to it are refused once no worker has it), its
-    /// accept cancelled, and it is closed on a later loop, after the cancel was submitted.
+    /// SO_REUSEPORT group, and new SYNs to it are refused once no worker has it) and its
+    /// accept cancelled; it is closed when the cancel completes (`listenerCancelled`), or
+    /// now when there is nothing to cancel.
     func retireListener(_ id: Int) {
         let fd = listenerFDs[id]
         guard fd >= 0 else { return }
         shutdown(fd, Int32(SHUT_RDWR))
-        if acceptArmed[id] { ring.prepareCancelAll(fd: fd, userData: UserData(.cancel).raw) }
+        if acceptArmed[id], ring.prepareCancelAll(fd: fd, userData: UserData(.listenerCancelled, slot: UInt32(bitPattern: fd)).raw) {
+            retiringListenerFDs.insert(fd)
+        } else {
+            // Nothing refers to the descriptor by number: the shut-down accept (if any)
+            // ends by itself and holds its own reference to the socket.
+            Glibc.close(fd)
+        }
         acceptArmed[id] = false
         listenerFDs[id] = -1
-        retiredListenerFDs.append((fd: fd, after: stats.value(.iterations)))
     }
 
-    /// Closes retired listener sockets whose cancel has been submitted (a loop has passed).
-    func closeRetiredListeners(all: Bool = false) {
-        guard !retiredListenerFDs.isEmpty else { return }
-        let now = stats.value(.iterations)
-        retiredListenerFDs.removeAll { retired in
-            guard all || retired.after < now else { return false }
-            Glibc.close(retired.fd)
-            return true
-        }
+    func listenerCancelled(fd: Int32) {
+        guard retiringListenerFDs.remove(fd) != nil else { return }
+        Glibc.close(fd)
     }
 
     /// Closes what is still open on listeners removed more than `drain_timeout` ago

@@ -80,8 +80,9 @@ final class Worker {
     var listenerSerials: [UInt32]
     /// Listener sockets the current plan serves (identities).
     var servedListeners: [Int] = []
-    /// Shut-down listener sockets to close once their cancel is submitted (after loop `after`).
-    var retiredListenerFDs: [(fd: Int32, after: UInt64)] = []
+    /// Shut-down listener sockets whose accept cancel is in flight: closed when it
+    /// completes, never before (a cancel by descriptor must not find a reused number).
+    var retiringListenerFDs = Set<Int32>()
     /// Listeners a reload removed: their connections opened before `generation` are closed
     /// at `deadline` (monotonic ms) if still open.
     var removedListeners: [(listener: Int, generation: UInt64, deadline: Int64)] = []
@@ -257,13 +258,12 @@ final class Worker {
             }
             lastBatch = handled
             returnBuffers()
-            closeRetiredListeners()
             // The worker's own requests, if the submission queue refused them.
             if !tickArmed { armTick() }
             if !wakeArmed { armWake() }
         }
         for id in servedListeners where listenerFDs[id] >= 0 { Glibc.close(listenerFDs[id]) }
-        closeRetiredListeners(all: true)
+        for fd in retiringListenerFDs { Glibc.close(fd) }
         logger.debug("worker stopped", metadata: ["worker": "\(control.index)"])
     }
 
@@ -298,6 +298,7 @@ final class Worker {
         case .sendProxyHeader: proxyHeaderSent(completion, userData)
         case .tick: ticked()
         case .wake: woken()
+        case .listenerCancelled: listenerCancelled(fd: Int32(bitPattern: userData.slot))
         case .linkTimeout, .cancel: break
         }
     }

@@ -76,15 +76,15 @@ public final class EndpointStatus: @unchecked Sendable {
             ? atomic.loadThenBitwiseOr(with: flag.rawValue, ordering: .relaxed)
             : atomic.loadThenBitwiseAnd(with: ~flag.rawValue, ordering: .relaxed))
         let after = on ? before.union(flag) : before.subtracting(flag)
-        if before.isEmpty, !after.isEmpty {
+        // Turning unhealthy or ejected is news for `on_unhealthy: close` even when the
+        // endpoint was already unavailable for another reason (drained, say).
+        if on, !before.contains(flag), !flag.isDisjoint(with: [.unhealthy, .ejected]) {
             unavailableEpoch.wrappingIncrement(ordering: .releasing)
-            return true
         }
         if !before.isEmpty, after.isEmpty {
             UnsafeAtomic<Int64>(at: availableSince + endpoint).store(now, ordering: .relaxed)
-            return true
         }
-        return false
+        return before.isEmpty != after.isEmpty
     }
 
     /// Monotonic ms when the endpoint last became available again; 0 if it always was.

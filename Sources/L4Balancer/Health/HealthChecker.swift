@@ -110,7 +110,8 @@ public final class HealthChecker: @unchecked Sendable {
             let cluster = snapshot.clusters[endpoint.cluster]
             let id = endpoint.id
             if let check = cluster.config.healthCheck {
-                if let old = oldTargets.removeValue(forKey: id), old.check == check {
+                if let old = oldTargets[id], old.check == check {
+                    oldTargets[id] = nil
                     newTargets.append(old)
                 } else {
                     var random = FastRandom(seed: StableHash.endpoint(endpoint.address, seed: 3))
@@ -135,10 +136,14 @@ public final class HealthChecker: @unchecked Sendable {
                 status.set(.unhealthy, false, endpoint: id, now: 0)
             }
             if let detection = cluster.config.outlierDetection {
-                if let old = oldOutliers.removeValue(forKey: id), old.detection == detection {
+                if let old = oldOutliers[id], old.detection == detection {
+                    oldOutliers[id] = nil
                     newOutliers.append(old)
                 } else {
-                    oldOutliers[id] = nil
+                    // Changed settings start over; an ejection under the old ones ends now.
+                    if let old = oldOutliers.removeValue(forKey: id), old.ejectedUntil > 0 {
+                        status.set(.ejected, false, endpoint: id, now: now)
+                    }
                     newOutliers.append(Outlier(
                         endpoint: id, cluster: cluster.id, clusterName: cluster.name, address: endpoint.address,
                         detection: detection, failuresAtLastSuccess: workerStats.total(.connectFailures, endpoint: id),

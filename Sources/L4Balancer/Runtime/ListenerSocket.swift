@@ -84,11 +84,4 @@ enum ListenerSockets {
         }
         return sockets
     }
-
-    /// The sockets `new` opened that `previous` did not have (to close when `new` is
-    /// never published).
-    static func added(_ new: [[Int32]], to previous: Snapshot) -> [Int32] {
-        let old = Set(previous.listenerSockets.joined())
-        return new.joined().filter { !old.contains($0) }
-    }
 }

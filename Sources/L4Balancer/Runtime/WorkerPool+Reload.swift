@@ -59,6 +59,12 @@ extension WorkerPool {
             return outcome
         }
         guard let path = configPath else { return fail(["l4lb was started without a config file to re-read"]) }
+        // One snapshot at a time: a worker never skips one, so every listener socket a
+        // reload opens reaches the worker that owns (and eventually closes) it.
+        let behind = controls.filter { $0.stats.value(.adoptedGeneration) != old.generation }.map(\.index)
+        guard behind.isEmpty else {
+            return fail(["workers \(behind.map(String.init).joined(separator: ",")) have not taken generation \(old.generation) yet (starting or draining); try again"])
+        }
         let config: Config
         switch ConfigParser.load(path: path) {
         case .success(let parsed): config = parsed

@@ -49,10 +49,12 @@ final class L4LBProcess {
         _ = FileManager.default.createFile(atPath: logURL.path, contents: nil)
         process = try ChildProcess(L4LBProcess.binary, ["run", "--config", configURL.path], stderr: logURL.path, environment: environment)
         if let listen {
-            // The listener and the admin API both up (they start concurrently).
+            // The admin API and the listener both up (they start concurrently). The admin
+            // API first: tests count the connections the listener gets, so the probe
+            // reaches it once, not once per retry.
             let up = waitUntil(timeout: 10) {
                 guard self.process.isRunning else { return false }
-                for (host, port) in [(listen.host, listen.port), ("127.0.0.1", self.adminPort)] {
+                for (host, port) in [("127.0.0.1", self.adminPort), (listen.host, listen.port)] {
                     guard let fd = try? Sockets.connect(host: host, port: port, timeout: 1) else { return false }
                     close(fd)
                 }
