@@ -417,4 +417,87 @@ final class LiveOperationsTests: XCTestCase {
         XCTAssertNil(try proxy.stats().listener("extra"), "a removed listener with nothing open is still listed")
         XCTAssertTrue(HealthTests.exchange(main))
     }
+
+    /// `on_unhealthy: close` also closes connections to an endpoint that was drained when
+    /// it turned unhealthy (draining alone keeps them; unhealthy closes them).
+    func testDrainedEndpointThatTurnsUnhealthyIsClosedUnderOnUnhealthyClose() throws {
+        let a = try TestBackend(.echo)
+        defer { a.stop() }
+        let b = try ClosableEchoBackend()
+        defer { b.stop() }
+        let main = Sockets.freePort()
+        var config = LiveConfig(main: main, extra: nil, pool: [(a.address, 1), (b.address, 1)], side: [a.address])
+        config.healthCheck = "{ type: tcp, interval: 200ms, timeout: 200ms, healthy_threshold: 1, unhealthy_threshold: 2 }\n    on_unhealthy: close"
+        let proxy = try L4LBProcess(config: config.yaml, waitFor: ("127.0.0.1", main))
+        defer { proxy.stop() }
+        var open: [Int32] = []
+        defer { open.forEach { close($0) } }
+        for _ in 0..<8 {
+            let fd = try Sockets.connect(port: main)
+            Sockets.setTimeout(fd, seconds: 5)
+            try Sockets.sendAll(fd, Array("hi".utf8))
+            XCTAssertEqual(try Sockets.receiveExactly(fd, 2), Array("hi".utf8))
+            open.append(fd)
+        }
+        let onB = try proxy.stats().endpoint(cluster: "pool", address: b.address)?.int("active") ?? 0
+        XCTAssertGreaterThan(onB, 0)
+        XCTAssertEqual(try proxy.admin("POST", "/clusters/pool/endpoints/\(b.address)/drain").status, 200)
+        // Drained: its connections stay.
+        for fd in open {
+            try Sockets.sendAll(fd, Array("ok".utf8))
+            XCTAssertEqual(try Sockets.receiveExactly(fd, 2), Array("ok".utf8))
+        }
+        b.closeListener()
+        XCTAssertTrue(waitUntil(timeout: 5) { open.filter { Sockets.isClosedByPeer($0) }.count == onB },
+                      "connections to the drained endpoint were not closed when it turned unhealthy")
+        let stats = try proxy.stats()
+        XCTAssertEqual(stats.endpoint(cluster: "pool", address: b.address)?.bool("healthy"), false)
+        XCTAssertEqual(stats.listener("main")?.int("closed_unhealthy"), onB)
+        for fd in open where !Sockets.isClosedByPeer(fd) {
+            try Sockets.sendAll(fd, Array("still".utf8))
+            XCTAssertEqual(try Sockets.receiveExactly(fd, 5), Array("still".utf8), "a connection to the healthy endpoint was disturbed")
+        }
+    }
+}
+
+/// An echo server whose listening socket can be closed while its connections go on (a
+/// backend that stops taking new connections and fails its health checks).
+final class ClosableEchoBackend: @unchecked Sendable {
+    let port: UInt16
+    private let listener: Int32
+    private let lock = NSLock()
+    private var connections: [Int32] = []
+
+    init() throws {
+        port = Sockets.freePort()
+        listener = try Sockets.listen(host: "127.0.0.1", port: port)
+        let listener = self.listener
+        Thread { [self] in
+            while true {
+                let fd = accept(listener, nil, nil)
+                guard fd >= 0 else { return }
+                lock.withLock { connections.append(fd) }
+                Thread {
+                    var buffer = [UInt8](repeating: 0, count: 4096)
+                    while true {
+                        let n = recv(fd, &buffer, buffer.count, 0)
+                        guard n > 0 else { return }
+                        guard (try? Sockets.sendAll(fd, Array(buffer[..<n]))) != nil else { return }
+                    }
+                }.start()
+            }
+        }.start()
+    }
+
+    var address: String { "127.0.0.1:\(port)" }
+
+    func closeListener() {
+        shutdown(listener, Int32(SHUT_RDWR))
+    }
+
+    func stop() {
+        closeListener()
+        lock.withLock { connections.forEach { shutdown($0, Int32(SHUT_RDWR)) } }
+        close(listener)
+    }
 }
