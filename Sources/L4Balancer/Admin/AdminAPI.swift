@@ -14,6 +14,12 @@ public enum AdminAPI {
         router.get("/healthz") { _, _ in "ok\n" }
         router.get("/stats") { _, _ in json(pool.statsDocument()) }
         router.get("/config") { _, _ in json(pool.snapshot.config.document) }
+        let metrics = MetricsExporter(pool: pool)
+        router.get("/metrics") { _, _ in
+            var buffer = ByteBuffer()
+            buffer.writeBytes(metrics.scrape())
+            return Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"], body: .init(byteBuffer: buffer))
+        }
         router.post("/reload") { _, _ in
             let outcome = await offEventLoop { pool.reload(trigger: "POST /reload") }
             return json(outcome.document, status: outcome.succeeded ? .ok : .badRequest)

@@ -1,0 +1,126 @@
+import Foundation
+import Prometheus
+
+/// `GET /metrics`: the Prometheus text format, built with swift-prometheus from the same
+/// per-worker counters `/stats` reads (relaxed loads; no lock on the data path). Each
+/// scrape sets every series to its current total across workers. Totals are kept by
+/// identity, so they stay monotonic across reloads; a listener or endpoint a reload
+/// removed keeps its series while it still has connections, then drops out.
+public final class MetricsExporter: @unchecked Sendable {
+    let pool: WorkerPool
+    private let lock = NSLock()
+    private let registry = PrometheusCollectorRegistry()
+    private var counters: [String: Counter] = [:]
+    private var gauges: [String: Gauge] = [:]
+    private var seen = Set<String>()
+
+    public init(pool: WorkerPool) {
+        self.pool = pool
+    }
+
+    /// One scrape's worth of text.
+    public func scrape() -> [UInt8] {
+        lock.withLock {
+            seen.removeAll(keepingCapacity: true)
+            collect()
+            // Series of identities that have gone away.
+            for (key, counter) in counters where !seen.contains(key) {
+                registry.unregisterCounter(counter)
+                counters[key] = nil
+            }
+            for (key, gauge) in gauges where !seen.contains(key) {
+                registry.unregisterGauge(gauge)
+                gauges[key] = nil
+            }
+            return registry.emitToBuffer()
+        }
+    }
+
+    private func key(_ name: String, _ labels: [(String, String)]) -> String {
+        ([name] + labels.map { "\($0.0)=\($0.1)" }).joined(separator: "\u{1F}")
+    }
+
+    private func counter(_ name: String, _ help: String, _ labels: [(String, String)], _ value: UInt64) {
+        let k = key(name, labels)
+        seen.insert(k)
+        let counter = counters[k] ?? registry.makeCounter(name: name, labels: labels, help: help)
+        counters[k] = counter
+        counter.reset()
+        counter.increment(by: Int64(clamping: value))
+    }
+
+    private func gauge(_ name: String, _ help: String, _ labels: [(String, String)], _ value: Double) {
+        let k = key(name, labels)
+        seen.insert(k)
+        let gauge = gauges[k] ?? registry.makeGauge(name: name, labels: labels, help: help)
+        gauges[k] = gauge
+        gauge.set(to: value)
+    }
+
+    private func collect() {
+        let snapshot = pool.store.snapshot
+        let stats = pool.controls.map(\.stats)
+        func signed(_ value: UInt64) -> Double { Double(Int64(bitPattern: value)) }
+
+        // Listeners: the running ones, and removed ones with connections still open.
+        var listeners = snapshot.listeners.map { (id: $0.id, name: $0.name) }
+        let running = Set(listeners.map(\.id))
+        for (id, name) in pool.registry.allListeners.enumerated() where !running.contains(id) {
+            if signed(stats.total(.active, listener: id)) > 0 { listeners.append((id, name)) }
+        }
+        for listener in listeners {
+            let labels = [("listener", listener.name)]
+            func total(_ c: WorkerStats.ListenerCounter) -> UInt64 { stats.total(c, listener: listener.id) }
+            gauge("l4lb_listener_connections_active", "Connections open now (connecting or proxying).", labels, signed(total(.active)))
+            counter("l4lb_listener_connections_total", "Connections accepted.", labels, total(.accepted))
+            counter("l4lb_listener_connections_refused_total", "Connections closed at accept: limits, draining, no slot.", labels, total(.refused))
+            counter("l4lb_listener_received_bytes_total", "Bytes received from clients.", labels, total(.bytesIn))
+            counter("l4lb_listener_sent_bytes_total", "Bytes sent to clients.", labels, total(.bytesOut))
+            counter("l4lb_listener_connect_failures_total", "Connections closed because no upstream connect succeeded.", labels, total(.connectFailed))
+            counter("l4lb_listener_idle_timeouts_total", "Connections closed by idle_timeout.", labels, total(.idleTimeouts))
+            counter("l4lb_listener_send_timeouts_total", "Connections reset by send_timeout (a peer accepted nothing).", labels, total(.sendTimeouts))
+            counter("l4lb_listener_drain_timeouts_total", "Connections closed drain_timeout after a reload removed their listener.", labels, total(.drainTimeouts))
+            counter("l4lb_circuit_breaker_rejections_total", "Connections refused because the cluster was at max_connections.", labels, total(.clusterFull))
+            counter("l4lb_listener_closed_unhealthy_total", "Connections closed because their endpoint turned unhealthy (on_unhealthy: close).", labels, total(.closedUnhealthy))
+            counter("l4lb_listener_accept_errors_total", "Accepts the kernel failed (EMFILE and the like).", labels, total(.acceptErrors))
+            counter("l4lb_listener_buffer_waits_total", "Receives that found no free buffer and waited.", labels, total(.bufferWaits))
+        }
+
+        // Endpoints: the running config's, and removed ones with connections still open.
+        var endpoints = snapshot.endpoints.map { (id: $0.id, cluster: snapshot.clusters[$0.cluster].name, address: $0.address) }
+        let current = Set(endpoints.map(\.id))
+        for (id, key) in pool.registry.allEndpoints.enumerated() where !current.contains(id) {
+            if signed(stats.total(.active, endpoint: id)) > 0 { endpoints.append((id, key.cluster, key.address)) }
+        }
+        for endpoint in endpoints {
+            let labels = [("cluster", endpoint.cluster), ("endpoint", endpoint.address.description)]
+            func total(_ c: WorkerStats.EndpointCounter) -> UInt64 { stats.total(c, endpoint: endpoint.id) }
+            let flags = pool.status.flags(endpoint.id)
+            gauge("l4lb_endpoint_connections_active", "Upstream connections open now (connecting or connected).", labels, signed(total(.active)))
+            counter("l4lb_endpoint_connections_total", "Upstream connections established.", labels, total(.total))
+            counter("l4lb_endpoint_connect_failures_total", "Upstream connect attempts that failed or timed out.", labels, total(.connectFailures))
+            counter("l4lb_endpoint_received_bytes_total", "Bytes received from the endpoint.", labels, total(.bytesIn))
+            counter("l4lb_endpoint_sent_bytes_total", "Bytes sent to the endpoint.", labels, total(.bytesOut))
+            gauge("l4lb_endpoint_healthy", "1 when the endpoint passes its health checks (or has none).", labels, flags.contains(.unhealthy) ? 0 : 1)
+            gauge("l4lb_endpoint_ejected", "1 while outlier detection has ejected the endpoint.", labels, flags.contains(.ejected) ? 1 : 0)
+            gauge("l4lb_endpoint_draining", "1 while the endpoint is drained.", labels, flags.contains(.draining) ? 1 : 0)
+            counter("l4lb_endpoint_health_transitions_total", "Health and ejection changes (healthy <-> unhealthy, ejected <-> returned).", labels,
+                    UInt64(max(0, pool.healthChecker.transitionCount(endpoint: endpoint.id))))
+        }
+
+        for control in pool.controls {
+            let labels = [("worker", String(control.index))]
+            let s = control.stats
+            counter("l4lb_worker_loop_iterations_total", "Event-loop iterations (one ring wait each).", labels, s.value(.iterations))
+            counter("l4lb_worker_submission_drops_total", "Requests dropped because the submission queue stayed full.", labels, s.value(.submissionDrops))
+            counter("l4lb_worker_wait_errors_total", "Ring waits the kernel failed.", labels, s.value(.waitErrors))
+            gauge("l4lb_worker_buffers_peak", "The most receive buffers of a size in use at once.", labels + [("size", "small")], Double(s.value(.smallBuffersPeak)))
+            gauge("l4lb_worker_buffers_peak", "The most receive buffers of a size in use at once.", labels + [("size", "large")], Double(s.value(.largeBuffersPeak)))
+            gauge("l4lb_worker_plans", "Plans alive: the current one and older ones with open connections.", labels, Double(s.value(.livePlans)))
+            gauge("l4lb_worker_snapshot_generation", "The generation the worker opens new connections under.", labels, Double(s.value(.adoptedGeneration)))
+        }
+        gauge("l4lb_snapshot_generation", "The running config's generation (1 at start, +1 per successful reload).", [], Double(snapshot.generation))
+        counter("l4lb_reloads_total", "Reload attempts by result.", [("result", "success")], UInt64(pool.reloads.succeeded))
+        counter("l4lb_reloads_total", "Reload attempts by result.", [("result", "failure")], UInt64(pool.reloads.failed))
+    }
+}
