@@ -59,6 +59,7 @@ struct Run: AsyncParsableCommand {
         signal(SIGPIPE, SIG_IGN)
         // SIGHUP is a reload; until the handler is installed, one must not kill the process.
         signal(SIGHUP, SIG_IGN)
+        signal(SIGUSR1, SIG_IGN)
         ResourceLimits.raiseOpenFileLimit()
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)
@@ -68,9 +69,6 @@ struct Run: AsyncParsableCommand {
         }
         let logger = Logger(label: "l4lb")
         let config = try loadConfigOrExit(options.config)
-        if config.accessLog != .off {
-            logger.warning("access log is not implemented yet; access_log is ignored")
-        }
         let pool: WorkerPool
         do {
             pool = try WorkerPool(config: config, configPath: options.config, logger: logger)

@@ -91,4 +91,171 @@ final class ObservabilityTests: XCTestCase {
         XCTAssertTrue(after.contains("l4lb_reloads_total{result=\"success\"} 1"), after)
         XCTAssertTrue(after.contains("l4lb_snapshot_generation 2"), after)
     }
+
+    /// Access-log lines as JSON objects.
+    static func accessLines(_ path: String) -> [[String: Any]] {
+        let text = (try? String(contentsOfFile: path, encoding: .utf8)) ?? ""
+        return text.split(separator: "\n").compactMap { (try? JSONSerialization.jsonObject(with: Data($0.utf8))) as? [String: Any] }
+    }
+
+    /// Issue 12, must-show 2 (access-log part): one line per connection, with the exact
+    /// bytes each way and the right end for client FIN, upstream FIN, reset, idle timeout
+    /// and refused; totals agree with `/stats`; SIGUSR1 reopens the file.
+    func testAccessLogRecordsEveryConnectionWithItsBytesAndEnd() throws {
+        let echo = try TestBackend(.echo)
+        let download = try TestBackend(.stream(bytes: 1000, seed: 7))
+        defer { echo.stop(); download.stop() }
+        let main = Sockets.freePort()
+        let dl = Sockets.freePort()
+        let one = Sockets.freePort()
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("l4lb-access-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        let logPath = directory.appendingPathComponent("access.log").path
+        let proxy = try L4LBProcess(config: """
+            workers: 2
+            access_log: { path: \(logPath), format: json }
+            listeners:
+              - { name: main, address: 127.0.0.1:\(main), cluster: echo, idle_timeout: 1s }
+              - { name: dl, address: 127.0.0.1:\(dl), cluster: download }
+              - { name: one, address: 127.0.0.1:\(one), cluster: echo, max_connections: 1 }
+            clusters:
+              - { name: echo, endpoints: [{ address: \(echo.address) }] }
+              - { name: download, endpoints: [{ address: \(download.address) }] }
+            """, waitFor: ("127.0.0.1", main))
+        defer { proxy.stop() }
+
+        // Client FIN first: 100 bytes up, half-close, 100 back, then the echo closes.
+        let a = try Sockets.connect(port: main)
+        Sockets.setTimeout(a, seconds: 5)
+        let portA = Sockets.localPort(a)
+        try Sockets.sendAll(a, [UInt8](repeating: 1, count: 100))
+        shutdown(a, Int32(SHUT_WR))
+        XCTAssertEqual(try Sockets.receiveAll(a).count, 100)
+        close(a)
+        // Upstream FIN first: a 1,000-byte download.
+        let b = try Sockets.connect(port: dl)
+        Sockets.setTimeout(b, seconds: 5)
+        let portB = Sockets.localPort(b)
+        XCTAssertEqual(try Sockets.receiveAll(b).count, 1000)
+        close(b)
+        // Reset by the client.
+        let c = try Sockets.connect(port: main)
+        Sockets.setTimeout(c, seconds: 5)
+        let portC = Sockets.localPort(c)
+        try Sockets.sendAll(c, [UInt8](repeating: 2, count: 10))
+        XCTAssertEqual(try Sockets.receiveExactly(c, 10).count, 10)
+        var linger = Glibc.linger(l_onoff: 1, l_linger: 0)
+        setsockopt(c, SOL_SOCKET, SO_LINGER, &linger, socklen_t(MemoryLayout<Glibc.linger>.size))
+        close(c)
+        // Idle timeout (1 s).
+        let d = try Sockets.connect(port: main)
+        Sockets.setTimeout(d, seconds: 5)
+        let portD = Sockets.localPort(d)
+        try Sockets.sendAll(d, [UInt8](repeating: 3, count: 5))
+        XCTAssertEqual(try Sockets.receiveExactly(d, 5).count, 5)
+        XCTAssertNotNil(Sockets.waitForClose(d, timeout: 5))
+        close(d)
+        // Refused: `one` holds at most one connection.
+        let held = try Sockets.connect(port: one)
+        Sockets.setTimeout(held, seconds: 5)
+        try Sockets.sendAll(held, [9])
+        XCTAssertEqual(try Sockets.receiveExactly(held, 1), [9])
+        let e = try Sockets.connect(port: one)
+        let portE = Sockets.localPort(e)
+        XCTAssertNotNil(Sockets.waitForClose(e, timeout: 5))
+        close(e)
+        close(held)
+
+        func line(_ port: UInt16) -> [String: Any]? {
+            ObservabilityTests.accessLines(logPath).first { ($0["client"] as? String) == "127.0.0.1:\(port)" }
+        }
+        XCTAssertTrue(waitUntil(timeout: 5) { [portA, portB, portC, portD, portE].allSatisfy { line($0) != nil } }, (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "")
+        let expected: [(UInt16, String, String, Int, Int)] = [
+            (portA, "main", "client_fin", 100, 100), (portB, "dl", "upstream_fin", 0, 1000), (portC, "main", "reset", 10, 10),
+            (portD, "main", "idle_timeout", 5, 5), (portE, "one", "refused", 0, 0),
+        ]
+        for (port, listener, end, bytesIn, bytesOut) in expected {
+            let entry = line(port) ?? [:]
+            XCTAssertEqual(entry["listener"] as? String, listener, "\(entry)")
+            XCTAssertEqual(entry["end"] as? String, end, "\(entry)")
+            XCTAssertEqual(entry.int("bytes_in"), bytesIn, "\(entry)")
+            XCTAssertEqual(entry.int("bytes_out"), bytesOut, "\(entry)")
+        }
+        XCTAssertEqual(line(portE)?["endpoint"] as? NSNull, NSNull())
+        XCTAssertEqual(line(portA)?["endpoint"] as? String, echo.address)
+
+        // Every connection of `main` is one line, and the bytes add up to /stats'.
+        XCTAssertTrue(waitUntil(timeout: 5) { ((try? proxy.stats()) ?? [:]).listener("main")?.int("active") == 0 })
+        let stats = try proxy.stats()
+        let mainLines = ObservabilityTests.accessLines(logPath).filter { $0["listener"] as? String == "main" }
+        XCTAssertEqual(mainLines.count, stats.listener("main")?.int("total"))
+        XCTAssertEqual(mainLines.reduce(0) { $0 + $1.int("bytes_in") }, stats.listener("main")?.int("bytes_in"))
+        XCTAssertEqual(mainLines.reduce(0) { $0 + $1.int("bytes_out") }, stats.listener("main")?.int("bytes_out"))
+        XCTAssertEqual(ObservabilityTests.accessLines(logPath).filter { $0["end"] as? String == "refused" }.count, stats.listener("one")?.int("refused"))
+
+        // logrotate: move the file away, SIGUSR1, and new lines go to a new file.
+        let rotated = logPath + ".1"
+        XCTAssertEqual(rename(logPath, rotated), 0)
+        proxy.process.signal(SIGUSR1)
+        XCTAssertTrue(waitUntil(timeout: 5) {
+            _ = HealthTests.exchange(main)
+            return !ObservabilityTests.accessLines(logPath).isEmpty
+        }, "no new file after SIGUSR1")
+        XCTAssertTrue(proxy.process.isRunning)
+    }
+
+    /// Issue 12, must-show 3: with `access_log: off` nothing is written; with a writer
+    /// that blocks (a FIFO nobody reads) every connection is still served and the lines
+    /// that did not fit are dropped and counted.
+    func testAccessLogOffWritesNothingAndABlockedWriterOnlyDropsLines() throws {
+        let echo = try TestBackend(.echo)
+        defer { echo.stop() }
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("l4lb-access-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+
+        // Off: 50 connections, not a byte on stdout. (With `path: stdout` they would be there.)
+        for (setting, expectLines) in [("off", false), ("{ path: stdout, format: text }", true)] {
+            let main = Sockets.freePort()
+            let stdout = directory.appendingPathComponent("stdout-\(expectLines)").path
+            let proxy = try L4LBProcess(config: """
+                workers: 2
+                access_log: \(setting)
+                listeners: [{ name: main, address: 127.0.0.1:\(main), cluster: echo }]
+                clusters: [{ name: echo, endpoints: [{ address: \(echo.address) }] }]
+                """, waitFor: ("127.0.0.1", main), stdout: stdout)
+            for _ in 0..<50 { XCTAssertTrue(HealthTests.exchange(main)) }
+            let (status, _) = proxy.stopAndCollectLog()
+            XCTAssertEqual(status, 0)
+            let written = (try? String(contentsOfFile: stdout, encoding: .utf8)) ?? ""
+            if expectLines {
+                // 50 exchanges and the harness's readiness probe.
+                XCTAssertEqual(written.split(separator: "\n").filter { $0.contains(" main 127.0.0.1:") && $0.hasSuffix("client_fin") }.count, 51, written)
+            } else {
+                XCTAssertEqual(written, "", "access_log: off wrote something")
+            }
+        }
+
+        // A FIFO that is open but never read: the writer blocks once the pipe is full.
+        let fifo = directory.appendingPathComponent("blocked.fifo").path
+        XCTAssertEqual(mkfifo(fifo, 0o600), 0)
+        let reader = open(fifo, O_RDONLY | O_NONBLOCK)
+        XCTAssertGreaterThanOrEqual(reader, 0)
+        defer { close(reader) }
+        let main = Sockets.freePort()
+        let proxy = try L4LBProcess(config: """
+            workers: 2
+            access_log: { path: \(fifo), format: json }
+            listeners: [{ name: main, address: 127.0.0.1:\(main), cluster: echo }]
+            clusters: [{ name: echo, endpoints: [{ address: \(echo.address) }] }]
+            """, waitFor: ("127.0.0.1", main), environment: ["L4LB_ACCESS_LOG_RING": "256"])
+        defer { proxy.stop() }
+        let result = LoadClient.echo(port: main, connections: 3000, concurrency: 20, bytes: 200, timeout: 60)
+        XCTAssertEqual(result.completed, 3000, "connections failed while the access log was blocked: \(result.failed.prefix(5))")
+        XCTAssertEqual(result.mismatched, 0)
+        let drops = ((try proxy.stats())["workers"] as? [[String: Any]] ?? []).reduce(0) { $0 + $1.int("access_log_drops") }
+        // 3,000 lines against 2 × 256 ring places and a 64 KiB pipe: most must be dropped.
+        XCTAssertGreaterThan(drops, 1500, "dropped lines not counted")
+        let metrics = try proxy.admin("GET", "/metrics").text
+        XCTAssertTrue(metrics.contains("l4lb_worker_access_log_drops_total"), metrics)
+    }
 }

@@ -98,6 +98,7 @@ extension WorkerPool {
                 "large_buffers_peak": s.value(.largeBuffersPeak),
                 "submission_drops": s.value(.submissionDrops),
                 "wait_errors": s.value(.waitErrors),
+                "access_log_drops": s.value(.accessLogDrops),
             ]
         }
         var reloadEntry: [String: Any] = ["succeeded": reloads.succeeded, "failed": reloads.failed]

@@ -114,6 +114,7 @@ public final class MetricsExporter: @unchecked Sendable {
             counter("l4lb_worker_loop_iterations_total", "Event-loop iterations (one ring wait each).", labels, s.value(.iterations))
             counter("l4lb_worker_submission_drops_total", "Requests dropped because the submission queue stayed full.", labels, s.value(.submissionDrops))
             counter("l4lb_worker_wait_errors_total", "Ring waits the kernel failed.", labels, s.value(.waitErrors))
+            counter("l4lb_worker_access_log_drops_total", "Access-log lines dropped because the writer was behind.", labels, s.value(.accessLogDrops))
             gauge("l4lb_worker_buffers_peak", "The most receive buffers of a size in use at once.", labels + [("size", "small")], Double(s.value(.smallBuffersPeak)))
             gauge("l4lb_worker_buffers_peak", "The most receive buffers of a size in use at once.", labels + [("size", "large")], Double(s.value(.largeBuffersPeak)))
             gauge("l4lb_worker_plans", "Plans alive: the current one and older ones with open connections.", labels, Double(s.value(.livePlans)))

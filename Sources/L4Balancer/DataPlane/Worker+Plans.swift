@@ -97,7 +97,7 @@ extension Worker {
             let generation = plans[Int(record.pointee.plan)].unsafelyUnwrapped.snapshot.generation
             guard due.contains(where: { $0.listener == listener && generation < $0.generation }) else { continue }
             stats.add(.drainTimeouts, listener: listener)
-            close(UInt32(index))
+            close(UInt32(index), reason: .drain)
         }
     }
 

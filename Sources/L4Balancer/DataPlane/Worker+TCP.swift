@@ -35,16 +35,14 @@ extension Worker {
         }
         let fd = completion.result
         guard live, !draining else {
-            Glibc.close(fd)
-            stats.add(.refused, listener: listener)
+            refuse(fd, listener: listener)
             return
         }
         let plan = current
         let maximum = plan.listenerLimits[listener]
         let limited = maximum != nil
         if let maximum, !limits.admit(listener, maximum: maximum) {
-            Glibc.close(fd)
-            stats.add(.refused, listener: listener)
+            refuse(fd, listener: listener)
             return
         }
         let cluster = plan.clusterSplits[listener].flatMap { plan.listenerClusters[listener][$0.pick()!] } ?? plan.listenerClusters[listener][0]
@@ -53,16 +51,14 @@ extension Worker {
         if let clusterLimit, !status.admit(cluster: clusterID, limit: clusterLimit) {
             // Circuit breaking: the cluster is at max_connections.
             if limited { limits.leave(listener) }
-            Glibc.close(fd)
-            stats.add(.refused, listener: listener)
+            refuse(fd, listener: listener)
             stats.add(.clusterFull, listener: listener)
             return
         }
         guard let slot = slab.allocate() else {
             if clusterLimit != nil { status.leave(cluster: clusterID) }
             if limited { limits.leave(listener) }
-            Glibc.close(fd)
-            stats.add(.refused, listener: listener)
+            refuse(fd, listener: listener)
             return
         }
         let record = slab[slot]
@@ -81,6 +77,7 @@ extension Worker {
         }
         stats.add(.accepted, listener: listener)
         stats.add(.active, listener: listener)
+        if accessSlots != nil { noteAccepted(slot, client: fd) }
         startTimers(slot, listener: listener)
         startConnect(slot)
     }
@@ -96,7 +93,7 @@ extension Worker {
         let clusterID = plan.clusterIDs[clusterIndex]
         guard let local = chooseEndpoint(slot, record, plan: plan, clusterIndex: clusterIndex, clusterID: clusterID, firstEndpoint: firstEndpoint) else {
             stats.add(.connectFailed, listener: listener)
-            close(slot)
+            close(slot, reason: .connectFailed)
             return
         }
         markTried(slot, record, local)
@@ -112,7 +109,7 @@ extension Worker {
                 status.leave(endpoint)
             }
             stats.add(.connectFailed, listener: listener)
-            close(slot)
+            close(slot, reason: .connectFailed)
             return
         }
         setNoDelay(fd)
@@ -128,7 +125,7 @@ extension Worker {
         else {
             stats.add(.submissionDrops)
             stats.add(.connectFailed, listener: listener)
-            close(slot)
+            close(slot, reason: .error)
             return
         }
         record.pointee.inFlight += 1
@@ -215,7 +212,7 @@ extension Worker {
                 startConnect(slot)
             } else {
                 stats.add(.connectFailed, listener: listener)
-                close(slot)
+                close(slot, reason: .connectFailed)
             }
             return
         }
@@ -241,7 +238,7 @@ extension Worker {
             userData: UserData(.sendProxyHeader, slot: slot, generation: record.pointee.generation).raw)
         else {
             stats.add(.submissionDrops)
-            close(slot)
+            close(slot, reason: .error)
             return
         }
         record.pointee.inFlight += 1
@@ -257,7 +254,7 @@ extension Worker {
             return
         }
         guard completion.result > 0 else {
-            close(slot)
+            close(slot, reason: Worker.reason(completion.result))
             return
         }
         record.pointee.toUpstream.sent += completion.result
@@ -332,7 +329,7 @@ extension Worker {
         else {
             stats.add(.submissionDrops)
             recycle(s.pointee.buffer, large: s.pointee.large)
-            close(slot)
+            close(slot, reason: .error)
             return
         }
         record.pointee.inFlight += 1
@@ -380,9 +377,11 @@ extension Worker {
             if toUpstream {
                 stats.add(.bytesIn, listener: listener, UInt64(result))
                 stats.add(.bytesOut, endpoint: endpoint, UInt64(result))
+                if let slots = accessSlots { slots[Int(slot)].bytesFromClient &+= UInt64(result) }
             } else {
                 stats.add(.bytesOut, listener: listener, UInt64(result))
                 stats.add(.bytesIn, endpoint: endpoint, UInt64(result))
+                if let slots = accessSlots { slots[Int(slot)].bytesFromUpstream &+= UInt64(result) }
             }
             if s.pointee.state == .sending {
                 absorb(slot, buffer, length: result, into: s)
@@ -412,7 +411,7 @@ extension Worker {
         } else if result == -ECANCELED, !more {
             if s.pointee.state == .receiving { armReceive(slot, record, toUpstream: toUpstream) }
         } else if !more || result < 0 {
-            close(slot)
+            close(slot, reason: result < 0 ? Worker.reason(result) : nil)
         }
     }
 
@@ -436,7 +435,7 @@ extension Worker {
             // Outside the contract (a kernel that ignored the limit): keep no third buffer.
             assertionFailure("a direction received beyond its two buffers")
             recycle(buffer, large: false)
-            close(slot)
+            close(slot, reason: .error)
         }
     }
 
@@ -457,7 +456,7 @@ extension Worker {
         let s = stream(record, toUpstream: toUpstream)
         guard record.pointee.state == .proxying, completion.result > 0 else {
             recycle(s.pointee.buffer, large: s.pointee.large)
-            if record.pointee.state == .proxying { close(slot) } else { finishClosing(slot) }
+            if record.pointee.state == .proxying { close(slot, reason: Worker.reason(completion.result)) } else { finishClosing(slot) }
             return
         }
         s.pointee.sent += completion.result
@@ -489,6 +488,9 @@ extension Worker {
     func forwardEOF(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, toUpstream: Bool) {
         let s = stream(record, toUpstream: toUpstream)
         s.pointee.move(to: .finished)
+        if let slots = accessSlots, slots[Int(slot)].firstFIN == 0 {
+            slots[Int(slot)].firstFIN = (toUpstream ? EndReason.clientFIN : .upstreamFIN).rawValue
+        }
         // The last direction to end needs no shutdown: both sockets have been read to
         // their FIN, so closing them sends FIN (not RST) — one syscall less per connection.
         if stream(record, toUpstream: !toUpstream).pointee.state == .finished {
@@ -514,10 +516,12 @@ extension Worker {
 
     /// Starts closing: counts are released now; sockets close once every request in
     /// flight has completed (they are cancelled), so each closes exactly once.
-    func close(_ slot: UInt32) {
+    /// `reason` is for the access log; nil: as the FINs say (the side that sent the first).
+    func close(_ slot: UInt32, reason: EndReason? = nil) {
         let record = slab[slot]
         let state = record.pointee.state
         guard state != .closing, state != .free else { return }
+        if accessSlots != nil { logClosed(slot, record, reason: reason) }
         record.pointee.state = .closing
         wheel.remove(slot, in: slab)
         releaseEndpoint(record)

@@ -86,6 +86,10 @@ final class Worker {
     /// Listeners a reload removed: their connections opened before `generation` are closed
     /// at `deadline` (monotonic ms) if still open.
     var removedListeners: [(listener: Int, generation: UInt64, deadline: Int64)] = []
+    /// The access log's hand-off ring and per-slot bookkeeping; nil when it is off (then
+    /// the data path does nothing for it but test these for nil).
+    let accessLog: AccessLogRing?
+    let accessSlots: UnsafeMutablePointer<AccessSlot>?
     /// Whether any live plan closes connections to endpoints that turn unhealthy.
     var closesOnUnhealthy = false
     /// This worker's connections (connecting or connected) per endpoint and per cluster
@@ -173,6 +177,8 @@ final class Worker {
         let shares = snapshot.listeners.reduce(0) { $0 + ($1.maxConnections ?? Config.Listener.defaultCapacity) }
         let capacity = min(max(shares, Worker.minimumCapacity), 1 << 22)
         slab = ConnectionSlab(capacity: capacity)
+        accessLog = control.accessLog
+        accessSlots = control.accessLog == nil ? nil : reserve(AccessSlot.self, capacity)
         waiters = BufferWaitQueue(slots: capacity)
         guard let side = mmap(nil, capacity * Worker.triedStride * 2, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
               side != MAP_FAILED
@@ -207,6 +213,7 @@ final class Worker {
         wheel.deallocate()
         waiters.deallocate()
         munmap(triedAbove64, slab.capacity * Worker.triedStride * 2)
+        if let accessSlots { munmap(accessSlots, slab.capacity * MemoryLayout<AccessSlot>.stride) }
         munmap(activeByEndpoint, IdentityRegistry.endpointCapacity * MemoryLayout<Int32>.stride)
         munmap(activeByCluster, IdentityRegistry.clusterCapacity * MemoryLayout<Int>.stride)
         tickTimeout.deallocate()
@@ -438,13 +445,13 @@ final class Worker {
                 switch timerCheck(record, plan: plans[Int(record.pointee.plan)].unsafelyUnwrapped, listener: listener) {
                 case .idle:
                     stats.add(.idleTimeouts, listener: listener)
-                    close(slot)
+                    close(slot, reason: .idleTimeout)
                 case .stalledSend:
                     stats.add(.sendTimeouts, listener: listener)
                     // Give up on the peer: reset rather than leave the kernel holding
                     // unsent bytes for a reader that may never come back.
                     resetOnClose(record)
-                    close(slot)
+                    close(slot, reason: .sendTimeout)
                 case .refile(let deadline):
                     wheel.insert(slot, deadline: deadline, in: slab)
                 }
@@ -534,7 +541,7 @@ final class Worker {
                   !status.flags(endpoint).isDisjoint(with: [.unhealthy, .ejected])
             else { continue }
             stats.add(.closedUnhealthy, listener: Int(record.pointee.listener))
-            close(UInt32(index))
+            close(UInt32(index), reason: .unhealthy)
         }
     }
 
@@ -542,7 +549,7 @@ final class Worker {
         logger.info("drain timeout reached, closing \(slab.active) connections", metadata: ["worker": "\(control.index)"])
         for index in 0..<slab.highWater {
             let state = slab[UInt32(index)].pointee.state
-            if state != .free, state != .closing { close(UInt32(index)) }
+            if state != .free, state != .closing { close(UInt32(index), reason: .drain) }
         }
     }
 }

@@ -14,14 +14,17 @@ public final class WorkerControl: @unchecked Sendable {
     public let cpu: Int?
     public let stats: WorkerStats
     let wakeFD: Int32
+    /// The worker's access-log ring, when the access log is on.
+    let accessLog: AccessLogRing?
     let drainRequested = ManagedAtomic<Bool>(false)
     /// Monotonic milliseconds after which remaining connections are closed.
     let drainDeadline = ManagedAtomic<Int64>(Int64.max)
 
-    init(index: Int, cpu: Int?, stats: WorkerStats) throws(Errno) {
+    init(index: Int, cpu: Int?, stats: WorkerStats, accessLog: AccessLogRing? = nil) throws(Errno) {
         self.index = index
         self.cpu = cpu
         self.stats = stats
+        self.accessLog = accessLog
         let fd = CLinux_eventfd()
         guard fd >= 0 else { throw Errno(result: fd) }
         wakeFD = fd

@@ -41,6 +41,8 @@ public final class WorkerStats: @unchecked Sendable {
         case livePlans
         /// The generation of the oldest plan still alive.
         case oldestPlanGeneration
+        /// Access-log records dropped because the writer was behind (its ring was full).
+        case accessLogDrops
     }
 
     static let cacheLine = 64

@@ -120,6 +120,7 @@ extension WorkerPool {
         var errors: [String] = []
         if old.workers != new.workers { errors.append("workers: cannot change on reload; restart l4lb to apply") }
         if old.buffers != new.buffers { errors.append("buffers: cannot change on reload; restart l4lb to apply") }
+        if old.accessLog != new.accessLog { errors.append("access_log: cannot change on reload; restart l4lb to apply (SIGUSR1 reopens the file)") }
         if old.admin.address != new.admin.address {
             errors.append("admin.address: cannot change on reload (\(old.admin.address) → \(new.admin.address)); restart l4lb to apply")
         }

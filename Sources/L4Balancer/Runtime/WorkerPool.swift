@@ -22,6 +22,8 @@ public final class WorkerPool: Service, @unchecked Sendable {
     /// Serialises reloads and drain changes; never taken on the data path.
     let controlLock = NSLock()
     public let reloads = ReloadLog()
+    /// The access-log writer, when `access_log` is on.
+    public let accessLog: AccessLogWriter?
     let finished = ManagedAtomic<Int>(0)
     private let lock = NSLock()
     private var continuation: CheckedContinuation<Void, Never>?
@@ -47,8 +49,14 @@ public final class WorkerPool: Service, @unchecked Sendable {
         case .auto: count = cpus.count
         case .count(let n): count = n
         }
+        let rings: [AccessLogRing]? = config.accessLog == .off ? nil : (0..<count).map { _ in AccessLogRing() }
         controls = try (0..<count).map { index in
-            try WorkerControl(index: index, cpu: count <= cpus.count ? cpus[index] : nil, stats: WorkerStats())
+            try WorkerControl(index: index, cpu: count <= cpus.count ? cpus[index] : nil, stats: WorkerStats(), accessLog: rings?[index])
+        }
+        if case .on(let path, let format) = config.accessLog, let rings {
+            accessLog = AccessLogWriter(rings: rings, registry: registry, path: path, format: format, logger: logger)
+        } else {
+            accessLog = nil
         }
         let ids: (listeners: [Int], clusters: [Int], endpoints: [[Int]])
         do {
@@ -146,6 +154,9 @@ public final class WorkerPool: Service, @unchecked Sendable {
         // Health first: workers accept only once every endpoint has had its first check.
         healthChecker.start()
         defer { healthChecker.stop() }
+        accessLog?.start()
+        // After the workers: their last records are written before the process exits.
+        defer { accessLog?.stop() }
         try start()
         await withGracefulShutdownHandler {
             await waitUntilFinished()
@@ -187,6 +198,7 @@ public final class WorkerPool: Service, @unchecked Sendable {
                 "large_buffers_peak": "\(s.value(.largeBuffersPeak))",
                 "submission_drops": "\(s.value(.submissionDrops))",
                 "wait_errors": "\(s.value(.waitErrors))",
+                "access_log_drops": "\(s.value(.accessLogDrops))",
             ])
         }
         for endpoint in snapshot.endpoints {
