@@ -102,6 +102,11 @@ extension WorkerPool {
             ]
         }
         var reloadEntry: [String: Any] = ["succeeded": reloads.succeeded, "failed": reloads.failed]
+        let dropsInRings = controls.reduce(0) { $0 + Int($1.stats.value(.accessLogDrops)) }
+        let accessLogEntry: Any = accessLog.map { writer -> [String: Any] in
+            ["written": writer.written.load(ordering: .relaxed),
+             "dropped": writer.dropped.load(ordering: .relaxed) + dropsInRings]
+        } ?? NSNull()
         if let last = reloads.last { reloadEntry["last"] = last.document }
         return [
             "generation": snapshot.generation,
@@ -109,6 +114,7 @@ extension WorkerPool {
             "clusters": clusters,
             "workers": workers,
             "reloads": reloadEntry,
+            "access_log": accessLogEntry,
         ]
     }
 }

@@ -120,6 +120,12 @@ public final class MetricsExporter: @unchecked Sendable {
             gauge("l4lb_worker_plans", "Plans alive: the current one and older ones with open connections.", labels, Double(s.value(.livePlans)))
             gauge("l4lb_worker_snapshot_generation", "The generation the worker opens new connections under.", labels, Double(s.value(.adoptedGeneration)))
         }
+        if let writer = pool.accessLog {
+            counter("l4lb_access_log_lines_total", "Access-log lines by result: written, or dropped (writer behind or output refusing).", [("result", "written")],
+                    UInt64(writer.written.load(ordering: .relaxed)))
+            counter("l4lb_access_log_lines_total", "Access-log lines by result: written, or dropped (writer behind or output refusing).", [("result", "dropped")],
+                    UInt64(writer.dropped.load(ordering: .relaxed)) + pool.controls.reduce(0) { $0 + $1.stats.value(.accessLogDrops) })
+        }
         gauge("l4lb_snapshot_generation", "The running config's generation (1 at start, +1 per successful reload).", [], Double(snapshot.generation))
         counter("l4lb_reloads_total", "Reload attempts by result.", [("result", "success")], UInt64(pool.reloads.succeeded))
         counter("l4lb_reloads_total", "Reload attempts by result.", [("result", "failure")], UInt64(pool.reloads.failed))

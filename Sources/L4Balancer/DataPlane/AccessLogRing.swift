@@ -45,7 +45,11 @@ struct AccessRecord {
 /// What a worker keeps per slot while the access log is on: when the connection started,
 /// who the client is, bytes each way, and which side sent the first FIN.
 struct AccessSlot {
+    /// Monotonic ms (the worker's clock).
     var startedAt: Int64 = 0
+    /// The endpoint identity of the last connect attempt (-1: none), for lines of
+    /// connections that never connected.
+    var lastEndpoint: Int32 = -1
     var bytesFromClient: UInt64 = 0
     var bytesFromUpstream: UInt64 = 0
     var clientIP: (UInt64, UInt64) = (0, 0)

@@ -40,7 +40,7 @@ extension Worker {
 
     func noteAccepted(_ slot: UInt32, client fd: Int32) {
         var entry = AccessSlot()
-        entry.startedAt = Worker.wallMilliseconds()
+        entry.startedAt = nowMilliseconds
         Worker.peer(fd, ip: &entry.clientIP, port: &entry.clientPort, family: &entry.family)
         accessSlots.unsafelyUnwrapped[Int(slot)] = entry
     }
@@ -65,10 +65,10 @@ extension Worker {
         let entry = slots[Int(slot)]
         var record = AccessRecord()
         record.endedAt = Worker.wallMilliseconds()
-        record.durationMilliseconds = UInt32(clamping: max(0, record.endedAt - entry.startedAt))
+        record.durationMilliseconds = UInt32(clamping: max(0, nowMilliseconds - entry.startedAt))
         record.listener = connection.pointee.listener
         record.reason = reason?.rawValue ?? (entry.firstFIN != 0 ? entry.firstFIN : EndReason.error.rawValue)
-        record.endpoint = connection.pointee.endpoint
+        record.endpoint = connection.pointee.endpoint >= 0 ? connection.pointee.endpoint : entry.lastEndpoint
         record.family = entry.family
         record.clientIP = entry.clientIP
         record.clientPort = entry.clientPort

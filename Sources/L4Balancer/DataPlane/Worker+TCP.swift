@@ -115,6 +115,7 @@ extension Worker {
         setNoDelay(fd)
         record.pointee.upstream = fd
         record.pointee.endpoint = Int32(endpoint)
+        if let slots = accessSlots { slots[Int(slot)].lastEndpoint = Int32(endpoint) }
         stats.add(.active, endpoint: endpoint)
         activeByEndpoint[endpoint] += 1
         activeByCluster[clusterID] += 1
@@ -393,6 +394,9 @@ extension Worker {
         }
         if let buffer { recycle(buffer, large: large) }
         if result == 0 {
+            if let slots = accessSlots, slots[Int(slot)].firstFIN == 0 {
+                slots[Int(slot)].firstFIN = (toUpstream ? EndReason.clientFIN : .upstreamFIN).rawValue
+            }
             // EOF: forward it as a half-close once what came before it is sent, and keep
             // the other direction open.
             if s.pointee.state == .sending {
@@ -488,9 +492,6 @@ extension Worker {
     func forwardEOF(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, toUpstream: Bool) {
         let s = stream(record, toUpstream: toUpstream)
         s.pointee.move(to: .finished)
-        if let slots = accessSlots, slots[Int(slot)].firstFIN == 0 {
-            slots[Int(slot)].firstFIN = (toUpstream ? EndReason.clientFIN : .upstreamFIN).rawValue
-        }
         // The last direction to end needs no shutdown: both sockets have been read to
         // their FIN, so closing them sends FIN (not RST) — one syscall less per connection.
         if stream(record, toUpstream: !toUpstream).pointee.state == .finished {

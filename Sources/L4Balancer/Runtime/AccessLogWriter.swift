@@ -24,6 +24,10 @@ public final class AccessLogWriter: @unchecked Sendable {
     private var listenerNames: [String] = []
     private var endpointKeys: [IdentityRegistry.EndpointKey] = []
     public let written = ManagedAtomic<Int>(0)
+    /// Lines formatted but not written: the output refused them (full, gone, not open).
+    public let dropped = ManagedAtomic<Int>(0)
+    private var retryOpenAt: Int64 = 0
+    private var warned = false
 
     init(rings: [AccessLogRing], registry: IdentityRegistry, path: String, format: Config.AccessLog.Format, logger: Logging.Logger) {
         self.rings = rings
@@ -42,10 +46,13 @@ public final class AccessLogWriter: @unchecked Sendable {
         thread.start()
     }
 
-    /// Writes what is left and stops.
+    /// Writes what is left and stops; gives up after 2 s when the output does not take it
+    /// (the process is exiting: its workers are done).
     func stop() {
         running.store(false, ordering: .releasing)
-        finished.wait()
+        if finished.wait(timeout: .now() + 2) == .timedOut {
+            logger.warning("access log: the output is not taking lines; exiting without the last ones")
+        }
     }
 
     /// Closes and reopens the file at the next pass (SIGUSR1).
@@ -58,9 +65,16 @@ public final class AccessLogWriter: @unchecked Sendable {
             fd = 1
             return
         }
-        // In this thread: opening a FIFO nobody reads blocks here, not the process.
-        fd = Glibc.open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
-        if fd < 0 { logger.error("access log: cannot open \(path): \(String(cString: strerror(errno))); lines are dropped until SIGUSR1") }
+        // Non-blocking: a FIFO or a stalled device must never hold the writer for long
+        // (writes wait at most 100 ms, then the batch is dropped and counted).
+        fd = Glibc.open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NONBLOCK, 0o644)
+        if fd < 0 {
+            if !warned { logger.error("access log: cannot open \(path): \(String(cString: strerror(errno))); lines are dropped and counted until it opens") }
+            warned = true
+            retryOpenAt = monotonicMilliseconds() + 1000
+        } else {
+            warned = false
+        }
     }
 
     private func run() {
@@ -72,6 +86,8 @@ public final class AccessLogWriter: @unchecked Sendable {
             if reopenRequested.exchange(false, ordering: .acquiring), path != "stdout" {
                 if fd >= 0 { Glibc.close(fd) }
                 open()
+            } else if fd < 0, monotonicMilliseconds() >= retryOpenAt {
+                open()
             }
             var count = 0
             for ring in rings {
@@ -81,8 +97,9 @@ public final class AccessLogWriter: @unchecked Sendable {
                 }
             }
             if !out.isEmpty {
-                if fd >= 0 { writeAll(out) }
-                written.wrappingIncrement(by: count, ordering: .relaxed)
+                let lost = fd >= 0 ? writeAll(out) : count
+                written.wrappingIncrement(by: count - lost, ordering: .relaxed)
+                if lost > 0 { dropped.wrappingIncrement(by: lost, ordering: .relaxed) }
                 out.removeAll(keepingCapacity: true)
             }
             if last { break }
@@ -91,7 +108,8 @@ public final class AccessLogWriter: @unchecked Sendable {
         if fd > 2 { Glibc.close(fd) }
     }
 
-    private func writeAll(_ bytes: [UInt8]) {
+    /// Writes `bytes`; returns how many lines could not be written.
+    private func writeAll(_ bytes: [UInt8]) -> Int {
         var offset = 0
         bytes.withUnsafeBytes { raw in
             while offset < raw.count {
@@ -100,11 +118,17 @@ public final class AccessLogWriter: @unchecked Sendable {
                     offset += n
                 } else if n < 0, errno == EINTR {
                     continue
+                } else if n < 0, errno == EAGAIN {
+                    var p = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+                    if poll(&p, 1, 100) <= 0 { return }
                 } else {
                     return
                 }
             }
         }
+        guard offset < bytes.count else { return 0 }
+        // Whole lines not written (a line cut short counts as lost).
+        return bytes[offset...].reduce(0) { $0 + ($1 == 0x0A ? 1 : 0) }
     }
 
     // MARK: Formatting
