@@ -55,17 +55,30 @@ struct Run: AsyncParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Run the load balancer.")
     @OptionGroup var options: ConfigOption
 
+    enum LogFormat: String, ExpressibleByArgument, CaseIterable { case text, json }
+
+    @Option(name: .long, help: "Log lines as text (default) or as one JSON object per line.")
+    var logFormat: LogFormat = .text
+
     func run() async throws {
         signal(SIGPIPE, SIG_IGN)
         // SIGHUP is a reload; until the handler is installed, one must not kill the process.
         signal(SIGHUP, SIG_IGN)
         signal(SIGUSR1, SIG_IGN)
         ResourceLimits.raiseOpenFileLimit()
+        let level = ProcessInfo.processInfo.environment["L4LB_LOG_LEVEL"].flatMap(Logger.Level.init(rawValue:)) ?? .info
+        let format = logFormat
         LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
-            let level = ProcessInfo.processInfo.environment["L4LB_LOG_LEVEL"].flatMap(Logger.Level.init(rawValue:))
-            handler.logLevel = level ?? .info
-            return handler
+            switch format {
+            case .text:
+                var handler = StreamLogHandler.standardError(label: label)
+                handler.logLevel = level
+                return handler
+            case .json:
+                var handler = JSONLogHandler(label: label)
+                handler.logLevel = level
+                return handler
+            }
         }
         let logger = Logger(label: "l4lb")
         let config = try loadConfigOrExit(options.config)

@@ -269,4 +269,26 @@ final class ObservabilityTests: XCTestCase {
         XCTAssertEqual(status, 0)
         XCTAssertLessThan(Date().timeIntervalSince(stopped), 5)
     }
+
+    /// `--log-format json`: every log line is a JSON object with the message and its
+    /// metadata as fields.
+    func testJSONLogFormat() throws {
+        let echo = try TestBackend(.echo)
+        defer { echo.stop() }
+        let main = Sockets.freePort()
+        let proxy = try L4LBProcess(config: proxyConfig(listen: "127.0.0.1:\(main)", endpoints: [echo.address]),
+                                    waitFor: ("127.0.0.1", main), arguments: ["--log-format", "json"])
+        XCTAssertTrue(HealthTests.exchange(main))
+        let (status, log) = proxy.stopAndCollectLog()
+        XCTAssertEqual(status, 0)
+        let lines = log.split(separator: "\n")
+        XCTAssertGreaterThan(lines.count, 3)
+        let objects = lines.compactMap { (try? JSONSerialization.jsonObject(with: Data($0.utf8))) as? [String: Any] }
+        XCTAssertEqual(objects.count, lines.count, "lines that are not JSON:\n\(log)")
+        let serving = objects.first { $0["message"] as? String == "l4lb serving" }
+        XCTAssertEqual(serving?["level"] as? String, "info")
+        XCTAssertEqual(serving?["workers"] as? String, "2")
+        XCTAssertTrue((serving?["listeners"] as? String)?.contains("127.0.0.1:\(main)") == true, "\(serving ?? [:])")
+        XCTAssertNotNil(objects.first { $0["message"] as? String == "listener totals" && $0["accepted"] as? String == "2" }, log)
+    }
 }

@@ -33,7 +33,7 @@ final class L4LBProcess {
 
     /// Starts `l4lb run` and waits until `listen` accepts connections.
     init(config: String, waitFor listen: (host: String, port: UInt16)?, environment: [String: String] = [:],
-         stdout: String = "/dev/null", file: StaticString = #filePath, line: UInt = #line) throws {
+         stdout: String = "/dev/null", arguments extra: [String] = [], file: StaticString = #filePath, line: UInt = #line) throws {
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("l4lb-test-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         configURL = directory.appendingPathComponent("l4lb.yaml")
@@ -47,7 +47,7 @@ final class L4LBProcess {
         try text.write(to: configURL, atomically: true, encoding: .utf8)
         logURL = directory.appendingPathComponent("l4lb.log")
         _ = FileManager.default.createFile(atPath: logURL.path, contents: nil)
-        process = try ChildProcess(L4LBProcess.binary, ["run", "--config", configURL.path], stdout: stdout, stderr: logURL.path, environment: environment)
+        process = try ChildProcess(L4LBProcess.binary, ["run", "--config", configURL.path] + extra, stdout: stdout, stderr: logURL.path, environment: environment)
         if let listen {
             // The admin API and the listener both up (they start concurrently). The admin
             // API first: tests count the connections the listener gets, so the probe
