@@ -43,6 +43,18 @@ final class LiveOperationsTests: XCTestCase {
         }
     }
 
+    /// `count` connections to `port`, each of which has echoed one message (so it is
+    /// connected through to an endpoint), left open.
+    func openEchoedConnections(_ count: Int, port: UInt16) throws -> [Int32] {
+        try (0..<count).map { _ in
+            let fd = try Sockets.connect(port: port)
+            Sockets.setTimeout(fd, seconds: 5)
+            try Sockets.sendAll(fd, Array("hi".utf8))
+            XCTAssertEqual(try Sockets.receiveExactly(fd, 2), Array("hi".utf8))
+            return fd
+        }
+    }
+
     /// Must-shows 1 and 6: 200 connections stream both ways and new ones keep arriving
     /// while the config is reloaded 100 times (endpoints added and removed, weights and
     /// balancer changed, a listener added and removed). Nothing established is disturbed,
@@ -269,15 +281,8 @@ final class LiveOperationsTests: XCTestCase {
         defer { proxy.stop() }
 
         // Open connections spread over both endpoints.
-        var open: [Int32] = []
+        var open = try openEchoedConnections(10, port: main)
         defer { open.forEach { close($0) } }
-        for _ in 0..<10 {
-            let fd = try Sockets.connect(port: main)
-            Sockets.setTimeout(fd, seconds: 5)
-            try Sockets.sendAll(fd, Array("hi".utf8))
-            XCTAssertEqual(try Sockets.receiveExactly(fd, 2), Array("hi".utf8))
-            open.append(fd)
-        }
         let onB = try proxy.stats().endpoint(cluster: "pool", address: b.address)?.int("active") ?? 0
         XCTAssertGreaterThan(onB, 0)
         let bTotal = b.accepted
@@ -430,15 +435,8 @@ final class LiveOperationsTests: XCTestCase {
         config.healthCheck = "{ type: tcp, interval: 200ms, timeout: 200ms, healthy_threshold: 1, unhealthy_threshold: 2 }\n    on_unhealthy: close"
         let proxy = try L4LBProcess(config: config.yaml, waitFor: ("127.0.0.1", main))
         defer { proxy.stop() }
-        var open: [Int32] = []
+        let open = try openEchoedConnections(8, port: main)
         defer { open.forEach { close($0) } }
-        for _ in 0..<8 {
-            let fd = try Sockets.connect(port: main)
-            Sockets.setTimeout(fd, seconds: 5)
-            try Sockets.sendAll(fd, Array("hi".utf8))
-            XCTAssertEqual(try Sockets.receiveExactly(fd, 2), Array("hi".utf8))
-            open.append(fd)
-        }
         let onB = try proxy.stats().endpoint(cluster: "pool", address: b.address)?.int("active") ?? 0
         XCTAssertGreaterThan(onB, 0)
         XCTAssertEqual(try proxy.admin("POST", "/clusters/pool/endpoints/\(b.address)/drain").status, 200)
