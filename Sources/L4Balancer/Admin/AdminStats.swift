@@ -37,11 +37,8 @@ extension WorkerPool {
             entry["max_connections"] = $0.maxConnections.map { $0 as Any } ?? NSNull()
             return entry
         }
-        let running = Set(snapshot.listeners.map(\.id))
-        for (id, name) in registry.allListeners.enumerated() where !running.contains(id) {
-            if signed(stats.total(.active, listener: id)) > 0 {
-                listeners.append(listenerEntry(id: id, name: name, address: nil, removed: true))
-            }
+        for (id, name) in removedListenersWithConnections(snapshot) {
+            listeners.append(listenerEntry(id: id, name: name, address: nil, removed: true))
         }
 
         func endpointEntry(id: Int, address: SocketAddress, weight: Int?, removed: Bool) -> [String: Any] {
@@ -73,9 +70,7 @@ extension WorkerPool {
             }
             clusters.append(["name": cluster.name, "balancer": cluster.balancer.rawValue, "endpoints": endpoints])
         }
-        let current = Set(snapshot.endpoints.map(\.id))
-        for (id, key) in registry.allEndpoints.enumerated() where !current.contains(id) {
-            guard signed(stats.total(.active, endpoint: id)) > 0 else { continue }
+        for (id, key) in removedEndpointsWithConnections(snapshot) {
             let entry = endpointEntry(id: id, address: key.address, weight: nil, removed: true)
             if let position = clusterPositions[key.cluster] {
                 clusters[position]["endpoints"] = (clusters[position]["endpoints"] as? [[String: Any]] ?? []) + [entry]
@@ -102,11 +97,7 @@ extension WorkerPool {
             ]
         }
         var reloadEntry: [String: Any] = ["succeeded": reloads.succeeded, "failed": reloads.failed]
-        let dropsInRings = controls.reduce(0) { $0 + Int($1.stats.value(.accessLogDrops)) }
-        let accessLogEntry: Any = accessLog.map { writer -> [String: Any] in
-            ["written": writer.written.load(ordering: .relaxed),
-             "dropped": writer.dropped.load(ordering: .relaxed) + dropsInRings]
-        } ?? NSNull()
+        let accessLogEntry: Any = accessLogTotals.map { ["written": $0.written, "dropped": $0.dropped] } ?? NSNull()
         if let last = reloads.last { reloadEntry["last"] = last.document }
         return [
             "generation": snapshot.generation,

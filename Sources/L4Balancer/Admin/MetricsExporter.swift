@@ -63,11 +63,7 @@ public final class MetricsExporter: @unchecked Sendable {
         func signed(_ value: UInt64) -> Double { Double(Int64(bitPattern: value)) }
 
         // Listeners: the running ones, and removed ones with connections still open.
-        var listeners = snapshot.listeners.map { (id: $0.id, name: $0.name) }
-        let running = Set(listeners.map(\.id))
-        for (id, name) in pool.registry.allListeners.enumerated() where !running.contains(id) {
-            if signed(stats.total(.active, listener: id)) > 0 { listeners.append((id, name)) }
-        }
+        let listeners = snapshot.listeners.map { (id: $0.id, name: $0.name) } + pool.removedListenersWithConnections(snapshot)
         for listener in listeners {
             let labels = [("listener", listener.name)]
             func total(_ c: WorkerStats.ListenerCounter) -> UInt64 { stats.total(c, listener: listener.id) }
@@ -87,11 +83,8 @@ public final class MetricsExporter: @unchecked Sendable {
         }
 
         // Endpoints: the running config's, and removed ones with connections still open.
-        var endpoints = snapshot.endpoints.map { (id: $0.id, cluster: snapshot.clusters[$0.cluster].name, address: $0.address) }
-        let current = Set(endpoints.map(\.id))
-        for (id, key) in pool.registry.allEndpoints.enumerated() where !current.contains(id) {
-            if signed(stats.total(.active, endpoint: id)) > 0 { endpoints.append((id, key.cluster, key.address)) }
-        }
+        let endpoints = snapshot.endpoints.map { (id: $0.id, cluster: snapshot.clusters[$0.cluster].name, address: $0.address) }
+            + pool.removedEndpointsWithConnections(snapshot).map { (id: $0.id, cluster: $0.key.cluster, address: $0.key.address) }
         for endpoint in endpoints {
             let labels = [("cluster", endpoint.cluster), ("endpoint", endpoint.address.description)]
             func total(_ c: WorkerStats.EndpointCounter) -> UInt64 { stats.total(c, endpoint: endpoint.id) }
@@ -120,11 +113,10 @@ public final class MetricsExporter: @unchecked Sendable {
             gauge("l4lb_worker_plans", "Plans alive: the current one and older ones with open connections.", labels, Double(s.value(.livePlans)))
             gauge("l4lb_worker_snapshot_generation", "The generation the worker opens new connections under.", labels, Double(s.value(.adoptedGeneration)))
         }
-        if let writer = pool.accessLog {
-            counter("l4lb_access_log_lines_total", "Access-log lines by result: written, or dropped (writer behind or output refusing).", [("result", "written")],
-                    UInt64(writer.written.load(ordering: .relaxed)))
-            counter("l4lb_access_log_lines_total", "Access-log lines by result: written, or dropped (writer behind or output refusing).", [("result", "dropped")],
-                    UInt64(writer.dropped.load(ordering: .relaxed)) + pool.controls.reduce(0) { $0 + $1.stats.value(.accessLogDrops) })
+        if let lines = pool.accessLogTotals {
+            let help = "Access-log lines by result: written, or dropped (writer behind or output refusing)."
+            counter("l4lb_access_log_lines_total", help, [("result", "written")], UInt64(lines.written))
+            counter("l4lb_access_log_lines_total", help, [("result", "dropped")], UInt64(lines.dropped))
         }
         gauge("l4lb_snapshot_generation", "The running config's generation (1 at start, +1 per successful reload).", [], Double(snapshot.generation))
         counter("l4lb_reloads_total", "Reload attempts by result.", [("result", "success")], UInt64(pool.reloads.succeeded))

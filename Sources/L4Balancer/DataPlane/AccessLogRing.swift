@@ -25,7 +25,7 @@ enum EndReason: UInt8 {
 }
 
 /// One closed (or refused) connection, as the worker hands it to the access-log writer:
-/// plain values, identities rather than names. 64 bytes.
+/// plain values, identities rather than names (56 bytes).
 struct AccessRecord {
     /// Wall-clock ms when it ended; how long it lived (ms).
     var endedAt: Int64 = 0

@@ -24,7 +24,6 @@ public final class EndpointStatus: @unchecked Sendable {
         public static let draining = Flags(rawValue: 4)
     }
 
-    public let count: Int
     @usableFromInline let flags: UnsafeMutablePointer<UnsafeAtomic<UInt8>.Storage>
     @usableFromInline let availableSince: UnsafeMutablePointer<UnsafeAtomic<Int64>.Storage>
     @usableFromInline let connections: UnsafeMutablePointer<UnsafeAtomic<Int>.Storage>
@@ -34,7 +33,6 @@ public final class EndpointStatus: @unchecked Sendable {
     public let unavailableEpoch = ManagedAtomic<UInt64>(0)
 
     public init(endpoints: Int = IdentityRegistry.endpointCapacity, clusters: Int = IdentityRegistry.clusterCapacity) {
-        count = endpoints
         // Fresh anonymous pages read as 0: every flag clear, every count 0.
         flags = reserve(UnsafeAtomic<UInt8>.Storage.self, endpoints)
         availableSince = reserve(UnsafeAtomic<Int64>.Storage.self, endpoints)
