@@ -16,6 +16,7 @@ let package = Package(
         .executable(name: "l4lb", targets: ["l4lb"]),
         .library(name: "L4Balancer", targets: ["L4Balancer"]),
         .library(name: "URing", targets: ["URing"]),
+        .library(name: "BPFSteer", targets: ["BPFSteer"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -38,11 +39,23 @@ let package = Package(
             swiftSettings: dataPlaneSettings
         ),
         .target(name: "CLinux"),
+        .systemLibrary(
+            name: "CBPF",
+            pkgConfig: "libbpf",
+            providers: [.apt(["libbpf-dev"])]
+        ),
+        .plugin(name: "BPFObjectPlugin", capability: .buildTool()),
+        .target(
+            name: "BPFSteer",
+            dependencies: ["CBPF"],
+            plugins: ["BPFObjectPlugin"]
+        ),
         .target(
             name: "L4Balancer",
             dependencies: [
                 "URing",
                 "CLinux",
+                "BPFSteer",
                 .product(name: "Atomics", package: "swift-atomics"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Yams", package: "Yams"),
@@ -69,6 +82,7 @@ let package = Package(
         ),
         .testTarget(name: "URingTests", dependencies: ["URing"]),
         .testTarget(name: "L4BalancerTests", dependencies: ["L4Balancer"]),
+        .testTarget(name: "BPFSteerTests", dependencies: ["BPFSteer"]),
         .target(name: "CTestSupport", path: "Tests/CTestSupport"),
         .testTarget(name: "EndToEndTests", dependencies: ["L4Balancer", "CTestSupport"]),
     ]
