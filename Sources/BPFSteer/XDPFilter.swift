@@ -144,6 +144,16 @@ public final class XDPFilter {
         attachments = []
     }
 
+    /// Unpins links a previous run left for interfaces not in `interfaces` (the config no
+    /// longer filters there): their programs detach.
+    public func removeLinks(except interfaces: [String]) {
+        let keep = Set(interfaces.map { "link_\($0)" })
+        let pinned = (try? FileManager.default.contentsOfDirectory(atPath: pinPath)) ?? []
+        for name in pinned where name.hasPrefix("link_") && !keep.contains(name) {
+            unlink("\(pinPath)/\(name)")
+        }
+    }
+
     private func linkPath(_ interface: String) -> String { "\(pinPath)/link_\(interface)" }
 
     // MARK: Counters

@@ -30,10 +30,14 @@ struct AdminClient {
 
     /// The status and body of `method path`; throws when the API cannot be reached or
     /// refuses the token.
-    func request(_ method: String, _ path: String) async throws -> (status: Int, body: Data) {
+    func request(_ method: String, _ path: String, json: [String: Any]? = nil) async throws -> (status: Int, body: Data) {
         guard let url = URL(string: base + path) else { throw Failure(description: "not a URL: \(base + path)") }
         var request = URLRequest(url: url, timeoutInterval: 60)
         request.httpMethod = method
+        if let json {
+            request.httpBody = try JSONSerialization.data(withJSONObject: json)
+            request.setValue("application/json", forHTTPHeaderField: "Content-Type")
+        }
         if let token { request.setValue("Bearer \(token)", forHTTPHeaderField: "Authorization") }
         let data: Data
         let response: URLResponse

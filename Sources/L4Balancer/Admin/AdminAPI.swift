@@ -24,6 +24,13 @@ public enum AdminAPI {
             let outcome = await offEventLoop { pool.reload(trigger: "POST /reload") }
             return json(outcome.document, status: outcome.succeeded ? .ok : .badRequest)
         }
+        router.get("/blocklist") { _, _ in json(pool.blocklistDocument()) }
+        router.post("/blocklist") { request, _ in
+            try await blocklist(pool: pool, request: request, adding: true)
+        }
+        router.delete("/blocklist") { request, _ in
+            try await blocklist(pool: pool, request: request, adding: false)
+        }
         router.post("/clusters/:cluster/endpoints/:address/drain") { _, context in
             try await drain(pool: pool, context: context, draining: true)
         }
@@ -51,6 +58,32 @@ public enum AdminAPI {
         case .failure(let error):
             if case .badAddress = error { return json(["error": error.description], status: .badRequest) }
             return json(["error": error.description], status: .notFound)
+        }
+    }
+
+    /// `POST` / `DELETE /blocklist` with `{"entry": "192.0.2.0/24"}` (or `?entry=`).
+    static func blocklist(pool: WorkerPool, request: Request, adding: Bool) async throws -> Response {
+        var entry = request.uri.queryParameters["entry"].map(String.init)
+        if entry == nil {
+            let body = try await request.body.collect(upTo: 64 * 1024)
+            let object = (try? JSONSerialization.jsonObject(with: Data(buffer: body))) as? [String: Any]
+            entry = object?["entry"] as? String
+        }
+        guard let entry else {
+            return json(["error": "send {\"entry\": \"CIDR, tcp/PORT or udp/PORT\"}"], status: .badRequest)
+        }
+        let result = await offEventLoop { adding ? pool.block(entry) : pool.unblock(entry) }
+        switch result {
+        case .success(let parsed):
+            return json(["entry": parsed.description, adding ? "added" : "removed": true])
+        case .failure(let error):
+            let status: HTTPResponse.Status = switch error.kind {
+            case .invalid: .badRequest
+            case .notFound: .notFound
+            case .fromConfig: .conflict
+            case .failed: .internalServerError
+            }
+            return json(["error": error.description], status: status)
         }
     }
 

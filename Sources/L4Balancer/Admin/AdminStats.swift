@@ -106,6 +106,7 @@ extension WorkerPool {
             "workers": workers,
             "reloads": reloadEntry,
             "access_log": accessLogEntry,
+            "filter": filterDocument(),
         ]
     }
 }

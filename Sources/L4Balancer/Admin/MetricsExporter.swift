@@ -1,3 +1,4 @@
+import BPFSteer
 import Foundation
 import Prometheus
 
@@ -118,6 +119,20 @@ public final class MetricsExporter: @unchecked Sendable {
             counter("l4lb_access_log_lines_total", help, [("result", "written")], UInt64(lines.written))
             counter("l4lb_access_log_lines_total", help, [("result", "dropped")], UInt64(lines.dropped))
         }
+        // The filter: packets in XDP (per interface), connections in user space.
+        for row in pool.filterCounts() {
+            for reason in FilterReason.allCases {
+                let labels = [("interface", row.interface), ("mode", row.mode), ("reason", reason.label)]
+                if reason.drops {
+                    counter("l4lb_filter_dropped_packets_total", "Packets (XDP) or connections (userspace) the filter dropped, by reason.", labels, row.counts[reason] ?? 0)
+                } else {
+                    counter("l4lb_filter_passed_packets_total", "Packets (XDP) or connections (userspace) the filter passed, by reason.", labels, row.counts[reason] ?? 0)
+                }
+            }
+        }
+        let lists = pool.filter.list()
+        gauge("l4lb_filter_entries", "Blocklist entries by list.", [("list", "blocked")], Double(lists.blocked.count))
+        gauge("l4lb_filter_entries", "Blocklist entries by list.", [("list", "allowed")], Double(lists.allowed.count))
         gauge("l4lb_snapshot_generation", "The running config's generation (1 at start, +1 per successful reload).", [], Double(snapshot.generation))
         counter("l4lb_reloads_total", "Reload attempts by result.", [("result", "success")], UInt64(pool.reloads.succeeded))
         counter("l4lb_reloads_total", "Reload attempts by result.", [("result", "failure")], UInt64(pool.reloads.failed))

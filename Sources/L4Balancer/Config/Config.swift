@@ -1,3 +1,5 @@
+import BPFSteer
+
 /// The validated configuration: what `ConfigParser` produces from YAML, with every default
 /// filled in. DESIGN.md §6 is the schema.
 public struct Config: Sendable, Equatable {
@@ -10,8 +12,34 @@ public struct Config: Sendable, Equatable {
     public var buffers = Buffers()
     public var listeners: [Listener] = []
     public var clusters: [Cluster] = []
+    public var filter = Filter()
 
     public init() {}
+
+    /// The blocklist (DESIGN §7): enforced by the XDP program on `interfaces`, or at accept
+    /// in user space where XDP is not attached.
+    public struct Filter: Sendable, Equatable {
+        public enum Mode: String, Sendable, CaseIterable {
+            /// Native XDP, else generic, per interface; user space if XDP cannot load.
+            case auto, native, generic
+            /// No XDP: the lists are enforced at accept (`off` is the same).
+            case userspace, off
+        }
+
+        public var interfaces: [String] = []
+        public var mode: Mode = .auto
+        /// The bpffs directory the maps and links are pinned in.
+        public var pinPath = "/sys/fs/bpf/l4lb"
+        public var blockSources: [SourcePrefix] = []
+        /// Sources that pass even inside a blocked prefix (never overrides `blockPorts`).
+        public var allowSources: [SourcePrefix] = []
+        public var blockPorts: [PortRule] = []
+
+        public init() {}
+
+        /// True when XDP should be attached at all.
+        public var wantsXDP: Bool { !interfaces.isEmpty && mode != .userspace && mode != .off }
+    }
 
     public struct Admin: Sendable, Equatable {
         public var address = SocketAddress(ip: [127, 0, 0, 1], port: 9901)

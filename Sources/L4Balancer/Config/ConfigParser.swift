@@ -1,3 +1,4 @@
+import BPFSteer
 import Foundation
 import Yams
 
@@ -60,7 +61,7 @@ struct ConfigWalker {
         if let node = fields["admin"] { config.admin = admin(node, "admin") }
         if let node = fields["access_log"] { config.accessLog = accessLog(node, "access_log") }
         if let node = fields["buffers"] { config.buffers = buffers(node, "buffers") }
-        if fields["filter"] != nil { fail("filter", "not supported yet") }
+        if let node = fields["filter"] { config.filter = filter(node, "filter") }
 
         if let node = fields["clusters"] {
             config.clusters = list(node, "clusters", required: true) { walker, item, path in walker.cluster(item, path) }
@@ -135,6 +136,55 @@ struct ConfigWalker {
         }
         if let n = fields["format"], let f = choice(n, "\(path).format", Config.AccessLog.Format.self) { format = f }
         return .on(path: target, format: format)
+    }
+
+    mutating func filter(_ node: Node, _ path: String) -> Config.Filter {
+        var filter = Config.Filter()
+        guard let fields = mapping(node, path, keys: ["xdp", "block_sources", "allow_sources", "block_ports"]) else { return filter }
+        if let xdp = fields["xdp"], let xdpFields = mapping(xdp, "\(path).xdp", keys: ["interfaces", "mode", "pin_path"]) {
+            if let n = xdpFields["interfaces"] {
+                filter.interfaces = list(n, "\(path).xdp.interfaces", required: false) { walker, item, itemPath in
+                    guard let name = walker.string(item, itemPath) else { return nil }
+                    guard !name.isEmpty, name.utf8.count < 16, !name.contains("/") else {
+                        walker.fail(itemPath, "'\(name)' is not an interface name")
+                        return nil
+                    }
+                    return name
+                }
+                var seen = Set<String>()
+                for (i, name) in filter.interfaces.enumerated() where !seen.insert(name).inserted {
+                    fail("\(path).xdp.interfaces[\(i)]", "\(name) is listed twice")
+                }
+            }
+            if let n = xdpFields["mode"], let mode = choice(n, "\(path).xdp.mode", Config.Filter.Mode.self) { filter.mode = mode }
+            if let n = xdpFields["pin_path"], let p = string(n, "\(path).xdp.pin_path") {
+                if !p.hasPrefix("/") || p == "/" { fail("\(path).xdp.pin_path", "must be an absolute directory on a bpf filesystem") } else { filter.pinPath = p }
+            }
+        }
+        func entries(_ key: String) -> [FilterEntry] {
+            guard let n = fields[key] else { return [] }
+            return list(n, "\(path).\(key)", required: false) { walker, item, itemPath in
+                guard let text = walker.string(item, itemPath) else { return nil }
+                switch FilterEntry.parse(text) {
+                case .success(let entry): return entry
+                case .failure(let error):
+                    walker.fail(itemPath, error.description)
+                    return nil
+                }
+            }
+        }
+        for (key, kind) in [("block_sources", 0), ("allow_sources", 1), ("block_ports", 2)] {
+            for (i, entry) in entries(key).enumerated() {
+                switch (entry, kind) {
+                case (.source(let prefix), 0): filter.blockSources.append(prefix)
+                case (.source(let prefix), 1): filter.allowSources.append(prefix)
+                case (.port(let rule), 2): filter.blockPorts.append(rule)
+                case (.port, _): fail("\(path).\(key)[\(i)]", "'\(entry)' is a port: list it under \(path).block_ports")
+                case (.source, _): fail("\(path).\(key)[\(i)]", "'\(entry)' is a source prefix, not tcp/PORT or udp/PORT")
+                }
+            }
+        }
+        return filter
     }
 
     // MARK: Listeners

@@ -1,3 +1,4 @@
+import BPFSteer
 import URing
 
 #if canImport(Glibc)
@@ -39,6 +40,15 @@ extension Worker {
             return
         }
         let plan = current
+        if sourceFilter.enforcing {
+            // The user-space blocklist: closed before any byte reaches an upstream.
+            let verdict = sourceFilter.verdict(acceptedFD: fd, port: plan.listenerPorts[listener])
+            stats.add(.filterCounter(verdict))
+            if verdict.drops {
+                Glibc.close(fd)
+                return
+            }
+        }
         let maximum = plan.listenerLimits[listener]
         let limited = maximum != nil
         if let maximum, !limits.admit(listener, maximum: maximum) {

@@ -25,6 +25,9 @@ final class Worker {
     static let defaultBatchThreshold = 8
 
     let store: SnapshotStore
+    let filters: FilterStore
+    /// The blocklist as enforced in user space (`enforcing` is false while XDP does it).
+    var sourceFilter: SourceFilter
     let control: WorkerControl
     let limits: ListenerLimits
     let status: EndpointStatus
@@ -150,8 +153,10 @@ final class Worker {
     /// resident memory.
     static let minimumCapacity = 1 << 20
 
-    init(store: SnapshotStore, control: WorkerControl, limits: ListenerLimits, status: EndpointStatus, options: Options, logger: Logger) throws {
+    init(store: SnapshotStore, filters: FilterStore, control: WorkerControl, limits: ListenerLimits, status: EndpointStatus, options: Options, logger: Logger) throws {
         self.store = store
+        self.filters = filters
+        sourceFilter = filters.filter
         self.control = control
         self.limits = limits
         self.status = status
@@ -394,6 +399,8 @@ final class Worker {
     func woken() {
         armWake()
         if !draining, control.drainRequested.load(ordering: .acquiring) { startDrain() }
+        let filter = filters.filter
+        if filter !== sourceFilter { sourceFilter = filter }
         if !draining {
             let published = store.snapshot
             if published !== current.snapshot { adopt(published) }

@@ -33,6 +33,8 @@ final class WorkerPlan {
     let listenerLimits: [Int?]
     let connectAttempts: [Int]
     let proxyProtocols: [Config.Listener.ProxyProtocol]
+    /// The port each listener is bound to (the user-space filter's `tcp/PORT` check).
+    let listenerPorts: [UInt16]
     let connectTimeouts: UnsafeMutablePointer<Timeout>
     /// Per endpoint position.
     let endpointAddresses: UnsafeMutablePointer<sockaddr_storage>
@@ -70,6 +72,7 @@ final class WorkerPlan {
         var maxima = [Int?](repeating: nil, count: bound)
         var attempts = [Int](repeating: 0, count: bound)
         var proxy = [Config.Listener.ProxyProtocol](repeating: .none, count: bound)
+        var ports = [UInt16](repeating: 0, count: bound)
         connectTimeouts = .allocate(capacity: bound)
         for listener in snapshot.listeners {
             idle[listener.id] = Worker.ticks(listener.idleTimeoutMilliseconds)
@@ -79,6 +82,7 @@ final class WorkerPlan {
             maxima[listener.id] = listener.maxConnections
             attempts[listener.id] = listener.connectAttempts
             proxy[listener.id] = listener.proxyProtocol
+            ports[listener.id] = listener.address.port
             (connectTimeouts + listener.id).initialize(to: Timeout(milliseconds: listener.connectTimeoutMilliseconds))
         }
         idleTicks = idle
@@ -88,6 +92,7 @@ final class WorkerPlan {
         listenerLimits = maxima
         connectAttempts = attempts
         proxyProtocols = proxy
+        listenerPorts = ports
 
         endpointAddresses = .allocate(capacity: max(snapshot.endpoints.count, 1))
         endpointAddressLengths = .allocate(capacity: max(snapshot.endpoints.count, 1))

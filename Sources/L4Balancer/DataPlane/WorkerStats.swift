@@ -1,4 +1,5 @@
 import Atomics
+import BPFSteer
 
 #if canImport(Glibc)
 import Glibc
@@ -43,6 +44,14 @@ public final class WorkerStats: @unchecked Sendable {
         case oldestPlanGeneration
         /// Access-log records dropped because the writer was behind (its ring was full).
         case accessLogDrops
+        /// The user-space filter's verdicts on accepted connections, one per `FilterReason`
+        /// in its order (`filterCounter(_:)`).
+        case filterNoMatch, filterAllowed, filterNotIP, filterMalformed, filterFragment
+        case filterBlockedSourceV4, filterBlockedSourceV6, filterBlockedPortTCP, filterBlockedPortUDP
+
+        public static func filterCounter(_ reason: FilterReason) -> WorkerCounter {
+            WorkerCounter(rawValue: filterNoMatch.rawValue + reason.rawValue).unsafelyUnwrapped
+        }
     }
 
     static let cacheLine = 64

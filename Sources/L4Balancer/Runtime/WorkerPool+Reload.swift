@@ -72,6 +72,14 @@ extension WorkerPool {
         }
         let fixed = WorkerPool.restartOnlyChanges(from: old.config, to: config)
         guard fixed.isEmpty else { return fail(fixed) }
+        // The lists first, as a diff (never a moment with an empty list); the workers take
+        // the user-space copy with the snapshot's wake-up below.
+        let filterChange: (added: Int, removed: Int)
+        do {
+            filterChange = try filter.apply(config.filter)
+        } catch {
+            return fail(["filter: \(error) (entries before it were applied)"])
+        }
         let ids: (listeners: [Int], clusters: [Int], endpoints: [[Int]])
         let sockets: [[Int32]]
         do {
@@ -103,6 +111,9 @@ extension WorkerPool {
             usleep(1000)
         } while monotonicMilliseconds() < deadline
         var changes = WorkerPool.changes(from: old, to: snapshot)
+        if filterChange.added + filterChange.removed > 0 {
+            changes.append("filter: \(filterChange.added) entries added, \(filterChange.removed) removed")
+        }
         if !lagging.isEmpty { changes.append("workers \(lagging.map(String.init).joined(separator: ",")) have not adopted it yet") }
         let outcome = ReloadOutcome(
             succeeded: true, generation: snapshot.generation, errors: [], changes: changes, trigger: trigger,
@@ -121,6 +132,9 @@ extension WorkerPool {
         if old.workers != new.workers { errors.append("workers: cannot change on reload; restart l4lb to apply") }
         if old.buffers != new.buffers { errors.append("buffers: cannot change on reload; restart l4lb to apply") }
         if old.accessLog != new.accessLog { errors.append("access_log: cannot change on reload; restart l4lb to apply (SIGUSR1 reopens the file)") }
+        if old.filter.interfaces != new.filter.interfaces || old.filter.mode != new.filter.mode || old.filter.pinPath != new.filter.pinPath {
+            errors.append("filter.xdp: cannot change on reload; restart l4lb to apply (the lists reload)")
+        }
         if old.admin.address != new.admin.address {
             errors.append("admin.address: cannot change on reload (\(old.admin.address) → \(new.admin.address)); restart l4lb to apply")
         }

@@ -15,6 +15,8 @@ public final class WorkerPool: Service, @unchecked Sendable {
     let limits: ListenerLimits
     public let status: EndpointStatus
     public let healthChecker: HealthChecker
+    /// The blocklist: XDP where it attaches, else enforced by the workers at accept.
+    public let filter: PacketFilter
     let logger: Logger
     let options: Worker.Options
     /// Where the running config came from (re-read on reload).
@@ -64,6 +66,12 @@ public final class WorkerPool: Service, @unchecked Sendable {
         } catch {
             throw StartError(description: error.description)
         }
+        // The filter before the listeners: nothing is accepted before the lists hold.
+        do {
+            filter = try PacketFilter(config.filter, logger: logger)
+        } catch {
+            throw StartError(description: error.description)
+        }
         // Listener sockets per worker, opened before any thread starts so a bind error
         // stops the process before it claims to serve.
         let sockets: [[Int32]]
@@ -90,7 +98,7 @@ public final class WorkerPool: Service, @unchecked Sendable {
                 if let cpu = control.cpu { CPUAffinity.pinCurrentThread(to: cpu) }
                 let worker: Worker
                 do {
-                    worker = try Worker(store: store, control: control, limits: limits, status: status, options: options, logger: logger)
+                    worker = try Worker(store: store, filters: filter.store, control: control, limits: limits, status: status, options: options, logger: logger)
                 } catch {
                     setupErrors.wrappingIncrement(ordering: .relaxed)
                     firstError.set { $0 = $0 ?? "worker \(control.index): \(error)" }
@@ -158,6 +166,8 @@ public final class WorkerPool: Service, @unchecked Sendable {
         // After the workers: their last records are written before the process exits.
         defer { accessLog?.stop() }
         try start()
+        // Last: the filter holds until the final connection is gone (its lists stay pinned).
+        defer { filter.shutdown() }
         await withGracefulShutdownHandler {
             await waitUntilFinished()
         } onGracefulShutdown: { [self] in
