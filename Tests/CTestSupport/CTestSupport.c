@@ -1,7 +1,14 @@
 #define _GNU_SOURCE
 #include "CTestSupport.h"
 #include <errno.h>
+#include <fcntl.h>
+#include <net/if.h>
+#include <linux/if_packet.h>
+#include <sched.h>
+#include <string.h>
 #include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 int CTest_epoll_create(void) {
     int fd = epoll_create1(EPOLL_CLOEXEC);
@@ -23,4 +30,30 @@ int CTest_epoll_wait(int epfd, int *fds, unsigned *events, int max, int timeout_
         events[i] = ready[i].events;
     }
     return n;
+}
+
+int CTest_enter_netns(const char *path) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -errno;
+    int rc = setns(fd, CLONE_NEWNET);
+    int saved = errno;
+    close(fd);
+    return rc < 0 ? -saved : 0;
+}
+
+int CTest_send_frame(const char *interface, const unsigned char *frame, unsigned length) {
+    unsigned index = if_nametoindex(interface);
+    if (index == 0) return -errno;
+    int fd = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -errno;
+    struct sockaddr_ll address;
+    memset(&address, 0, sizeof(address));
+    address.sll_family = AF_PACKET;
+    address.sll_ifindex = (int)index;
+    address.sll_halen = 6;
+    memcpy(address.sll_addr, frame, 6);
+    ssize_t sent = sendto(fd, frame, length, 0, (struct sockaddr *)&address, sizeof(address));
+    int saved = errno;
+    close(fd);
+    return sent == (ssize_t)length ? 0 : -(sent < 0 ? saved : EMSGSIZE);
 }

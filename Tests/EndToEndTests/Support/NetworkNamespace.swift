@@ -1,0 +1,73 @@
+import CTestSupport
+import Foundation
+import XCTest
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A network namespace a test creates (`ip netns add`) and deletes. `run` executes a body
+/// on a thread that has entered it: sockets that body opens, and processes it starts
+/// (l4lb, the CLI), live in the namespace; the mount namespace stays the test's, so l4lb
+/// pins its maps in the host's bpffs.
+final class NetworkNamespace {
+    let name: String
+
+    init(_ tag: String) throws {
+        name = "l4lb-\(tag)-\(getpid())"
+        _ = try? NetworkNamespace.ip(["netns", "del", name])
+        try NetworkNamespace.ip(["netns", "add", name])
+        try ip(["link", "set", "lo", "up"])
+    }
+
+    deinit {
+        _ = try? NetworkNamespace.ip(["netns", "del", name])
+    }
+
+    /// `ip -n NAME ARGS`.
+    @discardableResult
+    func ip(_ arguments: [String]) throws -> String {
+        try NetworkNamespace.ip(["-n", name] + arguments)
+    }
+
+    @discardableResult
+    static func ip(_ arguments: [String]) throws -> String {
+        let result = try ChildProcess.run("/usr/sbin/ip", arguments)
+        guard result.status == 0 else { throw Sockets.Failure("ip \(arguments.joined(separator: " ")): \(result.output)", 0) }
+        return result.output
+    }
+
+    /// Runs `body` on a thread inside the namespace and waits for it.
+    func run<T>(_ body: () throws -> T) throws -> T {
+        try withoutActuallyEscaping(body) { body in
+            let box = UncheckedBox<(() throws -> T, Result<T, Error>?)>((body, nil))
+            let path = "/run/netns/\(name)"
+            let done = DispatchSemaphore(value: 0)
+            let thread = Thread {
+                let entered = CTest_enter_netns(path)
+                if entered != 0 {
+                    box.value.1 = .failure(Sockets.Failure("setns \(path)", -entered))
+                } else {
+                    box.value.1 = Result { try box.value.0() }
+                }
+                done.signal()
+            }
+            thread.stackSize = 8 << 20
+            thread.start()
+            done.wait()
+            return try box.value.1!.get()
+        }
+    }
+
+    /// The XDP program id attached to `interface`, or nil (from `ip link show`).
+    func xdpProgramID(_ interface: String) throws -> Int? {
+        let text = try ip(["link", "show", "dev", interface])
+        guard let range = text.range(of: #"prog/xdp id (\d+)"#, options: .regularExpression) else { return nil }
+        return Int(text[range].split(separator: " ").last!)
+    }
+}
+
+final class UncheckedBox<Value>: @unchecked Sendable {
+    var value: Value
+    init(_ value: Value) { self.value = value }
+}
