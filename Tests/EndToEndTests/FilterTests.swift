@@ -205,4 +205,227 @@ final class FilterTests: XCTestCase {
             XCTAssertTrue(strict.log.contains("native"), strict.log)
         }
     }
+
+    // MARK: veth, native XDP, VLAN tags
+
+    /// Must-show 2: a veth pair between a client namespace and l4lb's, native XDP on
+    /// l4lb's end; IPv4 and IPv6 from documentation ranges, and VLAN-tagged frames
+    /// (802.1Q, and 802.1ad + 802.1Q) sent raw through AF_PACKET.
+    func testNativeXDPOnVethDropsBlockedSourcesOverIPv4IPv6AndVLANs() throws {
+        let client = try NetworkNamespace("veth-c")
+        let server = try NetworkNamespace("veth-s")
+        try client.ip(["link", "add", "l4c", "type", "veth", "peer", "name", "l4s", "netns", server.name])
+        for address in ["192.0.2.1/24", "192.0.2.3/24"] { try client.ip(["addr", "add", address, "dev", "l4c"]) }
+        for address in ["2001:db8::1/64", "2001:db8::3/64"] { try client.ip(["addr", "add", address, "dev", "l4c", "nodad"]) }
+        try server.ip(["addr", "add", "192.0.2.2/24", "dev", "l4s"])
+        try server.ip(["addr", "add", "2001:db8::2/64", "dev", "l4s", "nodad"])
+        try client.ip(["link", "set", "l4c", "up"])
+        try server.ip(["link", "set", "l4s", "up"])
+
+        let port: UInt16 = 18080
+        let (proxy, backend) = try server.run { () throws -> (L4LBProcess, TestBackend) in
+            let backend = try TestBackend(.echo)
+            let proxy = try L4LBProcess(config: """
+                workers: 2
+                listeners:
+                  - { name: v4, address: 192.0.2.2:\(port), cluster: echo }
+                  - { name: v6, address: "[2001:db8::2]:\(port)", cluster: echo }
+                clusters:
+                  - name: echo
+                    endpoints: [ { address: 127.0.0.1:\(backend.port) } ]
+                filter:
+                  xdp: { interfaces: [l4s], mode: native, pin_path: \(pinPath) }
+                  block_sources: [192.0.2.1, "2001:db8::1"]
+                """, waitFor: ("192.0.2.2", port))
+            return (proxy, backend)
+        }
+        defer { proxy.stop() }
+        func stats() throws -> [String: Any] { try server.run { try proxy.stats() } }
+        let interfaces = try stats().filter["interfaces"] as? [[String: Any]]
+        XCTAssertEqual(interfaces?.first?["mode"] as? String, "native")
+        XCTAssertEqual(interfaces?.first?["name"] as? String, "l4s")
+
+        let acceptedBefore = backend.accepted
+        try client.run {
+            // Allowed sources first (their neighbour discovery is not from a blocked address).
+            XCTAssertEqual(FilterTraffic.attempt(host: "192.0.2.2", port: port, source: "192.0.2.3", timeout: 3), .served)
+            XCTAssertEqual(FilterTraffic.attempt(host: "2001:db8::2", port: port, source: "2001:db8::3", timeout: 3), .served)
+            XCTAssertEqual(FilterTraffic.connectMany(host: "192.0.2.2", port: port, source: "192.0.2.1", count: 50, timeout: 1.5), 0)
+            XCTAssertEqual(FilterTraffic.connectMany(host: "2001:db8::2", port: port, source: "2001:db8::1", count: 50, timeout: 1.5), 0)
+        }
+        XCTAssertEqual(backend.accepted - acceptedBefore, 2)
+        var before = try stats()
+        XCTAssertGreaterThanOrEqual(before.filterCount("l4s", dropped: "blocked_source_v4"), 50)
+        XCTAssertGreaterThanOrEqual(before.filterCount("l4s", dropped: "blocked_source_v6"), 50)
+
+        // Tagged frames: the parser looks through one or two VLAN headers.
+        let dot1q: [(tpid: UInt16, id: UInt16)] = [(0x8100, 100)]
+        let qinq: [(tpid: UInt16, id: UInt16)] = [(0x88A8, 200), (0x8100, 100)]
+        let cases: [(source: String, destination: String, tags: [(tpid: UInt16, id: UInt16)], counter: String, dropped: Bool)] = [
+            ("192.0.2.1", "192.0.2.2", dot1q, "blocked_source_v4", true),
+            ("192.0.2.1", "192.0.2.2", qinq, "blocked_source_v4", true),
+            ("2001:db8::1", "2001:db8::2", dot1q, "blocked_source_v6", true),
+            ("2001:db8::1", "2001:db8::2", qinq, "blocked_source_v6", true),
+            ("192.0.2.3", "192.0.2.2", dot1q, "no_match", false),
+            ("2001:db8::3", "2001:db8::2", qinq, "no_match", false),
+            // Three tags is deeper than the parser follows: passed, counted as malformed.
+            ("192.0.2.1", "192.0.2.2", qinq + dot1q, "malformed", false),
+        ]
+        for c in cases {
+            let frame = FilterTraffic.udpFrame(source: c.source, destination: c.destination, port: 5353, tags: c.tags)
+            try client.run { for _ in 0..<10 { try FilterTraffic.sendFrame(frame, on: "l4c") } }
+            var after: [String: Any] = [:]
+            let counted = waitUntil(timeout: 5) {
+                after = (try? stats()) ?? [:]
+                let delta = c.dropped
+                    ? after.filterCount("l4s", dropped: c.counter) - before.filterCount("l4s", dropped: c.counter)
+                    : after.filterCount("l4s", passed: c.counter) - before.filterCount("l4s", passed: c.counter)
+                return delta >= 10
+            }
+            XCTAssertTrue(counted, "\(c.source) with \(c.tags.count) tag(s): \(c.counter) did not count 10")
+            if c.dropped {
+                // Exactly the ten frames: nothing else from a blocked source was in flight.
+                XCTAssertEqual(after.filterCount("l4s", dropped: c.counter) - before.filterCount("l4s", dropped: c.counter), 10, "\(c.source) \(c.tags.count) tag(s)")
+            } else {
+                XCTAssertEqual(after.filterCount("l4s", dropped: "blocked_source_v4"), before.filterCount("l4s", dropped: "blocked_source_v4"))
+                XCTAssertEqual(after.filterCount("l4s", dropped: "blocked_source_v6"), before.filterCount("l4s", dropped: "blocked_source_v6"))
+            }
+            before = after
+        }
+    }
+
+    // MARK: Run-time changes, reload, restart
+
+    /// Must-show 4: `l4lb block add/remove` and a reload change the verdicts for new
+    /// packets at once, without a restart; connections from sources that stay allowed carry on.
+    func testRuntimeChangesAndReloadTakeEffectWithoutDisturbingAllowedConnections() throws {
+        let namespace = try loopbackNamespace("runtime")
+        try namespace.run {
+            let backend = try TestBackend(.echo)
+            let port = Sockets.freePort()
+            func config(_ blocked: [String]) -> String {
+                """
+                workers: 2
+                listeners:
+                  - { name: web, address: 127.0.0.1:\(port), cluster: echo }
+                clusters:
+                  - name: echo
+                    endpoints: [ { address: 127.0.0.1:\(backend.port) } ]
+                filter:
+                  xdp: { interfaces: [lo], pin_path: \(pinPath) }
+                  block_sources: [\(blocked.joined(separator: ", "))]
+                """
+            }
+            let proxy = try L4LBProcess(config: config(["127.0.0.9"]), waitFor: ("127.0.0.1", port))
+            defer { proxy.stop() }
+            // 50 established connections from a source that stays allowed throughout.
+            let established = try (0..<50).map { _ in
+                let fd = try Sockets.connect(host: "127.0.0.1", port: port, timeout: 3, bindTo: "127.0.0.1")
+                Sockets.setTimeout(fd, seconds: 5)
+                return fd
+            }
+            defer { established.forEach { close($0) } }
+            func allStillEcho(_ round: Int) {
+                for fd in established {
+                    let message = Array("round \(round)\n".utf8)
+                    XCTAssertNoThrow(try Sockets.sendAll(fd, message))
+                    XCTAssertEqual(try? Sockets.receiveExactly(fd, message.count), message)
+                }
+            }
+            allStillEcho(0)
+            func attempt(_ source: String) -> FilterTraffic.Outcome { FilterTraffic.attempt(host: "127.0.0.1", port: port, source: source) }
+            XCTAssertEqual(attempt("127.0.0.3"), .served)
+            XCTAssertEqual(attempt("127.0.0.9"), .noConnection)
+
+            var result = try proxy.runAdminCommand(["block", "add", "127.0.0.3"])
+            XCTAssertEqual(result.status, 0, result.output)
+            XCTAssertEqual(attempt("127.0.0.3"), .noConnection)
+            allStillEcho(1)
+
+            result = try proxy.runAdminCommand(["block", "list"])
+            XCTAssertTrue(result.output.contains("127.0.0.3/32  blocked  runtime"), result.output)
+            XCTAssertTrue(result.output.contains("127.0.0.9/32  blocked  config"), result.output)
+
+            // A reload swaps the config's entries (127.0.0.9 out, 127.0.0.4 in) and keeps
+            // the run-time one.
+            try proxy.writeConfig(config(["127.0.0.4"]))
+            let reload = try proxy.admin("POST", "/reload")
+            XCTAssertEqual(reload.status, 200, reload.text)
+            XCTAssertTrue(reload.text.contains("filter: 1 entries added, 1 removed"), reload.text)
+            XCTAssertEqual(attempt("127.0.0.4"), .noConnection)
+            XCTAssertEqual(attempt("127.0.0.9"), .served)
+            XCTAssertEqual(attempt("127.0.0.3"), .noConnection)
+            allStillEcho(2)
+
+            result = try proxy.runAdminCommand(["block", "remove", "127.0.0.3"])
+            XCTAssertEqual(result.status, 0, result.output)
+            XCTAssertEqual(attempt("127.0.0.3"), .served)
+            // A config entry cannot be removed at run time (it would return on reload).
+            result = try proxy.runAdminCommand(["block", "remove", "127.0.0.4"])
+            XCTAssertNotEqual(result.status, 0)
+            XCTAssertTrue(result.output.contains("comes from the config file"), result.output)
+            result = try proxy.runAdminCommand(["block", "add", "not-an-address"])
+            XCTAssertNotEqual(result.status, 0)
+            XCTAssertTrue(result.output.contains("not an IP address or CIDR prefix"), result.output)
+            XCTAssertEqual(attempt("127.0.0.4"), .noConnection)
+            allStillEcho(3)
+            XCTAssertEqual(try proxy.stats().listener("web")?.int("active"), 50)
+        }
+    }
+
+    /// Must-show 5: a clean restart keeps the pinned list (run-time entries included) and
+    /// detaches on exit; after `kill -9` the filter stays in force, and the next start
+    /// replaces the stale program.
+    func testRestartKeepsThePinnedListAndKill9LeavesAProgramTheNextStartReplaces() throws {
+        let namespace = try loopbackNamespace("restart")
+        try namespace.run {
+            let backend = try TestBackend(.echo)
+            let port = Sockets.freePort()
+            let config = """
+                workers: 1
+                listeners:
+                  - { name: web, address: 127.0.0.1:\(port), cluster: echo }
+                clusters:
+                  - name: echo
+                    endpoints: [ { address: 127.0.0.1:\(backend.port) } ]
+                filter:
+                  xdp: { interfaces: [lo], pin_path: \(pinPath) }
+                  block_sources: [127.0.0.9]
+                """
+            func attempt(_ source: String) -> FilterTraffic.Outcome { FilterTraffic.attempt(host: "127.0.0.1", port: port, source: source) }
+
+            let first = try L4LBProcess(config: config, waitFor: ("127.0.0.1", port))
+            XCTAssertEqual(try first.runAdminCommand(["block", "add", "127.0.0.5"]).status, 0)
+            XCTAssertEqual(attempt("127.0.0.5"), .noConnection)
+            XCTAssertEqual(first.stopAndCollectLog().status, 0)
+            XCTAssertNil(try namespace.xdpProgramID("lo"), "a clean exit detaches")
+            XCTAssertTrue(FileManager.default.fileExists(atPath: "\(pinPath)/blocked_v4"), "the maps stay pinned")
+
+            let second = try L4LBProcess(config: config, waitFor: ("127.0.0.1", port))
+            let list = try second.runAdminCommand(["block", "list"]).output
+            XCTAssertTrue(list.contains("127.0.0.5/32  blocked  runtime"), list)
+            XCTAssertTrue(list.contains("127.0.0.9/32  blocked  config"), list)
+            XCTAssertEqual(attempt("127.0.0.5"), .noConnection)
+            XCTAssertEqual(attempt("127.0.0.1"), .served)
+            let secondProgram = try XCTUnwrap(try namespace.xdpProgramID("lo"))
+
+            // kill -9: no chance to detach. The pinned link keeps the filter in force.
+            second.process.signal(SIGKILL)
+            XCTAssertEqual(second.waitForExit(timeout: 5), 128 + SIGKILL)
+            second.stop()
+            XCTAssertEqual(try namespace.xdpProgramID("lo"), secondProgram)
+            XCTAssertEqual(attempt("127.0.0.5"), .noConnection, "still filtered with l4lb down")
+
+            let third = try L4LBProcess(config: config, waitFor: ("127.0.0.1", port))
+            defer { third.stop() }
+            XCTAssertNotNil(waitForLogLine(third, containing: ["replaced the program a previous run left attached"], timeout: 5), third.log)
+            let thirdProgram = try XCTUnwrap(try namespace.xdpProgramID("lo"))
+            XCTAssertNotEqual(thirdProgram, secondProgram)
+            let reported = (try third.stats().filter["interfaces"] as? [[String: Any]])?.first?.int("program_id")
+            XCTAssertEqual(reported, thirdProgram)
+            XCTAssertEqual(attempt("127.0.0.5"), .noConnection)
+            XCTAssertEqual(attempt("127.0.0.9"), .noConnection)
+            XCTAssertEqual(attempt("127.0.0.1"), .served)
+        }
+    }
 }
