@@ -1,4 +1,4 @@
-import CBPF
+internal import CBPF
 
 #if canImport(Glibc)
 import Glibc

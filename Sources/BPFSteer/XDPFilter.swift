@@ -1,4 +1,4 @@
-import CBPF
+internal import CBPF
 import Foundation
 
 /// l4lb's XDP filter program, loaded once per process: its maps (pinned under `pinPath`,

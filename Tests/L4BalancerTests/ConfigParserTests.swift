@@ -86,10 +86,8 @@ final class ConfigParserTests: XCTestCase {
         guard case .failure(let errors) = parse("""
             listeners: [{ address: "127.0.0.1:1", cluster: c, protocol: udp, tls: {} }]
             clusters: [{ name: c, balancer: maglev, table_size: 1000, choice_count: 2, slow_start: 1s, health_check: { type: ping }, endpoints: [{ address: "127.0.0.1:2" }] }]
-            filter: {}
             """) else { return XCTFail("accepted") }
         XCTAssertEqual(Set(errors.errors.map(\.description)), [
-            "filter: not supported yet",
             "listeners[0].protocol: udp is not supported yet",
             "listeners[0].tls: not supported yet",
             "clusters[0].table_size: 1000 is not prime (e.g. 65537, 655373)",
@@ -107,5 +105,52 @@ final class ConfigParserTests: XCTestCase {
         XCTAssertEqual(try SocketAddress.parse("[::ffff:1.2.3.4]:1").get().port, 1)
         XCTAssertEqual(SocketAddress.parse("::1:80"), .failure(.shape("::1:80")))
         XCTAssertEqual(SocketAddress.parse("1.2.3.4:0"), .failure(.port("port 0 out of range")))
+    }
+
+    func testFilterSection() throws {
+        let config = try parse("""
+            listeners: [{ address: "127.0.0.1:1", cluster: c }]
+            clusters: [{ name: c, endpoints: [{ address: "127.0.0.1:2" }] }]
+            filter:
+              xdp: { interfaces: [eth0, lo], mode: generic, pin_path: /sys/fs/bpf/edge }
+              block_sources: [192.0.2.0/24, "2001:db8::/32", 198.51.100.7]
+              allow_sources: [192.0.2.7]
+              block_ports: [tcp/23, udp/19]
+            """).get()
+        XCTAssertEqual(config.filter.interfaces, ["eth0", "lo"])
+        XCTAssertEqual(config.filter.mode, .generic)
+        XCTAssertEqual(config.filter.pinPath, "/sys/fs/bpf/edge")
+        XCTAssertEqual(config.filter.blockSources.map(\.description), ["192.0.2.0/24", "2001:db8::/32", "198.51.100.7/32"])
+        XCTAssertEqual(config.filter.allowSources.map(\.description), ["192.0.2.7/32"])
+        XCTAssertEqual(config.filter.blockPorts.map(\.description), ["tcp/23", "udp/19"])
+        XCTAssertTrue(config.filter.wantsXDP)
+        XCTAssertEqual(Config.Filter().pinPath, "/sys/fs/bpf/l4lb")
+        XCTAssertFalse(Config.Filter().wantsXDP, "no interfaces: the lists are enforced in user space")
+
+        guard case .failure(let errors) = parse("""
+            listeners: [{ address: "127.0.0.1:1", cluster: c }]
+            clusters: [{ name: c, endpoints: [{ address: "127.0.0.1:2" }] }]
+            filter:
+              xdp: { interfaces: [eth0, eth0, "a/b"], mode: fast, pin_path: relative, attach: now }
+              block_sources: [192.0.2.0/33, tcp/80, example.com]
+              allow_sources: [udp/53]
+              block_ports: [tcp/0, 10.0.0.1, sctp/9]
+              drop: []
+            """) else { return XCTFail("accepted") }
+        XCTAssertEqual(Set(errors.errors.map(\.description)), [
+            "filter.drop: unknown key",
+            "filter.xdp.attach: unknown key",
+            "filter.xdp.interfaces[1]: eth0 is listed twice",
+            "filter.xdp.interfaces[2]: 'a/b' is not an interface name",
+            "filter.xdp.mode: must be one of auto, native, generic, userspace, off, got \"fast\"",
+            "filter.xdp.pin_path: must be an absolute directory on a bpf filesystem",
+            "filter.block_sources[0]: '192.0.2.0/33': prefix length must be 0-32",
+            "filter.block_sources[1]: 'tcp/80' is a port: list it under filter.block_ports",
+            "filter.block_sources[2]: 'example.com' is not an IP address or CIDR prefix",
+            "filter.allow_sources[0]: 'udp/53' is a port: list it under filter.block_ports",
+            "filter.block_ports[0]: 'tcp/0': port must be 1-65535",
+            "filter.block_ports[1]: '10.0.0.1/32' is a source prefix, not tcp/PORT or udp/PORT",
+            "filter.block_ports[2]: 'sctp/9' is not an IP address or CIDR prefix",
+        ])
     }
 }

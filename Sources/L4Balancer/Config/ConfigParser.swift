@@ -161,29 +161,30 @@ struct ConfigWalker {
                 if !p.hasPrefix("/") || p == "/" { fail("\(path).xdp.pin_path", "must be an absolute directory on a bpf filesystem") } else { filter.pinPath = p }
             }
         }
-        func entries(_ key: String) -> [FilterEntry] {
+        /// One list's entries; `wantsPorts` says which kind belongs in it.
+        func entries(_ key: String, wantsPorts: Bool) -> [FilterEntry] {
             guard let n = fields[key] else { return [] }
             return list(n, "\(path).\(key)", required: false) { walker, item, itemPath in
                 guard let text = walker.string(item, itemPath) else { return nil }
                 switch FilterEntry.parse(text) {
-                case .success(let entry): return entry
+                case .success(let entry):
+                    switch (entry, wantsPorts) {
+                    case (.source, false), (.port, true): return entry
+                    case (.port, false): walker.fail(itemPath, "'\(entry)' is a port: list it under \(path).block_ports")
+                    case (.source, true): walker.fail(itemPath, "'\(entry)' is a source prefix, not tcp/PORT or udp/PORT")
+                    }
                 case .failure(let error):
                     walker.fail(itemPath, error.description)
-                    return nil
                 }
+                return nil
             }
         }
-        for (key, kind) in [("block_sources", 0), ("allow_sources", 1), ("block_ports", 2)] {
-            for (i, entry) in entries(key).enumerated() {
-                switch (entry, kind) {
-                case (.source(let prefix), 0): filter.blockSources.append(prefix)
-                case (.source(let prefix), 1): filter.allowSources.append(prefix)
-                case (.port(let rule), 2): filter.blockPorts.append(rule)
-                case (.port, _): fail("\(path).\(key)[\(i)]", "'\(entry)' is a port: list it under \(path).block_ports")
-                case (.source, _): fail("\(path).\(key)[\(i)]", "'\(entry)' is a source prefix, not tcp/PORT or udp/PORT")
-                }
-            }
+        func prefixes(_ entries: [FilterEntry]) -> [SourcePrefix] {
+            entries.compactMap { if case .source(let prefix) = $0 { prefix } else { nil } }
         }
+        filter.blockSources = prefixes(entries("block_sources", wantsPorts: false))
+        filter.allowSources = prefixes(entries("allow_sources", wantsPorts: false))
+        filter.blockPorts = entries("block_ports", wantsPorts: true).compactMap { if case .port(let rule) = $0 { rule } else { nil } }
         return filter
     }
 

@@ -102,8 +102,13 @@ enum FilterTraffic {
     }
 
     /// An Ethernet frame carrying a UDP datagram from `source` to `destination` (IPv4 or
-    /// IPv6 by the address), behind `tags` VLAN headers (TPID, VLAN id).
-    static func udpFrame(source: String, destination: String, port: UInt16, tags: [(tpid: UInt16, id: UInt16)]) -> [UInt8] {
+    /// IPv6 by the address), behind `tags` VLAN headers (TPID, VLAN id). `options`: IPv4
+    /// option words (NOPs); `fragmentOffset` in 8-byte units (with `moreFragments`), an
+    /// IPv6 fragment header when nonzero; `extensions`: IPv6 extension headers (hop-by-hop
+    /// 0, destination options 60), 8 bytes each; `truncatedTo` cuts the frame.
+    static func udpFrame(source: String, destination: String, port: UInt16, tags: [(tpid: UInt16, id: UInt16)] = [],
+                         options: Int = 0, fragmentOffset: UInt16 = 0, moreFragments: Bool = false,
+                         extensions: [UInt8] = [], truncatedTo: Int? = nil) -> [UInt8] {
         func be16(_ v: UInt16) -> [UInt8] { [UInt8(v >> 8), UInt8(v & 0xFF)] }
         var frame: [UInt8] = [0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x02, 0x00, 0x00, 0x00, 0x00, 0x01]
         for tag in tags { frame += be16(tag.tpid) + be16(tag.id) }
@@ -114,20 +119,36 @@ enum FilterTraffic {
             var s = [UInt8](repeating: 0, count: 16), d = s
             inet_pton(AF_INET6, source, &s)
             inet_pton(AF_INET6, destination, &d)
-            frame += be16(0x86DD) + [0x60, 0, 0, 0] + be16(udpLength) + [17, 64] + s + d + udp
+            var headers = extensions
+            if fragmentOffset != 0 || moreFragments { headers.append(44) }
+            var chain: [UInt8] = []
+            for (i, kind) in headers.enumerated() {
+                let next = i + 1 < headers.count ? headers[i + 1] : 17
+                if kind == 44 {
+                    chain += [next, 0] + be16(fragmentOffset << 3 | (moreFragments ? 1 : 0)) + [0, 0, 0, 1]
+                } else {
+                    chain += [next, 0, 1, 4, 0, 0, 0, 0]   // PadN over the rest
+                }
+            }
+            let first = headers.first ?? 17
+            frame += be16(0x86DD) + [0x60, 0, 0, 0] + be16(UInt16(chain.count) + udpLength) + [first, 64] + s + d + chain + udp
         } else {
             var s = [UInt8](repeating: 0, count: 4), d = s
             inet_pton(AF_INET, source, &s)
             inet_pton(AF_INET, destination, &d)
-            var ip: [UInt8] = [0x45, 0] + be16(20 + udpLength) + [0, 1, 0, 0, 64, 17, 0, 0] + s + d
+            let headerLength = 20 + 4 * options
+            let flags = fragmentOffset | (moreFragments ? 0x2000 : 0)
+            var ip: [UInt8] = [UInt8(0x40 | headerLength / 4), 0] + be16(UInt16(headerLength) + udpLength) + [0, 1] + be16(flags) + [64, 17, 0, 0] + s + d
+            ip += [UInt8](repeating: 1, count: 4 * options)   // NOP options
             var sum: UInt32 = 0
-            for i in stride(from: 0, to: 20, by: 2) { sum += UInt32(ip[i]) << 8 | UInt32(ip[i + 1]) }
+            for i in stride(from: 0, to: headerLength, by: 2) { sum += UInt32(ip[i]) << 8 | UInt32(ip[i + 1]) }
             while sum > 0xFFFF { sum = (sum & 0xFFFF) + (sum >> 16) }
             let checksum = be16(~UInt16(sum))
             ip[10] = checksum[0]
             ip[11] = checksum[1]
             frame += be16(0x0800) + ip + udp
         }
+        if let truncatedTo { frame = Array(frame.prefix(truncatedTo)) }
         return frame
     }
 }

@@ -40,22 +40,24 @@ final class NetworkNamespace {
     /// Runs `body` on a thread inside the namespace and waits for it.
     func run<T>(_ body: () throws -> T) throws -> T {
         try withoutActuallyEscaping(body) { body in
-            let box = UncheckedBox<(() throws -> T, Result<T, Error>?)>((body, nil))
+            // The thread drops the body before it signals: it must not outlive this call.
+            let box = UncheckedBox<(body: (() throws -> T)?, result: Result<T, Error>?)>((body, nil))
             let path = "/run/netns/\(name)"
             let done = DispatchSemaphore(value: 0)
             let thread = Thread {
                 let entered = CTest_enter_netns(path)
                 if entered != 0 {
-                    box.value.1 = .failure(Sockets.Failure("setns \(path)", -entered))
+                    box.value.result = .failure(Sockets.Failure("setns \(path)", -entered))
                 } else {
-                    box.value.1 = Result { try box.value.0() }
+                    box.value.result = Result { try box.value.body!() }
                 }
+                box.value.body = nil
                 done.signal()
             }
             thread.stackSize = 8 << 20
             thread.start()
             done.wait()
-            return try box.value.1!.get()
+            return try box.value.result!.get()
         }
     }
 
