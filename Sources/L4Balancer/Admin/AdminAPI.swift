@@ -12,6 +12,10 @@ public enum AdminAPI {
         let router = Router()
         router.add(middleware: BearerTokenMiddleware(pool: pool))
         router.get("/healthz") { _, _ in "ok\n" }
+        router.get("/") { _, _ in
+            Response(status: .ok, headers: [.contentType: "text/html; charset=utf-8", .cacheControl: "no-store"],
+                     body: .init(byteBuffer: ByteBuffer(string: DashboardPage.html)))
+        }
         router.get("/stats") { _, _ in json(pool.statsDocument()) }
         router.get("/config") { _, _ in json(pool.snapshot.config.document) }
         let metrics = MetricsExporter(pool: pool)
@@ -104,21 +108,60 @@ public enum AdminAPI {
 }
 
 /// Every endpoint but `/healthz` needs `Authorization: Bearer TOKEN` when the running
-/// config sets a token (read per request, so a reload can rotate it).
+/// config sets a token (read per request, so a reload can rotate it). The dashboard's
+/// browser sends the token as the `l4lb_token` cookie instead: `GET /?token=TOKEN` checks
+/// it, sets the cookie (HttpOnly, SameSite=Strict, so other sites cannot ride on it) and
+/// redirects to `/`, leaving the token out of the address bar and history.
 struct BearerTokenMiddleware<Context: RequestContext>: RouterMiddleware {
     let pool: WorkerPool
+    static var cookieName: String { "l4lb_token" }
 
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
         guard request.uri.path != "/healthz", let token = pool.snapshot.config.admin.token else {
             return try await next(request, context)
         }
+        if request.uri.path == "/", let offered = request.uri.queryParameters["token"] {
+            guard constantTimeEqual(String(offered), token) else { return loginPage(wrong: true) }
+            var response = Response(status: .seeOther, headers: [.location: "/"])
+            // Percent-encoded: a token may hold characters a cookie value cannot.
+            let value = token.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? token
+            response.headers[.setCookie] = "\(Self.cookieName)=\(value); Path=/; HttpOnly; SameSite=Strict"
+            return response
+        }
         let presented = request.headers[.authorization] ?? ""
-        guard constantTimeEqual(presented, "Bearer \(token)") else {
+        guard constantTimeEqual(presented, "Bearer \(token)") || constantTimeEqual(cookie(request) ?? "", token) else {
+            if request.uri.path == "/" { return loginPage(wrong: false) }
             var response = AdminAPI.json(["error": "missing or wrong bearer token"], status: .unauthorized)
             response.headers[.wwwAuthenticate] = "Bearer realm=\"l4lb\""
             return response
         }
         return try await next(request, context)
+    }
+
+    private func cookie(_ request: Request) -> String? {
+        for header in request.headers[values: .cookie] {
+            for pair in header.split(separator: ";") {
+                let parts = pair.split(separator: "=", maxSplits: 1)
+                if parts.count == 2, parts[0].trimmingCharacters(in: .whitespaces) == Self.cookieName {
+                    return String(parts[1]).removingPercentEncoding
+                }
+            }
+        }
+        return nil
+    }
+
+    /// The dashboard without a valid token: a form that opens `/?token=…`.
+    private func loginPage(wrong: Bool) -> Response {
+        let html = """
+            <!doctype html><html lang="en"><head><meta charset="utf-8"><title>l4lb</title></head>
+            <body style="font: 15px system-ui, sans-serif; margin: 15vh auto; max-width: 420px">
+            <h1 style="font-size: 20px">l4lb dashboard</h1>
+            <p>\(wrong ? "That token is not the admin token." : "The admin API needs its token (admin.token).")</p>
+            <form method="get" action="/"><input name="token" type="password" autofocus style="width: 70%"> <button>Open</button></form>
+            </body></html>
+            """
+        return Response(status: .unauthorized, headers: [.contentType: "text/html; charset=utf-8"],
+                        body: .init(byteBuffer: ByteBuffer(string: html)))
     }
 
     private func constantTimeEqual(_ a: String, _ b: String) -> Bool {

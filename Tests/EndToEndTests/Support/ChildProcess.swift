@@ -15,9 +15,10 @@ final class ChildProcess: @unchecked Sendable {
     private let lock = NSLock()
     private var status: Int32?
 
-    /// `environment` is added to the test process's own.
+    /// `environment` is added to the test process's own. `descriptors` maps the test's
+    /// descriptors to the child's (e.g. pipes as 3 and 4); every other one above 2 closes.
     init(_ executable: String, _ arguments: [String], stdout: String = "/dev/null", stderr: String = "/dev/null",
-         environment: [String: String] = [:]) throws {
+         environment: [String: String] = [:], descriptors: [(parent: Int32, child: Int32)] = []) throws {
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
@@ -28,7 +29,8 @@ final class ChildProcess: @unchecked Sendable {
         } else {
             posix_spawn_file_actions_addopen(&actions, 2, stderr, O_WRONLY | O_CREAT | O_APPEND, 0o600)
         }
-        ChildProcess.closeInheritedDescriptors(&actions)
+        for mapping in descriptors { posix_spawn_file_actions_adddup2(&actions, mapping.parent, mapping.child) }
+        ChildProcess.closeInheritedDescriptors(&actions, from: (descriptors.map(\.child).max() ?? 2) + 1)
         var attributes = posix_spawnattr_t()
         posix_spawnattr_init(&attributes)
         defer { posix_spawnattr_destroy(&attributes) }
@@ -50,17 +52,17 @@ final class ChildProcess: @unchecked Sendable {
         self.pid = pid
     }
 
-    /// Every descriptor from 3 up closes in the child: glibc's `addclosefrom_np` when it is
+    /// Every descriptor from `first` up closes in the child: glibc's `addclosefrom_np` when it is
     /// there (2.34+; Swift's Glibc module does not declare it), else one close per open
     /// descriptor.
-    private static func closeInheritedDescriptors(_ actions: inout posix_spawn_file_actions_t) {
+    private static func closeInheritedDescriptors(_ actions: inout posix_spawn_file_actions_t, from first: Int32) {
         typealias AddCloseFrom = @convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, Int32) -> Int32
         if let symbol = dlsym(nil, "posix_spawn_file_actions_addclosefrom_np") {
-            _ = unsafeBitCast(symbol, to: AddCloseFrom.self)(&actions, 3)
+            _ = unsafeBitCast(symbol, to: AddCloseFrom.self)(&actions, first)
             return
         }
         let open = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
-        for fd in open.compactMap({ Int32($0) }) where fd > 2 {
+        for fd in open.compactMap({ Int32($0) }) where fd >= first {
             posix_spawn_file_actions_addclose(&actions, fd)
         }
     }
