@@ -367,6 +367,21 @@ final class FilterTests: XCTestCase {
 
     // MARK: Run-time changes, reload, restart
 
+    /// One listener on `port` in front of `backend`, XDP on lo, `blocked` sources.
+    func loopbackConfig(port: UInt16, backend: TestBackend, blocked: [String]) -> String {
+        """
+        workers: 2
+        listeners:
+          - { name: web, address: 127.0.0.1:\(port), cluster: echo }
+        clusters:
+          - name: echo
+            endpoints: [ { address: 127.0.0.1:\(backend.port) } ]
+        filter:
+          xdp: { interfaces: [lo], pin_path: \(pinPath) }
+          block_sources: [\(blocked.joined(separator: ", "))]
+        """
+    }
+
     /// Must-show 4: `l4lb block add/remove` and a reload change the verdicts for new
     /// packets at once, without a restart; connections from sources that stay allowed carry on.
     func testRuntimeChangesAndReloadTakeEffectWithoutDisturbingAllowedConnections() throws {
@@ -374,19 +389,7 @@ final class FilterTests: XCTestCase {
         try namespace.run {
             let backend = try TestBackend(.echo)
             let port = Sockets.freePort()
-            func config(_ blocked: [String]) -> String {
-                """
-                workers: 2
-                listeners:
-                  - { name: web, address: 127.0.0.1:\(port), cluster: echo }
-                clusters:
-                  - name: echo
-                    endpoints: [ { address: 127.0.0.1:\(backend.port) } ]
-                filter:
-                  xdp: { interfaces: [lo], pin_path: \(pinPath) }
-                  block_sources: [\(blocked.joined(separator: ", "))]
-                """
-            }
+            func config(_ blocked: [String]) -> String { loopbackConfig(port: port, backend: backend, blocked: blocked) }
             let proxy = try L4LBProcess(config: config(["127.0.0.9"]), waitFor: ("127.0.0.1", port))
             defer { proxy.stop() }
             // 50 established connections from a source that stays allowed throughout.
@@ -452,17 +455,7 @@ final class FilterTests: XCTestCase {
         try namespace.run {
             let backend = try TestBackend(.echo)
             let port = Sockets.freePort()
-            let config = """
-                workers: 1
-                listeners:
-                  - { name: web, address: 127.0.0.1:\(port), cluster: echo }
-                clusters:
-                  - name: echo
-                    endpoints: [ { address: 127.0.0.1:\(backend.port) } ]
-                filter:
-                  xdp: { interfaces: [lo], pin_path: \(pinPath) }
-                  block_sources: [127.0.0.9]
-                """
+            let config = loopbackConfig(port: port, backend: backend, blocked: ["127.0.0.9"])
             func attempt(_ source: String) -> FilterTraffic.Outcome { FilterTraffic.attempt(host: "127.0.0.1", port: port, source: source) }
 
             let first = try L4LBProcess(config: config, waitFor: ("127.0.0.1", port))

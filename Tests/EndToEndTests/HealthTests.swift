@@ -257,6 +257,7 @@ final class HealthTests: XCTestCase {
         // Each client connection tries an endpoint at most once; the 30 during ejection none.
         XCTAssertLessThanOrEqual(failures, before + after, "connects went to an ejected endpoint")
         XCTAssertGreaterThanOrEqual(failures, 6)
+        XCTAssertEqual(endpointCounter(log, endpoint: "127.0.0.1:\(deadPort)", "outlier_ejections"), 2, log)
     }
 
     /// Must show 5: max_connections 100 on a cluster: the 101st concurrent client is

@@ -110,6 +110,7 @@ final class ObservabilityTests: XCTestCase {
         let one = Sockets.freePort()
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("l4lb-access-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
         let logPath = directory.appendingPathComponent("access.log").path
         let proxy = try L4LBProcess(config: """
             workers: 2
@@ -212,6 +213,7 @@ final class ObservabilityTests: XCTestCase {
         defer { echo.stop() }
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("l4lb-access-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
 
         // Off: 50 connections, not a byte on stdout. (With `path: stdout` they would be there.)
         for (setting, expectLines) in [("off", false), ("{ path: stdout, format: text }", true)] {

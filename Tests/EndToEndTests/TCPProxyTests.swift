@@ -89,6 +89,9 @@ final class TCPProxyTests: XCTestCase {
         let attempts = (endpointCounter(log, endpoint: "127.0.0.1:\(refused)", "connect_failures") ?? 0)
             + (endpointCounter(log, endpoint: "127.0.0.1:\(blackhole.port)", "connect_failures") ?? 0)
         XCTAssertEqual(attempts, 2 * 11, "every client tries each endpoint once: \(log)")
+        // Only the endpoint that never answers times out; the refusing one fails at once.
+        XCTAssertEqual(endpointCounter(log, endpoint: "127.0.0.1:\(blackhole.port)", "connect_timeouts"), 11, log)
+        XCTAssertEqual(endpointCounter(log, endpoint: "127.0.0.1:\(refused)", "connect_timeouts"), 0, log)
     }
 
     /// A connection idle past idle_timeout is closed on both sides.

@@ -52,6 +52,8 @@ extension WorkerPool {
                 "active": signed(total(.active)),
                 "total": total(.total),
                 "connect_failures": total(.connectFailures),
+                "connect_timeouts": total(.connectTimeouts),
+                "outlier_ejections": healthChecker.ejectionCount(endpoint: id),
                 "bytes_in": total(.bytesIn),
                 "bytes_out": total(.bytesOut),
                 "health_transitions": healthChecker.transitionCount(endpoint: id),

@@ -93,6 +93,9 @@ public final class MetricsExporter: @unchecked Sendable {
             gauge("l4lb_endpoint_connections_active", "Upstream connections open now (connecting or connected).", labels, signed(total(.active)))
             counter("l4lb_endpoint_connections_total", "Upstream connections established.", labels, total(.total))
             counter("l4lb_endpoint_connect_failures_total", "Upstream connect attempts that failed or timed out.", labels, total(.connectFailures))
+            counter("l4lb_endpoint_connect_timeouts_total", "Upstream connect attempts that hit connect_timeout (also in connect_failures).", labels, total(.connectTimeouts))
+            counter("l4lb_endpoint_outlier_ejections_total", "Times outlier detection ejected the endpoint.", labels,
+                    UInt64(max(0, pool.healthChecker.ejectionCount(endpoint: endpoint.id))))
             counter("l4lb_endpoint_received_bytes_total", "Bytes received from the endpoint.", labels, total(.bytesIn))
             counter("l4lb_endpoint_sent_bytes_total", "Bytes sent to the endpoint.", labels, total(.bytesOut))
             gauge("l4lb_endpoint_healthy", "1 when the endpoint passes its health checks (or has none).", labels, flags.contains(.unhealthy) ? 0 : 1)

@@ -216,6 +216,8 @@ extension Worker {
         let listener = Int(record.pointee.listener)
         guard completion.result >= 0 else {
             stats.add(.connectFailures, endpoint: endpoint)
+            // The linked timeout cancelled the connect.
+            if completion.result == -ECANCELED { stats.add(.connectTimeouts, endpoint: endpoint) }
             releaseEndpoint(record)
             Glibc.close(record.pointee.upstream)
             record.pointee.upstream = -1

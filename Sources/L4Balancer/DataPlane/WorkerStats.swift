@@ -24,6 +24,8 @@ public final class WorkerStats: @unchecked Sendable {
     }
     public enum EndpointCounter: Int, CaseIterable {
         case active, total, connectFailures, bytesIn, bytesOut
+        /// Connect attempts that hit connect_timeout (also in `connectFailures`).
+        case connectTimeouts
     }
     /// The worker's own: not tied to a listener or endpoint.
     public enum WorkerCounter: Int, CaseIterable {

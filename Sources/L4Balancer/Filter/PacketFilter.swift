@@ -129,11 +129,7 @@ public final class PacketFilter: @unchecked Sendable {
 
     /// `l4lb block add`: a run-time entry, kept across reloads (and restarts, pinned).
     public func add(_ text: String) -> Result<FilterEntry, EntryError> {
-        let entry: FilterEntry
-        switch FilterEntry.parse(text) {
-        case .success(let parsed): entry = parsed
-        case .failure(let error): return .failure(EntryError(kind: .invalid, description: error.description))
-        }
+        guard case .success(let entry) = PacketFilter.parse(text) else { return PacketFilter.parse(text) }
         lock.lock()
         defer { lock.unlock() }
         do {
@@ -148,11 +144,7 @@ public final class PacketFilter: @unchecked Sendable {
     /// `l4lb block remove`: removes a run-time entry. An entry from the config file stays
     /// (it would come back on the next reload): that is an error naming the config.
     public func remove(_ text: String) -> Result<FilterEntry, EntryError> {
-        let entry: FilterEntry
-        switch FilterEntry.parse(text) {
-        case .success(let parsed): entry = parsed
-        case .failure(let error): return .failure(EntryError(kind: .invalid, description: error.description))
-        }
+        guard case .success(let entry) = PacketFilter.parse(text) else { return PacketFilter.parse(text) }
         lock.lock()
         defer { lock.unlock() }
         guard let origins = blocked[entry] else {
@@ -168,6 +160,10 @@ public final class PacketFilter: @unchecked Sendable {
         }
         publishLocked()
         return .success(entry)
+    }
+
+    private static func parse(_ text: String) -> Result<FilterEntry, EntryError> {
+        FilterEntry.parse(text).mapError { EntryError(kind: .invalid, description: $0.description) }
     }
 
     /// Every entry with where it came from, blocked then allowed, each sorted.

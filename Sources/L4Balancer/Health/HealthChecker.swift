@@ -26,6 +26,8 @@ public final class HealthChecker: @unchecked Sendable {
     private let finished = DispatchSemaphore(value: 0)
     /// Health transitions per endpoint identity (healthy ↔ unhealthy, ejected ↔ returned).
     public let transitions: UnsafeMutablePointer<UnsafeAtomic<Int>.Storage>
+    /// Outlier ejections per endpoint identity.
+    let ejectionCounts: UnsafeMutablePointer<UnsafeAtomic<Int>.Storage>
 
     /// One endpoint under active checks.
     struct Target {
@@ -74,6 +76,7 @@ public final class HealthChecker: @unchecked Sendable {
         self.workerStats = workerStats
         self.logger = logger
         transitions = reserve(UnsafeAtomic<Int>.Storage.self, IdentityRegistry.endpointCapacity)
+        ejectionCounts = reserve(UnsafeAtomic<Int>.Storage.self, IdentityRegistry.endpointCapacity)
         install(snapshot, now: monotonicMilliseconds())
     }
 
@@ -81,6 +84,10 @@ public final class HealthChecker: @unchecked Sendable {
 
     public func transitionCount(endpoint: Int) -> Int {
         UnsafeAtomic<Int>(at: transitions + endpoint).load(ordering: .relaxed)
+    }
+
+    public func ejectionCount(endpoint: Int) -> Int {
+        UnsafeAtomic<Int>(at: ejectionCounts + endpoint).load(ordering: .relaxed)
     }
 
     /// Makes the checker run on `snapshot` (from the next pass of its loop), and waits at
@@ -447,6 +454,7 @@ public final class HealthChecker: @unchecked Sendable {
             outliers[k].ejectedUntil = now + duration
             status.set(.ejected, true, endpoint: e, now: now)
             UnsafeAtomic<Int>(at: transitions + e).wrappingIncrement(ordering: .relaxed)
+            UnsafeAtomic<Int>(at: ejectionCounts + e).wrappingIncrement(ordering: .relaxed)
             logger.info("endpoint ejected", metadata: metadata(outliers[k].clusterName, outliers[k].address, [
                 "from": "available", "to": "ejected", "reason": "\(consecutive) consecutive connect failures",
                 "ejection_time": "\(ConfigDuration(milliseconds: duration))",

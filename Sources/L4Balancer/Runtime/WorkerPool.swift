@@ -219,6 +219,8 @@ public final class WorkerPool: Service, @unchecked Sendable {
                 "endpoint": "\(endpoint.address)",
                 "connections": "\(total(.total))",
                 "connect_failures": "\(total(.connectFailures))",
+                "connect_timeouts": "\(total(.connectTimeouts))",
+                "outlier_ejections": "\(healthChecker.ejectionCount(endpoint: e))",
                 "health_transitions": "\(healthChecker.transitionCount(endpoint: e))",
             ])
         }
