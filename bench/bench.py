@@ -42,7 +42,11 @@ PORTS = {
     "nginx": (18140, 18141),
     # Another l4lb build (--baseline), to judge a data-plane change in the same run.
     "l4lb-baseline": (18150, 18151),
+    # The same l4lb with the access log written to a file and /metrics scraped once a
+    # second (--observed): what observability costs per request.
+    "l4lb-observed": (18160, 18161),
 }
+ADMIN_PORTS = {"l4lb": 18152, "l4lb-baseline": 18153, "l4lb-observed": 18154}
 # HAProxy runs in two modes; ratios are taken against the better of them.
 HAPROXY_MODES = ("haproxy", "haproxy-splice")
 
@@ -168,13 +172,15 @@ http {{
     }}
 }}
 """)
-    for name, admin in (("l4lb", 18152), ("l4lb-baseline", 18153)):
+    for name, admin in ADMIN_PORTS.items():
         h, b = PORTS[name]
-        # Each l4lb its own admin port: both run at once.
+        # Each l4lb its own admin port: they run at once.
+        access_log = f'access_log: {{ path: "{tmp}/access.log", format: json }}' if name == "l4lb-observed" else ""
         (tmp / f"{name}.yaml").write_text(f"""
 workers: 1
 drain_timeout: 1s
 admin: {{ address: "127.0.0.1:{admin}" }}
+{access_log}
 listeners:
   - {{ name: http, address: "127.0.0.1:{h}", cluster: http, idle_timeout: 10m, max_connections: 1000000 }}
   - {{ name: bulk, address: "127.0.0.1:{b}", cluster: bulk, idle_timeout: 10m }}
@@ -223,6 +229,7 @@ stream {{
     return {
         "l4lb": [str(l4lb_bin), "run", "--config", str(tmp / "l4lb.yaml")],
         "l4lb-baseline": [str(baseline_bin), "run", "--config", str(tmp / "l4lb-baseline.yaml")],
+        "l4lb-observed": [str(l4lb_bin), "run", "--config", str(tmp / "l4lb-observed.yaml")],
         "haproxy": ["haproxy", "-db", "-f", str(tmp / "haproxy.cfg")],
         "haproxy-splice": ["haproxy", "-db", "-f", str(tmp / "haproxy-splice.cfg")],
         "nginx": ["nginx", "-e", "stderr", "-p", str(tmp), "-c", str(tmp / "nginx-stream.conf")],
@@ -305,6 +312,22 @@ def idle_memory(port, pids, count):
     return {"units": count, "rss_growth_kib": after - base, "bytes_per_conn": (after - base) * 1024 / count}
 
 
+def start_scraper(port):
+    """GET /metrics once a second for the rest of the run, as a (demanding) Prometheus."""
+    import threading
+    import urllib.request
+
+    def scrape():
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
+            except OSError:
+                pass
+            time.sleep(1)
+
+    threading.Thread(target=scrape, daemon=True).start()
+
+
 def wait_quiet(pids, timeout=15.0):
     """Waits until `pids` use under 5% of a CPU over half a second (or `timeout`)."""
     deadline = time.time() + timeout
@@ -367,6 +390,8 @@ def main():
                     help="clients that never read, for the opt-in stalled-readers workload")
     ap.add_argument("--l4lb", default=str(ROOT / ".build" / "release" / "l4lb"))
     ap.add_argument("--baseline", help="another l4lb binary, measured in the same run as proxy l4lb-baseline")
+    ap.add_argument("--observed", action="store_true",
+                    help="also run l4lb-observed: access log to a file, /metrics scraped every second")
     args = ap.parse_args()
     # Five short alternating rounds rather than three longer ones: the host's speed drifts
     # over seconds, and a median of five pairs is harder for one slow spell to move.
@@ -376,6 +401,8 @@ def main():
     proxies = args.proxies.split(",")
     if args.baseline and "l4lb-baseline" not in proxies:
         proxies.insert(proxies.index("l4lb") + 1 if "l4lb" in proxies else len(proxies), "l4lb-baseline")
+    if args.observed and "l4lb-observed" not in proxies:
+        proxies.insert(proxies.index("l4lb") + 1 if "l4lb" in proxies else len(proxies), "l4lb-observed")
     workloads = args.workloads.split(",")
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -407,6 +434,8 @@ def main():
             p = procs.start(name, commands[name], PROXY_CPU, stderr=open(tmp / f"{name}.log", "w"))
             wait_port(PORTS[name][0], proc=p)
             running[name] = p
+        if "l4lb-observed" in running:
+            start_scraper(ADMIN_PORTS["l4lb-observed"])
         for rnd in range(rounds):
             for workload in workloads:
                 if workload in ("idle-memory", "stalled-readers"):
@@ -561,7 +590,7 @@ def report(summary, raw, rounds, duration, elapsed):
         unit = WORKLOADS[workload][1]
         ha = [by[h]["overhead_per_unit"] for h in HAPROXY_MODES if h in by and by[h].get("overhead_per_unit") is not None]
         ha_best = min(ha) if ha else None
-        for name in ("direct", "l4lb", "l4lb-baseline", "haproxy", "haproxy-splice", "nginx"):
+        for name in ("direct", "l4lb", "l4lb-baseline", "l4lb-observed", "haproxy", "haproxy-splice", "nginx"):
             s = by.get(name)
             if not s:
                 continue
@@ -573,7 +602,7 @@ def report(summary, raw, rounds, duration, elapsed):
             vs_direct = f"{fmt(s.get('rate_vs_direct'))}×, {fmt(s.get('cpu_vs_direct'))}×" if "rate_vs_direct" in s else ""
             lines.append(f"| {workload} | {name} | {rate_text} | {fmt(s.get('cpu_per_unit'))} {unit} | {vs_direct} | {fmt(s.get('overhead_per_unit'))} | {fmt(ratio)}× | {rounds_text} | {fmt(s.get('proc_cpu_per_unit'))} | {lat} |")
     if "stalled-readers" in summary:
-        for name in ("direct", "l4lb", "l4lb-baseline", "haproxy", "haproxy-splice", "nginx"):
+        for name in ("direct", "l4lb", "l4lb-baseline", "l4lb-observed", "haproxy", "haproxy-splice", "nginx"):
             s = summary["stalled-readers"].get(name)
             if not s:
                 continue
