@@ -7,8 +7,12 @@
  *   blocked_ports match  -> drop (per protocol, on the destination port)
  *   anything else        -> pass
  *
- * Headers the parser cannot follow (truncated, bad lengths, too many VLAN tags or IPv6
- * extension headers) pass and are counted: the kernel rejects what is really broken. */
+ * Headers the parser cannot follow (truncated, bad lengths, too many VLAN tags) pass and
+ * are counted: the kernel rejects what is really broken. The exception is a packet the
+ * kernel would accept whose ports the parser cannot see — a first fragment cut before
+ * them, or an IPv6 chain deeper than it follows: while any port rule exists it is
+ * dropped (`unreachable_ports`), so extension headers or tiny fragments cannot carry a
+ * packet past a port rule. */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
@@ -73,6 +77,14 @@ struct {
 } blocked_ports SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct l4lb_settings);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} settings SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
 	__uint(max_entries, 256);
 	__type(key, __u32);
@@ -116,16 +128,27 @@ static __always_inline int source_v6(const struct in6_addr *saddr)
 	return -1;
 }
 
-/* Destination-port verdict for a TCP or UDP header at `l4`. */
+static __always_inline int port_rules_exist(void)
+{
+	__u32 zero = 0;
+	struct l4lb_settings *s = bpf_map_lookup_elem(&settings, &zero);
+	return s && s->port_rules > 0;
+}
+
+/* Destination-port verdict for a TCP or UDP header at `l4`. `first_fragment`: the packet
+ * is the first of several, which the kernel reassembles whatever this one holds. */
 static __always_inline int ports(struct xdp_md *ctx, void *l4, void *data_end, __u8 protocol,
-				 int source)
+				 int source, int first_fragment)
 {
 	if (protocol != NEXTHDR_TCP && protocol != NEXTHDR_UDP)
 		return verdict(ctx, source >= 0 ? source : L4LB_PASS_NO_MATCH);
 	/* Both headers start with source and destination ports. */
 	__be16 *port_pair = l4;
-	if ((void *)(port_pair + 2) > data_end)
+	if ((void *)(port_pair + 2) > data_end) {
+		if (first_fragment && port_rules_exist())
+			return verdict(ctx, L4LB_DROP_UNREACHABLE_PORTS);
 		return verdict(ctx, L4LB_PASS_MALFORMED);
+	}
 	__u32 port = bpf_ntohs(port_pair[1]);
 	struct l4lb_port_rule *rule = bpf_map_lookup_elem(&blocked_ports, &port);
 	if (rule) {
@@ -151,7 +174,8 @@ static __always_inline int filter_v4(struct xdp_md *ctx, void *l3, void *data_en
 		return verdict(ctx, source);
 	if (ip->frag_off & bpf_htons(IP_OFFSET))
 		return verdict(ctx, source >= 0 ? source : L4LB_PASS_FRAGMENT);
-	return ports(ctx, l3 + header_length, data_end, ip->protocol, source);
+	return ports(ctx, l3 + header_length, data_end, ip->protocol, source,
+		     (ip->frag_off & bpf_htons(IP_MF)) != 0);
 }
 
 static __always_inline int filter_v6(struct xdp_md *ctx, void *l3, void *data_end)
@@ -166,10 +190,11 @@ static __always_inline int filter_v6(struct xdp_md *ctx, void *l3, void *data_en
 
 	__u8 next = ip6->nexthdr;
 	void *cursor = ip6 + 1;
+	int first_fragment = 0;
 #pragma unroll
 	for (int depth = 0; depth < L4LB_MAX_IPV6_EXT_DEPTH; depth++) {
 		if (next == NEXTHDR_TCP || next == NEXTHDR_UDP)
-			return ports(ctx, cursor, data_end, next, source);
+			return ports(ctx, cursor, data_end, next, source, first_fragment);
 		if (next != NEXTHDR_HOP && next != NEXTHDR_ROUTING && next != NEXTHDR_DEST &&
 		    next != NEXTHDR_FRAGMENT && next != NEXTHDR_AUTH)
 			return verdict(ctx, source >= 0 ? source : L4LB_PASS_NO_MATCH);
@@ -182,6 +207,7 @@ static __always_inline int filter_v6(struct xdp_md *ctx, void *l3, void *data_en
 				return verdict(ctx, L4LB_PASS_MALFORMED);
 			if (frag->frag_off & bpf_htons(0xFFF8))
 				return verdict(ctx, source >= 0 ? source : L4LB_PASS_FRAGMENT);
+			first_fragment = (frag->frag_off & bpf_htons(1)) != 0;
 			next = frag->nexthdr;
 			cursor = frag + 1;
 			continue;
@@ -190,8 +216,14 @@ static __always_inline int filter_v6(struct xdp_md *ctx, void *l3, void *data_en
 		next = ext->nexthdr;
 		cursor += length;
 	}
+	/* Six extension headers followed; the seventh header may still be the transport. */
+	if (next == NEXTHDR_TCP || next == NEXTHDR_UDP)
+		return ports(ctx, cursor, data_end, next, source, first_fragment);
+	if (next != NEXTHDR_HOP && next != NEXTHDR_ROUTING && next != NEXTHDR_DEST &&
+	    next != NEXTHDR_FRAGMENT && next != NEXTHDR_AUTH)
+		return verdict(ctx, source >= 0 ? source : L4LB_PASS_NO_MATCH);
 	/* Deeper than the parser follows: the ports were not seen. */
-	return verdict(ctx, L4LB_PASS_MALFORMED);
+	return verdict(ctx, port_rules_exist() ? L4LB_DROP_UNREACHABLE_PORTS : L4LB_PASS_MALFORMED);
 }
 
 SEC("xdp")

@@ -49,7 +49,14 @@ enum l4lb_reason {
 	L4LB_DROP_SOURCE_V6,
 	L4LB_DROP_PORT_TCP,
 	L4LB_DROP_PORT_UDP,
+	L4LB_DROP_UNREACHABLE_PORTS, /* port rules exist, and a first fragment or an IPv6
+	                                header chain hides the ports from the parser */
 	L4LB_REASON_COUNT,
+};
+
+/* settings[0]: what user space tells the program about the lists. */
+struct l4lb_settings {
+	__u32 port_rules; /* entries in blocked_ports (either protocol) */
 };
 
 /* Per-CPU counters keyed by ingress ifindex; key 0 counts interfaces user space has not

@@ -4,6 +4,9 @@
 public enum FilterReason: Int, CaseIterable, Sendable {
     case noMatch, allowed, notIP, malformed, fragment
     case blockedSourceV4, blockedSourceV6, blockedPortTCP, blockedPortUDP
+    /// XDP only: port rules exist and the packet hides its ports (a first fragment cut
+    /// before them, an IPv6 header chain deeper than the parser follows).
+    case unreachablePorts
 
     public var drops: Bool { rawValue >= FilterReason.blockedSourceV4.rawValue }
 
@@ -19,6 +22,7 @@ public enum FilterReason: Int, CaseIterable, Sendable {
         case .blockedSourceV6: "blocked_source_v6"
         case .blockedPortTCP: "blocked_port_tcp"
         case .blockedPortUDP: "blocked_port_udp"
+        case .unreachablePorts: "unreachable_ports"
         }
     }
 }

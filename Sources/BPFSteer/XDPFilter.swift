@@ -26,7 +26,7 @@ public final class XDPFilter {
     private let object: OpaquePointer
     private let programFD: Int32
     private let blockedV4: Int32, blockedV6: Int32, allowedV4: Int32, allowedV6: Int32
-    private let ports: Int32, counters: Int32
+    private let ports: Int32, counters: Int32, settings: Int32
     private var linkFDs: [String: Int32] = [:]
     private let cpus: Int
 
@@ -54,8 +54,15 @@ public final class XDPFilter {
         allowedV6 = mapFD("allowed_v6")
         ports = mapFD("blocked_ports")
         counters = mapFD("counters")
+        settings = mapFD("settings")
         programFD = bpf_program__fd(bpf_object__find_program_by_name(opened, "l4lb_xdp_filter"))
-        cpus = Int(max(libbpf_num_possible_cpus(), 1))
+        let possible = libbpf_num_possible_cpus()
+        guard possible > 0 else {
+            bpf_object__close(opened)
+            throw BPFError("counting possible CPUs", code: -possible)
+        }
+        cpus = Int(possible)
+        try forgetOtherInterfaces()
         try registerCounters(ifindex: 0)
     }
 
@@ -86,7 +93,12 @@ public final class XDPFilter {
         let stale = bpf_obj_get(path)
         if stale >= 0 {
             var staleProgram: UInt32 = 0
-            if l4lb_link_ifindex(stale, &staleProgram) == Int32(ifindex), l4lb_xdp_link_update(stale, programFD) == 0 {
+            var staleMode: UInt8 = 0
+            _ = l4lb_xdp_query(Int32(ifindex), &staleMode, &staleProgram)
+            let native = staleMode == UInt8(XDP_ATTACHED_DRV) || staleMode == UInt8(XDP_ATTACHED_HW)
+            // A link keeps its mode: one in the other mode than asked for is replaced.
+            let modeFits = request == .auto || (request == .native) == native
+            if modeFits, l4lb_link_ifindex(stale, &staleProgram) == Int32(ifindex), l4lb_xdp_link_update(stale, programFD) == 0 {
                 linkFD = stale
                 replaced = true
             } else {
@@ -147,6 +159,11 @@ public final class XDPFilter {
     /// Unpins links a previous run left for interfaces not in `interfaces` (the config no
     /// longer filters there): their programs detach.
     public func removeLinks(except interfaces: [String]) {
+        XDPFilter.removeLinks(pinPath: pinPath, except: interfaces)
+    }
+
+    /// The same without a loaded program (it needs only the filesystem).
+    public static func removeLinks(pinPath: String, except interfaces: [String]) {
         let keep = Set(interfaces.map { "link_\($0)" })
         let pinned = (try? FileManager.default.contentsOfDirectory(atPath: pinPath)) ?? []
         for name in pinned where name.hasPrefix("link_") && !keep.contains(name) {
@@ -158,12 +175,37 @@ public final class XDPFilter {
 
     // MARK: Counters
 
+    /// Counters for `ifindex`, from zero (an interface number may have been someone else's).
     private func registerCounters(ifindex: UInt32) throws(BPFError) {
         var key = ifindex
         var zero = [UInt8](repeating: 0, count: cpus * MemoryLayout<l4lb_counters>.stride)
-        let result = bpf_map_update_elem(counters, &key, &zero, UInt64(BPF_NOEXIST))
+        let result = bpf_map_update_elem(counters, &key, &zero, UInt64(ifindex == 0 ? BPF_NOEXIST : BPF_ANY))
         if result != 0, -result != EEXIST, errno != EEXIST {
             throw BPFError("registering counters for ifindex \(ifindex)", code: errno)
+        }
+    }
+
+    /// Drops the counters of interfaces a previous run attached to (the map would fill
+    /// with interfaces that came and went); key 0 stays.
+    private func forgetOtherInterfaces() throws(BPFError) {
+        var keys: [UInt32] = []
+        var key: UInt32 = 0, next: UInt32 = 0
+        var first = true
+        while (first ? bpf_map_get_next_key(counters, nil, &next) : bpf_map_get_next_key(counters, &key, &next)) == 0 {
+            first = false
+            key = next
+            if key != 0 { keys.append(key) }
+        }
+        for var stale in keys { _ = bpf_map_delete_elem(counters, &stale) }
+    }
+
+    /// Tells the program how many port rules exist (it drops packets that hide their
+    /// ports only while there are some).
+    public func setPortRuleCount(_ count: Int) throws(BPFError) {
+        var key: UInt32 = 0
+        var value = l4lb_settings(port_rules: UInt32(clamping: count))
+        guard bpf_map_update_elem(settings, &key, &value, UInt64(BPF_ANY)) == 0 else {
+            throw BPFError("updating the filter settings", code: errno)
         }
     }
 

@@ -302,7 +302,8 @@ final class FilterTests: XCTestCase {
     }
 
     /// The parser follows IPv4 options, fragments and IPv6 extension headers to the ports,
-    /// and passes (and counts) what it cannot follow. Raw frames over the veth, each kind
+    /// passes (and counts) what is truncated, and drops what hides its ports from a port
+    /// rule. Raw frames over the veth, each kind
     /// ten times, and the exact counter that moved.
     func testParserFollowsOptionsFragmentsAndExtensionHeaders() throws {
         let (client, server) = try vethPair("parse")
@@ -342,7 +343,12 @@ final class FilterTests: XCTestCase {
             ("IPv6 behind hop-by-hop and destination options", frame(allowed6, extensions: [0, 60]), true, "blocked_port_udp"),
             ("IPv6 first fragment", frame(allowed6, more: true, extensions: [0]), true, "blocked_port_udp"),
             ("IPv6 non-first fragment", frame(allowed6, offset: 100), false, "fragment"),
-            ("IPv6 with 7 extension headers", frame(allowed6, extensions: [0, 60, 60, 60, 60, 60, 60]), false, "malformed"),
+            ("IPv6 with 6 extension headers (the most followed)", frame(allowed6, extensions: [0, 60, 60, 60, 60, 60]), true, "blocked_port_udp"),
+            // Hidden ports while port rules exist: dropped, or headers could smuggle a
+            // packet past a rule (the kernel would accept these).
+            ("IPv6 with 7 extension headers", frame(allowed6, extensions: [0, 60, 60, 60, 60, 60, 60]), true, "unreachable_ports"),
+            ("IPv4 first fragment cut before its ports", frame(allowed4, more: true, cut: 14 + 20 + 2), true, "unreachable_ports"),
+            ("IPv6 first fragment cut before its ports", frame(allowed6, more: true, extensions: [0], cut: 14 + 40 + 8 + 8 + 2), true, "unreachable_ports"),
             ("IPv4 header cut short", frame(allowed4, cut: 14 + 12), false, "malformed"),
             ("IPv4 options cut short", frame(allowed4, options: 4, cut: 14 + 24), false, "malformed"),
             ("UDP header cut short", frame(allowed4, cut: 14 + 20 + 2), false, "malformed"),

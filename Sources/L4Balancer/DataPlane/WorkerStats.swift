@@ -38,6 +38,8 @@ public final class WorkerStats: @unchecked Sendable {
         case submissionDrops
         /// The most small / large buffers ever in use at once.
         case smallBuffersPeak, largeBuffersPeak
+        /// Small / large buffers in use now (sampled once per tick, 100 ms).
+        case smallBuffersInUse, largeBuffersInUse
         /// The snapshot generation the worker runs new connections on.
         case adoptedGeneration
         /// Plans still alive: the current one plus older ones with open connections.
@@ -49,7 +51,7 @@ public final class WorkerStats: @unchecked Sendable {
         /// The user-space filter's verdicts on accepted connections, one per `FilterReason`
         /// in its order (`filterCounter(_:)`).
         case filterNoMatch, filterAllowed, filterNotIP, filterMalformed, filterFragment
-        case filterBlockedSourceV4, filterBlockedSourceV6, filterBlockedPortTCP, filterBlockedPortUDP
+        case filterBlockedSourceV4, filterBlockedSourceV6, filterBlockedPortTCP, filterBlockedPortUDP, filterUnreachablePorts
 
         public static func filterCounter(_ reason: FilterReason) -> WorkerCounter {
             WorkerCounter(rawValue: filterNoMatch.rawValue + reason.rawValue).unsafelyUnwrapped

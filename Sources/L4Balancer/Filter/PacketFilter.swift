@@ -29,7 +29,9 @@ public final class PacketFilter: @unchecked Sendable {
     private var xdp: XDPFilter?
     private var blocked: [FilterEntry: FilterOrigin] = [:]
     private var allowed: [SourcePrefix: FilterOrigin] = [:]
-    public private(set) var interfaces: [Interface] = []
+    private var attached: [Interface] = []
+    /// Where XDP is attached, and how.
+    public var interfaces: [Interface] { lock.withLock { attached } }
     /// True when the workers check every accepted connection (XDP is not attached).
     public private(set) var userspace = true
     /// Why XDP is not in use, when it is not.
@@ -52,6 +54,9 @@ public final class PacketFilter: @unchecked Sendable {
                 throw StartError(description: "filter.xdp.mode: \(config.mode.rawValue): \(error)")
             }
             fallbackReason = "\(error)"
+            // A program a previous run pinned would go on filtering with lists nobody can
+            // change any more: unpin its links (that needs only the filesystem).
+            XDPFilter.removeLinks(pinPath: config.pinPath, except: [])
             if config.wantsXDP || !config.blockSources.isEmpty || !config.blockPorts.isEmpty {
                 logger.warning("XDP filter unavailable; the lists are enforced in user space, and run-time entries last until exit", metadata: ["error": "\(error)"])
             }
@@ -63,13 +68,14 @@ public final class PacketFilter: @unchecked Sendable {
         }
         do {
             try apply(config)
+            try xdp?.setPortRuleCount(portRules)
         } catch {
             throw StartError(description: "filter: \(error)")
         }
         if config.wantsXDP {
             if let xdp {
                 do {
-                    interfaces = try config.interfaces.map { name throws(BPFError) in
+                    attached = try config.interfaces.map { name throws(BPFError) in
                         let attachment = try xdp.attach(name, XDPFilter.Request(rawValue: config.mode.rawValue) ?? .auto)
                         logger.info(attachment.replacedStale ? "XDP filter replaced the program a previous run left attached" : "XDP filter attached",
                                     metadata: ["interface": "\(name)", "mode": "\(attachment.mode.rawValue)", "program": "\(attachment.programID)"])
@@ -78,7 +84,7 @@ public final class PacketFilter: @unchecked Sendable {
                     userspace = false
                 } catch {
                     xdp.detachAll()
-                    interfaces = []
+                    attached = []
                     if config.mode != .auto { throw StartError(description: "filter.xdp.interfaces: \(error)") }
                     fallbackReason = "\(error)"
                     logger.warning("XDP filter could not attach; the lists are enforced in user space", metadata: ["error": "\(error)"])
@@ -92,7 +98,7 @@ public final class PacketFilter: @unchecked Sendable {
     public func shutdown() {
         lock.withLock {
             xdp?.detachAll()
-            interfaces = []
+            attached = []
         }
     }
 
@@ -103,7 +109,11 @@ public final class PacketFilter: @unchecked Sendable {
     @discardableResult
     func apply(_ config: Config.Filter) throws(BPFError) -> (added: Int, removed: Int) {
         lock.lock()
-        defer { lock.unlock() }
+        // Published even when a write fails part of the way: the workers see what is in force.
+        defer {
+            publishLocked()
+            lock.unlock()
+        }
         var added = 0, removed = 0
         let wantedBlocked = Set(config.blockSources.map(FilterEntry.source) + config.blockPorts.map(FilterEntry.port))
         let wantedAllowed = Set(config.allowSources)
@@ -123,7 +133,6 @@ public final class PacketFilter: @unchecked Sendable {
             try write(.source(prefix), .allowed, origins.subtracting(.config))
             removed += 1
         }
-        publishLocked()
         return (added, removed)
     }
 
@@ -178,17 +187,24 @@ public final class PacketFilter: @unchecked Sendable {
     public func kernelCounters() -> [(Interface, [FilterReason: UInt64])] {
         lock.withLock {
             guard let xdp else { return [] }
-            return interfaces.map { ($0, xdp.packets(ifindex: $0.ifindex)) }
+            return attached.map { ($0, xdp.packets(ifindex: $0.ifindex)) }
         }
     }
 
     private func write(_ entry: FilterEntry, _ list: XDPFilter.List, _ origins: FilterOrigin) throws(BPFError) {
+        // A new port rule is counted before it is written, a removed one after.
+        if case .port = entry, !origins.isEmpty { try xdp?.setPortRuleCount(portRules + 1) }
         try xdp?.set(entry, in: list, origins: origins)
         switch (entry, list) {
         case (_, .blocked): blocked[entry] = origins.isEmpty ? nil : origins
         case (.source(let prefix), .allowed): allowed[prefix] = origins.isEmpty ? nil : origins
         case (.port, .allowed): break
         }
+        if case .port = entry { try xdp?.setPortRuleCount(portRules) }
+    }
+
+    private var portRules: Int {
+        blocked.keys.reduce(0) { count, entry in if case .port = entry { count + 1 } else { count } }
     }
 
     private func publish() {

@@ -72,14 +72,6 @@ extension WorkerPool {
         }
         let fixed = WorkerPool.restartOnlyChanges(from: old.config, to: config)
         guard fixed.isEmpty else { return fail(fixed) }
-        // The lists first, as a diff (never a moment with an empty list); the workers take
-        // the user-space copy with the snapshot's wake-up below.
-        let filterChange: (added: Int, removed: Int)
-        do {
-            filterChange = try filter.apply(config.filter)
-        } catch {
-            return fail(["filter: \(error) (entries before it were applied)"])
-        }
         let ids: (listeners: [Int], clusters: [Int], endpoints: [[Int]])
         let sockets: [[Int32]]
         do {
@@ -89,6 +81,18 @@ extension WorkerPool {
             return fail([error.description])
         } catch {
             return fail(["\(error)"])
+        }
+        // The lists last of what can fail, as a diff (never a moment with an empty list);
+        // the workers take the user-space copy with the snapshot's wake-up below. On an
+        // error the config's previous lists are put back and the new sockets closed.
+        let filterChange: (added: Int, removed: Int)
+        do {
+            filterChange = try filter.apply(config.filter)
+        } catch {
+            _ = try? filter.apply(old.config.filter)
+            let kept = Set(old.listenerSockets.joined())
+            for fd in sockets.joined() where !kept.contains(fd) { close(fd) }
+            return fail(["filter: \(error)"])
         }
         let snapshot = Snapshot(config: config, generation: old.generation + 1, ids: ids, previous: old, listenerSockets: sockets)
 

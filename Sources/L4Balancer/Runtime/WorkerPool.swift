@@ -78,6 +78,7 @@ public final class WorkerPool: Service, @unchecked Sendable {
         do {
             sockets = try ListenerSockets.open(config.listeners, workers: count, reusing: nil)
         } catch {
+            filter.shutdown()
             throw StartError(description: "\(error)")
         }
         let snapshot = Snapshot(config: config, generation: 1, ids: ids, previous: nil, listenerSockets: sockets)
