@@ -28,16 +28,19 @@ final class DashboardTests: XCTestCase {
             """, waitFor: ("127.0.0.1", port))
         defer { proxy.stop() }
 
-        // Token-protected like the rest of the API.
-        let anonymous = try proxy.admin("GET", "/")
-        XCTAssertEqual(anonymous.status, 401)
-        XCTAssertTrue(anonymous.text.contains("needs its token"), anonymous.text)
-        XCTAssertEqual(try proxy.admin("GET", "/?token=wrong").status, 401)
-        let page = try proxy.admin("GET", "/", token: token)
+        // The page holds no data; everything on it comes from calls that need the token.
+        let page = try proxy.admin("GET", "/")
         XCTAssertEqual(page.status, 200)
         XCTAssertEqual(page.headers["content-type"], "text/html; charset=utf-8")
+        XCTAssertNil(page.headers["set-cookie"])
+        XCTAssertEqual(try proxy.admin("GET", "/stats").status, 401)
         // Self-contained: nothing is fetched from anywhere but the admin API itself.
         XCTAssertNil(page.text.range(of: #"(src|href)=["']?(https?:)?//"#, options: .regularExpression), "the page loads something from outside")
+        // A browser request from another origin cannot change anything, token or not.
+        let crossSite = try AdminHTTP.request(port: adminPort, "POST", "/reload", token: token, headers: ["Origin": "http://127.0.0.1:8000"])
+        XCTAssertEqual(crossSite.status, 403, crossSite.text)
+        let fetchedCrossSite = try AdminHTTP.request(port: adminPort, "POST", "/reload", token: token, headers: ["Sec-Fetch-Site": "same-site"])
+        XCTAssertEqual(fetchedCrossSite.status, 403, fetchedCrossSite.text)
 
         // Six connections held open: two per endpoint (round robin over three).
         let held = try (0..<6).map { _ -> Int32 in
@@ -50,10 +53,17 @@ final class DashboardTests: XCTestCase {
         defer { held.forEach { close($0) } }
 
         let browser = try HeadlessChromium()
-        try browser.navigate("http://127.0.0.1:\(adminPort)/?token=\(token.addingPercentEncoding(withAllowedCharacters: .alphanumerics)!)")
         func cell(_ address: String, _ column: String) -> String? {
             (try? browser.evaluate(#"document.querySelector('[data-endpoint="web/\#(address)"] .\#(column)')?.textContent ?? null"#)) as? String
         }
+        func text(_ id: String) -> String { ((try? browser.evaluate("document.getElementById('\(id)')?.textContent ?? ''")) as? String) ?? "" }
+        // Without the token (or with a wrong one) the page shows nothing and asks for it.
+        try browser.navigate("http://127.0.0.1:\(adminPort)/#token=wrong")
+        XCTAssertTrue(waitUntil(timeout: 10) { text("status") == "not authorised" && text("message").contains("needs its token") }, text("status"))
+        XCTAssertNil(cell(backends[0].address, "state"))
+        // With it (in the fragment: never sent to a server), the page works and forgets the URL.
+        try browser.navigate("http://127.0.0.1:\(adminPort)/#token=\(token.addingPercentEncoding(withAllowedCharacters: .alphanumerics)!)")
+        XCTAssertTrue(waitUntil(timeout: 10) { ((try? browser.evaluate("location.href")) as? String) == "http://127.0.0.1:\(adminPort)/" })
         let addresses = backends.map(\.address)
         XCTAssertTrue(waitUntil(timeout: 10) { addresses.allSatisfy { cell($0, "state") == "healthy" && cell($0, "active") == "2" } },
                       "page shows: \(addresses.map { "\(cell($0, "state") ?? "nil")/\(cell($0, "active") ?? "nil")" })")

@@ -62,6 +62,14 @@ final class HostileLoadTests: XCTestCase {
         XCTAssertTrue(uploads.waitUntilStalled(quietFor: 0.5, timeout: 20), "uploads never stalled")
         XCTAssertTrue(proxy.waitUntilQuiet(timeout: 20), "l4lb never went quiet")
         let loadedBeforeRSS = proxy.memoryKiB("VmRSS")
+        // The pool as /stats (and l4lb_worker_buffers_in_use) sees it: the stalled
+        // directions hold buffers, within the per-direction bound.
+        func buffersInUse() -> Int {
+            ((try? proxy.stats())?["workers"] as? [[String: Any]] ?? []).reduce(0) { $0 + $1.int("small_buffers_in_use") + $1.int("large_buffers_in_use") }
+        }
+        let heldWhileStalled = buffersInUse()
+        XCTAssertGreaterThan(heldWhileStalled, 0, "stalled directions hold no buffers?")
+        XCTAssertLessThanOrEqual(heldWhileStalled, 2 * 2 * stalled, "buffers held by \(2 * stalled) stalled directions")
 
         let cpuBefore = proxy.cpuSeconds
         let loaded = FreshClients.run(port: freshPort, clients: HostileLoadTests.freshClients)
@@ -97,6 +105,8 @@ final class HostileLoadTests: XCTestCase {
         // Back to normal.
         let after = FreshClients.run(port: freshPort, clients: HostileLoadTests.freshClients)
         XCTAssertEqual(after.failures, [], "fresh clients failed after the stalled peers were closed")
+        // Every buffer back in the pool.
+        XCTAssertTrue(waitUntil(timeout: 5) { buffersInUse() == 0 }, "buffers still in use: \(buffersInUse())")
 
         let (status, log) = proxy.stopAndCollectLog()
         XCTAssertEqual(status, 0)

@@ -319,7 +319,8 @@ final class LiveOperationsTests: XCTestCase {
         XCTAssertEqual(try proxy.admin("POST", "/clusters/nope/endpoints/127.0.0.1:9/drain").status, 404)
     }
 
-    /// Must-show 5: with a token, every admin endpoint but /healthz answers 401 without it
+    /// Must-show 5: with a token, every admin endpoint but /healthz (and the dashboard page,
+    /// which holds no data) answers 401 without it
     /// (and to a wrong one); the CLI says so. A non-loopback admin address without a token
     /// refuses to start.
     func testAdminTokenIsRequiredAndNonLoopbackNeedsOne() throws {
@@ -336,7 +337,7 @@ final class LiveOperationsTests: XCTestCase {
         let healthz = try proxy.admin("GET", "/healthz")
         XCTAssertEqual(healthz.status, 200)
         XCTAssertEqual(healthz.text, "ok\n")
-        let guarded = [("GET", "/stats"), ("GET", "/config"), ("POST", "/reload"),
+        let guarded = [("GET", "/stats"), ("GET", "/config"), ("GET", "/metrics"), ("GET", "/blocklist"), ("POST", "/reload"),
                        ("POST", "/clusters/pool/endpoints/\(backend.address)/drain"),
                        ("DELETE", "/clusters/pool/endpoints/\(backend.address)/drain")]
         for (method, path) in guarded {

@@ -65,15 +65,11 @@ public enum AdminAPI {
         }
     }
 
-    /// `POST` / `DELETE /blocklist` with `{"entry": "192.0.2.0/24"}` (or `?entry=`).
+    /// `POST` / `DELETE /blocklist` with `{"entry": "192.0.2.0/24"}`.
     static func blocklist(pool: WorkerPool, request: Request, adding: Bool) async throws -> Response {
-        var entry = request.uri.queryParameters["entry"].map(String.init)
-        if entry == nil {
-            let body = try await request.body.collect(upTo: 64 * 1024)
-            let object = (try? JSONSerialization.jsonObject(with: Data(buffer: body))) as? [String: Any]
-            entry = object?["entry"] as? String
-        }
-        guard let entry else {
+        let body = try await request.body.collect(upTo: 64 * 1024)
+        let object = (try? JSONSerialization.jsonObject(with: Data(buffer: body))) as? [String: Any]
+        guard let entry = object?["entry"] as? String else {
             return json(["error": "send {\"entry\": \"CIDR, tcp/PORT or udp/PORT\"}"], status: .badRequest)
         }
         let result = await offEventLoop { adding ? pool.block(entry) : pool.unblock(entry) }
@@ -107,30 +103,26 @@ public enum AdminAPI {
     }
 }
 
-/// Every endpoint but `/healthz` needs `Authorization: Bearer TOKEN` when the running
-/// config sets a token (read per request, so a reload can rotate it). The dashboard's
-/// browser sends the token as the `l4lb_token` cookie instead: `GET /?token=TOKEN` checks
-/// it, sets the cookie (HttpOnly, SameSite=Strict, so other sites cannot ride on it) and
-/// redirects to `/`, leaving the token out of the address bar and history.
+/// Every endpoint but `/healthz` and the dashboard page needs `Authorization: Bearer
+/// TOKEN` when the running config sets a token (read per request, so a reload can rotate
+/// it). The page itself holds no data: it sends the token the operator gives it with each
+/// call, from the tab's sessionStorage. No cookie is ever set, so another page in the same
+/// browser cannot make authenticated calls on the operator's behalf; and a state-changing
+/// request a browser marks as coming from another origin (`Origin`, `Sec-Fetch-Site`) is
+/// refused even without a token, so a web page cannot reload, drain or block through a
+/// loopback admin API that has none.
 struct BearerTokenMiddleware<Context: RequestContext>: RouterMiddleware {
     let pool: WorkerPool
-    static var cookieName: String { "l4lb_token" }
 
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
-        guard request.uri.path != "/healthz", let token = pool.snapshot.config.admin.token else {
+        if request.method != .get, request.method != .head, isCrossSite(request) {
+            return AdminAPI.json(["error": "cross-site request refused"], status: .forbidden)
+        }
+        guard request.uri.path != "/healthz", request.uri.path != "/", let token = pool.snapshot.config.admin.token else {
             return try await next(request, context)
         }
-        if request.uri.path == "/", let offered = request.uri.queryParameters["token"] {
-            guard constantTimeEqual(String(offered), token) else { return loginPage(wrong: true) }
-            var response = Response(status: .seeOther, headers: [.location: "/"])
-            // Percent-encoded: a token may hold characters a cookie value cannot.
-            let value = token.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? token
-            response.headers[.setCookie] = "\(Self.cookieName)=\(value); Path=/; HttpOnly; SameSite=Strict"
-            return response
-        }
         let presented = request.headers[.authorization] ?? ""
-        guard constantTimeEqual(presented, "Bearer \(token)") || constantTimeEqual(cookie(request) ?? "", token) else {
-            if request.uri.path == "/" { return loginPage(wrong: false) }
+        guard constantTimeEqual(presented, "Bearer \(token)") else {
             var response = AdminAPI.json(["error": "missing or wrong bearer token"], status: .unauthorized)
             response.headers[.wwwAuthenticate] = "Bearer realm=\"l4lb\""
             return response
@@ -138,30 +130,14 @@ struct BearerTokenMiddleware<Context: RequestContext>: RouterMiddleware {
         return try await next(request, context)
     }
 
-    private func cookie(_ request: Request) -> String? {
-        for header in request.headers[values: .cookie] {
-            for pair in header.split(separator: ";") {
-                let parts = pair.split(separator: "=", maxSplits: 1)
-                if parts.count == 2, parts[0].trimmingCharacters(in: .whitespaces) == Self.cookieName {
-                    return String(parts[1]).removingPercentEncoding
-                }
-            }
+    /// A browser's request from a page that is not this API's own origin.
+    private func isCrossSite(_ request: Request) -> Bool {
+        if let site = request.headers[values: .init("Sec-Fetch-Site")!].first, site != "same-origin", site != "none" {
+            return true
         }
-        return nil
-    }
-
-    /// The dashboard without a valid token: a form that opens `/?token=…`.
-    private func loginPage(wrong: Bool) -> Response {
-        let html = """
-            <!doctype html><html lang="en"><head><meta charset="utf-8"><title>l4lb</title></head>
-            <body style="font: 15px system-ui, sans-serif; margin: 15vh auto; max-width: 420px">
-            <h1 style="font-size: 20px">l4lb dashboard</h1>
-            <p>\(wrong ? "That token is not the admin token." : "The admin API needs its token (admin.token).")</p>
-            <form method="get" action="/"><input name="token" type="password" autofocus style="width: 70%"> <button>Open</button></form>
-            </body></html>
-            """
-        return Response(status: .unauthorized, headers: [.contentType: "text/html; charset=utf-8"],
-                        body: .init(byteBuffer: ByteBuffer(string: html)))
+        guard let origin = request.headers[values: .init("Origin")!].first else { return false }
+        let host = request.head.authority ?? request.headers[values: .init("Host")!].first ?? ""
+        return origin != "http://\(host)"
     }
 
     private func constantTimeEqual(_ a: String, _ b: String) -> Bool {

@@ -93,6 +93,8 @@ extension WorkerPool {
                 "iterations": s.value(.iterations),
                 "small_buffers_peak": s.value(.smallBuffersPeak),
                 "large_buffers_peak": s.value(.largeBuffersPeak),
+                "small_buffers_in_use": s.value(.smallBuffersInUse),
+                "large_buffers_in_use": s.value(.largeBuffersInUse),
                 "submission_drops": s.value(.submissionDrops),
                 "wait_errors": s.value(.waitErrors),
                 "access_log_drops": s.value(.accessLogDrops),

@@ -2,8 +2,9 @@
 /// API). It polls `/stats` once a second and redraws listeners, clusters and endpoints
 /// (health, drain, active connections, rates from the deltas, bytes), the filter and the
 /// workers; its buttons drain and undrain an endpoint and reload the config through the
-/// same endpoints the CLI uses. With a token, the page is opened once as `/?token=…`,
-/// which sets an HttpOnly, SameSite=Strict cookie the API accepts in place of the header.
+/// same endpoints the CLI uses. The page holds no data of its own: with `admin.token` set,
+/// it asks for the token (or takes it from `/#token=…`: a fragment never reaches a server
+/// or its logs), keeps it in the tab's sessionStorage and sends it as the bearer header.
 enum DashboardPage {
     static let html = #"""
 <!doctype html>
@@ -61,6 +62,28 @@ enum DashboardPage {
 <script>
 "use strict";
 let previous = null, previousAt = 0;
+
+// The admin token: from /#token=… (then dropped from the address bar), else this tab's.
+function takeTokenFromAddress() {
+  const match = location.hash.match(/^#token=(.*)$/);
+  if (match) {
+    sessionStorage.setItem("l4lbToken", decodeURIComponent(match[1]));
+    history.replaceState(null, "", location.pathname);
+  }
+}
+takeTokenFromAddress();
+window.addEventListener("hashchange", () => { takeTokenFromAddress(); refresh(); });
+function api(path, options = {}) {
+  const token = sessionStorage.getItem("l4lbToken");
+  const headers = token ? { Authorization: "Bearer " + token } : {};
+  return fetch(path, { ...options, headers, cache: "no-store" });
+}
+function askForToken() {
+  const box = document.getElementById("message");
+  document.getElementById("message-box").className = "show";
+  box.style.color = "";
+  box.innerHTML = 'The admin API needs its token (admin.token): <input id="token" type="password" size="32"> <button type="button" id="save-token">Open</button>';
+}
 
 function esc(value) {
   return String(value ?? "-").replace(/[&<>"']/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
@@ -143,8 +166,12 @@ function render(stats, seconds) {
 async function refresh() {
   const status = document.getElementById("status");
   try {
-    const response = await fetch("/stats", { credentials: "same-origin", cache: "no-store" });
-    if (response.status === 401) { status.textContent = "not authorised: open /?token=…"; status.className = "error"; return; }
+    const response = await api("/stats");
+    if (response.status === 401) {
+      status.textContent = "not authorised"; status.className = "error";
+      if (!document.getElementById("token")) askForToken();
+      return;
+    }
     const stats = await response.json();
     const now = performance.now();
     render(stats, previous ? (now - previousAt) / 1000 : 0);
@@ -159,15 +186,18 @@ async function refresh() {
 document.addEventListener("click", async event => {
   const button = event.target.closest("button");
   if (!button) return;
-  if (button.id === "reload") {
-    const response = await fetch("/reload", { method: "POST", credentials: "same-origin" });
+  if (button.id === "save-token") {
+    sessionStorage.setItem("l4lbToken", document.getElementById("token").value);
+    document.getElementById("message-box").className = "";
+  } else if (button.id === "reload") {
+    const response = await api("/reload", { method: "POST" });
     const outcome = await response.json();
     show(response.ok ? `reloaded: generation ${outcome.generation}` + (outcome.changes?.length ? " — " + outcome.changes.join("; ") : ", nothing changed")
                      : "reload failed, the running config is unchanged: " + (outcome.errors || []).join("; "), !response.ok);
   } else if (button.classList.contains("drain")) {
     const draining = button.dataset.draining === "1";
     const path = `/clusters/${encodeURIComponent(button.dataset.cluster)}/endpoints/${encodeURIComponent(button.dataset.address)}/drain`;
-    const response = await fetch(path, { method: draining ? "DELETE" : "POST", credentials: "same-origin" });
+    const response = await api(path, { method: draining ? "DELETE" : "POST" });
     const outcome = await response.json();
     show(response.ok ? `${button.dataset.cluster} ${button.dataset.address}: ${draining ? "taking new connections again" : "draining"}` : outcome.error, !response.ok);
   }

@@ -114,6 +114,12 @@ public final class MetricsExporter: @unchecked Sendable {
             counter("l4lb_worker_access_log_drops_total", "Access-log lines dropped because the writer was behind.", labels, s.value(.accessLogDrops))
             gauge("l4lb_worker_buffers_peak", "The most receive buffers of a size in use at once.", labels + [("size", "small")], Double(s.value(.smallBuffersPeak)))
             gauge("l4lb_worker_buffers_peak", "The most receive buffers of a size in use at once.", labels + [("size", "large")], Double(s.value(.largeBuffersPeak)))
+            let buffers = pool.snapshot.config.buffers
+            let inUse = "Receive buffers of a size in use now (sampled every 100 ms)."
+            gauge("l4lb_worker_buffers_in_use", inUse, labels + [("size", "small")], Double(s.value(.smallBuffersInUse)))
+            gauge("l4lb_worker_buffers_in_use", inUse, labels + [("size", "large")], Double(s.value(.largeBuffersInUse)))
+            gauge("l4lb_worker_buffers", "Receive buffers of a size the worker has (buffers.small / buffers.large).", labels + [("size", "small")], Double(buffers.small))
+            gauge("l4lb_worker_buffers", "Receive buffers of a size the worker has (buffers.small / buffers.large).", labels + [("size", "large")], Double(buffers.large))
             gauge("l4lb_worker_plans", "Plans alive: the current one and older ones with open connections.", labels, Double(s.value(.livePlans)))
             gauge("l4lb_worker_snapshot_generation", "The generation the worker opens new connections under.", labels, Double(s.value(.adoptedGeneration)))
         }

@@ -418,6 +418,8 @@ final class Worker {
 
     func ticked() {
         armTick()
+        stats.set(.smallBuffersInUse, UInt64(smallBuffers.inUse))
+        stats.set(.largeBuffersInUse, UInt64(largeBuffers.inUse))
         expireConnections()
         if closesOnUnhealthy { closeConnectionsToUnavailableEndpoints() }
         if !removedListeners.isEmpty { closeExpiredRemovedListeners() }

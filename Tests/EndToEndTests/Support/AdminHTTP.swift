@@ -16,12 +16,14 @@ enum AdminHTTP {
         var json: [String: Any] { (try? JSONSerialization.jsonObject(with: Data(body))) as? [String: Any] ?? [:] }
     }
 
-    static func request(host: String = "127.0.0.1", port: UInt16, _ method: String, _ path: String, token: String? = nil) throws -> Response {
+    static func request(host: String = "127.0.0.1", port: UInt16, _ method: String, _ path: String, token: String? = nil,
+                        headers extra: [String: String] = [:]) throws -> Response {
         let fd = try Sockets.connect(host: host, port: port, timeout: 5)
         defer { close(fd) }
         Sockets.setTimeout(fd, seconds: 30)
         var head = "\(method) \(path) HTTP/1.1\r\nHost: \(host):\(port)\r\nConnection: close\r\nContent-Length: 0\r\n"
         if let token { head += "Authorization: Bearer \(token)\r\n" }
+        for (name, value) in extra { head += "\(name): \(value)\r\n" }
         head += "\r\n"
         try Sockets.sendAll(fd, Array(head.utf8))
         let raw = try Sockets.receiveAll(fd)
