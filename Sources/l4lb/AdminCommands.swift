@@ -100,6 +100,19 @@ enum StatsTable {
             [w["index"], w["cpu"], w["generation"], w["plans"], w["small_buffers_peak"], w["large_buffers_peak"]].map(text)
         }
         out += table(["WORKER", "CPU", "GENERATION", "PLANS", "SMALL BUF PEAK", "LARGE BUF PEAK"], workers)
+        if let filter = stats["filter"] as? [String: Any] {
+            let interfaces = (filter["interfaces"] as? [[String: Any]] ?? []).map { "\(text($0["name"])) (\(text($0["mode"])))" }
+            out += "\nfilter: \(text(filter["mode"]))" + (interfaces.isEmpty ? "" : " on \(interfaces.joined(separator: ", "))")
+                + ", \(text(filter["blocked_entries"])) blocked, \(text(filter["allowed_entries"])) allowed"
+                + (filter["fallback_reason"].map { " (XDP unavailable: \(text($0)))" } ?? "") + "\n"
+            var rows: [[String]] = []
+            for row in filter["counters"] as? [[String: Any]] ?? [] {
+                for (reason, count) in (row["dropped"] as? [String: Any] ?? [:]).sorted(by: { $0.key < $1.key }) {
+                    rows.append([text(row["interface"]), text(row["mode"]), reason, text(count)])
+                }
+            }
+            if !rows.isEmpty { out += table(["INTERFACE", "MODE", "DROPPED BECAUSE", "COUNT"], rows) }
+        }
         return out
     }
 

@@ -422,6 +422,9 @@ final class FilterTests: XCTestCase {
             XCTAssertEqual(attempt("127.0.0.3"), .noConnection)
             allStillEcho(1)
 
+            result = try proxy.runAdminCommand(["stats"])
+            XCTAssertTrue(result.output.contains("filter: xdp on lo (generic), 2 blocked, 0 allowed"), result.output)
+            XCTAssertNotNil(result.output.range(of: #"lo\s+generic\s+blocked_source_v4\s+[1-9]"#, options: .regularExpression), result.output)
             result = try proxy.runAdminCommand(["block", "list"])
             XCTAssertTrue(result.output.contains("127.0.0.3/32  blocked  runtime"), result.output)
             XCTAssertTrue(result.output.contains("127.0.0.9/32  blocked  config"), result.output)
