@@ -1,3 +1,4 @@
+import CTestSupport
 import Foundation
 import XCTest
 
@@ -499,6 +500,69 @@ final class FilterTests: XCTestCase {
             XCTAssertEqual(attempt("127.0.0.5"), .noConnection)
             XCTAssertEqual(attempt("127.0.0.9"), .noConnection)
             XCTAssertEqual(attempt("127.0.0.1"), .served)
+        }
+    }
+
+    // MARK: Scale
+
+    /// 20,000 prefixes in the config, then a reload that replaces every one of them but
+    /// 127.0.0.2: a source blocked before and after never gets a connection in while the
+    /// diff is applied (there is no moment with an empty list), and allowed traffic is
+    /// served throughout.
+    func testReloadSwappingTwentyThousandEntriesNeverOpensTheList() throws {
+        let namespace = try loopbackNamespace("scale")
+        try namespace.run {
+            let backend = try TestBackend(.echo)
+            let port = Sockets.freePort()
+            func prefixes(_ second: Int) -> [String] {
+                // 10.second.x.y/32 and a /24 per 256: two prefix lengths in the trie.
+                (0..<20_000).map { i in i % 256 == 255 ? "10.\(second).\(i / 256).0/24" : "10.\(second).\(i / 256).\(i % 256)" }
+            }
+            let proxy = try L4LBProcess(config: loopbackConfig(port: port, backend: backend, blocked: ["127.0.0.2"] + prefixes(1)),
+                                        waitFor: ("127.0.0.1", port))
+            defer { proxy.stop() }
+            XCTAssertEqual(try proxy.stats().filter.int("blocked_entries"), 20_001)
+
+            let stop = UncheckedBox(false)
+            let probes = UncheckedBox((blockedGotIn: 0, blockedTries: 0, allowedServed: 0, allowedFailed: 0))
+            let done = DispatchSemaphore(value: 0)
+            let namespacePath = "/run/netns/\(namespace.name)"
+            let probe = Thread {
+                _ = CTest_enter_netns(namespacePath)
+                while !stop.value {
+                    probes.value.blockedTries += 1
+                    probes.value.blockedGotIn += FilterTraffic.connectMany(host: "127.0.0.1", port: port, source: "127.0.0.2", count: 20, timeout: 0.05)
+                    if FilterTraffic.attempt(host: "127.0.0.1", port: port, source: "127.0.0.1") == .served {
+                        probes.value.allowedServed += 1
+                    } else {
+                        probes.value.allowedFailed += 1
+                    }
+                }
+                done.signal()
+            }
+            probe.start()
+            try proxy.writeConfig(loopbackConfig(port: port, backend: backend, blocked: prefixes(2) + ["127.0.0.2"]))
+            let started = Date()
+            let reload = try proxy.admin("POST", "/reload")
+            let took = Date().timeIntervalSince(started)
+            XCTAssertEqual(reload.status, 200, reload.text)
+            XCTAssertTrue(reload.text.contains("filter: 20000 entries added, 20000 removed"), reload.text)
+            Thread.sleep(forTimeInterval: 0.3)
+            stop.value = true
+            done.wait()
+            print("reload swapping 20,000 filter entries: \(String(format: "%.2f", took)) s; probes: \(probes.value)")
+            XCTAssertEqual(probes.value.blockedGotIn, 0, "a blocked source got in during the reload")
+            XCTAssertGreaterThan(probes.value.blockedTries, 5)
+            XCTAssertEqual(probes.value.allowedFailed, 0)
+            XCTAssertGreaterThan(probes.value.allowedServed, 5)
+            let stats = try proxy.stats()
+            XCTAssertEqual(stats.filter.int("blocked_entries"), 20_001)
+            // The new entries hold, the old ones are gone.
+            let list = try proxy.runAdminCommand(["block", "list"]).output
+            XCTAssertFalse(list.contains("10.1.0.1/32"))
+            for entry in [#"10\.2\.0\.1/32"#, #"10\.2\.0\.0/24"#, #"127\.0\.0\.2/32"#] {
+                XCTAssertNotNil(list.range(of: entry + #"\s+blocked\s+config"#, options: .regularExpression), "\(entry) in \(list.prefix(300))")
+            }
         }
     }
 }
