@@ -84,11 +84,11 @@ final class ConfigParserTests: XCTestCase {
 
     func testNotYetSupportedFeaturesAreRejectedByName() {
         guard case .failure(let errors) = parse("""
-            listeners: [{ address: "127.0.0.1:1", cluster: c, protocol: udp, tls: {} }]
+            listeners: [{ address: "127.0.0.1:1", cluster: c, protocol: udp, tls: {}, session: none }]
             clusters: [{ name: c, balancer: maglev, table_size: 1000, choice_count: 2, slow_start: 1s, health_check: { type: ping }, endpoints: [{ address: "127.0.0.1:2" }] }]
             """) else { return XCTFail("accepted") }
         XCTAssertEqual(Set(errors.errors.map(\.description)), [
-            "listeners[0].protocol: udp is not supported yet",
+            "listeners[0].session: not supported yet",
             "listeners[0].tls: not supported yet",
             "clusters[0].table_size: 1000 is not prime (e.g. 65537, 655373)",
             "clusters[0].choice_count: applies to balancer least_request only, not maglev",
@@ -151,6 +151,35 @@ final class ConfigParserTests: XCTestCase {
             "filter.block_ports[0]: 'tcp/0': port must be 1-65535",
             "filter.block_ports[1]: '10.0.0.1/32' is a source prefix, not tcp/PORT or udp/PORT",
             "filter.block_ports[2]: 'sctp/9' is not an IP address or CIDR prefix",
+        ])
+    }
+
+    func testUDPListeners() throws {
+        let config = try parse("""
+            listeners:
+              - { name: dns, address: "127.0.0.1:53", protocol: udp, cluster: c, max_sessions: 500 }
+              - { name: dns-tcp, address: "127.0.0.1:53", cluster: c }
+            clusters: [{ name: c, endpoints: [{ address: "127.0.0.1:5353" }] }]
+            """).get()
+        XCTAssertEqual(config.listeners[0].transport, .udp)
+        XCTAssertEqual(config.listeners[0].idleTimeout, .seconds(30), "UDP sessions default to 30 s")
+        XCTAssertEqual(config.listeners[0].maxSessions, 500)
+        XCTAssertEqual(config.listeners[1].transport, .tcp, "TCP and UDP may share an address")
+        XCTAssertEqual(config.listeners[1].idleTimeout, .seconds(300))
+
+        guard case .failure(let errors) = parse("""
+            listeners:
+              - { address: "127.0.0.1:53", protocol: udp, cluster: c, connect_timeout: 1s, proxy_protocol: v2, max_sessions: 0 }
+              - { address: "127.0.0.1:54", cluster: c, max_sessions: 10 }
+              - { name: again, address: "127.0.0.1:53", protocol: udp, cluster: c }
+            clusters: [{ name: c, endpoints: [{ address: "127.0.0.1:5353" }] }]
+            """) else { return XCTFail("accepted") }
+        XCTAssertEqual(Set(errors.errors.map(\.description)), [
+            "listeners[0].connect_timeout: applies to tcp listeners only",
+            "listeners[0].proxy_protocol: applies to tcp listeners only",
+            "listeners[0].max_sessions: 0 out of range 1...1000000",
+            "listeners[1].max_sessions: applies to udp listeners only",
+            "listeners[2].address: 127.0.0.1:53 is already used by listeners[0]",
         ])
     }
 }

@@ -33,7 +33,15 @@ extension WorkerPool {
         }
         var listeners = snapshot.listeners.map {
             var entry = listenerEntry(id: $0.id, name: $0.name, address: $0.address.description, removed: false)
-            entry["protocol"] = "tcp"
+            entry["protocol"] = $0.transport.rawValue
+            if $0.transport == .udp {
+                // Sessions: `active` and `total` above, `idle_timeouts` the expired ones.
+                entry["datagrams_in"] = stats.total(.datagramsIn, listener: $0.id)
+                entry["datagrams_out"] = stats.total(.datagramsOut, listener: $0.id)
+                entry["datagram_drops"] = stats.total(.datagramDrops, listener: $0.id)
+                entry["sessions_evicted"] = stats.total(.sessionsEvicted, listener: $0.id)
+                entry["max_sessions"] = $0.maxSessions
+            }
             entry["max_connections"] = $0.maxConnections.map { $0 as Any } ?? NSNull()
             return entry
         }

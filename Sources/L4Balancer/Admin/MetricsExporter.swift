@@ -65,6 +65,8 @@ public final class MetricsExporter: @unchecked Sendable {
 
         // Listeners: the running ones, and removed ones with connections still open.
         let listeners = snapshot.listeners.map { (id: $0.id, name: $0.name) } + pool.removedListenersWithConnections(snapshot)
+        // UDP listeners: connections_active/total and idle_timeouts count their sessions.
+        let udpListeners = Set(snapshot.listeners.filter { $0.transport == .udp }.map(\.id))
         for listener in listeners {
             let labels = [("listener", listener.name)]
             func total(_ c: WorkerStats.ListenerCounter) -> UInt64 { stats.total(c, listener: listener.id) }
@@ -81,6 +83,13 @@ public final class MetricsExporter: @unchecked Sendable {
             counter("l4lb_listener_closed_unhealthy_total", "Connections closed because their endpoint turned unhealthy (on_unhealthy: close).", labels, total(.closedUnhealthy))
             counter("l4lb_listener_accept_errors_total", "Accepts the kernel failed (EMFILE and the like).", labels, total(.acceptErrors))
             counter("l4lb_listener_buffer_waits_total", "Receives that found no free buffer and waited.", labels, total(.bufferWaits))
+            if udpListeners.contains(listener.id) {
+                let help = "UDP datagrams relayed, by direction (in: from clients)."
+                counter("l4lb_listener_datagrams_total", help, labels + [("direction", "in")], total(.datagramsIn))
+                counter("l4lb_listener_datagrams_total", help, labels + [("direction", "out")], total(.datagramsOut))
+                counter("l4lb_listener_datagram_drops_total", "UDP datagrams dropped: no buffer, no endpoint, queue full, truncated.", labels, total(.datagramDrops))
+                counter("l4lb_listener_sessions_evicted_total", "UDP sessions evicted by max_sessions (longest idle first).", labels, total(.sessionsEvicted))
+            }
         }
 
         // Endpoints: the running config's, and removed ones with connections still open.

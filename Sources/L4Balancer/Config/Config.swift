@@ -87,6 +87,10 @@ public struct Config: Sendable, Equatable {
         public var maxConnections: Int?
         public static let defaultCapacity = 100_000
         public var proxyProtocol: ProxyProtocol = .none
+        /// udp: sessions a worker keeps for this listener; beyond it the longest idle one
+        /// is evicted (counted).
+        public var maxSessions = 10_000
+        public static let defaultUDPIdleTimeout = ConfigDuration.seconds(30)
 
         public init(name: String, address: SocketAddress, clusters: [WeightedCluster]) {
             self.name = name

@@ -84,17 +84,19 @@ struct ConfigWalker {
             fail("listeners", "required")
         }
         var seenNames: [String: Int] = [:]
-        var seenAddresses: [SocketAddress: Int] = [:]
+        // One TCP and one UDP listener may share an address (DNS on port 53 does).
+        var seenAddresses: [String: Int] = [:]
         for (i, listener) in config.listeners.enumerated() {
             if let first = seenNames[listener.name] {
                 fail("listeners[\(i)].name", "duplicate listener name \"\(listener.name)\" (also listeners[\(first)])")
             } else {
                 seenNames[listener.name] = i
             }
-            if let first = seenAddresses[listener.address] {
+            let key = "\(listener.transport.rawValue) \(listener.address)"
+            if let first = seenAddresses[key] {
                 fail("listeners[\(i)].address", "\(listener.address) is already used by listeners[\(first)]")
             } else {
-                seenAddresses[listener.address] = i
+                seenAddresses[key] = i
             }
         }
         return config
@@ -143,6 +145,7 @@ struct ConfigWalker {
         guard let fields = mapping(node, path, keys: [
             "name", "address", "protocol", "cluster", "clusters", "connect_timeout", "connect_attempts",
             "idle_timeout", "send_timeout", "max_connections", "proxy_protocol", "rate_limit", "tls", "routes",
+            "max_sessions", "proxy_responses", "session",
         ]) else { return nil }
 
         let address: SocketAddress?
@@ -183,7 +186,21 @@ struct ConfigWalker {
         var listener = Config.Listener(name: name, address: address, clusters: targets)
         if let n = fields["protocol"], let p = choice(n, "\(path).protocol", Config.Listener.TransportProtocol.self) {
             listener.transport = p
-            if p == .udp { fail("\(path).protocol", "udp is not supported yet") }
+        }
+        if listener.transport == .udp {
+            // UDP: sessions per client address (DESIGN §3); TCP's connection settings do not apply.
+            listener.idleTimeout = Config.Listener.defaultUDPIdleTimeout
+            for key in ["connect_timeout", "connect_attempts", "send_timeout", "max_connections", "proxy_protocol"] where fields[key] != nil {
+                fail("\(path).\(key)", "applies to tcp listeners only")
+            }
+            for key in ["proxy_responses", "session"] where fields[key] != nil {
+                fail("\(path).\(key)", "not supported yet")
+            }
+            if let n = fields["max_sessions"], let v = int(n, "\(path).max_sessions", 1...1_000_000) { listener.maxSessions = v }
+        } else {
+            for key in ["max_sessions", "proxy_responses", "session"] where fields[key] != nil {
+                fail("\(path).\(key)", "applies to udp listeners only")
+            }
         }
         if let n = fields["connect_timeout"], let d = duration(n, "\(path).connect_timeout") {
             if d.milliseconds <= 0 { fail("\(path).connect_timeout", "must be greater than 0") }

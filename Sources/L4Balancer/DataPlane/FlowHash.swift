@@ -7,6 +7,31 @@ import Glibc
 /// client hashes the same on a dual-stack listener. `StableHash` keeps it identical on
 /// every instance.
 enum FlowHash {
+    /// A UDP client's key, from the address its datagram came from (`five_tuple` hashes as
+    /// `source_ip_port`: the listener's address is the same for every client).
+    static func compute(peer: UnsafeRawPointer, length: Int, key: Config.Cluster.HashKey) -> UInt64 {
+        var bytes: (UInt64, UInt64, UInt64) = (0, 0, 0)
+        var count = 0
+        withUnsafeMutableBytes(of: &bytes) { out in
+            switch Int32(peer.load(as: sa_family_t.self)) {
+            case AF_INET where length >= MemoryLayout<sockaddr_in>.size:
+                let sin = peer.load(as: sockaddr_in.self)
+                withUnsafeBytes(of: sin.sin_addr) { for b in $0 { out[count] = b; count += 1 } }
+                if key != .sourceIP { withUnsafeBytes(of: sin.sin_port) { for b in $0 { out[count] = b; count += 1 } } }
+            case AF_INET6 where length >= MemoryLayout<sockaddr_in6>.size:
+                let sin6 = peer.load(as: sockaddr_in6.self)
+                withUnsafeBytes(of: sin6.sin6_addr) { raw in
+                    let mapped = raw[0..<10].allSatisfy { $0 == 0 } && raw[10] == 0xFF && raw[11] == 0xFF
+                    for b in raw[(mapped ? 12 : 0)...] { out[count] = b; count += 1 }
+                }
+                if key != .sourceIP { withUnsafeBytes(of: sin6.sin6_port) { for b in $0 { out[count] = b; count += 1 } } }
+            default:
+                break
+            }
+        }
+        return withUnsafeBytes(of: bytes) { StableHash.hash($0[..<count]) }
+    }
+
     static func compute(client fd: Int32, key: Config.Cluster.HashKey) -> UInt64 {
         var bytes: (UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0)
         var count = 0

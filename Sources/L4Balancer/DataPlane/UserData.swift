@@ -18,6 +18,11 @@ struct UserData {
         case cancel
         /// The cancel of a retired listener's accept (slot: the listener socket's fd).
         case listenerCancelled
+        /// UDP (slot: the listener; the buffer id; the session).
+        case datagramFromClient
+        case datagramToUpstream
+        case datagramFromUpstream
+        case datagramToClient
     }
 
     var raw: UInt64

@@ -43,6 +43,7 @@ extension Worker {
             if listenerFDs[id] != fd {
                 if listenerFDs[id] >= 0 { retireListener(id) }
                 listenerFDs[id] = fd
+                listenerIsDatagram[id] = listener.transport == .udp
                 listenerSerials[id] = (listenerSerials[id] &+ 1) & 0xFF_FFFF
                 armAccept(id)
             }
@@ -65,6 +66,10 @@ extension Worker {
     func retireListener(_ id: Int) {
         let fd = listenerFDs[id]
         guard fd >= 0 else { return }
+        // A UDP listener's sessions answer through its socket: they end with it.
+        if listenerIsDatagram[id] {
+            while let session = udpSessions.oldest(id) { endSession(session) }
+        }
         shutdown(fd, Int32(SHUT_RDWR))
         if acceptArmed[id], ring.prepareCancelAll(fd: fd, userData: UserData(.listenerCancelled, slot: UInt32(bitPattern: fd)).raw) {
             retiringListenerFDs.insert(fd)

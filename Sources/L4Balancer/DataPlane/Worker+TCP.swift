@@ -14,6 +14,10 @@ extension Worker {
     /// Not armed when the submission queue stays full: the next tick tries again.
     /// `listener` is the listener's identity; the completion carries its socket's serial.
     func armAccept(_ listener: Int) {
+        if listenerIsDatagram[listener] {
+            armDatagrams(listener)
+            return
+        }
         acceptArmed[listener] = ring.prepareMultishotAccept(
             listener: listenerFDs[listener], userData: UserData(.accept, slot: UInt32(listener), generation: listenerSerials[listener]).raw)
         if !acceptArmed[listener] { stats.add(.submissionDrops) }

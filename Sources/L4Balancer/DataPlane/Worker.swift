@@ -41,6 +41,18 @@ final class Worker {
     /// buffer (bulk transfers: fewer, bigger reads and sends).
     var smallBuffers: ProvidedBufferRing
     var largeBuffers: ProvidedBufferRing
+    /// UDP: datagram buffers (room for 65,507 bytes each; only touched pages are resident),
+    /// the recvmsg header every UDP listener's receive uses, and per buffer the sendmsg
+    /// header, vector and client address of the reply it carries.
+    var datagramBuffers: ProvidedBufferRing
+    let datagramHeader: UnsafeMutablePointer<msghdr>
+    let datagramReplies: UnsafeMutablePointer<msghdr>
+    let datagramReplyNames: UnsafeMutablePointer<sockaddr_in6>
+    let datagramReplyVectors: UnsafeMutablePointer<iovec>
+    var udpSessions = UDPSessionTable(listeners: IdentityRegistry.listenerCapacity)
+    var repliesToRearm: [UInt32] = []
+    /// Per listener identity: served with recvmsg (UDP) rather than accept.
+    var listenerIsDatagram: [Bool]
     /// Whether small receives are multishot with a total limit (Linux 6.16); without it
     /// they are single-shot, which keeps the same per-direction bound.
     let multishotSmallReceives: Bool
@@ -177,6 +189,18 @@ final class Worker {
         self.largeBuffers = try ProvidedBufferRing(
             ring: ring, group: Worker.largeBufferGroup, count: buffers.large, bufferSize: buffers.largeSize,
             window: Options.window(for: buffers.large, cap: 32768))
+        self.datagramBuffers = try ProvidedBufferRing(
+            ring: ring, group: Worker.datagramBufferGroup, count: Worker.datagramBufferCount, bufferSize: Worker.datagramBufferSize)
+        datagramHeader = .allocate(capacity: 1)
+        datagramHeader.initialize(to: msghdr())
+        datagramHeader.pointee.msg_namelen = socklen_t(MemoryLayout<sockaddr_in6>.size)
+        datagramReplies = .allocate(capacity: Worker.datagramBufferCount)
+        datagramReplies.initialize(repeating: msghdr(), count: Worker.datagramBufferCount)
+        datagramReplyNames = .allocate(capacity: Worker.datagramBufferCount)
+        datagramReplyNames.initialize(repeating: sockaddr_in6(), count: Worker.datagramBufferCount)
+        datagramReplyVectors = .allocate(capacity: Worker.datagramBufferCount)
+        datagramReplyVectors.initialize(repeating: iovec(), count: Worker.datagramBufferCount)
+        listenerIsDatagram = Array(repeating: false, count: IdentityRegistry.listenerCapacity)
         multishotSmallReceives = ring.capabilities.multishotReceiveLimit
 
         let shares = snapshot.listeners.reduce(0) { $0 + ($1.maxConnections ?? Config.Listener.defaultCapacity) }
@@ -214,6 +238,11 @@ final class Worker {
         // body, in an order the language does not promise.
         smallBuffers.unregister(from: ring)
         largeBuffers.unregister(from: ring)
+        datagramBuffers.unregister(from: ring)
+        datagramHeader.deallocate()
+        datagramReplies.deallocate()
+        datagramReplyNames.deallocate()
+        datagramReplyVectors.deallocate()
         slab.deallocate()
         wheel.deallocate()
         waiters.deallocate()
@@ -274,6 +303,7 @@ final class Worker {
             if !tickArmed { armTick() }
             if !wakeArmed { armWake() }
         }
+        endAllSessions()
         for id in servedListeners where listenerFDs[id] >= 0 { Glibc.close(listenerFDs[id]) }
         for fd in retiringListenerFDs { Glibc.close(fd) }
         logger.debug("worker stopped", metadata: ["worker": "\(control.index)"])
@@ -311,6 +341,10 @@ final class Worker {
         case .tick: ticked()
         case .wake: woken()
         case .listenerCancelled: listenerCancelled(fd: Int32(bitPattern: userData.slot))
+        case .datagramFromClient: datagramFromClient(completion, listener: Int(userData.slot), serial: userData.generation)
+        case .datagramToUpstream: datagramSentUpstream(completion, buffer: UInt16(truncatingIfNeeded: userData.slot))
+        case .datagramFromUpstream: datagramFromUpstream(completion, userData)
+        case .datagramToClient: datagramSentToClient(completion, buffer: UInt16(truncatingIfNeeded: userData.slot))
         case .linkTimeout, .cancel: break
         }
     }
@@ -339,6 +373,7 @@ final class Worker {
     func returnBuffers() {
         smallBuffers.publish()
         largeBuffers.publish()
+        datagramBuffers.publish()
         if waiters.count > 0 {
             // Each waiting direction at most once per pass: one whose re-arm fails goes
             // back to the end of the queue.
@@ -421,6 +456,7 @@ final class Worker {
         stats.set(.smallBuffersInUse, UInt64(smallBuffers.inUse))
         stats.set(.largeBuffersInUse, UInt64(largeBuffers.inUse))
         expireConnections()
+        if udpSessions.active > 0 || !repliesToRearm.isEmpty { expireSessions() }
         if closesOnUnhealthy { closeConnectionsToUnavailableEndpoints() }
         if !removedListeners.isEmpty { closeExpiredRemovedListeners() }
         if !draining, store.snapshot !== current.snapshot { adopt(store.snapshot) }

@@ -35,6 +35,8 @@ final class WorkerPlan {
     let proxyProtocols: [Config.Listener.ProxyProtocol]
     /// The port each listener is bound to (the user-space filter's `tcp/PORT` check).
     let listenerPorts: [UInt16]
+    let listenerIsUDP: [Bool]
+    let maxSessions: [Int]
     let connectTimeouts: UnsafeMutablePointer<Timeout>
     /// Per endpoint position.
     let endpointAddresses: UnsafeMutablePointer<sockaddr_storage>
@@ -73,6 +75,8 @@ final class WorkerPlan {
         var attempts = [Int](repeating: 0, count: bound)
         var proxy = [Config.Listener.ProxyProtocol](repeating: .none, count: bound)
         var ports = [UInt16](repeating: 0, count: bound)
+        var udp = [Bool](repeating: false, count: bound)
+        var sessions = [Int](repeating: 0, count: bound)
         connectTimeouts = .allocate(capacity: bound)
         for listener in snapshot.listeners {
             idle[listener.id] = Worker.ticks(listener.idleTimeoutMilliseconds)
@@ -83,6 +87,8 @@ final class WorkerPlan {
             attempts[listener.id] = listener.connectAttempts
             proxy[listener.id] = listener.proxyProtocol
             ports[listener.id] = listener.address.port
+            udp[listener.id] = listener.transport == .udp
+            sessions[listener.id] = listener.maxSessions
             (connectTimeouts + listener.id).initialize(to: Timeout(milliseconds: listener.connectTimeoutMilliseconds))
         }
         idleTicks = idle
@@ -93,6 +99,8 @@ final class WorkerPlan {
         connectAttempts = attempts
         proxyProtocols = proxy
         listenerPorts = ports
+        listenerIsUDP = udp
+        maxSessions = sessions
 
         endpointAddresses = .allocate(capacity: max(snapshot.endpoints.count, 1))
         endpointAddressLengths = .allocate(capacity: max(snapshot.endpoints.count, 1))

@@ -21,6 +21,10 @@ public final class WorkerStats: @unchecked Sendable {
         case sendTimeouts
         /// Closed because a reload removed their listener `drain_timeout` ago.
         case drainTimeouts
+        /// UDP: datagrams relayed from clients / to clients; dropped (no buffer, no
+        /// endpoint, the submission queue full, truncated); sessions evicted by max_sessions.
+        /// (Sessions use `accepted`, `active` and `idleTimeouts`.)
+        case datagramsIn, datagramsOut, datagramDrops, sessionsEvicted
     }
     public enum EndpointCounter: Int, CaseIterable {
         case active, total, connectFailures, bytesIn, bytesOut

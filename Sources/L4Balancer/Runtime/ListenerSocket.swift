@@ -16,16 +16,24 @@ enum ListenerSocket {
         var description: String { "listener \(listener) (\(address)): \(step) failed: \(errno)" }
     }
 
-    static func open(name: String, address: SocketAddress, backlog: Int32 = 4096) throws(OpenError) -> Int32 {
+    static func open(name: String, address: SocketAddress, transport: Config.Listener.TransportProtocol = .tcp,
+                     backlog: Int32 = 4096) throws(OpenError) -> Int32 {
         let domain = address.family == .inet ? AF_INET : AF_INET6
-        let fd = socket(domain, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        let type = transport == .udp ? SOCK_DGRAM.rawValue : SOCK_STREAM.rawValue
+        let fd = socket(domain, Int32(type) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw OpenError(listener: name, address: address, step: "socket", errno: .current) }
         var one: Int32 = 1
         let size = socklen_t(MemoryLayout<Int32>.size)
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, size)
         setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, size)
-        // Accepted sockets inherit TCP_NODELAY: one setsockopt per listener, not per connection.
-        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, size)
+        if transport == .tcp {
+            // Accepted sockets inherit TCP_NODELAY: one setsockopt per listener, not per connection.
+            setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, size)
+        } else {
+            // Room for bursts of datagrams between two passes of the worker's loop.
+            var buffer: Int32 = 4 << 20
+            setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &buffer, size)
+        }
         if address.family == .inet6 {
             // [::]:port serves IPv6 only, so 0.0.0.0:port can be a listener of its own.
             setsockopt(fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, &one, size)
@@ -40,7 +48,7 @@ enum ListenerSocket {
             Glibc.close(fd)
             throw OpenError(listener: name, address: address, step: "bind", errno: error)
         }
-        guard listen(fd, backlog) == 0 else {
+        guard transport == .udp || listen(fd, backlog) == 0 else {
             let error = Errno.current
             Glibc.close(fd)
             throw OpenError(listener: name, address: address, step: "listen", errno: error)
@@ -65,7 +73,7 @@ enum ListenerSockets {
         var sockets = Array(repeating: [Int32](), count: workers)
         for (i, listener) in listeners.enumerated() {
             let kept = previous.flatMap { snapshot in
-                snapshot.listeners.firstIndex { $0.name == listener.name && $0.address == listener.address }
+                snapshot.listeners.firstIndex { $0.name == listener.name && $0.address == listener.address && $0.transport == listener.transport }
             }
             for worker in 0..<workers {
                 if let kept, let old = previous?.listenerSockets[worker][kept] {
@@ -73,7 +81,7 @@ enum ListenerSockets {
                     continue
                 }
                 do {
-                    let fd = try ListenerSocket.open(name: listener.name, address: listener.address)
+                    let fd = try ListenerSocket.open(name: listener.name, address: listener.address, transport: listener.transport)
                     opened.append(fd)
                     sockets[worker].append(fd)
                 } catch {

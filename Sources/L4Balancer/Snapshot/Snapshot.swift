@@ -37,6 +37,8 @@ public final class Snapshot: @unchecked Sendable {
         /// The shared limit across workers, or nil for none.
         public let maxConnections: Int?
         public let proxyProtocol: Config.Listener.ProxyProtocol
+        public let transport: Config.Listener.TransportProtocol
+        public let maxSessions: Int
     }
 
     public struct ClusterPlan: Sendable {
@@ -130,7 +132,9 @@ public final class Snapshot: @unchecked Sendable {
                 idleTimeoutMilliseconds: listener.idleTimeout.milliseconds,
                 sendTimeoutMilliseconds: listener.sendTimeout.milliseconds,
                 maxConnections: listener.maxConnections,
-                proxyProtocol: listener.proxyProtocol)
+                proxyProtocol: listener.proxyProtocol,
+                transport: listener.transport,
+                maxSessions: listener.maxSessions)
         }
         listenerIDBound = (ids.listeners.max() ?? -1) + 1
     }

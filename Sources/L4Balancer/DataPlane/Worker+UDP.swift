@@ -1,0 +1,232 @@
+import URing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The UDP proxy (DESIGN §3): multishot recvmsg on the worker's listener socket into
+/// datagram buffers; a session per client address with a connected upstream socket to
+/// the endpoint the balancer picked; each datagram sent on as it came (one datagram, one
+/// send: boundaries kept), replies sent back from the listener socket to the client's
+/// address, straight out of the buffer they arrived in. A buffer is held only while its
+/// datagram is in flight. Sessions expire after `idle_timeout`; beyond `max_sessions`
+/// the longest idle is evicted. Datagrams the worker cannot relay are dropped and
+/// counted: UDP never blocks the worker and never holds more than the buffer pool.
+extension Worker {
+    static let datagramBufferGroup: UInt16 = 3
+    /// Room for the largest UDP payload (65,507) after recvmsg's header and the sender's
+    /// address.
+    static let datagramBufferSize = 65_536 + 128
+    static let datagramBufferCount = 256
+
+    // MARK: From clients
+
+    func armDatagrams(_ listener: Int) {
+        acceptArmed[listener] = ring.prepareMultishotReceiveMessage(
+            socket: listenerFDs[listener], message: datagramHeader, bufferGroup: Worker.datagramBufferGroup,
+            userData: UserData(.datagramFromClient, slot: UInt32(listener), generation: listenerSerials[listener]).raw)
+        if !acceptArmed[listener] { stats.add(.submissionDrops) }
+    }
+
+    func datagramFromClient(_ completion: Completion, listener: Int, serial: UInt32) {
+        let live = serial == listenerSerials[listener] && listenerFDs[listener] >= 0
+        if !completion.hasMore, live {
+            acceptArmed[listener] = false
+            // Out of buffers: the next tick re-arms (the kernel drops into a full socket
+            // buffer meanwhile, counted there).
+            if completion.result >= 0, !draining { armDatagrams(listener) }
+        }
+        guard let buffer = completion.bufferID else {
+            if completion.result == -ENOBUFS { stats.add(.datagramDrops, listener: listener) }
+            return
+        }
+        datagramBuffers.handedOut()
+        guard completion.result >= 0, live, !draining,
+              let message = ReceivedMessage(buffer: datagramBuffers.address(of: buffer), length: completion.result, message: datagramHeader),
+              !message.truncated, let key = UDPClientKey(message.name, length: message.nameLength)
+        else {
+            datagramBuffers.recycle(buffer)
+            if live { stats.add(.datagramDrops, listener: listener) }
+            return
+        }
+        let session: UInt32
+        if let found = udpSessions.find(key) {
+            session = found
+            udpSessions.touch(found, tick: nowTick)
+        } else if let opened = openSession(key, client: message.name, clientLength: message.nameLength, listener: listener) {
+            session = opened
+        } else {
+            datagramBuffers.recycle(buffer)
+            stats.add(.datagramDrops, listener: listener)
+            return
+        }
+        let length = message.payloadLength
+        guard ring.prepareSend(socket: udpSessions[session].upstream, bytes: message.payload, length: length,
+                               userData: UserData(.datagramToUpstream, slot: UInt32(buffer)).raw)
+        else {
+            datagramBuffers.recycle(buffer)
+            stats.add(.datagramDrops, listener: listener)
+            return
+        }
+        stats.add(.datagramsIn, listener: listener)
+        stats.add(.bytesIn, listener: listener, UInt64(length))
+        stats.add(.bytesOut, endpoint: Int(udpSessions[session].endpoint), UInt64(length))
+    }
+
+    func datagramSentUpstream(_ completion: Completion, buffer: UInt16) {
+        datagramBuffers.recycle(buffer)
+    }
+
+    // MARK: Sessions
+
+    /// A session for a new client: the balancer's pick, a connected socket to it, and a
+    /// multishot receive for its replies. Nil when no endpoint can take it.
+    func openSession(_ key: UDPClientKey, client: UnsafeRawPointer, clientLength: Int, listener: Int) -> UInt32? {
+        let plan = current
+        if udpSessions.counts[listener] >= plan.maxSessions[listener], let oldest = udpSessions.oldest(listener) {
+            endSession(oldest)
+            stats.add(.sessionsEvicted, listener: listener)
+        }
+        let cluster = plan.clusterSplits[listener].flatMap { plan.listenerClusters[listener][$0.pick()!] } ?? plan.listenerClusters[listener][0]
+        let firstEndpoint = plan.firstEndpoints[cluster]
+        let clusterID = plan.clusterIDs[cluster]
+        let snapshot = plan.snapshot
+        let ids = snapshot.endpointIDs + firstEndpoint
+        let flowHash = plan.balancers[cluster].usesFlowHash ? FlowHash.compute(peer: client, length: clientLength, key: plan.hashKeys[cluster]) : 0
+        guard let local = plan.balancers[cluster].pick(
+            flowHash: flowHash, tried: 0, active: ActiveCounts(base: activeByEndpoint, ids: ids),
+            clusterActive: activeByCluster[clusterID], endpoints: status.view(snapshot, firstEndpoint: firstEndpoint))
+        else { return nil }
+        let position = firstEndpoint + local
+        let endpoint = Int(ids[local])
+        let address = UnsafeMutableRawPointer(plan.endpointAddresses + position).assumingMemoryBound(to: sockaddr.self)
+        let fd = socket(Int32(address.pointee.sa_family), Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else {
+            noteResourceError(errno, while: "opening an upstream UDP socket")
+            return nil
+        }
+        // A UDP connect only sets the peer: it does not wait.
+        guard connect(fd, address, plan.endpointAddressLengths[position]) == 0 else {
+            Glibc.close(fd)
+            stats.add(.connectFailures, endpoint: endpoint)
+            return nil
+        }
+        let slot = udpSessions.insert(key, listener: UInt16(listener), tick: nowTick)
+        udpSessions[slot].upstream = fd
+        udpSessions[slot].endpoint = Int32(endpoint)
+        udpSessions[slot].cluster = Int32(clusterID)
+        let length = min(clientLength, MemoryLayout<sockaddr_in6>.size)
+        udpSessions[slot].clientLength = socklen_t(length)
+        withUnsafeMutableBytes(of: &udpSessions[slot].client) { $0.copyMemory(from: UnsafeRawBufferPointer(start: client, count: length)) }
+        armReplies(slot)
+        activeByEndpoint[endpoint] += 1
+        activeByCluster[clusterID] += 1
+        stats.add(.accepted, listener: listener)
+        stats.add(.active, listener: listener)
+        stats.add(.active, endpoint: endpoint)
+        stats.add(.total, endpoint: endpoint)
+        return slot
+    }
+
+    func armReplies(_ slot: UInt32) {
+        let session = udpSessions[slot]
+        udpSessions[slot].receiveArmed = ring.prepareMultishotReceive(
+            socket: session.upstream, bufferGroup: Worker.datagramBufferGroup,
+            userData: UserData(.datagramFromUpstream, slot: slot, generation: session.generation).raw)
+        if !udpSessions[slot].receiveArmed { stats.add(.submissionDrops) }
+    }
+
+    /// Ends a session: its receive is cancelled (its completion arrives stale and is
+    /// ignored), its socket closed, its counts given back.
+    func endSession(_ slot: UInt32) {
+        let session = udpSessions[slot]
+        guard session.live else { return }
+        if session.receiveArmed {
+            _ = ring.prepareCancel(target: UserData(.datagramFromUpstream, slot: slot, generation: session.generation).raw, userData: UserData(.cancel).raw)
+        }
+        Glibc.close(session.upstream)
+        let endpoint = Int(session.endpoint)
+        activeByEndpoint[endpoint] -= 1
+        activeByCluster[Int(session.cluster)] -= 1
+        stats.add(.active, listener: Int(session.listener), UInt64(bitPattern: -1))
+        stats.add(.active, endpoint: endpoint, UInt64(bitPattern: -1))
+        udpSessions.remove(slot)
+    }
+
+    /// Sessions idle for their listener's `idle_timeout` end; receives that stopped for
+    /// want of a buffer start again.
+    func expireSessions() {
+        for listener in servedListeners where current.listenerIsUDP[listener] {
+            let idle = current.idleTicks[listener]
+            while let oldest = udpSessions.oldest(listener), nowTick &- udpSessions[oldest].lastTick >= idle {
+                endSession(oldest)
+                stats.add(.idleTimeouts, listener: listener)
+            }
+        }
+        while let slot = repliesToRearm.popLast() {
+            if udpSessions[slot].live, !udpSessions[slot].receiveArmed { armReplies(slot) }
+        }
+    }
+
+    func endAllSessions() {
+        for slot in 0..<UInt32(udpSessions.sessions.count) where udpSessions[slot].live { endSession(slot) }
+    }
+
+    // MARK: From upstreams
+
+    func datagramFromUpstream(_ completion: Completion, _ userData: UserData) {
+        let slot = userData.slot
+        let valid = Int(slot) < udpSessions.sessions.count && udpSessions[slot].live && udpSessions[slot].generation == userData.generation
+        if let buffer = completion.bufferID {
+            datagramBuffers.handedOut()
+            guard valid, completion.result > 0 else {
+                datagramBuffers.recycle(buffer)
+                return
+            }
+        }
+        guard valid else { return }
+        if !completion.hasMore { udpSessions[slot].receiveArmed = false }
+        let session = udpSessions[slot]
+        let listener = Int(session.listener)
+        guard completion.result > 0, let buffer = completion.bufferID else {
+            switch -completion.result {
+            case ECONNREFUSED:
+                // ICMP port unreachable: the endpoint is not there. The client's next
+                // datagram opens a new session; outlier detection sees the failure.
+                stats.add(.connectFailures, endpoint: Int(session.endpoint))
+                endSession(slot)
+            case ENOBUFS:
+                stats.add(.datagramDrops, listener: listener)
+                repliesToRearm.append(slot)
+            default:
+                if !udpSessions[slot].receiveArmed { repliesToRearm.append(slot) }
+            }
+            return
+        }
+        if !udpSessions[slot].receiveArmed { armReplies(slot) }
+        udpSessions.touch(slot, tick: nowTick)
+        let length = Int(completion.result)
+        let fd = listenerFDs[listener]
+        // The reply leaves from the listener's socket, to the client's address (a copy:
+        // the session may end before the send completes).
+        let message = datagramReplies + Int(buffer)
+        (datagramReplyNames + Int(buffer)).pointee = session.client
+        (datagramReplyVectors + Int(buffer)).pointee = iovec(iov_base: datagramBuffers.address(of: buffer), iov_len: length)
+        message.pointee.msg_name = UnsafeMutableRawPointer(datagramReplyNames + Int(buffer))
+        message.pointee.msg_namelen = session.clientLength
+        message.pointee.msg_iov = datagramReplyVectors + Int(buffer)
+        message.pointee.msg_iovlen = 1
+        guard fd >= 0, ring.prepareSendMessage(socket: fd, message: message, userData: UserData(.datagramToClient, slot: UInt32(buffer)).raw) else {
+            datagramBuffers.recycle(buffer)
+            stats.add(.datagramDrops, listener: listener)
+            return
+        }
+        stats.add(.datagramsOut, listener: listener)
+        stats.add(.bytesOut, listener: listener, UInt64(length))
+        stats.add(.bytesIn, endpoint: Int(session.endpoint), UInt64(length))
+    }
+
+    func datagramSentToClient(_ completion: Completion, buffer: UInt16) {
+        datagramBuffers.recycle(buffer)
+    }
+}

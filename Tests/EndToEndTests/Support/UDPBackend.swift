@@ -1,0 +1,94 @@
+import Foundation
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A UDP server on loopback for the UDP tests: echoes each datagram to its sender, or
+/// answers with its name (`identify`). Counts what it received and from how many
+/// source ports (l4lb's sessions).
+final class UDPBackend: @unchecked Sendable {
+    enum Behavior { case echo, identify(String) }
+
+    let fd: Int32
+    let port: UInt16
+    let host: String
+    private let behavior: Behavior
+    private let lock = NSLock()
+    private var _received = 0
+    private var _sources = Set<UInt16>()
+    private var stopped = false
+    private var thread: Thread?
+    private let exited = DispatchSemaphore(value: 0)
+
+    var address: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+    var received: Int { lock.withLock { _received } }
+    var sources: Int { lock.withLock { _sources.count } }
+
+    init(_ behavior: Behavior, host: String = "127.0.0.1") throws {
+        self.behavior = behavior
+        self.host = host
+        var (storage, length) = Sockets.sockaddr(host, 0)
+        let socketFD = socket(Int32(storage.ss_family), Int32(SOCK_DGRAM.rawValue), 0)
+        fd = socketFD
+        let bound = withUnsafeMutablePointer(to: &storage) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(socketFD, $0, length) == 0 && getsockname(socketFD, $0, &length) == 0 }
+        }
+        guard bound else { throw Sockets.Failure("bind udp backend") }
+        var size: Int32 = 8 << 20
+        setsockopt(socketFD, SOL_SOCKET, SO_RCVBUF, &size, 4)
+        port = withUnsafeBytes(of: storage) { raw in
+            Int32(storage.ss_family) == AF_INET
+                ? UInt16(bigEndian: raw.load(as: sockaddr_in.self).sin_port)
+                : UInt16(bigEndian: raw.load(as: sockaddr_in6.self).sin6_port)
+        }
+        Sockets.setTimeout(fd, seconds: 0.2)
+        let thread = Thread { [self] in serve() }
+        thread.name = "udp-backend"
+        thread.start()
+        self.thread = thread
+    }
+
+    deinit { stop() }
+
+    /// Stops serving and closes the port: when this returns, datagrams to it draw ICMP
+    /// port unreachable (the serving thread, which held the socket, has exited).
+    func stop() {
+        let first = lock.withLock { () -> Bool in
+            defer { stopped = true }
+            return !stopped
+        }
+        guard first else { return }
+        shutdown(fd, Int32(SHUT_RDWR))
+        exited.wait()
+        close(fd)
+    }
+
+    private func serve() {
+        defer { exited.signal() }
+        var buffer = [UInt8](repeating: 0, count: 65_536)
+        while !lock.withLock({ stopped }) {
+            var peer = sockaddr_storage()
+            var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+            let n = withUnsafeMutablePointer(to: &peer) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { recvfrom(fd, &buffer, buffer.count, 0, $0, &length) }
+            }
+            guard n > 0 || (n == 0 && length > 0), !lock.withLock({ stopped }) else { continue }
+            let sourcePort = withUnsafeBytes(of: peer) { raw in
+                Int32(peer.ss_family) == AF_INET ? UInt16(bigEndian: raw.load(as: sockaddr_in.self).sin_port) : UInt16(bigEndian: raw.load(as: sockaddr_in6.self).sin6_port)
+            }
+            lock.withLock {
+                _received += 1
+                _sources.insert(sourcePort)
+            }
+            let reply: [UInt8]
+            switch behavior {
+            case .echo: reply = Array(buffer[..<n])
+            case .identify(let name): reply = Array(name.utf8)
+            }
+            _ = withUnsafePointer(to: &peer) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { sendto(fd, reply, reply.count, 0, $0, length) }
+            }
+        }
+    }
+}
