@@ -22,8 +22,12 @@ final class UDPTests: XCTestCase {
             """
     }
 
-    /// A connected client socket to `host:port`, from `source` when given.
     func client(_ host: String, _ port: UInt16, source: String? = nil) throws -> Int32 {
+        try UDPTests.client(host: host, port: port, source: source)
+    }
+
+    /// A connected client socket to `host:port`, from `source` when given.
+    static func client(host: String, port: UInt16, source: String? = nil, timeout: TimeInterval = 2) throws -> Int32 {
         var (target, length) = Sockets.sockaddr(host, port)
         let fd = socket(Int32(target.ss_family), Int32(SOCK_DGRAM.rawValue), 0)
         if let source {
@@ -34,7 +38,7 @@ final class UDPTests: XCTestCase {
         guard ok else { throw Sockets.Failure("connect udp") }
         var size: Int32 = 4 << 20
         setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, 4)
-        Sockets.setTimeout(fd, seconds: 2)
+        Sockets.setTimeout(fd, seconds: timeout)
         return fd
     }
 
@@ -43,6 +47,42 @@ final class UDPTests: XCTestCase {
         var buffer = [UInt8](repeating: 0, count: 65_536)
         let n = recv(fd, &buffer, buffer.count, 0)
         return n >= 0 ? Array(buffer[..<n]) : nil
+    }
+
+    /// Must-show 1: DNS through l4lb to Debian's nsd (RRL off): 10,000 queries from 20
+    /// client sockets, every answer correct and back at the socket that asked; over IPv4
+    /// and IPv6.
+    func testDNSThroughL4LBToNSD() throws {
+        let nsd = try NSDServer()
+        for host in ["127.0.0.1", "::1"] {
+            let port = Sockets.freePort()
+            let upstream = host.contains(":") ? "[::1]:\(nsd.port)" : "127.0.0.1:\(nsd.port)"
+            let proxy = try L4LBProcess(config: udpConfig(port: port, endpoints: [upstream], host: host), waitFor: nil)
+            defer { proxy.stop() }
+            XCTAssertTrue(waitUntil(timeout: 10) { (try? proxy.stats()) != nil }, proxy.log)
+            let sockets = try (0..<20).map { _ in try client(host, port) }
+            defer { sockets.forEach { close($0) } }
+            var wrong = 0, unanswered = 0
+            for q in 0..<10_000 {
+                // Each socket's queries carry its own id range, so an answer that reached
+                // the wrong socket would show.
+                let socketIndex = q % 20
+                let id = UInt16(socketIndex * 3000 + q / 20)
+                let n = q % 100
+                let fd = sockets[socketIndex]
+                guard let reply = exchange(fd, DNS.query(id: id, name: "host\(n).example.test")), let answer = DNS.answer(reply) else {
+                    unanswered += 1
+                    continue
+                }
+                if answer.id != id || answer.rcode != 0 || answer.address != "192.0.2.\(n + 1)" { wrong += 1 }
+            }
+            XCTAssertEqual(unanswered, 0, "over \(host)")
+            XCTAssertEqual(wrong, 0, "over \(host)")
+            let listener = try XCTUnwrap(try proxy.stats().listener("dns"))
+            XCTAssertEqual(listener.int("datagrams_in"), 10_000)
+            XCTAssertEqual(listener.int("datagrams_out"), 10_000)
+            XCTAssertEqual(listener.int("active"), 20, "one session per client socket")
+        }
     }
 
     /// Must-show 2: random payloads of 1 to 65,507 bytes come back byte-identical, one
