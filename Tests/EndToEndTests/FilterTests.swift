@@ -565,4 +565,53 @@ final class FilterTests: XCTestCase {
             }
         }
     }
+
+    /// Must-show 6 for UDP: with `mode: userspace` the same lists hold at UDP receive —
+    /// datagrams from a blocked source, or to a `udp/PORT` listener, never reach the
+    /// backend and are counted with the XDP reasons; allowed clients are served.
+    func testUserspaceFallbackFiltersUDPAtReceive() throws {
+        let namespace = try loopbackNamespace("udp-userspace")
+        try namespace.run {
+            let backend = try UDPBackend(.echo)
+            defer { backend.stop() }
+            let open = Sockets.freePort(), closed = Sockets.freePort()
+            let proxy = try L4LBProcess(config: """
+                workers: 2
+                listeners:
+                  - { name: dns, address: 127.0.0.1:\(open), protocol: udp, cluster: udp }
+                  - { name: closed, address: 127.0.0.1:\(closed), protocol: udp, cluster: udp }
+                clusters:
+                  - name: udp
+                    endpoints: [ { address: "\(backend.address)" } ]
+                filter:
+                  xdp: { interfaces: [lo], mode: userspace, pin_path: \(pinPath) }
+                  block_sources: [127.0.0.2, "2001:db8::6"]
+                  block_ports: [udp/\(closed)]
+                """, waitFor: nil)
+            defer { proxy.stop() }
+            XCTAssertTrue(waitUntil(timeout: 10) { (try? proxy.stats()) != nil }, proxy.log)
+            func served(from source: String, to port: UInt16, count: Int) throws -> Int {
+                let fd = try UDPTests.client(host: "127.0.0.1", port: port, source: source, timeout: 0.3)
+                defer { close(fd) }
+                for i in 0..<count {
+                    let payload = Array("q\(i)".utf8)
+                    _ = send(fd, payload, payload.count, 0)
+                }
+                // Every answer, until none has come for 0.3 s.
+                var answers = 0
+                var buffer = [UInt8](repeating: 0, count: 64)
+                while recv(fd, &buffer, buffer.count, 0) > 0 { answers += 1 }
+                return answers
+            }
+            XCTAssertEqual(try served(from: "127.0.0.1", to: open, count: 20), 20)
+            let reachedBefore = backend.received
+            XCTAssertEqual(try served(from: "127.0.0.2", to: open, count: 20), 0)
+            XCTAssertEqual(try served(from: "127.0.0.1", to: closed, count: 10), 0)
+            XCTAssertEqual(backend.received, reachedBefore, "a filtered datagram reached the backend")
+            let stats = try proxy.stats()
+            XCTAssertEqual(stats.filterCount("*", dropped: "blocked_source_v4"), 20)
+            XCTAssertEqual(stats.filterCount("*", dropped: "blocked_port_udp"), 10)
+            XCTAssertEqual(stats.listener("dns")?.int("active"), 1, "no session for the blocked source")
+        }
+    }
 }

@@ -1,3 +1,4 @@
+import BPFSteer
 import URing
 
 #if canImport(Glibc)
@@ -48,6 +49,17 @@ extension Worker {
             datagramBuffers.recycle(buffer)
             if live { stats.add(.datagramDrops, listener: listener) }
             return
+        }
+        if sourceFilter.enforcing {
+            // The user-space blocklist, per datagram (as XDP would have dropped it).
+            var source = sockaddr_storage()
+            withUnsafeMutableBytes(of: &source) { $0.copyMemory(from: UnsafeRawBufferPointer(start: message.name, count: min(message.nameLength, MemoryLayout<sockaddr_storage>.size))) }
+            let verdict = sourceFilter.verdict(source: &source, port: current.listenerPorts[listener], transport: .udp)
+            stats.add(.filterCounter(verdict))
+            if verdict.drops {
+                datagramBuffers.recycle(buffer)
+                return
+            }
         }
         let session: UInt32
         if let found = udpSessions.find(key) {
