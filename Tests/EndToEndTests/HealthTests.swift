@@ -104,10 +104,21 @@ final class HealthTests: XCTestCase {
         // third pass no client connection may arrive.
         c = try TestBackend(.echo, port: cPort)
         let restarted = Date()
-        usleep(300_000)
-        XCTAssertEqual(c.dataConnections, 0, "traffic reached the endpoint before healthy_threshold checks passed")
-        let back = waitForLogLine(proxy, containing: ["endpoint=127.0.0.1:\(cPort) ", "3 checks passed", "to=healthy"], timeout: 5)
-        XCTAssertNotNil(back)
+        // Until the checker logs it healthy, no client connection may arrive. (Polled, not
+        // judged at a fixed time: a stalled test thread would misread a legitimate one.)
+        var early = 0
+        var back = false
+        let deadline = Date().addingTimeInterval(5)
+        while !back, Date() < deadline {
+            let seen = c.dataConnections
+            back = proxy.log.contains("endpoint=127.0.0.1:\(cPort) ") && proxy.log.split(separator: "\n").contains {
+                $0.contains("endpoint=127.0.0.1:\(cPort) ") && $0.contains("3 checks passed") && $0.contains("to=healthy")
+            }
+            if !back { early = seen }
+            usleep(5_000)
+        }
+        XCTAssertEqual(early, 0, "traffic reached the endpoint before healthy_threshold checks passed")
+        XCTAssertTrue(back, "not healthy again after three passing checks:\n\(proxy.log)")
         XCTAssertGreaterThanOrEqual(Date().timeIntervalSince(restarted), 0.35, "healthy before three checks could pass")
         XCTAssertTrue(waitUntil(timeout: 3) { c.dataConnections > 5 }, "traffic did not resume")
 

@@ -149,27 +149,33 @@ final class UDPTests: XCTestCase {
     }
 
     /// Must-show 4 (at this machine's descriptor limit): 2,000 sessions all expire after
-    /// idle_timeout, counted, and their upstream sockets are closed.
+    /// idle_timeout (none before: the table holds them all once they are open), counted,
+    /// and their upstream sockets are closed.
     func testSessionsExpireAfterIdleTimeout() throws {
         let backend = try UDPBackend(.echo)
         defer { backend.stop() }
         let port = Sockets.freePort()
-        let proxy = try L4LBProcess(config: udpConfig(port: port, endpoints: [backend.address], listenerExtra: ", idle_timeout: 1s"), waitFor: nil)
+        let proxy = try L4LBProcess(config: udpConfig(port: port, endpoints: [backend.address], listenerExtra: ", idle_timeout: 4s"), waitFor: nil)
         defer { proxy.stop() }
         XCTAssertTrue(waitUntil(timeout: 10) { (try? proxy.stats()) != nil }, proxy.log)
         let descriptorsBefore = proxy.resources.descriptors
         let count = 2_000
         var clients: [Int32] = []
+        let opening = Date()
         for _ in 0..<count {
             let fd = try client("127.0.0.1", port)
             clients.append(fd)
             XCTAssertEqual(exchange(fd, [7]), [7])
         }
         defer { clients.forEach { close($0) } }
-        XCTAssertEqual(try proxy.stats().listener("dns")?.int("active"), count)
+        // Judged only if opening them all took less than idle_timeout (a slow machine could
+        // take longer; then the first ones have legitimately expired).
+        if Date().timeIntervalSince(opening) < 3.5 {
+            XCTAssertEqual(try proxy.stats().listener("dns")?.int("active"), count)
+        }
         // One socket per session (give or take the admin API's own connection).
         XCTAssertGreaterThanOrEqual(proxy.resources.descriptors - descriptorsBefore, count - 2)
-        XCTAssertTrue(waitUntil(timeout: 5) { (try? proxy.stats())?.listener("dns")?.int("active") == 0 })
+        XCTAssertTrue(waitUntil(timeout: 10) { (try? proxy.stats())?.listener("dns")?.int("active") == 0 })
         let listener = try XCTUnwrap(try proxy.stats().listener("dns"))
         XCTAssertEqual(listener.int("idle_timeouts"), count)
         XCTAssertLessThanOrEqual(proxy.resources.descriptors, descriptorsBefore + 2)
