@@ -52,7 +52,10 @@ final class L4LBProcess {
             // The admin API and the listener both up (they start concurrently). The admin
             // API first: tests count the connections the listener gets, so the probe
             // reaches it once, not once per retry.
-            let up = waitUntil(timeout: 10) {
+            // Generous: in a fresh network namespace, attaching XDP takes the kernel's RTNL
+            // lock, which the teardown of the previous test's namespaces can hold for seconds
+            // on a busy host (seen once in CI: l4lb silent for over 10 s before attaching).
+            let up = waitUntil(timeout: 30) {
                 guard self.process.isRunning else { return false }
                 for (host, port) in [("127.0.0.1", self.adminPort), (listen.host, listen.port)] {
                     guard let fd = try? Sockets.connect(host: host, port: port, timeout: 1) else { return false }
