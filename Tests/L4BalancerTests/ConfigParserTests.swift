@@ -84,15 +84,14 @@ final class ConfigParserTests: XCTestCase {
 
     func testNotYetSupportedFeaturesAreRejectedByName() {
         guard case .failure(let errors) = parse("""
-            listeners: [{ address: "127.0.0.1:1", cluster: c, protocol: udp, tls: {}, session: none }]
+            listeners: [{ address: "127.0.0.1:1", cluster: c, protocol: udp, tls: {} }]
             clusters: [{ name: c, balancer: maglev, table_size: 1000, choice_count: 2, slow_start: 1s, health_check: { type: ping }, endpoints: [{ address: "127.0.0.1:2" }] }]
             """) else { return XCTFail("accepted") }
         XCTAssertEqual(Set(errors.errors.map(\.description)), [
-            "listeners[0].session: not supported yet",
             "listeners[0].tls: not supported yet",
             "clusters[0].table_size: 1000 is not prime (e.g. 65537, 655373)",
             "clusters[0].choice_count: applies to balancer least_request only, not maglev",
-            "clusters[0].health_check.type: must be one of tcp, send_expect, http, got \"ping\"",
+            "clusters[0].health_check.type: must be one of tcp, send_expect, http, dns, got \"ping\"",
             "clusters[0].slow_start: applies to round_robin, random and least_request, not maglev (hashing must not move keys)",
         ])
     }
@@ -180,6 +179,69 @@ final class ConfigParserTests: XCTestCase {
             "listeners[0].max_sessions: 0 out of range 1...1000000",
             "listeners[1].max_sessions: applies to udp listeners only",
             "listeners[2].address: 127.0.0.1:53 is already used by listeners[0]",
+        ])
+    }
+
+    func testUDPSessionModesAndProxyResponses() throws {
+        let config = try parse("""
+            listeners:
+              - { name: a, address: "127.0.0.1:53", protocol: udp, cluster: c, proxy_responses: 1 }
+              - { name: b, address: "127.0.0.1:54", protocol: udp, cluster: c, session: none, proxy_responses: 0 }
+              - { name: d, address: "127.0.0.1:55", protocol: udp, cluster: c, session: none }
+            clusters: [{ name: c, endpoints: [{ address: "127.0.0.1:5353" }] }]
+            """).get()
+        XCTAssertEqual(config.listeners.map(\.proxyResponses), [1, 0, nil])
+        XCTAssertEqual(config.listeners.map(\.session), [.client, .none, .none])
+
+        guard case .failure(let errors) = parse("""
+            listeners:
+              - { address: "127.0.0.1:53", protocol: udp, cluster: c, proxy_responses: 0 }
+              - { address: "127.0.0.1:54", protocol: udp, cluster: c, session: sticky }
+              - { address: "127.0.0.1:55", cluster: c, proxy_responses: 1 }
+            clusters: [{ name: c, endpoints: [{ address: "127.0.0.1:5353" }] }]
+            """) else { return XCTFail("accepted") }
+        XCTAssertEqual(Set(errors.errors.map(\.description)), [
+            "listeners[0].proxy_responses: 0 applies to session: none only",
+            "listeners[1].session: must be one of client, none, got \"sticky\"",
+            "listeners[2].proxy_responses: applies to udp listeners only",
+        ])
+    }
+
+    func testUDPHealthChecks() throws {
+        let config = try parse("""
+            listeners:
+              - { name: dns, address: "127.0.0.1:53", protocol: udp, cluster: dns }
+              - { name: both-udp, address: "127.0.0.1:54", protocol: udp, cluster: both }
+              - { name: both-tcp, address: "127.0.0.1:54", cluster: both }
+              - { name: echo, address: "127.0.0.1:55", protocol: udp, cluster: echo }
+            clusters:
+              - { name: dns, endpoints: [{ address: "127.0.0.1:5353" }], health_check: { type: dns, query: example.test, query_type: AAAA, expected_rcode: [NOERROR, NXDOMAIN] } }
+              - { name: both, endpoints: [{ address: "127.0.0.1:5353" }], health_check: { type: dns } }
+              - { name: echo, endpoints: [{ address: "127.0.0.1:7" }], health_check: { type: send_expect, send_hex: "00ff", expect_hex: "00" } }
+            """).get()
+        XCTAssertEqual(config.clusters[0].healthCheck?.kind, .dns(query: "example.test", type: 28, rcodes: [0, 3]))
+        XCTAssertEqual(config.clusters[0].healthCheck?.transport, .udp, "behind udp listeners only")
+        XCTAssertEqual(config.clusters[1].healthCheck?.kind, .dns(query: ".", type: 1, rcodes: [0]))
+        XCTAssertEqual(config.clusters[1].healthCheck?.transport, .tcp, "behind a tcp listener too")
+        XCTAssertEqual(config.clusters[2].healthCheck?.transport, .udp)
+
+        guard case .failure(let errors) = parse("""
+            listeners:
+              - { address: "127.0.0.1:53", protocol: udp, cluster: a }
+              - { address: "127.0.0.1:54", protocol: udp, cluster: b }
+              - { address: "127.0.0.1:55", cluster: c }
+            clusters:
+              - { name: a, endpoints: [{ address: "127.0.0.1:1" }], health_check: { type: tcp } }
+              - { name: b, endpoints: [{ address: "127.0.0.1:1" }], health_check: { type: dns, query: "a..b", query_type: BOGUS, expected_rcode: [WHAT] } }
+              - { name: c, endpoints: [{ address: "127.0.0.1:1" }], health_check: { type: http, protocol: udp, query: x } }
+            """) else { return XCTFail("accepted") }
+        XCTAssertEqual(Set(errors.errors.map(\.description)), [
+            "clusters[0].health_check.type: a udp health check must be send_expect or dns (the cluster is behind udp listeners)",
+            "clusters[1].health_check.query: expected a domain name (labels of 1-63 characters, at most 253 in all), got \"a..b\"",
+            "clusters[1].health_check.query_type: expected one of A, AAAA, ANY, CNAME, MX, NS, PTR, SOA, SRV, TXT or a number, got \"BOGUS\"",
+            "clusters[1].health_check.expected_rcode[0]: expected one of FORMERR, NOERROR, NOTIMP, NXDOMAIN, REFUSED, SERVFAIL or 0-15, got \"WHAT\"",
+            "clusters[2].health_check.query: applies to type dns only",
+            "clusters[2].health_check.type: a udp health check must be send_expect or dns",
         ])
     }
 }

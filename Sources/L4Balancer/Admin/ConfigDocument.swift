@@ -28,13 +28,20 @@ extension Config.Listener {
             "name": name,
             "address": address.description,
             "protocol": transport.rawValue,
-            "connect_timeout": connectTimeout.description,
-            "connect_attempts": connectAttempts,
             "idle_timeout": idleTimeout.description,
-            "send_timeout": sendTimeout.description,
-            "max_connections": maxConnections.map { $0 as Any } ?? NSNull(),
-            "proxy_protocol": proxyProtocol.rawValue,
         ]
+        switch transport {
+        case .tcp:
+            entry["connect_timeout"] = connectTimeout.description
+            entry["connect_attempts"] = connectAttempts
+            entry["send_timeout"] = sendTimeout.description
+            entry["max_connections"] = maxConnections.map { $0 as Any } ?? NSNull()
+            entry["proxy_protocol"] = proxyProtocol.rawValue
+        case .udp:
+            entry["max_sessions"] = maxSessions
+            entry["session"] = session.rawValue
+            entry["proxy_responses"] = proxyResponses.map { $0 as Any } ?? NSNull()
+        }
         if clusters.count == 1 {
             entry["cluster"] = clusters[0].name
         } else {
@@ -76,7 +83,7 @@ extension Config.Cluster {
                 "interval": check.interval.description, "timeout": check.timeout.description,
                 "healthy_threshold": check.healthyThreshold, "unhealthy_threshold": check.unhealthyThreshold,
                 "initial_jitter": check.initialJitter.description, "interval_jitter": check.intervalJitter.description,
-                "start_healthy": check.startHealthy,
+                "start_healthy": check.startHealthy, "protocol": check.transport.rawValue,
             ]
             switch check.kind {
             case .tcp: c["type"] = "tcp"
@@ -89,6 +96,11 @@ extension Config.Cluster {
                 c["path"] = path
                 c["host"] = host.map { $0 as Any } ?? NSNull()
                 c["expected_statuses"] = "\(statuses.lowerBound)-\(statuses.upperBound)"
+            case .dns(let query, let type, let rcodes):
+                c["type"] = "dns"
+                c["query"] = query
+                c["query_type"] = DNSQuery.types.first { $0.value == type }?.key ?? String(type)
+                c["expected_rcode"] = rcodes.map(DNSQuery.rcodeName)
             }
             entry["health_check"] = c
         }

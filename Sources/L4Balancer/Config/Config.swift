@@ -90,6 +90,13 @@ public struct Config: Sendable, Equatable {
         /// udp: sessions a worker keeps for this listener; beyond it the longest idle one
         /// is evicted (counted).
         public var maxSessions = 10_000
+        /// udp: a session ends after this many replies (nginx's `proxy_responses`); nil =
+        /// only on idle.
+        public var proxyResponses: Int?
+        /// udp: `client` keeps one endpoint per client address; `none` balances every
+        /// datagram on its own.
+        public var session: SessionAffinity = .client
+        public enum SessionAffinity: String, Sendable, CaseIterable { case client, none }
         public static let defaultUDPIdleTimeout = ConfigDuration.seconds(30)
 
         public init(name: String, address: SocketAddress, clusters: [WeightedCluster]) {
@@ -164,7 +171,12 @@ public struct Config: Sendable, Equatable {
             case sendExpect(send: [UInt8], expect: [UInt8])
             /// GET `path` with `Host: host`; healthy on a status in `statuses`.
             case http(path: String, host: String?, statuses: ClosedRange<Int>)
+            /// A DNS query for `query` of `type`; healthy on a response with an rcode in `rcodes`.
+            case dns(query: String, type: UInt16, rcodes: [UInt8])
         }
+
+        /// The transport the check runs over; UDP for clusters behind UDP listeners.
+        public var transport: Listener.TransportProtocol = .tcp
 
         public var kind: Kind = .tcp
         public var interval: ConfigDuration = .seconds(5)

@@ -32,6 +32,8 @@ public enum ConfigParser {
 /// The YAML walk: each method reads one node at one path and records what is wrong.
 struct ConfigWalker {
     var errors: [ConfigError] = []
+    /// Clusters whose health check names its `protocol` (the others take their listeners').
+    var checkProtocolsGiven: Set<String> = []
 
     mutating func fail(_ path: String, _ message: String) {
         errors.append(ConfigError(path: path, message: message))
@@ -83,6 +85,7 @@ struct ConfigWalker {
         } else {
             fail("listeners", "required")
         }
+        inferHealthCheckProtocols(&config)
         var seenNames: [String: Int] = [:]
         // One TCP and one UDP listener may share an address (DNS on port 53 does).
         var seenAddresses: [String: Int] = [:]
@@ -193,8 +196,12 @@ struct ConfigWalker {
             for key in ["connect_timeout", "connect_attempts", "send_timeout", "max_connections", "proxy_protocol"] where fields[key] != nil {
                 fail("\(path).\(key)", "applies to tcp listeners only")
             }
-            for key in ["proxy_responses", "session"] where fields[key] != nil {
-                fail("\(path).\(key)", "not supported yet")
+            if let n = fields["session"], let v = choice(n, "\(path).session", Config.Listener.SessionAffinity.self) { listener.session = v }
+            if let n = fields["proxy_responses"], let v = int(n, "\(path).proxy_responses", 0...1_000_000) {
+                // 0 (no reply expected) suits per-packet leases only: a session would end
+                // with its datagram still in flight.
+                if v == 0, listener.session != .none { fail("\(path).proxy_responses", "0 applies to session: none only") }
+                listener.proxyResponses = v
             }
             if let n = fields["max_sessions"], let v = int(n, "\(path).max_sessions", 1...1_000_000) { listener.maxSessions = v }
         } else {
@@ -300,7 +307,7 @@ struct ConfigWalker {
                 fail("\(path).active_request_bias", "expected a number from 0 to 100, got \(describe(n))")
             }
         }
-        if let n = fields["health_check"] { cluster.healthCheck = healthCheck(n, "\(path).health_check") }
+        if let n = fields["health_check"] { cluster.healthCheck = healthCheck(n, "\(path).health_check", cluster: cluster.name) }
         if let n = fields["outlier_detection"] { cluster.outlierDetection = outlierDetection(n, "\(path).outlier_detection") }
         if let n = fields["max_connections"], let v = int(n, "\(path).max_connections", 1...10_000_000) { cluster.maxConnections = v }
         if let n = fields["slow_start"], let d = duration(n, "\(path).slow_start") {
@@ -328,102 +335,6 @@ struct ConfigWalker {
         return endpoint
     }
 
-    // MARK: Health
-
-    mutating func healthCheck(_ node: Node, _ path: String) -> Config.HealthCheck? {
-        guard let fields = mapping(node, path, keys: [
-            "type", "interval", "timeout", "healthy_threshold", "unhealthy_threshold", "initial_jitter",
-            "interval_jitter", "start_healthy", "send", "expect", "send_hex", "expect_hex", "path", "host",
-            "expected_statuses",
-        ]) else { return nil }
-        var check = Config.HealthCheck()
-        let type = fields["type"].flatMap { string($0, "\(path).type") } ?? "tcp"
-        let specific: [String: [String]] = [
-            "send_expect": ["send", "expect", "send_hex", "expect_hex"], "http": ["path", "host", "expected_statuses"], "tcp": [],
-        ]
-        guard let allowed = specific[type] else {
-            fail("\(path).type", "must be one of tcp, send_expect, http, got \"\(type)\"")
-            return nil
-        }
-        for key in specific.values.joined() where fields[key] != nil && !allowed.contains(key) {
-            fail("\(path).\(key)", "applies to type \(specific.first { $0.value.contains(key) }!.key) only")
-        }
-        switch type {
-        case "send_expect":
-            let send = bytes(fields, "send", "send_hex", path)
-            let expect = bytes(fields, "expect", "expect_hex", path)
-            if let send, let expect {
-                if expect.isEmpty { fail("\(path).expect", "must not be empty") }
-                check.kind = .sendExpect(send: send, expect: expect)
-            }
-        case "http":
-            var requestPath = "/"
-            if let n = fields["path"], let p = string(n, "\(path).path") {
-                if !p.hasPrefix("/") || p.contains(where: { $0 == " " || $0 == "\r" || $0 == "\n" }) {
-                    fail("\(path).path", "must start with / and contain no spaces or line breaks")
-                }
-                requestPath = p
-            }
-            let host = fields["host"].flatMap { string($0, "\(path).host") }
-            var statuses = 200...399
-            if let n = fields["expected_statuses"], let text = string(n, "\(path).expected_statuses") {
-                let parts = text.split(separator: "-").map { Int($0.trimmingCharacters(in: .whitespaces)) }
-                if parts.count == 1, let a = parts[0], (100...599).contains(a) {
-                    statuses = a...a
-                } else if parts.count == 2, let a = parts[0], let b = parts[1], (100...599).contains(a), (a...599).contains(b) {
-                    statuses = a...b
-                } else {
-                    fail("\(path).expected_statuses", "expected a status or a range like 200-399, got \"\(text)\"")
-                }
-            }
-            check.kind = .http(path: requestPath, host: host, statuses: statuses)
-        default:
-            check.kind = .tcp
-        }
-        if let n = fields["interval"], let d = duration(n, "\(path).interval") {
-            if d.milliseconds < 10 { fail("\(path).interval", "must be at least 10ms") } else { check.interval = d }
-        }
-        if let n = fields["timeout"], let d = duration(n, "\(path).timeout") {
-            if d.milliseconds < 1 { fail("\(path).timeout", "must be greater than 0") } else { check.timeout = d }
-        }
-        if let n = fields["healthy_threshold"], let v = int(n, "\(path).healthy_threshold", 1...100) { check.healthyThreshold = v }
-        if let n = fields["unhealthy_threshold"], let v = int(n, "\(path).unhealthy_threshold", 1...100) { check.unhealthyThreshold = v }
-        if let n = fields["initial_jitter"], let d = duration(n, "\(path).initial_jitter") { check.initialJitter = d }
-        if let n = fields["interval_jitter"], let d = duration(n, "\(path).interval_jitter") {
-            if d >= check.interval { fail("\(path).interval_jitter", "must be shorter than the interval") } else { check.intervalJitter = d }
-        }
-        if let n = fields["start_healthy"] { check.startHealthy = bool(n, "\(path).start_healthy") ?? false }
-        return check
-    }
-
-    /// `key` as text or `hexKey` as hex digits: exactly one of them.
-    mutating func bytes(_ fields: [String: Node], _ key: String, _ hexKey: String, _ path: String) -> [UInt8]? {
-        switch (fields[key], fields[hexKey]) {
-        case (.some, .some):
-            fail("\(path).\(key)", "set \(key) or \(hexKey), not both")
-        case (.some(let n), nil):
-            // Text with the usual escapes written as in YAML double quotes (\r\n).
-            return string(n, "\(path).\(key)").map { Array($0.utf8) }
-        case (nil, .some(let n)):
-            guard let text = string(n, "\(path).\(hexKey)") else { return nil }
-            let digits = text.filter { !$0.isWhitespace }
-            var out: [UInt8] = []
-            var index = digits.startIndex
-            while index < digits.endIndex {
-                let next = digits.index(index, offsetBy: 2, limitedBy: digits.endIndex) ?? digits.endIndex
-                guard let byte = UInt8(digits[index..<next], radix: 16), digits.distance(from: index, to: next) == 2 else {
-                    fail("\(path).\(hexKey)", "expected pairs of hex digits, got \"\(text)\"")
-                    return nil
-                }
-                out.append(byte)
-                index = next
-            }
-            return out
-        case (nil, nil):
-            fail("\(path).\(key)", "required for send_expect")
-        }
-        return nil
-    }
 
     mutating func outlierDetection(_ node: Node, _ path: String) -> Config.OutlierDetection? {
         guard let fields = mapping(node, path, keys: ["consecutive_failures", "ejection_time", "max_ejection_time", "max_ejection_percent"]) else {

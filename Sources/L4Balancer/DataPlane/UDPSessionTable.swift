@@ -30,6 +30,10 @@ struct UDPClientKey: Hashable {
 /// endpoint the balancer chose for it. Records live in one array (no allocation per
 /// session once it has grown), found through a dictionary, and kept per listener in
 /// least-recently-active order, so idle expiry and `max_sessions` eviction take the head.
+///
+/// Per-packet listeners (`session: none`) use the same records without the dictionary: a
+/// record is an upstream socket lent to one datagram's client until its replies are in,
+/// then kept in a pool per (listener, endpoint) for the next datagram to that endpoint.
 struct UDPSessionTable {
     struct Session {
         var key: UDPClientKey
@@ -45,8 +49,14 @@ struct UDPSessionTable {
         var generation: UInt32 = 0
         var previous: UInt32 = UDPSessionTable.none
         var next: UInt32 = UDPSessionTable.none
+        /// Replies relayed in the current lease.
+        var replies: UInt32 = 0
         var receiveArmed = false
         var live = false
+        /// Lent to a client (always, for per-client sessions); false while pooled.
+        var leased = false
+        /// Found by its client key (per-client sessions); per-packet records are not.
+        var indexed = true
     }
 
     static let none = UInt32.max
@@ -57,6 +67,12 @@ struct UDPSessionTable {
     private var heads: [UInt32]
     private var tails: [UInt32]
     private(set) var counts: [Int]
+    /// Per-packet records not lent out, per (listener, endpoint identity): slot and
+    /// generation, checked when taken (a record may have ended while pooled).
+    private var pools: [UInt64: [UInt64]] = [:]
+    private(set) var live = 0
+    /// The generation new records start at (raised when the table gives its memory back).
+    private var generationFloor: UInt32 = 0
 
     init(listeners: Int) {
         heads = Array(repeating: UDPSessionTable.none, count: listeners)
@@ -64,7 +80,7 @@ struct UDPSessionTable {
         counts = Array(repeating: 0, count: listeners)
     }
 
-    var active: Int { index.count }
+    var active: Int { live }
 
     func find(_ key: UDPClientKey) -> UInt32? { index[key] }
 
@@ -73,18 +89,20 @@ struct UDPSessionTable {
         _modify { yield &sessions[Int(slot)] }
     }
 
-    /// A new session for `key` on `listener`, most recently active.
-    mutating func insert(_ key: UDPClientKey, listener: UInt16, tick: UInt32) -> UInt32 {
+    /// A new session for `key` on `listener`, most recently active; `indexed: false` for a
+    /// per-packet record, which `find` does not return.
+    mutating func insert(_ key: UDPClientKey, listener: UInt16, tick: UInt32, indexed: Bool = true) -> UInt32 {
         let slot: UInt32
         if let reused = free.popLast() {
             slot = reused
         } else {
             slot = UInt32(sessions.count)
-            sessions.append(Session(key: key))
+            sessions.append(Session(key: key, generation: generationFloor))
         }
         let generation = sessions[Int(slot)].generation
-        sessions[Int(slot)] = Session(key: key, listener: listener, lastTick: tick, generation: generation, live: true)
-        index[key] = slot
+        sessions[Int(slot)] = Session(key: key, listener: listener, lastTick: tick, generation: generation, live: true, leased: true, indexed: indexed)
+        if indexed { index[key] = slot }
+        live += 1
         link(slot)
         return slot
     }
@@ -93,10 +111,27 @@ struct UDPSessionTable {
     mutating func remove(_ slot: UInt32) {
         guard sessions[Int(slot)].live else { return }
         unlink(slot)
-        index[sessions[Int(slot)].key] = nil
+        if sessions[Int(slot)].indexed { index[sessions[Int(slot)].key] = nil }
+        live -= 1
         sessions[Int(slot)].live = false
         sessions[Int(slot)].generation = (sessions[Int(slot)].generation &+ 1) & 0xFF_FFFF
         free.append(slot)
+        if live == 0, sessions.count >= UDPSessionTable.keptWhenEmpty { release() }
+    }
+
+    /// A table this large gives its memory back when its last session ends (after a
+    /// burst of clients, RSS returns to where it was).
+    static let keptWhenEmpty = 4096
+
+    /// Frees the records, index and pools. New records start past every generation used
+    /// so far, so a completion still in flight for a freed slot stays stale.
+    private mutating func release() {
+        let floor = sessions.reduce(0) { max($0, $1.generation) } &+ 1
+        generationFloor = floor & 0xFF_FFFF
+        sessions = []
+        free = []
+        index = [:]
+        pools = [:]
     }
 
     /// Activity on `slot`: it moves to the end of its listener's list.
@@ -106,6 +141,25 @@ struct UDPSessionTable {
         unlink(slot)
         link(slot)
     }
+
+    /// Puts a per-packet record, no longer lent, in its pool.
+    mutating func pool(_ slot: UInt32) {
+        let session = sessions[Int(slot)]
+        pools[UDPSessionTable.poolKey(Int(session.listener), Int(session.endpoint)), default: []].append(UInt64(session.generation) << 32 | UInt64(slot))
+    }
+
+    /// A pooled record of `listener` connected to `endpoint`, taken out of the pool.
+    mutating func takePooled(listener: Int, endpoint: Int) -> UInt32? {
+        let key = UDPSessionTable.poolKey(listener, endpoint)
+        while let entry = pools[key]?.popLast() {
+            let slot = UInt32(truncatingIfNeeded: entry), generation = UInt32(truncatingIfNeeded: entry >> 32)
+            let session = sessions[Int(slot)]
+            if session.live, !session.leased, session.generation == generation { return slot }
+        }
+        return nil
+    }
+
+    private static func poolKey(_ listener: Int, _ endpoint: Int) -> UInt64 { UInt64(listener) << 32 | UInt64(UInt32(truncatingIfNeeded: endpoint)) }
 
     /// The least recently active session of `listener`.
     func oldest(_ listener: Int) -> UInt32? {

@@ -61,8 +61,16 @@ extension Worker {
                 return
             }
         }
+        let plan = current
         let session: UInt32
-        if let found = udpSessions.find(key) {
+        if plan.perPacket[listener] {
+            guard let lent = lendUpstream(client: message.name, clientLength: message.nameLength, key: key, listener: listener) else {
+                datagramBuffers.recycle(buffer)
+                stats.add(.datagramDrops, listener: listener)
+                return
+            }
+            session = lent
+        } else if let found = udpSessions.find(key) {
             session = found
             udpSessions.touch(found, tick: nowTick)
         } else if let opened = openSession(key, client: message.name, clientLength: message.nameLength, listener: listener) {
@@ -78,11 +86,14 @@ extension Worker {
         else {
             datagramBuffers.recycle(buffer)
             stats.add(.datagramDrops, listener: listener)
+            if plan.perPacket[listener] { endLease(session) }
             return
         }
         stats.add(.datagramsIn, listener: listener)
         stats.add(.bytesIn, listener: listener, UInt64(length))
         stats.add(.bytesOut, endpoint: Int(udpSessions[session].endpoint), UInt64(length))
+        // No reply expected (`proxy_responses: 0`): the socket can serve the next datagram.
+        if plan.proxyResponses[listener] == 0 { endLease(session) }
     }
 
     func datagramSentUpstream(_ completion: Completion, buffer: UInt16) {
@@ -94,11 +105,28 @@ extension Worker {
     /// A session for a new client: the balancer's pick, a connected socket to it, and a
     /// multishot receive for its replies. Nil when no endpoint can take it.
     func openSession(_ key: UDPClientKey, client: UnsafeRawPointer, clientLength: Int, listener: Int) -> UInt32? {
-        let plan = current
-        if udpSessions.counts[listener] >= plan.maxSessions[listener], let oldest = udpSessions.oldest(listener) {
-            endSession(oldest)
-            stats.add(.sessionsEvicted, listener: listener)
+        guard let (position, endpoint, cluster) = pickUpstream(client: client, clientLength: clientLength, listener: listener) else { return nil }
+        return openUpstream(key, position: position, endpoint: endpoint, cluster: cluster, client: client, clientLength: clientLength, listener: listener, indexed: true)
+    }
+
+    /// Per-packet mode: the balancer picks for this datagram alone, and a pooled socket to
+    /// that endpoint (or a new one) is lent to its client until the replies are in.
+    func lendUpstream(client: UnsafeRawPointer, clientLength: Int, key: UDPClientKey, listener: Int) -> UInt32? {
+        guard let (position, endpoint, cluster) = pickUpstream(client: client, clientLength: clientLength, listener: listener) else { return nil }
+        guard let slot = udpSessions.takePooled(listener: listener, endpoint: endpoint) else {
+            return openUpstream(key, position: position, endpoint: endpoint, cluster: cluster, client: client, clientLength: clientLength, listener: listener, indexed: false)
         }
+        udpSessions[slot].key = key
+        setClient(slot, client, clientLength)
+        udpSessions.touch(slot, tick: nowTick)
+        beginLease(slot)
+        return slot
+    }
+
+    /// The balancer's pick for a new session or datagram: endpoint position, identity and
+    /// cluster identity.
+    func pickUpstream(client: UnsafeRawPointer, clientLength: Int, listener: Int) -> (Int, Int, Int)? {
+        let plan = current
         let cluster = plan.clusterSplits[listener].flatMap { plan.listenerClusters[listener][$0.pick()!] } ?? plan.listenerClusters[listener][0]
         let firstEndpoint = plan.firstEndpoints[cluster]
         let clusterID = plan.clusterIDs[cluster]
@@ -109,8 +137,17 @@ extension Worker {
             flowHash: flowHash, tried: 0, active: ActiveCounts(base: activeByEndpoint, ids: ids),
             clusterActive: activeByCluster[clusterID], endpoints: status.view(snapshot, firstEndpoint: firstEndpoint))
         else { return nil }
-        let position = firstEndpoint + local
-        let endpoint = Int(ids[local])
+        return (firstEndpoint + local, Int(ids[local]), clusterID)
+    }
+
+    /// A record with a socket connected to the endpoint at `position`, lent to `client`.
+    func openUpstream(_ key: UDPClientKey, position: Int, endpoint: Int, cluster: Int, client: UnsafeRawPointer, clientLength: Int,
+                      listener: Int, indexed: Bool) -> UInt32? {
+        let plan = current
+        if udpSessions.counts[listener] >= plan.maxSessions[listener], let oldest = udpSessions.oldest(listener) {
+            endSession(oldest)
+            stats.add(.sessionsEvicted, listener: listener)
+        }
         let address = UnsafeMutableRawPointer(plan.endpointAddresses + position).assumingMemoryBound(to: sockaddr.self)
         let fd = socket(Int32(address.pointee.sa_family), Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else {
@@ -123,21 +160,48 @@ extension Worker {
             stats.add(.connectFailures, endpoint: endpoint)
             return nil
         }
-        let slot = udpSessions.insert(key, listener: UInt16(listener), tick: nowTick)
+        let slot = udpSessions.insert(key, listener: UInt16(listener), tick: nowTick, indexed: indexed)
         udpSessions[slot].upstream = fd
         udpSessions[slot].endpoint = Int32(endpoint)
-        udpSessions[slot].cluster = Int32(clusterID)
+        udpSessions[slot].cluster = Int32(cluster)
+        setClient(slot, client, clientLength)
+        armReplies(slot)
+        beginLease(slot)
+        return slot
+    }
+
+    private func setClient(_ slot: UInt32, _ client: UnsafeRawPointer, _ clientLength: Int) {
         let length = min(clientLength, MemoryLayout<sockaddr_in6>.size)
         udpSessions[slot].clientLength = socklen_t(length)
         withUnsafeMutableBytes(of: &udpSessions[slot].client) { $0.copyMemory(from: UnsafeRawBufferPointer(start: client, count: length)) }
-        armReplies(slot)
+    }
+
+    /// A client starts using the record: a session (or one datagram's exchange) begins.
+    private func beginLease(_ slot: UInt32) {
+        let session = udpSessions[slot]
+        let endpoint = Int(session.endpoint), listener = Int(session.listener)
+        udpSessions[slot].leased = true
+        udpSessions[slot].replies = 0
         activeByEndpoint[endpoint] += 1
-        activeByCluster[clusterID] += 1
+        activeByCluster[Int(session.cluster)] += 1
         stats.add(.accepted, listener: listener)
         stats.add(.active, listener: listener)
         stats.add(.active, endpoint: endpoint)
         stats.add(.total, endpoint: endpoint)
-        return slot
+    }
+
+    /// The client's exchange is over: a per-client session ends; a per-packet record goes
+    /// back to its pool, its socket still open and receiving.
+    func endLease(_ slot: UInt32) {
+        let session = udpSessions[slot]
+        guard session.live, session.leased else { return }
+        udpSessions[slot].leased = false
+        let endpoint = Int(session.endpoint)
+        activeByEndpoint[endpoint] -= 1
+        activeByCluster[Int(session.cluster)] -= 1
+        stats.add(.active, listener: Int(session.listener), UInt64(bitPattern: -1))
+        stats.add(.active, endpoint: endpoint, UInt64(bitPattern: -1))
+        if session.indexed { endSession(slot) } else { udpSessions.pool(slot) }
     }
 
     func armReplies(_ slot: UInt32) {
@@ -148,20 +212,23 @@ extension Worker {
         if !udpSessions[slot].receiveArmed { stats.add(.submissionDrops) }
     }
 
-    /// Ends a session: its receive is cancelled (its completion arrives stale and is
-    /// ignored), its socket closed, its counts given back.
+    /// Ends a session (or closes a per-packet record): its receive is cancelled (its
+    /// completion arrives stale and is ignored), its socket closed, its counts given back.
     func endSession(_ slot: UInt32) {
         let session = udpSessions[slot]
         guard session.live else { return }
+        if session.leased {
+            udpSessions[slot].leased = false
+            let endpoint = Int(session.endpoint)
+            activeByEndpoint[endpoint] -= 1
+            activeByCluster[Int(session.cluster)] -= 1
+            stats.add(.active, listener: Int(session.listener), UInt64(bitPattern: -1))
+            stats.add(.active, endpoint: endpoint, UInt64(bitPattern: -1))
+        }
         if session.receiveArmed {
             _ = ring.prepareCancel(target: UserData(.datagramFromUpstream, slot: slot, generation: session.generation).raw, userData: UserData(.cancel).raw)
         }
         Glibc.close(session.upstream)
-        let endpoint = Int(session.endpoint)
-        activeByEndpoint[endpoint] -= 1
-        activeByCluster[Int(session.cluster)] -= 1
-        stats.add(.active, listener: Int(session.listener), UInt64(bitPattern: -1))
-        stats.add(.active, endpoint: endpoint, UInt64(bitPattern: -1))
         udpSessions.remove(slot)
     }
 
@@ -171,8 +238,10 @@ extension Worker {
         for listener in servedListeners where current.listenerIsUDP[listener] {
             let idle = current.idleTicks[listener]
             while let oldest = udpSessions.oldest(listener), nowTick &- udpSessions[oldest].lastTick >= idle {
+                // A pooled per-packet socket unused this long closes quietly; a lease
+                // still waiting for its reply expires like a session.
+                if udpSessions[oldest].leased { stats.add(.idleTimeouts, listener: listener) }
                 endSession(oldest)
-                stats.add(.idleTimeouts, listener: listener)
             }
         }
         while let slot = repliesToRearm.popLast() {
@@ -216,6 +285,12 @@ extension Worker {
             return
         }
         if !udpSessions[slot].receiveArmed { armReplies(slot) }
+        guard session.leased else {
+            // A late reply on a pooled socket: nobody is waiting for it.
+            datagramBuffers.recycle(buffer)
+            stats.add(.datagramDrops, listener: listener)
+            return
+        }
         udpSessions.touch(slot, tick: nowTick)
         let length = Int(completion.result)
         let fd = listenerFDs[listener]
@@ -236,6 +311,10 @@ extension Worker {
         stats.add(.datagramsOut, listener: listener)
         stats.add(.bytesOut, listener: listener, UInt64(length))
         stats.add(.bytesIn, endpoint: Int(session.endpoint), UInt64(length))
+        // `proxy_responses`: the exchange is complete (the send above has its own copy of
+        // the client's address).
+        udpSessions[slot].replies &+= 1
+        if udpSessions[slot].replies >= current.proxyResponses[listener] { endLease(slot) }
     }
 
     func datagramSentToClient(_ completion: Completion, buffer: UInt16) {

@@ -37,6 +37,10 @@ final class WorkerPlan {
     let listenerPorts: [UInt16]
     let listenerIsUDP: [Bool]
     let maxSessions: [Int]
+    /// udp: replies that end a session (or a per-packet lease); `UInt32.max` = no limit.
+    let proxyResponses: [UInt32]
+    /// udp `session: none`: every datagram balanced on its own.
+    let perPacket: [Bool]
     let connectTimeouts: UnsafeMutablePointer<Timeout>
     /// Per endpoint position.
     let endpointAddresses: UnsafeMutablePointer<sockaddr_storage>
@@ -77,6 +81,8 @@ final class WorkerPlan {
         var ports = [UInt16](repeating: 0, count: bound)
         var udp = [Bool](repeating: false, count: bound)
         var sessions = [Int](repeating: 0, count: bound)
+        var responses = [UInt32](repeating: .max, count: bound)
+        var packet = [Bool](repeating: false, count: bound)
         connectTimeouts = .allocate(capacity: bound)
         for listener in snapshot.listeners {
             idle[listener.id] = Worker.ticks(listener.idleTimeoutMilliseconds)
@@ -89,6 +95,9 @@ final class WorkerPlan {
             ports[listener.id] = listener.address.port
             udp[listener.id] = listener.transport == .udp
             sessions[listener.id] = listener.maxSessions
+            packet[listener.id] = listener.session == .none
+            // A per-packet lease ends after one reply unless told otherwise.
+            responses[listener.id] = listener.proxyResponses.map { UInt32($0) } ?? (listener.session == .none ? 1 : .max)
             (connectTimeouts + listener.id).initialize(to: Timeout(milliseconds: listener.connectTimeoutMilliseconds))
         }
         idleTicks = idle
@@ -101,6 +110,8 @@ final class WorkerPlan {
         listenerPorts = ports
         listenerIsUDP = udp
         maxSessions = sessions
+        proxyResponses = responses
+        perPacket = packet
 
         endpointAddresses = .allocate(capacity: max(snapshot.endpoints.count, 1))
         endpointAddressLengths = .allocate(capacity: max(snapshot.endpoints.count, 1))

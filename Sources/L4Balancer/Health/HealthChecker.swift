@@ -38,7 +38,9 @@ public final class HealthChecker: @unchecked Sendable {
         let cluster: String
         let address: SocketAddress
         let check: Config.HealthCheck
-        let request: [UInt8]
+        /// What the check sends (a DNS query gets a fresh ID each time).
+        var request: [UInt8]
+        var queryID: UInt16 = 0
         var phase = Phase.idle
         var fd: Int32 = -1
         var started: Int64 = 0
@@ -124,7 +126,7 @@ public final class HealthChecker: @unchecked Sendable {
                     var random = FastRandom(seed: StableHash.endpoint(endpoint.address, seed: 3))
                     var target = Target(
                         endpoint: id, cluster: cluster.name, address: endpoint.address, check: check,
-                        request: HealthChecker.request(check.kind, endpoint.address), nextDue: now,
+                        request: HealthChecker.request(check, endpoint.address), nextDue: now,
                         healthy: !status.flags(id).contains(.unhealthy), random: random)
                     if let old = oldTargets[id] {
                         // The check changed: keep the health it has, let thresholds decide.
@@ -170,9 +172,12 @@ public final class HealthChecker: @unchecked Sendable {
         installed.store(snapshot.generation, ordering: .releasing)
     }
 
-    static func request(_ kind: Config.HealthCheck.Kind, _ address: SocketAddress) -> [UInt8] {
-        switch kind {
+    static func request(_ check: Config.HealthCheck, _ address: SocketAddress) -> [UInt8] {
+        switch check.kind {
         case .tcp: return []
+        case .dns(let query, let type, _):
+            let message = DNSQuery.message(query: query, type: type)
+            return check.transport == .udp ? message : [UInt8(message.count >> 8), UInt8(message.count & 0xFF)] + message
         case .sendExpect(let send, _): return send
         case .http(let path, let host, _):
             return Array("GET \(path) HTTP/1.1\r\nHost: \(host ?? address.description)\r\nUser-Agent: l4lb-health-check\r\nConnection: close\r\n\r\n".utf8)
@@ -247,7 +252,16 @@ public final class HealthChecker: @unchecked Sendable {
         let address = targets[i].address
         var storage = sockaddr_storage()
         let length = address.write(to: &storage)
-        let fd = socket(Int32(storage.ss_family), Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        let datagram = targets[i].check.transport == .udp
+        let type = datagram ? SOCK_DGRAM.rawValue : SOCK_STREAM.rawValue
+        let fd = socket(Int32(storage.ss_family), Int32(type) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        if case .dns = targets[i].check.kind {
+            let id = UInt16(truncatingIfNeeded: targets[i].random.next(below: 65_536))
+            let at = datagram ? 0 : 2
+            targets[i].queryID = id
+            targets[i].request[at] = UInt8(id >> 8)
+            targets[i].request[at + 1] = UInt8(id & 0xFF)
+        }
         targets[i].started = now
         targets[i].deadline = now + targets[i].check.timeout.milliseconds
         targets[i].sent = 0
@@ -261,6 +275,14 @@ public final class HealthChecker: @unchecked Sendable {
         let rc = withUnsafePointer(to: &storage) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, length) } }
         if rc != 0, errno != EINPROGRESS {
             finish(i, passed: false, reason: "connect: \(String(cString: strerror(errno)))", now: now)
+        } else if datagram {
+            // A UDP connect only sets the peer: send at once (unless the socket got the
+            // endpoint's own loopback port and would hear itself).
+            if HealthChecker.isConnectedToItself(fd) {
+                finish(i, passed: false, reason: "connected to itself (nothing listens on the port)", now: now)
+            } else {
+                targets[i].phase = .sending
+            }
         }
     }
 
@@ -292,7 +314,7 @@ public final class HealthChecker: @unchecked Sendable {
             if targets[i].sent < request.count {
                 let n = request[targets[i].sent...].withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
                 if n < 0 {
-                    if errno != EAGAIN { finish(i, passed: false, reason: "send: \(String(cString: strerror(errno)))", now: now) }
+                    if errno != EAGAIN { finish(i, passed: false, reason: HealthChecker.failure("send", errno), now: now) }
                     return
                 }
                 targets[i].sent += n
@@ -301,11 +323,12 @@ public final class HealthChecker: @unchecked Sendable {
         case .reading:
             let n = recv(fd, &buffer, buffer.count, 0)
             if n < 0 {
-                if errno != EAGAIN { finish(i, passed: false, reason: "recv: \(String(cString: strerror(errno)))", now: now) }
+                if errno != EAGAIN { finish(i, passed: false, reason: HealthChecker.failure("recv", errno), now: now) }
                 return
             }
             if n > 0 { targets[i].received += buffer[..<n] }
-            judge(i, eof: n == 0, now: now)
+            // A datagram is the whole reply.
+            judge(i, eof: n == 0 || targets[i].check.transport == .udp, now: now)
         case .idle:
             break
         }
@@ -324,7 +347,17 @@ public final class HealthChecker: @unchecked Sendable {
             } else if got != Array(expect.prefix(got.count)) {
                 finish(i, passed: false, reason: "unexpected reply \(printable(got.prefix(32)))", now: now)
             } else if eof {
-                finish(i, passed: false, reason: "connection closed after \(got.count) bytes", now: now)
+                let udp = targets[i].check.transport == .udp
+                finish(i, passed: false, reason: udp ? "a reply of \(got.count) bytes, shorter than expected" : "connection closed after \(got.count) bytes", now: now)
+            }
+        case .dns(_, _, let rcodes):
+            switch DNSQuery.judge(got, id: targets[i].queryID, stream: targets[i].check.transport == .tcp) {
+            case .answer(let rcode):
+                finish(i, passed: rcodes.contains(rcode), reason: "DNS \(DNSQuery.rcodeName(rcode))", now: now)
+            case .invalid(let why):
+                finish(i, passed: false, reason: why, now: now)
+            case .incomplete:
+                if eof { finish(i, passed: false, reason: "connection closed after \(got.count) bytes", now: now) }
             }
         case .http(_, _, let statuses):
             if let lineEnd = got.firstIndex(of: 0x0A) {
@@ -339,6 +372,11 @@ public final class HealthChecker: @unchecked Sendable {
                 finish(i, passed: false, reason: "no HTTP status line", now: now)
             }
         }
+    }
+
+    /// A socket error as a reason; ICMP port unreachable reads as what it means for UDP.
+    static func failure(_ call: String, _ code: Int32) -> String {
+        code == ECONNREFUSED ? "\(call): connection refused (nothing listens on the port)" : "\(call): \(String(cString: strerror(code)))"
     }
 
     private func printable<S: Sequence>(_ bytes: S) -> String where S.Element == UInt8 {

@@ -1,19 +1,40 @@
+import Foundation
+
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// Every proxied connection holds two descriptors; the usual soft limit of 1,024 would
-/// cap l4lb at ~500 connections. Raise the soft limit to the hard one, as HAProxy does.
+/// Every proxied connection and every UDP session holds descriptors; the usual soft limit
+/// of 1,024 would cap l4lb at ~500 connections. Raise the soft limit to the hard one, as
+/// HAProxy does, and where l4lb may (root, CAP_SYS_RESOURCE) both up to `fs.nr_open`: the
+/// kernel grows a process's descriptor table only as it is used.
 public enum ResourceLimits {
     @discardableResult
     public static func raiseOpenFileLimit() -> Int {
         var limit = rlimit()
         let resource = __rlimit_resource_t(RLIMIT_NOFILE.rawValue)
         guard getrlimit(resource, &limit) == 0 else { return -1 }
+        if let ceiling = systemCeiling(), ceiling > limit.rlim_max {
+            var raised = rlimit(rlim_cur: ceiling, rlim_max: ceiling)
+            if setrlimit(resource, &raised) == 0 { return Int(ceiling) }
+        }
         if limit.rlim_cur < limit.rlim_max {
             limit.rlim_cur = limit.rlim_max
             setrlimit(resource, &limit)
         }
         return Int(limit.rlim_cur)
+    }
+
+    /// `fs.nr_open`, the most descriptors one process may have.
+    static func systemCeiling() -> rlim_t? {
+        let fd = open("/proc/sys/fs/nr_open", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var bytes = [UInt8](repeating: 0, count: 32)
+        let n = read(fd, &bytes, bytes.count)
+        guard n > 0, let value = UInt(String(decoding: bytes[..<n], as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)), value > 0 else {
+            return nil
+        }
+        return rlim_t(value)
     }
 }

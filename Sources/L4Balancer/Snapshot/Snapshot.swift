@@ -39,6 +39,8 @@ public final class Snapshot: @unchecked Sendable {
         public let proxyProtocol: Config.Listener.ProxyProtocol
         public let transport: Config.Listener.TransportProtocol
         public let maxSessions: Int
+        public let proxyResponses: Int?
+        public let session: Config.Listener.SessionAffinity
     }
 
     public struct ClusterPlan: Sendable {
@@ -134,7 +136,9 @@ public final class Snapshot: @unchecked Sendable {
                 maxConnections: listener.maxConnections,
                 proxyProtocol: listener.proxyProtocol,
                 transport: listener.transport,
-                maxSessions: listener.maxSessions)
+                maxSessions: listener.maxSessions,
+                proxyResponses: listener.proxyResponses,
+                session: listener.session)
         }
         listenerIDBound = (ids.listeners.max() ?? -1) + 1
     }

@@ -4,11 +4,12 @@ import Foundation
 import Glibc
 #endif
 
-/// A UDP server on loopback for the UDP tests: echoes each datagram to its sender, or
-/// answers with its name (`identify`). Counts what it received and from how many
-/// source ports (l4lb's sessions).
+/// A UDP server on loopback for the UDP tests: echoes each datagram to its sender,
+/// answers with its name (`identify`), with its name and the datagram (`tag`), or echoes
+/// after a pause per datagram (`slowEcho`, slower than a flood). Counts what it received
+/// and from how many source ports (l4lb's sessions).
 final class UDPBackend: @unchecked Sendable {
-    enum Behavior { case echo, identify(String) }
+    enum Behavior { case echo, identify(String), tag(String), slowEcho(microseconds: UInt32) }
 
     let fd: Int32
     let port: UInt16
@@ -85,6 +86,10 @@ final class UDPBackend: @unchecked Sendable {
             switch behavior {
             case .echo: reply = Array(buffer[..<n])
             case .identify(let name): reply = Array(name.utf8)
+            case .tag(let name): reply = Array("\(name):".utf8) + buffer[..<n]
+            case .slowEcho(let pause):
+                usleep(pause)
+                reply = Array(buffer[..<n])
             }
             _ = withUnsafePointer(to: &peer) {
                 $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { sendto(fd, reply, reply.count, 0, $0, length) }

@@ -1,0 +1,197 @@
+import Foundation
+import XCTest
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// UDP session modes and checks (issue 13): `proxy_responses` ends a session after N
+/// replies, `session: none` balances every datagram on its own through pooled upstream
+/// sockets, and UDP clusters are health-checked over UDP (`send_expect`, `dns`).
+final class UDPSessionModesTests: XCTestCase {
+    func config(port: UInt16, endpoints: [String], workers: Int = 2, balancer: String = "round_robin",
+                listenerExtra: String = "", clusterExtra: String = "") -> String {
+        """
+        workers: \(workers)
+        listeners:
+          - { name: dns, address: 127.0.0.1:\(port), protocol: udp, cluster: udp\(listenerExtra) }
+        clusters:
+          - name: udp
+            balancer: \(balancer)
+            endpoints: [\(endpoints.map { "{ address: \"\($0)\" }" }.joined(separator: ", "))]
+        \(clusterExtra)
+        """
+    }
+
+    func exchange(_ fd: Int32, _ payload: [UInt8]) -> [UInt8]? {
+        guard send(fd, payload, payload.count, 0) == payload.count else { return nil }
+        var buffer = [UInt8](repeating: 0, count: 65_536)
+        let n = recv(fd, &buffer, buffer.count, 0)
+        return n >= 0 ? Array(buffer[..<n]) : nil
+    }
+
+    /// `proxy_responses: 3`: a client's session ends with the third reply; its next datagram
+    /// opens a new one. Nothing waits for `idle_timeout`, nothing is lost.
+    func testProxyResponsesEndsTheSessionAfterNReplies() throws {
+        let backend = try UDPBackend(.echo)
+        defer { backend.stop() }
+        let port = Sockets.freePort()
+        let proxy = try L4LBProcess(config: config(port: port, endpoints: [backend.address], listenerExtra: ", proxy_responses: 3"), waitFor: nil)
+        defer { proxy.stop() }
+        XCTAssertTrue(waitUntil(timeout: 10) { (try? proxy.stats()) != nil }, proxy.log)
+        let fd = try UDPTests.client(host: "127.0.0.1", port: port)
+        defer { close(fd) }
+        for i in 0..<30 {
+            let payload = Array("query \(i)".utf8)
+            XCTAssertEqual(exchange(fd, payload), payload, "datagram \(i)")
+        }
+        XCTAssertTrue(waitUntil(timeout: 5) { (try? proxy.stats())?.listener("dns")?.int("active") == 0 })
+        let listener = try XCTUnwrap(try proxy.stats().listener("dns"))
+        XCTAssertEqual(listener.int("total"), 10, "one session per three replies")
+        XCTAssertEqual(listener.int("datagrams_out"), 30)
+        XCTAssertEqual(listener.int("idle_timeouts"), 0)
+        XCTAssertEqual(backend.sources, 10, "each session had its own upstream socket")
+    }
+
+    /// `session: none`: 20 client sockets send 30 rounds of datagrams all at once. Every
+    /// reply reaches the socket that asked, with its own payload; the datagrams spread over
+    /// the three endpoints; one client's datagrams in a row go to different endpoints; and
+    /// the upstream sockets are pooled: a few dozen serve the 630 datagrams.
+    func testPerPacketModeBalancesEachDatagramAndAnswersTheAsker() throws {
+        let backends = try (0..<3).map { try UDPBackend(.tag("backend-\($0)")) }
+        defer { backends.forEach { $0.stop() } }
+        let port = Sockets.freePort()
+        let proxy = try L4LBProcess(config: config(port: port, endpoints: backends.map(\.address), listenerExtra: ", session: none"), waitFor: nil)
+        defer { proxy.stop() }
+        XCTAssertTrue(waitUntil(timeout: 10) { (try? proxy.stats()) != nil }, proxy.log)
+
+        let single = try UDPTests.client(host: "127.0.0.1", port: port)
+        defer { close(single) }
+        var reached: [String] = []
+        for i in 0..<30 {
+            guard let reply = exchange(single, Array("alone \(i)".utf8)).map({ String(decoding: $0, as: UTF8.self) }) else {
+                XCTFail("no reply to datagram \(i)")
+                continue
+            }
+            XCTAssertTrue(reply.hasSuffix(":alone \(i)"), reply)
+            reached.append(String(reply.prefix { $0 != ":" }))
+        }
+        XCTAssertEqual(Set(reached).count, 3, "one client's datagrams are balanced one by one: \(reached)")
+
+        let clients = try (0..<20).map { _ in try UDPTests.client(host: "127.0.0.1", port: port) }
+        defer { clients.forEach { close($0) } }
+        var perBackend: [String: Int] = [:]
+        var wrong = 0, missing = 0
+        var buffer = [UInt8](repeating: 0, count: 2048)
+        for round in 0..<30 {
+            for (i, fd) in clients.enumerated() {
+                let payload = Array("client \(i) round \(round)".utf8)
+                XCTAssertEqual(send(fd, payload, payload.count, 0), payload.count)
+            }
+            for (i, fd) in clients.enumerated() {
+                let n = recv(fd, &buffer, buffer.count, 0)
+                guard n > 0 else {
+                    missing += 1
+                    continue
+                }
+                let reply = String(decoding: buffer[..<n], as: UTF8.self)
+                guard let colon = reply.firstIndex(of: ":"), reply[reply.index(after: colon)...] == "client \(i) round \(round)" else {
+                    wrong += 1
+                    continue
+                }
+                perBackend[String(reply[..<colon]), default: 0] += 1
+            }
+        }
+        XCTAssertEqual(missing, 0)
+        XCTAssertEqual(wrong, 0, "replies that reached another client")
+        XCTAssertEqual(perBackend.count, 3, "\(perBackend)")
+        for (name, count) in perBackend { XCTAssertGreaterThan(count, 100, "\(name) got \(count) of 600: \(perBackend)") }
+        let sockets = backends.map(\.sources).reduce(0, +)
+        XCTAssertLessThanOrEqual(sockets, 2 * 3 * 20, "upstream sockets used for 630 datagrams")
+        print("per-packet: 630 datagrams over \(sockets) pooled upstream sockets, spread \(perBackend)")
+        XCTAssertTrue(waitUntil(timeout: 5) { (try? proxy.stats())?.listener("dns")?.int("active") == 0 }, "leases end with their reply")
+        let listener = try XCTUnwrap(try proxy.stats().listener("dns"))
+        XCTAssertEqual(listener.int("datagrams_in"), 630)
+        XCTAssertEqual(listener.int("datagrams_out"), 630)
+    }
+
+    /// `send_expect` over UDP (hex payload, expected prefix): both echo endpoints pass; a
+    /// stopped one (ICMP port unreachable) and one that never answers (timeout) go
+    /// unhealthy, and new sessions avoid them.
+    func testSendExpectOverUDPFindsDeadAndSilentEndpoints() throws {
+        let alive = try UDPBackend(.echo)
+        let dying = try UDPBackend(.echo)
+        defer { alive.stop(); dying.stop() }
+        // Bound, never read: datagrams to it vanish without an ICMP error.
+        let silent = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
+        defer { close(silent) }
+        var (storage, length) = Sockets.sockaddr("127.0.0.1", 0)
+        _ = withUnsafeMutablePointer(to: &storage) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(silent, $0, length) == 0 && getsockname(silent, $0, &length) == 0 } }
+        let silentPort = withUnsafeBytes(of: storage) { UInt16(bigEndian: $0.load(as: sockaddr_in.self).sin_port) }
+        let silentAddress = "127.0.0.1:\(silentPort)"
+
+        let port = Sockets.freePort()
+        let check = "    health_check: { type: send_expect, send_hex: \"deadbeef01\", expect_hex: \"deadbeef\", interval: 100ms, timeout: 200ms, unhealthy_threshold: 2 }"
+        let proxy = try L4LBProcess(config: config(port: port, endpoints: [alive.address, dying.address, silentAddress], clusterExtra: check), waitFor: nil)
+        defer { proxy.stop() }
+        XCTAssertTrue(waitUntil(timeout: 10) { (try? proxy.stats()) != nil }, proxy.log)
+        func healthy(_ address: String) -> Bool? { (try? proxy.stats())?.endpoint(cluster: "udp", address: address)?.bool("healthy") }
+        XCTAssertTrue(waitUntil(timeout: 5) { healthy(alive.address) == true && healthy(dying.address) == true })
+        XCTAssertEqual(healthy(silentAddress), false, "an endpoint that never answers")
+        XCTAssertGreaterThan(alive.received, 0, "the check's datagrams reach the endpoint")
+
+        dying.stop()
+        let stopped = Date()
+        XCTAssertTrue(waitUntil(timeout: 5) { healthy(dying.address) == false }, proxy.log)
+        print("UDP send_expect: stopped endpoint unhealthy after \(Int(Date().timeIntervalSince(stopped) * 1000)) ms")
+        XCTAssertTrue(proxy.log.contains("connection refused"), "the reason names the ICMP error: \(String(proxy.log.suffix(2000)))")
+        XCTAssertEqual(healthy(alive.address), true)
+
+        // Every new session lands on the one healthy endpoint.
+        for i in 0..<20 {
+            let fd = try UDPTests.client(host: "127.0.0.1", port: port)
+            defer { close(fd) }
+            XCTAssertEqual(exchange(fd, [UInt8(i)]), [UInt8(i)], "session \(i)")
+        }
+    }
+
+    /// `type: dns` against Debian's nsd, over UDP (inferred from the listener) and TCP:
+    /// a name in the zone passes with NOERROR; a missing one fails (NXDOMAIN) unless
+    /// NXDOMAIN is what is expected.
+    func testDNSHealthCheckAgainstNSD() throws {
+        let nsd = try NSDServer()
+        let endpoint = "127.0.0.1:\(nsd.port)"
+        func cluster(_ name: String, _ check: String) -> String {
+            """
+              - name: \(name)
+                endpoints: [{ address: "\(endpoint)" }]
+                health_check: { type: dns, interval: 100ms, timeout: 500ms, \(check) }
+            """
+        }
+        let ports = (0..<4).map { _ in Sockets.freePort() }
+        let names = ["found", "missing", "expected-missing", "over-tcp"]
+        let config = """
+            workers: 1
+            listeners:
+            \(names.enumerated().map { "  - { name: \($0.element), address: 127.0.0.1:\(ports[$0.offset]), protocol: udp, cluster: \($0.element) }" }.joined(separator: "\n"))
+            clusters:
+            \(cluster("found", "query: host1.example.test, query_type: A"))
+            \(cluster("missing", "query: nothing.example.test"))
+            \(cluster("expected-missing", "query: nothing.example.test, expected_rcode: [NXDOMAIN]"))
+            \(cluster("over-tcp", "query: host2.example.test, protocol: tcp"))
+            """
+        let proxy = try L4LBProcess(config: config, waitFor: nil)
+        defer { proxy.stop() }
+        XCTAssertTrue(waitUntil(timeout: 10) { (try? proxy.stats()) != nil }, proxy.log)
+        func healthy(_ cluster: String) -> Bool? { (try? proxy.stats())?.endpoint(cluster: cluster, address: endpoint)?.bool("healthy") }
+        XCTAssertTrue(waitUntil(timeout: 5) { healthy("found") == true && healthy("expected-missing") == true && healthy("over-tcp") == true },
+                      "\(names.map { "\($0): \(String(describing: healthy($0)))" }) \(String(proxy.log.suffix(3000)))")
+        XCTAssertEqual(healthy("missing"), false)
+        XCTAssertTrue(proxy.log.contains("DNS NXDOMAIN"), String(proxy.log.suffix(2000)))
+        // And the checked cluster serves: a query through l4lb.
+        let fd = try UDPTests.client(host: "127.0.0.1", port: ports[0])
+        defer { close(fd) }
+        let reply = try XCTUnwrap(exchange(fd, DNS.query(id: 77, name: "host5.example.test")).flatMap(DNS.answer))
+        XCTAssertEqual(reply.address, "192.0.2.6")
+    }
+}
