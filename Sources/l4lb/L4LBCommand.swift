@@ -66,6 +66,7 @@ struct Run: AsyncParsableCommand {
         signal(SIGHUP, SIG_IGN)
         signal(SIGUSR1, SIG_IGN)
         ResourceLimits.raiseOpenFileLimit()
+        ResourceLimits.returnLargeAllocationsToKernel()
         let level = ProcessInfo.processInfo.environment["L4LB_LOG_LEVEL"].flatMap(Logger.Level.init(rawValue:)) ?? .info
         let format = logFormat
         LoggingSystem.bootstrap { label in

@@ -3,6 +3,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <net/if.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
 #include <linux/if_packet.h>
 #include <sched.h>
 #include <string.h>
@@ -56,4 +58,23 @@ int CTest_send_frame(const char *interface, const unsigned char *frame, unsigned
     int saved = errno;
     close(fd);
     return sent == (ssize_t)length ? 0 : -(sent < 0 ? saved : EMSGSIZE);
+}
+
+long CTest_send_from(int fd, unsigned source, unsigned destination, unsigned short port, const void *payload, unsigned length) {
+    struct sockaddr_in to = { .sin_family = AF_INET, .sin_port = htons(port), .sin_addr.s_addr = destination };
+    struct iovec iov = { .iov_base = (void *)payload, .iov_len = length };
+    union { char buffer[CMSG_SPACE(sizeof(struct in_pktinfo))]; struct cmsghdr align; } control;
+    memset(&control, 0, sizeof(control));
+    struct msghdr message = {
+        .msg_name = &to, .msg_namelen = sizeof(to), .msg_iov = &iov, .msg_iovlen = 1,
+        .msg_control = control.buffer, .msg_controllen = sizeof(control.buffer),
+    };
+    struct cmsghdr *header = CMSG_FIRSTHDR(&message);
+    header->cmsg_level = IPPROTO_IP;
+    header->cmsg_type = IP_PKTINFO;
+    header->cmsg_len = CMSG_LEN(sizeof(struct in_pktinfo));
+    struct in_pktinfo *info = (struct in_pktinfo *)CMSG_DATA(header);
+    info->ipi_spec_dst.s_addr = source;
+    long sent = sendmsg(fd, &message, 0);
+    return sent < 0 ? -errno : sent;
 }

@@ -38,7 +38,12 @@ extension WorkerPool {
                 // Sessions: `active` and `total` above, `idle_timeouts` the expired ones.
                 entry["datagrams_in"] = stats.total(.datagramsIn, listener: $0.id)
                 entry["datagrams_out"] = stats.total(.datagramsOut, listener: $0.id)
-                entry["datagram_drops"] = stats.total(.datagramDrops, listener: $0.id)
+                var drops: [String: UInt64] = [:]
+                for (counter, reason) in WorkerStats.ListenerCounter.datagramDropReasons { drops[reason] = stats.total(counter, listener: $0.id) }
+                // Datagrams the kernel dropped because a listener socket's queue was full.
+                drops["receive_queue"] = receiveQueueDrops(listener: $0.id)
+                entry["datagram_drops"] = drops.values.reduce(0, +)
+                entry["datagram_drops_by_reason"] = drops
                 entry["sessions_evicted"] = stats.total(.sessionsEvicted, listener: $0.id)
                 entry["max_sessions"] = $0.maxSessions
             }

@@ -87,7 +87,11 @@ public final class MetricsExporter: @unchecked Sendable {
                 let help = "UDP datagrams relayed, by direction (in: from clients)."
                 counter("l4lb_listener_datagrams_total", help, labels + [("direction", "in")], total(.datagramsIn))
                 counter("l4lb_listener_datagrams_total", help, labels + [("direction", "out")], total(.datagramsOut))
-                counter("l4lb_listener_datagram_drops_total", "UDP datagrams dropped: no buffer, no endpoint, queue full, truncated.", labels, total(.datagramDrops))
+                let dropHelp = "UDP datagrams dropped, by reason (receive_queue: by the kernel, the listener socket's queue full)."
+                for (drop, reason) in WorkerStats.ListenerCounter.datagramDropReasons {
+                    counter("l4lb_listener_datagram_drops_total", dropHelp, labels + [("reason", reason)], total(drop))
+                }
+                counter("l4lb_listener_datagram_drops_total", dropHelp, labels + [("reason", "receive_queue")], pool.receiveQueueDrops(listener: listener.id))
                 counter("l4lb_listener_sessions_evicted_total", "UDP sessions evicted by max_sessions (longest idle first).", labels, total(.sessionsEvicted))
             }
         }

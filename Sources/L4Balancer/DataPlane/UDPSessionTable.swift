@@ -132,6 +132,9 @@ struct UDPSessionTable {
         free = []
         index = [:]
         pools = [:]
+        // Give the freed pages back to the kernel now (glibc keeps them otherwise): once,
+        // when a burst is over, never per session.
+        _ = releaseFreeHeapPages(0)
     }
 
     /// Activity on `slot`: it moves to the end of its listener's list.
@@ -183,3 +186,7 @@ struct UDPSessionTable {
         counts[listener] -= 1
     }
 }
+
+/// glibc's `malloc_trim` (not in Swift's Glibc module): returns free heap pages to the kernel.
+@_silgen_name("malloc_trim")
+private func releaseFreeHeapPages(_ pad: Int) -> Int32

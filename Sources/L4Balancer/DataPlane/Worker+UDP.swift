@@ -33,21 +33,29 @@ extension Worker {
         let live = serial == listenerSerials[listener] && listenerFDs[listener] >= 0
         if !completion.hasMore, live {
             acceptArmed[listener] = false
-            // Out of buffers: the next tick re-arms (the kernel drops into a full socket
-            // buffer meanwhile, counted there).
-            if completion.result >= 0, !draining { armDatagrams(listener) }
+            // Out of buffers: re-armed once one is recycled (the datagrams wait in the
+            // socket's queue meanwhile; the kernel drops and counts beyond it).
+            if completion.result == -ENOBUFS {
+                datagramReceivesWaiting = true
+            } else if completion.result >= 0, !draining {
+                armDatagrams(listener)
+            }
         }
         guard let buffer = completion.bufferID else {
-            if completion.result == -ENOBUFS { stats.add(.datagramDrops, listener: listener) }
+            // No buffer free: the datagram waits in the socket until the next tick re-arms.
+            if completion.result == -ENOBUFS { stats.add(.bufferWaits, listener: listener) }
             return
         }
         datagramBuffers.handedOut()
-        guard completion.result >= 0, live, !draining,
-              let message = ReceivedMessage(buffer: datagramBuffers.address(of: buffer), length: completion.result, message: datagramHeader),
+        guard completion.result >= 0, live, !draining else {
+            datagramBuffers.recycle(buffer)
+            return
+        }
+        guard let message = ReceivedMessage(buffer: datagramBuffers.address(of: buffer), length: completion.result, message: datagramHeader),
               !message.truncated, let key = UDPClientKey(message.name, length: message.nameLength)
         else {
             datagramBuffers.recycle(buffer)
-            if live { stats.add(.datagramDrops, listener: listener) }
+            stats.add(.dropsMalformed, listener: listener)
             return
         }
         if sourceFilter.enforcing {
@@ -66,7 +74,7 @@ extension Worker {
         if plan.perPacket[listener] {
             guard let lent = lendUpstream(client: message.name, clientLength: message.nameLength, key: key, listener: listener) else {
                 datagramBuffers.recycle(buffer)
-                stats.add(.datagramDrops, listener: listener)
+                stats.add(.dropsNoEndpoint, listener: listener)
                 return
             }
             session = lent
@@ -77,15 +85,15 @@ extension Worker {
             session = opened
         } else {
             datagramBuffers.recycle(buffer)
-            stats.add(.datagramDrops, listener: listener)
+            stats.add(.dropsNoEndpoint, listener: listener)
             return
         }
         let length = message.payloadLength
         guard ring.prepareSend(socket: udpSessions[session].upstream, bytes: message.payload, length: length,
-                               userData: UserData(.datagramToUpstream, slot: UInt32(buffer)).raw)
+                               userData: UserData(.datagramToUpstream, slot: UInt32(buffer), generation: UInt32(listener)).raw)
         else {
             datagramBuffers.recycle(buffer)
-            stats.add(.datagramDrops, listener: listener)
+            stats.add(.dropsQueueFull, listener: listener)
             if plan.perPacket[listener] { endLease(session) }
             return
         }
@@ -96,8 +104,9 @@ extension Worker {
         if plan.proxyResponses[listener] == 0 { endLease(session) }
     }
 
-    func datagramSentUpstream(_ completion: Completion, buffer: UInt16) {
+    func datagramSentUpstream(_ completion: Completion, buffer: UInt16, listener: Int) {
         datagramBuffers.recycle(buffer)
+        if completion.result < 0 { stats.add(.dropsSendFailed, listener: listener) }
     }
 
     // MARK: Sessions
@@ -249,6 +258,18 @@ extension Worker {
         }
     }
 
+    /// Receives that stopped for want of a buffer start again, now that one is free.
+    func rearmDatagramReceives() {
+        datagramReceivesWaiting = false
+        guard !draining else { return }
+        for listener in servedListeners where listenerIsDatagram[listener] && !acceptArmed[listener] && listenerFDs[listener] >= 0 {
+            armDatagrams(listener)
+        }
+        while let slot = repliesToRearm.popLast() {
+            if udpSessions[slot].live, !udpSessions[slot].receiveArmed { armReplies(slot) }
+        }
+    }
+
     func endAllSessions() {
         for slot in 0..<UInt32(udpSessions.sessions.count) where udpSessions[slot].live { endSession(slot) }
     }
@@ -277,8 +298,9 @@ extension Worker {
                 stats.add(.connectFailures, endpoint: Int(session.endpoint))
                 endSession(slot)
             case ENOBUFS:
-                stats.add(.datagramDrops, listener: listener)
+                stats.add(.bufferWaits, listener: listener)
                 repliesToRearm.append(slot)
+                datagramReceivesWaiting = true
             default:
                 if !udpSessions[slot].receiveArmed { repliesToRearm.append(slot) }
             }
@@ -288,7 +310,7 @@ extension Worker {
         guard session.leased else {
             // A late reply on a pooled socket: nobody is waiting for it.
             datagramBuffers.recycle(buffer)
-            stats.add(.datagramDrops, listener: listener)
+            stats.add(.dropsLateReply, listener: listener)
             return
         }
         udpSessions.touch(slot, tick: nowTick)
@@ -303,9 +325,9 @@ extension Worker {
         message.pointee.msg_namelen = session.clientLength
         message.pointee.msg_iov = datagramReplyVectors + Int(buffer)
         message.pointee.msg_iovlen = 1
-        guard fd >= 0, ring.prepareSendMessage(socket: fd, message: message, userData: UserData(.datagramToClient, slot: UInt32(buffer)).raw) else {
+        guard fd >= 0, ring.prepareSendMessage(socket: fd, message: message, userData: UserData(.datagramToClient, slot: UInt32(buffer), generation: UInt32(listener)).raw) else {
             datagramBuffers.recycle(buffer)
-            stats.add(.datagramDrops, listener: listener)
+            stats.add(.dropsQueueFull, listener: listener)
             return
         }
         stats.add(.datagramsOut, listener: listener)
@@ -317,7 +339,8 @@ extension Worker {
         if udpSessions[slot].replies >= current.proxyResponses[listener] { endLease(slot) }
     }
 
-    func datagramSentToClient(_ completion: Completion, buffer: UInt16) {
+    func datagramSentToClient(_ completion: Completion, buffer: UInt16, listener: Int) {
         datagramBuffers.recycle(buffer)
+        if completion.result < 0 { stats.add(.dropsSendFailed, listener: listener) }
     }
 }

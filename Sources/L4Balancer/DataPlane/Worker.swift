@@ -51,6 +51,8 @@ final class Worker {
     let datagramReplyVectors: UnsafeMutablePointer<iovec>
     var udpSessions = UDPSessionTable(listeners: IdentityRegistry.listenerCapacity)
     var repliesToRearm: [UInt32] = []
+    /// A datagram receive stopped for want of a buffer: re-armed as soon as one is free.
+    var datagramReceivesWaiting = false
     /// Per listener identity: served with recvmsg (UDP) rather than accept.
     var listenerIsDatagram: [Bool]
     /// Whether small receives are multishot with a total limit (Linux 6.16); without it
@@ -342,9 +344,9 @@ final class Worker {
         case .wake: woken()
         case .listenerCancelled: listenerCancelled(fd: Int32(bitPattern: userData.slot))
         case .datagramFromClient: datagramFromClient(completion, listener: Int(userData.slot), serial: userData.generation)
-        case .datagramToUpstream: datagramSentUpstream(completion, buffer: UInt16(truncatingIfNeeded: userData.slot))
+        case .datagramToUpstream: datagramSentUpstream(completion, buffer: UInt16(truncatingIfNeeded: userData.slot), listener: Int(userData.generation))
         case .datagramFromUpstream: datagramFromUpstream(completion, userData)
-        case .datagramToClient: datagramSentToClient(completion, buffer: UInt16(truncatingIfNeeded: userData.slot))
+        case .datagramToClient: datagramSentToClient(completion, buffer: UInt16(truncatingIfNeeded: userData.slot), listener: Int(userData.generation))
         case .linkTimeout, .cancel: break
         }
     }
@@ -374,6 +376,7 @@ final class Worker {
         smallBuffers.publish()
         largeBuffers.publish()
         datagramBuffers.publish()
+        if datagramReceivesWaiting, datagramBuffers.available > 0 { rearmDatagramReceives() }
         if waiters.count > 0 {
             // Each waiting direction at most once per pass: one whose re-arm fails goes
             // back to the end of the queue.

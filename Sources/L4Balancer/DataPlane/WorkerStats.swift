@@ -11,7 +11,7 @@ import Glibc
 /// page-aligned and reserved for every identity the process can have: only counters that
 /// are ever written become resident, and two workers never write the same cache line.
 public final class WorkerStats: @unchecked Sendable {
-    public enum ListenerCounter: Int, CaseIterable {
+    public enum ListenerCounter: Int, CaseIterable, Sendable {
         case accepted, active, refused, connectFailed, idleTimeouts, bytesIn, bytesOut, acceptErrors, bufferWaits
         /// Refused because the chosen cluster was at its max_connections (also in `refused`).
         case clusterFull
@@ -21,10 +21,21 @@ public final class WorkerStats: @unchecked Sendable {
         case sendTimeouts
         /// Closed because a reload removed their listener `drain_timeout` ago.
         case drainTimeouts
-        /// UDP: datagrams relayed from clients / to clients; dropped (no buffer, no
-        /// endpoint, the submission queue full, truncated); sessions evicted by max_sessions.
-        /// (Sessions use `accepted`, `active` and `idleTimeouts`.)
-        case datagramsIn, datagramsOut, datagramDrops, sessionsEvicted
+        /// UDP: datagrams relayed from clients / to clients; sessions evicted by
+        /// max_sessions. (Sessions use `accepted`, `active` and `idleTimeouts`; a receive
+        /// that waited for a free buffer, `bufferWaits`.)
+        case datagramsIn, datagramsOut, sessionsEvicted
+        /// UDP datagrams dropped, by reason: no endpoint could take a new session (or its
+        /// socket could not be opened); the submission queue was full; truncated or from
+        /// an unusable address; a reply to a per-packet lease that had ended; the send
+        /// failed (the upstream's or client's socket buffer full, an ICMP error).
+        case dropsNoEndpoint, dropsQueueFull, dropsMalformed, dropsLateReply, dropsSendFailed
+
+        /// The datagram-drop counters with their reason as `/stats` and `/metrics` name it.
+        public static let datagramDropReasons: [(ListenerCounter, String)] = [
+            (.dropsNoEndpoint, "no_endpoint"), (.dropsQueueFull, "queue_full"), (.dropsMalformed, "malformed"),
+            (.dropsLateReply, "late_reply"), (.dropsSendFailed, "send_failed"),
+        ]
     }
     public enum EndpointCounter: Int, CaseIterable {
         case active, total, connectFailures, bytesIn, bytesOut

@@ -30,9 +30,10 @@ enum ListenerSocket {
             // Accepted sockets inherit TCP_NODELAY: one setsockopt per listener, not per connection.
             setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, size)
         } else {
-            // Room for bursts of datagrams between two passes of the worker's loop.
+            // Room for bursts of datagrams between two passes of the worker's loop; past
+            // net.core.rmem_max where l4lb may (CAP_NET_ADMIN).
             var buffer: Int32 = 4 << 20
-            setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &buffer, size)
+            if setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &buffer, size) != 0 { setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &buffer, size) }
         }
         if address.family == .inet6 {
             // [::]:port serves IPv6 only, so 0.0.0.0:port can be a listener of its own.
@@ -54,6 +55,26 @@ enum ListenerSocket {
             throw OpenError(listener: name, address: address, step: "listen", errno: error)
         }
         return fd
+    }
+
+    /// Datagrams the kernel dropped at this socket because its receive queue was full
+    /// (SK_MEMINFO_DROPS).
+    static func receiveQueueDrops(_ fd: Int32) -> UInt64 {
+        var info = [UInt32](repeating: 0, count: 9)
+        var length = socklen_t(info.count * 4)
+        guard getsockopt(fd, SOL_SOCKET, SO_MEMINFO, &info, &length) == 0, length >= 36 else { return 0 }
+        return UInt64(info[8])
+    }
+}
+
+extension WorkerPool {
+    /// The kernel's receive-queue drops over every worker's socket of a UDP listener.
+    func receiveQueueDrops(listener id: Int) -> UInt64 {
+        let snapshot = store.snapshot
+        guard let position = snapshot.listeners.firstIndex(where: { $0.id == id }) else { return 0 }
+        return snapshot.listenerSockets.reduce(0) { sum, sockets in
+            position < sockets.count && sockets[position] >= 0 ? sum + ListenerSocket.receiveQueueDrops(sockets[position]) : sum
+        }
     }
 }
 

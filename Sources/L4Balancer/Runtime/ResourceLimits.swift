@@ -25,6 +25,14 @@ public enum ResourceLimits {
         return Int(limit.rlim_cur)
     }
 
+    /// Large allocations (a session table after a burst of clients, its index) get pages
+    /// of their own, unmapped when freed: glibc would otherwise raise its mmap threshold as
+    /// such blocks come and go, and keep later ones in the heap, fragmented, after their
+    /// sessions are gone. Called once at start-up; growth is rare, so its syscalls are too.
+    public static func returnLargeAllocationsToKernel() {
+        _ = setMallocOption(mallocMmapThreshold, 128 << 10)
+    }
+
     /// `fs.nr_open`, the most descriptors one process may have.
     static func systemCeiling() -> rlim_t? {
         let fd = open("/proc/sys/fs/nr_open", O_RDONLY | O_CLOEXEC)
@@ -38,3 +46,8 @@ public enum ResourceLimits {
         return rlim_t(value)
     }
 }
+
+/// glibc's `mallopt` and its M_MMAP_THRESHOLD (not in Swift's Glibc module).
+@_silgen_name("mallopt")
+private func setMallocOption(_ option: Int32, _ value: Int32) -> Int32
+private let mallocMmapThreshold: Int32 = -3

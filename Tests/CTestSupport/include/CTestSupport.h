@@ -23,4 +23,11 @@ int CTest_enter_netns(const char *path);
 /// Sends one Ethernet frame out of `interface` through an AF_PACKET socket; 0 or -errno.
 int CTest_send_frame(const char *interface, const unsigned char *frame, unsigned length);
 
+// Many UDP clients from one socket, for the session-scale tests.
+
+/// Sends `payload` from the IPv4 socket `fd` (bound to 0.0.0.0) to `destination`:`port`,
+/// with the local source address `source` (network order) chosen by IP_PKTINFO; the
+/// number of bytes sent, or -errno. All of 127.0.0.0/8 is local on lo.
+long CTest_send_from(int fd, unsigned source, unsigned destination, unsigned short port, const void *payload, unsigned length);
+
 #endif
