@@ -47,6 +47,10 @@ PORTS = {
     "l4lb-observed": (18160, 18161),
 }
 ADMIN_PORTS = {"l4lb": 18152, "l4lb-baseline": 18153, "l4lb-observed": 18154}
+# udp-dns: nsd, and a UDP listener per proxy that has one (HAProxy's free edition has none).
+BACKEND_DNS = 18102
+DNS_PORTS = {"direct": BACKEND_DNS, "l4lb": 18112, "l4lb-baseline": 18157, "l4lb-observed": 18167, "nginx": 18142}
+DNS_NAMES = 100
 # HAProxy runs in two modes; ratios are taken against the better of them.
 HAPROXY_MODES = ("haproxy", "haproxy-splice")
 
@@ -184,9 +188,11 @@ admin: {{ address: "127.0.0.1:{admin}" }}
 listeners:
   - {{ name: http, address: "127.0.0.1:{h}", cluster: http, idle_timeout: 10m, max_connections: 1000000 }}
   - {{ name: bulk, address: "127.0.0.1:{b}", cluster: bulk, idle_timeout: 10m }}
+  - {{ name: dns, address: "127.0.0.1:{DNS_PORTS[name]}", protocol: udp, cluster: dns, idle_timeout: 10s }}
 clusters:
   - {{ name: http, endpoints: [{{ address: "127.0.0.1:{BACKEND_HTTP}" }}] }}
   - {{ name: bulk, endpoints: [{{ address: "127.0.0.1:{BACKEND_BULK}" }}] }}
+  - {{ name: dns, endpoints: [{{ address: "127.0.0.1:{BACKEND_DNS}" }}] }}
 """)
     for name, splice in (("haproxy", False), ("haproxy-splice", True)):
         h, b = PORTS[name]
@@ -224,8 +230,11 @@ events {{ worker_connections {NOFILE}; multi_accept on; }}
 stream {{
     server {{ listen 127.0.0.1:{h} backlog=65535; proxy_pass 127.0.0.1:{BACKEND_HTTP}; proxy_timeout 10m; }}
     server {{ listen 127.0.0.1:{b} backlog=65535; proxy_pass 127.0.0.1:{BACKEND_BULK}; proxy_timeout 10m; }}
+    # Sessions per client address, as l4lb's (proxy_requests/proxy_responses unlimited).
+    server {{ listen 127.0.0.1:{DNS_PORTS["nginx"]} udp; proxy_pass 127.0.0.1:{BACKEND_DNS}; proxy_timeout 10s; }}
 }}
 """)
+    write_nsd(tmp)
     return {
         "l4lb": [str(l4lb_bin), "run", "--config", str(tmp / "l4lb.yaml")],
         "l4lb-baseline": [str(baseline_bin), "run", "--config", str(tmp / "l4lb-baseline.yaml")],
@@ -234,6 +243,75 @@ stream {{
         "haproxy-splice": ["haproxy", "-db", "-f", str(tmp / "haproxy-splice.cfg")],
         "nginx": ["nginx", "-e", "stderr", "-p", str(tmp), "-c", str(tmp / "nginx-stream.conf")],
     }
+
+
+def write_nsd(tmp):
+    """nsd serving example.test (hostN → 192.0.2.N+1) with response-rate limiting off, and
+    dnsperf's query file over those names."""
+    zone = ["$ORIGIN example.test.", "$TTL 300", "@ IN SOA ns.example.test. admin.example.test. 1 3600 600 86400 300",
+            "@ IN NS ns.example.test.", "ns IN A 192.0.2.254"]
+    zone += [f"host{n} IN A 192.0.2.{n + 1}" for n in range(DNS_NAMES)]
+    (tmp / "example.test.zone").write_text("\n".join(zone) + "\n")
+    (tmp / "nsd.conf").write_text(f"""
+server:
+  ip-address: 127.0.0.1@{BACKEND_DNS}
+  port: {BACKEND_DNS}
+  username: ""
+  chroot: ""
+  zonesdir: "{tmp}"
+  pidfile: "{tmp}/nsd.pid"
+  xfrdfile: "{tmp}/xfrd.state"
+  zonelistfile: "{tmp}/zone.list"
+  database: ""
+  logfile: "{tmp}/nsd.log"
+  verbosity: 0
+  server-count: 1
+  rrl-ratelimit: 0
+remote-control:
+  control-enable: no
+zone:
+  name: example.test
+  zonefile: example.test.zone
+""")
+    (tmp / "queries.txt").write_text("".join(f"host{n}.example.test A\n" for n in range(DNS_NAMES)))
+
+
+def wait_dns(port, timeout=10, proc=None):
+    """Until a query to `port` is answered."""
+    query = bytes.fromhex("12340100000100000000000005686f737430076578616d706c65047465737400 0001 0001".replace(" ", ""))
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before answering DNS on {port}")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(0.3)
+            try:
+                s.sendto(query, ("127.0.0.1", port))
+                if s.recv(512)[:2] == query[:2]:
+                    return
+            except OSError:
+                pass
+    raise RuntimeError(f"no DNS answer on {port} after {timeout}s")
+
+
+def run_dnsperf(port, duration, queries):
+    """dnsperf -c 20 as BENCH.md has it: 20 client sockets, as fast as answers come."""
+    argv = ["taskset", "-c", LOAD_CPU, "dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(queries),
+            "-c", "20", "-l", str(duration), "-t", "2"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30).stdout
+    figures = {}
+    for key, pattern in (("sent", r"Queries sent:\s+(\d+)"), ("units", r"Queries completed:\s+(\d+)"),
+                         ("lost", r"Queries lost:\s+(\d+)"), ("rate", r"Queries per second:\s+([\d.]+)")):
+        m = re.search(pattern, out)
+        figures[key] = float(m.group(1)) if m else 0.0
+    m = re.search(r"Average Latency \(s\):\s+([\d.]+)", out)
+    if m:
+        figures["p50_ms"] = float(m.group(1)) * 1e3  # dnsperf reports the mean, shown in the p50 place
+    if not figures["units"]:
+        raise RuntimeError(f"dnsperf: {out.strip()[-300:]}")
+    if figures["lost"]:
+        figures["errors"] = f"{int(figures['lost'])} lost"
+    return figures
 
 
 # ---------------------------------------------------------------------------------------
@@ -375,6 +453,7 @@ WORKLOADS = {
     "conn-rate": ("connections", "µs/connection", lambda port, d: run_wrk(port, d, close=True), 1e6),
     "bulk-1": ("GB", "CPU-s/GB", lambda port, d: run_iperf(port, d, 1), 1.0),
     "bulk-4": ("GB", "CPU-s/GB", lambda port, d: run_iperf(port, d, 4), 1.0),
+    "udp-dns": ("queries", "µs/query", None, 1e6),
 }
 
 
@@ -384,7 +463,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--duration", type=int, default=None, help="seconds per run")
     ap.add_argument("--proxies", default="direct,l4lb,haproxy,haproxy-splice,nginx")
-    ap.add_argument("--workloads", default="rr-keepalive,conn-rate,bulk-1,bulk-4,idle-memory")
+    ap.add_argument("--workloads", default="rr-keepalive,conn-rate,bulk-1,bulk-4,udp-dns,idle-memory")
     ap.add_argument("--idle-connections", type=int, default=min(10_000, NOFILE * 3 // 8 - 500))
     ap.add_argument("--stalled-readers", type=int, default=800,
                     help="clients that never read, for the opt-in stalled-readers workload")
@@ -427,6 +506,9 @@ def main():
         iperf = procs.start("iperf3", ["iperf3", "-s", "-p", str(BACKEND_BULK)], LOAD_CPU)
         wait_port(BACKEND_HTTP, proc=backend)
         wait_port(BACKEND_BULK, proc=iperf)
+        if "udp-dns" in workloads:
+            nsd = procs.start("nsd", ["/usr/sbin/nsd", "-d", "-c", str(tmp / "nsd.conf")], LOAD_CPU)
+            wait_dns(BACKEND_DNS, proc=nsd)
         running = {}
         for name in proxies:
             if name == "direct":
@@ -441,9 +523,18 @@ def main():
                 if workload in ("idle-memory", "stalled-readers"):
                     continue
                 unit, per, fn, scale = WORKLOADS[workload]
+                if workload == "udp-dns":
+                    fn = lambda port, d: run_dnsperf(port, d, tmp / "queries.txt")
                 order = proxies if rnd % 2 == 0 else list(reversed(proxies))
                 for name in order:
-                    port = PORTS[name][1 if workload.startswith("bulk") else 0]
+                    if workload == "udp-dns" and name not in DNS_PORTS:
+                        continue
+                    if workload == "udp-dns":
+                        port = DNS_PORTS[name]
+                        if rnd == 0 and name in running:
+                            wait_dns(port, proc=running[name])
+                    else:
+                        port = PORTS[name][1 if workload.startswith("bulk") else 0]
                     pids = group_pids(running[name]) if name in running else []
                     log(f"[{time.time() - started:5.0f}s] round {rnd + 1}/{rounds} {workload:13} {name:15} …")
                     try:
@@ -582,8 +673,8 @@ def report(summary, raw, rounds, duration, elapsed):
     lines = []
     lines.append(f"| workload | proxy | rate | machine CPU per unit | vs direct: rate, CPU | overhead over direct | vs HAProxy best | per round | process CPU per unit | p50 / p99 ms |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
-    rate_units = {"rr-keepalive": "req/s", "conn-rate": "conn/s", "bulk-1": "Gbit/s", "bulk-4": "Gbit/s"}
-    for workload in ("rr-keepalive", "conn-rate", "bulk-1", "bulk-4"):
+    rate_units = {"rr-keepalive": "req/s", "conn-rate": "conn/s", "bulk-1": "Gbit/s", "bulk-4": "Gbit/s", "udp-dns": "q/s"}
+    for workload in ("rr-keepalive", "conn-rate", "bulk-1", "bulk-4", "udp-dns"):
         by = summary.get(workload)
         if not by:
             continue
@@ -595,8 +686,15 @@ def report(summary, raw, rounds, duration, elapsed):
             if not s:
                 continue
             rate = s.get("rate")
-            rate_text = f"{rate / 1000:.1f}k {rate_units[workload]}" if workload in ("rr-keepalive", "conn-rate") and rate else f"{fmt(rate)} {rate_units[workload]}"
+            rate_text = f"{rate / 1000:.1f}k {rate_units[workload]}" if workload in ("rr-keepalive", "conn-rate", "udp-dns") and rate else f"{fmt(rate)} {rate_units[workload]}"
             ratio = s["overhead_per_unit"] / ha_best if s.get("overhead_per_unit") is not None and ha_best else None
+            if workload == "udp-dns":
+                # No HAProxy here: the comparison is with nginx stream's overhead.
+                lost = sum(int(r.get("lost") or 0) for r in raw[workload].get(name, []))
+                rate_text += f", {lost} lost"
+                nginx = by.get("nginx", {}).get("overhead_per_unit")
+                if s.get("overhead_per_unit") is not None and nginx and name != "nginx":
+                    rate_text += f", overhead {s['overhead_per_unit'] / nginx:.2f}× nginx's"
             lat = f"{fmt(s.get('p50_ms'))} / {fmt(s.get('p99_ms'))}" if "p50_ms" in s else ""
             rounds_text = ", ".join(f"{r:.2f}" for r in s.get("round_ratios", []))
             vs_direct = f"{fmt(s.get('rate_vs_direct'))}×, {fmt(s.get('cpu_vs_direct'))}×" if "rate_vs_direct" in s else ""

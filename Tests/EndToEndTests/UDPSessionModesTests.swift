@@ -194,4 +194,32 @@ final class UDPSessionModesTests: XCTestCase {
         let reply = try XCTUnwrap(exchange(fd, DNS.query(id: 77, name: "host5.example.test")).flatMap(DNS.answer))
         XCTAssertEqual(reply.address, "192.0.2.6")
     }
+
+    /// A listener bound to 0.0.0.0: each reply leaves from the address the client sent to
+    /// (IP_PKTINFO), so connected clients of 127.0.0.2 and 127.0.0.3 (whose kernel drops
+    /// datagrams from any other source) get their answers, per client and per packet.
+    func testWildcardListenerRepliesFromTheAddressTheClientUsed() throws {
+        let backend = try UDPBackend(.echo)
+        defer { backend.stop() }
+        for mode in ["client", "none"] {
+            let port = Sockets.freePort(host: "0.0.0.0")
+            let proxy = try L4LBProcess(config: """
+                workers: 2
+                listeners:
+                  - { name: any, address: 0.0.0.0:\(port), protocol: udp, cluster: udp, session: \(mode) }
+                clusters:
+                  - { name: udp, endpoints: [{ address: "\(backend.address)" }] }
+                """, waitFor: nil)
+            defer { proxy.stop() }
+            XCTAssertTrue(waitUntil(timeout: 10) { (try? proxy.stats()) != nil }, proxy.log)
+            for host in ["127.0.0.2", "127.0.0.3", "127.0.0.1"] {
+                let fd = try UDPTests.client(host: host, port: port)
+                defer { close(fd) }
+                for i in 0..<5 {
+                    let payload = Array("\(mode) \(host) \(i)".utf8)
+                    XCTAssertEqual(exchange(fd, payload), payload, "session: \(mode), client of \(host)")
+                }
+            }
+        }
+    }
 }

@@ -1,3 +1,5 @@
+import URing
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -40,6 +42,8 @@ struct UDPSessionTable {
         /// The client's address, as replies are sent to it.
         var client = sockaddr_in6()
         var clientLength: socklen_t = 0
+        /// The address the client sent to, for a listener bound to a wildcard address.
+        var local: PacketDestination?
         var upstream: Int32 = -1
         var endpoint: Int32 = -1
         var cluster: Int32 = -1

@@ -19,6 +19,7 @@ extension Worker {
     /// address.
     static let datagramBufferSize = 65_536 + 128
     static let datagramBufferCount = 256
+    static let datagramControlLength = 64
 
     // MARK: From clients
 
@@ -72,7 +73,7 @@ extension Worker {
         let plan = current
         let session: UInt32
         if plan.perPacket[listener] {
-            guard let lent = lendUpstream(client: message.name, clientLength: message.nameLength, key: key, listener: listener) else {
+            guard let lent = lendUpstream(client: message.name, clientLength: message.nameLength, key: key, listener: listener, local: message.destination) else {
                 datagramBuffers.recycle(buffer)
                 stats.add(.dropsNoEndpoint, listener: listener)
                 return
@@ -81,7 +82,7 @@ extension Worker {
         } else if let found = udpSessions.find(key) {
             session = found
             udpSessions.touch(found, tick: nowTick)
-        } else if let opened = openSession(key, client: message.name, clientLength: message.nameLength, listener: listener) {
+        } else if let opened = openSession(key, client: message.name, clientLength: message.nameLength, listener: listener, local: message.destination) {
             session = opened
         } else {
             datagramBuffers.recycle(buffer)
@@ -113,19 +114,24 @@ extension Worker {
 
     /// A session for a new client: the balancer's pick, a connected socket to it, and a
     /// multishot receive for its replies. Nil when no endpoint can take it.
-    func openSession(_ key: UDPClientKey, client: UnsafeRawPointer, clientLength: Int, listener: Int) -> UInt32? {
+    func openSession(_ key: UDPClientKey, client: UnsafeRawPointer, clientLength: Int, listener: Int, local: PacketDestination?) -> UInt32? {
         guard let (position, endpoint, cluster) = pickUpstream(client: client, clientLength: clientLength, listener: listener) else { return nil }
-        return openUpstream(key, position: position, endpoint: endpoint, cluster: cluster, client: client, clientLength: clientLength, listener: listener, indexed: true)
+        let slot = openUpstream(key, position: position, endpoint: endpoint, cluster: cluster, client: client, clientLength: clientLength, listener: listener, indexed: true)
+        if let slot { udpSessions[slot].local = local }
+        return slot
     }
 
     /// Per-packet mode: the balancer picks for this datagram alone, and a pooled socket to
     /// that endpoint (or a new one) is lent to its client until the replies are in.
-    func lendUpstream(client: UnsafeRawPointer, clientLength: Int, key: UDPClientKey, listener: Int) -> UInt32? {
+    func lendUpstream(client: UnsafeRawPointer, clientLength: Int, key: UDPClientKey, listener: Int, local: PacketDestination?) -> UInt32? {
         guard let (position, endpoint, cluster) = pickUpstream(client: client, clientLength: clientLength, listener: listener) else { return nil }
         guard let slot = udpSessions.takePooled(listener: listener, endpoint: endpoint) else {
-            return openUpstream(key, position: position, endpoint: endpoint, cluster: cluster, client: client, clientLength: clientLength, listener: listener, indexed: false)
+            let slot = openUpstream(key, position: position, endpoint: endpoint, cluster: cluster, client: client, clientLength: clientLength, listener: listener, indexed: false)
+            if let slot { udpSessions[slot].local = local }
+            return slot
         }
         udpSessions[slot].key = key
+        udpSessions[slot].local = local
         setClient(slot, client, clientLength)
         udpSessions.touch(slot, tick: nowTick)
         beginLease(slot)
@@ -325,6 +331,15 @@ extension Worker {
         message.pointee.msg_namelen = session.clientLength
         message.pointee.msg_iov = datagramReplyVectors + Int(buffer)
         message.pointee.msg_iovlen = 1
+        if let local = session.local {
+            // A wildcard-bound listener: the reply leaves from the address the client used.
+            let control = datagramReplyControls + Int(buffer) * PacketDestination.controlSpace
+            message.pointee.msg_control = control
+            message.pointee.msg_controllen = local.writeSourceControl(into: control)
+        } else {
+            message.pointee.msg_control = nil
+            message.pointee.msg_controllen = 0
+        }
         guard fd >= 0, ring.prepareSendMessage(socket: fd, message: message, userData: UserData(.datagramToClient, slot: UInt32(buffer), generation: UInt32(listener)).raw) else {
             datagramBuffers.recycle(buffer)
             stats.add(.dropsQueueFull, listener: listener)

@@ -49,6 +49,8 @@ final class Worker {
     let datagramReplies: UnsafeMutablePointer<msghdr>
     let datagramReplyNames: UnsafeMutablePointer<sockaddr_in6>
     let datagramReplyVectors: UnsafeMutablePointer<iovec>
+    /// Per datagram buffer: a reply's IP_PKTINFO, for listeners bound to a wildcard address.
+    let datagramReplyControls: UnsafeMutableRawPointer
     var udpSessions = UDPSessionTable(listeners: IdentityRegistry.listenerCapacity)
     var repliesToRearm: [UInt32] = []
     /// A datagram receive stopped for want of a buffer: re-armed as soon as one is free.
@@ -196,12 +198,15 @@ final class Worker {
         datagramHeader = .allocate(capacity: 1)
         datagramHeader.initialize(to: msghdr())
         datagramHeader.pointee.msg_namelen = socklen_t(MemoryLayout<sockaddr_in6>.size)
+        // Room for IP_PKTINFO / IPV6_PKTINFO (only wildcard-bound listeners ask for it).
+        datagramHeader.pointee.msg_controllen = Worker.datagramControlLength
         datagramReplies = .allocate(capacity: Worker.datagramBufferCount)
         datagramReplies.initialize(repeating: msghdr(), count: Worker.datagramBufferCount)
         datagramReplyNames = .allocate(capacity: Worker.datagramBufferCount)
         datagramReplyNames.initialize(repeating: sockaddr_in6(), count: Worker.datagramBufferCount)
         datagramReplyVectors = .allocate(capacity: Worker.datagramBufferCount)
         datagramReplyVectors.initialize(repeating: iovec(), count: Worker.datagramBufferCount)
+        datagramReplyControls = .allocate(byteCount: Worker.datagramBufferCount * PacketDestination.controlSpace, alignment: 8)
         listenerIsDatagram = Array(repeating: false, count: IdentityRegistry.listenerCapacity)
         multishotSmallReceives = ring.capabilities.multishotReceiveLimit
 
@@ -245,6 +250,7 @@ final class Worker {
         datagramReplies.deallocate()
         datagramReplyNames.deallocate()
         datagramReplyVectors.deallocate()
+        datagramReplyControls.deallocate()
         slab.deallocate()
         wheel.deallocate()
         waiters.deallocate()

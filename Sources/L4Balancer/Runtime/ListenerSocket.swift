@@ -34,6 +34,15 @@ enum ListenerSocket {
             // net.core.rmem_max where l4lb may (CAP_NET_ADMIN).
             var buffer: Int32 = 4 << 20
             if setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &buffer, size) != 0 { setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &buffer, size) }
+            // Bound to 0.0.0.0 or [::]: learn each datagram's destination, so replies
+            // leave from the address the client sent to.
+            if address.ip.allSatisfy({ $0 == 0 }) {
+                if address.family == .inet {
+                    setsockopt(fd, Int32(IPPROTO_IP), IP_PKTINFO, &one, size)
+                } else {
+                    setsockopt(fd, Int32(IPPROTO_IPV6), IPV6_RECVPKTINFO, &one, size)
+                }
+            }
         }
         if address.family == .inet6 {
             // [::]:port serves IPv6 only, so 0.0.0.0:port can be a listener of its own.
