@@ -50,6 +50,9 @@ ADMIN_PORTS = {"l4lb": 18152, "l4lb-baseline": 18153, "l4lb-observed": 18154}
 # udp-dns: nsd, and a UDP listener per proxy that has one (HAProxy's free edition has none).
 BACKEND_DNS = 18102
 DNS_PORTS = {"direct": BACKEND_DNS, "l4lb": 18112, "l4lb-baseline": 18157, "l4lb-observed": 18167, "nginx": 18142}
+# udp-dns-per-query: DNS as operators configure it, each query its own exchange — l4lb's
+# `session: none` (pooled upstream sockets) against nginx's `proxy_responses 1`.
+DNS_PER_QUERY_PORTS = {"direct": BACKEND_DNS, "l4lb": 18113, "l4lb-baseline": 18158, "l4lb-observed": 18168, "nginx": 18143}
 DNS_NAMES = 100
 # HAProxy runs in two modes; ratios are taken against the better of them.
 HAPROXY_MODES = ("haproxy", "haproxy-splice")
@@ -189,6 +192,7 @@ listeners:
   - {{ name: http, address: "127.0.0.1:{h}", cluster: http, idle_timeout: 10m, max_connections: 1000000 }}
   - {{ name: bulk, address: "127.0.0.1:{b}", cluster: bulk, idle_timeout: 10m }}
   - {{ name: dns, address: "127.0.0.1:{DNS_PORTS[name]}", protocol: udp, cluster: dns, idle_timeout: 10s }}
+  - {{ name: dns-per-query, address: "127.0.0.1:{DNS_PER_QUERY_PORTS[name]}", protocol: udp, cluster: dns, session: none, idle_timeout: 10s }}
 clusters:
   - {{ name: http, endpoints: [{{ address: "127.0.0.1:{BACKEND_HTTP}" }}] }}
   - {{ name: bulk, endpoints: [{{ address: "127.0.0.1:{BACKEND_BULK}" }}] }}
@@ -232,6 +236,7 @@ stream {{
     server {{ listen 127.0.0.1:{b} backlog=65535; proxy_pass 127.0.0.1:{BACKEND_BULK}; proxy_timeout 10m; }}
     # Sessions per client address, as l4lb's (proxy_requests/proxy_responses unlimited).
     server {{ listen 127.0.0.1:{DNS_PORTS["nginx"]} udp; proxy_pass 127.0.0.1:{BACKEND_DNS}; proxy_timeout 10s; }}
+    server {{ listen 127.0.0.1:{DNS_PER_QUERY_PORTS["nginx"]} udp; proxy_pass 127.0.0.1:{BACKEND_DNS}; proxy_responses 1; proxy_timeout 10s; }}
 }}
 """)
     write_nsd(tmp)
@@ -454,7 +459,9 @@ WORKLOADS = {
     "bulk-1": ("GB", "CPU-s/GB", lambda port, d: run_iperf(port, d, 1), 1.0),
     "bulk-4": ("GB", "CPU-s/GB", lambda port, d: run_iperf(port, d, 4), 1.0),
     "udp-dns": ("queries", "µs/query", None, 1e6),
+    "udp-dns-per-query": ("queries", "µs/query", None, 1e6),
 }
+DNS_WORKLOADS = {"udp-dns": DNS_PORTS, "udp-dns-per-query": DNS_PER_QUERY_PORTS}
 
 
 def main():
@@ -463,7 +470,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--duration", type=int, default=None, help="seconds per run")
     ap.add_argument("--proxies", default="direct,l4lb,haproxy,haproxy-splice,nginx")
-    ap.add_argument("--workloads", default="rr-keepalive,conn-rate,bulk-1,bulk-4,udp-dns,idle-memory")
+    ap.add_argument("--workloads", default="rr-keepalive,conn-rate,bulk-1,bulk-4,udp-dns,udp-dns-per-query,idle-memory")
     ap.add_argument("--idle-connections", type=int, default=min(10_000, NOFILE * 3 // 8 - 500))
     ap.add_argument("--stalled-readers", type=int, default=800,
                     help="clients that never read, for the opt-in stalled-readers workload")
@@ -506,7 +513,7 @@ def main():
         iperf = procs.start("iperf3", ["iperf3", "-s", "-p", str(BACKEND_BULK)], LOAD_CPU)
         wait_port(BACKEND_HTTP, proc=backend)
         wait_port(BACKEND_BULK, proc=iperf)
-        if "udp-dns" in workloads:
+        if any(w in DNS_WORKLOADS for w in workloads):
             nsd = procs.start("nsd", ["/usr/sbin/nsd", "-d", "-c", str(tmp / "nsd.conf")], LOAD_CPU)
             wait_dns(BACKEND_DNS, proc=nsd)
         running = {}
@@ -523,14 +530,14 @@ def main():
                 if workload in ("idle-memory", "stalled-readers"):
                     continue
                 unit, per, fn, scale = WORKLOADS[workload]
-                if workload == "udp-dns":
+                if workload in DNS_WORKLOADS:
                     fn = lambda port, d: run_dnsperf(port, d, tmp / "queries.txt")
                 order = proxies if rnd % 2 == 0 else list(reversed(proxies))
                 for name in order:
-                    if workload == "udp-dns" and name not in DNS_PORTS:
+                    if workload in DNS_WORKLOADS and name not in DNS_WORKLOADS[workload]:
                         continue
-                    if workload == "udp-dns":
-                        port = DNS_PORTS[name]
+                    if workload in DNS_WORKLOADS:
+                        port = DNS_WORKLOADS[workload][name]
                         if rnd == 0 and name in running:
                             wait_dns(port, proc=running[name])
                     else:
@@ -673,8 +680,8 @@ def report(summary, raw, rounds, duration, elapsed):
     lines = []
     lines.append(f"| workload | proxy | rate | machine CPU per unit | vs direct: rate, CPU | overhead over direct | vs HAProxy best | per round | process CPU per unit | p50 / p99 ms |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
-    rate_units = {"rr-keepalive": "req/s", "conn-rate": "conn/s", "bulk-1": "Gbit/s", "bulk-4": "Gbit/s", "udp-dns": "q/s"}
-    for workload in ("rr-keepalive", "conn-rate", "bulk-1", "bulk-4", "udp-dns"):
+    rate_units = {"rr-keepalive": "req/s", "conn-rate": "conn/s", "bulk-1": "Gbit/s", "bulk-4": "Gbit/s", "udp-dns": "q/s", "udp-dns-per-query": "q/s"}
+    for workload in ("rr-keepalive", "conn-rate", "bulk-1", "bulk-4", "udp-dns", "udp-dns-per-query"):
         by = summary.get(workload)
         if not by:
             continue
@@ -686,9 +693,9 @@ def report(summary, raw, rounds, duration, elapsed):
             if not s:
                 continue
             rate = s.get("rate")
-            rate_text = f"{rate / 1000:.1f}k {rate_units[workload]}" if workload in ("rr-keepalive", "conn-rate", "udp-dns") and rate else f"{fmt(rate)} {rate_units[workload]}"
+            rate_text = f"{rate / 1000:.1f}k {rate_units[workload]}" if workload in ("rr-keepalive", "conn-rate", *DNS_WORKLOADS) and rate else f"{fmt(rate)} {rate_units[workload]}"
             ratio = s["overhead_per_unit"] / ha_best if s.get("overhead_per_unit") is not None and ha_best else None
-            if workload == "udp-dns":
+            if workload in DNS_WORKLOADS:
                 # No HAProxy here: the comparison is with nginx stream's overhead.
                 lost = sum(int(r.get("lost") or 0) for r in raw[workload].get(name, []))
                 rate_text += f", {lost} lost"

@@ -222,4 +222,52 @@ final class UDPSessionModesTests: XCTestCase {
             }
         }
     }
+
+    /// Reloads with UDP: an open session keeps its endpoint after the cluster's endpoints
+    /// change (as an established TCP connection does) while new clients get the new one; a
+    /// mode change applies to new datagrams; an added UDP listener serves at once, and a
+    /// removed one closes its port and ends its sessions.
+    func testReloadsChangeUDPListenersWithoutDisturbingOpenSessions() throws {
+        let first = try UDPBackend(.identify("first"))
+        let second = try UDPBackend(.identify("second"))
+        defer { first.stop(); second.stop() }
+        let port = Sockets.freePort(), extraPort = Sockets.freePort()
+        func yaml(_ endpoint: String, session: String, extra: Bool) -> String {
+            """
+            workers: 2
+            listeners:
+              - { name: dns, address: 127.0.0.1:\(port), protocol: udp, cluster: udp, session: \(session) }
+            \(extra ? "  - { name: extra, address: 127.0.0.1:\(extraPort), protocol: udp, cluster: udp }" : "")
+            clusters:
+              - { name: udp, endpoints: [{ address: "\(endpoint)" }] }
+            """
+        }
+        let proxy = try L4LBProcess(config: yaml(first.address, session: "client", extra: false), waitFor: nil)
+        defer { proxy.stop() }
+        XCTAssertTrue(waitUntil(timeout: 10) { (try? proxy.stats()) != nil }, proxy.log)
+        func name(_ fd: Int32) -> String? { exchange(fd, [1]).map { String(decoding: $0, as: UTF8.self) } }
+        let open = try UDPTests.client(host: "127.0.0.1", port: port)
+        defer { close(open) }
+        XCTAssertEqual(name(open), "first")
+
+        try proxy.writeConfig(yaml(second.address, session: "client", extra: true))
+        XCTAssertEqual(try proxy.admin("POST", "/reload").status, 200)
+        XCTAssertEqual(name(open), "first", "the open session keeps its endpoint")
+        let fresh = try UDPTests.client(host: "127.0.0.1", port: port)
+        defer { close(fresh) }
+        XCTAssertEqual(name(fresh), "second", "a new client gets the new endpoint")
+        let extra = try UDPTests.client(host: "127.0.0.1", port: extraPort)
+        defer { close(extra) }
+        XCTAssertEqual(name(extra), "second", "the added listener serves at once")
+
+        // Per packet from now on: the open client's next datagram is balanced anew.
+        try proxy.writeConfig(yaml(second.address, session: "none", extra: false))
+        XCTAssertEqual(try proxy.admin("POST", "/reload").status, 200)
+        XCTAssertEqual(name(fresh), "second")
+        XCTAssertTrue(waitUntil(timeout: 5) { (try? proxy.stats())?.listener("extra") == nil }, "the removed listener is gone from /stats")
+        // The removed listener's port is closed: ICMP port unreachable, the send fails.
+        Sockets.setTimeout(extra, seconds: 0.5)
+        XCTAssertNil(exchange(extra, [2]), "a removed listener does not answer")
+        XCTAssertEqual(try proxy.admin("GET", "/config").json["listeners"].map { ($0 as? [[String: Any]])?.count }, 1)
+    }
 }
