@@ -210,13 +210,19 @@ extension Worker {
     func endLease(_ slot: UInt32) {
         let session = udpSessions[slot]
         guard session.live, session.leased else { return }
+        releaseLeaseCounts(slot)
+        if session.indexed { endSession(slot) } else { udpSessions.pool(slot) }
+    }
+
+    /// Gives back what `beginLease` counted.
+    private func releaseLeaseCounts(_ slot: UInt32) {
+        let session = udpSessions[slot]
         udpSessions[slot].leased = false
         let endpoint = Int(session.endpoint)
         activeByEndpoint[endpoint] -= 1
         activeByCluster[Int(session.cluster)] -= 1
         stats.add(.active, listener: Int(session.listener), UInt64(bitPattern: -1))
         stats.add(.active, endpoint: endpoint, UInt64(bitPattern: -1))
-        if session.indexed { endSession(slot) } else { udpSessions.pool(slot) }
     }
 
     func armReplies(_ slot: UInt32) {
@@ -232,14 +238,7 @@ extension Worker {
     func endSession(_ slot: UInt32) {
         let session = udpSessions[slot]
         guard session.live else { return }
-        if session.leased {
-            udpSessions[slot].leased = false
-            let endpoint = Int(session.endpoint)
-            activeByEndpoint[endpoint] -= 1
-            activeByCluster[Int(session.cluster)] -= 1
-            stats.add(.active, listener: Int(session.listener), UInt64(bitPattern: -1))
-            stats.add(.active, endpoint: endpoint, UInt64(bitPattern: -1))
-        }
+        if session.leased { releaseLeaseCounts(slot) }
         if session.receiveArmed {
             _ = ring.prepareCancel(target: UserData(.datagramFromUpstream, slot: slot, generation: session.generation).raw, userData: UserData(.cancel).raw)
         }
