@@ -270,4 +270,51 @@ final class UDPSessionModesTests: XCTestCase {
         XCTAssertNil(exchange(extra, [2]), "a removed listener does not answer")
         XCTAssertEqual(try proxy.admin("GET", "/config").json["listeners"].map { ($0 as? [[String: Any]])?.count }, 1)
     }
+
+    /// The access log has a line per UDP session as it ends (client, endpoint, bytes each
+    /// way, why), and per exchange in per-packet mode.
+    func testUDPSessionsEndInTheAccessLog() throws {
+        let backend = try UDPBackend(.echo)
+        defer { backend.stop() }
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("l4lb-udp-log-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let logPath = directory.appendingPathComponent("access.log").path
+        let port = Sockets.freePort(), perPacketPort = Sockets.freePort()
+        let proxy = try L4LBProcess(config: """
+            workers: 1
+            access_log: { path: \(logPath), format: json }
+            listeners:
+              - { name: dns, address: 127.0.0.1:\(port), protocol: udp, cluster: udp, proxy_responses: 2, idle_timeout: 1s }
+              - { name: packets, address: 127.0.0.1:\(perPacketPort), protocol: udp, cluster: udp, session: none }
+            clusters:
+              - { name: udp, endpoints: [{ address: "\(backend.address)" }] }
+            """, waitFor: nil)
+        defer { proxy.stop() }
+        XCTAssertTrue(waitUntil(timeout: 10) { (try? proxy.stats()) != nil }, proxy.log)
+        let fd = try UDPTests.client(host: "127.0.0.1", port: port)
+        defer { close(fd) }
+        for payload in [[UInt8](repeating: 1, count: 100), [UInt8](repeating: 2, count: 50), [UInt8](repeating: 3, count: 7)] {
+            XCTAssertEqual(exchange(fd, payload), payload)
+        }
+        let other = try UDPTests.client(host: "127.0.0.1", port: perPacketPort)
+        defer { close(other) }
+        for _ in 0..<3 { XCTAssertEqual(exchange(other, [9, 9, 9]), [9, 9, 9]) }
+        // The third datagram's session ends idle after 1 s.
+        XCTAssertTrue(waitUntil(timeout: 10) { ObservabilityTests.accessLines(logPath).count == 5 }, "\(ObservabilityTests.accessLines(logPath))")
+        let lines = ObservabilityTests.accessLines(logPath)
+        let client = "127.0.0.1:\(Sockets.localPort(fd))"
+        let sessions = lines.filter { $0["listener"] as? String == "dns" }
+        XCTAssertEqual(sessions.count, 2)
+        XCTAssertEqual(sessions.first?["end"] as? String, "responses")
+        XCTAssertEqual(sessions.first?["bytes_in"] as? Int, 150)
+        XCTAssertEqual(sessions.first?["bytes_out"] as? Int, 150)
+        XCTAssertEqual(sessions.first?["client"] as? String, client)
+        XCTAssertEqual(sessions.first?["endpoint"] as? String, backend.address)
+        XCTAssertEqual(sessions.last?["end"] as? String, "idle_timeout")
+        XCTAssertEqual(sessions.last?["bytes_in"] as? Int, 7)
+        let exchanges = lines.filter { $0["listener"] as? String == "packets" }
+        XCTAssertEqual(exchanges.count, 3, "one line per per-packet exchange")
+        XCTAssertTrue(exchanges.allSatisfy { $0["end"] as? String == "responses" && $0["bytes_in"] as? Int == 3 && $0["bytes_out"] as? Int == 3 })
+    }
 }

@@ -7,6 +7,9 @@ import Glibc
 /// How a connection ended, for the access log.
 enum EndReason: UInt8 {
     case clientFIN = 1, upstreamFIN, reset, error, idleTimeout, sendTimeout, drain, refused, connectFailed, unhealthy
+    /// UDP: `proxy_responses` replies relayed; evicted by `max_sessions`; ICMP port
+    /// unreachable from the endpoint.
+    case responses, evicted, portUnreachable
 
     var name: String {
         switch self {
@@ -20,6 +23,9 @@ enum EndReason: UInt8 {
         case .refused: return "refused"
         case .connectFailed: return "connect_failed"
         case .unhealthy: return "endpoint_unhealthy"
+        case .responses: return "responses"
+        case .evicted: return "evicted"
+        case .portUnreachable: return "port_unreachable"
         }
     }
 }

@@ -55,6 +55,10 @@ struct UDPSessionTable {
         var next: UInt32 = UDPSessionTable.none
         /// Replies relayed in the current lease.
         var replies: UInt32 = 0
+        /// For the access log: when the lease began, and its bytes each way.
+        var startedAt: Int64 = 0
+        var bytesFromClient: UInt64 = 0
+        var bytesFromUpstream: UInt64 = 0
         var receiveArmed = false
         var live = false
         /// Lent to a client (always, for per-client sessions); false while pooled.

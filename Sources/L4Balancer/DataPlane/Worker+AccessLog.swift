@@ -24,18 +24,38 @@ extension Worker {
         var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
         let ok = withUnsafeMutablePointer(to: &storage) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(fd, $0, &length) == 0 } }
         guard ok else { return }
-        let kind = storage.ss_family
-        withUnsafeBytes(of: &storage) { raw in
-            if kind == sa_family_t(AF_INET) {
-                family = 4
-                port = UInt16(bigEndian: raw.load(fromByteOffset: 2, as: UInt16.self))
-                ip = (UInt64(raw.load(fromByteOffset: 4, as: UInt32.self)), 0)
-            } else if kind == sa_family_t(AF_INET6) {
-                family = 6
-                port = UInt16(bigEndian: raw.load(fromByteOffset: 2, as: UInt16.self))
-                ip = (raw.loadUnaligned(fromByteOffset: 8, as: UInt64.self), raw.loadUnaligned(fromByteOffset: 16, as: UInt64.self))
-            }
+        withUnsafeBytes(of: &storage) { peer(address: $0.baseAddress!, ip: &ip, port: &port, family: &family) }
+    }
+
+    /// A `sockaddr_in` / `sockaddr_in6` into `ip` / `port` / `family`.
+    static func peer(address raw: UnsafeRawPointer, ip: inout (UInt64, UInt64), port: inout UInt16, family: inout UInt8) {
+        let kind = raw.load(as: sa_family_t.self)
+        if kind == sa_family_t(AF_INET) {
+            family = 4
+            port = UInt16(bigEndian: raw.loadUnaligned(fromByteOffset: 2, as: UInt16.self))
+            ip = (UInt64(raw.loadUnaligned(fromByteOffset: 4, as: UInt32.self)), 0)
+        } else if kind == sa_family_t(AF_INET6) {
+            family = 6
+            port = UInt16(bigEndian: raw.loadUnaligned(fromByteOffset: 2, as: UInt16.self))
+            ip = (raw.loadUnaligned(fromByteOffset: 8, as: UInt64.self), raw.loadUnaligned(fromByteOffset: 16, as: UInt64.self))
         }
+    }
+
+    /// One record per ended UDP session (or per-packet exchange).
+    @inline(never)
+    func logSessionEnded(_ slot: UInt32, reason: EndReason) {
+        guard let accessLog else { return }
+        var session = udpSessions[slot]
+        var record = AccessRecord()
+        record.endedAt = Worker.wallMilliseconds()
+        record.durationMilliseconds = UInt32(clamping: max(0, nowMilliseconds - session.startedAt))
+        record.listener = session.listener
+        record.reason = reason.rawValue
+        record.endpoint = session.endpoint
+        withUnsafeBytes(of: &session.client) { Worker.peer(address: $0.baseAddress!, ip: &record.clientIP, port: &record.clientPort, family: &record.family) }
+        record.bytesFromClient = session.bytesFromClient
+        record.bytesFromUpstream = session.bytesFromUpstream
+        if !accessLog.push(record) { stats.add(.accessLogDrops) }
     }
 
     func noteAccepted(_ slot: UInt32, client fd: Int32) {

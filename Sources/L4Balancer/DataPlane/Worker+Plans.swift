@@ -68,7 +68,7 @@ extension Worker {
         guard fd >= 0 else { return }
         // A UDP listener's sessions answer through its socket: they end with it.
         if listenerIsDatagram[id] {
-            while let session = udpSessions.oldest(id) { endSession(session) }
+            while let session = udpSessions.oldest(id) { endSession(session, reason: .drain) }
         }
         shutdown(fd, Int32(SHUT_RDWR))
         if acceptArmed[id], ring.prepareCancelAll(fd: fd, userData: UserData(.listenerCancelled, slot: UInt32(bitPattern: fd)).raw) {

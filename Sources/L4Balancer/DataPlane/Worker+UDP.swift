@@ -101,6 +101,7 @@ extension Worker {
         stats.add(.datagramsIn, listener: listener)
         stats.add(.bytesIn, listener: listener, UInt64(length))
         stats.add(.bytesOut, endpoint: Int(udpSessions[session].endpoint), UInt64(length))
+        udpSessions[session].bytesFromClient &+= UInt64(length)
         // No reply expected (`proxy_responses: 0`): the socket can serve the next datagram.
         if plan.proxyResponses[listener] == 0 { endLease(session) }
     }
@@ -160,7 +161,7 @@ extension Worker {
                       listener: Int, indexed: Bool) -> UInt32? {
         let plan = current
         if udpSessions.counts[listener] >= plan.maxSessions[listener], let oldest = udpSessions.oldest(listener) {
-            endSession(oldest)
+            endSession(oldest, reason: .evicted)
             stats.add(.sessionsEvicted, listener: listener)
         }
         let address = UnsafeMutableRawPointer(plan.endpointAddresses + position).assumingMemoryBound(to: sockaddr.self)
@@ -197,6 +198,9 @@ extension Worker {
         let endpoint = Int(session.endpoint), listener = Int(session.listener)
         udpSessions[slot].leased = true
         udpSessions[slot].replies = 0
+        udpSessions[slot].startedAt = nowMilliseconds
+        udpSessions[slot].bytesFromClient = 0
+        udpSessions[slot].bytesFromUpstream = 0
         activeByEndpoint[endpoint] += 1
         activeByCluster[Int(session.cluster)] += 1
         stats.add(.accepted, listener: listener)
@@ -210,8 +214,13 @@ extension Worker {
     func endLease(_ slot: UInt32) {
         let session = udpSessions[slot]
         guard session.live, session.leased else { return }
+        if session.indexed {
+            endSession(slot, reason: .responses)
+            return
+        }
+        if accessLog != nil { logSessionEnded(slot, reason: .responses) }
         releaseLeaseCounts(slot)
-        if session.indexed { endSession(slot) } else { udpSessions.pool(slot) }
+        udpSessions.pool(slot)
     }
 
     /// Gives back what `beginLease` counted.
@@ -235,10 +244,13 @@ extension Worker {
 
     /// Ends a session (or closes a per-packet record): its receive is cancelled (its
     /// completion arrives stale and is ignored), its socket closed, its counts given back.
-    func endSession(_ slot: UInt32) {
+    func endSession(_ slot: UInt32, reason: EndReason) {
         let session = udpSessions[slot]
         guard session.live else { return }
-        if session.leased { releaseLeaseCounts(slot) }
+        if session.leased {
+            if accessLog != nil { logSessionEnded(slot, reason: reason) }
+            releaseLeaseCounts(slot)
+        }
         if session.receiveArmed {
             _ = ring.prepareCancel(target: UserData(.datagramFromUpstream, slot: slot, generation: session.generation).raw, userData: UserData(.cancel).raw)
         }
@@ -255,7 +267,7 @@ extension Worker {
                 // A pooled per-packet socket unused this long closes quietly; a lease
                 // still waiting for its reply expires like a session.
                 if udpSessions[oldest].leased { stats.add(.idleTimeouts, listener: listener) }
-                endSession(oldest)
+                endSession(oldest, reason: .idleTimeout)
             }
         }
         while let slot = repliesToRearm.popLast() {
@@ -276,7 +288,7 @@ extension Worker {
     }
 
     func endAllSessions() {
-        for slot in 0..<UInt32(udpSessions.sessions.count) where udpSessions[slot].live { endSession(slot) }
+        for slot in 0..<UInt32(udpSessions.sessions.count) where udpSessions[slot].live { endSession(slot, reason: .drain) }
     }
 
     // MARK: From upstreams
@@ -301,7 +313,7 @@ extension Worker {
                 // ICMP port unreachable: the endpoint is not there. The client's next
                 // datagram opens a new session; outlier detection sees the failure.
                 stats.add(.connectFailures, endpoint: Int(session.endpoint))
-                endSession(slot)
+                endSession(slot, reason: .portUnreachable)
             case ENOBUFS:
                 stats.add(.bufferWaits, listener: listener)
                 repliesToRearm.append(slot)
@@ -347,6 +359,7 @@ extension Worker {
         stats.add(.datagramsOut, listener: listener)
         stats.add(.bytesOut, listener: listener, UInt64(length))
         stats.add(.bytesIn, endpoint: Int(session.endpoint), UInt64(length))
+        udpSessions[slot].bytesFromUpstream &+= UInt64(length)
         // `proxy_responses`: the exchange is complete (the send above has its own copy of
         // the client's address).
         udpSessions[slot].replies &+= 1
