@@ -61,9 +61,7 @@ extension Worker {
         }
         if sourceFilter.enforcing {
             // The user-space blocklist, per datagram (as XDP would have dropped it).
-            var source = sockaddr_storage()
-            withUnsafeMutableBytes(of: &source) { $0.copyMemory(from: UnsafeRawBufferPointer(start: message.name, count: min(message.nameLength, MemoryLayout<sockaddr_storage>.size))) }
-            let verdict = sourceFilter.verdict(source: &source, port: current.listenerPorts[listener], transport: .udp)
+            let verdict = sourceFilter.verdict(address: message.name, port: current.listenerPorts[listener], transport: .udp)
             stats.add(.filterCounter(verdict))
             if verdict.drops {
                 datagramBuffers.recycle(buffer)

@@ -73,16 +73,19 @@ final class SourceFilter: AtomicReference, @unchecked Sendable {
     }
 
     func verdict(source storage: inout sockaddr_storage, port: UInt16, transport: PortRule.TransportProtocol) -> FilterReason {
+        withUnsafeBytes(of: &storage) { verdict(address: $0.baseAddress!, port: port, transport: transport) }
+    }
+
+    /// The verdict for a `sockaddr_in` / `sockaddr_in6` read in place (a datagram's
+    /// sender, straight from its receive buffer).
+    func verdict(address raw: UnsafeRawPointer, port: UInt16, transport: PortRule.TransportProtocol) -> FilterReason {
         let source: FilterReason
-        switch Int32(storage.ss_family) {
+        switch Int32(raw.load(as: sa_family_t.self)) {
         case AF_INET:
-            let address = withUnsafeBytes(of: &storage) { $0.load(fromByteOffset: 4, as: UInt32.self) }
-            source = sourceV4(UInt32(bigEndian: address))
+            source = sourceV4(UInt32(bigEndian: raw.loadUnaligned(fromByteOffset: 4, as: UInt32.self)))
         case AF_INET6:
-            let address = withUnsafeBytes(of: &storage) { raw in
-                V6(high: UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: 8, as: UInt64.self)),
-                   low: UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: 16, as: UInt64.self)))
-            }
+            let address = V6(high: UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: 8, as: UInt64.self)),
+                             low: UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: 16, as: UInt64.self)))
             // An IPv4 client of a dual-stack listener (::ffff:a.b.c.d) is an IPv4 source.
             if address.high == 0, address.low >> 32 == 0xFFFF {
                 source = sourceV4(UInt32(truncatingIfNeeded: address.low))
