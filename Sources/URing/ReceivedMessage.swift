@@ -63,7 +63,9 @@ public struct PacketDestination: Sendable, Equatable {
         case (Int32(IPPROTO_IP), Int32(IP_PKTINFO)):
             let info = data.loadUnaligned(as: in_pktinfo.self)
             family = AF_INET
-            address = (UInt64(info.ipi_addr.s_addr), 0)
+            // The local address the kernel would answer from (the destination, unless that
+            // was a broadcast or multicast address).
+            address = (UInt64(info.ipi_spec_dst.s_addr), 0)
             interface = UInt32(bitPattern: info.ipi_ifindex)
         case (Int32(IPPROTO_IPV6), Int32(IPV6_PKTINFO)):
             let info = data.loadUnaligned(as: IPv6PacketInfo.self)
@@ -97,7 +99,7 @@ public struct PacketDestination: Sendable, Equatable {
             $0.storeBytes(of: address.0, toByteOffset: 0, as: UInt64.self)
             $0.storeBytes(of: address.1, toByteOffset: 8, as: UInt64.self)
         }
-        // The interface matters only for link-local addresses; 0 lets routing choose.
+        // The interface it arrived on: needed for a link-local address, harmless otherwise.
         info.ipi6_ifindex = interface
         data.storeBytes(of: info, as: IPv6PacketInfo.self)
         return MemoryLayout<cmsghdr>.size + (MemoryLayout<IPv6PacketInfo>.size + 7) / 8 * 8

@@ -30,13 +30,14 @@ final class UDPSessionModesTests: XCTestCase {
         return n >= 0 ? Array(buffer[..<n]) : nil
     }
 
-    /// `proxy_responses: 3`: a client's session ends with the third reply; its next datagram
-    /// opens a new one. Nothing waits for `idle_timeout`, nothing is lost.
-    func testProxyResponsesEndsTheSessionAfterNReplies() throws {
+    /// `proxy_responses: 1` (as nginx's: replies expected per client datagram): a session
+    /// ends once every datagram has its reply, and the client's next datagram opens a new
+    /// one. Two queries sent back to back (a resolver's A and AAAA) both get their answer.
+    func testProxyResponsesEndsTheSessionWhenEveryDatagramIsAnswered() throws {
         let backend = try UDPBackend(.echo)
         defer { backend.stop() }
         let port = Sockets.freePort()
-        let proxy = try L4LBProcess(config: config(port: port, endpoints: [backend.address], listenerExtra: ", proxy_responses: 3"), waitFor: nil)
+        let proxy = try L4LBProcess(config: config(port: port, endpoints: [backend.address], listenerExtra: ", proxy_responses: 1"), waitFor: nil)
         defer { proxy.stop() }
         XCTAssertTrue(waitUntil(timeout: 10) { (try? proxy.stats()) != nil }, proxy.log)
         let fd = try UDPTests.client(host: "127.0.0.1", port: port)
@@ -46,11 +47,22 @@ final class UDPSessionModesTests: XCTestCase {
             XCTAssertEqual(exchange(fd, payload), payload, "datagram \(i)")
         }
         XCTAssertTrue(waitUntil(timeout: 5) { (try? proxy.stats())?.listener("dns")?.int("active") == 0 })
+        XCTAssertEqual(try proxy.stats().listener("dns")?.int("total"), 30, "one session per answered query")
+        var buffer = [UInt8](repeating: 0, count: 64)
+        for round in 0..<20 {
+            let a = Array("A \(round)".utf8), aaaa = Array("AAAA \(round)".utf8)
+            XCTAssertEqual(send(fd, a, a.count, 0), a.count)
+            XCTAssertEqual(send(fd, aaaa, aaaa.count, 0), aaaa.count)
+            var answers: Set<[UInt8]> = []
+            for _ in 0..<2 {
+                let n = recv(fd, &buffer, buffer.count, 0)
+                if n > 0 { answers.insert(Array(buffer[..<n])) }
+            }
+            XCTAssertEqual(answers, [a, aaaa], "round \(round): both queries answered")
+        }
         let listener = try XCTUnwrap(try proxy.stats().listener("dns"))
-        XCTAssertEqual(listener.int("total"), 10, "one session per three replies")
-        XCTAssertEqual(listener.int("datagrams_out"), 30)
+        XCTAssertEqual(listener.int("datagrams_out"), 70)
         XCTAssertEqual(listener.int("idle_timeouts"), 0)
-        XCTAssertEqual(backend.sources, 10, "each session had its own upstream socket")
     }
 
     /// `session: none`: 20 client sockets send 30 rounds of datagrams all at once. Every
@@ -280,12 +292,13 @@ final class UDPSessionModesTests: XCTestCase {
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: directory) }
         let logPath = directory.appendingPathComponent("access.log").path
-        let port = Sockets.freePort(), perPacketPort = Sockets.freePort()
+        let port = Sockets.freePort(), idlePort = Sockets.freePort(), perPacketPort = Sockets.freePort()
         let proxy = try L4LBProcess(config: """
             workers: 1
             access_log: { path: \(logPath), format: json }
             listeners:
-              - { name: dns, address: 127.0.0.1:\(port), protocol: udp, cluster: udp, proxy_responses: 2, idle_timeout: 1s }
+              - { name: dns, address: 127.0.0.1:\(port), protocol: udp, cluster: udp, proxy_responses: 1 }
+              - { name: idle, address: 127.0.0.1:\(idlePort), protocol: udp, cluster: udp, idle_timeout: 1s }
               - { name: packets, address: 127.0.0.1:\(perPacketPort), protocol: udp, cluster: udp, session: none }
             clusters:
               - { name: udp, endpoints: [{ address: "\(backend.address)" }] }
@@ -294,25 +307,30 @@ final class UDPSessionModesTests: XCTestCase {
         XCTAssertTrue(waitUntil(timeout: 10) { (try? proxy.stats()) != nil }, proxy.log)
         let fd = try UDPTests.client(host: "127.0.0.1", port: port)
         defer { close(fd) }
-        for payload in [[UInt8](repeating: 1, count: 100), [UInt8](repeating: 2, count: 50), [UInt8](repeating: 3, count: 7)] {
-            XCTAssertEqual(exchange(fd, payload), payload)
-        }
+        // Two datagrams before either reply: one session, ended by its second reply.
+        let first = [UInt8](repeating: 1, count: 100), second = [UInt8](repeating: 2, count: 50)
+        XCTAssertEqual(send(fd, first, first.count, 0), first.count)
+        XCTAssertEqual(send(fd, second, second.count, 0), second.count)
+        var buffer = [UInt8](repeating: 0, count: 256)
+        XCTAssertEqual(recv(fd, &buffer, buffer.count, 0) + recv(fd, &buffer, buffer.count, 0), 150)
+        let idle = try UDPTests.client(host: "127.0.0.1", port: idlePort)
+        defer { close(idle) }
+        XCTAssertEqual(exchange(idle, [UInt8](repeating: 3, count: 7)), [UInt8](repeating: 3, count: 7))
         let other = try UDPTests.client(host: "127.0.0.1", port: perPacketPort)
         defer { close(other) }
         for _ in 0..<3 { XCTAssertEqual(exchange(other, [9, 9, 9]), [9, 9, 9]) }
-        // The third datagram's session ends idle after 1 s.
+        // The idle listener's session ends after 1 s.
         XCTAssertTrue(waitUntil(timeout: 10) { ObservabilityTests.accessLines(logPath).count == 5 }, "\(ObservabilityTests.accessLines(logPath))")
         let lines = ObservabilityTests.accessLines(logPath)
-        let client = "127.0.0.1:\(Sockets.localPort(fd))"
-        let sessions = lines.filter { $0["listener"] as? String == "dns" }
-        XCTAssertEqual(sessions.count, 2)
-        XCTAssertEqual(sessions.first?["end"] as? String, "responses")
-        XCTAssertEqual(sessions.first?["bytes_in"] as? Int, 150)
-        XCTAssertEqual(sessions.first?["bytes_out"] as? Int, 150)
-        XCTAssertEqual(sessions.first?["client"] as? String, client)
-        XCTAssertEqual(sessions.first?["endpoint"] as? String, backend.address)
-        XCTAssertEqual(sessions.last?["end"] as? String, "idle_timeout")
-        XCTAssertEqual(sessions.last?["bytes_in"] as? Int, 7)
+        let session = try XCTUnwrap(lines.first { $0["listener"] as? String == "dns" })
+        XCTAssertEqual(session["end"] as? String, "responses")
+        XCTAssertEqual(session["bytes_in"] as? Int, 150)
+        XCTAssertEqual(session["bytes_out"] as? Int, 150)
+        XCTAssertEqual(session["client"] as? String, "127.0.0.1:\(Sockets.localPort(fd))")
+        XCTAssertEqual(session["endpoint"] as? String, backend.address)
+        let expired = try XCTUnwrap(lines.first { $0["listener"] as? String == "idle" })
+        XCTAssertEqual(expired["end"] as? String, "idle_timeout")
+        XCTAssertEqual(expired["bytes_in"] as? Int, 7)
         let exchanges = lines.filter { $0["listener"] as? String == "packets" }
         XCTAssertEqual(exchanges.count, 3, "one line per per-packet exchange")
         XCTAssertTrue(exchanges.allSatisfy { $0["end"] as? String == "responses" && $0["bytes_in"] as? Int == 3 && $0["bytes_out"] as? Int == 3 })

@@ -230,18 +230,21 @@ final class ConfigParserTests: XCTestCase {
               - { address: "127.0.0.1:53", protocol: udp, cluster: a }
               - { address: "127.0.0.1:54", protocol: udp, cluster: b }
               - { address: "127.0.0.1:55", cluster: c }
+              - { address: "127.0.0.1:56", protocol: udp, cluster: d }
             clusters:
+              - { name: d, endpoints: [{ address: "127.0.0.1:1" }], health_check: { type: send_expect, send: "", expect: "x" } }
               - { name: a, endpoints: [{ address: "127.0.0.1:1" }], health_check: { type: tcp } }
               - { name: b, endpoints: [{ address: "127.0.0.1:1" }], health_check: { type: dns, query: "a..b", query_type: BOGUS, expected_rcode: [WHAT] } }
               - { name: c, endpoints: [{ address: "127.0.0.1:1" }], health_check: { type: http, protocol: udp, query: x } }
             """) else { return XCTFail("accepted") }
         XCTAssertEqual(Set(errors.errors.map(\.description)), [
-            "clusters[0].health_check.type: a udp health check must be send_expect or dns (the cluster is behind udp listeners)",
-            "clusters[1].health_check.query: expected a domain name (labels of 1-63 characters, at most 253 in all), got \"a..b\"",
-            "clusters[1].health_check.query_type: expected one of A, AAAA, ANY, CNAME, MX, NS, PTR, SOA, SRV, TXT or a number, got \"BOGUS\"",
-            "clusters[1].health_check.expected_rcode[0]: expected one of FORMERR, NOERROR, NOTIMP, NXDOMAIN, REFUSED, SERVFAIL or 0-15, got \"WHAT\"",
-            "clusters[2].health_check.query: applies to type dns only",
-            "clusters[2].health_check.type: a udp health check must be send_expect or dns",
+            "clusters[1].health_check.type: a udp health check must be send_expect or dns (the cluster is behind udp listeners)",
+            "clusters[2].health_check.query: expected a domain name (labels of 1-63 characters, at most 253 in all), got \"a..b\"",
+            "clusters[2].health_check.query_type: expected one of A, AAAA, ANY, CNAME, MX, NS, PTR, SOA, SRV, TXT or a number, got \"BOGUS\"",
+            "clusters[2].health_check.expected_rcode[0]: expected one of FORMERR, NOERROR, NOTIMP, NXDOMAIN, REFUSED, SERVFAIL or 0-15, got \"WHAT\"",
+            "clusters[3].health_check.query: applies to type dns only",
+            "clusters[3].health_check.type: a udp health check must be send_expect or dns",
+            "clusters[0].health_check.send: must not be empty for a udp health check",
         ])
     }
 }

@@ -154,7 +154,10 @@ extension ConfigWalker {
                 case .tcp, .http:
                     let inferred = checkProtocolsGiven.contains(cluster.name) ? "" : " (the cluster is behind udp listeners)"
                     fail("clusters[\(i)].health_check.type", "a udp health check must be send_expect or dns\(inferred)")
-                case .sendExpect, .dns:
+                case .sendExpect(let send, _):
+                    // Over UDP nothing comes back unless something is sent.
+                    if send.isEmpty { fail("clusters[\(i)].health_check.send", "must not be empty for a udp health check") }
+                case .dns:
                     break
                 }
             }

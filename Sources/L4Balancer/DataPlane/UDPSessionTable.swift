@@ -53,7 +53,8 @@ struct UDPSessionTable {
         var generation: UInt32 = 0
         var previous: UInt32 = UDPSessionTable.none
         var next: UInt32 = UDPSessionTable.none
-        /// Replies relayed in the current lease.
+        /// Datagrams from the client and replies relayed in the current lease.
+        var requests: UInt32 = 0
         var replies: UInt32 = 0
         /// For the access log: when the lease began, and its bytes each way.
         var startedAt: Int64 = 0

@@ -100,6 +100,7 @@ extension Worker {
         stats.add(.bytesIn, listener: listener, UInt64(length))
         stats.add(.bytesOut, endpoint: Int(udpSessions[session].endpoint), UInt64(length))
         udpSessions[session].bytesFromClient &+= UInt64(length)
+        udpSessions[session].requests &+= 1
         // No reply expected (`proxy_responses: 0`): the socket can serve the next datagram.
         if plan.proxyResponses[listener] == 0 { endLease(session) }
     }
@@ -196,6 +197,7 @@ extension Worker {
         let endpoint = Int(session.endpoint), listener = Int(session.listener)
         udpSessions[slot].leased = true
         udpSessions[slot].replies = 0
+        udpSessions[slot].requests = 0
         udpSessions[slot].startedAt = nowMilliseconds
         udpSessions[slot].bytesFromClient = 0
         udpSessions[slot].bytesFromUpstream = 0
@@ -237,7 +239,10 @@ extension Worker {
         udpSessions[slot].receiveArmed = ring.prepareMultishotReceive(
             socket: session.upstream, bufferGroup: Worker.datagramBufferGroup,
             userData: UserData(.datagramFromUpstream, slot: slot, generation: session.generation).raw)
-        if !udpSessions[slot].receiveArmed { stats.add(.submissionDrops) }
+        if !udpSessions[slot].receiveArmed {
+            stats.add(.submissionDrops)
+            repliesToRearm.append(slot)
+        }
     }
 
     /// Ends a session (or closes a per-packet record): its receive is cancelled (its
@@ -252,7 +257,9 @@ extension Worker {
         if session.receiveArmed {
             _ = ring.prepareCancel(target: UserData(.datagramFromUpstream, slot: slot, generation: session.generation).raw, userData: UserData(.cancel).raw)
         }
-        Glibc.close(session.upstream)
+        // Closed after the next submit: a send to it may still be queued in this batch, and
+        // the number must not go to a new session's socket before that send is issued.
+        upstreamsToClose.append(session.upstream)
         udpSessions.remove(slot)
     }
 
@@ -268,8 +275,14 @@ extension Worker {
                 endSession(oldest, reason: .idleTimeout)
             }
         }
+        rearmWaitingReplies()
+    }
+
+    /// Session receives that stopped start again (a slot may have been freed meanwhile, or
+    /// the whole table given back).
+    func rearmWaitingReplies() {
         while let slot = repliesToRearm.popLast() {
-            if udpSessions[slot].live, !udpSessions[slot].receiveArmed { armReplies(slot) }
+            if Int(slot) < udpSessions.sessions.count, udpSessions[slot].live, !udpSessions[slot].receiveArmed { armReplies(slot) }
         }
     }
 
@@ -280,13 +293,13 @@ extension Worker {
         for listener in servedListeners where listenerIsDatagram[listener] && !acceptArmed[listener] && listenerFDs[listener] >= 0 {
             armDatagrams(listener)
         }
-        while let slot = repliesToRearm.popLast() {
-            if udpSessions[slot].live, !udpSessions[slot].receiveArmed { armReplies(slot) }
-        }
+        rearmWaitingReplies()
     }
 
     func endAllSessions() {
-        for slot in 0..<UInt32(udpSessions.sessions.count) where udpSessions[slot].live { endSession(slot, reason: .drain) }
+        for listener in 0..<udpSessions.counts.count {
+            while let slot = udpSessions.oldest(listener) { endSession(slot, reason: .drain) }
+        }
     }
 
     // MARK: From upstreams
@@ -296,8 +309,12 @@ extension Worker {
         let valid = Int(slot) < udpSessions.sessions.count && udpSessions[slot].live && udpSessions[slot].generation == userData.generation
         if let buffer = completion.bufferID {
             datagramBuffers.handedOut()
-            guard valid, completion.result > 0 else {
+            guard valid, completion.result >= 0 else {
                 datagramBuffers.recycle(buffer)
+                if valid, !completion.hasMore {
+                    udpSessions[slot].receiveArmed = false
+                    repliesToRearm.append(slot)
+                }
                 return
             }
         }
@@ -305,7 +322,7 @@ extension Worker {
         if !completion.hasMore { udpSessions[slot].receiveArmed = false }
         let session = udpSessions[slot]
         let listener = Int(session.listener)
-        guard completion.result > 0, let buffer = completion.bufferID else {
+        guard completion.result >= 0, let buffer = completion.bufferID else {
             switch -completion.result {
             case ECONNREFUSED:
                 // ICMP port unreachable: the endpoint is not there. The client's next
@@ -322,10 +339,14 @@ extension Worker {
             return
         }
         if !udpSessions[slot].receiveArmed { armReplies(slot) }
-        guard session.leased else {
-            // A late reply on a pooled socket: nobody is waiting for it.
+        let expected = current.proxyResponses[listener]
+        guard session.leased, expected > 0 || session.indexed else {
+            // A reply nobody waits for: on a pooled socket, or where none was expected
+            // (`proxy_responses: 0`). The socket is closed, so that an upstream sending
+            // more than it should can never answer the next client that borrows it.
             datagramBuffers.recycle(buffer)
             stats.add(.dropsLateReply, listener: listener)
+            endSession(slot, reason: .responses)
             return
         }
         udpSessions.touch(slot, tick: nowTick)
@@ -358,10 +379,10 @@ extension Worker {
         stats.add(.bytesOut, listener: listener, UInt64(length))
         stats.add(.bytesIn, endpoint: Int(session.endpoint), UInt64(length))
         udpSessions[slot].bytesFromUpstream &+= UInt64(length)
-        // `proxy_responses`: the exchange is complete (the send above has its own copy of
-        // the client's address).
+        // `proxy_responses` (as nginx's: replies per client datagram): the exchange is
+        // complete (the send above has its own copy of the client's address).
         udpSessions[slot].replies &+= 1
-        if udpSessions[slot].replies >= current.proxyResponses[listener] { endLease(slot) }
+        if expected != .max, UInt64(udpSessions[slot].replies) >= UInt64(expected) * UInt64(udpSessions[slot].requests) { endLease(slot) }
     }
 
     func datagramSentToClient(_ completion: Completion, buffer: UInt16, listener: Int) {

@@ -55,6 +55,9 @@ final class Worker {
     var repliesToRearm: [UInt32] = []
     /// A datagram receive stopped for want of a buffer: re-armed as soon as one is free.
     var datagramReceivesWaiting = false
+    /// Upstream UDP sockets of ended sessions, closed once the batch that may still send
+    /// on them is submitted.
+    var upstreamsToClose: [Int32] = []
     /// Per listener identity: served with recvmsg (UDP) rather than accept.
     var listenerIsDatagram: [Bool]
     /// Whether small receives are multishot with a total limit (Linux 6.16); without it
@@ -312,6 +315,8 @@ final class Worker {
             if !wakeArmed { armWake() }
         }
         endAllSessions()
+        _ = ring.submitPending()
+        closeEndedUpstreams()
         for id in servedListeners where listenerFDs[id] >= 0 { Glibc.close(listenerFDs[id]) }
         for fd in retiringListenerFDs { Glibc.close(fd) }
         logger.debug("worker stopped", metadata: ["worker": "\(control.index)"])
@@ -324,6 +329,15 @@ final class Worker {
         } else {
             try ring.submitAndWait(minimum: 1)
         }
+        closeEndedUpstreams()
+    }
+
+    /// Every queued request naming them has been submitted (and holds its own reference).
+    @inline(__always)
+    func closeEndedUpstreams() {
+        guard !upstreamsToClose.isEmpty else { return }
+        for fd in upstreamsToClose { Glibc.close(fd) }
+        upstreamsToClose.removeAll(keepingCapacity: true)
     }
 
     @inline(__always)
