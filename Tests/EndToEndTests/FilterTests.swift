@@ -591,7 +591,7 @@ final class FilterTests: XCTestCase {
             defer { proxy.stop() }
             XCTAssertTrue(waitUntil(timeout: 10) { (try? proxy.stats()) != nil }, proxy.log)
             func served(from source: String, to port: UInt16, count: Int) throws -> Int {
-                let fd = try UDPTests.client(host: "127.0.0.1", port: port, source: source, timeout: 0.3)
+                let fd = try UDPClient.connect(host: "127.0.0.1", port: port, source: source, timeout: 0.3)
                 defer { close(fd) }
                 for i in 0..<count {
                     let payload = Array("q\(i)".utf8)

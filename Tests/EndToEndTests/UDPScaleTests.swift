@@ -27,17 +27,6 @@ final class UDPScaleTests: XCTestCase {
         return fd
     }
 
-    func silentBackend() throws -> (fd: Int32, address: String) {
-        let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
-        var (storage, length) = Sockets.sockaddr("127.0.0.1", 0)
-        let bound = withUnsafeMutablePointer(to: &storage) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) == 0 && getsockname(fd, $0, &length) == 0 }
-        }
-        guard bound else { throw Sockets.Failure("bind backend") }
-        let port = withUnsafeBytes(of: storage) { UInt16(bigEndian: $0.load(as: sockaddr_in.self).sin_port) }
-        return (fd, "127.0.0.1:\(port)")
-    }
-
     /// Packets the kernel dropped because a CPU's input backlog was full (softnet_stat's
     /// second column), over all CPUs.
     static func backlogDrops() -> Int {
@@ -67,7 +56,7 @@ final class UDPScaleTests: XCTestCase {
     /// where l4lb may not raise its descriptor limit that far (no CAP_SYS_RESOURCE, a hard
     /// limit below 100,000), as many as the limit allows.
     func testHundredThousandSessionsExpireAndGiveTheirMemoryBack() throws {
-        let (backend, backendAddress) = try silentBackend()
+        let (backend, backendAddress) = try UDPBackend.silent()
         defer { close(backend) }
         let port = Sockets.freePort()
         let proxy = try L4LBProcess(config: """
@@ -160,7 +149,7 @@ final class UDPScaleTests: XCTestCase {
             done.enter()
             Thread.detachNewThread {
                 defer { done.leave() }
-                guard let fd = try? UDPTests.client(host: "127.0.0.1", port: udpPort) else { return }
+                guard let fd = try? UDPClient.connect(host: "127.0.0.1", port: udpPort) else { return }
                 defer { close(fd) }
                 var payload = [UInt8](repeating: UInt8(s), count: 64)
                 var sent = 0
@@ -238,7 +227,7 @@ final class UDPScaleTests: XCTestCase {
             let source = "127.3.\(i / 200).\(i % 200 + 1)"
             var answers: [String] = []
             for (_, port) in proxies {
-                let fd = try UDPTests.client(host: "127.0.0.1", port: port, source: source)
+                let fd = try UDPClient.connect(host: "127.0.0.1", port: port, source: source)
                 defer { close(fd) }
                 XCTAssertEqual(send(fd, [1], 1, 0), 1)
                 var buffer = [UInt8](repeating: 0, count: 64)

@@ -23,12 +23,7 @@ final class UDPSessionModesTests: XCTestCase {
         """
     }
 
-    func exchange(_ fd: Int32, _ payload: [UInt8]) -> [UInt8]? {
-        guard send(fd, payload, payload.count, 0) == payload.count else { return nil }
-        var buffer = [UInt8](repeating: 0, count: 65_536)
-        let n = recv(fd, &buffer, buffer.count, 0)
-        return n >= 0 ? Array(buffer[..<n]) : nil
-    }
+    func exchange(_ fd: Int32, _ payload: [UInt8]) -> [UInt8]? { UDPClient.exchange(fd, payload) }
 
     /// `proxy_responses: 1` (as nginx's: replies expected per client datagram): a session
     /// ends once every datagram has its reply, and the client's next datagram opens a new
@@ -40,7 +35,7 @@ final class UDPSessionModesTests: XCTestCase {
         let proxy = try L4LBProcess(config: config(port: port, endpoints: [backend.address], listenerExtra: ", proxy_responses: 1"), waitFor: nil)
         defer { proxy.stop() }
         XCTAssertTrue(waitUntil(timeout: 10) { (try? proxy.stats()) != nil }, proxy.log)
-        let fd = try UDPTests.client(host: "127.0.0.1", port: port)
+        let fd = try UDPClient.connect(host: "127.0.0.1", port: port)
         defer { close(fd) }
         for i in 0..<30 {
             let payload = Array("query \(i)".utf8)
@@ -77,7 +72,7 @@ final class UDPSessionModesTests: XCTestCase {
         defer { proxy.stop() }
         XCTAssertTrue(waitUntil(timeout: 10) { (try? proxy.stats()) != nil }, proxy.log)
 
-        let single = try UDPTests.client(host: "127.0.0.1", port: port)
+        let single = try UDPClient.connect(host: "127.0.0.1", port: port)
         defer { close(single) }
         var reached: [String] = []
         for i in 0..<30 {
@@ -90,7 +85,7 @@ final class UDPSessionModesTests: XCTestCase {
         }
         XCTAssertEqual(Set(reached).count, 3, "one client's datagrams are balanced one by one: \(reached)")
 
-        let clients = try (0..<20).map { _ in try UDPTests.client(host: "127.0.0.1", port: port) }
+        let clients = try (0..<20).map { _ in try UDPClient.connect(host: "127.0.0.1", port: port) }
         defer { clients.forEach { close($0) } }
         var perBackend: [String: Int] = [:]
         var wrong = 0, missing = 0
@@ -135,12 +130,8 @@ final class UDPSessionModesTests: XCTestCase {
         let dying = try UDPBackend(.echo)
         defer { alive.stop(); dying.stop() }
         // Bound, never read: datagrams to it vanish without an ICMP error.
-        let silent = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
+        let (silent, silentAddress) = try UDPBackend.silent()
         defer { close(silent) }
-        var (storage, length) = Sockets.sockaddr("127.0.0.1", 0)
-        _ = withUnsafeMutablePointer(to: &storage) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(silent, $0, length) == 0 && getsockname(silent, $0, &length) == 0 } }
-        let silentPort = withUnsafeBytes(of: storage) { UInt16(bigEndian: $0.load(as: sockaddr_in.self).sin_port) }
-        let silentAddress = "127.0.0.1:\(silentPort)"
 
         let port = Sockets.freePort()
         let check = "    health_check: { type: send_expect, send_hex: \"deadbeef01\", expect_hex: \"deadbeef\", interval: 100ms, timeout: 200ms, unhealthy_threshold: 2 }"
@@ -161,7 +152,7 @@ final class UDPSessionModesTests: XCTestCase {
 
         // Every new session lands on the one healthy endpoint.
         for i in 0..<20 {
-            let fd = try UDPTests.client(host: "127.0.0.1", port: port)
+            let fd = try UDPClient.connect(host: "127.0.0.1", port: port)
             defer { close(fd) }
             XCTAssertEqual(exchange(fd, [UInt8(i)]), [UInt8(i)], "session \(i)")
         }
@@ -201,7 +192,7 @@ final class UDPSessionModesTests: XCTestCase {
         XCTAssertEqual(healthy("missing"), false)
         XCTAssertTrue(proxy.log.contains("DNS NXDOMAIN"), String(proxy.log.suffix(2000)))
         // And the checked cluster serves: a query through l4lb.
-        let fd = try UDPTests.client(host: "127.0.0.1", port: ports[0])
+        let fd = try UDPClient.connect(host: "127.0.0.1", port: ports[0])
         defer { close(fd) }
         let reply = try XCTUnwrap(exchange(fd, DNS.query(id: 77, name: "host5.example.test")).flatMap(DNS.answer))
         XCTAssertEqual(reply.address, "192.0.2.6")
@@ -225,7 +216,7 @@ final class UDPSessionModesTests: XCTestCase {
             defer { proxy.stop() }
             XCTAssertTrue(waitUntil(timeout: 10) { (try? proxy.stats()) != nil }, proxy.log)
             for host in ["127.0.0.2", "127.0.0.3", "127.0.0.1"] {
-                let fd = try UDPTests.client(host: host, port: port)
+                let fd = try UDPClient.connect(host: host, port: port)
                 defer { close(fd) }
                 for i in 0..<5 {
                     let payload = Array("\(mode) \(host) \(i)".utf8)
@@ -258,17 +249,17 @@ final class UDPSessionModesTests: XCTestCase {
         defer { proxy.stop() }
         XCTAssertTrue(waitUntil(timeout: 10) { (try? proxy.stats()) != nil }, proxy.log)
         func name(_ fd: Int32) -> String? { exchange(fd, [1]).map { String(decoding: $0, as: UTF8.self) } }
-        let open = try UDPTests.client(host: "127.0.0.1", port: port)
+        let open = try UDPClient.connect(host: "127.0.0.1", port: port)
         defer { close(open) }
         XCTAssertEqual(name(open), "first")
 
         try proxy.writeConfig(yaml(second.address, session: "client", extra: true))
         XCTAssertEqual(try proxy.admin("POST", "/reload").status, 200)
         XCTAssertEqual(name(open), "first", "the open session keeps its endpoint")
-        let fresh = try UDPTests.client(host: "127.0.0.1", port: port)
+        let fresh = try UDPClient.connect(host: "127.0.0.1", port: port)
         defer { close(fresh) }
         XCTAssertEqual(name(fresh), "second", "a new client gets the new endpoint")
-        let extra = try UDPTests.client(host: "127.0.0.1", port: extraPort)
+        let extra = try UDPClient.connect(host: "127.0.0.1", port: extraPort)
         defer { close(extra) }
         XCTAssertEqual(name(extra), "second", "the added listener serves at once")
 
@@ -305,7 +296,7 @@ final class UDPSessionModesTests: XCTestCase {
             """, waitFor: nil)
         defer { proxy.stop() }
         XCTAssertTrue(waitUntil(timeout: 10) { (try? proxy.stats()) != nil }, proxy.log)
-        let fd = try UDPTests.client(host: "127.0.0.1", port: port)
+        let fd = try UDPClient.connect(host: "127.0.0.1", port: port)
         defer { close(fd) }
         // Two datagrams before either reply: one session, ended by its second reply.
         let first = [UInt8](repeating: 1, count: 100), second = [UInt8](repeating: 2, count: 50)
@@ -313,10 +304,10 @@ final class UDPSessionModesTests: XCTestCase {
         XCTAssertEqual(send(fd, second, second.count, 0), second.count)
         var buffer = [UInt8](repeating: 0, count: 256)
         XCTAssertEqual(recv(fd, &buffer, buffer.count, 0) + recv(fd, &buffer, buffer.count, 0), 150)
-        let idle = try UDPTests.client(host: "127.0.0.1", port: idlePort)
+        let idle = try UDPClient.connect(host: "127.0.0.1", port: idlePort)
         defer { close(idle) }
         XCTAssertEqual(exchange(idle, [UInt8](repeating: 3, count: 7)), [UInt8](repeating: 3, count: 7))
-        let other = try UDPTests.client(host: "127.0.0.1", port: perPacketPort)
+        let other = try UDPClient.connect(host: "127.0.0.1", port: perPacketPort)
         defer { close(other) }
         for _ in 0..<3 { XCTAssertEqual(exchange(other, [9, 9, 9]), [9, 9, 9]) }
         // The idle listener's session ends after 1 s.

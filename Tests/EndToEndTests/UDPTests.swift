@@ -23,31 +23,10 @@ final class UDPTests: XCTestCase {
     }
 
     func client(_ host: String, _ port: UInt16, source: String? = nil) throws -> Int32 {
-        try UDPTests.client(host: host, port: port, source: source)
+        try UDPClient.connect(host: host, port: port, source: source)
     }
 
-    /// A connected client socket to `host:port`, from `source` when given.
-    static func client(host: String, port: UInt16, source: String? = nil, timeout: TimeInterval = 2) throws -> Int32 {
-        var (target, length) = Sockets.sockaddr(host, port)
-        let fd = socket(Int32(target.ss_family), Int32(SOCK_DGRAM.rawValue), 0)
-        if let source {
-            var (local, localLength) = Sockets.sockaddr(source, 0)
-            _ = withUnsafePointer(to: &local) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, localLength) } }
-        }
-        let ok = withUnsafePointer(to: &target) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, length) == 0 } }
-        guard ok else { throw Sockets.Failure("connect udp") }
-        var size: Int32 = 4 << 20
-        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, 4)
-        Sockets.setTimeout(fd, seconds: timeout)
-        return fd
-    }
-
-    func exchange(_ fd: Int32, _ payload: [UInt8]) -> [UInt8]? {
-        guard send(fd, payload, payload.count, 0) == payload.count else { return nil }
-        var buffer = [UInt8](repeating: 0, count: 65_536)
-        let n = recv(fd, &buffer, buffer.count, 0)
-        return n >= 0 ? Array(buffer[..<n]) : nil
-    }
+    func exchange(_ fd: Int32, _ payload: [UInt8]) -> [UInt8]? { UDPClient.exchange(fd, payload) }
 
     /// Must-show 1: DNS through l4lb to Debian's nsd (RRL off): 10,000 queries from 20
     /// client sockets, every answer correct and back at the socket that asked; over IPv4

@@ -43,7 +43,7 @@ extension Worker {
             }
         }
         guard let buffer = completion.bufferID else {
-            // No buffer free: the datagram waits in the socket until the next tick re-arms.
+            // No buffer free: the datagram waits in the socket until a buffer is recycled.
             if completion.result == -ENOBUFS { stats.add(.bufferWaits, listener: listener) }
             return
         }
@@ -116,9 +116,8 @@ extension Worker {
     /// multishot receive for its replies. Nil when no endpoint can take it.
     func openSession(_ key: UDPClientKey, client: UnsafeRawPointer, clientLength: Int, listener: Int, local: PacketDestination?) -> UInt32? {
         guard let (position, endpoint, cluster) = pickUpstream(client: client, clientLength: clientLength, listener: listener) else { return nil }
-        let slot = openUpstream(key, position: position, endpoint: endpoint, cluster: cluster, client: client, clientLength: clientLength, listener: listener, indexed: true)
-        if let slot { udpSessions[slot].local = local }
-        return slot
+        return openUpstream(key, position: position, endpoint: endpoint, cluster: cluster, client: client, clientLength: clientLength, local: local,
+                            listener: listener, indexed: true)
     }
 
     /// Per-packet mode: the balancer picks for this datagram alone, and a pooled socket to
@@ -126,13 +125,10 @@ extension Worker {
     func lendUpstream(client: UnsafeRawPointer, clientLength: Int, key: UDPClientKey, listener: Int, local: PacketDestination?) -> UInt32? {
         guard let (position, endpoint, cluster) = pickUpstream(client: client, clientLength: clientLength, listener: listener) else { return nil }
         guard let slot = udpSessions.takePooled(listener: listener, endpoint: endpoint) else {
-            let slot = openUpstream(key, position: position, endpoint: endpoint, cluster: cluster, client: client, clientLength: clientLength, listener: listener, indexed: false)
-            if let slot { udpSessions[slot].local = local }
-            return slot
+            return openUpstream(key, position: position, endpoint: endpoint, cluster: cluster, client: client, clientLength: clientLength, local: local,
+                                listener: listener, indexed: false)
         }
-        udpSessions[slot].key = key
-        udpSessions[slot].local = local
-        setClient(slot, client, clientLength)
+        setClient(slot, client, clientLength, local: local)
         udpSessions.touch(slot, tick: nowTick)
         beginLease(slot)
         return slot
@@ -157,7 +153,7 @@ extension Worker {
 
     /// A record with a socket connected to the endpoint at `position`, lent to `client`.
     func openUpstream(_ key: UDPClientKey, position: Int, endpoint: Int, cluster: Int, client: UnsafeRawPointer, clientLength: Int,
-                      listener: Int, indexed: Bool) -> UInt32? {
+                      local: PacketDestination?, listener: Int, indexed: Bool) -> UInt32? {
         let plan = current
         if udpSessions.counts[listener] >= plan.maxSessions[listener], let oldest = udpSessions.oldest(listener) {
             endSession(oldest, reason: .evicted)
@@ -179,13 +175,16 @@ extension Worker {
         udpSessions[slot].upstream = fd
         udpSessions[slot].endpoint = Int32(endpoint)
         udpSessions[slot].cluster = Int32(cluster)
-        setClient(slot, client, clientLength)
+        setClient(slot, client, clientLength, local: local)
         armReplies(slot)
         beginLease(slot)
         return slot
     }
 
-    private func setClient(_ slot: UInt32, _ client: UnsafeRawPointer, _ clientLength: Int) {
+    /// Where replies go: the client's address, and the local one they leave from on a
+    /// wildcard-bound listener.
+    private func setClient(_ slot: UInt32, _ client: UnsafeRawPointer, _ clientLength: Int, local: PacketDestination?) {
+        udpSessions[slot].local = local
         let length = min(clientLength, MemoryLayout<sockaddr_in6>.size)
         udpSessions[slot].clientLength = socklen_t(length)
         withUnsafeMutableBytes(of: &udpSessions[slot].client) { $0.copyMemory(from: UnsafeRawBufferPointer(start: client, count: length)) }

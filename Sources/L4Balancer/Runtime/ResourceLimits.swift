@@ -35,14 +35,9 @@ public enum ResourceLimits {
 
     /// `fs.nr_open`, the most descriptors one process may have.
     static func systemCeiling() -> rlim_t? {
-        let fd = open("/proc/sys/fs/nr_open", O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        var bytes = [UInt8](repeating: 0, count: 32)
-        let n = read(fd, &bytes, bytes.count)
-        guard n > 0, let value = UInt(String(decoding: bytes[..<n], as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)), value > 0 else {
-            return nil
-        }
+        guard let text = try? String(contentsOfFile: "/proc/sys/fs/nr_open", encoding: .utf8),
+              let value = UInt(text.trimmingCharacters(in: .whitespacesAndNewlines)), value > 0
+        else { return nil }
         return rlim_t(value)
     }
 }

@@ -54,7 +54,7 @@ final class NSDServer {
         // Up when it answers a query directly.
         let probe = DNS.query(id: 1, name: "host0.example.test")
         let up = waitUntil(timeout: 10) {
-            guard let fd = try? UDPTests.client(host: "127.0.0.1", port: self.port, timeout: 0.2) else { return false }
+            guard let fd = try? UDPClient.connect(host: "127.0.0.1", port: self.port, timeout: 0.2) else { return false }
             defer { close(fd) }
             _ = send(fd, probe, probe.count, 0)
             var buffer = [UInt8](repeating: 0, count: 512)

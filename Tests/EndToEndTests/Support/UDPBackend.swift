@@ -52,6 +52,19 @@ final class UDPBackend: @unchecked Sendable {
 
     deinit { stop() }
 
+    /// A bound socket on loopback that never reads: datagrams to it vanish without an ICMP
+    /// error. The caller closes it.
+    static func silent() throws -> (fd: Int32, address: String) {
+        let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
+        var (storage, length) = Sockets.sockaddr("127.0.0.1", 0)
+        let bound = withUnsafeMutablePointer(to: &storage) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) == 0 && getsockname(fd, $0, &length) == 0 }
+        }
+        guard bound else { throw Sockets.Failure("bind backend") }
+        let port = withUnsafeBytes(of: storage) { UInt16(bigEndian: $0.load(as: sockaddr_in.self).sin_port) }
+        return (fd, "127.0.0.1:\(port)")
+    }
+
     /// Stops serving and closes the port: when this returns, datagrams to it draw ICMP
     /// port unreachable (the serving thread, which held the socket, has exited).
     func stop() {
