@@ -44,6 +44,11 @@ let package = Package(
             pkgConfig: "libbpf",
             providers: [.apt(["libbpf-dev"])]
         ),
+        .systemLibrary(
+            name: "COpenSSL",
+            pkgConfig: "openssl",
+            providers: [.apt(["libssl-dev"])]
+        ),
         .plugin(name: "BPFObjectPlugin", capability: .buildTool()),
         .target(
             name: "BPFSteer",
@@ -56,6 +61,7 @@ let package = Package(
                 "URing",
                 "CLinux",
                 "BPFSteer",
+                "COpenSSL",
                 .product(name: "Atomics", package: "swift-atomics"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Yams", package: "Yams"),

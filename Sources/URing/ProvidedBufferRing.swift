@@ -86,6 +86,16 @@ public struct ProvidedBufferRing: ~Copyable {
         inKernel -= 1
     }
 
+    /// A buffer for the owner to fill itself (bytes it produces, not a receive's), taken
+    /// from those waiting outside the kernel's ring; nil when none is. Given back with
+    /// `recycle` like any other.
+    @inlinable
+    public mutating func take() -> UInt16? {
+        guard freeCount > 0 else { return nil }
+        freeCount -= 1
+        return freeStack[freeCount]
+    }
+
     /// Hands buffer `id` back; the kernel may see it after `publish()`.
     @inlinable
     public mutating func recycle(_ id: UInt16) {

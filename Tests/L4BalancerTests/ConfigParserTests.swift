@@ -82,13 +82,13 @@ final class ConfigParserTests: XCTestCase {
         ])
     }
 
-    func testNotYetSupportedFeaturesAreRejectedByName() {
+    func testMisplacedAndUnsupportedKeysAreRejectedByName() {
         guard case .failure(let errors) = parse("""
             listeners: [{ address: "127.0.0.1:1", cluster: c, protocol: udp, tls: {} }]
             clusters: [{ name: c, balancer: maglev, table_size: 1000, choice_count: 2, slow_start: 1s, health_check: { type: ping }, endpoints: [{ address: "127.0.0.1:2" }] }]
             """) else { return XCTFail("accepted") }
         XCTAssertEqual(Set(errors.errors.map(\.description)), [
-            "listeners[0].tls: not supported yet",
+            "listeners[0].tls: applies to tcp listeners only",
             "clusters[0].table_size: 1000 is not prime (e.g. 65537, 655373)",
             "clusters[0].choice_count: applies to balancer least_request only, not maglev",
             "clusters[0].health_check.type: must be one of tcp, send_expect, http, dns, got \"ping\"",

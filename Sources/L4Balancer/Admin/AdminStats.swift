@@ -47,6 +47,7 @@ extension WorkerPool {
                 entry["sessions_evicted"] = stats.total(.sessionsEvicted, listener: $0.id)
                 entry["max_sessions"] = $0.maxSessions
             }
+            if let tls = $0.tls { entry["tls"] = tlsEntry(listener: $0.id, tls, stats: stats) }
             entry["max_connections"] = $0.maxConnections.map { $0 as Any } ?? NSNull()
             return entry
         }

@@ -67,6 +67,8 @@ public final class MetricsExporter: @unchecked Sendable {
         let listeners = snapshot.listeners.map { (id: $0.id, name: $0.name) } + pool.removedListenersWithConnections(snapshot)
         // UDP listeners: connections_active/total and idle_timeouts count their sessions.
         let udpListeners = Set(snapshot.listeners.filter { $0.transport == .udp }.map(\.id))
+        var tlsListeners: [Int: Config.TLS] = [:]
+        for listener in snapshot.listeners { if let tls = listener.tls { tlsListeners[listener.id] = tls } }
         for listener in listeners {
             let labels = [("listener", listener.name)]
             func total(_ c: WorkerStats.ListenerCounter) -> UInt64 { stats.total(c, listener: listener.id) }
@@ -83,6 +85,25 @@ public final class MetricsExporter: @unchecked Sendable {
             counter("l4lb_listener_closed_unhealthy_total", "Connections closed because their endpoint turned unhealthy (on_unhealthy: close).", labels, total(.closedUnhealthy))
             counter("l4lb_listener_accept_errors_total", "Accepts the kernel failed (EMFILE and the like).", labels, total(.acceptErrors))
             counter("l4lb_listener_buffer_waits_total", "Receives that found no free buffer and waited.", labels, total(.bufferWaits))
+            if let tls = tlsListeners[listener.id] {
+                let help = "TLS handshakes, by result (ok by version, failed, timeout)."
+                counter("l4lb_tls_handshakes_total", help, labels + [("result", "ok"), ("version", "1.2")], total(.tlsHandshakes12))
+                counter("l4lb_tls_handshakes_total", help, labels + [("result", "ok"), ("version", "1.3")], total(.tlsHandshakes13))
+                counter("l4lb_tls_handshakes_total", help, labels + [("result", "ok"), ("version", "other")], total(.tlsHandshakesOther))
+                counter("l4lb_tls_handshakes_total", help, labels + [("result", "failed"), ("version", "")], total(.tlsHandshakeFailures))
+                counter("l4lb_tls_handshakes_total", help, labels + [("result", "timeout"), ("version", "")], total(.tlsHandshakeTimeouts))
+                counter("l4lb_tls_resumptions_total", "TLS handshakes that resumed a session (ticket or cache).", labels, total(.tlsResumed))
+                counter("l4lb_tls_handshake_seconds_total", "Time spent in completed handshakes, accept to Finished (divide by handshakes).", labels,
+                        total(.tlsHandshakeMilliseconds) / 1000)
+                counter("l4lb_tls_errors_total", "Connections closed on a TLS error after the handshake.", labels, total(.tlsErrors))
+                for (counter, reason) in WorkerStats.ListenerCounter.tlsClientFailureReasons {
+                    self.counter("l4lb_tls_client_auth_failures_total", "Client-certificate (mTLS) failures, by reason.", labels + [("reason", reason)], total(counter))
+                }
+                for certificate in tls.certificates {
+                    gauge("l4lb_tls_certificate_expiry_seconds", "A certificate's notAfter, seconds since the epoch.",
+                          labels + [("certificate", certificate.certPath)], Double(certificate.notAfter))
+                }
+            }
             if udpListeners.contains(listener.id) {
                 let help = "UDP datagrams relayed, by direction (in: from clients)."
                 counter("l4lb_listener_datagrams_total", help, labels + [("direction", "in")], total(.datagramsIn))

@@ -87,6 +87,8 @@ public struct Config: Sendable, Equatable {
         public var maxConnections: Int?
         public static let defaultCapacity = 100_000
         public var proxyProtocol: ProxyProtocol = .none
+        /// tcp: terminate TLS; the upstream gets plaintext.
+        public var tls: TLS?
         /// udp: sessions a worker keeps for this listener; beyond it the longest idle one
         /// is evicted (counted).
         public var maxSessions = 10_000

@@ -193,7 +193,7 @@ struct ConfigWalker {
         if listener.transport == .udp {
             // UDP: sessions per client address (DESIGN §3); TCP's connection settings do not apply.
             listener.idleTimeout = Config.Listener.defaultUDPIdleTimeout
-            for key in ["connect_timeout", "connect_attempts", "send_timeout", "max_connections", "proxy_protocol"] where fields[key] != nil {
+            for key in ["connect_timeout", "connect_attempts", "send_timeout", "max_connections", "proxy_protocol", "tls"] where fields[key] != nil {
                 fail("\(path).\(key)", "applies to tcp listeners only")
             }
             if let n = fields["session"], let v = choice(n, "\(path).session", Config.Listener.SessionAffinity.self) { listener.session = v }
@@ -220,7 +220,8 @@ struct ConfigWalker {
         if let n = fields["proxy_protocol"], let p = choice(n, "\(path).proxy_protocol", Config.Listener.ProxyProtocol.self) {
             listener.proxyProtocol = p
         }
-        for key in ["rate_limit", "tls", "routes"] where fields[key] != nil {
+        if listener.transport == .tcp, let n = fields["tls"] { listener.tls = tls(n, "\(path).tls") }
+        for key in ["rate_limit", "routes"] where fields[key] != nil {
             fail("\(path).\(key)", "not supported yet")
         }
         return listener

@@ -6,6 +6,8 @@ struct Connection {
         case free
         /// Waiting for the upstream connect (attempt `attempts`).
         case connecting
+        /// TLS: the handshake with the client runs; the upstream is not connected yet.
+        case handshaking
         /// Connected; the PROXY protocol header is on its way to the upstream.
         case sendingProxyHeader
         case proxying
@@ -35,6 +37,7 @@ struct Connection {
     /// | receiving | the arm ends without bytes (limit, or re-armed) | receiving |
     /// | receiving | `ENOBUFS` | waitingForBuffer (queued in `BufferWaitQueue`) |
     /// | receiving | EOF | finished (FIN forwarded with `shutdown(SHUT_WR)`) |
+    /// | receiving | EOF, TLS: close_notify still to be sent | flushingBeforeEOF |
     /// | sending | bytes arrive (appended, or the buffer behind) | sending |
     /// | sending | a partial send, or the next buffer starts | sending |
     /// | sending | everything sent (re-armed if the arm had ended) | receiving |
@@ -92,6 +95,7 @@ struct Connection {
         static func isLegal(from: State, to: State) -> Bool {
             switch (from, to) {
             case (.receiving, .sending), (.receiving, .receiving), (.receiving, .waitingForBuffer), (.receiving, .finished),
+                (.receiving, .flushingBeforeEOF),
                 (.sending, .sending), (.sending, .receiving), (.sending, .flushingBeforeEOF), (.sending, .waitingForBuffer),
                 (.waitingForBuffer, .receiving),
                 (.flushingBeforeEOF, .flushingBeforeEOF), (.flushingBeforeEOF, .finished):
@@ -110,6 +114,8 @@ struct Connection {
     /// What this connection holds a place in (released once, on close). One byte, so the
     /// record stays at 112 bytes.
     var holds = Holds()
+    /// TLS terminated here: OpenSSL state in the worker's `tlsSlots`.
+    var tls = false
     /// The worker plan it was opened under (`WorkerPlan.index`).
     var plan: UInt16 = 0
     /// The listener's identity; the cluster's position in the plan's snapshot.

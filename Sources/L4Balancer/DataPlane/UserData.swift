@@ -23,6 +23,9 @@ struct UserData {
         case datagramToUpstream
         case datagramFromUpstream
         case datagramToClient
+        /// TLS: ciphertext from the client; ciphertext to it.
+        case receiveCiphertextFromClient
+        case sendCiphertextToClient
     }
 
     var raw: UInt64

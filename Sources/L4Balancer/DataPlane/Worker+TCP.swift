@@ -93,6 +93,14 @@ extension Worker {
         stats.add(.active, listener: listener)
         if accessSlots != nil { noteAccepted(slot, client: fd) }
         startTimers(slot, listener: listener)
+        if plan.isTLS[listener] {
+            guard let context = plan.tlsContexts[listener] else {
+                close(slot, reason: .error)
+                return
+            }
+            startHandshake(slot, record, context: context)
+            return
+        }
         startConnect(slot)
     }
 
@@ -240,15 +248,25 @@ extension Worker {
             startProxying(slot, record)
             return
         }
-        let header = proxyHeaders + Int(slot) * ProxyProtocolHeader.capacity
         record.pointee.state = .sendingProxyHeader
-        record.pointee.toUpstream.length = Int32(ProxyProtocolHeader.write(version: version, client: record.pointee.client, into: header))
+        if record.pointee.tls, version == .v2 {
+            guard let length = writeTLSProxyHeader(slot, record) else {
+                close(slot, reason: .error)
+                return
+            }
+            record.pointee.toUpstream.length = length
+        } else {
+            let header = proxyHeaders + Int(slot) * ProxyProtocolHeader.capacity
+            record.pointee.toUpstream.length = Int32(ProxyProtocolHeader.write(version: version, client: record.pointee.client, into: header))
+        }
         record.pointee.toUpstream.sent = 0
         sendProxyHeader(slot, record)
     }
 
     func sendProxyHeader(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
-        let header = proxyHeaders + Int(slot) * ProxyProtocolHeader.capacity
+        let tlsHeader = record.pointee.tls ? tlsSlots[Int(slot)].headerBuffer : Connection.Stream.noBuffer
+        let header = tlsHeader != Connection.Stream.noBuffer
+            ? bufferAddress(tlsHeader, large: false) : proxyHeaders + Int(slot) * ProxyProtocolHeader.capacity
         let sent = Int(record.pointee.toUpstream.sent)
         guard ring.prepareSend(
             socket: record.pointee.upstream, bytes: header + sent, length: Int(record.pointee.toUpstream.length) - sent,
@@ -278,6 +296,10 @@ extension Worker {
         if record.pointee.toUpstream.sent < record.pointee.toUpstream.length {
             sendProxyHeader(slot, record)
         } else {
+            if record.pointee.tls, tlsSlots[Int(slot)].headerBuffer != Connection.Stream.noBuffer {
+                recycle(tlsSlots[Int(slot)].headerBuffer, large: false)
+                tlsSlots[Int(slot)].headerBuffer = Connection.Stream.noBuffer
+            }
             startProxying(slot, record)
         }
     }
@@ -286,6 +308,15 @@ extension Worker {
 
     func startProxying(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
         record.pointee.state = .proxying
+        if record.pointee.tls {
+            // The client's receive may still be armed from the handshake.
+            let armed = record.pointee.toUpstream.receiveArmed
+            record.pointee.toUpstream = Connection.Stream()
+            record.pointee.toUpstream.receiveArmed = armed
+            record.pointee.toClient = Connection.Stream()
+            startTLSProxying(slot, record)
+            return
+        }
         record.pointee.toUpstream = Connection.Stream()
         record.pointee.toClient = Connection.Stream()
         armReceive(slot, record, toUpstream: true)
@@ -299,8 +330,10 @@ extension Worker {
     func armReceive(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, toUpstream: Bool) {
         let s = stream(record, toUpstream: toUpstream)
         let socket = source(record, toUpstream: toUpstream)
-        let large = s.pointee.prefersLarge
-        let operation: UserData.Operation = large
+        // TLS ciphertext comes in records of at most 16 KiB + 256: small buffers only.
+        let ciphertext = toUpstream && record.pointee.tls
+        let large = s.pointee.prefersLarge && !ciphertext
+        let operation: UserData.Operation = ciphertext ? .receiveCiphertextFromClient : large
             ? (toUpstream ? .receiveLargeFromClient : .receiveLargeFromUpstream)
             : (toUpstream ? .receiveFromClient : .receiveFromUpstream)
         let userData = UserData(operation, slot: slot, generation: record.pointee.generation).raw
@@ -400,7 +433,9 @@ extension Worker {
                 stats.add(.bytesIn, endpoint: endpoint, UInt64(result))
                 if let slots = accessSlots { slots[Int(slot)].bytesFromUpstream &+= UInt64(result) }
             }
-            if s.pointee.state == .sending {
+            if record.pointee.tls {
+                receivedPlaintextForClient(slot, record, buffer: buffer, length: result, large: large)
+            } else if s.pointee.state == .sending {
                 absorb(slot, buffer, length: result, into: s)
             } else {
                 s.pointee.move(to: .sending)
@@ -415,7 +450,9 @@ extension Worker {
             }
             // EOF: forward it as a half-close once what came before it is sent, and keep
             // the other direction open.
-            if s.pointee.state == .sending {
+            if record.pointee.tls {
+                upstreamEndedTLS(slot, record)
+            } else if s.pointee.state == .sending {
                 s.pointee.move(to: .flushingBeforeEOF)
             } else {
                 forwardEOF(slot, record, toUpstream: toUpstream)
@@ -486,6 +523,10 @@ extension Worker {
             sendPending(slot, record, toUpstream: toUpstream)
             return
         }
+        if toUpstream, record.pointee.tls {
+            plaintextSentUpstream(slot, record)
+            return
+        }
         recycle(s.pointee.buffer, large: s.pointee.large)
         if s.pointee.pending != Connection.Stream.noBuffer {
             let next = s.pointee.pending
@@ -554,6 +595,7 @@ extension Worker {
         }
         dropPending(stream(record, toUpstream: true))
         dropPending(stream(record, toUpstream: false))
+        if record.pointee.tls { releaseTLSBuffers(record) }
         waiters.remove(BufferWaitQueue.entry(slot: slot, toUpstream: true))
         waiters.remove(BufferWaitQueue.entry(slot: slot, toUpstream: false))
         if record.pointee.inFlight > 0 {
@@ -578,6 +620,7 @@ extension Worker {
         guard record.pointee.state == .closing, record.pointee.inFlight == 0 else { return }
         Glibc.close(record.pointee.client)
         if record.pointee.upstream >= 0 { Glibc.close(record.pointee.upstream) }
+        if record.pointee.tls { freeTLS(slot) }
         let plan = record.pointee.plan
         slab.release(slot)
         release(plan: plan)

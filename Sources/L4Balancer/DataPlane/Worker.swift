@@ -64,6 +64,9 @@ final class Worker {
     /// they are single-shot, which keeps the same per-direction bound.
     let multishotSmallReceives: Bool
     var slab: ConnectionSlab
+    /// Per slot: OpenSSL state of TLS connections (reserved; touched only by them).
+    let tlsSlots: UnsafeMutablePointer<TLSSlot>
+    var tlsFlushesWaiting: [(slot: UInt32, generation: UInt32)] = []
     var wheel: TimerWheel
     var waiters: BufferWaitQueue
     /// Per slot: endpoints at index 64 and above already tried (`Connection.tried` has a
@@ -216,6 +219,7 @@ final class Worker {
         let shares = snapshot.listeners.reduce(0) { $0 + ($1.maxConnections ?? Config.Listener.defaultCapacity) }
         let capacity = min(max(shares, Worker.minimumCapacity), 1 << 22)
         slab = ConnectionSlab(capacity: capacity)
+        tlsSlots = reserve(TLSSlot.self, capacity)
         accessLog = control.accessLog
         accessSlots = control.accessLog == nil ? nil : reserve(AccessSlot.self, capacity)
         waiters = BufferWaitQueue(slots: capacity)
@@ -258,6 +262,7 @@ final class Worker {
         wheel.deallocate()
         waiters.deallocate()
         munmap(triedAbove64, slab.capacity * Worker.triedStride * 2)
+        munmap(tlsSlots, slab.capacity * MemoryLayout<TLSSlot>.stride)
         if let accessSlots { munmap(accessSlots, slab.capacity * MemoryLayout<AccessSlot>.stride) }
         munmap(activeByEndpoint, IdentityRegistry.endpointCapacity * MemoryLayout<Int32>.stride)
         munmap(activeByCluster, IdentityRegistry.clusterCapacity * MemoryLayout<Int>.stride)
@@ -367,6 +372,8 @@ final class Worker {
         case .datagramToUpstream: datagramSentUpstream(completion, buffer: UInt16(truncatingIfNeeded: userData.slot), listener: Int(userData.generation))
         case .datagramFromUpstream: datagramFromUpstream(completion, userData)
         case .datagramToClient: datagramSentToClient(completion, buffer: UInt16(truncatingIfNeeded: userData.slot), listener: Int(userData.generation))
+        case .receiveCiphertextFromClient: receivedCiphertext(completion, userData)
+        case .sendCiphertextToClient: ciphertextSent(completion, userData)
         case .linkTimeout, .cancel: break
         }
     }
@@ -406,7 +413,7 @@ final class Worker {
                 let toUpstream = entry & 1 == 0
                 let record = slab[slot]
                 // Only proxying connections wait; closing removes its entries.
-                assert(record.pointee.state == .proxying && stream(record, toUpstream: toUpstream).pointee.state == .waitingForBuffer)
+                assert((record.pointee.state == .proxying || record.pointee.state == .handshaking) && stream(record, toUpstream: toUpstream).pointee.state == .waitingForBuffer)
                 armReceive(slot, record, toUpstream: toUpstream)
                 budget -= 1
             }
@@ -479,6 +486,7 @@ final class Worker {
         stats.set(.smallBuffersInUse, UInt64(smallBuffers.inUse))
         stats.set(.largeBuffersInUse, UInt64(largeBuffers.inUse))
         expireConnections()
+        if !tlsFlushesWaiting.isEmpty { retryTLSFlushes() }
         if udpSessions.active > 0 || !repliesToRearm.isEmpty { expireSessions() }
         if closesOnUnhealthy { closeConnectionsToUnavailableEndpoints() }
         if !removedListeners.isEmpty { closeExpiredRemovedListeners() }
@@ -520,6 +528,9 @@ final class Worker {
                     // unsent bytes for a reader that may never come back.
                     resetOnClose(record)
                     close(slot, reason: .sendTimeout)
+                case .handshakeTimeout:
+                    stats.add(.tlsHandshakeTimeouts, listener: listener)
+                    close(slot, reason: .idleTimeout)
                 case .refile(let deadline):
                     wheel.insert(slot, deadline: deadline, in: slab)
                 }
@@ -528,7 +539,7 @@ final class Worker {
     }
 
     enum TimerVerdict {
-        case idle, stalledSend
+        case idle, stalledSend, handshakeTimeout
         case refile(UInt32)
     }
 
@@ -536,6 +547,11 @@ final class Worker {
     /// send timeout away, so a send that starts later is still caught in time.
     @inline(__always)
     func timerCheck(_ record: UnsafeMutablePointer<Connection>, plan: WorkerPlan, listener: Int) -> TimerVerdict {
+        if record.pointee.state == .handshaking {
+            let limit = plan.handshakeTicks[listener]
+            let elapsed = nowTick &- record.pointee.lastActivity
+            return elapsed >= limit ? .handshakeTimeout : .refile(record.pointee.lastActivity &+ limit)
+        }
         let idle = plan.idleTicks[listener]
         let send = plan.sendTicks[listener]
         var next = UInt32.max
@@ -590,8 +606,9 @@ final class Worker {
     func startTimers(_ slot: UInt32, listener: Int) {
         let idle = current.idleTicks[listener]
         let send = current.sendTicks[listener]
-        guard idle > 0 || send > 0 else { return }
-        let first = min(idle == 0 ? UInt32.max : idle, send == 0 ? UInt32.max : send)
+        let handshake = current.handshakeTicks[listener]
+        guard idle > 0 || send > 0 || handshake > 0 else { return }
+        let first = min(idle == 0 ? UInt32.max : idle, send == 0 ? UInt32.max : send, handshake == 0 ? UInt32.max : handshake)
         wheel.insert(slot, deadline: nowTick &+ first, in: slab)
     }
 

@@ -41,6 +41,12 @@ final class WorkerPlan {
     let proxyResponses: [UInt32]
     /// udp `session: none`: every datagram balanced on its own.
     let perPacket: [Bool]
+    /// tcp with `tls:`: this worker's OpenSSL contexts (nil: plain TCP), and the
+    /// handshake timeout in ticks.
+    let tlsContexts: [TLSServerContext?]
+    /// Listeners with `tls:` (a context that failed to build refuses, never serves plaintext).
+    let isTLS: [Bool]
+    let handshakeTicks: [UInt32]
     let connectTimeouts: UnsafeMutablePointer<Timeout>
     /// Per endpoint position.
     let endpointAddresses: UnsafeMutablePointer<sockaddr_storage>
@@ -83,8 +89,23 @@ final class WorkerPlan {
         var sessions = [Int](repeating: 0, count: bound)
         var responses = [UInt32](repeating: .max, count: bound)
         var packet = [Bool](repeating: false, count: bound)
+        var tls = [TLSServerContext?](repeating: nil, count: bound)
+        var handshake = [UInt32](repeating: 0, count: bound)
+        var isTLS = [Bool](repeating: false, count: bound)
         connectTimeouts = .allocate(capacity: bound)
         for listener in snapshot.listeners {
+            if let settings = listener.tls {
+                // Unchanged TLS settings keep their contexts (and the session cache).
+                if let previous, listener.id < previous.tlsContexts.count, let kept = previous.tlsContexts[listener.id],
+                   let old = previous.snapshot.listeners.first(where: { $0.id == listener.id }),
+                   old.tls == settings, old.ticketSecret == listener.ticketSecret {
+                    tls[listener.id] = kept
+                } else {
+                    tls[listener.id] = TLSServerContext(settings, listenerName: listener.name, ticketSecret: listener.ticketSecret)
+                }
+                handshake[listener.id] = Worker.ticks(settings.handshakeTimeout.milliseconds)
+                isTLS[listener.id] = true
+            }
             idle[listener.id] = Worker.ticks(listener.idleTimeoutMilliseconds)
             send[listener.id] = Worker.ticks(listener.sendTimeoutMilliseconds)
             if listener.clusters.count > 1 { splits[listener.id] = SmoothRoundRobin(weights: listener.clusterWeights) }
@@ -100,6 +121,9 @@ final class WorkerPlan {
             responses[listener.id] = listener.proxyResponses.map { UInt32($0) } ?? (listener.session == .none ? 1 : .max)
             (connectTimeouts + listener.id).initialize(to: Timeout(milliseconds: listener.connectTimeoutMilliseconds))
         }
+        tlsContexts = tls
+        self.isTLS = isTLS
+        handshakeTicks = handshake
         idleTicks = idle
         sendTicks = send
         clusterSplits = splits

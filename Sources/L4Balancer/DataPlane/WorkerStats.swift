@@ -30,6 +30,17 @@ public final class WorkerStats: @unchecked Sendable {
         /// an unusable address; a reply to a per-packet lease that had ended; the send
         /// failed (the upstream's or client's socket buffer full, an ICMP error).
         case dropsNoEndpoint, dropsQueueFull, dropsMalformed, dropsLateReply, dropsSendFailed
+        /// TLS: handshakes completed by version, of which resumed; their total latency
+        /// (accept to Finished, ms); handshakes that failed (of which client-certificate
+        /// failures, by reason) or timed out; connections closed on a TLS error after it.
+        case tlsHandshakes12, tlsHandshakes13, tlsHandshakesOther, tlsResumed, tlsHandshakeMilliseconds
+        case tlsHandshakeFailures, tlsHandshakeTimeouts, tlsErrors
+        case tlsClientNoCertificate, tlsClientUntrusted, tlsClientRevoked, tlsClientExpired
+
+        public static let tlsClientFailureReasons: [(ListenerCounter, String)] = [
+            (.tlsClientNoCertificate, "no_certificate"), (.tlsClientUntrusted, "untrusted"),
+            (.tlsClientRevoked, "revoked"), (.tlsClientExpired, "expired"),
+        ]
 
         /// The datagram-drop counters with their reason as `/stats` and `/metrics` name it.
         public static let datagramDropReasons: [(ListenerCounter, String)] = [

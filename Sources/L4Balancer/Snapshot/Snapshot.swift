@@ -41,6 +41,10 @@ public final class Snapshot: @unchecked Sendable {
         public let maxSessions: Int
         public let proxyResponses: Int?
         public let session: Config.Listener.SessionAffinity
+        public let tls: Config.TLS?
+        /// What every worker derives this listener's session-ticket keys from; kept across
+        /// reloads (by name), so tickets issued before one still resume after it.
+        let ticketSecret: [UInt8]
     }
 
     public struct ClusterPlan: Sendable {
@@ -124,6 +128,8 @@ public final class Snapshot: @unchecked Sendable {
             endpointIDs[i] = Int32(endpoint.id)
             endpointLimits[i] = endpoint.maxConnections ?? Int.max
         }
+        var previousSecrets: [String: [UInt8]] = [:]
+        for listener in previous?.listeners ?? [] { previousSecrets[listener.name] = listener.ticketSecret }
         self.listeners = config.listeners.enumerated().map { i, listener in
             ListenerPlan(
                 id: ids.listeners[i], name: listener.name, address: listener.address,
@@ -138,9 +144,16 @@ public final class Snapshot: @unchecked Sendable {
                 transport: listener.transport,
                 maxSessions: listener.maxSessions,
                 proxyResponses: listener.proxyResponses,
-                session: listener.session)
+                session: listener.session,
+                tls: listener.tls,
+                ticketSecret: listener.tls == nil ? [] : previousSecrets[listener.name].flatMap { $0.isEmpty ? nil : $0 } ?? Snapshot.randomSecret())
         }
         listenerIDBound = (ids.listeners.max() ?? -1) + 1
+    }
+
+    static func randomSecret() -> [UInt8] {
+        var generator = SystemRandomNumberGenerator()
+        return (0..<32).map { _ in UInt8.random(in: 0...255, using: &generator) }
     }
 
     deinit {

@@ -1,0 +1,91 @@
+import Yams
+
+/// `listeners[].tls`: certificates (checked now, `TLSMaterial`), versions, ciphers, ALPN,
+/// resumption, client certificates, the handshake timeout.
+extension ConfigWalker {
+    mutating func tls(_ node: Node, _ path: String) -> Config.TLS? {
+        guard let fields = mapping(node, path, keys: [
+            "certificates", "min_version", "ciphers", "ciphersuites", "alpn", "session_tickets", "session_cache_size",
+            "client_auth", "handshake_timeout",
+        ]) else { return nil }
+        var tls = Config.TLS()
+        if let n = fields["certificates"] {
+            tls.certificates = list(n, "\(path).certificates", required: true) { walker, item, itemPath in
+                walker.tlsCertificate(item, itemPath)
+            }
+        } else {
+            fail("\(path).certificates", "required")
+        }
+        if let n = fields["min_version"], let v = choice(n, "\(path).min_version", Config.TLS.Version.self) { tls.minVersion = v }
+        if let n = fields["ciphers"], let s = string(n, "\(path).ciphers") {
+            if !TLSServerContext.acceptsCipherList(s, suites: false) {
+                fail("\(path).ciphers", "OpenSSL accepts no cipher in \"\(s)\"")
+            }
+            tls.ciphers = s
+        }
+        if let n = fields["ciphersuites"], let s = string(n, "\(path).ciphersuites") {
+            if !TLSServerContext.acceptsCipherList(s, suites: true) {
+                fail("\(path).ciphersuites", "OpenSSL accepts no TLS 1.3 suite in \"\(s)\"")
+            }
+            tls.ciphersuites = s
+        }
+        if let n = fields["alpn"] {
+            tls.alpn = list(n, "\(path).alpn", required: false) { walker, item, itemPath in
+                guard let s = walker.string(item, itemPath) else { return nil }
+                if s.isEmpty || s.utf8.count > 255 { walker.fail(itemPath, "a protocol name is 1 to 255 bytes") }
+                return s
+            }
+        }
+        if let n = fields["session_tickets"], let b = bool(n, "\(path).session_tickets") { tls.sessionTickets = b }
+        if let n = fields["session_cache_size"], let v = int(n, "\(path).session_cache_size", 0...10_000_000) { tls.sessionCacheSize = v }
+        if let n = fields["handshake_timeout"], let d = duration(n, "\(path).handshake_timeout") {
+            if d.milliseconds <= 0 { fail("\(path).handshake_timeout", "must be greater than 0") } else { tls.handshakeTimeout = d }
+        }
+        if let n = fields["client_auth"] { tls.clientAuth = clientAuth(n, "\(path).client_auth") }
+        return tls
+    }
+
+    mutating func tlsCertificate(_ node: Node, _ path: String) -> Config.TLS.Certificate? {
+        guard let fields = mapping(node, path, keys: ["cert", "key"]) else { return nil }
+        guard let c = fields["cert"] else {
+            fail("\(path).cert", "required")
+            return nil
+        }
+        guard let k = fields["key"] else {
+            fail("\(path).key", "required")
+            return nil
+        }
+        guard let certPath = string(c, "\(path).cert"), let keyPath = string(k, "\(path).key") else { return nil }
+        do {
+            return try TLSMaterial.certificate(certPath: certPath, keyPath: keyPath)
+        } catch {
+            fail(path, error.message)
+            return nil
+        }
+    }
+
+    mutating func clientAuth(_ node: Node, _ path: String) -> Config.TLS.ClientAuth? {
+        guard let fields = mapping(node, path, keys: ["ca", "required", "crl"]) else { return nil }
+        guard let n = fields["ca"], let caPath = string(n, "\(path).ca") else {
+            if fields["ca"] == nil { fail("\(path).ca", "required") }
+            return nil
+        }
+        var auth: Config.TLS.ClientAuth
+        do {
+            auth = Config.TLS.ClientAuth(caPath: caPath, caPEM: try TLSMaterial.authorities(caPath))
+        } catch {
+            fail("\(path).ca", error.message)
+            return nil
+        }
+        if let n = fields["required"], let b = bool(n, "\(path).required") { auth.required = b }
+        if let n = fields["crl"], let crlPath = string(n, "\(path).crl") {
+            do {
+                auth.crlPEM = try TLSMaterial.revocations(crlPath)
+                auth.crlPath = crlPath
+            } catch {
+                fail("\(path).crl", error.message)
+            }
+        }
+        return auth
+    }
+}
