@@ -90,6 +90,6 @@ let package = Package(
         .testTarget(name: "L4BalancerTests", dependencies: ["L4Balancer"]),
         .testTarget(name: "BPFSteerTests", dependencies: ["BPFSteer"]),
         .target(name: "CTestSupport", path: "Tests/CTestSupport"),
-        .testTarget(name: "EndToEndTests", dependencies: ["L4Balancer", "CTestSupport"]),
+        .testTarget(name: "EndToEndTests", dependencies: ["L4Balancer", "CTestSupport", "COpenSSL"]),
     ]
 )

@@ -112,6 +112,7 @@ final class ChildProcess: @unchecked Sendable {
         defer { try? FileManager.default.removeItem(atPath: output) }
         let child = try ChildProcess(executable, arguments, stdout: output, stderr: output, environment: environment)
         let status = child.wait()
-        return (status, (try? String(contentsOfFile: output, encoding: .utf8)) ?? "")
+        // Lossy: a child may print bytes that are not UTF-8 (s_client echoes binary data).
+        return (status, FileManager.default.contents(atPath: output).map { String(decoding: $0, as: UTF8.self) } ?? "")
     }
 }
