@@ -62,9 +62,9 @@ extension Ring {
     /// holds no buffer.
     @inlinable
     @discardableResult
-    public func prepareReceive(socket fd: Int32, bufferGroup group: UInt16, userData: UInt64) -> Bool {
+    public func prepareReceive(socket fd: Int32, bufferGroup group: UInt16, flags: Int32 = 0, userData: UInt64) -> Bool {
         guard let sqe = nextSQE() else { return false }
-        io_uring_prep_recv(sqe, fd, nil, 0, 0)
+        io_uring_prep_recv(sqe, fd, nil, 0, flags)
         sqe.pointee.flags |= UInt8(CURing_IOSQE_BUFFER_SELECT)
         sqe.pointee.buf_group = group
         sqe.pointee.user_data = userData
@@ -85,6 +85,17 @@ extension Ring {
         sqe.pointee.file_index = limit
         sqe.pointee.flags |= UInt8(CURing_IOSQE_BUFFER_SELECT)
         sqe.pointee.buf_group = group
+        sqe.pointee.user_data = userData
+        return true
+    }
+
+    /// A one-shot poll for `events` (POLLIN, …) on `fd`; the completion's result is the
+    /// events that fired. For sockets, POLLIN honours `SO_RCVLOWAT`.
+    @inlinable
+    @discardableResult
+    public func preparePoll(fd: Int32, events: UInt32, userData: UInt64) -> Bool {
+        guard let sqe = nextSQE() else { return false }
+        io_uring_prep_poll_add(sqe, fd, events)
         sqe.pointee.user_data = userData
         return true
     }

@@ -73,4 +73,36 @@ final class ConfigCheckTests: XCTestCase {
         XCTAssertEqual(status, 2)
         XCTAssertTrue(output.hasPrefix("/nonexistent/l4lb.yaml: "), output)
     }
+
+    /// TLS material is checked by `check`: a missing file, a file with no certificate, a
+    /// key that is not its certificate's, a bad CA — each names the file; routes and tls
+    /// together, and bad server names, name the field.
+    func testBadTLSMaterialNamesTheFile() throws {
+        let pki = try TestPKI()
+        let garbage = pki.path("garbage.pem")
+        try "not a certificate\n".write(toFile: garbage, atomically: true, encoding: .utf8)
+        func listener(_ extra: String) -> String {
+            Self.valid.replacingOccurrences(of: "    cluster: web", with: "    cluster: web\n" + extra)
+        }
+        let cases: [(String, [String])] = [
+            (listener("    tls: { certificates: [{ cert: /nonexistent/a.pem, key: \(pki.path("a.key")) }] }"),
+             ["listeners[0].tls.certificates[0]: /nonexistent/a.pem: cannot read file"]),
+            (listener("    tls: { certificates: [{ cert: \(garbage), key: \(pki.path("a.key")) }] }"),
+             ["listeners[0].tls.certificates[0]: \(garbage): no PEM certificate (error:0480006C:PEM routines::no start line)"]),
+            (listener("    tls: { certificates: [{ cert: \(pki.path("a.pem")), key: \(pki.path("b.key")) }] }"),
+             ["listeners[0].tls.certificates[0]: \(pki.path("b.key")): the key does not match the certificate in \(pki.path("a.pem"))"]),
+            (listener("    tls: { certificates: [{ cert: \(pki.path("a.pem")), key: \(pki.path("a.key")) }], client_auth: { ca: \(garbage) }, min_version: \"1.4\" }"),
+             ["listeners[0].tls.client_auth.ca: \(garbage): no PEM certificate",
+              "listeners[0].tls.min_version: must be one of 1.0, 1.1, 1.2, 1.3, got \"1.4\""]),
+            (listener("    tls: { certificates: [{ cert: \(pki.path("a.pem")), key: \(pki.path("a.key")) }] }\n    routes: [{ server_names: [\"bad name\", a.test, A.TEST], cluster: web }]"),
+             ["listeners[0].routes: routes pass TLS through by server name; set either tls or routes, not both",
+              "listeners[0].routes[0].server_names[0]: \"bad name\" is not a host name or *.suffix",
+              "listeners[0].routes[0].server_names[2]: \"A.TEST\" is already routed by listeners[0].routes[0].server_names[1]"]),
+        ]
+        for (yaml, expected) in cases {
+            let (status, output) = try check(yaml)
+            XCTAssertEqual(status, 2, output)
+            XCTAssertEqual(Set(output.split(separator: "\n").map(String.init)), Set(expected), yaml)
+        }
+    }
 }

@@ -21,4 +21,14 @@ extension WorkerPool {
             "certificates": tls.certificates.map { ["cert": $0.certPath, "names": $0.names, "not_after": $0.notAfter] as [String: Any] },
         ]
     }
+
+    /// `listeners[].sni` (listeners with `routes`): where ClientHellos went, and why some
+    /// connections were closed before any byte reached an upstream.
+    func sniEntry(listener id: Int, stats: [WorkerStats]) -> [String: Any] {
+        func total(_ c: WorkerStats.ListenerCounter) -> UInt64 { stats.total(c, listener: id) }
+        return [
+            "routed": total(.sniRouted), "default": total(.sniDefault), "malformed": total(.sniMalformed),
+            "oversize": total(.sniOversize), "timeouts": total(.sniTimeouts),
+        ]
+    }
 }

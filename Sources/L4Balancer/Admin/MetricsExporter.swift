@@ -69,6 +69,7 @@ public final class MetricsExporter: @unchecked Sendable {
         let udpListeners = Set(snapshot.listeners.filter { $0.transport == .udp }.map(\.id))
         var tlsListeners: [Int: Config.TLS] = [:]
         for listener in snapshot.listeners { if let tls = listener.tls { tlsListeners[listener.id] = tls } }
+        let routedListeners = Set(snapshot.listeners.filter { !$0.routes.isEmpty }.map(\.id))
         for listener in listeners {
             let labels = [("listener", listener.name)]
             func total(_ c: WorkerStats.ListenerCounter) -> UInt64 { stats.total(c, listener: listener.id) }
@@ -102,6 +103,13 @@ public final class MetricsExporter: @unchecked Sendable {
                 for certificate in tls.certificates {
                     gauge("l4lb_tls_certificate_expiry_seconds", "A certificate's notAfter, seconds since the epoch.",
                           labels + [("certificate", certificate.certPath)], Double(certificate.notAfter))
+                }
+            }
+            if routedListeners.contains(listener.id) {
+                let help = "Connections by what their ClientHello's server name did: routed, default cluster, or closed (malformed, oversize, timeout)."
+                for (c, outcome) in [(WorkerStats.ListenerCounter.sniRouted, "routed"), (.sniDefault, "default"), (.sniMalformed, "malformed"),
+                                     (.sniOversize, "oversize"), (.sniTimeouts, "timeout")] {
+                    counter("l4lb_sni_connections_total", help, labels + [("outcome", outcome)], total(c))
                 }
             }
             if udpListeners.contains(listener.id) {

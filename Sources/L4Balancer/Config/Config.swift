@@ -89,6 +89,14 @@ public struct Config: Sendable, Equatable {
         public var proxyProtocol: ProxyProtocol = .none
         /// tcp: terminate TLS; the upstream gets plaintext.
         public var tls: TLS?
+        /// tcp: pick the cluster by the ClientHello's server name, without terminating
+        /// TLS (`cluster` is the default); how long the ClientHello may take to arrive.
+        public var routes: [Route] = []
+        public var inspectTimeout: ConfigDuration = .seconds(5)
+        public struct Route: Sendable, Equatable {
+            public var serverNames: [String]
+            public var cluster: String
+        }
         /// udp: sessions a worker keeps for this listener; beyond it the longest idle one
         /// is evicted (counted).
         public var maxSessions = 10_000

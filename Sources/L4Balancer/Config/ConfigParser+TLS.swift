@@ -45,6 +45,47 @@ extension ConfigWalker {
         return tls
     }
 
+    /// `routes: [{server_names: [...], cluster: NAME}]`: each name once across routes.
+    mutating func routes(_ node: Node, _ path: String, clusters known: [String: Int]) -> [Config.Listener.Route] {
+        var seen: [String: String] = [:]
+        return list(node, path, required: true) { walker, item, itemPath in
+            guard let fields = walker.mapping(item, itemPath, keys: ["server_names", "cluster"]) else { return nil }
+            var cluster = ""
+            if let n = fields["cluster"], let name = walker.string(n, "\(itemPath).cluster") {
+                if known[name] == nil { walker.fail("\(itemPath).cluster", "unknown cluster \"\(name)\"") }
+                cluster = name
+            } else if fields["cluster"] == nil {
+                walker.fail("\(itemPath).cluster", "required")
+            }
+            guard let n = fields["server_names"] else {
+                walker.fail("\(itemPath).server_names", "required")
+                return nil
+            }
+            let names: [String] = walker.list(n, "\(itemPath).server_names", required: true) { walker, item, namePath in
+                guard let name = walker.string(item, namePath) else { return nil }
+                let folded = name.lowercased()
+                let host = folded.hasPrefix("*.") ? String(folded.dropFirst(2)) : folded
+                let valid = host.utf8.count <= 253 && !host.isEmpty
+                    && host.split(separator: ".", omittingEmptySubsequences: false).allSatisfy { label in
+                        !label.isEmpty && label.utf8.allSatisfy { c in
+                            (c >= 0x61 && c <= 0x7A) || (c >= 0x30 && c <= 0x39) || c == 0x2D || c == 0x5F
+                        }
+                    }
+                if !valid {
+                    walker.fail(namePath, "\"\(name)\" is not a host name or *.suffix")
+                    return nil
+                }
+                if let other = seen[folded] {
+                    walker.fail(namePath, "\"\(name)\" is already routed by \(other)")
+                } else {
+                    seen[folded] = namePath
+                }
+                return folded
+            }
+            return Config.Listener.Route(serverNames: names, cluster: cluster)
+        }
+    }
+
     mutating func tlsCertificate(_ node: Node, _ path: String) -> Config.TLS.Certificate? {
         guard let fields = mapping(node, path, keys: ["cert", "key"]) else { return nil }
         guard let c = fields["cert"] else {

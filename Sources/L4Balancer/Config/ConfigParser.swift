@@ -148,7 +148,7 @@ struct ConfigWalker {
         guard let fields = mapping(node, path, keys: [
             "name", "address", "protocol", "cluster", "clusters", "connect_timeout", "connect_attempts",
             "idle_timeout", "send_timeout", "max_connections", "proxy_protocol", "rate_limit", "tls", "routes",
-            "max_sessions", "proxy_responses", "session",
+            "max_sessions", "proxy_responses", "session", "inspect_timeout",
         ]) else { return nil }
 
         let address: SocketAddress?
@@ -193,7 +193,8 @@ struct ConfigWalker {
         if listener.transport == .udp {
             // UDP: sessions per client address (DESIGN §3); TCP's connection settings do not apply.
             listener.idleTimeout = Config.Listener.defaultUDPIdleTimeout
-            for key in ["connect_timeout", "connect_attempts", "send_timeout", "max_connections", "proxy_protocol", "tls"] where fields[key] != nil {
+            for key in ["connect_timeout", "connect_attempts", "send_timeout", "max_connections", "proxy_protocol", "tls", "routes", "inspect_timeout"]
+            where fields[key] != nil {
                 fail("\(path).\(key)", "applies to tcp listeners only")
             }
             if let n = fields["session"], let v = choice(n, "\(path).session", Config.Listener.SessionAffinity.self) { listener.session = v }
@@ -221,7 +222,15 @@ struct ConfigWalker {
             listener.proxyProtocol = p
         }
         if listener.transport == .tcp, let n = fields["tls"] { listener.tls = tls(n, "\(path).tls") }
-        for key in ["rate_limit", "routes"] where fields[key] != nil {
+        if listener.transport == .tcp, let n = fields["routes"] {
+            listener.routes = routes(n, "\(path).routes", clusters: known)
+            if fields["tls"] != nil { fail("\(path).routes", "routes pass TLS through by server name; set either tls or routes, not both") }
+        }
+        if listener.transport == .tcp, let n = fields["inspect_timeout"], let d = duration(n, "\(path).inspect_timeout") {
+            if fields["routes"] == nil { fail("\(path).inspect_timeout", "applies to listeners with routes only") }
+            if d.milliseconds <= 0 { fail("\(path).inspect_timeout", "must be greater than 0") } else { listener.inspectTimeout = d }
+        }
+        for key in ["rate_limit"] where fields[key] != nil {
             fail("\(path).\(key)", "not supported yet")
         }
         return listener

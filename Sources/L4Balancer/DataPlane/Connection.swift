@@ -8,6 +8,8 @@ struct Connection {
         case connecting
         /// TLS: the handshake with the client runs; the upstream is not connected yet.
         case handshaking
+        /// `routes`: waiting for the whole ClientHello (peeked, left in the socket).
+        case inspecting
         /// Connected; the PROXY protocol header is on its way to the upstream.
         case sendingProxyHeader
         case proxying

@@ -61,7 +61,9 @@ extension Worker {
         }
         let cluster = plan.clusterSplits[listener].flatMap { plan.listenerClusters[listener][$0.pick()!] } ?? plan.listenerClusters[listener][0]
         let clusterID = plan.clusterIDs[cluster]
-        let clusterLimit = plan.clusterLimits[cluster]
+        // Routed by server name: the cluster is known once the ClientHello is read.
+        let routed = plan.routes[listener] != nil
+        let clusterLimit = routed ? nil : plan.clusterLimits[cluster]
         if let clusterLimit, !status.admit(cluster: clusterID, limit: clusterLimit) {
             // Circuit breaking: the cluster is at max_connections.
             if limited { limits.leave(listener) }
@@ -86,13 +88,17 @@ extension Worker {
         record.pointee.clusterAdmitted = clusterLimit != nil
         record.pointee.lastActivity = nowTick
         record.pointee.cluster = UInt16(cluster)
-        if plan.balancers[cluster].usesFlowHash {
+        if !routed, plan.balancers[cluster].usesFlowHash {
             record.pointee.flowHash = FlowHash.compute(client: fd, key: plan.hashKeys[cluster])
         }
         stats.add(.accepted, listener: listener)
         stats.add(.active, listener: listener)
         if accessSlots != nil { noteAccepted(slot, client: fd) }
         startTimers(slot, listener: listener)
+        if routed {
+            startInspecting(slot, record)
+            return
+        }
         if plan.isTLS[listener] {
             guard let context = plan.tlsContexts[listener] else {
                 close(slot, reason: .error)

@@ -375,7 +375,7 @@ extension Worker {
         guard pending > 0 else { return }
         guard let buffer = smallBuffers.take() else {
             // Every small buffer is out: try again on the next tick.
-            tlsFlushesWaiting.append((slot: slot, generation: record.pointee.generation))
+            retriesAtTick.append((slot: slot, generation: record.pointee.generation))
             return
         }
         let count = BIO_read(t.pointee.output, bufferAddress(buffer, large: false), Int32(min(pending, smallBuffers.bufferSize)))
@@ -436,15 +436,19 @@ extension Worker {
         }
     }
 
-    /// Flushes that found no free small buffer, retried once per tick.
-    func retryTLSFlushes() {
-        let waiting = tlsFlushesWaiting
-        tlsFlushesWaiting.removeAll(keepingCapacity: true)
+    /// Steps that found no free small buffer (a TLS flush, a ClientHello peek), retried
+    /// once per tick.
+    func retryAtTick() {
+        let waiting = retriesAtTick
+        retriesAtTick.removeAll(keepingCapacity: true)
         for (slot, generation) in waiting {
             let record = slab[slot]
-            guard record.pointee.generation == generation, record.pointee.tls,
-                  record.pointee.state != .closing, record.pointee.state != .free else { continue }
-            if record.pointee.state == .proxying { encryptForClient(slot, record) } else { flushCiphertext(slot, record) }
+            guard record.pointee.generation == generation, record.pointee.state != .closing, record.pointee.state != .free else { continue }
+            if record.pointee.state == .inspecting {
+                peekClientHello(slot, record)
+            } else if !record.pointee.tls {
+                continue
+            } else if record.pointee.state == .proxying { encryptForClient(slot, record) } else { flushCiphertext(slot, record) }
         }
     }
 

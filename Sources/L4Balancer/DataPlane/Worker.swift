@@ -66,7 +66,8 @@ final class Worker {
     var slab: ConnectionSlab
     /// Per slot: OpenSSL state of TLS connections (reserved; touched only by them).
     let tlsSlots: UnsafeMutablePointer<TLSSlot>
-    var tlsFlushesWaiting: [(slot: UInt32, generation: UInt32)] = []
+    /// Connections whose next step found no free small buffer (`retryAtTick`).
+    var retriesAtTick: [(slot: UInt32, generation: UInt32)] = []
     var wheel: TimerWheel
     var waiters: BufferWaitQueue
     /// Per slot: endpoints at index 64 and above already tried (`Connection.tried` has a
@@ -374,6 +375,8 @@ final class Worker {
         case .datagramToClient: datagramSentToClient(completion, buffer: UInt16(truncatingIfNeeded: userData.slot), listener: Int(userData.generation))
         case .receiveCiphertextFromClient: receivedCiphertext(completion, userData)
         case .sendCiphertextToClient: ciphertextSent(completion, userData)
+        case .peekClientHello: peekedClientHello(completion, userData)
+        case .clientHelloReadable: clientHelloReadable(completion, userData)
         case .linkTimeout, .cancel: break
         }
     }
@@ -486,7 +489,7 @@ final class Worker {
         stats.set(.smallBuffersInUse, UInt64(smallBuffers.inUse))
         stats.set(.largeBuffersInUse, UInt64(largeBuffers.inUse))
         expireConnections()
-        if !tlsFlushesWaiting.isEmpty { retryTLSFlushes() }
+        if !retriesAtTick.isEmpty { retryAtTick() }
         if udpSessions.active > 0 || !repliesToRearm.isEmpty { expireSessions() }
         if closesOnUnhealthy { closeConnectionsToUnavailableEndpoints() }
         if !removedListeners.isEmpty { closeExpiredRemovedListeners() }
@@ -529,7 +532,7 @@ final class Worker {
                     resetOnClose(record)
                     close(slot, reason: .sendTimeout)
                 case .handshakeTimeout:
-                    stats.add(.tlsHandshakeTimeouts, listener: listener)
+                    stats.add(record.pointee.state == .inspecting ? .sniTimeouts : .tlsHandshakeTimeouts, listener: listener)
                     close(slot, reason: .idleTimeout)
                 case .refile(let deadline):
                     wheel.insert(slot, deadline: deadline, in: slab)
@@ -547,8 +550,8 @@ final class Worker {
     /// send timeout away, so a send that starts later is still caught in time.
     @inline(__always)
     func timerCheck(_ record: UnsafeMutablePointer<Connection>, plan: WorkerPlan, listener: Int) -> TimerVerdict {
-        if record.pointee.state == .handshaking {
-            let limit = plan.handshakeTicks[listener]
+        if record.pointee.state == .handshaking || record.pointee.state == .inspecting {
+            let limit = plan.openingTicks[listener]
             let elapsed = nowTick &- record.pointee.lastActivity
             return elapsed >= limit ? .handshakeTimeout : .refile(record.pointee.lastActivity &+ limit)
         }
@@ -606,7 +609,7 @@ final class Worker {
     func startTimers(_ slot: UInt32, listener: Int) {
         let idle = current.idleTicks[listener]
         let send = current.sendTicks[listener]
-        let handshake = current.handshakeTicks[listener]
+        let handshake = current.openingTicks[listener]
         guard idle > 0 || send > 0 || handshake > 0 else { return }
         let first = min(idle == 0 ? UInt32.max : idle, send == 0 ? UInt32.max : send, handshake == 0 ? UInt32.max : handshake)
         wheel.insert(slot, deadline: nowTick &+ first, in: slab)

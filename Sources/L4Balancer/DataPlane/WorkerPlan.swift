@@ -41,12 +41,15 @@ final class WorkerPlan {
     let proxyResponses: [UInt32]
     /// udp `session: none`: every datagram balanced on its own.
     let perPacket: [Bool]
-    /// tcp with `tls:`: this worker's OpenSSL contexts (nil: plain TCP), and the
-    /// handshake timeout in ticks.
+    /// tcp with `tls:`: this worker's OpenSSL contexts (nil: plain TCP).
     let tlsContexts: [TLSServerContext?]
+    /// tcp with `routes:`: the server-name routes.
+    let routes: [ServerNameRoutes?]
+    /// How long a connection may take to open before it is relayed, in ticks: the TLS
+    /// handshake (`handshake_timeout`) or the ClientHello's arrival (`inspect_timeout`).
     /// Listeners with `tls:` (a context that failed to build refuses, never serves plaintext).
     let isTLS: [Bool]
-    let handshakeTicks: [UInt32]
+    let openingTicks: [UInt32]
     let connectTimeouts: UnsafeMutablePointer<Timeout>
     /// Per endpoint position.
     let endpointAddresses: UnsafeMutablePointer<sockaddr_storage>
@@ -90,8 +93,9 @@ final class WorkerPlan {
         var responses = [UInt32](repeating: .max, count: bound)
         var packet = [Bool](repeating: false, count: bound)
         var tls = [TLSServerContext?](repeating: nil, count: bound)
-        var handshake = [UInt32](repeating: 0, count: bound)
+        var opening = [UInt32](repeating: 0, count: bound)
         var isTLS = [Bool](repeating: false, count: bound)
+        var routes = [ServerNameRoutes?](repeating: nil, count: bound)
         connectTimeouts = .allocate(capacity: bound)
         for listener in snapshot.listeners {
             if let settings = listener.tls {
@@ -103,8 +107,13 @@ final class WorkerPlan {
                 } else {
                     tls[listener.id] = TLSServerContext(settings, listenerName: listener.name, ticketSecret: listener.ticketSecret)
                 }
-                handshake[listener.id] = Worker.ticks(settings.handshakeTimeout.milliseconds)
+                opening[listener.id] = Worker.ticks(settings.handshakeTimeout.milliseconds)
                 isTLS[listener.id] = true
+            }
+            if !listener.routes.isEmpty {
+                routes[listener.id] = ServerNameRoutes(
+                    routes: listener.routes.map { ($0.serverNames, $0.cluster) }, defaultCluster: listener.clusters[0])
+                opening[listener.id] = Worker.ticks(listener.inspectTimeoutMilliseconds)
             }
             idle[listener.id] = Worker.ticks(listener.idleTimeoutMilliseconds)
             send[listener.id] = Worker.ticks(listener.sendTimeoutMilliseconds)
@@ -122,8 +131,9 @@ final class WorkerPlan {
             (connectTimeouts + listener.id).initialize(to: Timeout(milliseconds: listener.connectTimeoutMilliseconds))
         }
         tlsContexts = tls
+        self.routes = routes
         self.isTLS = isTLS
-        handshakeTicks = handshake
+        openingTicks = opening
         idleTicks = idle
         sendTicks = send
         clusterSplits = splits

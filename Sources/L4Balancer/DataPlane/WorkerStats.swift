@@ -37,6 +37,11 @@ public final class WorkerStats: @unchecked Sendable {
         case tlsHandshakeFailures, tlsHandshakeTimeouts, tlsErrors
         case tlsClientNoCertificate, tlsClientUntrusted, tlsClientRevoked, tlsClientExpired
 
+        /// `routes`: connections routed by server name, sent to the default cluster (no
+        /// SNI, or a name no route has), closed on a malformed or oversize ClientHello,
+        /// or on `inspect_timeout`.
+        case sniRouted, sniDefault, sniMalformed, sniOversize, sniTimeouts
+
         public static let tlsClientFailureReasons: [(ListenerCounter, String)] = [
             (.tlsClientNoCertificate, "no_certificate"), (.tlsClientUntrusted, "untrusted"),
             (.tlsClientRevoked, "revoked"), (.tlsClientExpired, "expired"),

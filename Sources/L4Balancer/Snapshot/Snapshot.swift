@@ -42,9 +42,17 @@ public final class Snapshot: @unchecked Sendable {
         public let proxyResponses: Int?
         public let session: Config.Listener.SessionAffinity
         public let tls: Config.TLS?
+        /// Server-name routes (cluster positions); empty when the listener has none.
+        public let routes: [RoutePlan]
+        public let inspectTimeoutMilliseconds: Int64
         /// What every worker derives this listener's session-ticket keys from; kept across
         /// reloads (by name), so tickets issued before one still resume after it.
         let ticketSecret: [UInt8]
+    }
+
+    public struct RoutePlan: Sendable {
+        public let serverNames: [String]
+        public let cluster: Int
     }
 
     public struct ClusterPlan: Sendable {
@@ -146,6 +154,8 @@ public final class Snapshot: @unchecked Sendable {
                 proxyResponses: listener.proxyResponses,
                 session: listener.session,
                 tls: listener.tls,
+                routes: listener.routes.map { RoutePlan(serverNames: $0.serverNames, cluster: clusterIndex[$0.cluster]!) },
+                inspectTimeoutMilliseconds: listener.inspectTimeout.milliseconds,
                 ticketSecret: listener.tls == nil ? [] : previousSecrets[listener.name].flatMap { $0.isEmpty ? nil : $0 } ?? Snapshot.randomSecret())
         }
         listenerIDBound = (ids.listeners.max() ?? -1) + 1

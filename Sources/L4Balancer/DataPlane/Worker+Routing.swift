@@ -1,0 +1,159 @@
+import URing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// SNI routing without termination (`routes`): the ClientHello is read with `MSG_PEEK`,
+/// so its bytes stay in the socket and reach the chosen upstream as the relay's first
+/// bytes. While it is incomplete, `SO_RCVLOWAT` is raised to the length it declares and a
+/// poll waits for that much: a ClientHello in 1-byte segments costs one wake-up per
+/// threshold, not one per byte, and holds no buffer between peeks.
+///
+/// During inspection `toUpstream.length` holds the bytes seen by the last peek,
+/// `toUpstream.pendingLength` the raised threshold (0: unchanged) and `toUpstream.sent`
+/// 1 once the client has half-closed.
+extension Worker {
+    /// POLLRDHUP (the peer half-closed): glibc declares it only under _GNU_SOURCE.
+    static var pollReadHangUp: Int32 { 0x2000 }
+
+    func startInspecting(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
+        record.pointee.state = .inspecting
+        peekClientHello(slot, record)
+    }
+
+    func peekClientHello(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
+        guard ring.prepareReceive(
+            socket: record.pointee.client, bufferGroup: Worker.smallBufferGroup, flags: Int32(MSG_PEEK),
+            userData: UserData(.peekClientHello, slot: slot, generation: record.pointee.generation).raw)
+        else {
+            stats.add(.submissionDrops)
+            close(slot, reason: .error)
+            return
+        }
+        record.pointee.inFlight += 1
+    }
+
+    func peekedClientHello(_ completion: Completion, _ userData: UserData) {
+        let buffer = completion.bufferID
+        if buffer != nil { handedOut(large: false) }
+        let slot = userData.slot
+        let record = slab[slot]
+        guard record.pointee.generation == userData.generation else {
+            if let buffer { recycle(buffer, large: false) }
+            return
+        }
+        record.pointee.inFlight -= 1
+        guard record.pointee.state == .inspecting else {
+            if let buffer { recycle(buffer, large: false) }
+            finishClosing(slot)
+            return
+        }
+        let listener = Int(record.pointee.listener)
+        let result = completion.result
+        guard result > 0, let buffer else {
+            if let buffer { recycle(buffer, large: false) }
+            if result == -ENOBUFS {
+                // No buffer to peek into: again at the next tick.
+                stats.add(.bufferWaits, listener: listener)
+                retriesAtTick.append((slot: slot, generation: record.pointee.generation))
+            } else {
+                close(slot, reason: result == 0 ? .clientFIN : Worker.reason(result))
+            }
+            return
+        }
+        let bytes = UnsafeRawBufferPointer(start: bufferAddress(buffer, large: false), count: Int(result))
+        let s = stream(record, toUpstream: true)
+        switch ClientHello.parse(bytes) {
+        case .complete(let offset, let length):
+            let routes = plans[Int(record.pointee.plan)].unsafelyUnwrapped.routes[listener].unsafelyUnwrapped
+            let routed = length > 0 ? routes.cluster(for: bytes, offset: offset, length: length) : nil
+            recycle(buffer, large: false)
+            stats.add(routed == nil ? .sniDefault : .sniRouted, listener: listener)
+            if s.pointee.pendingLength != 0 { setReceiveLowWater(record.pointee.client, 1) }
+            record.pointee.toUpstream = Connection.Stream()
+            route(slot, record, cluster: routed ?? routes.defaultCluster)
+        case .needMore(let total):
+            recycle(buffer, large: false)
+            if total > smallBuffers.bufferSize {
+                stats.add(.sniOversize, listener: listener)
+                close(slot, reason: .error)
+            } else if s.pointee.sent == 1, result <= s.pointee.length {
+                // The client half-closed with its ClientHello unfinished.
+                stats.add(.sniMalformed, listener: listener)
+                close(slot, reason: .clientFIN)
+            } else {
+                s.pointee.length = result
+                if s.pointee.pendingLength != Int32(total) {
+                    s.pointee.pendingLength = Int32(total)
+                    setReceiveLowWater(record.pointee.client, Int32(total))
+                }
+                armClientHelloPoll(slot, record)
+            }
+        case .invalid:
+            recycle(buffer, large: false)
+            stats.add(.sniMalformed, listener: listener)
+            close(slot, reason: .error)
+        case .oversize:
+            recycle(buffer, large: false)
+            stats.add(.sniOversize, listener: listener)
+            close(slot, reason: .error)
+        }
+    }
+
+    func armClientHelloPoll(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
+        guard ring.preparePoll(
+            fd: record.pointee.client, events: UInt32(Int32(POLLIN) | Worker.pollReadHangUp),
+            userData: UserData(.clientHelloReadable, slot: slot, generation: record.pointee.generation).raw)
+        else {
+            stats.add(.submissionDrops)
+            close(slot, reason: .error)
+            return
+        }
+        record.pointee.inFlight += 1
+    }
+
+    func clientHelloReadable(_ completion: Completion, _ userData: UserData) {
+        let slot = userData.slot
+        let record = slab[slot]
+        guard record.pointee.generation == userData.generation else { return }
+        record.pointee.inFlight -= 1
+        guard record.pointee.state == .inspecting else {
+            finishClosing(slot)
+            return
+        }
+        guard completion.result > 0 else {
+            close(slot, reason: Worker.reason(completion.result))
+            return
+        }
+        // Peek again either way: a client may send its last bytes and FIN together.
+        if Int32(completion.result) & (Worker.pollReadHangUp | Int32(POLLHUP) | Int32(POLLERR)) != 0 { record.pointee.toUpstream.sent = 1 }
+        peekClientHello(slot, record)
+    }
+
+    /// The route is known: circuit breaking and the flow hash for that cluster, then the
+    /// upstream connect, as at accept for a plain listener.
+    func route(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, cluster: Int) {
+        let plan = plans[Int(record.pointee.plan)].unsafelyUnwrapped
+        if let limit = plan.clusterLimits[cluster] {
+            guard status.admit(cluster: plan.clusterIDs[cluster], limit: limit) else {
+                stats.add(.clusterFull, listener: Int(record.pointee.listener))
+                close(slot, reason: .refused)
+                return
+            }
+            record.pointee.clusterAdmitted = true
+        }
+        record.pointee.cluster = UInt16(cluster)
+        if plan.balancers[cluster].usesFlowHash {
+            record.pointee.flowHash = FlowHash.compute(client: record.pointee.client, key: plan.hashKeys[cluster])
+        }
+        record.pointee.state = .connecting
+        startConnect(slot)
+    }
+
+    @inline(__always)
+    func setReceiveLowWater(_ fd: Int32, _ bytes: Int32) {
+        var value = bytes
+        setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &value, socklen_t(MemoryLayout<Int32>.size))
+    }
+}
