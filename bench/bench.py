@@ -54,6 +54,19 @@ DNS_PORTS = {"direct": BACKEND_DNS, "l4lb": 18112, "l4lb-baseline": 18157, "l4lb
 # `session: none` (pooled upstream sockets) against nginx's `proxy_responses 1`.
 DNS_PER_QUERY_PORTS = {"direct": BACKEND_DNS, "l4lb": 18113, "l4lb-baseline": 18158, "l4lb-observed": 18168, "nginx": 18143}
 DNS_NAMES = 100
+# TLS: the backend nginx also serves HTTPS (direct), a plain sink and a TLS sink take
+# tls-bulk; each proxy terminates TLS on (tls http, tls bulk) with the same ECDSA P-256
+# certificate and TLS 1.3 suite order, one thread.
+BACKEND_HTTPS = 18103
+BACKEND_SINK = 18104
+BACKEND_TLS_SINK = 18105
+TLS_PORTS = {
+    "direct": (BACKEND_HTTPS, BACKEND_TLS_SINK),
+    "l4lb": (18114, 18115), "l4lb-baseline": (18155, 18156), "l4lb-observed": (18165, 18166),
+    "haproxy": (18122, 18123), "haproxy-splice": (18132, 18133), "nginx": (18145, 18146),
+}
+TLS_SUITES = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+TLS_TOOLS = ROOT / "bench" / "tls_tools.py"
 # HAProxy runs in two modes; ratios are taken against the better of them.
 HAPROXY_MODES = ("haproxy", "haproxy-splice")
 
@@ -155,8 +168,19 @@ def machine_busy_seconds():
 # ---------------------------------------------------------------------------------------
 # Configurations
 
+def write_certificate(tmp):
+    """One ECDSA P-256 certificate for every TLS server in the run (HAProxy wants the
+    certificate and key in one file)."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(tmp / "tls.key"), "-out", str(tmp / "tls.pem"), "-days", "2",
+                    "-subj", "/CN=bench.example.test", "-addext", "subjectAltName=DNS:bench.example.test"],
+                   check=True, capture_output=True)
+    (tmp / "tls-haproxy.pem").write_text((tmp / "tls.pem").read_text() + (tmp / "tls.key").read_text())
+
+
 def write_configs(tmp, l4lb_bin, baseline_bin=None):
     cfg = {}
+    write_certificate(tmp)
     with open(tmp / "big.bin", "wb") as f:  # sparse: no disk is written
         f.truncate(64 << 30)
     (tmp / "backend-nginx.conf").write_text(f"""
@@ -177,8 +201,19 @@ http {{
         # A download that never ends for a client that never reads (stalled-readers).
         location = /big {{ alias {tmp}/big.bin; }}
     }}
+    server {{
+        # tls workloads, direct: nginx terminates TLS itself.
+        listen 127.0.0.1:{BACKEND_HTTPS} ssl backlog=65535;
+        ssl_certificate {tmp}/tls.pem;
+        ssl_certificate_key {tmp}/tls.key;
+        ssl_session_cache shared:direct:10m;
+        ssl_conf_command Ciphersuites {TLS_SUITES};
+        ssl_prefer_server_ciphers on;
+        location / {{ return 200 "hello world\n"; }}
+    }}
 }}
 """)
+    tls_block = f'{{ certificates: [{{ cert: "{tmp}/tls.pem", key: "{tmp}/tls.key" }}], ciphersuites: "{TLS_SUITES}" }}'
     for name, admin in ADMIN_PORTS.items():
         h, b = PORTS[name]
         # Each l4lb its own admin port: they run at once.
@@ -193,10 +228,13 @@ listeners:
   - {{ name: bulk, address: "127.0.0.1:{b}", cluster: bulk, idle_timeout: 10m }}
   - {{ name: dns, address: "127.0.0.1:{DNS_PORTS[name]}", protocol: udp, cluster: dns, idle_timeout: 10s }}
   - {{ name: dns-per-query, address: "127.0.0.1:{DNS_PER_QUERY_PORTS[name]}", protocol: udp, cluster: dns, session: none, idle_timeout: 10s }}
+  - {{ name: tls, address: "127.0.0.1:{TLS_PORTS[name][0]}", cluster: http, idle_timeout: 10m, max_connections: 1000000, tls: {tls_block} }}
+  - {{ name: tls-bulk, address: "127.0.0.1:{TLS_PORTS[name][1]}", cluster: sink, idle_timeout: 10m, tls: {tls_block} }}
 clusters:
   - {{ name: http, endpoints: [{{ address: "127.0.0.1:{BACKEND_HTTP}" }}] }}
   - {{ name: bulk, endpoints: [{{ address: "127.0.0.1:{BACKEND_BULK}" }}] }}
   - {{ name: dns, endpoints: [{{ address: "127.0.0.1:{BACKEND_DNS}" }}] }}
+  - {{ name: sink, endpoints: [{{ address: "127.0.0.1:{BACKEND_SINK}" }}] }}
 """)
     for name, splice in (("haproxy", False), ("haproxy-splice", True)):
         h, b = PORTS[name]
@@ -211,6 +249,14 @@ defaults
     timeout client 10m
     timeout server 10m
     {"option splice-auto" if splice else ""}
+frontend tls
+    bind 127.0.0.1:{TLS_PORTS[name][0]} ssl crt {tmp}/tls-haproxy.pem ciphersuites {TLS_SUITES}
+    default_backend http
+frontend tls-bulk
+    bind 127.0.0.1:{TLS_PORTS[name][1]} ssl crt {tmp}/tls-haproxy.pem ciphersuites {TLS_SUITES}
+    default_backend sink
+backend sink
+    server s1 127.0.0.1:{BACKEND_SINK}
 frontend http
     bind 127.0.0.1:{h}
     default_backend http
@@ -237,6 +283,13 @@ stream {{
     # Sessions per client address, as l4lb's (proxy_requests/proxy_responses unlimited).
     server {{ listen 127.0.0.1:{DNS_PORTS["nginx"]} udp; proxy_pass 127.0.0.1:{BACKEND_DNS}; proxy_timeout 10s; }}
     server {{ listen 127.0.0.1:{DNS_PER_QUERY_PORTS["nginx"]} udp; proxy_pass 127.0.0.1:{BACKEND_DNS}; proxy_responses 1; proxy_timeout 10s; }}
+    ssl_certificate {tmp}/tls.pem;
+    ssl_certificate_key {tmp}/tls.key;
+    ssl_session_cache shared:stream:10m;
+    ssl_conf_command Ciphersuites {TLS_SUITES};
+    ssl_prefer_server_ciphers on;
+    server {{ listen 127.0.0.1:{TLS_PORTS["nginx"][0]} ssl backlog=65535; proxy_pass 127.0.0.1:{BACKEND_HTTP}; proxy_timeout 10m; }}
+    server {{ listen 127.0.0.1:{TLS_PORTS["nginx"][1]} ssl; proxy_pass 127.0.0.1:{BACKEND_SINK}; proxy_timeout 10m; }}
 }}
 """)
     write_nsd(tmp)
@@ -360,6 +413,32 @@ def run_iperf(port, duration, streams):
     return {"units": received["bytes"] / 1e9, "rate": received["bits_per_second"] / 1e9}
 
 
+def run_wrk_tls(port, duration):
+    argv = ["taskset", "-c", LOAD_CPU, "wrk", "-t1", "-c50", f"-d{duration}s", "--latency", f"https://127.0.0.1:{port}/"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30).stdout
+    return parse_wrk(out)
+
+
+def run_s_time(port, duration, reuse):
+    """`openssl s_time`: one connection after another, each a handshake (full, or resumed
+    with -reuse) and one HTTP/1.0 request; the rate is taken over wall time."""
+    argv = ["taskset", "-c", LOAD_CPU, "openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-reuse" if reuse else "-new",
+            "-time", str(duration), "-www", "/"]
+    start = time.time()
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30).stdout
+    elapsed = time.time() - start
+    m = re.search(r"(\d+) connections in [\d.]+s", out)
+    units = int(m.group(1)) if m else 0
+    return {"units": units, "rate": units / elapsed if elapsed else 0.0}
+
+
+def run_tls_bulk(port, duration):
+    out = subprocess.run(["taskset", "-c", LOAD_CPU, sys.executable, str(TLS_TOOLS), "send", "--port", str(port), "--seconds", str(duration)],
+                         capture_output=True, text=True, timeout=duration + 30)
+    data = json.loads(out.stdout)
+    return {"units": data["bytes"] / 1e9, "rate": data["bytes"] * 8 / data["seconds"] / 1e9}
+
+
 def measure(pids, fn):
     """Runs fn() and returns its figures plus machine and process CPU seconds."""
     m0, p0, t0 = machine_busy_seconds(), proc_cpu_seconds(pids), time.time()
@@ -460,7 +539,12 @@ WORKLOADS = {
     "bulk-4": ("GB", "CPU-s/GB", lambda port, d: run_iperf(port, d, 4), 1.0),
     "udp-dns": ("queries", "µs/query", None, 1e6),
     "udp-dns-per-query": ("queries", "µs/query", None, 1e6),
+    "tls-handshake": ("handshakes", "µs/handshake", lambda port, d: run_s_time(port, d, reuse=False), 1e6),
+    "tls-resumed": ("handshakes", "µs/handshake", lambda port, d: run_s_time(port, d, reuse=True), 1e6),
+    "tls-rr": ("requests", "µs/request", run_wrk_tls, 1e6),
+    "tls-bulk": ("GB", "CPU-s/GB", run_tls_bulk, 1.0),
 }
+TLS_WORKLOADS = ("tls-handshake", "tls-resumed", "tls-rr", "tls-bulk")
 DNS_WORKLOADS = {"udp-dns": DNS_PORTS, "udp-dns-per-query": DNS_PER_QUERY_PORTS}
 
 
@@ -470,7 +554,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--duration", type=int, default=None, help="seconds per run")
     ap.add_argument("--proxies", default="direct,l4lb,haproxy,haproxy-splice,nginx")
-    ap.add_argument("--workloads", default="rr-keepalive,conn-rate,bulk-1,bulk-4,udp-dns,udp-dns-per-query,idle-memory")
+    ap.add_argument("--workloads", default="rr-keepalive,conn-rate,bulk-1,bulk-4,udp-dns,udp-dns-per-query,tls-handshake,tls-resumed,tls-rr,tls-bulk,idle-memory")
     ap.add_argument("--idle-connections", type=int, default=min(10_000, NOFILE * 3 // 8 - 500))
     ap.add_argument("--stalled-readers", type=int, default=800,
                     help="clients that never read, for the opt-in stalled-readers workload")
@@ -513,6 +597,12 @@ def main():
         iperf = procs.start("iperf3", ["iperf3", "-s", "-p", str(BACKEND_BULK)], LOAD_CPU)
         wait_port(BACKEND_HTTP, proc=backend)
         wait_port(BACKEND_BULK, proc=iperf)
+        if any(w in TLS_WORKLOADS for w in workloads):
+            procs.start("sink", [sys.executable, str(TLS_TOOLS), "sink", "--port", str(BACKEND_SINK)], LOAD_CPU)
+            tls_sink = procs.start("tls-sink", [sys.executable, str(TLS_TOOLS), "sink", "--port", str(BACKEND_TLS_SINK),
+                                                "--cert", str(tmp / "tls.pem"), "--key", str(tmp / "tls.key")], LOAD_CPU)
+            wait_port(BACKEND_SINK)
+            wait_port(BACKEND_TLS_SINK, proc=tls_sink)
         if any(w in DNS_WORKLOADS for w in workloads):
             nsd = procs.start("nsd", ["/usr/sbin/nsd", "-d", "-c", str(tmp / "nsd.conf")], LOAD_CPU)
             wait_dns(BACKEND_DNS, proc=nsd)
@@ -522,6 +612,8 @@ def main():
                 continue
             p = procs.start(name, commands[name], PROXY_CPU, stderr=open(tmp / f"{name}.log", "w"))
             wait_port(PORTS[name][0], proc=p)
+            if any(w in TLS_WORKLOADS for w in workloads) and name in TLS_PORTS:
+                wait_port(TLS_PORTS[name][0], proc=p)
             running[name] = p
         if "l4lb-observed" in running:
             start_scraper(ADMIN_PORTS["l4lb-observed"])
@@ -540,6 +632,8 @@ def main():
                         port = DNS_WORKLOADS[workload][name]
                         if rnd == 0 and name in running:
                             wait_dns(port, proc=running[name])
+                    elif workload in TLS_WORKLOADS:
+                        port = TLS_PORTS[name][1 if workload == "tls-bulk" else 0]
                     else:
                         port = PORTS[name][1 if workload.startswith("bulk") else 0]
                     pids = group_pids(running[name]) if name in running else []
@@ -680,8 +774,9 @@ def report(summary, raw, rounds, duration, elapsed):
     lines = []
     lines.append(f"| workload | proxy | rate | machine CPU per unit | vs direct: rate, CPU | overhead over direct | vs HAProxy best | per round | process CPU per unit | p50 / p99 ms |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
-    rate_units = {"rr-keepalive": "req/s", "conn-rate": "conn/s", "bulk-1": "Gbit/s", "bulk-4": "Gbit/s", "udp-dns": "q/s", "udp-dns-per-query": "q/s"}
-    for workload in ("rr-keepalive", "conn-rate", "bulk-1", "bulk-4", "udp-dns", "udp-dns-per-query"):
+    rate_units = {"rr-keepalive": "req/s", "conn-rate": "conn/s", "bulk-1": "Gbit/s", "bulk-4": "Gbit/s", "udp-dns": "q/s", "udp-dns-per-query": "q/s",
+                  "tls-handshake": "hs/s", "tls-resumed": "hs/s", "tls-rr": "req/s", "tls-bulk": "Gbit/s"}
+    for workload in ("rr-keepalive", "conn-rate", "bulk-1", "bulk-4", "udp-dns", "udp-dns-per-query", *TLS_WORKLOADS):
         by = summary.get(workload)
         if not by:
             continue
@@ -693,7 +788,12 @@ def report(summary, raw, rounds, duration, elapsed):
             if not s:
                 continue
             rate = s.get("rate")
-            rate_text = f"{rate / 1000:.1f}k {rate_units[workload]}" if workload in ("rr-keepalive", "conn-rate", *DNS_WORKLOADS) and rate else f"{fmt(rate)} {rate_units[workload]}"
+            rate_text = f"{rate / 1000:.1f}k {rate_units[workload]}" if workload in ("rr-keepalive", "conn-rate", "tls-rr", *DNS_WORKLOADS) and rate else f"{fmt(rate)} {rate_units[workload]}"
+            if workload in TLS_WORKLOADS and name not in HAPROXY_MODES:
+                # The TLS targets compare rates too: handshakes/s and Gbit/s against HAProxy's best.
+                ha_rates = [by[h]["rate"] for h in HAPROXY_MODES if by.get(h, {}).get("rate")]
+                if rate and ha_rates:
+                    rate_text += f" ({rate / max(ha_rates):.2f}× HAProxy's)"
             ratio = s["overhead_per_unit"] / ha_best if s.get("overhead_per_unit") is not None and ha_best else None
             if workload in DNS_WORKLOADS:
                 # No HAProxy here: the comparison is with nginx stream's overhead.
