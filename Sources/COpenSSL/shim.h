@@ -211,6 +211,16 @@ static inline int COpenSSL_peer_subject(SSL *ssl, char *out, int capacity) {
     return length;
 }
 
+/// Reads a private key without ever asking for a passphrase (OpenSSL's default callback
+/// would prompt on the terminal): an encrypted key simply fails to load.
+static inline int COpenSSL_no_passphrase(char *buf, int size, int rwflag, void *userdata) {
+    (void)buf; (void)size; (void)rwflag; (void)userdata;
+    return 0;
+}
+static inline EVP_PKEY *COpenSSL_read_private_key(BIO *bio) {
+    return PEM_read_bio_PrivateKey(bio, NULL, COpenSSL_no_passphrase, NULL);
+}
+
 /// The verified peer certificate's common name into `out`; returns its length (0: none).
 static inline int COpenSSL_peer_common_name(SSL *ssl, char *out, int capacity) {
     X509 *peer = SSL_get0_peer_certificate(ssl);

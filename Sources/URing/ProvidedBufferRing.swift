@@ -26,10 +26,14 @@ public struct ProvidedBufferRing: ~Copyable {
     @usableFromInline var freeCount: Int
     /// Buffers in the kernel's ring that no completion has named yet.
     @usableFromInline var inKernel = 0
+    /// Free buffers `publish` leaves out of the kernel's ring, for `take`.
+    public let reserve: Int
 
     /// `count` buffers of `bufferSize` bytes, at most `window` (a power of two ≤ 32768) in
-    /// the kernel's ring at once; `count` ≤ 65536.
-    public init(ring: borrowing Ring, group: UInt16, count: Int, bufferSize: Int, window: Int? = nil) throws(Errno) {
+    /// the kernel's ring at once; `count` ≤ 65536. `reserve` free buffers are kept out of
+    /// the kernel's ring for the owner to `take` (bytes it makes itself, not a receive's).
+    public init(ring: borrowing Ring, group: UInt16, count: Int, bufferSize: Int, window: Int? = nil, reserve: Int = 0) throws(Errno) {
+        self.reserve = min(max(0, reserve), count - 1)
         let window = min(window ?? count, count)
         precondition(window > 0 && window & (window - 1) == 0 && window <= 32768, "buffer window must be a power of two ≤ 32768")
         precondition(count <= 65536, "at most 65536 buffers: their ids are 16 bits")
@@ -109,7 +113,7 @@ public struct ProvidedBufferRing: ~Copyable {
     @discardableResult
     public mutating func publish() -> Int {
         var added: Int32 = 0
-        while inKernel < window, freeCount > 0 {
+        while inKernel < window, freeCount > reserve {
             freeCount -= 1
             let id = freeStack[freeCount]
             io_uring_buf_ring_add(bufferRing, address(of: id), UInt32(bufferSize), id, mask, added)

@@ -84,7 +84,12 @@ final class ConfigCheckTests: XCTestCase {
         func listener(_ extra: String) -> String {
             Self.valid.replacingOccurrences(of: "    cluster: web", with: "    cluster: web\n" + extra)
         }
+        let encrypted = pki.path("encrypted.key")
+        let made = try ChildProcess.run("/usr/bin/openssl", ["pkey", "-in", pki.path("a.key"), "-aes256", "-passout", "pass:secret", "-out", encrypted])
+        XCTAssertEqual(made.status, 0, made.output)
         let cases: [(String, [String])] = [
+            (listener("    tls: { certificates: [{ cert: \(pki.path("a.pem")), key: \(encrypted) }] }"),
+             ["listeners[0].tls.certificates[0]: \(encrypted): the key is encrypted; l4lb needs it unencrypted (openssl pkey -in KEY -out KEY.plain)"]),
             (listener("    tls: { certificates: [{ cert: /nonexistent/a.pem, key: \(pki.path("a.key")) }] }"),
              ["listeners[0].tls.certificates[0]: /nonexistent/a.pem: cannot read file"]),
             (listener("    tls: { certificates: [{ cert: \(garbage), key: \(pki.path("a.key")) }] }"),

@@ -257,6 +257,30 @@ final class TLSTests: XCTestCase {
         proxy.stop()
     }
 
+    /// A worker with only 64 small buffers (all of them would fit the kernel's ring): TLS
+    /// still finds buffers of its own for ciphertext and the PROXY v2 header, for 200
+    /// connections at once, each echoing 64 KiB.
+    func testTLSWithFewBuffersAndProxyProtocol() throws {
+        let pki = try TestPKI()
+        let backend = try TestBackend(.proxyProtocol)
+        let port = Sockets.freePort()
+        let config = "buffers: { small: 64 }\n" + tlsConfig(port: port, endpoints: [backend.address], pki: pki, listener: ["proxy_protocol: v2"], workers: 1)
+        let proxy = try L4LBProcess(config: config, waitFor: ("127.0.0.1", port))
+        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("Support/tls_echo_load.py").path
+        let (status, output) = try ChildProcess.run("/usr/bin/python3", [
+            script, "--port", "\(port)", "--connections", "200", "--bytes", "\(64 << 10)",
+            "--cafile", pki.path("ca.pem"), "--servername", "b.example.test", "--timeout", "120",
+        ])
+        XCTAssertEqual(status, 0, output)
+        let result = (try? JSONSerialization.jsonObject(with: Data(output.utf8))) as? [String: Any] ?? [:]
+        XCTAssertEqual(result["completed"] as? Int, 200, output)
+        XCTAssertEqual(backend.headers.count, 200)
+        let tlvs = TLSTests.proxyTLVs(backend.headers.first ?? [])
+        let sub = TLSTests.tlvs(Array((tlvs[0x20] ?? [0, 0, 0, 0, 0]).dropFirst(5)))
+        XCTAssertEqual(sub[0x23].map { String(decoding: $0, as: UTF8.self) }, "TLS_AES_128_GCM_SHA256", "the negotiated cipher")
+        proxy.stop()
+    }
+
     /// PROXY v2 TLVs after the address block: type → value.
     static func proxyTLVs(_ header: [UInt8]) -> [UInt8: [UInt8]] {
         guard header.count >= 16 else { return [:] }

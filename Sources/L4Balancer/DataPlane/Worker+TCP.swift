@@ -256,15 +256,12 @@ extension Worker {
         }
         record.pointee.state = .sendingProxyHeader
         if record.pointee.tls, version == .v2 {
-            guard let length = writeTLSProxyHeader(slot, record) else {
-                close(slot, reason: .error)
-                return
-            }
-            record.pointee.toUpstream.length = length
-        } else {
-            let header = proxyHeaders + Int(slot) * ProxyProtocolHeader.capacity
-            record.pointee.toUpstream.length = Int32(ProxyProtocolHeader.write(version: version, client: record.pointee.client, into: header))
+            // With the TLS TLVs: longer than the per-slot header area, so from a buffer.
+            startTLSProxyHeader(slot, record)
+            return
         }
+        let header = proxyHeaders + Int(slot) * ProxyProtocolHeader.capacity
+        record.pointee.toUpstream.length = Int32(ProxyProtocolHeader.write(version: version, client: record.pointee.client, into: header))
         record.pointee.toUpstream.sent = 0
         sendProxyHeader(slot, record)
     }
@@ -601,7 +598,7 @@ extension Worker {
         }
         dropPending(stream(record, toUpstream: true))
         dropPending(stream(record, toUpstream: false))
-        if record.pointee.tls { releaseTLSBuffers(record) }
+        if record.pointee.tls { releaseTLSBuffers(slot, record) }
         waiters.remove(BufferWaitQueue.entry(slot: slot, toUpstream: true))
         waiters.remove(BufferWaitQueue.entry(slot: slot, toUpstream: false))
         if record.pointee.inFlight > 0 {

@@ -25,6 +25,8 @@ struct TLSSlot {
     var closeAfterFlush = false
     /// The client's FIN came while the upstream was still being connected.
     var clientEnded = false
+    /// `cipherBuffer` is filled but its send could not be queued: retried at the tick.
+    var cipherUnsent = false
     /// Accept time (monotonic ms), for the handshake latency.
     var started: Int64 = 0
 }
@@ -267,8 +269,25 @@ extension Worker {
     func startTLSProxying(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
         let t = tlsSlots + Int(slot)
         armReceive(slot, record, toUpstream: false)
+        pullPendingPlaintext(slot, record)
+    }
+
+    /// The client → upstream direction holds nothing and OpenSSL may hold plaintext (or
+    /// ciphertext for it) already: read it into a buffer taken for it — at the tick if
+    /// none is free, never dropping it — then carry on as after any pull.
+    func pullPendingPlaintext(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
+        let t = tlsSlots + Int(slot)
         let s = stream(record, toUpstream: true)
-        if COpenSSL_BIO_pending(t.pointee.input) > 0 || SSL_pending(t.pointee.ssl) > 0, let buffer = smallBuffers.take() {
+        guard s.pointee.state == .receiving || s.pointee.state == .waitingForBuffer else { return }
+        if COpenSSL_BIO_pending(t.pointee.input) > 0 || SSL_has_pending(t.pointee.ssl) == 1 {
+            guard let buffer = smallBuffers.take() else {
+                retriesAtTick.append((slot: slot, generation: record.pointee.generation))
+                return
+            }
+            if s.pointee.state == .waitingForBuffer {
+                waiters.remove(BufferWaitQueue.entry(slot: slot, toUpstream: true))
+                s.pointee.move(to: .receiving)
+            }
             let pull = pullPlaintext(slot, record, into: buffer)
             if t.pointee.clientEnded, pull == .sent {
                 s.pointee.move(to: .flushingBeforeEOF)
@@ -281,7 +300,7 @@ extension Worker {
             afterPlaintextPull(slot, record, pull)
         } else if t.pointee.clientEnded {
             forwardEOF(slot, record, toUpstream: true)
-        } else if !s.pointee.receiveArmed {
+        } else if !s.pointee.receiveArmed, s.pointee.state == .receiving {
             armReceive(slot, record, toUpstream: true)
         }
     }
@@ -373,6 +392,12 @@ extension Worker {
         guard t.pointee.cipherBuffer == Connection.Stream.noBuffer else { return }
         let pending = COpenSSL_BIO_pending(t.pointee.output)
         guard pending > 0 else { return }
+        if record.pointee.toClient.state == .finished {
+            // The client's side is shut for writing (close_notify went before): what
+            // OpenSSL writes now (an alert, a KeyUpdate answer) has nowhere to go.
+            _ = BIO_ctrl(t.pointee.output, BIO_CTRL_RESET, 0, nil)
+            return
+        }
         guard let buffer = smallBuffers.take() else {
             // Every small buffer is out: try again on the next tick.
             retriesAtTick.append((slot: slot, generation: record.pointee.generation))
@@ -397,12 +422,14 @@ extension Worker {
             length: Int(t.pointee.cipherLength) - sent,
             userData: UserData(.sendCiphertextToClient, slot: slot, generation: record.pointee.generation).raw)
         else {
+            // Never close from here: callers go on using the connection. The buffer stays
+            // held (so no second send starts) and the send is tried again at the tick.
             stats.add(.submissionDrops)
-            recycle(t.pointee.cipherBuffer, large: false)
-            t.pointee.cipherBuffer = Connection.Stream.noBuffer
-            close(slot, reason: .error)
+            t.pointee.cipherUnsent = true
+            retriesAtTick.append((slot: slot, generation: record.pointee.generation))
             return
         }
+        t.pointee.cipherUnsent = false
         record.pointee.inFlight += 1
     }
 
@@ -444,15 +471,35 @@ extension Worker {
         for (slot, generation) in waiting {
             let record = slab[slot]
             guard record.pointee.generation == generation, record.pointee.state != .closing, record.pointee.state != .free else { continue }
+            let t = tlsSlots + Int(slot)
             if record.pointee.state == .inspecting {
                 peekClientHello(slot, record)
             } else if !record.pointee.tls {
                 continue
+            } else if t.pointee.cipherUnsent {
+                sendCiphertext(slot, record)
+            } else if record.pointee.state == .sendingProxyHeader, t.pointee.headerBuffer == Connection.Stream.noBuffer {
+                startTLSProxyHeader(slot, record)
+            } else if record.pointee.state == .proxying, record.pointee.toUpstream.state == .receiving || record.pointee.toUpstream.state == .waitingForBuffer {
+                pullPendingPlaintext(slot, record)
+                encryptForClient(slot, record)
             } else if record.pointee.state == .proxying { encryptForClient(slot, record) } else { flushCiphertext(slot, record) }
         }
     }
 
     // MARK: PROXY v2 with TLS
+
+    /// Writes and sends the PROXY v2 header, or tries again at the tick when no buffer is
+    /// free (the connection waits in `.sendingProxyHeader`, nothing in flight).
+    func startTLSProxyHeader(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
+        guard let length = writeTLSProxyHeader(slot, record) else {
+            retriesAtTick.append((slot: slot, generation: record.pointee.generation))
+            return
+        }
+        record.pointee.toUpstream.length = length
+        record.pointee.toUpstream.sent = 0
+        sendProxyHeader(slot, record)
+    }
 
     /// Writes the PROXY v2 header with the TLS TLVs (ALPN, SNI as authority, and the SSL
     /// TLV: version, cipher and, under mTLS, the verified client's common name) into a
@@ -491,7 +538,7 @@ extension Worker {
         out.storeBytes(of: UInt32(verified || !hasCertificate ? 0 : 1).bigEndian, toByteOffset: length + 1, as: UInt32.self)
         length += 5
         if let version = SSL_get_version(ssl) { tlv(0x21, version, strlen(version)) }  // PP2_SUBTYPE_SSL_VERSION
-        if let cipher = SSL_get_cipher_list(ssl, 0) ?? nil { tlv(0x23, cipher, strlen(cipher)) }
+        if let cipher = SSL_CIPHER_get_name(SSL_get_current_cipher(ssl)) { tlv(0x23, cipher, strlen(cipher)) }  // PP2_SUBTYPE_SSL_CIPHER
         if verified {
             var name = [CChar](repeating: 0, count: 256)
             let count = COpenSSL_peer_common_name(ssl, &name, Int32(name.count))
@@ -505,7 +552,14 @@ extension Worker {
     // MARK: Close
 
     /// Gives back what a closing TLS connection holds outside requests in flight.
-    func releaseTLSBuffers(_ record: UnsafeMutablePointer<Connection>) {
+    func releaseTLSBuffers(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
+        let t = tlsSlots + Int(slot)
+        if t.pointee.cipherUnsent {
+            // Filled, never sent: in no request.
+            recycle(t.pointee.cipherBuffer, large: false)
+            t.pointee.cipherBuffer = Connection.Stream.noBuffer
+            t.pointee.cipherUnsent = false
+        }
         let s = stream(record, toUpstream: false)
         // Plaintext held for encryption is in no request.
         if s.pointee.isSending, s.pointee.buffer != Connection.Stream.noBuffer {

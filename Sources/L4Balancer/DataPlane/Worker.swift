@@ -196,7 +196,10 @@ final class Worker {
         let buffers = options.buffers
         self.smallBuffers = try ProvidedBufferRing(
             ring: ring, group: Worker.smallBufferGroup, count: buffers.small, bufferSize: buffers.smallSize,
-            window: Options.window(for: buffers.small, cap: options.smallBufferWindow))
+            window: Options.window(for: buffers.small, cap: options.smallBufferWindow),
+            // For TLS: ciphertext to clients, PROXY v2 headers with TLVs, plaintext read
+            // ahead (`take`); the kernel's ring never holds these.
+            reserve: min(256, max(4, buffers.small / 16)))
         self.largeBuffers = try ProvidedBufferRing(
             ring: ring, group: Worker.largeBufferGroup, count: buffers.large, bufferSize: buffers.largeSize,
             window: Options.window(for: buffers.large, cap: 32768))

@@ -26,7 +26,11 @@ enum TLSMaterial {
         }
         defer { X509_free(leaf) }
         guard let privateKey = privateKey(key) else {
-            throw Failure(message: "\(keyPath): no PEM private key (\(lastError()))")
+            let encrypted = String(decoding: key, as: UTF8.self).contains("ENCRYPTED")
+            if encrypted { ERR_clear_error() }
+            throw Failure(message: encrypted
+                ? "\(keyPath): the key is encrypted; l4lb needs it unencrypted (openssl pkey -in KEY -out KEY.plain)"
+                : "\(keyPath): no PEM private key (\(lastError()))")
         }
         defer { EVP_PKEY_free(privateKey) }
         guard X509_check_private_key(leaf, privateKey) == 1 else {
@@ -92,7 +96,7 @@ enum TLSMaterial {
     }
 
     static func privateKey(_ pem: [UInt8]) -> OpaquePointer? {
-        withBIO(pem) { PEM_read_bio_PrivateKey($0, nil, nil, nil) }
+        withBIO(pem) { COpenSSL_read_private_key($0) }
     }
 
     /// OpenSSL's most recent error as text (the queue is cleared).
