@@ -26,6 +26,7 @@ struct UserData {
         /// TLS: ciphertext from the client; ciphertext to it.
         case receiveCiphertextFromClient
         case sendCiphertextToClient
+        case receiveLargeCiphertextFromClient
         /// `routes`: a peek at the client's first bytes; the poll that waits for more.
         case peekClientHello
         case clientHelloReadable

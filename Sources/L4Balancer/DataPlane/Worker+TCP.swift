@@ -333,10 +333,11 @@ extension Worker {
     func armReceive(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, toUpstream: Bool) {
         let s = stream(record, toUpstream: toUpstream)
         let socket = source(record, toUpstream: toUpstream)
-        // TLS ciphertext comes in records of at most 16 KiB + 256: small buffers only.
         let ciphertext = toUpstream && record.pointee.tls
-        let large = s.pointee.prefersLarge && !ciphertext
-        let operation: UserData.Operation = ciphertext ? .receiveCiphertextFromClient : large
+        let large = s.pointee.prefersLarge
+        let operation: UserData.Operation = ciphertext
+            ? (large ? .receiveLargeCiphertextFromClient : .receiveCiphertextFromClient)
+            : large
             ? (toUpstream ? .receiveLargeFromClient : .receiveLargeFromUpstream)
             : (toUpstream ? .receiveFromClient : .receiveFromUpstream)
         let userData = UserData(operation, slot: slot, generation: record.pointee.generation).raw

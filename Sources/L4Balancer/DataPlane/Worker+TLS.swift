@@ -134,21 +134,22 @@ extension Worker {
 
     // MARK: Client → upstream
 
-    /// A receive on a TLS client socket: ciphertext for OpenSSL.
-    func receivedCiphertext(_ completion: Completion, _ userData: UserData) {
+    /// A receive on a TLS client socket: ciphertext for OpenSSL. Small buffers, multishot;
+    /// once a read fills one (bulk), large buffers, single-shot, as for plain TCP.
+    func receivedCiphertext(_ completion: Completion, _ userData: UserData, large: Bool) {
         let buffer = completion.bufferID
-        if buffer != nil { handedOut(large: false) }
+        if buffer != nil { handedOut(large: large) }
         let slot = userData.slot
         let record = slab[slot]
         guard record.pointee.generation == userData.generation else {
-            if let buffer { recycle(buffer, large: false) }
+            if let buffer { recycle(buffer, large: large) }
             return
         }
         let more = completion.hasMore
         if !more { record.pointee.inFlight -= 1 }
         let state = record.pointee.state
         guard state != .closing, state != .free else {
-            if let buffer { recycle(buffer, large: false) }
+            if let buffer { recycle(buffer, large: large) }
             if !more { finishClosing(slot) }
             return
         }
@@ -157,25 +158,32 @@ extension Worker {
         let result = completion.result
         let t = tlsSlots + Int(slot)
         if result > 0, let buffer {
-            guard BIO_write(t.pointee.input, bufferAddress(buffer, large: false), result) == result else {
-                recycle(buffer, large: false)
+            guard BIO_write(t.pointee.input, bufferAddress(buffer, large: large), result) == result else {
+                recycle(buffer, large: large)
                 close(slot, reason: .error)
                 return
             }
+            if state == .proxying {
+                if !large, Int(result) == smallBuffers.bufferSize {
+                    s.pointee.prefersLarge = true
+                } else if large, Int(result) < smallBuffers.bufferSize {
+                    s.pointee.prefersLarge = false
+                }
+            }
             if state == .handshaking {
-                recycle(buffer, large: false)
+                recycle(buffer, large: large)
                 if !t.pointee.closeAfterFlush { continueHandshake(slot, record) }
             } else if state == .proxying, s.pointee.state == .receiving {
                 record.pointee.lastActivity = nowTick
-                afterPlaintextPull(slot, record, pullPlaintext(slot, record, into: buffer))
+                afterPlaintextPull(slot, record, pullPlaintext(slot, record, into: buffer, large: large))
             } else {
                 // Connecting, or a plaintext send in flight: the bytes wait in the BIO,
                 // and the receive is armed again only once they are read.
-                recycle(buffer, large: false)
+                recycle(buffer, large: large)
             }
             return
         }
-        if let buffer { recycle(buffer, large: false) }
+        if let buffer { recycle(buffer, large: large) }
         if result == 0 {
             guard state == .proxying else {
                 if state == .handshaking { close(slot, reason: .clientFIN) } else { t.pointee.clientEnded = true }
@@ -186,6 +194,10 @@ extension Worker {
             case .receiving: forwardEOF(slot, record, toUpstream: true)
             default: break
             }
+        } else if result == -ENOBUFS, large {
+            // Large buffers are few: fall back to small ones rather than wait.
+            s.pointee.prefersLarge = false
+            if state == .proxying, s.pointee.state == .receiving { armReceive(slot, record, toUpstream: true) }
         } else if result == -ENOBUFS {
             stats.add(.bufferWaits, listener: Int(record.pointee.listener))
             if state == .handshaking || (state == .proxying && s.pointee.state == .receiving) {
@@ -205,11 +217,26 @@ extension Worker {
     enum PlaintextPull { case sent, drained, closedByPeer, failed }
 
     /// Reads plaintext into `buffer` (free: its ciphertext is in the BIO) and sends it to
-    /// the upstream; or recycles it when OpenSSL has none.
-    func pullPlaintext(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, into buffer: UInt16) -> PlaintextPull {
+    /// the upstream; or recycles it when OpenSSL has none. A small buffer takes one
+    /// record; a large one as many as it holds (one big send instead of many).
+    func pullPlaintext(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, into buffer: UInt16, large: Bool) -> PlaintextPull {
         let t = tlsSlots + Int(slot)
         let ssl = t.pointee.ssl
-        let count = SSL_read(ssl, bufferAddress(buffer, large: false), Int32(smallBuffers.bufferSize))
+        let address = bufferAddress(buffer, large: large)
+        var count = SSL_read(ssl, address, Int32(smallBuffers.bufferSize))
+        if large, count > 0 {
+            let capacity = Int32(largeBuffers.bufferSize)
+            while capacity - count >= 16_384 {
+                let more = SSL_read(ssl, address + Int(count), capacity - count)
+                guard more > 0 else {
+                    // WANT_READ, or an error or close_notify the next pull reports again.
+                    ERR_clear_error()
+                    break
+                }
+                count += more
+            }
+            if COpenSSL_BIO_pending(t.pointee.input) == 0, SSL_has_pending(ssl) == 0 { releaseInputMemory(t) }
+        }
         // Reading may write too (alerts, a key update's answer).
         flushCiphertext(slot, record)
         if count > 0 {
@@ -220,10 +247,10 @@ extension Worker {
             stats.add(.bytesOut, endpoint: endpoint, UInt64(count))
             if let slots = accessSlots { slots[Int(slot)].bytesFromClient &+= UInt64(count) }
             if s.pointee.state == .receiving { s.pointee.move(to: .sending) }
-            startSend(slot, record, toUpstream: true, buffer: buffer, length: count, large: false)
+            startSend(slot, record, toUpstream: true, buffer: buffer, length: count, large: large)
             return .sent
         }
-        recycle(buffer, large: false)
+        recycle(buffer, large: large)
         switch SSL_get_error(ssl, count) {
         case SSL_ERROR_WANT_READ: return .drained
         case SSL_ERROR_ZERO_RETURN: return .closedByPeer
@@ -232,6 +259,16 @@ extension Worker {
             stats.add(.tlsErrors, listener: Int(record.pointee.listener))
             return .failed
         }
+    }
+
+    /// A memory BIO keeps the largest size it ever held: after a large receive's burst,
+    /// an empty input BIO is replaced by a fresh one, so an idle connection does not hold
+    /// a megabyte.
+    func releaseInputMemory(_ t: UnsafeMutablePointer<TLSSlot>) {
+        guard let fresh = BIO_new(BIO_s_mem()) else { return }
+        COpenSSL_BIO_set_mem_eof_return(fresh, -1)
+        SSL_set0_rbio(t.pointee.ssl, fresh)  // frees the old one
+        t.pointee.input = fresh
     }
 
     /// What follows a pull, in any state of the client → upstream direction.
@@ -261,7 +298,7 @@ extension Worker {
     /// before giving it back.
     func plaintextSentUpstream(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
         let s = stream(record, toUpstream: true)
-        afterPlaintextPull(slot, record, pullPlaintext(slot, record, into: s.pointee.buffer))
+        afterPlaintextPull(slot, record, pullPlaintext(slot, record, into: s.pointee.buffer, large: s.pointee.large))
     }
 
     /// Proxying starts after the upstream connected: plaintext that arrived meanwhile (or
@@ -288,7 +325,7 @@ extension Worker {
                 waiters.remove(BufferWaitQueue.entry(slot: slot, toUpstream: true))
                 s.pointee.move(to: .receiving)
             }
-            let pull = pullPlaintext(slot, record, into: buffer)
+            let pull = pullPlaintext(slot, record, into: buffer, large: false)
             if t.pointee.clientEnded, pull == .sent {
                 s.pointee.move(to: .flushingBeforeEOF)
                 return
