@@ -29,6 +29,21 @@ final class TLSTests: XCTestCase {
         try ChildProcess.run("/usr/bin/openssl", ["s_client", "-connect", "127.0.0.1:\(port)"] + arguments).output
     }
 
+    /// `connections` concurrent TLS connections (Python's ssl, `Support/tls_echo_load.py`)
+    /// each sending `bytes` of its own pattern: all must come back byte-exact.
+    func echoLoad(port: UInt16, pki: TestPKI, connections: Int, bytes: Int, serverName: String, timeout: Int,
+                  file: StaticString = #filePath, line: UInt = #line) throws {
+        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("Support/tls_echo_load.py").path
+        let (status, output) = try ChildProcess.run("/usr/bin/python3", [
+            script, "--port", "\(port)", "--connections", "\(connections)", "--bytes", "\(bytes)",
+            "--cafile", pki.path("ca.pem"), "--servername", serverName, "--timeout", "\(timeout)",
+        ])
+        XCTAssertEqual(status, 0, output, file: file, line: line)
+        let result = (try? JSONSerialization.jsonObject(with: Data(output.utf8))) as? [String: Any] ?? [:]
+        XCTAssertEqual(result["completed"] as? Int, connections, output, file: file, line: line)
+        XCTAssertEqual(result["mismatched"] as? Int, 0, output, file: file, line: line)
+    }
+
     func listenerTLS(_ proxy: L4LBProcess) throws -> [String: Any] {
         let listeners = try proxy.stats()["listeners"] as? [[String: Any]] ?? []
         return listeners.first?["tls"] as? [String: Any] ?? [:]
@@ -148,15 +163,7 @@ final class TLSTests: XCTestCase {
         let b = try TestBackend(.echo)
         let port = Sockets.freePort()
         let proxy = try L4LBProcess(config: tlsConfig(port: port, endpoints: [a.address, b.address], pki: pki), waitFor: ("127.0.0.1", port))
-        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("Support/tls_echo_load.py").path
-        let (status, output) = try ChildProcess.run("/usr/bin/python3", [
-            script, "--port", "\(port)", "--connections", "1000", "--bytes", "\(1 << 20)",
-            "--cafile", pki.path("ca.pem"), "--servername", "a.example.test", "--timeout", "300",
-        ])
-        XCTAssertEqual(status, 0, output)
-        let result = (try? JSONSerialization.jsonObject(with: Data(output.utf8))) as? [String: Any] ?? [:]
-        XCTAssertEqual(result["completed"] as? Int, 1000, output)
-        XCTAssertEqual(result["mismatched"] as? Int, 0, output)
+        try echoLoad(port: port, pki: pki, connections: 1000, bytes: 1 << 20, serverName: "a.example.test", timeout: 300)
 
         // Resumption: a session saved by one s_client resumes in the next ones (both
         // workers take some of them: SO_REUSEPORT spreads the connections).
@@ -266,14 +273,7 @@ final class TLSTests: XCTestCase {
         let port = Sockets.freePort()
         let config = "buffers: { small: 64 }\n" + tlsConfig(port: port, endpoints: [backend.address], pki: pki, listener: ["proxy_protocol: v2"], workers: 1)
         let proxy = try L4LBProcess(config: config, waitFor: ("127.0.0.1", port))
-        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("Support/tls_echo_load.py").path
-        let (status, output) = try ChildProcess.run("/usr/bin/python3", [
-            script, "--port", "\(port)", "--connections", "200", "--bytes", "\(64 << 10)",
-            "--cafile", pki.path("ca.pem"), "--servername", "b.example.test", "--timeout", "120",
-        ])
-        XCTAssertEqual(status, 0, output)
-        let result = (try? JSONSerialization.jsonObject(with: Data(output.utf8))) as? [String: Any] ?? [:]
-        XCTAssertEqual(result["completed"] as? Int, 200, output)
+        try echoLoad(port: port, pki: pki, connections: 200, bytes: 64 << 10, serverName: "b.example.test", timeout: 120)
         XCTAssertEqual(backend.headers.count, 200)
         let tlvs = TLSTests.proxyTLVs(backend.headers.first ?? [])
         let sub = TLSTests.tlvs(Array((tlvs[0x20] ?? [0, 0, 0, 0, 0]).dropFirst(5)))

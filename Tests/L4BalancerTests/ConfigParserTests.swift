@@ -85,10 +85,11 @@ final class ConfigParserTests: XCTestCase {
     func testMisplacedAndUnsupportedKeysAreRejectedByName() {
         guard case .failure(let errors) = parse("""
             listeners: [{ address: "127.0.0.1:1", cluster: c, protocol: udp, tls: {} }]
-            clusters: [{ name: c, balancer: maglev, table_size: 1000, choice_count: 2, slow_start: 1s, health_check: { type: ping }, endpoints: [{ address: "127.0.0.1:2" }] }]
+            clusters: [{ name: c, balancer: maglev, table_size: 1000, choice_count: 2, slow_start: 1s, health_check: { type: ping }, endpoints: [{ address: "127.0.0.1:2" }], tls: { verify: true } }]
             """) else { return XCTFail("accepted") }
         XCTAssertEqual(Set(errors.errors.map(\.description)), [
             "listeners[0].tls: applies to tcp listeners only",
+            "clusters[0].tls: not supported yet",
             "clusters[0].table_size: 1000 is not prime (e.g. 65537, 655373)",
             "clusters[0].choice_count: applies to balancer least_request only, not maglev",
             "clusters[0].health_check.type: must be one of tcp, send_expect, http, dns, got \"ping\"",

@@ -255,8 +255,10 @@ struct ConfigWalker {
         guard let fields = mapping(node, path, keys: [
             "name", "balancer", "hash_key", "endpoints", "health_check", "outlier_detection",
             "max_connections", "slow_start", "table_size", "minimum_ring_size", "hash_balance_factor",
-            "choice_count", "active_request_bias", "on_unhealthy",
+            "choice_count", "active_request_bias", "on_unhealthy", "tls",
         ]) else { return nil }
+        // TLS to the upstream (DESIGN §6) is not built: refused by name, never ignored.
+        if fields["tls"] != nil { fail("\(path).tls", "not supported yet") }
         var name: String?
         if let n = fields["name"] {
             name = string(n, "\(path).name")
