@@ -311,17 +311,15 @@ extension Worker {
 
     func startProxying(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
         record.pointee.state = .proxying
+        // A TLS client's receive may still be armed from the handshake.
+        let armed = record.pointee.tls && record.pointee.toUpstream.receiveArmed
+        record.pointee.toUpstream = Connection.Stream()
+        record.pointee.toUpstream.receiveArmed = armed
+        record.pointee.toClient = Connection.Stream()
         if record.pointee.tls {
-            // The client's receive may still be armed from the handshake.
-            let armed = record.pointee.toUpstream.receiveArmed
-            record.pointee.toUpstream = Connection.Stream()
-            record.pointee.toUpstream.receiveArmed = armed
-            record.pointee.toClient = Connection.Stream()
             startTLSProxying(slot, record)
             return
         }
-        record.pointee.toUpstream = Connection.Stream()
-        record.pointee.toClient = Connection.Stream()
         armReceive(slot, record, toUpstream: true)
         armReceive(slot, record, toUpstream: false)
     }
@@ -400,24 +398,40 @@ extension Worker {
         sendPending(slot, record, toUpstream: toUpstream)
     }
 
-    func received(_ completion: Completion, _ userData: UserData, toUpstream: Bool, large: Bool) {
+    /// What every receive completion does first: takes its buffer, drops a completion of a
+    /// slot's earlier connection, ends an arm, and gives the buffer back (finishing the
+    /// close) when the connection is not in a state that takes bytes — `.proxying`, or
+    /// with `duringOpening` also the TLS handshake and connect. Nil: nothing more to do.
+    @inline(__always)
+    func beginReceive(
+        _ completion: Completion, _ userData: UserData, toUpstream: Bool, large: Bool, duringOpening: Bool
+    ) -> (record: UnsafeMutablePointer<Connection>, stream: UnsafeMutablePointer<Connection.Stream>)? {
         let buffer = completion.bufferID
         if buffer != nil { handedOut(large: large) }
         let slot = userData.slot
         let record = slab[slot]
         guard record.pointee.generation == userData.generation else {
             if let buffer { recycle(buffer, large: large) }
-            return
+            return nil
         }
         let more = completion.hasMore
         if !more { record.pointee.inFlight -= 1 }
-        guard record.pointee.state == .proxying else {
+        let state = record.pointee.state
+        guard duringOpening ? state != .closing && state != .free : state == .proxying else {
             if let buffer { recycle(buffer, large: large) }
             if !more { finishClosing(slot) }
-            return
+            return nil
         }
         let s = stream(record, toUpstream: toUpstream)
         if !more { s.pointee.receiveArmed = false }
+        return (record, s)
+    }
+
+    func received(_ completion: Completion, _ userData: UserData, toUpstream: Bool, large: Bool) {
+        guard let (record, s) = beginReceive(completion, userData, toUpstream: toUpstream, large: large, duringOpening: false) else { return }
+        let slot = userData.slot
+        let buffer = completion.bufferID
+        let more = completion.hasMore
         let result = completion.result
         if result > 0, let buffer {
             if !large, Int(result) == smallBuffers.bufferSize {

@@ -137,24 +137,11 @@ extension Worker {
     /// A receive on a TLS client socket: ciphertext for OpenSSL. Small buffers, multishot;
     /// once a read fills one (bulk), large buffers, single-shot, as for plain TCP.
     func receivedCiphertext(_ completion: Completion, _ userData: UserData, large: Bool) {
-        let buffer = completion.bufferID
-        if buffer != nil { handedOut(large: large) }
+        guard let (record, s) = beginReceive(completion, userData, toUpstream: true, large: large, duringOpening: true) else { return }
         let slot = userData.slot
-        let record = slab[slot]
-        guard record.pointee.generation == userData.generation else {
-            if let buffer { recycle(buffer, large: large) }
-            return
-        }
+        let buffer = completion.bufferID
         let more = completion.hasMore
-        if !more { record.pointee.inFlight -= 1 }
         let state = record.pointee.state
-        guard state != .closing, state != .free else {
-            if let buffer { recycle(buffer, large: large) }
-            if !more { finishClosing(slot) }
-            return
-        }
-        let s = stream(record, toUpstream: true)
-        if !more { s.pointee.receiveArmed = false }
         let result = completion.result
         let t = tlsSlots + Int(slot)
         if result > 0, let buffer {
@@ -304,7 +291,6 @@ extension Worker {
     /// Proxying starts after the upstream connected: plaintext that arrived meanwhile (or
     /// with the client's Finished) is read at once, into a buffer taken for it.
     func startTLSProxying(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
-        let t = tlsSlots + Int(slot)
         armReceive(slot, record, toUpstream: false)
         pullPendingPlaintext(slot, record)
     }
@@ -497,30 +483,6 @@ extension Worker {
         } else {
             flushCiphertext(slot, record)
             if t.pointee.closeAfterFlush, t.pointee.cipherBuffer == Connection.Stream.noBuffer { close(slot, reason: .error) }
-        }
-    }
-
-    /// Steps that found no free small buffer (a TLS flush, a ClientHello peek), retried
-    /// once per tick.
-    func retryAtTick() {
-        let waiting = retriesAtTick
-        retriesAtTick.removeAll(keepingCapacity: true)
-        for (slot, generation) in waiting {
-            let record = slab[slot]
-            guard record.pointee.generation == generation, record.pointee.state != .closing, record.pointee.state != .free else { continue }
-            let t = tlsSlots + Int(slot)
-            if record.pointee.state == .inspecting {
-                peekClientHello(slot, record)
-            } else if !record.pointee.tls {
-                continue
-            } else if t.pointee.cipherUnsent {
-                sendCiphertext(slot, record)
-            } else if record.pointee.state == .sendingProxyHeader, t.pointee.headerBuffer == Connection.Stream.noBuffer {
-                startTLSProxyHeader(slot, record)
-            } else if record.pointee.state == .proxying, record.pointee.toUpstream.state == .receiving || record.pointee.toUpstream.state == .waitingForBuffer {
-                pullPendingPlaintext(slot, record)
-                encryptForClient(slot, record)
-            } else if record.pointee.state == .proxying { encryptForClient(slot, record) } else { flushCiphertext(slot, record) }
         }
     }
 

@@ -509,6 +509,30 @@ final class Worker {
         }
     }
 
+    /// Steps that found no free small buffer (a TLS flush, a ClientHello peek), retried
+    /// once per tick.
+    func retryAtTick() {
+        let waiting = retriesAtTick
+        retriesAtTick.removeAll(keepingCapacity: true)
+        for (slot, generation) in waiting {
+            let record = slab[slot]
+            guard record.pointee.generation == generation, record.pointee.state != .closing, record.pointee.state != .free else { continue }
+            let t = tlsSlots + Int(slot)
+            if record.pointee.state == .inspecting {
+                peekClientHello(slot, record)
+            } else if !record.pointee.tls {
+                continue
+            } else if t.pointee.cipherUnsent {
+                sendCiphertext(slot, record)
+            } else if record.pointee.state == .sendingProxyHeader, t.pointee.headerBuffer == Connection.Stream.noBuffer {
+                startTLSProxyHeader(slot, record)
+            } else if record.pointee.state == .proxying, record.pointee.toUpstream.state == .receiving || record.pointee.toUpstream.state == .waitingForBuffer {
+                pullPendingPlaintext(slot, record)
+                encryptForClient(slot, record)
+            } else if record.pointee.state == .proxying { encryptForClient(slot, record) } else { flushCiphertext(slot, record) }
+        }
+    }
+
     /// Due timer buckets: each connection in one is closed if it has been idle (no bytes
     /// either way) for `idle_timeout`, or a send of it has made no progress for
     /// `send_timeout`; otherwise it is filed again at its next deadline.
@@ -535,7 +559,7 @@ final class Worker {
                     // unsent bytes for a reader that may never come back.
                     resetOnClose(record)
                     close(slot, reason: .sendTimeout)
-                case .handshakeTimeout:
+                case .openingTimeout:
                     stats.add(record.pointee.state == .inspecting ? .sniTimeouts : .tlsHandshakeTimeouts, listener: listener)
                     close(slot, reason: .idleTimeout)
                 case .refile(let deadline):
@@ -546,7 +570,7 @@ final class Worker {
     }
 
     enum TimerVerdict {
-        case idle, stalledSend, handshakeTimeout
+        case idle, stalledSend, openingTimeout
         case refile(UInt32)
     }
 
@@ -557,7 +581,7 @@ final class Worker {
         if record.pointee.state == .handshaking || record.pointee.state == .inspecting {
             let limit = plan.openingTicks[listener]
             let elapsed = nowTick &- record.pointee.lastActivity
-            return elapsed >= limit ? .handshakeTimeout : .refile(record.pointee.lastActivity &+ limit)
+            return elapsed >= limit ? .openingTimeout : .refile(record.pointee.lastActivity &+ limit)
         }
         let idle = plan.idleTicks[listener]
         let send = plan.sendTicks[listener]
