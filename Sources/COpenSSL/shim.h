@@ -14,6 +14,7 @@
 #include <time.h>
 #include <string.h>
 #include <strings.h>
+#include <stdint.h>
 
 // OpenSSL's function-like macros do not import into Swift; these mirror them, and the
 // callbacks below are C so no Swift closure runs inside a handshake.
@@ -244,5 +245,60 @@ static inline int COpenSSL_client_auth_failure(SSL *ssl) {
     }
     return 0;
 }
+
+// MARK: TLS to upstreams (l4lb as the client)
+
+/// A worker's resumable session per endpoint identity, each tagged with the serial of the
+/// client context that made it: a context rebuilt with other settings (another CA) never
+/// resumes a session verified under the old ones.
+typedef struct COpenSSL_SessionStore {
+    SSL_SESSION **sessions;
+    unsigned long long *serials;
+    int capacity;
+} COpenSSL_SessionStore;
+
+/// A client context's app data: where its sessions go, and its serial.
+typedef struct COpenSSL_ClientTable {
+    COpenSSL_SessionStore *store;
+    unsigned long long serial;
+} COpenSSL_ClientTable;
+
+/// New session (TLS 1.2 at the handshake's end, TLS 1.3 on each NewSessionTicket): kept
+/// as the endpoint's session; the SSL's app data is the endpoint identity + 1.
+static inline int COpenSSL_new_session_callback(SSL *ssl, SSL_SESSION *session) {
+    COpenSSL_ClientTable *table = SSL_CTX_get_app_data(SSL_get_SSL_CTX(ssl));
+    long index = (long)(intptr_t)SSL_get_app_data(ssl) - 1;
+    if (table == NULL || table->store == NULL || index < 0 || index >= table->store->capacity) return 0;
+    COpenSSL_SessionStore *store = table->store;
+    if (store->sessions[index] != NULL) SSL_SESSION_free(store->sessions[index]);
+    store->sessions[index] = session;
+    store->serials[index] = table->serial;
+    return 1; // the store holds the reference now
+}
+
+static inline void COpenSSL_install_client_callbacks(SSL_CTX *ctx, COpenSSL_ClientTable *table) {
+    SSL_CTX_set_app_data(ctx, table);
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
+    SSL_CTX_sess_set_new_cb(ctx, COpenSSL_new_session_callback);
+}
+
+/// Starts `ssl` as a client of endpoint `index`, resuming its stored session when the
+/// same context made it.
+static inline void COpenSSL_prepare_client(SSL *ssl, long index, int reuse) {
+    SSL_set_app_data(ssl, (void *)(intptr_t)(index + 1));
+    COpenSSL_ClientTable *table = SSL_CTX_get_app_data(SSL_get_SSL_CTX(ssl));
+    if (!reuse || table == NULL || table->store == NULL || index < 0 || index >= table->store->capacity) return;
+    COpenSSL_SessionStore *store = table->store;
+    SSL_SESSION *session = store->sessions[index];
+    if (session != NULL && store->serials[index] == table->serial && SSL_SESSION_is_resumable(session))
+        SSL_set_session(ssl, session);
+}
+
+/// The verification failure of the last handshake as text (a static string).
+static inline const char *COpenSSL_verify_error(SSL *ssl) {
+    long verify = SSL_get_verify_result(ssl);
+    return verify == X509_V_OK ? NULL : X509_verify_cert_error_string(verify);
+}
+static inline int COpenSSL_verify_failed(SSL *ssl) { return SSL_get_verify_result(ssl) != X509_V_OK; }
 
 #endif

@@ -92,6 +92,13 @@ final class SNIRoutingTests: XCTestCase {
             self.sni(proxy, "malformed") == 1 && self.sni(proxy, "oversize") == 1 && self.sni(proxy, "timeouts") == 200
         }, "\((try? proxy.stats())?["listeners"] ?? [])")
         XCTAssertEqual(sni(proxy, "routed"), 5)
+        // Per route: a.example.test and its wildcard 3 (curl twice, www once), B.example.test 2.
+        let listeners = try proxy.stats()["listeners"] as? [[String: Any]] ?? []
+        let routes = (listeners.first?["sni"] as? [String: Any])?["routes"] as? [[String: Any]] ?? []
+        XCTAssertEqual(routes.map { $0["hits"] as? Int ?? -1 }, [3, 2], "\(routes)")
+        XCTAssertEqual(routes.map { $0["cluster"] as? String ?? "" }, ["a", "b"])
+        let metrics = String(decoding: try proxy.admin("GET", "/metrics").body, as: UTF8.self)
+        XCTAssertTrue(metrics.contains("l4lb_sni_route_hits_total{listener=\"passthrough\",route=\"a.example.test\",cluster=\"a\"} 3"), metrics)
         proxy.stop()
     }
 }

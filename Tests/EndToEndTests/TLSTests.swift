@@ -31,7 +31,7 @@ final class TLSTests: XCTestCase {
 
     /// `connections` concurrent TLS connections (Python's ssl, `Support/tls_echo_load.py`)
     /// each sending `bytes` of its own pattern: all must come back byte-exact.
-    func echoLoad(port: UInt16, pki: TestPKI, connections: Int, bytes: Int, serverName: String, timeout: Int,
+    static func echoLoad(port: UInt16, pki: TestPKI, connections: Int, bytes: Int, serverName: String, timeout: Int,
                   file: StaticString = #filePath, line: UInt = #line) throws {
         let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("Support/tls_echo_load.py").path
         let (status, output) = try ChildProcess.run("/usr/bin/python3", [
@@ -95,6 +95,19 @@ final class TLSTests: XCTestCase {
         XCTAssertGreaterThanOrEqual(byVersion["1.3"] ?? 0, 5, "\(tls)")
         XCTAssertGreaterThanOrEqual(byVersion["1.2"] ?? 0, 1, "\(tls)")
         XCTAssertGreaterThanOrEqual(tls["handshake_failures"] as? Int ?? 0, 1, "the TLS 1.1 attempt: \(tls)")
+        // The latency histogram: cumulative, its +Inf bucket every completed handshake.
+        let histogram = tls["handshake_milliseconds_histogram"] as? [[String: Any]] ?? []
+        let counts = histogram.map { $0["count"] as? Int ?? -1 }
+        XCTAssertEqual(histogram.last?["le"] as? String, "+Inf")
+        XCTAssertEqual(counts.last, tls["handshakes"] as? Int, "\(histogram)")
+        XCTAssertEqual(counts, counts.sorted(), "cumulative: \(histogram)")
+        let metrics = String(decoding: try proxy.admin("GET", "/metrics").body, as: UTF8.self)
+        XCTAssertTrue(metrics.contains("# TYPE l4lb_tls_handshake_duration_seconds histogram"), metrics)
+        XCTAssertTrue(metrics.contains("l4lb_tls_handshake_duration_seconds_count{listener=\"test\"} \(counts.last ?? -1)"), metrics)
+        // promtool's linter accepts the TLS families too (the histogram is written by hand).
+        try Data(metrics.utf8).write(to: URL(fileURLWithPath: pki.path("metrics.txt")))
+        let lint = try ChildProcess.run("/bin/sh", ["-c", "promtool check metrics < \(pki.path("metrics.txt"))"])
+        XCTAssertEqual(lint.output.trimmingCharacters(in: .whitespacesAndNewlines), "", "promtool: \(lint.output)")
         proxy.stop()
     }
 
@@ -163,7 +176,7 @@ final class TLSTests: XCTestCase {
         let b = try TestBackend(.echo)
         let port = Sockets.freePort()
         let proxy = try L4LBProcess(config: tlsConfig(port: port, endpoints: [a.address, b.address], pki: pki), waitFor: ("127.0.0.1", port))
-        try echoLoad(port: port, pki: pki, connections: 1000, bytes: 1 << 20, serverName: "a.example.test", timeout: 300)
+        try TLSTests.echoLoad(port: port, pki: pki, connections: 1000, bytes: 1 << 20, serverName: "a.example.test", timeout: 300)
 
         // Resumption: a session saved by one s_client resumes in the next ones (both
         // workers take some of them: SO_REUSEPORT spreads the connections).
@@ -273,7 +286,7 @@ final class TLSTests: XCTestCase {
         let port = Sockets.freePort()
         let config = "buffers: { small: 64 }\n" + tlsConfig(port: port, endpoints: [backend.address], pki: pki, listener: ["proxy_protocol: v2"], workers: 1)
         let proxy = try L4LBProcess(config: config, waitFor: ("127.0.0.1", port))
-        try echoLoad(port: port, pki: pki, connections: 200, bytes: 64 << 10, serverName: "b.example.test", timeout: 120)
+        try TLSTests.echoLoad(port: port, pki: pki, connections: 200, bytes: 64 << 10, serverName: "b.example.test", timeout: 120)
         XCTAssertEqual(backend.headers.count, 200)
         let tlvs = TLSTests.proxyTLVs(backend.headers.first ?? [])
         let sub = TLSTests.tlvs(Array((tlvs[0x20] ?? [0, 0, 0, 0, 0]).dropFirst(5)))

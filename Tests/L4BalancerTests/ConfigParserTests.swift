@@ -89,11 +89,41 @@ final class ConfigParserTests: XCTestCase {
             """) else { return XCTFail("accepted") }
         XCTAssertEqual(Set(errors.errors.map(\.description)), [
             "listeners[0].tls: applies to tcp listeners only",
-            "clusters[0].tls: not supported yet",
+            "clusters[0].tls: TLS to endpoints is for TCP, and listeners[0] is udp",
             "clusters[0].table_size: 1000 is not prime (e.g. 65537, 655373)",
             "clusters[0].choice_count: applies to balancer least_request only, not maglev",
             "clusters[0].health_check.type: must be one of tcp, send_expect, http, dns, got \"ping\"",
             "clusters[0].slow_start: applies to round_robin, random and least_request, not maglev (hashing must not move keys)",
+        ])
+    }
+
+    func testUpstreamTLSSettingsAndTheirErrors() throws {
+        let config = try parse("""
+            listeners: [{ address: "127.0.0.1:1", cluster: c }]
+            clusters: [{ name: c, endpoints: [{ address: "127.0.0.1:2" }], tls: { sni: api.example.test, min_version: "1.3", alpn: [h2], session_reuse: false } }]
+            """).get()
+        let tls = try XCTUnwrap(config.clusters[0].tls)
+        XCTAssertEqual(tls.serverName, "api.example.test")
+        XCTAssertTrue(tls.verify, "verification is on unless turned off")
+        XCTAssertNil(tls.caPEM, "no ca: the system's trust store")
+        XCTAssertEqual(tls.minVersion, .tls13)
+        XCTAssertEqual(tls.alpn, ["h2"])
+        XCTAssertFalse(tls.sessionReuse)
+        guard case .failure(let errors) = parse("""
+            listeners:
+              - { address: "127.0.0.1:1", cluster: c }
+              - { address: "127.0.0.1:3", cluster: d, routes: [{ server_names: [x.example.test], cluster: d }] }
+            clusters:
+              - { name: c, endpoints: [{ address: "127.0.0.1:2" }], tls: { sni: "a b", ca: /nonexistent/ca.pem, client_cert: { cert: /nonexistent/c.pem }, ciphers: NOPE, check: 1 } }
+              - { name: d, endpoints: [{ address: "127.0.0.1:4" }], tls: { verify: false } }
+            """) else { return XCTFail("accepted") }
+        XCTAssertEqual(Set(errors.errors.map(\.description)), [
+            "clusters[0].tls.check: unknown key",
+            "clusters[0].tls.sni: \"a b\" is not a host name",
+            "clusters[0].tls.ca: /nonexistent/ca.pem: cannot read file",
+            "clusters[0].tls.client_cert.key: required",
+            "clusters[0].tls.ciphers: OpenSSL accepts no cipher in \"NOPE\"",
+            "clusters[1].tls: listeners[1] routes by server name and passes the client's TLS through; it cannot be wrapped in TLS again",
         ])
     }
 

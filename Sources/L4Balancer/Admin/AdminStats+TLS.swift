@@ -14,6 +14,7 @@ extension WorkerPool {
             "handshake_failures": total(.tlsHandshakeFailures),
             "handshake_timeouts": total(.tlsHandshakeTimeouts),
             "handshake_milliseconds_average": completed == 0 ? 0 : Double(total(.tlsHandshakeMilliseconds)) / Double(completed),
+            "handshake_milliseconds_histogram": handshakeHistogram(listener: id, stats: stats).map { ["le": $0.le, "count": $0.count] as [String: Any] },
             "resumed": total(.tlsResumed),
             "errors": total(.tlsErrors),
             "client_auth": tls.clientAuth == nil ? "off" : (tls.clientAuth!.required ? "required" : "optional"),
@@ -22,13 +23,42 @@ extension WorkerPool {
         ]
     }
 
+    /// `listeners[].upstream_tls` (listeners reaching a cluster with `tls:`): handshakes
+    /// l4lb made as the client, of which resumed, and failures (of which the endpoint's
+    /// certificate did not verify; timeouts are `connect_timeout`).
+    func upstreamTLSEntry(listener id: Int, stats: [WorkerStats]) -> [String: Any] {
+        func total(_ c: WorkerStats.ListenerCounter) -> UInt64 { stats.total(c, listener: id) }
+        return [
+            "handshakes": total(.tlsUpstreamHandshakes), "resumed": total(.tlsUpstreamResumed),
+            "failures": total(.tlsUpstreamFailures), "unverified": total(.tlsUpstreamUnverified),
+        ]
+    }
+
     /// `listeners[].sni` (listeners with `routes`): where ClientHellos went, and why some
     /// connections were closed before any byte reached an upstream.
-    func sniEntry(listener id: Int, stats: [WorkerStats]) -> [String: Any] {
-        func total(_ c: WorkerStats.ListenerCounter) -> UInt64 { stats.total(c, listener: id) }
+    func sniEntry(_ listener: Snapshot.ListenerPlan, snapshot: Snapshot, stats: [WorkerStats]) -> [String: Any] {
+        func total(_ c: WorkerStats.ListenerCounter) -> UInt64 { stats.total(c, listener: listener.id) }
         return [
             "routed": total(.sniRouted), "default": total(.sniDefault), "malformed": total(.sniMalformed),
             "oversize": total(.sniOversize), "timeouts": total(.sniTimeouts),
+            "routes": listener.routes.enumerated().map { i, route in
+                ["server_names": route.serverNames, "cluster": snapshot.clusters[route.cluster].name,
+                 "hits": stats.routeHits(listener: listener.id, route: i)] as [String: Any]
+            },
         ]
+    }
+
+    /// Cumulative counts of completed handshakes by duration: (upper bound in ms, or
+    /// "+Inf"; handshakes that took at most that long).
+    func handshakeHistogram(listener id: Int, stats: [WorkerStats]) -> [(le: String, count: UInt64)] {
+        var cumulative: UInt64 = 0
+        var buckets: [(le: String, count: UInt64)] = []
+        let bounds = WorkerStats.ListenerCounter.handshakeBucketMilliseconds
+        for i in 0...bounds.count {
+            let counter = WorkerStats.ListenerCounter(rawValue: WorkerStats.ListenerCounter.tlsHandshakeBucket0.rawValue + i)!
+            cumulative += stats.total(counter, listener: id)
+            buckets.append((i < bounds.count ? "\(bounds[i])" : "+Inf", cumulative))
+        }
+        return buckets
     }
 }

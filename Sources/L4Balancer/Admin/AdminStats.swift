@@ -48,7 +48,8 @@ extension WorkerPool {
                 entry["max_sessions"] = $0.maxSessions
             }
             if let tls = $0.tls { entry["tls"] = tlsEntry(listener: $0.id, tls, stats: stats) }
-            if !$0.routes.isEmpty { entry["sni"] = sniEntry(listener: $0.id, stats: stats) }
+            if !$0.routes.isEmpty { entry["sni"] = sniEntry($0, snapshot: snapshot, stats: stats) }
+            if snapshot.reachesUpstreamTLS($0) { entry["upstream_tls"] = upstreamTLSEntry(listener: $0.id, stats: stats) }
             entry["max_connections"] = $0.maxConnections.map { $0 as Any } ?? NSNull()
             return entry
         }

@@ -14,6 +14,10 @@ public final class MetricsExporter: @unchecked Sendable {
     private var counters: [String: Counter] = [:]
     private var gauges: [String: Gauge] = [:]
     private var seen = Set<String>()
+    /// This scrape's handshake-duration histograms: swift-prometheus's `Histogram` only
+    /// records observations, and these are counted by the workers already, so their text
+    /// is written here, after the registry's.
+    private var histograms: [(labels: [(String, String)], buckets: [(le: String, count: UInt64)], sumMilliseconds: UInt64)] = []
 
     public init(pool: WorkerPool) {
         self.pool = pool
@@ -23,6 +27,7 @@ public final class MetricsExporter: @unchecked Sendable {
     public func scrape() -> [UInt8] {
         lock.withLock {
             seen.removeAll(keepingCapacity: true)
+            histograms.removeAll(keepingCapacity: true)
             collect()
             // Series of identities that have gone away.
             for (key, counter) in counters where !seen.contains(key) {
@@ -33,8 +38,29 @@ public final class MetricsExporter: @unchecked Sendable {
                 registry.unregisterGauge(gauge)
                 gauges[key] = nil
             }
-            return registry.emitToBuffer()
+            return registry.emitToBuffer() + histogramText()
         }
+    }
+
+    private func histogramText() -> [UInt8] {
+        guard !histograms.isEmpty else { return [] }
+        let name = "l4lb_tls_handshake_duration_seconds"
+        var text = "# HELP \(name) Completed TLS handshakes by duration, accept to Finished.\n# TYPE \(name) histogram\n"
+        for h in histograms {
+            let labels = h.labels.map { "\($0.0)=\"\(MetricsExporter.escape($0.1))\"" }.joined(separator: ",")
+            for bucket in h.buckets {
+                let le = bucket.le == "+Inf" ? "+Inf" : "\(Double(bucket.le)! / 1000)"
+                text += "\(name)_bucket{\(labels),le=\"\(le)\"} \(bucket.count)\n"
+            }
+            text += "\(name)_sum{\(labels)} \(Double(h.sumMilliseconds) / 1000)\n"
+            text += "\(name)_count{\(labels)} \(h.buckets.last?.count ?? 0)\n"
+        }
+        return Array(text.utf8)
+    }
+
+    /// A label value in the text format: backslash, quote and newline escaped.
+    static func escape(_ value: String) -> String {
+        value.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "\\\"").replacingOccurrences(of: "\n", with: "\\n")
     }
 
     private func key(_ name: String, _ labels: [(String, String)]) -> String {
@@ -70,6 +96,7 @@ public final class MetricsExporter: @unchecked Sendable {
         var tlsListeners: [Int: Config.TLS] = [:]
         for listener in snapshot.listeners { if let tls = listener.tls { tlsListeners[listener.id] = tls } }
         let routedListeners = Set(snapshot.listeners.filter { !$0.routes.isEmpty }.map(\.id))
+        let upstreamTLSListeners = Set(snapshot.listeners.filter { snapshot.reachesUpstreamTLS($0) }.map(\.id))
         for listener in listeners {
             let labels = [("listener", listener.name)]
             func total(_ c: WorkerStats.ListenerCounter) -> UInt64 { stats.total(c, listener: listener.id) }
@@ -96,6 +123,7 @@ public final class MetricsExporter: @unchecked Sendable {
                 counter("l4lb_tls_resumptions_total", "TLS handshakes that resumed a session (ticket or cache).", labels, total(.tlsResumed))
                 counter("l4lb_tls_handshake_seconds_total", "Time spent in completed handshakes, accept to Finished (divide by handshakes).", labels,
                         total(.tlsHandshakeMilliseconds) / 1000)
+                histograms.append((labels, pool.handshakeHistogram(listener: listener.id, stats: stats), total(.tlsHandshakeMilliseconds)))
                 counter("l4lb_tls_errors_total", "Connections closed on a TLS error after the handshake.", labels, total(.tlsErrors))
                 for (counter, reason) in WorkerStats.ListenerCounter.tlsClientFailureReasons {
                     self.counter("l4lb_tls_client_auth_failures_total", "Client-certificate (mTLS) failures, by reason.", labels + [("reason", reason)], total(counter))
@@ -105,11 +133,26 @@ public final class MetricsExporter: @unchecked Sendable {
                           labels + [("certificate", certificate.certPath)], Double(certificate.notAfter))
                 }
             }
+            if upstreamTLSListeners.contains(listener.id) {
+                let help = "TLS handshakes l4lb made with upstreams (clusters with tls:), by result."
+                counter("l4lb_upstream_tls_handshakes_total", help, labels + [("result", "ok")], total(.tlsUpstreamHandshakes))
+                counter("l4lb_upstream_tls_handshakes_total", help, labels + [("result", "failed")], total(.tlsUpstreamFailures))
+                counter("l4lb_upstream_tls_resumptions_total", "Upstream TLS handshakes that resumed the endpoint's session.", labels, total(.tlsUpstreamResumed))
+                counter("l4lb_upstream_tls_unverified_total", "Upstream handshakes failed because the endpoint's certificate did not verify.", labels,
+                        total(.tlsUpstreamUnverified))
+            }
             if routedListeners.contains(listener.id) {
                 let help = "Connections by what their ClientHello's server name did: routed, default cluster, or closed (malformed, oversize, timeout)."
                 for (c, outcome) in [(WorkerStats.ListenerCounter.sniRouted, "routed"), (.sniDefault, "default"), (.sniMalformed, "malformed"),
                                      (.sniOversize, "oversize"), (.sniTimeouts, "timeout")] {
                     counter("l4lb_sni_connections_total", help, labels + [("outcome", outcome)], total(c))
+                }
+                if let plan = snapshot.listeners.first(where: { $0.id == listener.id }) {
+                    for (i, route) in plan.routes.enumerated() {
+                        counter("l4lb_sni_route_hits_total", "Connections each route took, by its first server name and cluster.",
+                                labels + [("route", route.serverNames.first ?? "\(i)"), ("cluster", snapshot.clusters[route.cluster].name)],
+                                stats.routeHits(listener: listener.id, route: i))
+                    }
                 }
             }
             if udpListeners.contains(listener.id) {

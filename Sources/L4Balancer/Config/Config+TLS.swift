@@ -48,4 +48,25 @@ extension Config {
 
         public init() {}
     }
+
+    /// `clusters[].tls`: TLS from l4lb to the cluster's endpoints (l4lb is the client).
+    public struct UpstreamTLS: Sendable, Equatable {
+        /// The name sent as SNI and, with `verify`, the name the certificate must carry.
+        public var serverName: String?
+        /// Trusted authorities (PEM); nil: the system's trust store.
+        public var caPath: String?
+        public var caPEM: [UInt8]?
+        /// Check the endpoint's certificate (chain to `ca`, and `sni` when set).
+        public var verify = true
+        /// Presented to endpoints that ask for a client certificate (mTLS to the upstream).
+        public var clientCertificate: TLS.Certificate?
+        public var minVersion = TLS.Version.tls12
+        public var ciphers: String?
+        public var ciphersuites: String?
+        public var alpn: [String] = []
+        /// Resume sessions with each endpoint (one cached session per endpoint per worker).
+        public var sessionReuse = true
+
+        public init() {}
+    }
 }

@@ -161,6 +161,8 @@ public struct Config: Sendable, Equatable {
         /// Ramp an endpoint that became healthy from 10% to 100% of its weight over this.
         public var slowStart: ConfigDuration = .zero
         public var onUnhealthy: OnUnhealthy = .keep
+        /// TLS to the endpoints; nil: plain TCP.
+        public var tls: UpstreamTLS?
 
         public enum OnUnhealthy: String, Sendable, CaseIterable {
             /// Connections already open carry on (HAProxy's default).

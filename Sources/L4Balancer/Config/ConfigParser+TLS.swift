@@ -17,31 +17,63 @@ extension ConfigWalker {
             fail("\(path).certificates", "required")
         }
         if let n = fields["min_version"], let v = choice(n, "\(path).min_version", Config.TLS.Version.self) { tls.minVersion = v }
-        if let n = fields["ciphers"], let s = string(n, "\(path).ciphers") {
-            if !TLSServerContext.acceptsCipherList(s, suites: false) {
-                fail("\(path).ciphers", "OpenSSL accepts no cipher in \"\(s)\"")
-            }
-            tls.ciphers = s
-        }
-        if let n = fields["ciphersuites"], let s = string(n, "\(path).ciphersuites") {
-            if !TLSServerContext.acceptsCipherList(s, suites: true) {
-                fail("\(path).ciphersuites", "OpenSSL accepts no TLS 1.3 suite in \"\(s)\"")
-            }
-            tls.ciphersuites = s
-        }
-        if let n = fields["alpn"] {
-            tls.alpn = list(n, "\(path).alpn", required: false) { walker, item, itemPath in
-                guard let s = walker.string(item, itemPath) else { return nil }
-                if s.isEmpty || s.utf8.count > 255 { walker.fail(itemPath, "a protocol name is 1 to 255 bytes") }
-                return s
-            }
-        }
+        (tls.ciphers, tls.ciphersuites, tls.alpn) = cipherSettings(fields, path)
         if let n = fields["session_tickets"], let b = bool(n, "\(path).session_tickets") { tls.sessionTickets = b }
         if let n = fields["session_cache_size"], let v = int(n, "\(path).session_cache_size", 0...10_000_000) { tls.sessionCacheSize = v }
         if let n = fields["handshake_timeout"], let d = duration(n, "\(path).handshake_timeout") {
             if d.milliseconds <= 0 { fail("\(path).handshake_timeout", "must be greater than 0") } else { tls.handshakeTimeout = d }
         }
         if let n = fields["client_auth"] { tls.clientAuth = clientAuth(n, "\(path).client_auth") }
+        return tls
+    }
+
+    /// `ciphers`, `ciphersuites` (each checked with OpenSSL) and `alpn`, for either side.
+    mutating func cipherSettings(_ fields: [String: Node], _ path: String) -> (ciphers: String?, ciphersuites: String?, alpn: [String]) {
+        var result: (ciphers: String?, ciphersuites: String?, alpn: [String]) = (nil, nil, [])
+        if let n = fields["ciphers"], let s = string(n, "\(path).ciphers") {
+            if !TLSServerContext.acceptsCipherList(s, suites: false) { fail("\(path).ciphers", "OpenSSL accepts no cipher in \"\(s)\"") }
+            result.ciphers = s
+        }
+        if let n = fields["ciphersuites"], let s = string(n, "\(path).ciphersuites") {
+            if !TLSServerContext.acceptsCipherList(s, suites: true) { fail("\(path).ciphersuites", "OpenSSL accepts no TLS 1.3 suite in \"\(s)\"") }
+            result.ciphersuites = s
+        }
+        if let n = fields["alpn"] {
+            result.alpn = list(n, "\(path).alpn", required: false) { walker, item, itemPath in
+                guard let s = walker.string(item, itemPath) else { return nil }
+                if s.isEmpty || s.utf8.count > 255 { walker.fail(itemPath, "a protocol name is 1 to 255 bytes") }
+                return s
+            }
+        }
+        return result
+    }
+
+    /// `clusters[].tls`: l4lb speaks TLS to the endpoints. `verify` (default true) checks
+    /// the chain against `ca` (else the system's trust store) and, when `sni` is set, that
+    /// the certificate names it.
+    mutating func upstreamTLS(_ node: Node, _ path: String) -> Config.UpstreamTLS? {
+        guard let fields = mapping(node, path, keys: [
+            "sni", "ca", "verify", "client_cert", "min_version", "ciphers", "ciphersuites", "alpn", "session_reuse",
+        ]) else { return nil }
+        var tls = Config.UpstreamTLS()
+        if let n = fields["sni"], let s = string(n, "\(path).sni") {
+            if s.isEmpty || s.utf8.count > 253 || s.contains(" ") { fail("\(path).sni", "\"\(s)\" is not a host name") }
+            tls.serverName = s
+        }
+        if let n = fields["verify"], let b = bool(n, "\(path).verify") { tls.verify = b }
+        if let n = fields["ca"], let caPath = string(n, "\(path).ca") {
+            do {
+                tls.caPEM = try TLSMaterial.authorities(caPath)
+                tls.caPath = caPath
+            } catch {
+                fail("\(path).ca", error.message)
+            }
+            if !tls.verify { fail("\(path).ca", "set with verify: false; the CA would not be used") }
+        }
+        if let n = fields["client_cert"] { tls.clientCertificate = tlsCertificate(n, "\(path).client_cert") }
+        if let n = fields["min_version"], let v = choice(n, "\(path).min_version", Config.TLS.Version.self) { tls.minVersion = v }
+        (tls.ciphers, tls.ciphersuites, tls.alpn) = cipherSettings(fields, path)
+        if let n = fields["session_reuse"], let b = bool(n, "\(path).session_reuse") { tls.sessionReuse = b }
         return tls
     }
 

@@ -86,6 +86,17 @@ struct ConfigWalker {
             fail("listeners", "required")
         }
         inferHealthCheckProtocols(&config)
+        for (i, cluster) in config.clusters.enumerated() where cluster.tls != nil {
+            for (l, listener) in config.listeners.enumerated() {
+                let uses = listener.clusters.contains { $0.name == cluster.name } || listener.routes.contains { $0.cluster == cluster.name }
+                guard uses else { continue }
+                if listener.transport == .udp {
+                    fail("clusters[\(i)].tls", "TLS to endpoints is for TCP, and listeners[\(l)] is udp")
+                } else if !listener.routes.isEmpty {
+                    fail("clusters[\(i)].tls", "listeners[\(l)] routes by server name and passes the client's TLS through; it cannot be wrapped in TLS again")
+                }
+            }
+        }
         var seenNames: [String: Int] = [:]
         // One TCP and one UDP listener may share an address (DNS on port 53 does).
         var seenAddresses: [String: Int] = [:]
@@ -224,6 +235,9 @@ struct ConfigWalker {
         if listener.transport == .tcp, let n = fields["tls"] { listener.tls = tls(n, "\(path).tls") }
         if listener.transport == .tcp, let n = fields["routes"] {
             listener.routes = routes(n, "\(path).routes", clusters: known)
+            if listener.routes.count > WorkerStats.routesPerListener {
+                fail("\(path).routes", "\(listener.routes.count) routes; at most \(WorkerStats.routesPerListener) per listener (a route may list many server_names)")
+            }
             if fields["tls"] != nil { fail("\(path).routes", "routes pass TLS through by server name; set either tls or routes, not both") }
         }
         if listener.transport == .tcp, let n = fields["inspect_timeout"], let d = duration(n, "\(path).inspect_timeout") {
@@ -257,8 +271,6 @@ struct ConfigWalker {
             "max_connections", "slow_start", "table_size", "minimum_ring_size", "hash_balance_factor",
             "choice_count", "active_request_bias", "on_unhealthy", "tls",
         ]) else { return nil }
-        // TLS to the upstream (DESIGN §6) is not built: refused by name, never ignored.
-        if fields["tls"] != nil { fail("\(path).tls", "not supported yet") }
         var name: String?
         if let n = fields["name"] {
             name = string(n, "\(path).name")
@@ -319,6 +331,7 @@ struct ConfigWalker {
                 fail("\(path).active_request_bias", "expected a number from 0 to 100, got \(describe(n))")
             }
         }
+        if let n = fields["tls"] { cluster.tls = upstreamTLS(n, "\(path).tls") }
         if let n = fields["health_check"] { cluster.healthCheck = healthCheck(n, "\(path).health_check", cluster: cluster.name) }
         if let n = fields["outlier_detection"] { cluster.outlierDetection = outlierDetection(n, "\(path).outlier_detection") }
         if let n = fields["max_connections"], let v = int(n, "\(path).max_connections", 1...10_000_000) { cluster.maxConnections = v }

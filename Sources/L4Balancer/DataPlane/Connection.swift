@@ -12,6 +12,9 @@ struct Connection {
         case inspecting
         /// Connected; the PROXY protocol header is on its way to the upstream.
         case sendingProxyHeader
+        /// The cluster has `tls:`: the handshake with the upstream runs (after the PROXY
+        /// header, which goes in the clear as HAProxy's `send-proxy` does).
+        case upstreamHandshaking
         case proxying
         /// Closing: waiting for the requests still in flight, then the sockets close.
         case closing
@@ -118,6 +121,8 @@ struct Connection {
     var holds = Holds()
     /// TLS terminated here: OpenSSL state in the worker's `tlsSlots`.
     var tls = false
+    /// TLS to the upstream: OpenSSL state in the worker's `upstreamTLSSlots`.
+    var upstreamTLS = false
     /// The worker plan it was opened under (`WorkerPlan.index`).
     var plan: UInt16 = 0
     /// The listener's identity; the cluster's position in the plan's snapshot.

@@ -30,6 +30,10 @@ struct UserData {
         /// `routes`: a peek at the client's first bytes; the poll that waits for more.
         case peekClientHello
         case clientHelloReadable
+        /// TLS to the upstream (clusters with `tls:`): ciphertext from it; ciphertext to it.
+        case receiveCiphertextFromUpstream
+        case sendCiphertextToUpstream
+        case receiveLargeCiphertextFromUpstream
     }
 
     var raw: UInt64

@@ -18,7 +18,7 @@ extension Worker {
             // 65,535 plans alive at once: keep the current one until older ones close.
             return
         }
-        let plan = WorkerPlan(snapshot: snapshot, index: index, worker: control.index, previous: current)
+        let plan = WorkerPlan(snapshot: snapshot, index: index, worker: control.index, previous: current, sessions: upstreamSessions)
         plans[Int(index)] = plan
         let previous = current
         current = plan

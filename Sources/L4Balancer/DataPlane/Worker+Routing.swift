@@ -67,9 +67,11 @@ extension Worker {
         switch ClientHello.parse(bytes) {
         case .complete(let offset, let length):
             let routes = plans[Int(record.pointee.plan)].unsafelyUnwrapped.routes[listener].unsafelyUnwrapped
-            let routed = length > 0 ? routes.cluster(for: bytes, offset: offset, length: length) : nil
+            let matched = length > 0 ? routes.route(for: bytes, offset: offset, length: length) : nil
             recycle(buffer, large: false)
-            stats.add(routed == nil ? .sniDefault : .sniRouted, listener: listener)
+            stats.add(matched == nil ? .sniDefault : .sniRouted, listener: listener)
+            if let matched { stats.addRouteHit(listener: listener, route: matched) }
+            let routed = matched.map { routes.clusters[$0] }
             if s.pointee.pendingLength != 0 { setReceiveLowWater(record.pointee.client, 1) }
             record.pointee.toUpstream = Connection.Stream()
             route(slot, record, cluster: routed ?? routes.defaultCluster)

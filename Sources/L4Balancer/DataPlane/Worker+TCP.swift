@@ -251,7 +251,7 @@ extension Worker {
         record.pointee.lastActivity = nowTick
         let version = plans[Int(record.pointee.plan)].unsafelyUnwrapped.proxyProtocols[listener]
         if version == .none {
-            startProxying(slot, record)
+            upstreamReady(slot, record)
             return
         }
         record.pointee.state = .sendingProxyHeader
@@ -303,7 +303,7 @@ extension Worker {
                 recycle(tlsSlots[Int(slot)].headerBuffer, large: false)
                 tlsSlots[Int(slot)].headerBuffer = Connection.Stream.noBuffer
             }
-            startProxying(slot, record)
+            upstreamReady(slot, record)
         }
     }
 
@@ -311,17 +311,26 @@ extension Worker {
 
     func startProxying(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
         record.pointee.state = .proxying
-        // A TLS client's receive may still be armed from the handshake.
-        let armed = record.pointee.tls && record.pointee.toUpstream.receiveArmed
+        // A TLS side's receive may still be armed from its handshake.
+        let clientArmed = record.pointee.tls && record.pointee.toUpstream.receiveArmed
+        let upstreamArmed = record.pointee.upstreamTLS && record.pointee.toClient.receiveArmed
         record.pointee.toUpstream = Connection.Stream()
-        record.pointee.toUpstream.receiveArmed = armed
+        record.pointee.toUpstream.receiveArmed = clientArmed
         record.pointee.toClient = Connection.Stream()
-        if record.pointee.tls {
-            startTLSProxying(slot, record)
-            return
+        record.pointee.toClient.receiveArmed = upstreamArmed
+        // From a TLS side, plaintext may already wait in OpenSSL (it came with the
+        // handshake, or while the other side was opening): read it first.
+        if record.pointee.upstreamTLS {
+            pullPendingPlaintext(slot, record, atUpstream: true)
+        } else {
+            armReceive(slot, record, toUpstream: false)
         }
-        armReceive(slot, record, toUpstream: true)
-        armReceive(slot, record, toUpstream: false)
+        guard record.pointee.state == .proxying else { return }
+        if record.pointee.tls {
+            pullPendingPlaintext(slot, record, atUpstream: false)
+        } else {
+            armReceive(slot, record, toUpstream: true)
+        }
     }
 
     /// Arms the receive of a direction that holds nothing (`Connection.Stream` has the
@@ -331,10 +340,12 @@ extension Worker {
     func armReceive(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, toUpstream: Bool) {
         let s = stream(record, toUpstream: toUpstream)
         let socket = source(record, toUpstream: toUpstream)
-        let ciphertext = toUpstream && record.pointee.tls
+        let ciphertext = toUpstream ? record.pointee.tls : record.pointee.upstreamTLS
         let large = s.pointee.prefersLarge
         let operation: UserData.Operation = ciphertext
-            ? (large ? .receiveLargeCiphertextFromClient : .receiveCiphertextFromClient)
+            ? (toUpstream
+                ? (large ? .receiveLargeCiphertextFromClient : .receiveCiphertextFromClient)
+                : (large ? .receiveLargeCiphertextFromUpstream : .receiveCiphertextFromUpstream))
             : large
             ? (toUpstream ? .receiveLargeFromClient : .receiveLargeFromUpstream)
             : (toUpstream ? .receiveFromClient : .receiveFromUpstream)
@@ -440,19 +451,9 @@ extension Worker {
                 s.pointee.prefersLarge = false
             }
             record.pointee.lastActivity = nowTick
-            let listener = Int(record.pointee.listener)
-            let endpoint = Int(record.pointee.endpoint)
-            if toUpstream {
-                stats.add(.bytesIn, listener: listener, UInt64(result))
-                stats.add(.bytesOut, endpoint: endpoint, UInt64(result))
-                if let slots = accessSlots { slots[Int(slot)].bytesFromClient &+= UInt64(result) }
-            } else {
-                stats.add(.bytesOut, listener: listener, UInt64(result))
-                stats.add(.bytesIn, endpoint: endpoint, UInt64(result))
-                if let slots = accessSlots { slots[Int(slot)].bytesFromUpstream &+= UInt64(result) }
-            }
-            if record.pointee.tls {
-                receivedPlaintextForClient(slot, record, buffer: buffer, length: result, large: large)
+            countRelayed(slot, record, toUpstream: toUpstream, result)
+            if isTLS(record, atUpstream: toUpstream) {
+                receivedPlaintext(slot, record, forTLSAtUpstream: toUpstream, buffer: buffer, length: result, large: large)
             } else if s.pointee.state == .sending {
                 absorb(slot, buffer, length: result, into: s)
             } else {
@@ -468,8 +469,8 @@ extension Worker {
             }
             // EOF: forward it as a half-close once what came before it is sent, and keep
             // the other direction open.
-            if record.pointee.tls {
-                upstreamEndedTLS(slot, record)
+            if isTLS(record, atUpstream: toUpstream) {
+                endDirection(slot, record, toUpstream: toUpstream)
             } else if s.pointee.state == .sending {
                 s.pointee.move(to: .flushingBeforeEOF)
             } else {
@@ -487,6 +488,23 @@ extension Worker {
             if s.pointee.state == .receiving { armReceive(slot, record, toUpstream: toUpstream) }
         } else if !more || result < 0 {
             close(slot, reason: result < 0 ? Worker.reason(result) : nil)
+        }
+    }
+
+    /// Counts application bytes on their way `toUpstream` (or to the client): the
+    /// listener's and the endpoint's, and the access log's.
+    @inline(__always)
+    func countRelayed(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, toUpstream: Bool, _ count: Int32) {
+        let listener = Int(record.pointee.listener)
+        let endpoint = Int(record.pointee.endpoint)
+        if toUpstream {
+            stats.add(.bytesIn, listener: listener, UInt64(count))
+            stats.add(.bytesOut, endpoint: endpoint, UInt64(count))
+            if let slots = accessSlots { slots[Int(slot)].bytesFromClient &+= UInt64(count) }
+        } else {
+            stats.add(.bytesOut, listener: listener, UInt64(count))
+            stats.add(.bytesIn, endpoint: endpoint, UInt64(count))
+            if let slots = accessSlots { slots[Int(slot)].bytesFromUpstream &+= UInt64(count) }
         }
     }
 
@@ -541,8 +559,8 @@ extension Worker {
             sendPending(slot, record, toUpstream: toUpstream)
             return
         }
-        if toUpstream, record.pointee.tls {
-            plaintextSentUpstream(slot, record)
+        if isTLS(record, atUpstream: !toUpstream) {
+            plaintextSent(slot, record, toUpstream: toUpstream)
             return
         }
         recycle(s.pointee.buffer, large: s.pointee.large)
@@ -613,7 +631,7 @@ extension Worker {
         }
         dropPending(stream(record, toUpstream: true))
         dropPending(stream(record, toUpstream: false))
-        if record.pointee.tls { releaseTLSBuffers(slot, record) }
+        if record.pointee.tls || record.pointee.upstreamTLS { releaseTLSBuffers(slot, record) }
         waiters.remove(BufferWaitQueue.entry(slot: slot, toUpstream: true))
         waiters.remove(BufferWaitQueue.entry(slot: slot, toUpstream: false))
         if record.pointee.inFlight > 0 {
@@ -638,7 +656,7 @@ extension Worker {
         guard record.pointee.state == .closing, record.pointee.inFlight == 0 else { return }
         Glibc.close(record.pointee.client)
         if record.pointee.upstream >= 0 { Glibc.close(record.pointee.upstream) }
-        if record.pointee.tls { freeTLS(slot) }
+        if record.pointee.tls || record.pointee.upstreamTLS { freeTLS(slot, record) }
         let plan = record.pointee.plan
         slab.release(slot)
         release(plan: plan)

@@ -5,114 +5,161 @@ import URing
 import Glibc
 #endif
 
-/// One TLS connection's OpenSSL state, in the worker's side table by slot (touched only by
-/// TLS connections). Ciphertext from the client is copied into `input` (a memory BIO)
-/// and the receive buffer is reused for the plaintext OpenSSL reads out of it; ciphertext
-/// OpenSSL writes to `output` goes to the client in one small buffer at a time.
+/// One side's OpenSSL state for a TLS connection, in the worker's side tables by slot
+/// (`tlsSlots` for the client side, `upstreamTLSSlots` for the upstream; touched only by
+/// TLS connections). Ciphertext from the peer is copied into `input` (a memory BIO) and
+/// the receive buffer is reused for the plaintext OpenSSL reads out of it; ciphertext
+/// OpenSSL writes to `output` goes to the peer in one small buffer at a time.
 struct TLSSlot {
     var ssl: OpaquePointer?
     var input: OpaquePointer?
     var output: OpaquePointer?
-    /// The small buffer carrying ciphertext to the client (a send in flight), or none.
+    /// The small buffer carrying ciphertext to the peer (a send in flight), or none.
     var cipherBuffer = Connection.Stream.noBuffer
     var cipherLength: Int32 = 0
     var cipherSent: Int32 = 0
-    /// The small buffer the PROXY v2 header (with its TLS TLVs) is sent from.
+    /// Client side: the small buffer the PROXY v2 header (with its TLS TLVs) is sent from.
     var headerBuffer = Connection.Stream.noBuffer
     /// close_notify has been written (after the upstream's EOF).
     var closeNotifyQueued = false
     /// The handshake failed: close once its alert has been sent.
     var closeAfterFlush = false
-    /// The client's FIN came while the upstream was still being connected.
-    var clientEnded = false
+    /// This side's FIN came before the relay started (the other side still opening).
+    var peerEnded = false
     /// `cipherBuffer` is filled but its send could not be queued: retried at the tick.
     var cipherUnsent = false
     /// Accept time (monotonic ms), for the handshake latency.
     var started: Int64 = 0
 }
 
-/// TLS termination inside the worker (DESIGN §3): the same relay and buffer contract as
-/// plain TCP, with OpenSSL between the client socket and the buffers.
+/// TLS inside the worker (DESIGN §3): the same relay and buffer contract as plain TCP,
+/// with OpenSSL between a socket and the buffers — on the client side (`listeners[].tls`,
+/// l4lb the server), the upstream side (`clusters[].tls`, l4lb the client), or both.
+/// `atUpstream` names the side a TLS step is about.
 ///
-/// - client → upstream: a receive brings ciphertext; it is copied into the connection's
-///   input BIO and the same buffer takes the plaintext `SSL_read` gives, which is sent to
-///   the upstream. When that send completes, more plaintext is read into the same buffer
-///   before the buffer is recycled; the receive is armed again only when OpenSSL has no
-///   whole record left (`SSL_ERROR_WANT_READ`), so the BIO holds at most one partial
-///   record plus one receive's worth.
-/// - upstream → client: plaintext arrives as for plain TCP (`Connection.Stream`); it is
-///   encrypted into the output BIO while that holds less than `outputHighWater`, and the
-///   ciphertext goes to the client from one small buffer at a time. The plaintext buffer
-///   is recycled (and the upstream read again) once OpenSSL has taken all of it.
-/// - The handshake runs before the upstream is connected; `handshake_timeout` bounds it.
-///   The upstream's EOF becomes close_notify, then a half-close once it is sent.
+/// - From a TLS side: a receive brings ciphertext; it is copied into that side's input
+///   BIO and the same buffer takes the plaintext `SSL_read` gives, which goes on to the
+///   other side (a plain send, or encryption for it). When that completes, more plaintext
+///   is read into the same buffer before the buffer is recycled; the receive is armed
+///   again only when OpenSSL has no whole record left (`SSL_ERROR_WANT_READ`), so the BIO
+///   holds at most one partial record plus one receive's worth.
+/// - Toward a TLS side: plaintext is held as the direction's buffer (`Connection.Stream`)
+///   and encrypted into that side's output BIO while it holds less than `outputHighWater`;
+///   the ciphertext goes out from one small buffer at a time. The plaintext buffer is
+///   recycled (or refilled, when its source is TLS too) once OpenSSL has all of it.
+/// - The client handshake runs before the upstream is connected (`handshake_timeout`
+///   bounds it); the upstream handshake after the connect and PROXY header
+///   (`connect_timeout` bounds it). An EOF toward a TLS side becomes close_notify, then a
+///   half-close once it is sent.
 extension Worker {
-    /// Ciphertext waiting for the client beyond which plaintext is not encrypted (two
-    /// full records): the upstream direction waits, as a plain send would.
+    /// Ciphertext waiting for a peer beyond which plaintext is not encrypted (two full
+    /// records): that direction waits, as a plain send would.
     static let outputHighWater = 2 * (16_384 + 64)
 
-    // MARK: Handshake
+    @inline(__always)
+    func tlsSlot(_ slot: UInt32, atUpstream: Bool) -> UnsafeMutablePointer<TLSSlot> {
+        (atUpstream ? upstreamTLSSlots : tlsSlots) + Int(slot)
+    }
 
+    @inline(__always)
+    func isTLS(_ record: UnsafeMutablePointer<Connection>, atUpstream: Bool) -> Bool {
+        atUpstream ? record.pointee.upstreamTLS : record.pointee.tls
+    }
+
+    // MARK: Handshakes
+
+    /// The client's handshake (l4lb the server).
     func startHandshake(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, context: TLSServerContext) {
-        let t = tlsSlots + Int(slot)
         guard let ssl = SSL_new(context.defaultContext) else {
             close(slot, reason: .error)
             return
         }
+        SSL_set_accept_state(ssl)
+        guard attach(ssl, slot, atUpstream: false) else {
+            close(slot, reason: .error)
+            return
+        }
+        record.pointee.tls = true
+        record.pointee.state = .handshaking
+        armReceive(slot, record, toUpstream: true)
+    }
+
+    /// The upstream's handshake (l4lb the client), once connected and the PROXY header sent.
+    func startUpstreamHandshake(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, context: TLSClientContext) {
+        guard let ssl = context.connection(endpoint: Int(record.pointee.endpoint)), attach(ssl, slot, atUpstream: true) else {
+            stats.add(.tlsUpstreamFailures, listener: Int(record.pointee.listener))
+            close(slot, reason: .error)
+            return
+        }
+        record.pointee.upstreamTLS = true
+        record.pointee.state = .upstreamHandshaking
+        record.pointee.lastActivity = nowTick
+        // Bounded by connect_timeout: filed again at that deadline.
+        let limit = plans[Int(record.pointee.plan)].unsafelyUnwrapped.connectTicks[Int(record.pointee.listener)]
+        if limit > 0 {
+            wheel.remove(slot, in: slab)
+            wheel.insert(slot, deadline: nowTick &+ limit, in: slab)
+        }
+        continueHandshake(slot, record, atUpstream: true)
+    }
+
+    /// Gives `ssl` its memory BIOs and its side's slot; false (and `ssl` freed) on failure.
+    func attach(_ ssl: OpaquePointer, _ slot: UInt32, atUpstream: Bool) -> Bool {
         let input = BIO_new(BIO_s_mem())
         let output = BIO_new(BIO_s_mem())
         guard let input, let output else {
             if let input { BIO_free(input) }
             if let output { BIO_free(output) }
             SSL_free(ssl)
-            close(slot, reason: .error)
-            return
+            return false
         }
         // An empty memory BIO means "wait for more", not EOF.
         COpenSSL_BIO_set_mem_eof_return(input, -1)
         COpenSSL_BIO_set_mem_eof_return(output, -1)
         SSL_set_bio(ssl, input, output)
-        SSL_set_accept_state(ssl)
-        t.initialize(to: TLSSlot(ssl: ssl, input: input, output: output, started: nowMilliseconds))
-        record.pointee.tls = true
-        record.pointee.state = .handshaking
-        armReceive(slot, record, toUpstream: true)
+        tlsSlot(slot, atUpstream: atUpstream).initialize(to: TLSSlot(ssl: ssl, input: input, output: output, started: nowMilliseconds))
+        return true
     }
 
-    func continueHandshake(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
-        let t = tlsSlots + Int(slot)
-        let ssl = t.pointee.ssl
+    func continueHandshake(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, atUpstream: Bool) {
+        let ssl = tlsSlot(slot, atUpstream: atUpstream).pointee.ssl
         let result = SSL_do_handshake(ssl)
         if result == 1 {
-            flushCiphertext(slot, record)
-            handshakeDone(slot, record)
+            flushCiphertext(slot, record, atUpstream: atUpstream)
+            if atUpstream { upstreamHandshakeDone(slot, record) } else { handshakeDone(slot, record) }
             return
         }
-        let error = SSL_get_error(ssl, result)
-        if error == SSL_ERROR_WANT_READ {
-            flushCiphertext(slot, record)
-            if !record.pointee.toUpstream.receiveArmed { armReceive(slot, record, toUpstream: true) }
+        if SSL_get_error(ssl, result) == SSL_ERROR_WANT_READ {
+            flushCiphertext(slot, record, atUpstream: atUpstream)
+            if !stream(record, toUpstream: !atUpstream).pointee.receiveArmed { armReceive(slot, record, toUpstream: !atUpstream) }
             return
         }
-        handshakeFailed(slot, record)
+        handshakeFailed(slot, record, atUpstream: atUpstream)
     }
 
     @inline(never)
-    func handshakeFailed(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
-        let t = tlsSlots + Int(slot)
+    func handshakeFailed(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, atUpstream: Bool) {
+        let t = tlsSlot(slot, atUpstream: atUpstream)
         let listener = Int(record.pointee.listener)
-        stats.add(.tlsHandshakeFailures, listener: listener)
-        switch COpenSSL_client_auth_failure(t.pointee.ssl) {
-        case 1: stats.add(.tlsClientNoCertificate, listener: listener)
-        case 2: stats.add(.tlsClientUntrusted, listener: listener)
-        case 3: stats.add(.tlsClientRevoked, listener: listener)
-        case 4: stats.add(.tlsClientExpired, listener: listener)
-        default: break
+        if atUpstream {
+            stats.add(.tlsUpstreamFailures, listener: listener)
+            if COpenSSL_verify_failed(t.pointee.ssl) == 1 { stats.add(.tlsUpstreamUnverified, listener: listener) }
+            // The endpoint failed this connection: outlier detection hears of it.
+            stats.add(.connectFailures, endpoint: Int(record.pointee.endpoint))
+        } else {
+            stats.add(.tlsHandshakeFailures, listener: listener)
+            switch COpenSSL_client_auth_failure(t.pointee.ssl) {
+            case 1: stats.add(.tlsClientNoCertificate, listener: listener)
+            case 2: stats.add(.tlsClientUntrusted, listener: listener)
+            case 3: stats.add(.tlsClientRevoked, listener: listener)
+            case 4: stats.add(.tlsClientExpired, listener: listener)
+            default: break
+            }
         }
         ERR_clear_error()
-        // Send the alert OpenSSL wrote, then close (the handshake timeout still applies).
+        // Send the alert OpenSSL wrote, then close (the opening timeout still applies).
         t.pointee.closeAfterFlush = true
-        flushCiphertext(slot, record)
+        flushCiphertext(slot, record, atUpstream: atUpstream)
         if t.pointee.cipherBuffer == Connection.Stream.noBuffer { close(slot, reason: .error) }
     }
 
@@ -126,24 +173,46 @@ extension Worker {
         default: stats.add(.tlsHandshakesOther, listener: listener)
         }
         if SSL_session_reused(ssl) == 1 { stats.add(.tlsResumed, listener: listener) }
-        stats.add(.tlsHandshakeMilliseconds, listener: listener, UInt64(max(0, nowMilliseconds - t.pointee.started)))
+        let milliseconds = max(0, nowMilliseconds - t.pointee.started)
+        stats.add(.tlsHandshakeMilliseconds, listener: listener, UInt64(milliseconds))
+        stats.add(WorkerStats.ListenerCounter.handshakeBucket(milliseconds: milliseconds), listener: listener)
         record.pointee.lastActivity = nowTick
         record.pointee.state = .connecting
         startConnect(slot)
     }
 
-    // MARK: Client → upstream
+    func upstreamHandshakeDone(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
+        let listener = Int(record.pointee.listener)
+        stats.add(.tlsUpstreamHandshakes, listener: listener)
+        if SSL_session_reused(upstreamTLSSlots[Int(slot)].ssl) == 1 { stats.add(.tlsUpstreamResumed, listener: listener) }
+        record.pointee.lastActivity = nowTick
+        startProxying(slot, record)
+    }
 
-    /// A receive on a TLS client socket: ciphertext for OpenSSL. Small buffers, multishot;
-    /// once a read fills one (bulk), large buffers, single-shot, as for plain TCP.
-    func receivedCiphertext(_ completion: Completion, _ userData: UserData, large: Bool) {
-        guard let (record, s) = beginReceive(completion, userData, toUpstream: true, large: large, duringOpening: true) else { return }
+    /// After the connect (and the PROXY header): the upstream handshake when the cluster
+    /// has `tls:`, else the relay.
+    func upstreamReady(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
+        if let context = plans[Int(record.pointee.plan)].unsafelyUnwrapped.upstreamTLS[Int(record.pointee.cluster)] {
+            startUpstreamHandshake(slot, record, context: context)
+        } else {
+            startProxying(slot, record)
+        }
+    }
+
+    // MARK: From a TLS side
+
+    /// A receive on a TLS socket: ciphertext for OpenSSL. Small buffers, multishot; once
+    /// a read fills one (bulk), large buffers, single-shot, as for plain TCP.
+    func receivedCiphertext(_ completion: Completion, _ userData: UserData, large: Bool, atUpstream: Bool) {
+        let toUpstream = !atUpstream
+        guard let (record, s) = beginReceive(completion, userData, toUpstream: toUpstream, large: large, duringOpening: true) else { return }
         let slot = userData.slot
         let buffer = completion.bufferID
         let more = completion.hasMore
         let state = record.pointee.state
+        let handshaking: Connection.State = atUpstream ? .upstreamHandshaking : .handshaking
         let result = completion.result
-        let t = tlsSlots + Int(slot)
+        let t = tlsSlot(slot, atUpstream: atUpstream)
         if result > 0, let buffer {
             guard BIO_write(t.pointee.input, bufferAddress(buffer, large: large), result) == result else {
                 recycle(buffer, large: large)
@@ -157,15 +226,15 @@ extension Worker {
                     s.pointee.prefersLarge = false
                 }
             }
-            if state == .handshaking {
+            if state == handshaking {
                 recycle(buffer, large: large)
-                if !t.pointee.closeAfterFlush { continueHandshake(slot, record) }
+                if !t.pointee.closeAfterFlush { continueHandshake(slot, record, atUpstream: atUpstream) }
             } else if state == .proxying, s.pointee.state == .receiving {
                 record.pointee.lastActivity = nowTick
-                afterPlaintextPull(slot, record, pullPlaintext(slot, record, into: buffer, large: large))
+                afterPlaintextPull(slot, record, atUpstream: atUpstream, pullPlaintext(slot, record, atUpstream: atUpstream, into: buffer, large: large))
             } else {
-                // Connecting, or a plaintext send in flight: the bytes wait in the BIO,
-                // and the receive is armed again only once they are read.
+                // Connecting, or the other side busy: the bytes wait in the BIO, and the
+                // receive is armed again only once they are read.
                 recycle(buffer, large: large)
             }
             return
@@ -173,41 +242,46 @@ extension Worker {
         if let buffer { recycle(buffer, large: large) }
         if result == 0 {
             guard state == .proxying else {
-                if state == .handshaking { close(slot, reason: .clientFIN) } else { t.pointee.clientEnded = true }
+                if state == handshaking {
+                    if atUpstream { stats.add(.tlsUpstreamFailures, listener: Int(record.pointee.listener)) }
+                    close(slot, reason: atUpstream ? .upstreamFIN : .clientFIN)
+                } else {
+                    t.pointee.peerEnded = true
+                }
                 return
             }
             switch s.pointee.state {
             case .sending: s.pointee.move(to: .flushingBeforeEOF)
-            case .receiving: forwardEOF(slot, record, toUpstream: true)
+            case .receiving: endDirection(slot, record, toUpstream: toUpstream)
             default: break
             }
         } else if result == -ENOBUFS, large {
             // Large buffers are few: fall back to small ones rather than wait.
             s.pointee.prefersLarge = false
-            if state == .proxying, s.pointee.state == .receiving { armReceive(slot, record, toUpstream: true) }
+            if state == .proxying, s.pointee.state == .receiving { armReceive(slot, record, toUpstream: toUpstream) }
         } else if result == -ENOBUFS {
             stats.add(.bufferWaits, listener: Int(record.pointee.listener))
-            if state == .handshaking || (state == .proxying && s.pointee.state == .receiving) {
-                waitForBuffer(slot, record, toUpstream: true)
+            if state == handshaking || (state == .proxying && s.pointee.state == .receiving) {
+                waitForBuffer(slot, record, toUpstream: toUpstream)
             }
         } else if result == -ECANCELED, !more {
-            if state == .handshaking || (state == .proxying && s.pointee.state == .receiving) {
-                armReceive(slot, record, toUpstream: true)
+            if state == handshaking || (state == .proxying && s.pointee.state == .receiving) {
+                armReceive(slot, record, toUpstream: toUpstream)
             }
         } else if result < 0 {
             close(slot, reason: Worker.reason(result))
-        } else if !more, state == .handshaking || (state == .proxying && s.pointee.state == .receiving) {
-            armReceive(slot, record, toUpstream: true)
+        } else if !more, state == handshaking || (state == .proxying && s.pointee.state == .receiving) {
+            armReceive(slot, record, toUpstream: toUpstream)
         }
     }
 
-    enum PlaintextPull { case sent, drained, closedByPeer, failed }
+    enum PlaintextPull: Equatable { case bytes(Int32), drained, closedByPeer, failed }
 
-    /// Reads plaintext into `buffer` (free: its ciphertext is in the BIO) and sends it to
-    /// the upstream; or recycles it when OpenSSL has none. A small buffer takes one
-    /// record; a large one as many as it holds (one big send instead of many).
-    func pullPlaintext(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, into buffer: UInt16, large: Bool) -> PlaintextPull {
-        let t = tlsSlots + Int(slot)
+    /// Reads plaintext from a TLS side into `buffer` (free: its ciphertext is in the BIO)
+    /// and counts it. A small buffer takes one record; a large one as many as it holds
+    /// (one big send instead of many).
+    func readPlaintext(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, atUpstream: Bool, into buffer: UInt16, large: Bool) -> PlaintextPull {
+        let t = tlsSlot(slot, atUpstream: atUpstream)
         let ssl = t.pointee.ssl
         let address = bufferAddress(buffer, large: large)
         var count = SSL_read(ssl, address, Int32(smallBuffers.bufferSize))
@@ -216,7 +290,7 @@ extension Worker {
             while capacity - count >= 16_384 {
                 let more = SSL_read(ssl, address + Int(count), capacity - count)
                 guard more > 0 else {
-                    // WANT_READ, or an error or close_notify the next pull reports again.
+                    // WANT_READ, or an error or close_notify the next read reports again.
                     ERR_clear_error()
                     break
                 }
@@ -225,19 +299,12 @@ extension Worker {
             if COpenSSL_BIO_pending(t.pointee.input) == 0, SSL_has_pending(ssl) == 0 { releaseInputMemory(t) }
         }
         // Reading may write too (alerts, a key update's answer).
-        flushCiphertext(slot, record)
+        flushCiphertext(slot, record, atUpstream: atUpstream)
         if count > 0 {
-            let s = stream(record, toUpstream: true)
-            let endpoint = Int(record.pointee.endpoint)
             // Listener and endpoint bytes are the application's (plaintext), as for TCP.
-            stats.add(.bytesIn, listener: Int(record.pointee.listener), UInt64(count))
-            stats.add(.bytesOut, endpoint: endpoint, UInt64(count))
-            if let slots = accessSlots { slots[Int(slot)].bytesFromClient &+= UInt64(count) }
-            if s.pointee.state == .receiving { s.pointee.move(to: .sending) }
-            startSend(slot, record, toUpstream: true, buffer: buffer, length: count, large: large)
-            return .sent
+            countRelayed(slot, record, toUpstream: !atUpstream, count)
+            return .bytes(count)
         }
-        recycle(buffer, large: large)
         switch SSL_get_error(ssl, count) {
         case SSL_ERROR_WANT_READ: return .drained
         case SSL_ERROR_ZERO_RETURN: return .closedByPeer
@@ -246,6 +313,30 @@ extension Worker {
             stats.add(.tlsErrors, listener: Int(record.pointee.listener))
             return .failed
         }
+    }
+
+    /// Reads plaintext into `buffer` and passes it on to the other side (a plain send, or
+    /// encryption); or recycles the buffer when OpenSSL has none.
+    func pullPlaintext(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, atUpstream: Bool, into buffer: UInt16, large: Bool) -> PlaintextPull {
+        let pull = readPlaintext(slot, record, atUpstream: atUpstream, into: buffer, large: large)
+        guard case .bytes(let count) = pull else {
+            recycle(buffer, large: large)
+            return pull
+        }
+        let toUpstream = !atUpstream
+        let s = stream(record, toUpstream: toUpstream)
+        if s.pointee.state == .receiving { s.pointee.move(to: .sending) }
+        if isTLS(record, atUpstream: toUpstream) {
+            s.pointee.buffer = buffer
+            s.pointee.large = large
+            s.pointee.length = count
+            s.pointee.sent = 0
+            s.pointee.sendProgress = nowTick
+            encryptFor(slot, record, atUpstream: toUpstream)
+        } else {
+            startSend(slot, record, toUpstream: toUpstream, buffer: buffer, length: count, large: large)
+        }
+        return pull
     }
 
     /// A memory BIO keeps the largest size it ever held: after a large receive's burst,
@@ -258,82 +349,102 @@ extension Worker {
         t.pointee.input = fresh
     }
 
-    /// What follows a pull, in any state of the client → upstream direction.
-    func afterPlaintextPull(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, _ pull: PlaintextPull) {
-        let s = stream(record, toUpstream: true)
+    /// What follows a pull from a TLS side, in any state of the direction it feeds.
+    func afterPlaintextPull(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, atUpstream: Bool, _ pull: PlaintextPull) {
+        let toUpstream = !atUpstream
+        let s = stream(record, toUpstream: toUpstream)
         switch pull {
-        case .sent:
+        case .bytes:
             return
         case .drained:
             if s.pointee.state == .flushingBeforeEOF {
-                forwardEOF(slot, record, toUpstream: true)
+                endDirection(slot, record, toUpstream: toUpstream)
             } else if !s.pointee.receiveArmed {
-                armReceive(slot, record, toUpstream: true)
+                armReceive(slot, record, toUpstream: toUpstream)
             } else if s.pointee.state != .receiving {
                 s.pointee.move(to: .receiving)
             }
         case .closedByPeer:
-            // close_notify: the client's EOF.
-            if s.pointee.state == .sending { s.pointee.move(to: .flushingBeforeEOF) }
-            forwardEOF(slot, record, toUpstream: true)
+            // close_notify: the peer's EOF.
+            endDirection(slot, record, toUpstream: toUpstream)
         case .failed:
             close(slot, reason: .error)
         }
     }
 
-    /// A plaintext send to the upstream completed in full: read more into the same buffer
+    /// The direction's EOF, once nothing is held: a half-close, after close_notify when
+    /// its destination is TLS.
+    func endDirection(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, toUpstream: Bool) {
+        let s = stream(record, toUpstream: toUpstream)
+        guard isTLS(record, atUpstream: toUpstream) else {
+            if s.pointee.state == .sending { s.pointee.move(to: .flushingBeforeEOF) }
+            forwardEOF(slot, record, toUpstream: toUpstream)
+            return
+        }
+        if s.pointee.state == .receiving { s.pointee.buffer = Connection.Stream.noBuffer }
+        s.pointee.move(to: .flushingBeforeEOF)
+        encryptFor(slot, record, atUpstream: toUpstream)
+    }
+
+    /// A plaintext send from a TLS side completed in full: read more into the same buffer
     /// before giving it back.
-    func plaintextSentUpstream(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
-        let s = stream(record, toUpstream: true)
-        afterPlaintextPull(slot, record, pullPlaintext(slot, record, into: s.pointee.buffer, large: s.pointee.large))
+    func plaintextSent(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, toUpstream: Bool) {
+        let s = stream(record, toUpstream: toUpstream)
+        let atUpstream = !toUpstream
+        afterPlaintextPull(slot, record, atUpstream: atUpstream,
+                           pullPlaintext(slot, record, atUpstream: atUpstream, into: s.pointee.buffer, large: s.pointee.large))
     }
 
-    /// Proxying starts after the upstream connected: plaintext that arrived meanwhile (or
-    /// with the client's Finished) is read at once, into a buffer taken for it.
-    func startTLSProxying(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
-        armReceive(slot, record, toUpstream: false)
-        pullPendingPlaintext(slot, record)
-    }
-
-    /// The client → upstream direction holds nothing and OpenSSL may hold plaintext (or
-    /// ciphertext for it) already: read it into a buffer taken for it — at the tick if
-    /// none is free, never dropping it — then carry on as after any pull.
-    func pullPendingPlaintext(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
-        let t = tlsSlots + Int(slot)
-        let s = stream(record, toUpstream: true)
+    /// The direction from a TLS side holds nothing and OpenSSL may hold plaintext (or
+    /// ciphertext for it) already — it came with the handshake, or while the other side
+    /// was being connected: read it into a buffer taken for it (at the tick if none is
+    /// free, never dropping it), then carry on as after any pull.
+    func pullPendingPlaintext(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, atUpstream: Bool) {
+        let t = tlsSlot(slot, atUpstream: atUpstream)
+        let toUpstream = !atUpstream
+        let s = stream(record, toUpstream: toUpstream)
         guard s.pointee.state == .receiving || s.pointee.state == .waitingForBuffer else { return }
-        if COpenSSL_BIO_pending(t.pointee.input) > 0 || SSL_has_pending(t.pointee.ssl) == 1 {
-            guard let buffer = smallBuffers.take() else {
+        let pending = COpenSSL_BIO_pending(t.pointee.input) > 0 || SSL_has_pending(t.pointee.ssl) == 1
+        var buffer = Connection.Stream.noBuffer
+        if pending {
+            guard let taken = smallBuffers.take() else {
                 retriesAtTick.append((slot: slot, generation: record.pointee.generation))
                 return
             }
-            if s.pointee.state == .waitingForBuffer {
-                waiters.remove(BufferWaitQueue.entry(slot: slot, toUpstream: true))
-                s.pointee.move(to: .receiving)
-            }
-            let pull = pullPlaintext(slot, record, into: buffer, large: false)
-            if t.pointee.clientEnded, pull == .sent {
-                s.pointee.move(to: .flushingBeforeEOF)
+            buffer = taken
+        }
+        if s.pointee.state == .waitingForBuffer {
+            // Still waiting with nothing to do: it re-arms when buffers return.
+            guard pending || t.pointee.peerEnded else { return }
+            waiters.remove(BufferWaitQueue.entry(slot: slot, toUpstream: toUpstream))
+            s.pointee.move(to: .receiving)
+        }
+        if pending {
+            let pull = pullPlaintext(slot, record, atUpstream: atUpstream, into: buffer, large: false)
+            if t.pointee.peerEnded, case .bytes = pull {
+                // The rest follows as each send completes; then the EOF.
+                if s.pointee.state == .sending { s.pointee.move(to: .flushingBeforeEOF) }
                 return
             }
-            if t.pointee.clientEnded, pull == .drained {
-                forwardEOF(slot, record, toUpstream: true)
+            if t.pointee.peerEnded, pull == .drained {
+                endDirection(slot, record, toUpstream: toUpstream)
                 return
             }
-            afterPlaintextPull(slot, record, pull)
-        } else if t.pointee.clientEnded {
-            forwardEOF(slot, record, toUpstream: true)
+            afterPlaintextPull(slot, record, atUpstream: atUpstream, pull)
+        } else if t.pointee.peerEnded {
+            endDirection(slot, record, toUpstream: toUpstream)
         } else if !s.pointee.receiveArmed, s.pointee.state == .receiving {
-            armReceive(slot, record, toUpstream: true)
+            armReceive(slot, record, toUpstream: toUpstream)
         }
     }
 
-    // MARK: Upstream → client
+    // MARK: Toward a TLS side
 
-    /// Plaintext from the upstream (`received`): held as the direction's buffer, then
+    /// Plaintext from a plain side (`received`): held as the direction's buffer, then
     /// encrypted as the output BIO has room.
-    func receivedPlaintextForClient(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, buffer: UInt16, length: Int32, large: Bool) {
-        let s = stream(record, toUpstream: false)
+    func receivedPlaintext(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, forTLSAtUpstream atUpstream: Bool,
+                           buffer: UInt16, length: Int32, large: Bool) {
+        let s = stream(record, toUpstream: atUpstream)
         if s.pointee.state == .sending {
             absorb(slot, buffer, length: length, into: s)
         } else {
@@ -344,23 +455,18 @@ extension Worker {
             s.pointee.sent = 0
             s.pointee.sendProgress = nowTick
         }
-        if record.pointee.state == .proxying { encryptForClient(slot, record) }
+        if record.pointee.state == .proxying { encryptFor(slot, record, atUpstream: atUpstream) }
     }
 
-    /// The upstream's EOF: close_notify after what came before it.
-    func upstreamEndedTLS(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
-        let s = stream(record, toUpstream: false)
-        if s.pointee.state == .receiving { s.pointee.buffer = Connection.Stream.noBuffer }
-        s.pointee.move(to: .flushingBeforeEOF)
-        encryptForClient(slot, record)
-    }
-
-    /// Encrypts held plaintext while the output BIO is below its high water, recycles a
-    /// plaintext buffer once OpenSSL has all of it, and sends the ciphertext.
-    func encryptForClient(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
-        let t = tlsSlots + Int(slot)
+    /// Encrypts held plaintext for the TLS side `atUpstream` while its output BIO is
+    /// below the high water, gives back (or refills) a plaintext buffer once OpenSSL has
+    /// all of it, and sends the ciphertext; then close_notify after an EOF.
+    func encryptFor(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, atUpstream: Bool) {
+        let t = tlsSlot(slot, atUpstream: atUpstream)
         let ssl = t.pointee.ssl
-        let s = stream(record, toUpstream: false)
+        let toUpstream = atUpstream
+        let s = stream(record, toUpstream: toUpstream)
+        let sourceIsTLS = isTLS(record, atUpstream: !atUpstream)
         while s.pointee.isSending, s.pointee.buffer != Connection.Stream.noBuffer,
               COpenSSL_BIO_pending(t.pointee.output) < Worker.outputHighWater {
             let left = s.pointee.length - s.pointee.sent
@@ -377,6 +483,29 @@ extension Worker {
                 continue
             }
             // OpenSSL holds all of this buffer's bytes now.
+            if sourceIsTLS {
+                // TLS on both sides: refill the same buffer from the source.
+                let pull = readPlaintext(slot, record, atUpstream: !atUpstream, into: s.pointee.buffer, large: s.pointee.large)
+                if case .bytes(let count) = pull {
+                    s.pointee.length = count
+                    s.pointee.sent = 0
+                    continue
+                }
+                recycle(s.pointee.buffer, large: s.pointee.large)
+                s.pointee.buffer = Connection.Stream.noBuffer
+                switch pull {
+                case .failed:
+                    close(slot, reason: .error)
+                    return
+                case .closedByPeer:
+                    if s.pointee.state == .sending { s.pointee.move(to: .flushingBeforeEOF) }
+                default:
+                    if s.pointee.state == .sending {
+                        if !s.pointee.receiveArmed { armReceive(slot, record, toUpstream: toUpstream) } else { s.pointee.move(to: .receiving) }
+                    }
+                }
+                break
+            }
             recycle(s.pointee.buffer, large: s.pointee.large)
             s.pointee.buffer = Connection.Stream.noBuffer
             if s.pointee.pending != Connection.Stream.noBuffer {
@@ -389,35 +518,36 @@ extension Worker {
             }
             if s.pointee.state == .sending {
                 if !s.pointee.receiveArmed {
-                    armReceive(slot, record, toUpstream: false)
+                    armReceive(slot, record, toUpstream: toUpstream)
                 } else {
                     s.pointee.move(to: .receiving)
                 }
             }
         }
+        guard record.pointee.state == .proxying else { return }
         if s.pointee.state == .flushingBeforeEOF, s.pointee.buffer == Connection.Stream.noBuffer, !t.pointee.closeNotifyQueued {
             t.pointee.closeNotifyQueued = true
             SSL_shutdown(ssl)
             ERR_clear_error()
         }
-        flushCiphertext(slot, record)
+        flushCiphertext(slot, record, atUpstream: atUpstream)
         if t.pointee.closeNotifyQueued, s.pointee.state == .flushingBeforeEOF,
            t.pointee.cipherBuffer == Connection.Stream.noBuffer, COpenSSL_BIO_pending(t.pointee.output) == 0 {
-            forwardEOF(slot, record, toUpstream: false)
+            forwardEOF(slot, record, toUpstream: toUpstream)
         }
     }
 
-    // MARK: Ciphertext to the client
+    // MARK: Ciphertext out
 
-    /// Starts sending what the output BIO holds, if no ciphertext send is in flight.
-    func flushCiphertext(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
-        let t = tlsSlots + Int(slot)
+    /// Starts sending what the side's output BIO holds, if no ciphertext send is in flight.
+    func flushCiphertext(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, atUpstream: Bool) {
+        let t = tlsSlot(slot, atUpstream: atUpstream)
         guard t.pointee.cipherBuffer == Connection.Stream.noBuffer else { return }
         let pending = COpenSSL_BIO_pending(t.pointee.output)
         guard pending > 0 else { return }
-        if record.pointee.toClient.state == .finished {
-            // The client's side is shut for writing (close_notify went before): what
-            // OpenSSL writes now (an alert, a KeyUpdate answer) has nowhere to go.
+        if stream(record, toUpstream: atUpstream).pointee.state == .finished {
+            // That socket is shut for writing (close_notify went before): what OpenSSL
+            // writes now (an alert, a KeyUpdate answer) has nowhere to go.
             _ = BIO_ctrl(t.pointee.output, BIO_CTRL_RESET, 0, nil)
             return
         }
@@ -434,16 +564,17 @@ extension Worker {
         t.pointee.cipherBuffer = buffer
         t.pointee.cipherLength = count
         t.pointee.cipherSent = 0
-        sendCiphertext(slot, record)
+        sendCiphertext(slot, record, atUpstream: atUpstream)
     }
 
-    func sendCiphertext(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
-        let t = tlsSlots + Int(slot)
+    func sendCiphertext(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, atUpstream: Bool) {
+        let t = tlsSlot(slot, atUpstream: atUpstream)
         let sent = Int(t.pointee.cipherSent)
         guard ring.prepareSend(
-            socket: record.pointee.client, bytes: bufferAddress(t.pointee.cipherBuffer, large: false) + sent,
+            socket: atUpstream ? record.pointee.upstream : record.pointee.client,
+            bytes: bufferAddress(t.pointee.cipherBuffer, large: false) + sent,
             length: Int(t.pointee.cipherLength) - sent,
-            userData: UserData(.sendCiphertextToClient, slot: slot, generation: record.pointee.generation).raw)
+            userData: UserData(atUpstream ? .sendCiphertextToUpstream : .sendCiphertextToClient, slot: slot, generation: record.pointee.generation).raw)
         else {
             // Never close from here: callers go on using the connection. The buffer stays
             // held (so no second send starts) and the send is tried again at the tick.
@@ -456,12 +587,12 @@ extension Worker {
         record.pointee.inFlight += 1
     }
 
-    func ciphertextSent(_ completion: Completion, _ userData: UserData) {
+    func ciphertextSent(_ completion: Completion, _ userData: UserData, atUpstream: Bool) {
         let slot = userData.slot
         let record = slab[slot]
         guard record.pointee.generation == userData.generation else { return }
         record.pointee.inFlight -= 1
-        let t = tlsSlots + Int(slot)
+        let t = tlsSlot(slot, atUpstream: atUpstream)
         let state = record.pointee.state
         guard state != .closing, completion.result > 0 else {
             recycle(t.pointee.cipherBuffer, large: false)
@@ -470,18 +601,18 @@ extension Worker {
             return
         }
         t.pointee.cipherSent += completion.result
-        record.pointee.toClient.sendProgress = nowTick
+        stream(record, toUpstream: atUpstream).pointee.sendProgress = nowTick
         if state == .proxying { record.pointee.lastActivity = nowTick }
         if t.pointee.cipherSent < t.pointee.cipherLength {
-            sendCiphertext(slot, record)
+            sendCiphertext(slot, record, atUpstream: atUpstream)
             return
         }
         recycle(t.pointee.cipherBuffer, large: false)
         t.pointee.cipherBuffer = Connection.Stream.noBuffer
         if state == .proxying {
-            encryptForClient(slot, record)
+            encryptFor(slot, record, atUpstream: atUpstream)
         } else {
-            flushCiphertext(slot, record)
+            flushCiphertext(slot, record, atUpstream: atUpstream)
             if t.pointee.closeAfterFlush, t.pointee.cipherBuffer == Connection.Stream.noBuffer { close(slot, reason: .error) }
         }
     }
@@ -552,25 +683,34 @@ extension Worker {
 
     /// Gives back what a closing TLS connection holds outside requests in flight.
     func releaseTLSBuffers(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
-        let t = tlsSlots + Int(slot)
-        if t.pointee.cipherUnsent {
-            // Filled, never sent: in no request.
-            recycle(t.pointee.cipherBuffer, large: false)
-            t.pointee.cipherBuffer = Connection.Stream.noBuffer
-            t.pointee.cipherUnsent = false
-        }
-        let s = stream(record, toUpstream: false)
-        // Plaintext held for encryption is in no request.
-        if s.pointee.isSending, s.pointee.buffer != Connection.Stream.noBuffer {
-            recycle(s.pointee.buffer, large: s.pointee.large)
-            s.pointee.buffer = Connection.Stream.noBuffer
+        for atUpstream in [false, true] where isTLS(record, atUpstream: atUpstream) {
+            let t = tlsSlot(slot, atUpstream: atUpstream)
+            if t.pointee.cipherUnsent {
+                // Filled, never sent: in no request.
+                recycle(t.pointee.cipherBuffer, large: false)
+                t.pointee.cipherBuffer = Connection.Stream.noBuffer
+                t.pointee.cipherUnsent = false
+            }
+            let s = stream(record, toUpstream: atUpstream)
+            // Plaintext held for encryption is in no request.
+            if s.pointee.isSending, s.pointee.buffer != Connection.Stream.noBuffer {
+                recycle(s.pointee.buffer, large: s.pointee.large)
+                s.pointee.buffer = Connection.Stream.noBuffer
+            }
         }
     }
 
-    func freeTLS(_ slot: UInt32) {
-        let t = tlsSlots + Int(slot)
-        SSL_free(t.pointee.ssl)
-        if t.pointee.headerBuffer != Connection.Stream.noBuffer { recycle(t.pointee.headerBuffer, large: false) }
-        t.pointee = TLSSlot()
+    func freeTLS(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
+        if record.pointee.tls {
+            let t = tlsSlots + Int(slot)
+            SSL_free(t.pointee.ssl)
+            if t.pointee.headerBuffer != Connection.Stream.noBuffer { recycle(t.pointee.headerBuffer, large: false) }
+            t.pointee = TLSSlot()
+        }
+        if record.pointee.upstreamTLS {
+            let t = upstreamTLSSlots + Int(slot)
+            SSL_free(t.pointee.ssl)
+            t.pointee = TLSSlot()
+        }
     }
 }

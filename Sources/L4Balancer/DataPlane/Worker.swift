@@ -66,6 +66,10 @@ final class Worker {
     var slab: ConnectionSlab
     /// Per slot: OpenSSL state of TLS connections (reserved; touched only by them).
     let tlsSlots: UnsafeMutablePointer<TLSSlot>
+    /// Per slot: OpenSSL state of TLS to the upstream (clusters with `tls:`).
+    let upstreamTLSSlots: UnsafeMutablePointer<TLSSlot>
+    /// Resumable sessions with TLS endpoints, one per endpoint identity.
+    let upstreamSessions = UpstreamSessions(capacity: IdentityRegistry.endpointCapacity)
     /// Connections whose next step found no free small buffer (`retryAtTick`).
     var retriesAtTick: [(slot: UInt32, generation: UInt32)] = []
     var wheel: TimerWheel
@@ -187,7 +191,7 @@ final class Worker {
         random = FastRandom(seed: UInt64(control.index) &+ 0x5EED)
         self.logger = logger
         let snapshot = store.snapshot
-        current = WorkerPlan(snapshot: snapshot, index: 0, worker: control.index, previous: nil)
+        current = WorkerPlan(snapshot: snapshot, index: 0, worker: control.index, previous: nil, sessions: upstreamSessions)
         plans = [current]
         listenerFDs = Array(repeating: -1, count: IdentityRegistry.listenerCapacity)
         acceptArmed = Array(repeating: false, count: IdentityRegistry.listenerCapacity)
@@ -224,6 +228,7 @@ final class Worker {
         let capacity = min(max(shares, Worker.minimumCapacity), 1 << 22)
         slab = ConnectionSlab(capacity: capacity)
         tlsSlots = reserve(TLSSlot.self, capacity)
+        upstreamTLSSlots = reserve(TLSSlot.self, capacity)
         accessLog = control.accessLog
         accessSlots = control.accessLog == nil ? nil : reserve(AccessSlot.self, capacity)
         waiters = BufferWaitQueue(slots: capacity)
@@ -267,6 +272,7 @@ final class Worker {
         waiters.deallocate()
         munmap(triedAbove64, slab.capacity * Worker.triedStride * 2)
         munmap(tlsSlots, slab.capacity * MemoryLayout<TLSSlot>.stride)
+        munmap(upstreamTLSSlots, slab.capacity * MemoryLayout<TLSSlot>.stride)
         if let accessSlots { munmap(accessSlots, slab.capacity * MemoryLayout<AccessSlot>.stride) }
         munmap(activeByEndpoint, IdentityRegistry.endpointCapacity * MemoryLayout<Int32>.stride)
         munmap(activeByCluster, IdentityRegistry.clusterCapacity * MemoryLayout<Int>.stride)
@@ -376,9 +382,12 @@ final class Worker {
         case .datagramToUpstream: datagramSentUpstream(completion, buffer: UInt16(truncatingIfNeeded: userData.slot), listener: Int(userData.generation))
         case .datagramFromUpstream: datagramFromUpstream(completion, userData)
         case .datagramToClient: datagramSentToClient(completion, buffer: UInt16(truncatingIfNeeded: userData.slot), listener: Int(userData.generation))
-        case .receiveCiphertextFromClient: receivedCiphertext(completion, userData, large: false)
-        case .receiveLargeCiphertextFromClient: receivedCiphertext(completion, userData, large: true)
-        case .sendCiphertextToClient: ciphertextSent(completion, userData)
+        case .receiveCiphertextFromClient: receivedCiphertext(completion, userData, large: false, atUpstream: false)
+        case .receiveLargeCiphertextFromClient: receivedCiphertext(completion, userData, large: true, atUpstream: false)
+        case .sendCiphertextToClient: ciphertextSent(completion, userData, atUpstream: false)
+        case .receiveCiphertextFromUpstream: receivedCiphertext(completion, userData, large: false, atUpstream: true)
+        case .receiveLargeCiphertextFromUpstream: receivedCiphertext(completion, userData, large: true, atUpstream: true)
+        case .sendCiphertextToUpstream: ciphertextSent(completion, userData, atUpstream: true)
         case .peekClientHello: peekedClientHello(completion, userData)
         case .clientHelloReadable: clientHelloReadable(completion, userData)
         case .linkTimeout, .cancel: break
@@ -420,7 +429,7 @@ final class Worker {
                 let toUpstream = entry & 1 == 0
                 let record = slab[slot]
                 // Only proxying connections wait; closing removes its entries.
-                assert((record.pointee.state == .proxying || record.pointee.state == .handshaking) && stream(record, toUpstream: toUpstream).pointee.state == .waitingForBuffer)
+                assert((record.pointee.state == .proxying || record.pointee.state == .handshaking || record.pointee.state == .upstreamHandshaking) && stream(record, toUpstream: toUpstream).pointee.state == .waitingForBuffer)
                 armReceive(slot, record, toUpstream: toUpstream)
                 budget -= 1
             }
@@ -517,19 +526,26 @@ final class Worker {
         for (slot, generation) in waiting {
             let record = slab[slot]
             guard record.pointee.generation == generation, record.pointee.state != .closing, record.pointee.state != .free else { continue }
-            let t = tlsSlots + Int(slot)
             if record.pointee.state == .inspecting {
                 peekClientHello(slot, record)
-            } else if !record.pointee.tls {
                 continue
-            } else if t.pointee.cipherUnsent {
-                sendCiphertext(slot, record)
-            } else if record.pointee.state == .sendingProxyHeader, t.pointee.headerBuffer == Connection.Stream.noBuffer {
-                startTLSProxyHeader(slot, record)
-            } else if record.pointee.state == .proxying, record.pointee.toUpstream.state == .receiving || record.pointee.toUpstream.state == .waitingForBuffer {
-                pullPendingPlaintext(slot, record)
-                encryptForClient(slot, record)
-            } else if record.pointee.state == .proxying { encryptForClient(slot, record) } else { flushCiphertext(slot, record) }
+            }
+            for atUpstream in [false, true] where isTLS(record, atUpstream: atUpstream) {
+                guard record.pointee.generation == generation, record.pointee.state != .closing, record.pointee.state != .free else { break }
+                let t = tlsSlot(slot, atUpstream: atUpstream)
+                let state = record.pointee.state
+                if t.pointee.cipherUnsent {
+                    sendCiphertext(slot, record, atUpstream: atUpstream)
+                } else if !atUpstream, state == .sendingProxyHeader, t.pointee.headerBuffer == Connection.Stream.noBuffer {
+                    startTLSProxyHeader(slot, record)
+                } else if state == .proxying {
+                    let source = stream(record, toUpstream: !atUpstream).pointee.state
+                    if source == .receiving || source == .waitingForBuffer { pullPendingPlaintext(slot, record, atUpstream: atUpstream) }
+                    if record.pointee.state == .proxying { encryptFor(slot, record, atUpstream: atUpstream) }
+                } else {
+                    flushCiphertext(slot, record, atUpstream: atUpstream)
+                }
+            }
         }
     }
 
@@ -560,7 +576,13 @@ final class Worker {
                     resetOnClose(record)
                     close(slot, reason: .sendTimeout)
                 case .openingTimeout:
-                    stats.add(record.pointee.state == .inspecting ? .sniTimeouts : .tlsHandshakeTimeouts, listener: listener)
+                    switch record.pointee.state {
+                    case .inspecting: stats.add(.sniTimeouts, listener: listener)
+                    case .upstreamHandshaking:
+                        stats.add(.tlsUpstreamFailures, listener: listener)
+                        stats.add(.connectTimeouts, endpoint: Int(record.pointee.endpoint))
+                    default: stats.add(.tlsHandshakeTimeouts, listener: listener)
+                    }
                     close(slot, reason: .idleTimeout)
                 case .refile(let deadline):
                     wheel.insert(slot, deadline: deadline, in: slab)
@@ -578,8 +600,8 @@ final class Worker {
     /// send timeout away, so a send that starts later is still caught in time.
     @inline(__always)
     func timerCheck(_ record: UnsafeMutablePointer<Connection>, plan: WorkerPlan, listener: Int) -> TimerVerdict {
-        if record.pointee.state == .handshaking || record.pointee.state == .inspecting {
-            let limit = plan.openingTicks[listener]
+        if record.pointee.state == .handshaking || record.pointee.state == .inspecting || record.pointee.state == .upstreamHandshaking {
+            let limit = record.pointee.state == .upstreamHandshaking ? plan.connectTicks[listener] : plan.openingTicks[listener]
             let elapsed = nowTick &- record.pointee.lastActivity
             return elapsed >= limit ? .openingTimeout : .refile(record.pointee.lastActivity &+ limit)
         }

@@ -25,6 +25,8 @@ final class WorkerPlan {
     let slowStartMilliseconds: [Int64]
     let closeOnUnhealthy: [Bool]
     let closesOnUnhealthy: Bool
+    /// Clusters with `tls:`: this worker's client contexts (nil: plain TCP to the endpoints).
+    let upstreamTLS: [TLSClientContext?]
     /// Per listener identity (`snapshot.listenerIDBound` entries; 0 / nil where absent).
     let idleTicks: [UInt32]
     let sendTicks: [UInt32]
@@ -50,6 +52,8 @@ final class WorkerPlan {
     /// Listeners with `tls:` (a context that failed to build refuses, never serves plaintext).
     let isTLS: [Bool]
     let openingTicks: [UInt32]
+    /// `connect_timeout` in ticks: it bounds the TLS handshake with an upstream too.
+    let connectTicks: [UInt32]
     let connectTimeouts: UnsafeMutablePointer<Timeout>
     /// Per endpoint position.
     let endpointAddresses: UnsafeMutablePointer<sockaddr_storage>
@@ -57,7 +61,8 @@ final class WorkerPlan {
 
     /// `previous`: the plan being replaced; clusters whose config did not change keep its
     /// balancers, so a reload does not restart their rotation.
-    init(snapshot: Snapshot, index: UInt16, worker: Int, previous: WorkerPlan?) {
+    /// `sessions`: the worker's upstream sessions (for clusters with `tls:`).
+    init(snapshot: Snapshot, index: UInt16, worker: Int, previous: WorkerPlan?, sessions: UpstreamSessions) {
         self.snapshot = snapshot
         self.index = index
         var kept: [String: ClusterBalancer] = [:]
@@ -78,6 +83,15 @@ final class WorkerPlan {
         slowStartMilliseconds = snapshot.clusters.map { $0.config.slowStart.milliseconds }
         closeOnUnhealthy = snapshot.clusters.map { $0.config.onUnhealthy == .close }
         closesOnUnhealthy = closeOnUnhealthy.contains(true)
+        upstreamTLS = snapshot.clusters.map { cluster in
+            guard let settings = cluster.config.tls else { return nil }
+            // Unchanged settings keep the context (and the sessions it made stay resumable).
+            if let previous, let i = previous.snapshot.clusters.firstIndex(where: { $0.name == cluster.name }),
+               let kept = previous.upstreamTLS[i], kept.settings == settings {
+                return kept
+            }
+            return TLSClientContext(settings, sessions: sessions)
+        }
 
         let bound = max(snapshot.listenerIDBound, 1)
         var idle = [UInt32](repeating: 0, count: bound)
@@ -94,6 +108,7 @@ final class WorkerPlan {
         var packet = [Bool](repeating: false, count: bound)
         var tls = [TLSServerContext?](repeating: nil, count: bound)
         var opening = [UInt32](repeating: 0, count: bound)
+        var connect = [UInt32](repeating: 0, count: bound)
         var isTLS = [Bool](repeating: false, count: bound)
         var routes = [ServerNameRoutes?](repeating: nil, count: bound)
         connectTimeouts = .allocate(capacity: bound)
@@ -128,12 +143,14 @@ final class WorkerPlan {
             packet[listener.id] = listener.session == .none
             // A per-packet lease ends after one reply unless told otherwise.
             responses[listener.id] = listener.proxyResponses.map { UInt32($0) } ?? (listener.session == .none ? 1 : .max)
+            connect[listener.id] = Worker.ticks(listener.connectTimeoutMilliseconds)
             (connectTimeouts + listener.id).initialize(to: Timeout(milliseconds: listener.connectTimeoutMilliseconds))
         }
         tlsContexts = tls
         self.routes = routes
         self.isTLS = isTLS
         openingTicks = opening
+        connectTicks = connect
         idleTicks = idle
         sendTicks = send
         clusterSplits = splits

@@ -36,6 +36,25 @@ public final class WorkerStats: @unchecked Sendable {
         case tlsHandshakes12, tlsHandshakes13, tlsHandshakesOther, tlsResumed, tlsHandshakeMilliseconds
         case tlsHandshakeFailures, tlsHandshakeTimeouts, tlsErrors
         case tlsClientNoCertificate, tlsClientUntrusted, tlsClientRevoked, tlsClientExpired
+        /// TLS to upstreams (clusters with `tls:`), by the listener the connection came
+        /// in on: handshakes completed, of which resumed; failed (of which the endpoint's
+        /// certificate did not verify) or timed out (`connect_timeout`).
+        case tlsUpstreamHandshakes, tlsUpstreamResumed, tlsUpstreamFailures, tlsUpstreamUnverified
+        /// Completed client handshakes by duration (accept to Finished), one counter per
+        /// bucket of `handshakeBucketMilliseconds` (the last: longer than all of them).
+        case tlsHandshakeBucket0, tlsHandshakeBucket1, tlsHandshakeBucket2, tlsHandshakeBucket3, tlsHandshakeBucket4
+        case tlsHandshakeBucket5, tlsHandshakeBucket6, tlsHandshakeBucket7, tlsHandshakeBucket8, tlsHandshakeBucket9
+        case tlsHandshakeBucket10, tlsHandshakeBucketOver
+
+        /// Upper bounds of the handshake-duration buckets (ms), as Prometheus `le` values.
+        public static let handshakeBucketMilliseconds: [Int64] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500]
+
+        @inline(__always)
+        static func handshakeBucket(milliseconds: Int64) -> ListenerCounter {
+            var i = 0
+            while i < handshakeBucketMilliseconds.count, milliseconds > handshakeBucketMilliseconds[i] { i += 1 }
+            return ListenerCounter(rawValue: tlsHandshakeBucket0.rawValue + i).unsafelyUnwrapped
+        }
 
         /// `routes`: connections routed by server name, sent to the default cluster (no
         /// SNI, or a name no route has), closed on a malformed or oversize ClientHello,
@@ -98,6 +117,11 @@ public final class WorkerStats: @unchecked Sendable {
     let listenerValues: UnsafeMutablePointer<UnsafeAtomic<UInt64>.Storage>
     let endpointValues: UnsafeMutablePointer<UnsafeAtomic<UInt64>.Storage>
     let workerValues: UnsafeMutablePointer<UnsafeAtomic<UInt64>.Storage>
+    /// `routes`: hits per (listener identity, route position); reserved, resident only
+    /// where written.
+    let routeHits: UnsafeMutablePointer<UnsafeAtomic<UInt64>.Storage>
+    /// Routes a listener may have (the parser's limit).
+    public static let routesPerListener = 256
 
     init(listeners: Int = IdentityRegistry.listenerCapacity, endpoints: Int = IdentityRegistry.endpointCapacity) {
         listenerCount = listeners
@@ -114,10 +138,21 @@ public final class WorkerStats: @unchecked Sendable {
         listenerValues = values
         endpointValues = values + l
         workerValues = values + l + e
+        routeHits = reserve(UnsafeAtomic<UInt64>.Storage.self, listeners * WorkerStats.routesPerListener)
     }
 
     deinit {
         munmap(block, blockBytes)
+        munmap(routeHits, listenerCount * WorkerStats.routesPerListener * MemoryLayout<UnsafeAtomic<UInt64>.Storage>.stride)
+    }
+
+    @inline(__always)
+    func addRouteHit(listener: Int, route: Int) {
+        WorkerStats.bump(routeHits + (listener * WorkerStats.routesPerListener + route), 1)
+    }
+
+    public func routeHits(listener: Int, route: Int) -> UInt64 {
+        UnsafeAtomic<UInt64>(at: routeHits + (listener * WorkerStats.routesPerListener + route)).load(ordering: .relaxed)
     }
 
     @inline(__always)
@@ -168,5 +203,9 @@ extension Array where Element == WorkerStats {
 
     func total(_ counter: WorkerStats.EndpointCounter, endpoint: Int) -> UInt64 {
         reduce(0) { $0 &+ $1.value(counter, endpoint: endpoint) }
+    }
+
+    func routeHits(listener: Int, route: Int) -> UInt64 {
+        reduce(0) { $0 &+ $1.routeHits(listener: listener, route: route) }
     }
 }

@@ -31,7 +31,7 @@ public final class HealthChecker: @unchecked Sendable {
 
     /// One endpoint under active checks.
     struct Target {
-        enum Phase { case idle, connecting, sending, reading }
+        enum Phase { case idle, connecting, handshaking, sending, reading }
 
         /// The endpoint's identity.
         let endpoint: Int
@@ -40,6 +40,11 @@ public final class HealthChecker: @unchecked Sendable {
         let check: Config.HealthCheck
         /// What the check sends (a DNS query gets a fresh ID each time).
         var request: [UInt8]
+        /// Clusters with `tls:`: the check runs over TLS, as the proxied connections do.
+        var tls: TLSClientContext?
+        var tlsClient: TLSSocketClient?
+        /// TLS: the socket must become writable (else readable) for the next step.
+        var wantsWrite = false
         var queryID: UInt16 = 0
         var phase = Phase.idle
         var fd: Int32 = -1
@@ -71,6 +76,8 @@ public final class HealthChecker: @unchecked Sendable {
     }
 
     var targets: [Target] = []
+    /// Sessions with TLS endpoints, so checks resume as the workers' connections do.
+    private let sessions = UpstreamSessions(capacity: IdentityRegistry.endpointCapacity)
     var outliers: [Outlier] = []
 
     public init(snapshot: Snapshot, status: EndpointStatus, workerStats: [WorkerStats], logger: Logger) {
@@ -115,11 +122,21 @@ public final class HealthChecker: @unchecked Sendable {
         for o in outliers { oldOutliers[o.endpoint] = o }
         var newTargets: [Target] = []
         var newOutliers: [Outlier] = []
+        // One client context per cluster with `tls:` (kept while its settings stay).
+        var contexts: [String: TLSClientContext] = [:]
+        for t in targets { if let tls = t.tls { contexts[t.cluster] = tls } }
+        for cluster in snapshot.clusters {
+            guard let settings = cluster.config.tls, cluster.config.healthCheck?.transport == .tcp else {
+                contexts[cluster.name] = nil
+                continue
+            }
+            if contexts[cluster.name]?.settings != settings { contexts[cluster.name] = TLSClientContext(settings, sessions: sessions) }
+        }
         for endpoint in snapshot.endpoints {
             let cluster = snapshot.clusters[endpoint.cluster]
             let id = endpoint.id
             if let check = cluster.config.healthCheck {
-                if let old = oldTargets[id], old.check == check {
+                if let old = oldTargets[id], old.check == check, old.tls === contexts[cluster.name] {
                     oldTargets[id] = nil
                     newTargets.append(old)
                 } else {
@@ -128,8 +145,10 @@ public final class HealthChecker: @unchecked Sendable {
                         endpoint: id, cluster: cluster.name, address: endpoint.address, check: check,
                         request: HealthChecker.request(check, endpoint.address), nextDue: now,
                         healthy: !status.flags(id).contains(.unhealthy), random: random)
+                    target.tls = contexts[cluster.name]
                     if let old = oldTargets[id] {
                         // The check changed: keep the health it has, let thresholds decide.
+                        old.tlsClient?.free()
                         if old.fd >= 0 { close(old.fd) }
                         oldTargets[id] = nil
                         target.checked = true
@@ -162,7 +181,10 @@ public final class HealthChecker: @unchecked Sendable {
         }
         // Removed endpoints (and endpoints whose detection was turned off) are forgotten;
         // an ejection outlier detection can no longer end is ended now.
-        for old in oldTargets.values where old.fd >= 0 { close(old.fd) }
+        for old in oldTargets.values where old.fd >= 0 {
+            old.tlsClient?.free()
+            close(old.fd)
+        }
         for old in oldOutliers.values where old.ejectedUntil > 0 { status.set(.ejected, false, endpoint: old.endpoint, now: now) }
         targets = newTargets
         outliers = newOutliers
@@ -230,7 +252,8 @@ public final class HealthChecker: @unchecked Sendable {
                     continue
                 }
                 wake = min(wake, t.deadline)
-                fds.append(pollfd(fd: t.fd, events: Int16(t.phase == .reading ? POLLIN : POLLOUT), revents: 0))
+                let reads = t.phase == .reading || (t.phase == .handshaking && !t.wantsWrite)
+                fds.append(pollfd(fd: t.fd, events: Int16(reads ? POLLIN : POLLOUT), revents: 0))
                 owners.append(i)
             }
             if !outliers.isEmpty { wake = min(wake, nextOutlierSweep) }
@@ -245,7 +268,10 @@ public final class HealthChecker: @unchecked Sendable {
                 }
             }
         }
-        for i in targets.indices where targets[i].fd >= 0 { close(targets[i].fd) }
+        for i in targets.indices where targets[i].fd >= 0 {
+            targets[i].tlsClient?.free()
+            close(targets[i].fd)
+        }
     }
 
     private func begin(_ i: Int, now: Int64) {
@@ -303,15 +329,48 @@ public final class HealthChecker: @unchecked Sendable {
                 finish(i, passed: false, reason: "connected to itself (nothing listens on the port)", now: now)
                 return
             }
-            if case .tcp = targets[i].check.kind {
+            if let context = targets[i].tls {
+                guard let client = TLSSocketClient(context, fd: fd, endpoint: targets[i].endpoint) else {
+                    finish(i, passed: false, reason: "TLS: no client context", now: now)
+                    return
+                }
+                targets[i].tlsClient = client
+                targets[i].phase = .handshaking
+                advance(i, revents: Int16(POLLOUT), buffer: &buffer, now: now)
+            } else if case .tcp = targets[i].check.kind {
                 finish(i, passed: true, reason: "connected", now: now)
             } else {
                 targets[i].phase = .sending
                 advance(i, revents: Int16(POLLOUT), buffer: &buffer, now: now)
             }
+        case .handshaking:
+            switch targets[i].tlsClient!.handshake() {
+            case .done:
+                if case .tcp = targets[i].check.kind {
+                    finish(i, passed: true, reason: "TLS handshake", now: now)
+                } else {
+                    targets[i].phase = .sending
+                    advance(i, revents: Int16(POLLOUT), buffer: &buffer, now: now)
+                }
+            case .wantRead: targets[i].wantsWrite = false
+            case .wantWrite: targets[i].wantsWrite = true
+            case .closed: finish(i, passed: false, reason: "TLS handshake: connection closed", now: now)
+            case .failed(let why): finish(i, passed: false, reason: why, now: now)
+            }
         case .sending:
             let request = targets[i].request
-            if targets[i].sent < request.count {
+            if targets[i].sent < request.count, let client = targets[i].tlsClient {
+                let (n, step) = request[targets[i].sent...].withUnsafeBytes { client.write($0) }
+                if case .failed(let why) = step {
+                    finish(i, passed: false, reason: why, now: now)
+                    return
+                }
+                if step == .closed {
+                    finish(i, passed: false, reason: "TLS: connection closed", now: now)
+                    return
+                }
+                targets[i].sent += n
+            } else if targets[i].sent < request.count {
                 let n = request[targets[i].sent...].withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
                 if n < 0 {
                     if errno != EAGAIN { finish(i, passed: false, reason: HealthChecker.failure("send", errno), now: now) }
@@ -321,6 +380,25 @@ public final class HealthChecker: @unchecked Sendable {
             }
             if targets[i].sent == request.count { targets[i].phase = .reading }
         case .reading:
+            if let client = targets[i].tlsClient {
+                // Everything OpenSSL can give now: what it holds raises no poll event.
+                var step = TLSSocketClient.Step.done
+                var got = false
+                while step == .done, targets[i].received.count <= 65_536 {
+                    let (n, next) = buffer.withUnsafeMutableBytes { client.read($0) }
+                    if n > 0 {
+                        targets[i].received += buffer[..<n]
+                        got = true
+                    }
+                    step = next
+                }
+                if case .failed(let why) = step {
+                    finish(i, passed: false, reason: why, now: now)
+                    return
+                }
+                if got || step == .closed { judge(i, eof: step == .closed, now: now) }
+                return
+            }
             let n = recv(fd, &buffer, buffer.count, 0)
             if n < 0 {
                 if errno != EAGAIN { finish(i, passed: false, reason: HealthChecker.failure("recv", errno), now: now) }
@@ -395,6 +473,11 @@ public final class HealthChecker: @unchecked Sendable {
     }
 
     private func finish(_ i: Int, passed: Bool, reason: String, now: Int64) {
+        if let client = targets[i].tlsClient {
+            client.free()
+            targets[i].tlsClient = nil
+            targets[i].wantsWrite = false
+        }
         if targets[i].fd >= 0 {
             close(targets[i].fd)
             targets[i].fd = -1

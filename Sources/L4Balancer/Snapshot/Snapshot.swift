@@ -50,6 +50,11 @@ public final class Snapshot: @unchecked Sendable {
         let ticketSecret: [UInt8]
     }
 
+    /// Whether connections from `listener` can reach a cluster with `tls:`.
+    func reachesUpstreamTLS(_ listener: ListenerPlan) -> Bool {
+        listener.clusters.contains { clusters[$0].config.tls != nil }
+    }
+
     public struct RoutePlan: Sendable {
         public let serverNames: [String]
         public let cluster: Int

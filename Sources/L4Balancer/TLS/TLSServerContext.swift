@@ -108,7 +108,7 @@ final class TLSServerContext {
     }
 
     /// The leaf, the rest of the chain, and the key, from the PEM bytes already checked.
-    private static func useCertificate(_ ctx: OpaquePointer, _ certificate: Config.TLS.Certificate) -> Bool {
+    static func useCertificate(_ ctx: OpaquePointer, _ certificate: Config.TLS.Certificate) -> Bool {
         let chainOK = TLSMaterial.withBIO(certificate.chainPEM) { bio -> Bool in
             guard let leaf = PEM_read_bio_X509(bio, nil, nil, nil) else { return false }
             defer { X509_free(leaf) }
