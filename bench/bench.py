@@ -206,6 +206,9 @@ http {{
         listen 127.0.0.1:{BACKEND_HTTPS} ssl backlog=65535;
         ssl_certificate {tmp}/tls.pem;
         ssl_certificate_key {tmp}/tls.key;
+        # Debian's nginx 1.22 leaves TLS 1.3 off unless told: without this line it
+        # negotiated TLS 1.2 while l4lb and HAProxy ran TLS 1.3.
+        ssl_protocols TLSv1.2 TLSv1.3;
         ssl_session_cache shared:direct:10m;
         ssl_conf_command Ciphersuites {TLS_SUITES};
         ssl_prefer_server_ciphers on;
@@ -285,6 +288,7 @@ stream {{
     server {{ listen 127.0.0.1:{DNS_PER_QUERY_PORTS["nginx"]} udp; proxy_pass 127.0.0.1:{BACKEND_DNS}; proxy_responses 1; proxy_timeout 10s; }}
     ssl_certificate {tmp}/tls.pem;
     ssl_certificate_key {tmp}/tls.key;
+    ssl_protocols TLSv1.2 TLSv1.3;  # TLS 1.3 as everywhere else (nginx 1.22's default has none)
     ssl_session_cache shared:stream:10m;
     ssl_conf_command Ciphersuites {TLS_SUITES};
     ssl_prefer_server_ciphers on;

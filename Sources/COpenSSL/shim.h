@@ -15,6 +15,8 @@
 #include <string.h>
 #include <strings.h>
 #include <stdint.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
 
 // OpenSSL's function-like macros do not import into Swift; these mirror them, and the
 // callbacks below are C so no Swift closure runs inside a handshake.
@@ -294,11 +296,35 @@ static inline void COpenSSL_prepare_client(SSL *ssl, long index, int reuse) {
         SSL_set_session(ssl, session);
 }
 
-/// The verification failure of the last handshake as text (a static string).
-static inline const char *COpenSSL_verify_error(SSL *ssl) {
+/// Why the peer's certificate did not verify (a static string), when that is what the
+/// last handshake step failed on; NULL for any other failure. (With verification off the
+/// verify result may still say "self-signed"; it failed nothing then.)
+static inline const char *COpenSSL_verify_failure(SSL *ssl) {
+    unsigned long code = ERR_peek_error();
+    if (ERR_GET_LIB(code) != ERR_LIB_SSL || ERR_GET_REASON(code) != SSL_R_CERTIFICATE_VERIFY_FAILED) return NULL;
     long verify = SSL_get_verify_result(ssl);
     return verify == X509_V_OK ? NULL : X509_verify_cert_error_string(verify);
 }
-static inline int COpenSSL_verify_failed(SSL *ssl) { return SSL_get_verify_result(ssl) != X509_V_OK; }
+
+/// Makes `ssl` check that the peer's certificate carries the IP address of the connected
+/// socket `fd` (its peer) in its subjectAltName: the identity to verify when no name is.
+static inline int COpenSSL_expect_peer_ip(SSL *ssl, int fd) {
+    struct sockaddr_storage peer;
+    socklen_t length = sizeof peer;
+    if (getpeername(fd, (struct sockaddr *)&peer, &length) != 0) return 0;
+    X509_VERIFY_PARAM *param = SSL_get0_param(ssl);
+    if (peer.ss_family == AF_INET) {
+        const struct sockaddr_in *v4 = (const struct sockaddr_in *)&peer;
+        return X509_VERIFY_PARAM_set1_ip(param, (const unsigned char *)&v4->sin_addr, 4);
+    }
+    if (peer.ss_family == AF_INET6) {
+        const struct sockaddr_in6 *v6 = (const struct sockaddr_in6 *)&peer;
+        const unsigned char *bytes = (const unsigned char *)&v6->sin6_addr;
+        static const unsigned char mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+        if (memcmp(bytes, mapped, 12) == 0) return X509_VERIFY_PARAM_set1_ip(param, bytes + 12, 4);
+        return X509_VERIFY_PARAM_set1_ip(param, bytes, 16);
+    }
+    return 0;
+}
 
 #endif

@@ -247,7 +247,11 @@ extension Worker {
             }
             return
         }
-        stats.add(.total, endpoint: endpoint)
+        // With TLS to the endpoint, a connection counts as made once its handshake is
+        // (outlier detection weighs failed handshakes against these).
+        if !plans[Int(record.pointee.plan)].unsafelyUnwrapped.wantsUpstreamTLS[Int(record.pointee.cluster)] {
+            stats.add(.total, endpoint: endpoint)
+        }
         record.pointee.lastActivity = nowTick
         let version = plans[Int(record.pointee.plan)].unsafelyUnwrapped.proxyProtocols[listener]
         if version == .none {

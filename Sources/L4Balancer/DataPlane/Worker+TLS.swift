@@ -20,7 +20,9 @@ struct TLSSlot {
     var cipherSent: Int32 = 0
     /// Client side: the small buffer the PROXY v2 header (with its TLS TLVs) is sent from.
     var headerBuffer = Connection.Stream.noBuffer
-    /// close_notify has been written (after the upstream's EOF).
+    /// The PROXY v2 header found no free buffer: written at the tick.
+    var headerUnwritten = false
+    /// close_notify has been written (after the peer's EOF).
     var closeNotifyQueued = false
     /// The handshake failed: close once its alert has been sent.
     var closeAfterFlush = false
@@ -86,7 +88,9 @@ extension Worker {
 
     /// The upstream's handshake (l4lb the client), once connected and the PROXY header sent.
     func startUpstreamHandshake(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, context: TLSClientContext) {
-        guard let ssl = context.connection(endpoint: Int(record.pointee.endpoint)), attach(ssl, slot, atUpstream: true) else {
+        guard let ssl = context.connection(endpoint: Int(record.pointee.endpoint), socket: record.pointee.upstream),
+              attach(ssl, slot, atUpstream: true)
+        else {
             stats.add(.tlsUpstreamFailures, listener: Int(record.pointee.listener))
             close(slot, reason: .error)
             return
@@ -142,10 +146,8 @@ extension Worker {
         let t = tlsSlot(slot, atUpstream: atUpstream)
         let listener = Int(record.pointee.listener)
         if atUpstream {
-            stats.add(.tlsUpstreamFailures, listener: listener)
-            if COpenSSL_verify_failed(t.pointee.ssl) == 1 { stats.add(.tlsUpstreamUnverified, listener: listener) }
-            // The endpoint failed this connection: outlier detection hears of it.
-            stats.add(.connectFailures, endpoint: Int(record.pointee.endpoint))
+            if COpenSSL_verify_failure(t.pointee.ssl) != nil { stats.add(.tlsUpstreamUnverified, listener: listener) }
+            upstreamHandshakeFailed(record)
         } else {
             stats.add(.tlsHandshakeFailures, listener: listener)
             switch COpenSSL_client_auth_failure(t.pointee.ssl) {
@@ -181,9 +183,18 @@ extension Worker {
         startConnect(slot)
     }
 
+    /// The endpoint failed this connection's handshake: counted for it (outlier detection
+    /// hears of it) and for the listener.
+    @inline(never)
+    func upstreamHandshakeFailed(_ record: UnsafeMutablePointer<Connection>) {
+        stats.add(.tlsUpstreamFailures, listener: Int(record.pointee.listener))
+        stats.add(.connectFailures, endpoint: Int(record.pointee.endpoint))
+    }
+
     func upstreamHandshakeDone(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
         let listener = Int(record.pointee.listener)
         stats.add(.tlsUpstreamHandshakes, listener: listener)
+        stats.add(.total, endpoint: Int(record.pointee.endpoint))
         if SSL_session_reused(upstreamTLSSlots[Int(slot)].ssl) == 1 { stats.add(.tlsUpstreamResumed, listener: listener) }
         record.pointee.lastActivity = nowTick
         startProxying(slot, record)
@@ -192,8 +203,14 @@ extension Worker {
     /// After the connect (and the PROXY header): the upstream handshake when the cluster
     /// has `tls:`, else the relay.
     func upstreamReady(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
-        if let context = plans[Int(record.pointee.plan)].unsafelyUnwrapped.upstreamTLS[Int(record.pointee.cluster)] {
+        let plan = plans[Int(record.pointee.plan)].unsafelyUnwrapped
+        let cluster = Int(record.pointee.cluster)
+        if let context = plan.upstreamTLS[cluster] {
             startUpstreamHandshake(slot, record, context: context)
+        } else if plan.wantsUpstreamTLS[cluster] {
+            // Its context failed to build: never plaintext to an endpoint meant for TLS.
+            stats.add(.tlsUpstreamFailures, listener: Int(record.pointee.listener))
+            close(slot, reason: .error)
         } else {
             startProxying(slot, record)
         }
@@ -243,7 +260,7 @@ extension Worker {
         if result == 0 {
             guard state == .proxying else {
                 if state == handshaking {
-                    if atUpstream { stats.add(.tlsUpstreamFailures, listener: Int(record.pointee.listener)) }
+                    if atUpstream { upstreamHandshakeFailed(record) }
                     close(slot, reason: atUpstream ? .upstreamFIN : .clientFIN)
                 } else {
                     t.pointee.peerEnded = true
@@ -269,6 +286,7 @@ extension Worker {
                 armReceive(slot, record, toUpstream: toUpstream)
             }
         } else if result < 0 {
+            if atUpstream, state == handshaking { upstreamHandshakeFailed(record) }
             close(slot, reason: Worker.reason(result))
         } else if !more, state == handshaking || (state == .proxying && s.pointee.state == .receiving) {
             armReceive(slot, record, toUpstream: toUpstream)
@@ -623,9 +641,11 @@ extension Worker {
     /// free (the connection waits in `.sendingProxyHeader`, nothing in flight).
     func startTLSProxyHeader(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
         guard let length = writeTLSProxyHeader(slot, record) else {
+            tlsSlots[Int(slot)].headerUnwritten = true
             retriesAtTick.append((slot: slot, generation: record.pointee.generation))
             return
         }
+        tlsSlots[Int(slot)].headerUnwritten = false
         record.pointee.toUpstream.length = length
         record.pointee.toUpstream.sent = 0
         sendProxyHeader(slot, record)

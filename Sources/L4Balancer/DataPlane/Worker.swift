@@ -536,7 +536,7 @@ final class Worker {
                 let state = record.pointee.state
                 if t.pointee.cipherUnsent {
                     sendCiphertext(slot, record, atUpstream: atUpstream)
-                } else if !atUpstream, state == .sendingProxyHeader, t.pointee.headerBuffer == Connection.Stream.noBuffer {
+                } else if !atUpstream, state == .sendingProxyHeader, t.pointee.headerUnwritten {
                     startTLSProxyHeader(slot, record)
                 } else if state == .proxying {
                     let source = stream(record, toUpstream: !atUpstream).pointee.state
@@ -579,7 +579,7 @@ final class Worker {
                     switch record.pointee.state {
                     case .inspecting: stats.add(.sniTimeouts, listener: listener)
                     case .upstreamHandshaking:
-                        stats.add(.tlsUpstreamFailures, listener: listener)
+                        upstreamHandshakeFailed(record)
                         stats.add(.connectTimeouts, endpoint: Int(record.pointee.endpoint))
                     default: stats.add(.tlsHandshakeTimeouts, listener: listener)
                     }

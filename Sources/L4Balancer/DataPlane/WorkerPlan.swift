@@ -25,8 +25,11 @@ final class WorkerPlan {
     let slowStartMilliseconds: [Int64]
     let closeOnUnhealthy: [Bool]
     let closesOnUnhealthy: Bool
-    /// Clusters with `tls:`: this worker's client contexts (nil: plain TCP to the endpoints).
+    /// Clusters with `tls:`: this worker's client contexts (nil: plain TCP to the endpoints,
+    /// unless `wantsUpstreamTLS` — a context that failed to build refuses, never sends
+    /// plaintext).
     let upstreamTLS: [TLSClientContext?]
+    let wantsUpstreamTLS: [Bool]
     /// Per listener identity (`snapshot.listenerIDBound` entries; 0 / nil where absent).
     let idleTicks: [UInt32]
     let sendTicks: [UInt32]
@@ -83,6 +86,7 @@ final class WorkerPlan {
         slowStartMilliseconds = snapshot.clusters.map { $0.config.slowStart.milliseconds }
         closeOnUnhealthy = snapshot.clusters.map { $0.config.onUnhealthy == .close }
         closesOnUnhealthy = closeOnUnhealthy.contains(true)
+        wantsUpstreamTLS = snapshot.clusters.map { $0.config.tls != nil }
         upstreamTLS = snapshot.clusters.map { cluster in
             guard let settings = cluster.config.tls else { return nil }
             // Unchanged settings keep the context (and the sessions it made stay resumable).

@@ -40,11 +40,13 @@ public final class HealthChecker: @unchecked Sendable {
         let check: Config.HealthCheck
         /// What the check sends (a DNS query gets a fresh ID each time).
         var request: [UInt8]
-        /// Clusters with `tls:`: the check runs over TLS, as the proxied connections do.
+        /// Clusters with `tls:`: the check runs over TLS, as the proxied connections do
+        /// (`wantsTLS` with no context: it fails, never checks in plaintext).
+        var wantsTLS = false
         var tls: TLSClientContext?
         var tlsClient: TLSSocketClient?
-        /// TLS: the socket must become writable (else readable) for the next step.
-        var wantsWrite = false
+        /// TLS: what the socket must become for OpenSSL's next step (POLLIN or POLLOUT).
+        var tlsWaits = Int16(POLLOUT)
         var queryID: UInt16 = 0
         var phase = Phase.idle
         var fd: Int32 = -1
@@ -136,7 +138,8 @@ public final class HealthChecker: @unchecked Sendable {
             let cluster = snapshot.clusters[endpoint.cluster]
             let id = endpoint.id
             if let check = cluster.config.healthCheck {
-                if let old = oldTargets[id], old.check == check, old.tls === contexts[cluster.name] {
+                let wantsTLS = cluster.config.tls != nil && check.transport == .tcp
+                if let old = oldTargets[id], old.check == check, old.wantsTLS == wantsTLS, old.tls === contexts[cluster.name] {
                     oldTargets[id] = nil
                     newTargets.append(old)
                 } else {
@@ -145,6 +148,7 @@ public final class HealthChecker: @unchecked Sendable {
                         endpoint: id, cluster: cluster.name, address: endpoint.address, check: check,
                         request: HealthChecker.request(check, endpoint.address), nextDue: now,
                         healthy: !status.flags(id).contains(.unhealthy), random: random)
+                    target.wantsTLS = wantsTLS
                     target.tls = contexts[cluster.name]
                     if let old = oldTargets[id] {
                         // The check changed: keep the health it has, let thresholds decide.
@@ -252,8 +256,8 @@ public final class HealthChecker: @unchecked Sendable {
                     continue
                 }
                 wake = min(wake, t.deadline)
-                let reads = t.phase == .reading || (t.phase == .handshaking && !t.wantsWrite)
-                fds.append(pollfd(fd: t.fd, events: Int16(reads ? POLLIN : POLLOUT), revents: 0))
+                let events = t.tlsClient != nil ? t.tlsWaits : Int16(t.phase == .reading ? POLLIN : POLLOUT)
+                fds.append(pollfd(fd: t.fd, events: events, revents: 0))
                 owners.append(i)
             }
             if !outliers.isEmpty { wake = min(wake, nextOutlierSweep) }
@@ -329,9 +333,9 @@ public final class HealthChecker: @unchecked Sendable {
                 finish(i, passed: false, reason: "connected to itself (nothing listens on the port)", now: now)
                 return
             }
-            if let context = targets[i].tls {
-                guard let client = TLSSocketClient(context, fd: fd, endpoint: targets[i].endpoint) else {
-                    finish(i, passed: false, reason: "TLS: no client context", now: now)
+            if targets[i].wantsTLS {
+                guard let context = targets[i].tls, let client = TLSSocketClient(context, fd: fd, endpoint: targets[i].endpoint) else {
+                    finish(i, passed: false, reason: "TLS: the cluster's client context could not be built", now: now)
                     return
                 }
                 targets[i].tlsClient = client
@@ -352,8 +356,8 @@ public final class HealthChecker: @unchecked Sendable {
                     targets[i].phase = .sending
                     advance(i, revents: Int16(POLLOUT), buffer: &buffer, now: now)
                 }
-            case .wantRead: targets[i].wantsWrite = false
-            case .wantWrite: targets[i].wantsWrite = true
+            case .wantRead: targets[i].tlsWaits = Int16(POLLIN)
+            case .wantWrite: targets[i].tlsWaits = Int16(POLLOUT)
             case .closed: finish(i, passed: false, reason: "TLS handshake: connection closed", now: now)
             case .failed(let why): finish(i, passed: false, reason: why, now: now)
             }
@@ -369,6 +373,7 @@ public final class HealthChecker: @unchecked Sendable {
                     finish(i, passed: false, reason: "TLS: connection closed", now: now)
                     return
                 }
+                targets[i].tlsWaits = Int16(step == .wantRead ? POLLIN : POLLOUT)
                 targets[i].sent += n
             } else if targets[i].sent < request.count {
                 let n = request[targets[i].sent...].withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
@@ -378,7 +383,10 @@ public final class HealthChecker: @unchecked Sendable {
                 }
                 targets[i].sent += n
             }
-            if targets[i].sent == request.count { targets[i].phase = .reading }
+            if targets[i].sent == request.count {
+                targets[i].phase = .reading
+                targets[i].tlsWaits = Int16(POLLIN)
+            }
         case .reading:
             if let client = targets[i].tlsClient {
                 // Everything OpenSSL can give now: what it holds raises no poll event.
@@ -396,6 +404,7 @@ public final class HealthChecker: @unchecked Sendable {
                     finish(i, passed: false, reason: why, now: now)
                     return
                 }
+                targets[i].tlsWaits = Int16(step == .wantWrite ? POLLOUT : POLLIN)
                 if got || step == .closed { judge(i, eof: step == .closed, now: now) }
                 return
             }
@@ -476,7 +485,7 @@ public final class HealthChecker: @unchecked Sendable {
         if let client = targets[i].tlsClient {
             client.free()
             targets[i].tlsClient = nil
-            targets[i].wantsWrite = false
+            targets[i].tlsWaits = Int16(POLLOUT)
         }
         if targets[i].fd >= 0 {
             close(targets[i].fd)

@@ -78,13 +78,20 @@ final class TLSClientContext {
         table.deallocate()
     }
 
-    /// A new client connection to endpoint `endpoint` (its identity): SNI and the name
-    /// to verify set, the endpoint's last session offered for resumption.
-    func connection(endpoint: Int) -> OpaquePointer? {
+    /// A new client connection to endpoint `endpoint` (its identity) on the connected
+    /// `socket`: SNI set, and the identity to verify — `sni`, else the endpoint's IP
+    /// address (an IP subjectAltName) — and the endpoint's last session offered.
+    func connection(endpoint: Int, socket: Int32) -> OpaquePointer? {
         guard let ssl = SSL_new(context) else { return nil }
         if let serverName {
             _ = COpenSSL_set_tlsext_host_name(ssl, serverName)
-            if settings.verify { _ = SSL_set1_host(ssl, serverName) }
+            if settings.verify, SSL_set1_host(ssl, serverName) != 1 {
+                SSL_free(ssl)
+                return nil
+            }
+        } else if settings.verify, COpenSSL_expect_peer_ip(ssl, socket) != 1 {
+            SSL_free(ssl)
+            return nil
         }
         COpenSSL_prepare_client(ssl, endpoint, settings.sessionReuse ? 1 : 0)
         SSL_set_connect_state(ssl)

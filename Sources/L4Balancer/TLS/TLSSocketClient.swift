@@ -19,7 +19,7 @@ struct TLSSocketClient {
     private let ssl: OpaquePointer
 
     init?(_ context: TLSClientContext, fd: Int32, endpoint: Int) {
-        guard let ssl = context.connection(endpoint: endpoint) else { return nil }
+        guard let ssl = context.connection(endpoint: endpoint, socket: fd) else { return nil }
         guard SSL_set_fd(ssl, fd) == 1 else {
             SSL_free(ssl)
             return nil
@@ -53,7 +53,7 @@ struct TLSSocketClient {
         case SSL_ERROR_WANT_WRITE: return .wantWrite
         case SSL_ERROR_ZERO_RETURN: return .closed
         default:
-            if let verify = COpenSSL_verify_error(ssl) {
+            if let verify = COpenSSL_verify_failure(ssl) {
                 ERR_clear_error()
                 return .failed("\(what): certificate did not verify: \(String(cString: verify))")
             }
