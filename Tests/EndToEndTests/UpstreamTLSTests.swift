@@ -182,6 +182,38 @@ final class UpstreamTLSTests: XCTestCase {
         proxy.stop()
     }
 
+    /// 200 connections to an endpoint that accepts and never answers the handshake are
+    /// all closed at `connect_timeout`, counted as the endpoint's connect timeouts, while a
+    /// client of another cluster on the same worker is served meanwhile.
+    func testEndpointsThatNeverFinishTheHandshakeAreClosedAtConnectTimeout() throws {
+        let pki = try TestPKI()
+        let silent = try TestBackend(.delayedEcho(milliseconds: 60_000))
+        let nginx = try NginxServer(
+            http: "ssl_protocols TLSv1.2 TLSv1.3; location / { return 200 \"served\"; }", tls: (cert: pki.path("a.pem"), key: pki.path("a.key")))
+        let (stalled, working) = (Sockets.freePort(), Sockets.freePort())
+        let tls = "tls: { sni: a.example.test, ca: \(pki.path("ca.pem")) }"
+        let proxy = try L4LBProcess(config: config([
+            (name: "stalled", port: stalled, listener: ["connect_timeout: 1s"], endpoint: silent.address, cluster: [tls]),
+            (name: "working", port: working, listener: [], endpoint: "127.0.0.1:\(nginx.port)", cluster: [tls]),
+        ], workers: 1), waitFor: ("127.0.0.1", working))
+        let start = Date()
+        let clients = try (0..<200).map { _ in try Sockets.connect(port: stalled) }
+        defer { clients.forEach { close($0) } }
+        for fd in clients { try? Sockets.sendAll(fd, Array("GET / HTTP/1.0\r\n\r\n".utf8)) }
+        XCTAssertEqual(String(decoding: UpstreamTLSTests.body(try UpstreamTLSTests.get(working, "/")), as: UTF8.self), "served")
+        for fd in clients { XCTAssertNotNil(Sockets.waitForClose(fd, timeout: 5), "a connection outlived connect_timeout") }
+        XCTAssertGreaterThan(Date().timeIntervalSince(start), 0.9, "closed before connect_timeout")
+        XCTAssertTrue(waitUntil(timeout: 3) {
+            ((try? self.listener(proxy, "stalled"))?["upstream_tls"] as? [String: Int])?["failures"] == 200
+        }, "\((try? listener(proxy, "stalled")) ?? [:])")
+        let clusters = try proxy.stats()["clusters"] as? [[String: Any]] ?? []
+        let endpoint = (clusters.first { $0["name"] as? String == "stalled" }?["endpoints"] as? [[String: Any]])?.first ?? [:]
+        XCTAssertEqual(endpoint["connect_timeouts"] as? Int, 200, "\(endpoint)")
+        XCTAssertEqual(endpoint["connect_failures"] as? Int, 200, "\(endpoint)")
+        XCTAssertEqual(endpoint["total"] as? Int, 0, "no handshake completed, so no connection counts as made")
+        proxy.stop()
+    }
+
     /// TLS on both sides at scale: 500 concurrent TLS clients each echo 1 MiB byte-exact
     /// through a listener that re-encrypts to a second l4lb listener (TLS with required
     /// client certificates) in front of plain echo servers; plain clients through TLS to the
