@@ -703,20 +703,23 @@ extension Worker {
 
     /// Gives back what a closing TLS connection holds outside requests in flight.
     func releaseTLSBuffers(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
-        for atUpstream in [false, true] where isTLS(record, atUpstream: atUpstream) {
-            let t = tlsSlot(slot, atUpstream: atUpstream)
-            if t.pointee.cipherUnsent {
-                // Filled, never sent: in no request.
-                recycle(t.pointee.cipherBuffer, large: false)
-                t.pointee.cipherBuffer = Connection.Stream.noBuffer
-                t.pointee.cipherUnsent = false
-            }
-            let s = stream(record, toUpstream: atUpstream)
-            // Plaintext held for encryption is in no request.
-            if s.pointee.isSending, s.pointee.buffer != Connection.Stream.noBuffer {
-                recycle(s.pointee.buffer, large: s.pointee.large)
-                s.pointee.buffer = Connection.Stream.noBuffer
-            }
+        if record.pointee.tls { releaseTLSBuffers(slot, record, atUpstream: false) }
+        if record.pointee.upstreamTLS { releaseTLSBuffers(slot, record, atUpstream: true) }
+    }
+
+    private func releaseTLSBuffers(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, atUpstream: Bool) {
+        let t = tlsSlot(slot, atUpstream: atUpstream)
+        if t.pointee.cipherUnsent {
+            // Filled, never sent: in no request.
+            recycle(t.pointee.cipherBuffer, large: false)
+            t.pointee.cipherBuffer = Connection.Stream.noBuffer
+            t.pointee.cipherUnsent = false
+        }
+        let s = stream(record, toUpstream: atUpstream)
+        // Plaintext held for encryption is in no request.
+        if s.pointee.isSending, s.pointee.buffer != Connection.Stream.noBuffer {
+            recycle(s.pointee.buffer, large: s.pointee.large)
+            s.pointee.buffer = Connection.Stream.noBuffer
         }
     }
 

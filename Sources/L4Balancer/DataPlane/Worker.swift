@@ -530,22 +530,27 @@ final class Worker {
                 peekClientHello(slot, record)
                 continue
             }
-            for atUpstream in [false, true] where isTLS(record, atUpstream: atUpstream) {
-                guard record.pointee.generation == generation, record.pointee.state != .closing, record.pointee.state != .free else { break }
-                let t = tlsSlot(slot, atUpstream: atUpstream)
-                let state = record.pointee.state
-                if t.pointee.cipherUnsent {
-                    sendCiphertext(slot, record, atUpstream: atUpstream)
-                } else if !atUpstream, state == .sendingProxyHeader, t.pointee.headerUnwritten {
-                    startTLSProxyHeader(slot, record)
-                } else if state == .proxying {
-                    let source = stream(record, toUpstream: !atUpstream).pointee.state
-                    if source == .receiving || source == .waitingForBuffer { pullPendingPlaintext(slot, record, atUpstream: atUpstream) }
-                    if record.pointee.state == .proxying { encryptFor(slot, record, atUpstream: atUpstream) }
-                } else {
-                    flushCiphertext(slot, record, atUpstream: atUpstream)
-                }
-            }
+            if record.pointee.tls { retryTLS(slot, record, generation: generation, atUpstream: false) }
+            if record.pointee.upstreamTLS { retryTLS(slot, record, generation: generation, atUpstream: true) }
+        }
+    }
+
+    /// One TLS side's step that waited for the tick: an unsent ciphertext buffer, the PROXY
+    /// v2 header, plaintext OpenSSL holds, or ciphertext to flush.
+    private func retryTLS(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, generation: UInt32, atUpstream: Bool) {
+        guard record.pointee.generation == generation, record.pointee.state != .closing, record.pointee.state != .free else { return }
+        let t = tlsSlot(slot, atUpstream: atUpstream)
+        let state = record.pointee.state
+        if t.pointee.cipherUnsent {
+            sendCiphertext(slot, record, atUpstream: atUpstream)
+        } else if !atUpstream, state == .sendingProxyHeader, t.pointee.headerUnwritten {
+            startTLSProxyHeader(slot, record)
+        } else if state == .proxying {
+            let source = stream(record, toUpstream: !atUpstream).pointee.state
+            if source == .receiving || source == .waitingForBuffer { pullPendingPlaintext(slot, record, atUpstream: atUpstream) }
+            if record.pointee.state == .proxying { encryptFor(slot, record, atUpstream: atUpstream) }
+        } else {
+            flushCiphertext(slot, record, atUpstream: atUpstream)
         }
     }
 

@@ -85,6 +85,8 @@ final class TLSClientContext {
         guard let ssl = SSL_new(context) else { return nil }
         if let serverName {
             _ = COpenSSL_set_tlsext_host_name(ssl, serverName)
+            // "f*.example.com" names nothing: whole-label wildcards only.
+            SSL_set_hostflags(ssl, UInt32(X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS))
             if settings.verify, SSL_set1_host(ssl, serverName) != 1 {
                 SSL_free(ssl)
                 return nil
