@@ -90,6 +90,16 @@ struct Connection {
 
         var isSending: Bool { state == .sending || state == .flushingBeforeEOF }
 
+        /// Takes `buffer` (holding `length` bytes) as the one to send, from its start.
+        @inline(__always)
+        mutating func hold(_ buffer: UInt16, length: Int32, large: Bool, at tick: UInt32) {
+            self.buffer = buffer
+            self.large = large
+            self.length = length
+            sent = 0
+            sendProgress = tick
+        }
+
         @inline(__always)
         mutating func move(to next: State) {
             assert(Stream.isLegal(from: state, to: next), "relay: \(state) → \(next) is not in the table")

@@ -404,12 +404,7 @@ extension Worker {
 
     @inline(__always)
     func startSend(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, toUpstream: Bool, buffer: UInt16, length: Int32, large: Bool) {
-        let s = stream(record, toUpstream: toUpstream)
-        s.pointee.buffer = buffer
-        s.pointee.large = large
-        s.pointee.length = length
-        s.pointee.sent = 0
-        s.pointee.sendProgress = nowTick
+        stream(record, toUpstream: toUpstream).pointee.hold(buffer, length: length, large: large, at: nowTick)
         sendPending(slot, record, toUpstream: toUpstream)
     }
 

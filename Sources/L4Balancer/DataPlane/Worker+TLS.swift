@@ -345,11 +345,7 @@ extension Worker {
         let s = stream(record, toUpstream: toUpstream)
         if s.pointee.state == .receiving { s.pointee.move(to: .sending) }
         if isTLS(record, atUpstream: toUpstream) {
-            s.pointee.buffer = buffer
-            s.pointee.large = large
-            s.pointee.length = count
-            s.pointee.sent = 0
-            s.pointee.sendProgress = nowTick
+            s.pointee.hold(buffer, length: count, large: large, at: nowTick)
             encryptFor(slot, record, atUpstream: toUpstream)
         } else {
             startSend(slot, record, toUpstream: toUpstream, buffer: buffer, length: count, large: large)
@@ -467,11 +463,7 @@ extension Worker {
             absorb(slot, buffer, length: length, into: s)
         } else {
             s.pointee.move(to: .sending)
-            s.pointee.buffer = buffer
-            s.pointee.large = large
-            s.pointee.length = length
-            s.pointee.sent = 0
-            s.pointee.sendProgress = nowTick
+            s.pointee.hold(buffer, length: length, large: large, at: nowTick)
         }
         if record.pointee.state == .proxying { encryptFor(slot, record, atUpstream: atUpstream) }
     }
