@@ -137,6 +137,61 @@ final class ConfigParserTests: XCTestCase {
         XCTAssertEqual(SocketAddress.parse("1.2.3.4:0"), .failure(.port("port 0 out of range")))
     }
 
+    func testRateLimitDefaultsInheritanceAndErrors() throws {
+        let config = try parse("""
+            rate_limit:
+              per_source: { new_connections: { rate: 6000/m }, packets: { rate: 50000/s, burst: 100000 } }
+              exempt: [203.0.113.0/24]
+              table_size: 5000
+            listeners:
+              - { name: a, address: "127.0.0.1:1", cluster: c }
+              - { name: b, address: "127.0.0.1:2", cluster: c, rate_limit: off }
+              - { name: u, address: "127.0.0.1:3", protocol: udp, cluster: c }
+              - name: own
+                address: "127.0.0.1:4"
+                cluster: c
+                rate_limit: { per_source: { max_connections: 50, prefix_v4: 24, prefix_v6: 48 } }
+            clusters: [{ name: c, endpoints: [{ address: "127.0.0.1:9" }] }]
+            """).get()
+        XCTAssertEqual(config.rateLimitSources, 8192, "rounded up to a power of two")
+        let a = try XCTUnwrap(config.listeners[0].rateLimit)
+        XCTAssertEqual(a.newConnections, Config.RateLimit.Bucket(rate: 100, burst: 100), "burst defaults to one second's worth")
+        XCTAssertNil(a.packets, "packets apply to udp listeners only")
+        XCTAssertEqual(a.exempt.map(\.description), ["203.0.113.0/24"])
+        XCTAssertNil(config.listeners[1].rateLimit)
+        XCTAssertEqual(config.listeners[2].rateLimit?.packets, Config.RateLimit.Bucket(rate: 50000, burst: 100000))
+        let own = try XCTUnwrap(config.listeners[3].rateLimit)
+        XCTAssertEqual(own.maxConnections, 50)
+        XCTAssertNil(own.newConnections, "a listener's own rate_limit replaces the default")
+        XCTAssertEqual(own.prefixV4, 24)
+        XCTAssertEqual(own.prefixV6, 48)
+        XCTAssertEqual(Config.RateLimit.Bucket(rate: 100, burst: 200).intervalNanoseconds, 10_000_000)
+
+        guard case .failure(let errors) = parse("""
+            listeners:
+              - name: a
+                address: "127.0.0.1:1"
+                cluster: c
+                rate_limit:
+                  per_source: { new_connections: { rate: fast }, packets: { rate: 10/s }, prefix_v4: 33 }
+                  exempt: [example.com]
+                  table_size: 100
+              - { name: p, address: "127.0.0.1:2", protocol: udp, session: none, cluster: c,
+                  rate_limit: { per_source: { new_connections: { rate: 1/s } } } }
+              - { name: e, address: "127.0.0.1:3", cluster: c, rate_limit: { per_source: {} } }
+            clusters: [{ name: c, endpoints: [{ address: "127.0.0.1:9" }] }]
+            """) else { return XCTFail("accepted") }
+        XCTAssertEqual(Set(errors.errors.map(\.description)), [
+            "listeners[0].rate_limit.table_size: unknown key",
+            "listeners[0].rate_limit.per_source.new_connections.rate: invalid rate \"fast\" (use e.g. 100/s, 6000/m, 10/h)",
+            "listeners[0].rate_limit.per_source.prefix_v4: 33 out of range 1...32",
+            "listeners[0].rate_limit.exempt[0]: 'example.com' is not an IP address or CIDR prefix",
+            "listeners[0].rate_limit.per_source.packets: applies to udp listeners only (TCP packets are limited by new_connections)",
+            "listeners[1].rate_limit.per_source.new_connections: a session: none listener has no sessions; limit its packets",
+            "listeners[2].rate_limit.per_source: set at least one of new_connections, packets, max_connections",
+        ])
+    }
+
     func testFilterSection() throws {
         let config = try parse("""
             listeners: [{ address: "127.0.0.1:1", cluster: c }]

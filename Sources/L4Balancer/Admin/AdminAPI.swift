@@ -29,6 +29,10 @@ public enum AdminAPI {
             return json(outcome.document, status: outcome.succeeded ? .ok : .badRequest)
         }
         router.get("/blocklist") { _, _ in json(pool.blocklistDocument()) }
+        router.get("/ratelimit/top") { request, _ in
+            let count = request.uri.queryParameters.get("limit", as: Int.self).map { min(max($0, 1), 1000) } ?? 20
+            return json(pool.rateLimitTopDocument(limit: count))
+        }
         router.post("/blocklist") { request, _ in
             try await blocklist(pool: pool, request: request, adding: true)
         }

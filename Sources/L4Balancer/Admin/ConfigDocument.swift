@@ -18,7 +18,22 @@ extension Config {
         root["buffers"] = ["small": buffers.small, "small_size": buffers.smallSize, "large": buffers.large, "large_size": buffers.largeSize]
         root["listeners"] = listeners.map(\.document)
         root["clusters"] = clusters.map(\.document)
+        var limit: [String: Any] = rateLimit?.document ?? [:]
+        limit["table_size"] = rateLimitSources
+        root["rate_limit"] = limit
         return root
+    }
+}
+
+extension Config.RateLimit {
+    /// As the listener enforces it (the default already applied); rates per second.
+    var document: [String: Any] {
+        var perSource: [String: Any] = ["prefix_v4": prefixV4, "prefix_v6": prefixV6]
+        func bucket(_ b: Bucket) -> [String: Any] { ["rate": "\(b.rate)/s", "burst": b.burst] }
+        if let b = newConnections { perSource["new_connections"] = bucket(b) }
+        if let b = packets { perSource["packets"] = bucket(b) }
+        if let m = maxConnections { perSource["max_connections"] = m }
+        return ["per_source": perSource, "exempt": exempt.map(\.description)]
     }
 }
 
@@ -42,6 +57,7 @@ extension Config.Listener {
             entry["session"] = session.rawValue
             entry["proxy_responses"] = proxyResponses.map { $0 as Any } ?? NSNull()
         }
+        entry["rate_limit"] = rateLimit.map { $0.document as Any } ?? "off"
         if clusters.count == 1 {
             entry["cluster"] = clusters[0].name
         } else {

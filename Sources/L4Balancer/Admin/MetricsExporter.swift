@@ -95,6 +95,7 @@ public final class MetricsExporter: @unchecked Sendable {
         let udpListeners = Set(snapshot.listeners.filter { $0.transport == .udp }.map(\.id))
         var tlsListeners: [Int: Config.TLS] = [:]
         for listener in snapshot.listeners { if let tls = listener.tls { tlsListeners[listener.id] = tls } }
+        let rateLimitedListeners = Set(snapshot.listeners.filter { $0.rateLimit != nil }.map(\.id))
         let routedListeners = Set(snapshot.listeners.filter { !$0.routes.isEmpty }.map(\.id))
         let upstreamTLSListeners = Set(snapshot.listeners.filter { snapshot.reachesUpstreamTLS($0) }.map(\.id))
         for listener in listeners {
@@ -155,6 +156,13 @@ public final class MetricsExporter: @unchecked Sendable {
                     }
                 }
             }
+            if rateLimitedListeners.contains(listener.id) {
+                let help = "Connections, UDP sessions or datagrams refused by rate_limit, by reason."
+                for (limited, reason) in WorkerPool.rateLimitCounters {
+                    counter("l4lb_rate_limited_total", help, labels + [("reason", reason.name)], total(limited))
+                }
+                counter("l4lb_rate_limit_exempt_total", "New connections or sessions from exempt sources (never limited).", labels, total(.rateLimitExempt))
+            }
             if udpListeners.contains(listener.id) {
                 let help = "UDP datagrams relayed, by direction (in: from clients)."
                 counter("l4lb_listener_datagrams_total", help, labels + [("direction", "in")], total(.datagramsIn))
@@ -189,6 +197,11 @@ public final class MetricsExporter: @unchecked Sendable {
             counter("l4lb_endpoint_health_transitions_total", "Health and ejection changes (healthy <-> unhealthy, ejected <-> returned).", labels,
                     UInt64(max(0, pool.healthChecker.transitionCount(endpoint: endpoint.id))))
         }
+
+        let table = pool.rateLimitTable
+        gauge("l4lb_rate_limit_table_size", "Sources the rate-limit table can track at once (rate_limit.table_size).", [], Double(table.size))
+        counter("l4lb_rate_limit_evictions_total", "Sources forgotten to make room in the rate-limit table.", [], table.evictions)
+        counter("l4lb_rate_limit_untracked_total", "New sources let through unlimited because their part of the table was full of sources holding connections.", [], table.untracked)
 
         for control in pool.controls {
             let labels = [("worker", String(control.index))]

@@ -13,6 +13,10 @@ public struct Config: Sendable, Equatable {
     public var listeners: [Listener] = []
     public var clusters: [Cluster] = []
     public var filter = Filter()
+    /// The top-level `rate_limit:`: the default of listeners without their own.
+    public var rateLimit: RateLimit?
+    /// `rate_limit.table_size`, rounded up to a power of two.
+    public var rateLimitSources = Config.defaultRateLimitSources
 
     public init() {}
 
@@ -106,6 +110,8 @@ public struct Config: Sendable, Equatable {
         /// udp: `client` keeps one endpoint per client address; `none` balances every
         /// datagram on its own.
         public var session: SessionAffinity = .client
+        /// Per-source limits (its own, or the top-level default); nil = none.
+        public var rateLimit: RateLimit?
         public enum SessionAffinity: String, Sendable, CaseIterable { case client, none }
         public static let defaultUDPIdleTimeout = ConfigDuration.seconds(30)
 

@@ -48,7 +48,7 @@ struct ConfigWalker {
             fail("clusters", "required")
             return config
         }
-        guard let fields = mapping(root, "", keys: ["workers", "drain_timeout", "admin", "access_log", "buffers", "listeners", "clusters", "filter"]) else {
+        guard let fields = mapping(root, "", keys: ["workers", "drain_timeout", "admin", "access_log", "buffers", "listeners", "clusters", "filter", "rate_limit"]) else {
             return config
         }
         if let node = fields["workers"] {
@@ -63,6 +63,14 @@ struct ConfigWalker {
         if let node = fields["access_log"] { config.accessLog = accessLog(node, "access_log") }
         if let node = fields["buffers"] { config.buffers = buffers(node, "buffers") }
         if let node = fields["filter"] { config.filter = filter(node, "filter") }
+        if let node = fields["rate_limit"] {
+            config.rateLimit = rateLimit(node, "rate_limit", topLevel: true)
+            if let n = node["table_size"], let v = int(n, "rate_limit.table_size", 1024...(1 << 24)) {
+                var size = 1
+                while size < v { size <<= 1 }
+                config.rateLimitSources = size
+            }
+        }
 
         if let node = fields["clusters"] {
             config.clusters = list(node, "clusters", required: true) { walker, item, path in walker.cluster(item, path) }
@@ -81,6 +89,9 @@ struct ConfigWalker {
         if let node = fields["listeners"] {
             config.listeners = list(node, "listeners", required: true) { walker, item, path in
                 walker.listener(item, path, clusters: seenClusters)
+            }
+            if case .sequence(let items) = node, items.count == config.listeners.count {
+                applyRateLimits(&config, listenerNodes: items.map { $0["rate_limit"] })
             }
         } else {
             fail("listeners", "required")
@@ -243,9 +254,6 @@ struct ConfigWalker {
         if listener.transport == .tcp, let n = fields["inspect_timeout"], let d = duration(n, "\(path).inspect_timeout") {
             if fields["routes"] == nil { fail("\(path).inspect_timeout", "applies to listeners with routes only") }
             if d.milliseconds <= 0 { fail("\(path).inspect_timeout", "must be greater than 0") } else { listener.inspectTimeout = d }
-        }
-        for key in ["rate_limit"] where fields[key] != nil {
-            fail("\(path).\(key)", "not supported yet")
         }
         return listener
     }

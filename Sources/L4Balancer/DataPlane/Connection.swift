@@ -168,6 +168,9 @@ struct Connection {
         static let clusterPlace = Holds(rawValue: 2)
         static let listenerPlace = Holds(rawValue: 4)
         static let endpointPlace = Holds(rawValue: 8)
+        /// A place among its source's `rate_limit` `max_connections` (the slot is in the
+        /// worker's `sourcePlaces`).
+        static let sourcePlace = Holds(rawValue: 16)
     }
 
     var counted: Bool {

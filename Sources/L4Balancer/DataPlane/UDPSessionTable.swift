@@ -66,6 +66,9 @@ struct UDPSessionTable {
         var leased = false
         /// Found by its client key (per-client sessions); per-packet records are not.
         var indexed = true
+        /// Its place among its source's `rate_limit` `max_connections` (table slot + 1; 0:
+        /// none).
+        var sourcePlace: UInt32 = 0
     }
 
     static let none = UInt32.max

@@ -44,18 +44,34 @@ extension Worker {
             return
         }
         let plan = current
-        if sourceFilter.enforcing {
-            // The user-space blocklist: closed before any byte reaches an upstream.
-            let verdict = sourceFilter.verdict(acceptedFD: fd, port: plan.listenerPorts[listener])
-            stats.add(.filterCounter(verdict))
-            if verdict.drops {
-                Glibc.close(fd)
-                return
+        let rule = plan.rateRules[listener]
+        var sourcePlace: UInt32 = 0
+        if sourceFilter.enforcing || rule != nil {
+            var peer = sockaddr_storage()
+            // A peer the kernel cannot name (it reset already) has no source to limit.
+            let known = SourceFilter.peer(of: fd, into: &peer)
+            if !known { peer.ss_family = sa_family_t(AF_UNSPEC) }
+            if sourceFilter.enforcing {
+                // The user-space blocklist: closed before any byte reaches an upstream.
+                let verdict = known ? sourceFilter.verdict(source: &peer, port: plan.listenerPorts[listener], transport: .tcp) : .malformed
+                stats.add(.filterCounter(verdict))
+                if verdict.drops {
+                    Glibc.close(fd)
+                    return
+                }
+            }
+            if let rule, rule.limitsNewSources {
+                sourcePlace = withUnsafeBytes(of: &peer) { admitNewSource($0.baseAddress!, rule, listener: listener) }
+                if sourcePlace == Worker.limitedVerdict {
+                    refuse(fd, listener: listener)
+                    return
+                }
             }
         }
         let maximum = plan.listenerLimits[listener]
         let limited = maximum != nil
         if let maximum, !limits.admit(listener, maximum: maximum) {
+            leaveSource(sourcePlace)
             refuse(fd, listener: listener)
             return
         }
@@ -67,6 +83,7 @@ extension Worker {
         if let clusterLimit, !status.admit(cluster: clusterID, limit: clusterLimit) {
             // Circuit breaking: the cluster is at max_connections.
             if limited { limits.leave(listener) }
+            leaveSource(sourcePlace)
             refuse(fd, listener: listener)
             stats.add(.clusterFull, listener: listener)
             return
@@ -74,6 +91,7 @@ extension Worker {
         guard let slot = slab.allocate() else {
             if clusterLimit != nil { status.leave(cluster: clusterID) }
             if limited { limits.leave(listener) }
+            leaveSource(sourcePlace)
             refuse(fd, listener: listener)
             return
         }
@@ -86,6 +104,10 @@ extension Worker {
         record.pointee.counted = true
         record.pointee.listenerLimited = limited
         record.pointee.clusterAdmitted = clusterLimit != nil
+        if sourcePlace != 0 {
+            record.pointee.holds.insert(.sourcePlace)
+            sourcePlaces[Int(slot)] = sourcePlace
+        }
         record.pointee.lastActivity = nowTick
         record.pointee.cluster = UInt16(cluster)
         if !routed, plan.balancers[cluster].usesFlowHash {
@@ -627,6 +649,10 @@ extension Worker {
             let listener = Int(record.pointee.listener)
             if record.pointee.listenerLimited { limits.leave(listener) }
             stats.add(.active, listener: listener, UInt64.max)
+        }
+        if record.pointee.holds.contains(.sourcePlace) {
+            record.pointee.holds.remove(.sourcePlace)
+            leaveSource(sourcePlaces[Int(slot)])
         }
         dropPending(stream(record, toUpstream: true))
         dropPending(stream(record, toUpstream: false))

@@ -69,6 +69,11 @@ extension Worker {
             }
         }
         let plan = current
+        let rule = plan.rateRules[listener]
+        if let rule, rule.packetInterval > 0, !admitDatagram(message.name, rule, listener: listener) {
+            datagramBuffers.recycle(buffer)
+            return
+        }
         let session: UInt32
         if plan.perPacket[listener] {
             guard let lent = lendUpstream(client: message.name, clientLength: message.nameLength, key: key, listener: listener, local: message.destination) else {
@@ -80,6 +85,20 @@ extension Worker {
         } else if let found = udpSessions.find(key) {
             session = found
             udpSessions.touch(found, tick: nowTick)
+        } else if let rule, rule.limitsNewSources, case let place = admitNewSource(message.name, rule, listener: listener), place != 0 {
+            // A new session from a limited source: over its budget, dropped (counted).
+            guard place != Worker.limitedVerdict,
+                  let opened = openSession(key, client: message.name, clientLength: message.nameLength, listener: listener, local: message.destination)
+            else {
+                if place != Worker.limitedVerdict {
+                    leaveSource(place)
+                    stats.add(.dropsNoEndpoint, listener: listener)
+                }
+                datagramBuffers.recycle(buffer)
+                return
+            }
+            udpSessions[opened].sourcePlace = place
+            session = opened
         } else if let opened = openSession(key, client: message.name, clientLength: message.nameLength, listener: listener, local: message.destination) {
             session = opened
         } else {
@@ -259,6 +278,7 @@ extension Worker {
         // Closed after the next submit: a send to it may still be queued in this batch, and
         // the number must not go to a new session's socket before that send is issued.
         upstreamsToClose.append(session.upstream)
+        leaveSource(session.sourcePlace)
         udpSessions.remove(slot)
     }
 

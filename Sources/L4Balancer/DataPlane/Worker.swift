@@ -66,6 +66,9 @@ final class Worker {
     var slab: ConnectionSlab
     /// Per slot: OpenSSL state of TLS connections (reserved; touched only by them).
     let tlsSlots: UnsafeMutablePointer<TLSSlot>
+    /// Per slot: the source-table slot + 1 of a connection holding a `rate_limit`
+    /// `max_connections` place (reserved; touched only by those).
+    let sourcePlaces: UnsafeMutablePointer<UInt32>
     /// Per slot: OpenSSL state of TLS to the upstream (clusters with `tls:`).
     let upstreamTLSSlots: UnsafeMutablePointer<TLSSlot>
     /// Resumable sessions with TLS endpoints, one per endpoint identity.
@@ -228,6 +231,7 @@ final class Worker {
         let capacity = min(max(shares, Worker.minimumCapacity), 1 << 22)
         slab = ConnectionSlab(capacity: capacity)
         tlsSlots = reserve(TLSSlot.self, capacity)
+        sourcePlaces = reserve(UInt32.self, capacity)
         upstreamTLSSlots = reserve(TLSSlot.self, capacity)
         accessLog = control.accessLog
         accessSlots = control.accessLog == nil ? nil : reserve(AccessSlot.self, capacity)

@@ -49,11 +49,16 @@ public final class WorkerControl: @unchecked Sendable {
 /// `max_connections`. The one piece of mutable state workers share: an atomic add on
 /// accept and on close, only on listeners that set a limit (the plan says which); the
 /// others touch nothing shared per connection.
+///
+/// It also holds the per-source table of `rate_limit` (buckets and connection counts per
+/// source prefix), touched only by listeners that set one.
 public final class ListenerLimits: @unchecked Sendable {
     let active: UnsafeMutablePointer<UnsafeAtomic<Int>.Storage>
+    let sources: SourceTable
 
-    init() {
+    init(sources: Int = Config.defaultRateLimitSources) {
         active = reserve(UnsafeAtomic<Int>.Storage.self, IdentityRegistry.listenerCapacity)
+        self.sources = SourceTable(capacity: sources)
     }
 
     /// Takes a place on listener `id`; false when it already holds `maximum`.

@@ -50,6 +50,9 @@ final class WorkerPlan {
     let tlsContexts: [TLSServerContext?]
     /// tcp with `routes:`: the server-name routes.
     let routes: [ServerNameRoutes?]
+    /// Listeners with `rate_limit`: what their new connections, sessions and datagrams
+    /// are checked against.
+    let rateRules: [SourceRateRule?]
     /// How long a connection may take to open before it is relayed, in ticks: the TLS
     /// handshake (`handshake_timeout`) or the ClientHello's arrival (`inspect_timeout`).
     /// Listeners with `tls:` (a context that failed to build refuses, never serves plaintext).
@@ -115,6 +118,7 @@ final class WorkerPlan {
         var connect = [UInt32](repeating: 0, count: bound)
         var isTLS = [Bool](repeating: false, count: bound)
         var routes = [ServerNameRoutes?](repeating: nil, count: bound)
+        var rules = [SourceRateRule?](repeating: nil, count: bound)
         connectTimeouts = .allocate(capacity: bound)
         for listener in snapshot.listeners {
             if let settings = listener.tls {
@@ -134,6 +138,7 @@ final class WorkerPlan {
                     routes: listener.routes.map { ($0.serverNames, $0.cluster) }, defaultCluster: listener.clusters[0])
                 opening[listener.id] = Worker.ticks(listener.inspectTimeoutMilliseconds)
             }
+            if let limit = listener.rateLimit { rules[listener.id] = SourceRateRule(limit, listener: listener.id) }
             idle[listener.id] = Worker.ticks(listener.idleTimeoutMilliseconds)
             send[listener.id] = Worker.ticks(listener.sendTimeoutMilliseconds)
             if listener.clusters.count > 1 { splits[listener.id] = SmoothRoundRobin(weights: listener.clusterWeights) }
@@ -152,6 +157,7 @@ final class WorkerPlan {
         }
         tlsContexts = tls
         self.routes = routes
+        rateRules = rules
         self.isTLS = isTLS
         openingTicks = opening
         connectTicks = connect

@@ -60,6 +60,10 @@ public final class WorkerStats: @unchecked Sendable {
         /// SNI, or a name no route has), closed on a malformed or oversize ClientHello,
         /// or on `inspect_timeout`.
         case sniRouted, sniDefault, sniMalformed, sniOversize, sniTimeouts
+        /// `rate_limit`: connections (or UDP sessions, datagrams) refused by reason
+        /// (`RateLimitReason` order; connections also count in `refused`), and ones from
+        /// an exempt source that skipped the check.
+        case rateLimitedNewConnections, rateLimitedPackets, rateLimitedMaxConnections, rateLimitExempt
 
         public static let tlsClientFailureReasons: [(ListenerCounter, String)] = [
             (.tlsClientNoCertificate, "no_certificate"), (.tlsClientUntrusted, "untrusted"),

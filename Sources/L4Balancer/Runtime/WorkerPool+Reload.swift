@@ -139,6 +139,9 @@ extension WorkerPool {
         if old.filter.interfaces != new.filter.interfaces || old.filter.mode != new.filter.mode || old.filter.pinPath != new.filter.pinPath {
             errors.append("filter.xdp: cannot change on reload; restart l4lb to apply (the lists reload)")
         }
+        if old.rateLimitSources != new.rateLimitSources {
+            errors.append("rate_limit.table_size: cannot change on reload (\(old.rateLimitSources) → \(new.rateLimitSources)); restart l4lb to apply (the limits reload)")
+        }
         if old.admin.address != new.admin.address {
             errors.append("admin.address: cannot change on reload (\(old.admin.address) → \(new.admin.address)); restart l4lb to apply")
         }

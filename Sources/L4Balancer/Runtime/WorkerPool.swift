@@ -40,7 +40,7 @@ public final class WorkerPool: Service, @unchecked Sendable {
     public init(config: Config, configPath: String? = nil, logger: Logger) throws {
         self.logger = logger
         self.configPath = configPath
-        self.limits = ListenerLimits()
+        self.limits = ListenerLimits(sources: config.rateLimitSources)
         self.status = EndpointStatus()
         self.options = Worker.Options(buffers: config.buffers)
         self.registry = IdentityRegistry()

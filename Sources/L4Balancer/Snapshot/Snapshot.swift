@@ -45,6 +45,8 @@ public final class Snapshot: @unchecked Sendable {
         /// Server-name routes (cluster positions); empty when the listener has none.
         public let routes: [RoutePlan]
         public let inspectTimeoutMilliseconds: Int64
+        /// Per-source limits (the listener's own or the default); nil: none.
+        public let rateLimit: Config.RateLimit?
         /// What every worker derives this listener's session-ticket keys from; kept across
         /// reloads (by name), so tickets issued before one still resume after it.
         let ticketSecret: [UInt8]
@@ -161,6 +163,7 @@ public final class Snapshot: @unchecked Sendable {
                 tls: listener.tls,
                 routes: listener.routes.map { RoutePlan(serverNames: $0.serverNames, cluster: clusterIndex[$0.cluster]!) },
                 inspectTimeoutMilliseconds: listener.inspectTimeout.milliseconds,
+                rateLimit: listener.rateLimit,
                 ticketSecret: listener.tls == nil ? [] : previousSecrets[listener.name].flatMap { $0.isEmpty ? nil : $0 } ?? Snapshot.randomSecret())
         }
         listenerIDBound = (ids.listeners.max() ?? -1) + 1

@@ -1,0 +1,156 @@
+import CTestSupport
+import Foundation
+import XCTest
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Per-source rate limits in user space (issue 16): new connections, concurrent
+/// connections and prefixes, over two workers that share one source table.
+final class RateLimitTests: XCTestCase {
+    /// `new_connections: 100/s, burst: 100`: a source trying 1,000/s gets the burst and then
+    /// 100/s (±15%); a source at 50/s and an exempt one are never limited; `/ratelimit/top`
+    /// names the limited source; the counts reach `/stats` and `/metrics`.
+    func testNewConnectionsAreLimitedPerSourceAcrossWorkers() throws {
+        let backend = try TestBackend(.echo)
+        let port = Sockets.freePort()
+        let proxy = try L4LBProcess(config: """
+            workers: 2
+            listeners:
+              - name: web
+                address: 127.0.0.1:\(port)
+                cluster: echo
+                rate_limit:
+                  per_source: { new_connections: { rate: 100/s, burst: 100 } }
+                  exempt: [127.0.9.0/24]
+            clusters:
+              - name: echo
+                endpoints: [ { address: 127.0.0.1:\(backend.port) } ]
+            """, waitFor: ("127.0.0.1", port))
+        defer { proxy.stop() }
+
+        /// Attempts at `rate` per second from `source` for `seconds`: (served, elapsed).
+        @Sendable func drive(_ source: String, rate: Double, seconds: Double) -> (served: Int, elapsed: Double) {
+            let start = Date()
+            var served = 0
+            var i = 0
+            while true {
+                let due = Double(i) / rate
+                if due >= seconds { break }
+                let wait = due - Date().timeIntervalSince(start)
+                if wait > 0 { usleep(UInt32(wait * 1_000_000)) }
+                if FilterTraffic.attempt(host: "127.0.0.1", port: port, source: source) == .served { served += 1 }
+                i += 1
+            }
+            return (served, Date().timeIntervalSince(start))
+        }
+        let drivers: [(source: String, rate: Double)] = [("127.0.0.2", 1000), ("127.0.0.3", 50), ("127.0.9.4", 200)]
+        nonisolated(unsafe) let results = UnsafeMutableBufferPointer<(served: Int, elapsed: Double)>.allocate(capacity: drivers.count)
+        defer { results.deallocate() }
+        DispatchQueue.concurrentPerform(iterations: drivers.count) { i in
+            results[i] = drive(drivers[i].source, rate: drivers[i].rate, seconds: 6)
+        }
+        let flood = results[0], polite = results[1], exempt = results[2]
+
+        let expected = 100 + 100 * flood.elapsed
+        XCTAssertEqual(Double(flood.served), expected, accuracy: 0.15 * 100 * flood.elapsed,
+                       "burst then 100/s over \(flood.elapsed) s")
+        XCTAssertEqual(polite.served, 300, "50/s for 6 s, under the limit: never limited")
+        XCTAssertEqual(exempt.served, 1200, "an exempt source is never limited")
+
+        let listener = try XCTUnwrap(try proxy.stats().listener("web"))
+        let limit = try XCTUnwrap(listener["rate_limit"] as? [String: Any])
+        let limited = try XCTUnwrap(limit["limited"] as? [String: Any])
+        XCTAssertGreaterThan((limited["new_connections"] as? NSNumber)?.intValue ?? 0, 3000)
+        XCTAssertEqual((limit["exempt_admitted"] as? NSNumber)?.intValue, 1200)
+
+        let top = try proxy.admin("GET", "/ratelimit/top")
+        XCTAssertEqual(top.status, 200)
+        let document = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(top.body)) as? [String: Any])
+        let sources = try XCTUnwrap(document["sources"] as? [[String: Any]])
+        XCTAssertEqual(sources.count, 1, "only the flooding source was limited: \(sources)")
+        XCTAssertEqual(sources.first?["source"] as? String, "127.0.0.2/32")
+        XCTAssertEqual(sources.first?["reasons"] as? [String], ["new_connections"])
+        let cli = try proxy.runAdminCommand(["ratelimit", "top"])
+        XCTAssertEqual(cli.status, 0)
+        XCTAssertTrue(cli.output.contains("127.0.0.2") && cli.output.contains("new_connections"), cli.output)
+
+        let metrics = String(decoding: try proxy.admin("GET", "/metrics").body, as: UTF8.self)
+        XCTAssertTrue(metrics.contains("l4lb_rate_limited_total{listener=\"web\",reason=\"new_connections\"}"), metrics)
+    }
+
+    /// `max_connections: 50` per source, `prefix_v4: 24`: the 51st concurrent connection
+    /// from the /24 is refused whichever address and worker it comes through, another
+    /// source is unaffected, and closing one lets the next in. A reload to a lower limit
+    /// holds for new connections at once and leaves the open ones alone.
+    func testConcurrentConnectionsPerSourcePrefixAndReload() throws {
+        let backend = try TestBackend(.echo)
+        let port = Sockets.freePort()
+        func config(_ maximum: Int) -> String {
+            """
+            workers: 2
+            listeners:
+              - name: web
+                address: 127.0.0.1:\(port)
+                cluster: echo
+                rate_limit: { per_source: { max_connections: \(maximum), prefix_v4: 24 } }
+            clusters:
+              - name: echo
+                endpoints: [ { address: 127.0.0.1:\(backend.port) } ]
+            """
+        }
+        let proxy = try L4LBProcess(config: config(50), waitFor: ("127.0.0.1", port))
+        defer { proxy.stop() }
+
+        /// A served connection from `source`, kept open (nil if l4lb refused it).
+        func open(_ source: String) -> Int32? {
+            guard let fd = try? Sockets.connect(host: "127.0.0.1", port: port, timeout: 2, bindTo: source) else { return nil }
+            Sockets.setTimeout(fd, seconds: 3)
+            let probe = Array("held\n".utf8)
+            guard (try? Sockets.sendAll(fd, probe)) != nil, (try? Sockets.receiveExactly(fd, probe.count)) == probe else {
+                close(fd)
+                return nil
+            }
+            return fd
+        }
+        func echoes(_ fd: Int32) -> Bool {
+            let probe = Array("still\n".utf8)
+            return (try? Sockets.sendAll(fd, probe)) != nil && (try? Sockets.receiveExactly(fd, probe.count)) == probe
+        }
+        var held: [Int32] = []
+        defer { held.forEach { close($0) } }
+        // Two addresses of one /24 share the budget of 50.
+        for i in 0..<50 {
+            guard let fd = open(i % 2 == 0 ? "127.0.7.1" : "127.0.7.2") else { return XCTFail("connection \(i) of 50 refused") }
+            held.append(fd)
+        }
+        for source in ["127.0.7.1", "127.0.7.2", "127.0.7.200"] {
+            XCTAssertNil(open(source), "the 51st from the /24 (\(source)) is refused")
+        }
+        // Another source is unaffected.
+        let other = try XCTUnwrap(open("127.0.8.1"))
+        close(other)
+        // Closing one lets the next in (once l4lb has seen the close).
+        close(held.removeLast())
+        var next: Int32?
+        XCTAssertTrue(waitUntil(timeout: 3) { next = open("127.0.7.3"); return next != nil })
+        if let next { held.append(next) }
+        XCTAssertNil(open("127.0.7.1"))
+        let listener = try XCTUnwrap(try proxy.stats().listener("web"))
+        let limited = (listener["rate_limit"] as? [String: Any])?["limited"] as? [String: Any]
+        XCTAssertGreaterThanOrEqual((limited?["max_connections"] as? NSNumber)?.intValue ?? 0, 4)
+
+        // Reload to 10: the 50 open ones keep working; new ones wait until fewer than 10.
+        try proxy.writeConfig(config(10))
+        XCTAssertEqual(try proxy.admin("POST", "/reload").status, 200)
+        XCTAssertNil(open("127.0.7.9"))
+        XCTAssertTrue(held.allSatisfy(echoes), "open connections are untouched by the reload")
+        while held.count > 9 { close(held.removeLast()) }
+        XCTAssertTrue(waitUntil(timeout: 3) {
+            if let fd = open("127.0.7.9") { held.append(fd); return true }
+            return false
+        })
+        XCTAssertNil(open("127.0.7.9"), "10 open: the limit holds")
+    }
+}
