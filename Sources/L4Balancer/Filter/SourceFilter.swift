@@ -35,14 +35,6 @@ final class SourceFilter: AtomicReference, @unchecked Sendable {
         udpPorts = udp
     }
 
-    /// The verdict for a connection accepted on `fd` (its peer is the source) to a
-    /// listener on `port`.
-    func verdict(acceptedFD fd: Int32, port: UInt16) -> FilterReason {
-        var storage = sockaddr_storage()
-        guard SourceFilter.peer(of: fd, into: &storage) else { return .malformed }
-        return verdict(source: &storage, port: port, transport: .tcp)
-    }
-
     /// The accepted socket's peer address; false if the kernel cannot say (it reset).
     static func peer(of fd: Int32, into storage: inout sockaddr_storage) -> Bool {
         var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
