@@ -21,7 +21,7 @@ fi
 
 clang=${CLANG:-$(command -v clang)}
 arch=$(uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
-"$clang" -target bpf -D__TARGET_ARCH_"$arch" -O2 -g -Wall -Werror \
+"$clang" -target bpf -D__TARGET_ARCH_"$arch" -O2 -g -mcpu=v3 -Wall -Werror \
   -I"$workdir" -I"$(dirname "$source")" -c "$source" -o "$workdir/xdp_filter.bpf.o"
 
 {

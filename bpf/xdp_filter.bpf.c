@@ -5,6 +5,7 @@
  *   allowed_v4/v6 match  -> pass (overrides blocked_v4/v6)
  *   blocked_v4/v6 match  -> drop
  *   blocked_ports match  -> drop (per protocol, on the destination port)
+ *   over a rate limit    -> drop (rate_limit.bpf.h: the listeners user space hands over)
  *   anything else        -> pass
  *
  * Headers the parser cannot follow (truncated, bad lengths, too many VLAN tags) pass and
@@ -92,6 +93,8 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } counters SEC(".maps");
 
+#include "rate_limit.bpf.h"
+
 static __always_inline int verdict(struct xdp_md *ctx, enum l4lb_reason reason)
 {
 	__u32 key = ctx->ingress_ifindex;
@@ -135,10 +138,11 @@ static __always_inline int port_rules_exist(void)
 	return s && s->port_rules > 0;
 }
 
-/* Destination-port verdict for a TCP or UDP header at `l4`. `first_fragment`: the packet
- * is the first of several, which the kernel reassembles whatever this one holds. */
+/* Destination-port (then rate-limit) verdict for a TCP or UDP header at `l4`.
+ * `first_fragment`: the packet is the first of several, which the kernel reassembles
+ * whatever this one holds. `saddr`/`daddr`: the IP header's addresses (`family` 4 or 6). */
 static __always_inline int ports(struct xdp_md *ctx, void *l4, void *data_end, __u8 protocol,
-				 int source, int first_fragment)
+				 int source, int first_fragment, int family, const void *saddr, const void *daddr)
 {
 	if (protocol != NEXTHDR_TCP && protocol != NEXTHDR_UDP)
 		return verdict(ctx, source >= 0 ? source : L4LB_PASS_NO_MATCH);
@@ -157,6 +161,9 @@ static __always_inline int ports(struct xdp_md *ctx, void *l4, void *data_end, _
 		if (protocol == NEXTHDR_UDP && rule->udp)
 			return verdict(ctx, L4LB_DROP_PORT_UDP);
 	}
+	int limited = rate_limit(family, saddr, daddr, l4, data_end, protocol);
+	if (limited >= 0)
+		return verdict(ctx, limited);
 	return verdict(ctx, source >= 0 ? source : L4LB_PASS_NO_MATCH);
 }
 
@@ -175,7 +182,7 @@ static __always_inline int filter_v4(struct xdp_md *ctx, void *l3, void *data_en
 	if (ip->frag_off & bpf_htons(IP_OFFSET))
 		return verdict(ctx, source >= 0 ? source : L4LB_PASS_FRAGMENT);
 	return ports(ctx, l3 + header_length, data_end, ip->protocol, source,
-		     (ip->frag_off & bpf_htons(IP_MF)) != 0);
+		     (ip->frag_off & bpf_htons(IP_MF)) != 0, 4, &ip->saddr, &ip->daddr);
 }
 
 static __always_inline int filter_v6(struct xdp_md *ctx, void *l3, void *data_end)
@@ -194,7 +201,7 @@ static __always_inline int filter_v6(struct xdp_md *ctx, void *l3, void *data_en
 #pragma unroll
 	for (int depth = 0; depth < L4LB_MAX_IPV6_EXT_DEPTH; depth++) {
 		if (next == NEXTHDR_TCP || next == NEXTHDR_UDP)
-			return ports(ctx, cursor, data_end, next, source, first_fragment);
+			return ports(ctx, cursor, data_end, next, source, first_fragment, 6, &ip6->saddr, &ip6->daddr);
 		if (next != NEXTHDR_HOP && next != NEXTHDR_ROUTING && next != NEXTHDR_DEST &&
 		    next != NEXTHDR_FRAGMENT && next != NEXTHDR_AUTH)
 			return verdict(ctx, source >= 0 ? source : L4LB_PASS_NO_MATCH);
@@ -218,7 +225,7 @@ static __always_inline int filter_v6(struct xdp_md *ctx, void *l3, void *data_en
 	}
 	/* Six extension headers followed; the seventh header may still be the transport. */
 	if (next == NEXTHDR_TCP || next == NEXTHDR_UDP)
-		return ports(ctx, cursor, data_end, next, source, first_fragment);
+		return ports(ctx, cursor, data_end, next, source, first_fragment, 6, &ip6->saddr, &ip6->daddr);
 	if (next != NEXTHDR_HOP && next != NEXTHDR_ROUTING && next != NEXTHDR_DEST &&
 	    next != NEXTHDR_FRAGMENT && next != NEXTHDR_AUTH)
 		return verdict(ctx, source >= 0 ? source : L4LB_PASS_NO_MATCH);

@@ -17,7 +17,7 @@ struct BPFObjectPlugin: BuildToolPlugin {
                 displayName: "Compiling bpf/xdp_filter.bpf.c",
                 executable: URL(fileURLWithPath: "/bin/sh"),
                 arguments: [script.path, source.path, output.path, work.path],
-                inputFiles: [source, bpf.appending(path: "xdp_filter.h"), script],
+                inputFiles: [source, bpf.appending(path: "xdp_filter.h"), bpf.appending(path: "rate_limit.bpf.h"), script],
                 outputFiles: [output]
             )
         ]

@@ -7,6 +7,8 @@ public enum FilterReason: Int, CaseIterable, Sendable {
     /// XDP only: port rules exist and the packet hides its ports (a first fragment cut
     /// before them, an IPv6 header chain deeper than the parser follows).
     case unreachablePorts
+    /// XDP only: over a listener's `rate_limit` (user space counts those per listener).
+    case rateLimitedNewConnections, rateLimitedPackets
 
     public var drops: Bool { rawValue >= FilterReason.blockedSourceV4.rawValue }
 
@@ -23,6 +25,8 @@ public enum FilterReason: Int, CaseIterable, Sendable {
         case .blockedPortTCP: "blocked_port_tcp"
         case .blockedPortUDP: "blocked_port_udp"
         case .unreachablePorts: "unreachable_ports"
+        case .rateLimitedNewConnections: "rate_limited_new_connections"
+        case .rateLimitedPackets: "rate_limited_packets"
         }
     }
 }

@@ -28,10 +28,20 @@ public final class XDPFilter {
     private let blockedV4: Int32, blockedV6: Int32, allowedV4: Int32, allowedV6: Int32
     private let ports: Int32, counters: Int32, settings: Int32
     private var linkFDs: [String: Int32] = [:]
-    private let cpus: Int
+    let cpus: Int
+    /// What `settings[0]` holds (the program reads it; user space writes it whole).
+    private var settingsValue = l4lb_settings()
+    /// The rate limits' maps (XDPFilter+RateLimit), not pinned: they hold only what this
+    /// process installs and learns.
+    let rateRules: Int32, rateBuckets: Int32, rateFlows: Int32, rateExemptV4: Int32, rateExemptV6: Int32
+    let rateCounters: Int32, rateTable: Int32
+    /// The LRU maps' size (`rate_limit.table_size`).
+    public let rateTableSize: Int
+    var installedRateRules: [RateRule] = []
 
-    /// Loads the program and opens (or creates and pins) its maps under `pinPath`.
-    public init(pinPath: String) throws(BPFError) {
+    /// Loads the program and opens (or creates and pins) its maps under `pinPath`; the
+    /// rate limits track up to `rateTableSize` sources (and as many UDP flows).
+    public init(pinPath: String, rateTableSize: Int = 65_536) throws(BPFError) {
         self.pinPath = pinPath
         try BPFFileSystem.prepare(pinPath)
         guard let bytes = Data(base64Encoded: XDPFilterObject.base64) else {
@@ -41,6 +51,14 @@ public final class XDPFilter {
         guard let opened, libbpf_get_error(UnsafeRawPointer(opened)) == 0 else {
             throw BPFError("opening the XDP object", code: errno)
         }
+        for name in ["rate_buckets", "rate_flows"] {
+            let sized = bpf_map__set_max_entries(bpf_object__find_map_by_name(opened, name), UInt32(clamping: rateTableSize))
+            guard sized == 0 else {
+                bpf_object__close(opened)
+                throw BPFError("sizing the rate-limit map \(name) to \(rateTableSize)", code: sized)
+            }
+        }
+        self.rateTableSize = rateTableSize
         let loaded = bpf_object__load(opened)
         guard loaded == 0 else {
             bpf_object__close(opened)
@@ -55,6 +73,13 @@ public final class XDPFilter {
         ports = mapFD("blocked_ports")
         counters = mapFD("counters")
         settings = mapFD("settings")
+        rateRules = mapFD("rate_rules")
+        rateBuckets = mapFD("rate_buckets")
+        rateFlows = mapFD("rate_flows")
+        rateExemptV4 = mapFD("rate_exempt_v4")
+        rateExemptV6 = mapFD("rate_exempt_v6")
+        rateCounters = mapFD("rate_counters")
+        rateTable = mapFD("rate_table")
         programFD = bpf_program__fd(bpf_object__find_program_by_name(opened, "l4lb_xdp_filter"))
         let possible = libbpf_num_possible_cpus()
         guard possible > 0 else {
@@ -202,11 +227,21 @@ public final class XDPFilter {
     /// Tells the program how many port rules exist (it drops packets that hide their
     /// ports only while there are some).
     public func setPortRuleCount(_ count: Int) throws(BPFError) {
+        settingsValue.port_rules = UInt32(clamping: count)
+        try writeSettings()
+    }
+
+    func writeSettings() throws(BPFError) {
         var key: UInt32 = 0
-        var value = l4lb_settings(port_rules: UInt32(clamping: count))
-        guard bpf_map_update_elem(settings, &key, &value, UInt64(BPF_ANY)) == 0 else {
+        guard bpf_map_update_elem(settings, &key, &settingsValue, UInt64(BPF_ANY)) == 0 else {
             throw BPFError("updating the filter settings", code: errno)
         }
+    }
+
+    /// Tells the program whether any rate rule exists (none: it skips their lookups).
+    func setRateRuleCount(_ count: Int) throws(BPFError) {
+        settingsValue.rate_rules = UInt32(clamping: count)
+        try writeSettings()
     }
 
     /// Packets by reason on `ifindex` (0: interfaces nobody registered), summed over CPUs.

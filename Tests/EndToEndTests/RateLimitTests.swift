@@ -6,8 +6,9 @@ import XCTest
 import Glibc
 #endif
 
-/// Per-source rate limits in user space (issue 16): new connections, concurrent
-/// connections and prefixes, over two workers that share one source table.
+/// Per-source rate limits (issue 16): new connections and UDP flows, concurrent connections
+/// and prefixes, over two workers that share one source table; in XDP on a veth between
+/// namespaces, and the user-space fallback with the same verdicts.
 final class RateLimitTests: XCTestCase {
     /// `new_connections: 100/s, burst: 100`: a source trying 1,000/s gets the burst and then
     /// 100/s (±15%); a source at 50/s and an exempt one are never limited; `/ratelimit/top`
@@ -152,5 +153,129 @@ final class RateLimitTests: XCTestCase {
             return false
         })
         XCTAssertNil(open("127.0.7.9"), "10 open: the limit holds")
+    }
+
+    // MARK: In XDP, and the same verdicts in user space
+
+    /// Must-show 2 (and 1, 5 for TCP and UDP): with XDP on the server's veth, SYNs and new
+    /// UDP flows over `new_connections: 100/s, burst: 100` are dropped in the kernel — l4lb
+    /// accepts none of them — while a polite source and an exempt one pass untouched; a
+    /// reload to a lower limit holds at once and leaves an open connection alone.
+    func testXDPDropsLimitedSYNsAndNewUDPFlowsInTheKernel() throws {
+        try checkLimitsOverVeth(mode: "native")
+    }
+
+    /// The same traffic and the same verdicts with the filter in user space: the limited
+    /// connections are accepted and closed, the limited datagrams dropped at receive.
+    func testUserspaceFallbackGivesTheSameRateLimitVerdicts() throws {
+        try checkLimitsOverVeth(mode: "userspace")
+    }
+
+    private func checkLimitsOverVeth(mode: String) throws {
+        let pinPath = "/sys/fs/bpf/l4lb-e2e-\(getpid())-\(UUID().uuidString.prefix(8))"
+        defer { try? FileManager.default.removeItem(atPath: pinPath) }
+        let (client, server) = try NetworkNamespace.vethPair("rl-\(mode.prefix(4))")
+        let port: UInt16 = 18090
+        var tcpBackendPort: UInt16 = 0, udpBackendPort: UInt16 = 0
+        func config(rate: Int, burst: Int) -> String {
+            """
+            workers: 2
+            rate_limit:
+              per_source: { new_connections: { rate: \(rate)/s, burst: \(burst) } }
+              exempt: [192.0.2.4]
+            listeners:
+              - { name: web, address: "192.0.2.2:\(port)", cluster: echo }
+              - { name: dns, address: "192.0.2.2:\(port)", protocol: udp, cluster: udp-echo }
+            clusters:
+              - name: echo
+                endpoints: [ { address: "127.0.0.1:\(tcpBackendPort)" } ]
+              - name: udp-echo
+                endpoints: [ { address: "127.0.0.1:\(udpBackendPort)" } ]
+            filter:
+              xdp: { interfaces: [l4s], mode: \(mode), pin_path: \(pinPath) }
+            """
+        }
+        let (proxy, backend, udpBackend) = try server.run { () throws -> (L4LBProcess, TestBackend, UDPBackend) in
+            let backend = try TestBackend(.echo)
+            let udpBackend = try UDPBackend(.echo)
+            tcpBackendPort = backend.port
+            udpBackendPort = udpBackend.port
+            return (try L4LBProcess(config: config(rate: 100, burst: 100), waitFor: ("192.0.2.2", port)), backend, udpBackend)
+        }
+        _ = udpBackend
+        defer { proxy.stop() }
+        func stats() throws -> [String: Any] { try server.run { try proxy.stats() } }
+        let kernel = mode != "userspace"
+        let before = try stats()
+        let acceptedBefore = before.listener("web")?.int("total") ?? -1
+        let refusedBefore = before.listener("web")?.int("refused") ?? -1
+        let backendBefore = backend.accepted
+
+        // Three sources on each protocol at once: a flood, a polite one, an exempt one.
+        let drivers: [(kind: PacedTraffic.Kind, source: String, rate: Double)] = [
+            (.tcp, "192.0.2.1", 1000), (.tcp, "192.0.2.3", 50), (.tcp, "192.0.2.4", 200),
+            (.udp, "192.0.2.1", 1000), (.udp, "192.0.2.3", 50), (.udp, "192.0.2.4", 200),
+        ]
+        let seconds = 4.0
+        nonisolated(unsafe) let results = UnsafeMutableBufferPointer<PacedTraffic.Result>.allocate(capacity: drivers.count)
+        defer { results.deallocate() }
+        nonisolated(unsafe) let clientNamespace = client
+        DispatchQueue.concurrentPerform(iterations: drivers.count) { i in
+            let d = drivers[i]
+            results[i] = (try? clientNamespace.run { PacedTraffic.run(d.kind, host: "192.0.2.2", port: port, source: d.source, rate: d.rate, seconds: seconds) }) ?? .init()
+        }
+        for (i, d) in drivers.enumerated() where d.source == "192.0.2.1" {
+            let r = results[i]
+            XCTAssertEqual(Double(r.served), 100 + 100 * seconds, accuracy: 0.15 * 100 * seconds,
+                           "\(d.kind) flood (\(mode)): the burst, then 100/s over \(seconds) s; \(r.attempts) attempts")
+        }
+        for (i, d) in drivers.enumerated() where d.source != "192.0.2.1" {
+            XCTAssertEqual(results[i].served, results[i].attempts, "\(d.kind) from \(d.source) (\(mode)): never limited")
+            XCTAssertEqual(results[i].attempts, Int(d.rate * seconds))
+        }
+        let tcpServed = results[0].served + results[1].served + results[2].served
+        let tcpLimited = results[0].attempts - results[0].served
+        let udpLimited = results[3].attempts - results[3].served
+        XCTAssertEqual(backend.accepted - backendBefore, tcpServed, "no limited connection reached the upstream")
+
+        let after = try stats()
+        let web = try XCTUnwrap(after.listener("web")?["rate_limit"] as? [String: Any])
+        let dns = try XCTUnwrap(after.listener("dns")?["rate_limit"] as? [String: Any])
+        for limit in [web, dns] {
+            XCTAssertEqual(limit["enforced_in"] as? String, kernel ? "xdp" : "userspace")
+        }
+        func limitedNew(_ limit: [String: Any]) -> Int { ((limit["limited"] as? [String: Any])?["new_connections"] as? NSNumber)?.intValue ?? -1 }
+        XCTAssertEqual(limitedNew(web), tcpLimited, "every refused connection counted once")
+        XCTAssertEqual(limitedNew(dns), udpLimited, "every refused UDP flow counted once")
+        XCTAssertEqual((web["exempt_admitted"] as? NSNumber)?.intValue, results[2].attempts)
+        XCTAssertEqual((after.listener("web")?.int("total") ?? -1) - acceptedBefore, tcpServed)
+        let refused = (after.listener("web")?.int("refused") ?? -1) - refusedBefore
+        if kernel {
+            // Dropped in the kernel: l4lb never saw the limited connections.
+            XCTAssertEqual(refused, 0, "l4lb accepts none of the limited connections")
+            XCTAssertEqual(after.filterCount("l4s", dropped: "rate_limited_new_connections"), tcpLimited + udpLimited)
+            let table = try XCTUnwrap((after["rate_limit"] as? [String: Any])?["xdp"] as? [String: Any])
+            XCTAssertEqual((table["sources"] as? NSNumber)?.intValue, 4, "two sources on web, two on dns (the exempt one has none): \(table)")
+            XCTAssertEqual((table["source_evictions"] as? NSNumber)?.intValue, 0)
+        } else {
+            // Accepted by the kernel, then closed by l4lb before a byte reached the upstream.
+            XCTAssertEqual(refused, tcpLimited)
+        }
+
+        // Reload to 10/s, burst 5: a fresh attempt from the polite source 0.2 s later gets the
+        // new budget; a connection open across the reload keeps working.
+        let held = try client.run { try Sockets.connect(host: "192.0.2.2", port: port, timeout: 2, bindTo: "192.0.2.4") }
+        defer { close(held) }
+        Sockets.setTimeout(held, seconds: 3)
+        try server.run {
+            try proxy.writeConfig(config(rate: 10, burst: 5))
+            XCTAssertEqual(try proxy.admin("POST", "/reload").status, 200)
+        }
+        usleep(200_000)
+        let slowed = try client.run { PacedTraffic.run(.tcp, host: "192.0.2.2", port: port, source: "192.0.2.3", rate: 100, seconds: 2) }
+        XCTAssertEqual(Double(slowed.served), 5 + 10 * 2, accuracy: 8, "\(mode): the lower limit holds within 1 s of the reload")
+        let probe = Array("held across the reload\n".utf8)
+        try Sockets.sendAll(held, probe)
+        XCTAssertEqual(try Sockets.receiveExactly(held, probe.count), probe)
     }
 }

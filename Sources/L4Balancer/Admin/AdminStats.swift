@@ -51,7 +51,7 @@ extension WorkerPool {
             if !$0.routes.isEmpty { entry["sni"] = sniEntry($0, snapshot: snapshot, stats: stats) }
             if snapshot.reachesUpstreamTLS($0) { entry["upstream_tls"] = upstreamTLSEntry(listener: $0.id, stats: stats) }
             entry["max_connections"] = $0.maxConnections.map { $0 as Any } ?? NSNull()
-            if let limit = $0.rateLimit { entry["rate_limit"] = rateLimitEntry(listener: $0.id, limit, stats: stats) }
+            if let limit = $0.rateLimit { entry["rate_limit"] = rateLimitEntry($0, limit, stats: stats) }
             return entry
         }
         for (id, name) in removedListenersWithConnections(snapshot) {

@@ -95,7 +95,7 @@ public final class MetricsExporter: @unchecked Sendable {
         let udpListeners = Set(snapshot.listeners.filter { $0.transport == .udp }.map(\.id))
         var tlsListeners: [Int: Config.TLS] = [:]
         for listener in snapshot.listeners { if let tls = listener.tls { tlsListeners[listener.id] = tls } }
-        let rateLimitedListeners = Set(snapshot.listeners.filter { $0.rateLimit != nil }.map(\.id))
+        let rateLimitedListeners = Dictionary(snapshot.listeners.filter { $0.rateLimit != nil }.map { ($0.id, $0) }) { a, _ in a }
         let routedListeners = Set(snapshot.listeners.filter { !$0.routes.isEmpty }.map(\.id))
         let upstreamTLSListeners = Set(snapshot.listeners.filter { snapshot.reachesUpstreamTLS($0) }.map(\.id))
         for listener in listeners {
@@ -156,12 +156,14 @@ public final class MetricsExporter: @unchecked Sendable {
                     }
                 }
             }
-            if rateLimitedListeners.contains(listener.id) {
-                let help = "Connections, UDP sessions or datagrams refused by rate_limit, by reason."
-                for (limited, reason) in WorkerPool.rateLimitCounters {
-                    counter("l4lb_rate_limited_total", help, labels + [("reason", reason.name)], total(limited))
+            if let plan = rateLimitedListeners[listener.id] {
+                let help = "Connections, UDP sessions or datagrams refused by rate_limit, by reason (in XDP or the workers)."
+                let counts = pool.rateLimited(plan, stats: stats)
+                for (reason, count) in counts.byReason {
+                    counter("l4lb_rate_limited_total", help, labels + [("reason", reason.name)], count)
                 }
-                counter("l4lb_rate_limit_exempt_total", "New connections or sessions from exempt sources (never limited).", labels, total(.rateLimitExempt))
+                counter("l4lb_rate_limit_exempt_total", "New connections or sessions from exempt sources (never limited).", labels, counts.exempt)
+                gauge("l4lb_rate_limit_in_xdp", "1 when XDP enforces the listener's new_connections and packets limits.", labels, plan.rateLimitInKernel ? 1 : 0)
             }
             if udpListeners.contains(listener.id) {
                 let help = "UDP datagrams relayed, by direction (in: from clients)."
@@ -202,6 +204,13 @@ public final class MetricsExporter: @unchecked Sendable {
         gauge("l4lb_rate_limit_table_size", "Sources the rate-limit table can track at once (rate_limit.table_size).", [], Double(table.size))
         counter("l4lb_rate_limit_evictions_total", "Sources forgotten to make room in the rate-limit table.", [], table.evictions)
         counter("l4lb_rate_limit_untracked_total", "New sources let through unlimited because their part of the table was full of sources holding connections.", [], table.untracked)
+        if let kernel = table.kernel {
+            gauge("l4lb_rate_limit_xdp_sources", "Source prefixes the XDP program's rate-limit LRU holds now.", [], Double(kernel.buckets))
+            counter("l4lb_rate_limit_xdp_evictions_total", "Sources (table=sources) and UDP flows (table=udp_flows) the XDP program's LRU maps forgot for room.",
+                    [("table", "sources")], kernel.bucketEvictions)
+            counter("l4lb_rate_limit_xdp_evictions_total", "Sources (table=sources) and UDP flows (table=udp_flows) the XDP program's LRU maps forgot for room.",
+                    [("table", "udp_flows")], kernel.flowEvictions)
+        }
 
         for control in pool.controls {
             let labels = [("worker", String(control.index))]

@@ -138,7 +138,11 @@ final class WorkerPlan {
                     routes: listener.routes.map { ($0.serverNames, $0.cluster) }, defaultCluster: listener.clusters[0])
                 opening[listener.id] = Worker.ticks(listener.inspectTimeoutMilliseconds)
             }
-            if let limit = listener.rateLimit { rules[listener.id] = SourceRateRule(limit, listener: listener.id) }
+            if let limit = listener.rateLimit {
+                let rule = SourceRateRule(limit, listener: listener.id, bucketsInKernel: listener.rateLimitInKernel)
+                // Nothing left for the workers when XDP enforces the buckets and there is no max_connections.
+                if rule.limitsNewSources || rule.packetInterval > 0 { rules[listener.id] = rule }
+            }
             idle[listener.id] = Worker.ticks(listener.idleTimeoutMilliseconds)
             send[listener.id] = Worker.ticks(listener.sendTimeoutMilliseconds)
             if listener.clusters.count > 1 { splits[listener.id] = SmoothRoundRobin(weights: listener.clusterWeights) }

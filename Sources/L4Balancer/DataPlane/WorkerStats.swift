@@ -106,6 +106,7 @@ public final class WorkerStats: @unchecked Sendable {
         /// in its order (`filterCounter(_:)`).
         case filterNoMatch, filterAllowed, filterNotIP, filterMalformed, filterFragment
         case filterBlockedSourceV4, filterBlockedSourceV6, filterBlockedPortTCP, filterBlockedPortUDP, filterUnreachablePorts
+        case filterRateLimitedNewConnections, filterRateLimitedPackets
 
         public static func filterCounter(_ reason: FilterReason) -> WorkerCounter {
             WorkerCounter(rawValue: filterNoMatch.rawValue + reason.rawValue).unsafelyUnwrapped

@@ -24,12 +24,12 @@ public final class PacketFilter: @unchecked Sendable {
     }
 
     let store = FilterStore()
-    private let lock = NSLock()
+    let lock = NSLock()
     private let logger: Logger
-    private var xdp: XDPFilter?
+    var xdp: XDPFilter?
     private var blocked: [FilterEntry: FilterOrigin] = [:]
     private var allowed: [SourcePrefix: FilterOrigin] = [:]
-    private var attached: [Interface] = []
+    var attached: [Interface] = []
     /// Where XDP is attached, and how.
     public var interfaces: [Interface] { lock.withLock { attached } }
     /// True when the workers check every accepted connection (XDP is not attached).
@@ -44,11 +44,11 @@ public final class PacketFilter: @unchecked Sendable {
     /// Loads the XDP program and its pinned lists, applies the config's lists, then
     /// attaches (so a fresh start never filters with empty lists). With `mode: auto` a
     /// program that cannot load or attach leaves the lists to user space; with `native` or
-    /// `generic` it is an error.
-    public init(_ config: Config.Filter, logger: Logger) throws(StartError) {
+    /// `generic` it is an error. `rateTableSize`: sources the program's rate limits track.
+    public init(_ config: Config.Filter, rateTableSize: Int = Config.defaultRateLimitSources, logger: Logger) throws(StartError) {
         self.logger = logger
         do {
-            xdp = try XDPFilter(pinPath: config.pinPath)
+            xdp = try XDPFilter(pinPath: config.pinPath, rateTableSize: rateTableSize)
         } catch {
             if config.wantsXDP, config.mode != .auto {
                 throw StartError(description: "filter.xdp.mode: \(config.mode.rawValue): \(error)")

@@ -13,12 +13,16 @@ final class SourceRateRule {
     let prefixV6: Int
     let exempt: PrefixSet
 
-    init(_ limit: Config.RateLimit, listener: Int) {
+    /// `bucketsInKernel`: XDP enforces `new_connections` and `packets`; only
+    /// `max_connections` is left to the workers.
+    init(_ limit: Config.RateLimit, listener: Int, bucketsInKernel: Bool) {
         self.listener = listener
-        connectionInterval = limit.newConnections?.intervalNanoseconds ?? 0
-        connectionTolerance = limit.newConnections?.toleranceNanoseconds ?? 0
-        packetInterval = limit.packets?.intervalNanoseconds ?? 0
-        packetTolerance = limit.packets?.toleranceNanoseconds ?? 0
+        let connections = bucketsInKernel ? nil : limit.newConnections
+        let packets = bucketsInKernel ? nil : limit.packets
+        connectionInterval = connections?.intervalNanoseconds ?? 0
+        connectionTolerance = connections?.toleranceNanoseconds ?? 0
+        packetInterval = packets?.intervalNanoseconds ?? 0
+        packetTolerance = packets?.toleranceNanoseconds ?? 0
         maxConnections = limit.maxConnections ?? 0
         prefixV4 = limit.prefixV4
         prefixV6 = limit.prefixV6

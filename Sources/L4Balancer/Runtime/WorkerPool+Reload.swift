@@ -94,7 +94,18 @@ extension WorkerPool {
             for fd in sockets.joined() where !kept.contains(fd) { close(fd) }
             return fail(["filter: \(error)"])
         }
-        let snapshot = Snapshot(config: config, generation: old.generation + 1, ids: ids, previous: old, listenerSockets: sockets)
+        let snapshot = Snapshot(config: config, generation: old.generation + 1, ids: ids, previous: old, listenerSockets: sockets,
+                                rateLimitsInKernel: KernelRateLimits.covered(config.listeners, attached: filter.attachedInterfaceNames))
+        // XDP's rate rules before the workers take the snapshot that leaves the buckets to it.
+        do {
+            try filter.installRateLimits(snapshot)
+        } catch {
+            _ = try? filter.installRateLimits(old)
+            _ = try? filter.apply(old.config.filter)
+            let kept = Set(old.listenerSockets.joined())
+            for fd in sockets.joined() where !kept.contains(fd) { close(fd) }
+            return fail(["rate_limit: \(error)"])
+        }
 
         // Endpoints new to the running config start as l4lb starts them: unhealthy until a
         // first check passes. The checker checks them now, before any worker can pick them.

@@ -68,7 +68,7 @@ public final class WorkerPool: Service, @unchecked Sendable {
         }
         // The filter before the listeners: nothing is accepted before the lists hold.
         do {
-            filter = try PacketFilter(config.filter, logger: logger)
+            filter = try PacketFilter(config.filter, rateTableSize: config.rateLimitSources, logger: logger)
         } catch {
             throw StartError(description: error.description)
         }
@@ -81,7 +81,15 @@ public final class WorkerPool: Service, @unchecked Sendable {
             filter.shutdown()
             throw StartError(description: "\(error)")
         }
-        let snapshot = Snapshot(config: config, generation: 1, ids: ids, previous: nil, listenerSockets: sockets)
+        let snapshot = Snapshot(config: config, generation: 1, ids: ids, previous: nil, listenerSockets: sockets,
+                                rateLimitsInKernel: KernelRateLimits.covered(config.listeners, attached: filter.attachedInterfaceNames))
+        do {
+            try filter.installRateLimits(snapshot)
+        } catch {
+            filter.shutdown()
+            sockets.joined().forEach { close($0) }
+            throw StartError(description: "rate_limit: \(error)")
+        }
         for endpoint in snapshot.endpoints {
             status.reset(endpoint.id, startsUnhealthy: snapshot.clusters[endpoint.cluster].config.healthCheck.map { !$0.startHealthy } ?? false)
         }

@@ -47,6 +47,9 @@ public final class Snapshot: @unchecked Sendable {
         public let inspectTimeoutMilliseconds: Int64
         /// Per-source limits (the listener's own or the default); nil: none.
         public let rateLimit: Config.RateLimit?
+        /// True when the XDP program enforces its token buckets (`KernelRateLimits`); the
+        /// workers then apply only `max_connections`.
+        public let rateLimitInKernel: Bool
         /// What every worker derives this listener's session-ticket keys from; kept across
         /// reloads (by name), so tickets issued before one still resume after it.
         let ticketSecret: [UInt8]
@@ -105,7 +108,9 @@ public final class Snapshot: @unchecked Sendable {
 
     /// `ids` from `IdentityRegistry.assign`; clusters whose config equals their namesake in
     /// `previous` reuse its tables rather than build them again.
-    init(config: Config, generation: UInt64, ids: (listeners: [Int], clusters: [Int], endpoints: [[Int]]), previous: Snapshot?, listenerSockets: [[Int32]]) {
+    /// `rateLimitsInKernel`: the listeners whose token buckets XDP enforces.
+    init(config: Config, generation: UInt64, ids: (listeners: [Int], clusters: [Int], endpoints: [[Int]]), previous: Snapshot?,
+         listenerSockets: [[Int32]], rateLimitsInKernel: Set<String> = []) {
         self.config = config
         self.generation = generation
         self.listenerSockets = listenerSockets
@@ -164,6 +169,7 @@ public final class Snapshot: @unchecked Sendable {
                 routes: listener.routes.map { RoutePlan(serverNames: $0.serverNames, cluster: clusterIndex[$0.cluster]!) },
                 inspectTimeoutMilliseconds: listener.inspectTimeout.milliseconds,
                 rateLimit: listener.rateLimit,
+                rateLimitInKernel: rateLimitsInKernel.contains(listener.name),
                 ticketSecret: listener.tls == nil ? [] : previousSecrets[listener.name].flatMap { $0.isEmpty ? nil : $0 } ?? Snapshot.randomSecret())
         }
         listenerIDBound = (ids.listeners.max() ?? -1) + 1

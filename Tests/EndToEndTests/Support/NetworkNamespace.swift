@@ -61,6 +61,21 @@ final class NetworkNamespace {
         }
     }
 
+    /// A client namespace (l4c: 192.0.2.1, .3, .4, 2001:db8::1, ::3) and l4lb's (l4s:
+    /// 192.0.2.2, 2001:db8::2) joined by a veth pair.
+    static func vethPair(_ tag: String) throws -> (client: NetworkNamespace, server: NetworkNamespace) {
+        let client = try NetworkNamespace("\(tag)-c")
+        let server = try NetworkNamespace("\(tag)-s")
+        try client.ip(["link", "add", "l4c", "type", "veth", "peer", "name", "l4s", "netns", server.name])
+        for address in ["192.0.2.1/24", "192.0.2.3/24", "192.0.2.4/24"] { try client.ip(["addr", "add", address, "dev", "l4c"]) }
+        for address in ["2001:db8::1/64", "2001:db8::3/64"] { try client.ip(["addr", "add", address, "dev", "l4c", "nodad"]) }
+        try server.ip(["addr", "add", "192.0.2.2/24", "dev", "l4s"])
+        try server.ip(["addr", "add", "2001:db8::2/64", "dev", "l4s", "nodad"])
+        try client.ip(["link", "set", "l4c", "up"])
+        try server.ip(["link", "set", "l4s", "up"])
+        return (client, server)
+    }
+
     /// The XDP program id attached to `interface`, or nil (from `ip link show`).
     func xdpProgramID(_ interface: String) throws -> Int? {
         let text = try ip(["link", "show", "dev", interface])
