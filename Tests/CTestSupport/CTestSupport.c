@@ -43,7 +43,7 @@ int CTest_enter_netns(const char *path) {
     return rc < 0 ? -saved : 0;
 }
 
-int CTest_send_frame(const char *interface, const unsigned char *frame, unsigned length) {
+int CTest_send_frames(const char *interface, const unsigned char *frames, unsigned length, unsigned count) {
     unsigned index = if_nametoindex(interface);
     if (index == 0) return -errno;
     int fd = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, 0);
@@ -53,11 +53,19 @@ int CTest_send_frame(const char *interface, const unsigned char *frame, unsigned
     address.sll_family = AF_PACKET;
     address.sll_ifindex = (int)index;
     address.sll_halen = 6;
-    memcpy(address.sll_addr, frame, 6);
-    ssize_t sent = sendto(fd, frame, length, 0, (struct sockaddr *)&address, sizeof(address));
-    int saved = errno;
-    close(fd);
-    return sent == (ssize_t)length ? 0 : -(sent < 0 ? saved : EMSGSIZE);
+    int rc = 0;
+    for (unsigned i = 0; i < count && rc == 0; i++) {
+        const unsigned char *frame = frames + (size_t)i * length;
+        memcpy(address.sll_addr, frame, 6);
+        ssize_t sent = sendto(fd, frame, length, 0, (struct sockaddr *)&address, sizeof(address));
+        if (sent != (ssize_t)length) rc = -(sent < 0 ? errno : EMSGSIZE);
+    }
+    close(fd);  // closing a packet socket waits for an RCU grace period: one per batch
+    return rc;
+}
+
+int CTest_send_frame(const char *interface, const unsigned char *frame, unsigned length) {
+    return CTest_send_frames(interface, frame, length, 1);
 }
 
 long CTest_send_from(int fd, unsigned source, unsigned destination, unsigned short port, const void *payload, unsigned length) {

@@ -270,7 +270,7 @@ final class FilterTests: XCTestCase {
         ]
         for c in cases {
             let frame = FilterTraffic.udpFrame(source: c.source, destination: c.destination, port: 5353, tags: c.tags)
-            try client.run { for _ in 0..<10 { try FilterTraffic.sendFrame(frame, on: "l4c") } }
+            try client.run { try FilterTraffic.sendFrames(Array(repeating: frame, count: 10), on: "l4c") }
             var after: [String: Any] = [:]
             let counted = waitUntil(timeout: 5) {
                 after = (try? stats()) ?? [:]
@@ -346,7 +346,7 @@ final class FilterTests: XCTestCase {
         ]
         var before = try stats()
         for c in cases {
-            try client.run { for _ in 0..<10 { try FilterTraffic.sendFrame(c.frame, on: "l4c") } }
+            try client.run { try FilterTraffic.sendFrames(Array(repeating: c.frame, count: 10), on: "l4c") }
             func delta(_ now: [String: Any]) -> Int {
                 c.dropped ? now.filterCount("l4s", dropped: c.counter) - before.filterCount("l4s", dropped: c.counter)
                     : now.filterCount("l4s", passed: c.counter) - before.filterCount("l4s", passed: c.counter)

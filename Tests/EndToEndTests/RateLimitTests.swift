@@ -278,4 +278,72 @@ final class RateLimitTests: XCTestCase {
         try Sockets.sendAll(held, probe)
         XCTAssertEqual(try Sockets.receiveExactly(held, probe.count), probe)
     }
+
+    /// The program's source LRU is `rate_limit.table_size` entries: 3,000 IPv6 sources
+    /// (raw frames, /128 each) overflow a table of 1,024, the oldest are forgotten, and
+    /// inserts minus live entries are counted as evictions. `packets: 10/s, burst: 10`
+    /// drops a burst of 100 datagrams from one source down to about ten, in the kernel.
+    func testXDPSourceTableEvictsForRoomAndCountsItAndLimitsPackets() throws {
+        let pinPath = "/sys/fs/bpf/l4lb-e2e-\(getpid())-\(UUID().uuidString.prefix(8))"
+        defer { try? FileManager.default.removeItem(atPath: pinPath) }
+        let (client, server) = try NetworkNamespace.vethPair("rl-lru")
+        let port: UInt16 = 18091
+        let admin = Sockets.freePort()
+        let proxy = try server.run { () throws -> L4LBProcess in
+            let backend = try UDPBackend(.echo)
+            return try L4LBProcess(config: """
+                admin: { address: 127.0.0.1:\(admin) }
+                workers: 2
+                rate_limit: { table_size: 1024 }
+                listeners:
+                  - name: dns
+                    address: "[2001:db8::2]:\(port)"
+                    protocol: udp
+                    cluster: udp-echo
+                    rate_limit: { per_source: { packets: { rate: 10/s, burst: 10 }, prefix_v6: 128 } }
+                clusters:
+                  - name: udp-echo
+                    endpoints: [ { address: "\(backend.address)" } ]
+                filter:
+                  xdp: { interfaces: [l4s], mode: native, pin_path: \(pinPath) }
+                """, waitFor: ("127.0.0.1", admin))
+        }
+        defer { proxy.stop() }
+        func stats() throws -> [String: Any] { try server.run { try proxy.stats() } }
+        XCTAssertEqual((try stats().listener("dns")?["rate_limit"] as? [String: Any])?["enforced_in"] as? String, "xdp")
+
+        let sources = 3000
+        var floodSeconds = 0.0
+        try client.run {
+            let spoofed = (0..<sources).map {
+                FilterTraffic.udpFrame(source: "2001:db8::1:\(String($0, radix: 16))", destination: "2001:db8::2", port: port)
+            }
+            try FilterTraffic.sendFrames(spoofed, on: "l4c")
+            let flood = FilterTraffic.udpFrame(source: "2001:db8::3", destination: "2001:db8::2", port: port)
+            let start = Date()
+            try FilterTraffic.sendFrames(Array(repeating: flood, count: 100), on: "l4c")
+            floodSeconds = Date().timeIntervalSince(start)
+        }
+        var table: [String: Any] = [:]
+        XCTAssertTrue(waitUntil(timeout: 5) {
+            table = ((try? stats())?["rate_limit"] as? [String: Any])?["xdp"] as? [String: Any] ?? [:]
+            let live = (table["sources"] as? NSNumber)?.intValue ?? 0
+            let evicted = (table["source_evictions"] as? NSNumber)?.intValue ?? 0
+            return live + evicted == sources + 1
+        }, "every source inserted once: \(table)")
+        XCTAssertEqual((table["table_size"] as? NSNumber)?.intValue, 1024)
+        XCTAssertLessThanOrEqual((table["sources"] as? NSNumber)?.intValue ?? .max, 1024)
+        XCTAssertGreaterThanOrEqual((table["source_evictions"] as? NSNumber)?.intValue ?? 0, sources + 1 - 1024)
+
+        let after = try stats()
+        let dropped = after.filterCount("l4s", dropped: "rate_limited_packets")
+        // The burst, plus what 10/s refills while the frames go out one syscall at a time.
+        let admittedAtMost = 10 + Int((10 * floodSeconds).rounded(.up)) + 1
+        XCTAssertTrue((100 - admittedAtMost...90).contains(dropped),
+                      "100 datagrams in \(floodSeconds) s against 10/s, burst 10: \(dropped) dropped")
+        let limited = (after.listener("dns")?["rate_limit"] as? [String: Any])?["limited"] as? [String: Any]
+        XCTAssertEqual((limited?["packets"] as? NSNumber)?.intValue, dropped)
+        let metrics = try server.run { try proxy.admin("GET", "/metrics").text }
+        XCTAssertTrue(metrics.contains(#"l4lb_rate_limit_xdp_evictions_total{table="sources"}"#), metrics)
+    }
 }

@@ -101,6 +101,16 @@ enum FilterTraffic {
         guard rc == 0 else { throw Sockets.Failure("AF_PACKET send on \(interface)", -rc) }
     }
 
+    /// Frames of one length through one packet socket: opening and closing one costs an RCU
+    /// grace period (~10 ms), so thousands of frames go in one batch.
+    static func sendFrames(_ frames: [[UInt8]], on interface: String) throws {
+        guard let length = frames.first?.count else { return }
+        precondition(frames.allSatisfy { $0.count == length }, "sendFrames: frames of one length")
+        let bytes = frames.flatMap { $0 }
+        let rc = CTest_send_frames(interface, bytes, UInt32(length), UInt32(frames.count))
+        guard rc == 0 else { throw Sockets.Failure("AF_PACKET send on \(interface)", -rc) }
+    }
+
     /// An Ethernet frame carrying a UDP datagram from `source` to `destination` (IPv4 or
     /// IPv6 by the address), behind `tags` VLAN headers (TPID, VLAN id). `options`: IPv4
     /// option words (NOPs); `fragmentOffset` in 8-byte units (with `moreFragments`), an
