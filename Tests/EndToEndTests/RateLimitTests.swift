@@ -216,7 +216,7 @@ final class RateLimitTests: XCTestCase {
             (.tcp, "192.0.2.1", 1000), (.tcp, "192.0.2.3", 50), (.tcp, "192.0.2.4", 200),
             (.udp, "192.0.2.1", 1000), (.udp, "192.0.2.3", 50), (.udp, "192.0.2.4", 200),
         ]
-        let seconds = 4.0
+        let seconds = 10.0
         nonisolated(unsafe) let results = UnsafeMutableBufferPointer<PacedTraffic.Result>.allocate(capacity: drivers.count)
         defer { results.deallocate() }
         nonisolated(unsafe) let clientNamespace = client

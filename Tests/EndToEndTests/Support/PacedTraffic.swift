@@ -7,8 +7,11 @@ import Glibc
 /// New connections or UDP flows from one source at a steady rate, many in flight at once
 /// (a dropped SYN must not hold the next attempt back): how many were served end to end.
 /// Every attempt gets `patience` to be served, then is closed — before a dropped SYN's
-/// first retransmission (1 s), so each attempt is one SYN.
+/// first retransmission (1 s), so each attempt is one SYN. A UDP attempt binds its own
+/// port, below the ephemeral range: a port the kernel chose again would be a flow (session)
+/// l4lb already admitted — among 10,000 random picks from 28,000 ports, hundreds are.
 enum PacedTraffic {
+    static let firstUDPPort: UInt16 = 20000
     struct Result {
         var attempts = 0
         /// The probe came back through l4lb.
@@ -41,6 +44,16 @@ enum PacedTraffic {
             guard fd >= 0 else { return }
             result.attempts += 1
             var l = local
+            if kind == .udp {
+                let port = (firstUDPPort + UInt16(result.attempts % 12000)).bigEndian
+                withUnsafeMutablePointer(to: &l) { address in
+                    if address.pointee.ss_family == sa_family_t(AF_INET6) {
+                        address.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { $0.pointee.sin6_port = port }
+                    } else {
+                        address.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { $0.pointee.sin_port = port }
+                    }
+                }
+            }
             _ = withUnsafePointer(to: &l) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, localLength) } }
             var t = target
             _ = withUnsafePointer(to: &t) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, targetLength) } }
