@@ -227,12 +227,16 @@ final class UpstreamTLSTests: XCTestCase {
             "  client_auth: { ca: \(pki.path("ca.pem")), required: true }",
         ]
         let upstream = "tls: { sni: b.example.test, ca: \(pki.path("ca.pem")), client_cert: { cert: \(pki.path("client.pem")), key: \(pki.path("client.key")) } }"
+        // connect_timeout bounds the upstream handshake too, and 500 handshakes with client
+        // certificates queue on two cores (in CI some took 2.5 s): the test is about bytes at
+        // scale, so the outer listeners wait longer than the 2 s default.
+        let patient = "connect_timeout: 15s"
         let proxy = try L4LBProcess(config: config([
             (name: "inner", port: inner, listener: innerTLS, endpoint: echo.address, cluster: []),
             (name: "front", port: front,
-             listener: ["tls:", "  certificates: [{ cert: \(pki.path("a.pem")), key: \(pki.path("a.key")) }]"],
+             listener: [patient, "tls:", "  certificates: [{ cert: \(pki.path("a.pem")), key: \(pki.path("a.key")) }]"],
              endpoint: "127.0.0.1:\(inner)", cluster: [upstream]),
-            (name: "plain", port: plain, listener: [], endpoint: "127.0.0.1:\(inner)", cluster: [upstream]),
+            (name: "plain", port: plain, listener: [patient], endpoint: "127.0.0.1:\(inner)", cluster: [upstream]),
             (name: "no-cert", port: noCert, listener: [], endpoint: "127.0.0.1:\(inner)",
              cluster: ["tls: { sni: b.example.test, ca: \(pki.path("ca.pem")) }"]),
         ]), waitFor: ("127.0.0.1", noCert))
