@@ -156,8 +156,8 @@ def wait_served(timeout=15):
 
 def attack_process(procs, attack, duration, interval, senders):
     if attack == "syn":
-        # hping3 sleeps --interval µs between SYNs, and wakes later than that: one reaches
-        # about 30,000 SYN/s beside the client on CPU 0, so --senders of them run at once.
+        # --flood by default; with --interval, hping3 sleeps that long between SYNs and wakes
+        # later (one reaches ~30,000 SYN/s beside the client), so --senders of them can run.
         # Each stops (and prints its count) when the window ends; the table says what they sent.
         pace = f"nice -n -10 timeout -k 3 -s INT {duration} hping3 -i u{interval}" if interval else \
             f"timeout -k 3 -s INT {duration} hping3 --flood"
@@ -221,10 +221,11 @@ def attacker_figures(attack, output, duration, elapsed):
 
 
 def describe_attacker(figures):
-    if not figures:
-        return "-"
+    """The attacker's column, from a run's figures (which hold attacker_figures' keys)."""
     if "syn_sent" in figures:
         return f"{figures['syn_sent']:,.0f} SYN/s sent"
+    if "connects" not in figures:
+        return "-"
     return (f"{figures['connects']:,.0f} connects/s: {figures['established']:,.0f} established, "
             f"{figures['served']:,.0f} served, {figures['abandoned']:,.0f} abandoned")
 
@@ -252,7 +253,7 @@ def run_one(procs, name, argv, attack, duration, interval, senders):
         return {
             "proxy_cpu": cpu / elapsed, "machine_busy": busy / elapsed, "client_rps": requests / duration,
             "cpu_per_request": cpu / requests * 1e6 if requests else None,
-            **({f"attacker_{k}": v for k, v in attacker_figures(attack, output, duration, attack_elapsed).items()} if attack else {}),
+            **(attacker_figures(attack, output, duration, attack_elapsed) if attack else {}),
             "attacker_cpu": attacker_cpu / elapsed,
         }
     finally:
@@ -301,9 +302,8 @@ def main():
         r = {k: bench.median([x.get(k) for x in results]) for k in {k for x in results for k in x}
              if any(x.get(k) is not None for x in results)}
         per = f"{r['cpu_per_request']:.1f}" if "cpu_per_request" in r else "—"
-        attacker = describe_attacker({k[len("attacker_"):]: v for k, v in r.items() if k.startswith("attacker_") and k != "attacker_cpu"})
         print(f"| {label} | {r['proxy_cpu']:.3f} | {per} | {r['machine_busy']:.3f} | {r['client_rps']:,.0f} "
-              f"| {attacker} | {r['attacker_cpu']:.2f} |")
+              f"| {describe_attacker(r)} | {r['attacker_cpu']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -64,10 +64,6 @@ int CTest_send_frames(const char *interface, const unsigned char *frames, unsign
     return rc;
 }
 
-int CTest_send_frame(const char *interface, const unsigned char *frame, unsigned length) {
-    return CTest_send_frames(interface, frame, length, 1);
-}
-
 long CTest_send_from(int fd, unsigned source, unsigned destination, unsigned short port, const void *payload, unsigned length) {
     struct sockaddr_in to = { .sin_family = AF_INET, .sin_port = htons(port), .sin_addr.s_addr = destination };
     struct iovec iov = { .iov_base = (void *)payload, .iov_len = length };

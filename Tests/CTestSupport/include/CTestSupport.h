@@ -20,9 +20,8 @@ int CTest_epoll_wait(int epfd, int *fds, unsigned *events, int max, int timeout_
 /// -errno. Sockets and processes the thread creates afterwards live in that namespace.
 int CTest_enter_netns(const char *path);
 
-/// Sends one Ethernet frame out of `interface` through an AF_PACKET socket; 0 or -errno.
-int CTest_send_frame(const char *interface, const unsigned char *frame, unsigned length);
-/// `count` frames of `length` bytes each, back to back in `frames`, through one AF_PACKET socket.
+/// Sends `count` Ethernet frames of `length` bytes each, back to back in `frames`, out of
+/// `interface` through one AF_PACKET socket; 0 or -errno.
 int CTest_send_frames(const char *interface, const unsigned char *frames, unsigned length, unsigned count);
 
 // Many UDP clients from one socket, for the session-scale tests.

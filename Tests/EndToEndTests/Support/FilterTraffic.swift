@@ -97,8 +97,7 @@ enum FilterTraffic {
 
     /// Sends a raw Ethernet frame (with any VLAN tags the caller built) out of `interface`.
     static func sendFrame(_ frame: [UInt8], on interface: String) throws {
-        let rc = CTest_send_frame(interface, frame, UInt32(frame.count))
-        guard rc == 0 else { throw Sockets.Failure("AF_PACKET send on \(interface)", -rc) }
+        try sendFrames([frame], on: interface)
     }
 
     /// Frames of one length through one packet socket: opening and closing one costs an RCU

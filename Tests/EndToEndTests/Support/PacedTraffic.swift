@@ -11,7 +11,8 @@ import Glibc
 /// port, below the ephemeral range: a port the kernel chose again would be a flow (session)
 /// l4lb already admitted — among 10,000 random picks from 28,000 ports, hundreds are.
 enum PacedTraffic {
-    static let firstUDPPort: UInt16 = 20000
+    /// UDP attempts cycle through these source ports.
+    static let udpPorts: ClosedRange<UInt16> = 20000...31999
     struct Result {
         var attempts = 0
         /// The probe came back through l4lb.
@@ -25,7 +26,6 @@ enum PacedTraffic {
     static func run(_ kind: Kind, host: String, port: UInt16, source: String, rate: Double, seconds: Double,
                     patience: TimeInterval = 0.4) -> Result {
         let (target, targetLength) = Sockets.sockaddr(host, port)
-        let (local, localLength) = Sockets.sockaddr(source, 0)
         let probe = Array("paced-probe\n".utf8)
         struct Attempt {
             let fd: Int32
@@ -43,17 +43,9 @@ enum PacedTraffic {
             let fd = socket(Int32(target.ss_family), type | Int32(SOCK_NONBLOCK.rawValue), 0)
             guard fd >= 0 else { return }
             result.attempts += 1
+            let sourcePort = kind == .udp ? udpPorts.lowerBound + UInt16(result.attempts % udpPorts.count) : 0
+            let (local, localLength) = Sockets.sockaddr(source, sourcePort)
             var l = local
-            if kind == .udp {
-                let port = (firstUDPPort + UInt16(result.attempts % 12000)).bigEndian
-                withUnsafeMutablePointer(to: &l) { address in
-                    if address.pointee.ss_family == sa_family_t(AF_INET6) {
-                        address.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { $0.pointee.sin6_port = port }
-                    } else {
-                        address.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { $0.pointee.sin_port = port }
-                    }
-                }
-            }
             _ = withUnsafePointer(to: &l) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, localLength) } }
             var t = target
             _ = withUnsafePointer(to: &t) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, targetLength) } }
