@@ -80,7 +80,8 @@ final class DashboardTests: XCTestCase {
         XCTAssertEqual(try browser.evaluate(#"document.querySelector('[data-endpoint="web/\#(addresses[0])"] button.drain').click(), true"#) as? Bool, true)
         XCTAssertTrue(waitUntil(timeout: 5) { (try? proxy.stats(token: token))?.endpoint(cluster: "web", address: addresses[0])?.bool("draining") == true })
         XCTAssertTrue(waitUntil(timeout: 5) { cell(addresses[0], "state") == "draining" })
-        let acceptedBefore = backends[0].accepted
+        // Connections with data: a draining endpoint is still health-checked (tcp, every 200 ms).
+        let acceptedBefore = backends[0].dataConnections
         for _ in 0..<10 {
             let fd = try Sockets.connect(port: port)
             Sockets.setTimeout(fd, seconds: 5)
@@ -88,7 +89,7 @@ final class DashboardTests: XCTestCase {
             XCTAssertEqual(try Sockets.receiveExactly(fd, 1), Array("x".utf8))
             close(fd)
         }
-        XCTAssertEqual(backends[0].accepted, acceptedBefore, "a drained endpoint got new connections")
+        XCTAssertEqual(backends[0].dataConnections, acceptedBefore, "a drained endpoint got new connections")
         XCTAssertEqual(cell(addresses[0], "active"), "2", "its open connections stay")
 
         // The reload button.
