@@ -153,6 +153,10 @@ static inline int COpenSSL_ticket_callback(SSL *ssl, unsigned char *name, unsign
     params[2] = OSSL_PARAM_construct_end();
     if (EVP_MAC_CTX_set_params(mac, params) != 1) return -1;
     if (EVP_CipherInit_ex(cipher, EVP_aes_256_cbc(), NULL, key + 48, iv, encrypt) != 1) return -1;
+    // TLS 1.3 tickets are for one use (RFC 8446 §C.4): a resumed TLS 1.3 connection gets a
+    // fresh ticket, or a client that resumes in a chain (one ticket at a time) falls back
+    // to a full handshake every other connection. TLS 1.2 tickets are renewed with the key.
+    if (!encrypt && SSL_version(ssl) == TLS1_3_VERSION) renew = 1;
     return encrypt ? 1 : (renew ? 2 : 1);
 }
 
