@@ -65,6 +65,9 @@ TLS_PORTS = {
     "l4lb": (18114, 18115), "l4lb-baseline": (18155, 18156), "l4lb-observed": (18165, 18166),
     "haproxy": (18122, 18123), "haproxy-splice": (18132, 18133), "nginx": (18145, 18146),
 }
+# s_time clients at once in tls-handshake and tls-resumed (tls-handshake-serial runs one).
+TLS_CLIENTS = 4
+TLS_CA_FILE = None  # the run's certificate (set in main), which the TLS clients trust
 TLS_SUITES = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
 TLS_TOOLS = ROOT / "bench" / "tls_tools.py"
 # HAProxy runs in two modes; ratios are taken against the better of them.
@@ -417,22 +420,36 @@ def run_iperf(port, duration, streams):
     return {"units": received["bytes"] / 1e9, "rate": received["bits_per_second"] / 1e9}
 
 
-def run_wrk_tls(port, duration):
-    argv = ["taskset", "-c", LOAD_CPU, "wrk", "-t1", "-c50", f"-d{duration}s", "--latency", f"https://127.0.0.1:{port}/"]
+def run_wrk_tls(port, duration, close=False):
+    """wrk over https, 50 connections. With `close`, every request is a new connection;
+    wrk keeps each connection's latest TLS session and offers it on the next, so these are
+    resumed handshakes (a fresh single-use TLS 1.3 ticket each time), 50 in flight."""
+    argv = ["taskset", "-c", LOAD_CPU, "wrk", "-t1", "-c50", f"-d{duration}s", "--latency"]
+    if close:
+        argv += ["-H", "Connection: close"]
+    argv.append(f"https://127.0.0.1:{port}/")
     out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30).stdout
     return parse_wrk(out)
 
 
-def run_s_time(port, duration, reuse):
-    """`openssl s_time`: one connection after another, each a handshake (full, or resumed
-    with -reuse) and one HTTP/1.0 request; the rate is taken over wall time."""
+def run_s_time(port, duration, reuse, clients=1):
+    """`openssl s_time`: each client opens one connection after another, each a handshake
+    (full with -new, or resuming one saved session with -reuse) and one HTTP/1.0 request.
+    With several clients at once the handshakes overlap, so the figure is the proxy's
+    handshake rate rather than one client's round trips; taken over wall time."""
+    # The client trusts the bench's own certificate and nothing else: left to its defaults,
+    # s_time searches the system's CA directory on every handshake, which costs it more
+    # CPU (2.4 ms a handshake here, on the load CPU) than any proxy spends.
     argv = ["taskset", "-c", LOAD_CPU, "openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-reuse" if reuse else "-new",
-            "-time", str(duration), "-www", "/"]
+            "-time", str(duration), "-www", "/", "-CAfile", str(TLS_CA_FILE), "-no-CApath", "-no-CAstore"]
     start = time.time()
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30).stdout
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(clients)]
+    units = 0
+    for proc in procs:
+        out, _ = proc.communicate(timeout=duration + 30)
+        m = re.search(r"(\d+) connections in [\d.]+s", out)
+        units += int(m.group(1)) if m else 0
     elapsed = time.time() - start
-    m = re.search(r"(\d+) connections in [\d.]+s", out)
-    units = int(m.group(1)) if m else 0
     return {"units": units, "rate": units / elapsed if elapsed else 0.0}
 
 
@@ -543,12 +560,14 @@ WORKLOADS = {
     "bulk-4": ("GB", "CPU-s/GB", lambda port, d: run_iperf(port, d, 4), 1.0),
     "udp-dns": ("queries", "µs/query", None, 1e6),
     "udp-dns-per-query": ("queries", "µs/query", None, 1e6),
-    "tls-handshake": ("handshakes", "µs/handshake", lambda port, d: run_s_time(port, d, reuse=False), 1e6),
-    "tls-resumed": ("handshakes", "µs/handshake", lambda port, d: run_s_time(port, d, reuse=True), 1e6),
+    "tls-handshake": ("handshakes", "µs/handshake", lambda port, d: run_s_time(port, d, reuse=False, clients=TLS_CLIENTS), 1e6),
+    "tls-handshake-serial": ("handshakes", "µs/handshake", lambda port, d: run_s_time(port, d, reuse=False), 1e6),
+    "tls-resumed": ("handshakes", "µs/handshake", lambda port, d: run_s_time(port, d, reuse=True, clients=TLS_CLIENTS), 1e6),
+    "tls-resumed-chained": ("handshakes", "µs/handshake", lambda port, d: run_wrk_tls(port, d, close=True), 1e6),
     "tls-rr": ("requests", "µs/request", run_wrk_tls, 1e6),
     "tls-bulk": ("GB", "CPU-s/GB", run_tls_bulk, 1.0),
 }
-TLS_WORKLOADS = ("tls-handshake", "tls-resumed", "tls-rr", "tls-bulk")
+TLS_WORKLOADS = ("tls-handshake", "tls-handshake-serial", "tls-resumed", "tls-resumed-chained", "tls-rr", "tls-bulk")
 DNS_WORKLOADS = {"udp-dns": DNS_PORTS, "udp-dns-per-query": DNS_PER_QUERY_PORTS}
 
 
@@ -558,7 +577,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--duration", type=int, default=None, help="seconds per run")
     ap.add_argument("--proxies", default="direct,l4lb,haproxy,haproxy-splice,nginx")
-    ap.add_argument("--workloads", default="rr-keepalive,conn-rate,bulk-1,bulk-4,udp-dns,udp-dns-per-query,tls-handshake,tls-resumed,tls-rr,tls-bulk,idle-memory")
+    ap.add_argument("--workloads", default="rr-keepalive,conn-rate,bulk-1,bulk-4,udp-dns,udp-dns-per-query,tls-handshake,tls-resumed,tls-resumed-chained,tls-rr,tls-bulk,idle-memory")
     ap.add_argument("--idle-connections", type=int, default=min(10_000, NOFILE * 3 // 8 - 500))
     ap.add_argument("--stalled-readers", type=int, default=800,
                     help="clients that never read, for the opt-in stalled-readers workload")
@@ -592,6 +611,8 @@ def main():
 
     signal.signal(signal.SIGTERM, interrupted)
     tmp = Path(tempfile.mkdtemp(prefix="l4lb-bench-"))
+    global TLS_CA_FILE
+    TLS_CA_FILE = tmp / "tls.pem"
     raw = {}  # workload -> proxy -> [figures per round]
     started = time.time()
     try:
@@ -779,7 +800,7 @@ def report(summary, raw, rounds, duration, elapsed):
     lines.append(f"| workload | proxy | rate | machine CPU per unit | vs direct: rate, CPU | overhead over direct | vs HAProxy best | per round | process CPU per unit | p50 / p99 ms |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
     rate_units = {"rr-keepalive": "req/s", "conn-rate": "conn/s", "bulk-1": "Gbit/s", "bulk-4": "Gbit/s", "udp-dns": "q/s", "udp-dns-per-query": "q/s",
-                  "tls-handshake": "hs/s", "tls-resumed": "hs/s", "tls-rr": "req/s", "tls-bulk": "Gbit/s"}
+                  "tls-handshake": "hs/s", "tls-handshake-serial": "hs/s", "tls-resumed": "hs/s", "tls-resumed-chained": "hs/s", "tls-rr": "req/s", "tls-bulk": "Gbit/s"}
     for workload in ("rr-keepalive", "conn-rate", "bulk-1", "bulk-4", "udp-dns", "udp-dns-per-query", *TLS_WORKLOADS):
         by = summary.get(workload)
         if not by:
