@@ -649,7 +649,12 @@ def main():
                 unit, per, fn, scale = WORKLOADS[workload]
                 if workload in DNS_WORKLOADS:
                     fn = lambda port, d: run_dnsperf(port, d, tmp / "queries.txt")
-                order = proxies if rnd % 2 == 0 else list(reversed(proxies))
+                # Each round starts one proxy further on, so over the rounds every proxy runs
+                # first, in the middle and last alike (reversing every other round left the
+                # middle one in the middle every time, and the first run of a set fared
+                # differently from the others).
+                shift = rnd % len(proxies)
+                order = proxies[shift:] + proxies[:shift]
                 for name in order:
                     if workload in DNS_WORKLOADS and name not in DNS_WORKLOADS[workload]:
                         continue
