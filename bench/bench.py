@@ -399,11 +399,14 @@ def parse_wrk(out):
     return figures
 
 
-def run_wrk(port, duration, close):
+def run_wrk(port, duration, close, tls=False):
+    """wrk, 50 connections; `close` makes every request a new connection. Over https wrk
+    keeps each connection's latest TLS session and offers it on the next, so with `close`
+    these are resumed handshakes, each spending the single-use ticket the last one got."""
     argv = ["taskset", "-c", LOAD_CPU, "wrk", "-t1", "-c50", f"-d{duration}s", "--latency"]
     if close:
         argv += ["-H", "Connection: close"]
-    argv.append(f"http://127.0.0.1:{port}/")
+    argv.append(f"{'https' if tls else 'http'}://127.0.0.1:{port}/")
     out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30).stdout
     return parse_wrk(out)
 
@@ -418,18 +421,6 @@ def run_iperf(port, duration, streams):
         raise RuntimeError(f"iperf3: {data['error']}")
     received = data["end"]["sum_received"]
     return {"units": received["bytes"] / 1e9, "rate": received["bits_per_second"] / 1e9}
-
-
-def run_wrk_tls(port, duration, close=False):
-    """wrk over https, 50 connections. With `close`, every request is a new connection;
-    wrk keeps each connection's latest TLS session and offers it on the next, so these are
-    resumed handshakes (a fresh single-use TLS 1.3 ticket each time), 50 in flight."""
-    argv = ["taskset", "-c", LOAD_CPU, "wrk", "-t1", "-c50", f"-d{duration}s", "--latency"]
-    if close:
-        argv += ["-H", "Connection: close"]
-    argv.append(f"https://127.0.0.1:{port}/")
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30).stdout
-    return parse_wrk(out)
 
 
 def run_s_time(port, duration, reuse, clients=1):
@@ -563,8 +554,8 @@ WORKLOADS = {
     "tls-handshake": ("handshakes", "µs/handshake", lambda port, d: run_s_time(port, d, reuse=False, clients=TLS_CLIENTS), 1e6),
     "tls-handshake-serial": ("handshakes", "µs/handshake", lambda port, d: run_s_time(port, d, reuse=False), 1e6),
     "tls-resumed": ("handshakes", "µs/handshake", lambda port, d: run_s_time(port, d, reuse=True, clients=TLS_CLIENTS), 1e6),
-    "tls-resumed-chained": ("handshakes", "µs/handshake", lambda port, d: run_wrk_tls(port, d, close=True), 1e6),
-    "tls-rr": ("requests", "µs/request", run_wrk_tls, 1e6),
+    "tls-resumed-chained": ("handshakes", "µs/handshake", lambda port, d: run_wrk(port, d, close=True, tls=True), 1e6),
+    "tls-rr": ("requests", "µs/request", lambda port, d: run_wrk(port, d, close=False, tls=True), 1e6),
     "tls-bulk": ("GB", "CPU-s/GB", run_tls_bulk, 1.0),
 }
 TLS_WORKLOADS = ("tls-handshake", "tls-handshake-serial", "tls-resumed", "tls-resumed-chained", "tls-rr", "tls-bulk")

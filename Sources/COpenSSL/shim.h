@@ -58,7 +58,8 @@ typedef struct COpenSSL_ListenerTable {
     /// Session-ticket keys are derived from `ticket_secret` per period of
     /// `ticket_period` seconds, so every worker (and a restarted l4lb given the same
     /// secret) derives the same ones: a ticket sealed by one worker opens on another.
-    /// The previous period's key still opens tickets (and asks for a renewal).
+    /// The previous period's key still opens tickets (and asks for a renewal, as every
+    /// TLS 1.3 resumption does).
     unsigned char ticket_secret[32];
     long long ticket_period;
     long long cached_period;
@@ -134,7 +135,11 @@ static inline int COpenSSL_ticket_callback(SSL *ssl, unsigned char *name, unsign
     if (table == NULL || table->ticket_period <= 0) return -1;
     COpenSSL_refresh_keys(table);
     const unsigned char *key = NULL;
-    int renew = 0;
+    // A ticket opened with the previous period's key is renewed, and so is every TLS 1.3
+    // ticket: those are for one use (RFC 8446 §C.4), and a client that keeps only its
+    // latest session would otherwise be left holding a spent one and fall back to a full
+    // handshake every other connection.
+    int renew = !encrypt && SSL_version(ssl) == TLS1_3_VERSION;
     if (encrypt) {
         key = table->keys[0];
         memcpy(name, key, 16);
@@ -153,10 +158,6 @@ static inline int COpenSSL_ticket_callback(SSL *ssl, unsigned char *name, unsign
     params[2] = OSSL_PARAM_construct_end();
     if (EVP_MAC_CTX_set_params(mac, params) != 1) return -1;
     if (EVP_CipherInit_ex(cipher, EVP_aes_256_cbc(), NULL, key + 48, iv, encrypt) != 1) return -1;
-    // TLS 1.3 tickets are for one use (RFC 8446 §C.4): a resumed TLS 1.3 connection gets a
-    // fresh ticket, or a client that resumes in a chain (one ticket at a time) falls back
-    // to a full handshake every other connection. TLS 1.2 tickets are renewed with the key.
-    if (!encrypt && SSL_version(ssl) == TLS1_3_VERSION) renew = 1;
     return encrypt ? 1 : (renew ? 2 : 1);
 }
 
