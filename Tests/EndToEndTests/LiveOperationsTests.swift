@@ -87,9 +87,14 @@ final class LiveOperationsTests: XCTestCase {
             config.side = [backends[(i + 1) % 4].address]
             try proxy.writeConfig(config.yaml)
             if i % 10 == 0 {
-                // SIGHUP: wait for the generation to move on.
+                // SIGHUP: wait for the reload's outcome, which is recorded once every
+                // worker has taken the snapshot. (The top-level `generation` moves on
+                // when it is published, before the workers retire a removed listener.)
                 proxy.process.signal(SIGHUP)
-                XCTAssertTrue(waitUntil(timeout: 10) { ((try? proxy.stats()) ?? [:]).int("generation") == i + 1 }, "SIGHUP reload \(i) not applied")
+                XCTAssertTrue(waitUntil(timeout: 10) {
+                    let last = (((try? proxy.stats()) ?? [:])["reloads"] as? [String: Any])?["last"] as? [String: Any]
+                    return last?.int("generation") == i + 1 && last?["trigger"] as? String == "SIGHUP"
+                }, "SIGHUP reload \(i) not applied")
             } else {
                 let response = try proxy.admin("POST", "/reload")
                 XCTAssertEqual(response.status, 200, "reload \(i): \(response.text)")
