@@ -75,6 +75,8 @@ final class Worker {
     let upstreamSessions = UpstreamSessions(capacity: IdentityRegistry.endpointCapacity)
     /// Connections whose next step found no free small buffer (`retryAtTick`).
     var retriesAtTick: [(slot: UInt32, generation: UInt32)] = []
+    /// TLS sides whose input BIO a large read drained (`releaseIdleInputMemory`).
+    var inputReleasesAtTick: [(slot: UInt32, generation: UInt32, atUpstream: Bool)] = []
     var wheel: TimerWheel
     var waiters: BufferWaitQueue
     /// Per slot: endpoints at index 64 and above already tried (`Connection.tried` has a
@@ -507,6 +509,7 @@ final class Worker {
         stats.set(.largeBuffersInUse, UInt64(largeBuffers.inUse))
         expireConnections()
         if !retriesAtTick.isEmpty { retryAtTick() }
+        if !inputReleasesAtTick.isEmpty { releaseIdleInputMemory() }
         if udpSessions.active > 0 || !repliesToRearm.isEmpty { expireSessions() }
         if closesOnUnhealthy { closeConnectionsToUnavailableEndpoints() }
         if !removedListeners.isEmpty { closeExpiredRemovedListeners() }
