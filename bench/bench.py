@@ -625,6 +625,8 @@ def main():
     if "tls-handshake-lean" in workloads:
         LEAN_CLIENT = tmp / "tls_handshakes"
         compiler = shutil.which("cc") or shutil.which("clang")
+        if compiler is None:
+            sys.exit("bench: tls-handshake-lean needs a C compiler (cc or clang) to build bench/tls_handshakes.c")
         subprocess.run([compiler, "-O2", "-o", str(LEAN_CLIENT), str(LEAN_CLIENT_SOURCE), "-lcrypto", "-lpthread"], check=True)
     raw = {}  # workload -> proxy -> [figures per round]
     started = time.time()

@@ -371,8 +371,7 @@ extension Worker {
         inputReleasesAtTick.removeAll(keepingCapacity: true)
         for (slot, generation, atUpstream) in queued {
             let record = slab[slot]
-            guard record.pointee.generation == generation, record.pointee.state != .closing, record.pointee.state != .free,
-                  isTLS(record, atUpstream: atUpstream) else { continue }
+            guard stillOpen(record, generation: generation), isTLS(record, atUpstream: atUpstream) else { continue }
             let t = tlsSlot(slot, atUpstream: atUpstream)
             guard t.pointee.inputReleaseQueued, let ssl = t.pointee.ssl else { continue }
             if COpenSSL_BIO_pending(t.pointee.input) == 0, SSL_has_pending(ssl) == 0 {

@@ -525,6 +525,13 @@ final class Worker {
         }
     }
 
+    /// Whether the connection a tick-time list entry named (`slot` at `generation`) is
+    /// still open: not closed, closing, or the slot reused since.
+    @inline(__always)
+    func stillOpen(_ record: UnsafeMutablePointer<Connection>, generation: UInt32) -> Bool {
+        record.pointee.generation == generation && record.pointee.state != .closing && record.pointee.state != .free
+    }
+
     /// Steps that found no free small buffer (a TLS flush, a ClientHello peek), retried
     /// once per tick.
     func retryAtTick() {
@@ -532,7 +539,7 @@ final class Worker {
         retriesAtTick.removeAll(keepingCapacity: true)
         for (slot, generation) in waiting {
             let record = slab[slot]
-            guard record.pointee.generation == generation, record.pointee.state != .closing, record.pointee.state != .free else { continue }
+            guard stillOpen(record, generation: generation) else { continue }
             if record.pointee.state == .inspecting {
                 peekClientHello(slot, record)
                 continue
@@ -545,7 +552,7 @@ final class Worker {
     /// One TLS side's step that waited for the tick: an unsent ciphertext buffer, the PROXY
     /// v2 header, plaintext OpenSSL holds, or ciphertext to flush.
     private func retryTLS(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, generation: UInt32, atUpstream: Bool) {
-        guard record.pointee.generation == generation, record.pointee.state != .closing, record.pointee.state != .free else { return }
+        guard stillOpen(record, generation: generation) else { return }
         let t = tlsSlot(slot, atUpstream: atUpstream)
         let state = record.pointee.state
         if t.pointee.cipherUnsent {
