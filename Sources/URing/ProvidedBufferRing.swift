@@ -22,6 +22,9 @@ public struct ProvidedBufferRing: ~Copyable {
     public let count: Int
     public let window: Int
     public let bufferSize: Int
+    /// Bytes before each buffer that are the owner's alone: the kernel never writes them.
+    public let headroom: Int
+    @usableFromInline let stride: Int
     @usableFromInline let mask: Int32
     @usableFromInline var freeCount: Int
     /// Buffers in the kernel's ring that no completion has named yet.
@@ -32,7 +35,10 @@ public struct ProvidedBufferRing: ~Copyable {
     /// `count` buffers of `bufferSize` bytes, at most `window` (a power of two ≤ 32768) in
     /// the kernel's ring at once; `count` ≤ 65536. `reserve` free buffers are kept out of
     /// the kernel's ring for the owner to `take` (bytes it makes itself, not a receive's).
-    public init(ring: borrowing Ring, group: UInt16, count: Int, bufferSize: Int, window: Int? = nil, reserve: Int = 0) throws(Errno) {
+    /// Each buffer has `headroom` bytes before it, for the owner to write in front of what a
+    /// receive put there.
+    public init(ring: borrowing Ring, group: UInt16, count: Int, bufferSize: Int, window: Int? = nil, reserve: Int = 0,
+                headroom: Int = 0) throws(Errno) {
         self.reserve = min(max(0, reserve), count - 1)
         let window = min(window ?? count, count)
         precondition(window > 0 && window & (window - 1) == 0 && window <= 32768, "buffer window must be a power of two ≤ 32768")
@@ -41,7 +47,7 @@ public struct ProvidedBufferRing: ~Copyable {
         guard let bufferRing = CURing_setup_buf_ring(ring.ring, UInt32(window), group, &err) else {
             throw Errno(rawValue: err)
         }
-        let bytes = count * bufferSize
+        let bytes = count * (headroom + bufferSize)
         let memory = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE | MAP_NORESERVE, -1, 0)
         guard let memory, memory != MAP_FAILED else {
             let error = Errno.current
@@ -54,6 +60,8 @@ public struct ProvidedBufferRing: ~Copyable {
         self.count = count
         self.window = window
         self.bufferSize = bufferSize
+        self.headroom = headroom
+        self.stride = headroom + bufferSize
         self.mask = io_uring_buf_ring_mask(UInt32(window))
         freeStack = .allocate(capacity: count)
         // Lowest ids on top: they are handed out first and stay the warm ones.
@@ -66,14 +74,14 @@ public struct ProvidedBufferRing: ~Copyable {
     /// is still alive.
     public func unregister(from ring: borrowing Ring) {
         CURing_free_buf_ring(ring.ring, bufferRing, UInt32(window), group)
-        munmap(memory, count * bufferSize)
+        munmap(memory, count * stride)
         freeStack.deallocate()
     }
 
-    /// The bytes of buffer `id`.
+    /// The bytes of buffer `id` (its headroom is the `headroom` bytes before).
     @inlinable
     public func address(of id: UInt16) -> UnsafeMutableRawPointer {
-        memory + Int(id) * bufferSize
+        memory + Int(id) * stride + headroom
     }
 
     /// Buffers free to be handed out: in the kernel's ring or waiting to be published.

@@ -413,7 +413,7 @@ extension Worker {
         let sent = Int(s.pointee.sent)
         guard ring.prepareSend(
             socket: destination(record, toUpstream: toUpstream),
-            bytes: bufferAddress(s.pointee.buffer, large: s.pointee.large) + sent, length: Int(s.pointee.length) - sent,
+            bytes: heldBytes(record, toUpstream: toUpstream) + sent, length: Int(s.pointee.length) - sent,
             userData: UserData(toUpstream ? .sendToUpstream : .sendToClient, slot: slot, generation: record.pointee.generation).raw)
         else {
             stats.add(.submissionDrops)

@@ -7,9 +7,10 @@ import Glibc
 
 /// One side's OpenSSL state for a TLS connection, in the worker's side tables by slot
 /// (`tlsSlots` for the client side, `upstreamTLSSlots` for the upstream; touched only by
-/// TLS connections). Ciphertext from the peer is copied into `input` (a memory BIO) and
-/// the receive buffer is reused for the plaintext OpenSSL reads out of it; ciphertext
-/// OpenSSL writes to `output` goes to the peer in one small buffer at a time.
+/// TLS connections). Ciphertext from the peer goes to OpenSSL through `input`
+/// (`input_bio.h`: a large receive is read where it lies, anything else copied) and the
+/// receive buffer is reused for the plaintext OpenSSL reads out of it; ciphertext OpenSSL
+/// writes to `output` (a memory BIO) goes to the peer in one small buffer at a time.
 struct TLSSlot {
     var ssl: OpaquePointer?
     var input: OpaquePointer?
@@ -32,8 +33,8 @@ struct TLSSlot {
     var cipherUnsent = false
     /// Accept time (monotonic ms), for the handshake latency.
     var started: Int64 = 0
-    /// In `inputReleasesAtTick`: a large read drained the input BIO, which is given back
-    /// at the next tick if it is still empty then.
+    /// In `inputReleasesAtTick`: the input BIO copied a large receive, and the memory that
+    /// took is given back at the first tick that finds it read.
     var inputReleaseQueued = false
 }
 
@@ -42,12 +43,18 @@ struct TLSSlot {
 /// l4lb the server), the upstream side (`clusters[].tls`, l4lb the client), or both.
 /// `atUpstream` names the side a TLS step is about.
 ///
-/// - From a TLS side: a receive brings ciphertext; it is copied into that side's input
-///   BIO and the same buffer takes the plaintext `SSL_read` gives, which goes on to the
-///   other side (a plain send, or encryption for it). When that completes, more plaintext
-///   is read into the same buffer before the buffer is recycled; the receive is armed
-///   again only when OpenSSL has no whole record left (`SSL_ERROR_WANT_READ`), so the BIO
-///   holds at most one partial record plus one receive's worth.
+/// - From a TLS side: a receive brings ciphertext for that side's input BIO, and the same
+///   buffer takes the plaintext `SSL_read` gives, which goes on to the other side (a plain
+///   send, or encryption for it). When that completes, more plaintext is read into the
+///   same buffer before the buffer is recycled; the receive is armed again only when
+///   OpenSSL has no whole record left (`SSL_ERROR_WANT_READ`), so the BIO holds at most
+///   one partial record plus one receive's worth.
+/// - A large receive while the direction streams is lent to the BIO where it lies, not
+///   copied, and its plaintext is written from the buffer's headroom on
+///   (`plaintextHeadroom`). Plaintext never overtakes the ciphertext still to be read:
+///   OpenSSL copies each record out before it decrypts it, a record's plaintext is shorter
+///   than the record, and the one partial record OpenSSL may hold from the receive before
+///   has at most `plaintextHeadroom` of plaintext. Any other receive is copied.
 /// - Toward a TLS side: plaintext is held as the direction's buffer (`Connection.Stream`)
 ///   and encrypted into that side's output BIO while it holds less than `outputHighWater`;
 ///   the ciphertext goes out from one small buffer at a time. The plaintext buffer is
@@ -60,6 +67,9 @@ extension Worker {
     /// Ciphertext waiting for a peer beyond which plaintext is not encrypted (two full
     /// records): that direction waits, as a plain send would.
     static let outputHighWater = 2 * (16_384 + 64)
+
+    /// Room before each large buffer for plaintext read from TLS: the most one record holds.
+    static let plaintextHeadroom = 16_384
 
     @inline(__always)
     func tlsSlot(_ slot: UInt32, atUpstream: Bool) -> UnsafeMutablePointer<TLSSlot> {
@@ -110,9 +120,9 @@ extension Worker {
         continueHandshake(slot, record, atUpstream: true)
     }
 
-    /// Gives `ssl` its memory BIOs and its side's slot; false (and `ssl` freed) on failure.
+    /// Gives `ssl` its BIOs and its side's slot; false (and `ssl` freed) on failure.
     func attach(_ ssl: OpaquePointer, _ slot: UInt32, atUpstream: Bool) -> Bool {
-        let input = BIO_new(BIO_s_mem())
+        let input = inputBIOMethod.flatMap { BIO_new($0) }
         let output = BIO_new(BIO_s_mem())
         guard let input, let output else {
             if let input { BIO_free(input) }
@@ -121,7 +131,6 @@ extension Worker {
             return false
         }
         // An empty memory BIO means "wait for more", not EOF.
-        COpenSSL_BIO_set_mem_eof_return(input, -1)
         COpenSSL_BIO_set_mem_eof_return(output, -1)
         SSL_set_bio(ssl, input, output)
         tlsSlot(slot, atUpstream: atUpstream).initialize(to: TLSSlot(ssl: ssl, input: input, output: output, started: nowMilliseconds))
@@ -234,10 +243,22 @@ extension Worker {
         let result = completion.result
         let t = tlsSlot(slot, atUpstream: atUpstream)
         if result > 0, let buffer {
-            guard BIO_write(t.pointee.input, bufferAddress(buffer, large: large), result) == result else {
-                recycle(buffer, large: large)
-                close(slot, reason: .error)
-                return
+            let address = bufferAddress(buffer, large: large)
+            // In place only when OpenSSL holds no plaintext: then what it reads before this
+            // buffer's own records is at most one partial record (the headroom's bound).
+            let lent = large && state == .proxying && s.pointee.state == .receiving && SSL_pending(t.pointee.ssl) == 0
+                && COpenSSL_input_lend(t.pointee.input, address, Int(result)) == 1
+            if !lent {
+                guard COpenSSL_input_append(t.pointee.input, address, Int(result)) == 1 else {
+                    recycle(buffer, large: large)
+                    close(slot, reason: .error)
+                    return
+                }
+                if large, !t.pointee.inputReleaseQueued {
+                    // The BIO grew by a megabyte: given back once it is read (at a tick).
+                    t.pointee.inputReleaseQueued = true
+                    inputReleasesAtTick.append((slot: slot, generation: record.pointee.generation, atUpstream: atUpstream))
+                }
             }
             if state == .proxying {
                 if !large, Int(result) == smallBuffers.bufferSize {
@@ -298,16 +319,16 @@ extension Worker {
 
     enum PlaintextPull: Equatable { case bytes(Int32), drained, closedByPeer, failed }
 
-    /// Reads plaintext from a TLS side into `buffer` (free: its ciphertext is in the BIO)
-    /// and counts it. A small buffer takes one record; a large one as many as it holds
-    /// (one big send instead of many).
+    /// Reads plaintext from a TLS side into `buffer` (its ciphertext is in the BIO, or lent
+    /// to it from this buffer) and counts it. A small buffer takes one record; a large one,
+    /// from its headroom on, as many as it holds (one big send instead of many).
     func readPlaintext(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, atUpstream: Bool, into buffer: UInt16, large: Bool) -> PlaintextPull {
         let t = tlsSlot(slot, atUpstream: atUpstream)
         let ssl = t.pointee.ssl
-        let address = bufferAddress(buffer, large: large)
+        let address = bufferAddress(buffer, large: large) - (large ? Worker.plaintextHeadroom : 0)
         var count = SSL_read(ssl, address, Int32(smallBuffers.bufferSize))
         if large, count > 0 {
-            let capacity = Int32(largeBuffers.bufferSize)
+            let capacity = Int32(largeBuffers.bufferSize + Worker.plaintextHeadroom)
             while capacity - count >= 16_384 {
                 let more = SSL_read(ssl, address + Int(count), capacity - count)
                 guard more > 0 else {
@@ -316,13 +337,6 @@ extension Worker {
                     break
                 }
                 count += more
-            }
-            // The BIO grew to hold this receive. Given back at the tick, not now: under a
-            // stream the next megabyte is already on its way, and freeing, clearing and
-            // faulting in a fresh one per receive was an eighth of the worker's time.
-            if !t.pointee.inputReleaseQueued {
-                t.pointee.inputReleaseQueued = true
-                inputReleasesAtTick.append((slot: slot, generation: record.pointee.generation, atUpstream: atUpstream))
             }
         }
         // Reading may write too (alerts, a key update's answer).
@@ -347,6 +361,8 @@ extension Worker {
     func pullPlaintext(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, atUpstream: Bool, into buffer: UInt16, large: Bool) -> PlaintextPull {
         let pull = readPlaintext(slot, record, atUpstream: atUpstream, into: buffer, large: large)
         guard case .bytes(let count) = pull else {
+            // Drained, nothing is lent; after close_notify or an error what is left goes too.
+            COpenSSL_input_forget(tlsSlot(slot, atUpstream: atUpstream).pointee.input)
             recycle(buffer, large: large)
             return pull
         }
@@ -362,10 +378,9 @@ extension Worker {
         return pull
     }
 
-    /// A memory BIO keeps the largest size it ever held: after a large receive's burst,
-    /// an input BIO found empty at the tick is replaced by a fresh one, so an idle
-    /// connection does not hold a megabyte for longer than a tick. One still holding
-    /// ciphertext is looked at again at the next tick.
+    /// A memory BIO keeps the largest size it ever held: one that copied a large receive
+    /// is freed at the first tick that finds it read, so an idle connection does not hold
+    /// a megabyte for longer than a tick.
     func releaseIdleInputMemory() {
         let queued = inputReleasesAtTick
         inputReleasesAtTick.removeAll(keepingCapacity: true)
@@ -373,21 +388,22 @@ extension Worker {
             let record = slab[slot]
             guard stillOpen(record, generation: generation), isTLS(record, atUpstream: atUpstream) else { continue }
             let t = tlsSlot(slot, atUpstream: atUpstream)
-            guard t.pointee.inputReleaseQueued, let ssl = t.pointee.ssl else { continue }
-            if COpenSSL_BIO_pending(t.pointee.input) == 0, SSL_has_pending(ssl) == 0 {
+            guard t.pointee.inputReleaseQueued, let input = t.pointee.input else { continue }
+            if COpenSSL_input_release_kept(input) == 1 {
                 t.pointee.inputReleaseQueued = false
-                releaseInputMemory(t)
             } else {
                 inputReleasesAtTick.append((slot: slot, generation: generation, atUpstream: atUpstream))
             }
         }
     }
 
-    func releaseInputMemory(_ t: UnsafeMutablePointer<TLSSlot>) {
-        guard let fresh = BIO_new(BIO_s_mem()) else { return }
-        COpenSSL_BIO_set_mem_eof_return(fresh, -1)
-        SSL_set0_rbio(t.pointee.ssl, fresh)  // frees the old one
-        t.pointee.input = fresh
+    /// Where the bytes a direction holds start: its buffer's, or the headroom's for
+    /// plaintext a TLS side gave into a large buffer (`readPlaintext`).
+    @inline(__always)
+    func heldBytes(_ record: UnsafeMutablePointer<Connection>, toUpstream: Bool) -> UnsafeMutableRawPointer {
+        let s = stream(record, toUpstream: toUpstream)
+        let address = bufferAddress(s.pointee.buffer, large: s.pointee.large)
+        return s.pointee.large && isTLS(record, atUpstream: !toUpstream) ? address - Worker.plaintextHeadroom : address
     }
 
     /// What follows a pull from a TLS side, in any state of the direction it feeds.
@@ -508,7 +524,7 @@ extension Worker {
               COpenSSL_BIO_pending(t.pointee.output) < Worker.outputHighWater {
             let left = s.pointee.length - s.pointee.sent
             if left > 0 {
-                let address = bufferAddress(s.pointee.buffer, large: s.pointee.large) + Int(s.pointee.sent)
+                let address = heldBytes(record, toUpstream: toUpstream) + Int(s.pointee.sent)
                 let written = SSL_write(ssl, address, min(left, 16_384))
                 guard written > 0 else {
                     ERR_clear_error()
@@ -528,6 +544,7 @@ extension Worker {
                     s.pointee.sent = 0
                     continue
                 }
+                COpenSSL_input_forget(tlsSlot(slot, atUpstream: !atUpstream).pointee.input)
                 recycle(s.pointee.buffer, large: s.pointee.large)
                 s.pointee.buffer = Connection.Stream.noBuffer
                 switch pull {
@@ -728,6 +745,8 @@ extension Worker {
 
     private func releaseTLSBuffers(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, atUpstream: Bool) {
         let t = tlsSlot(slot, atUpstream: atUpstream)
+        // A buffer lent to OpenSSL goes back below or when its send ends: never read again.
+        if let input = t.pointee.input { COpenSSL_input_forget(input) }
         if t.pointee.cipherUnsent {
             // Filled, never sent: in no request.
             recycle(t.pointee.cipherBuffer, large: false)
@@ -756,3 +775,8 @@ extension Worker {
         }
     }
 }
+
+/// The method of every TLS input BIO (`input_bio.h`), made once for the process. Nil only
+/// when OpenSSL was out of memory then, and every TLS connection fails to open. OpenSSL
+/// never changes a method once BIOs use it, so the workers share it.
+nonisolated(unsafe) let inputBIOMethod: OpaquePointer? = COpenSSL_input_method_new()

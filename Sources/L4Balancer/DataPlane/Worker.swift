@@ -211,7 +211,9 @@ final class Worker {
             reserve: min(256, max(4, buffers.small / 16)))
         self.largeBuffers = try ProvidedBufferRing(
             ring: ring, group: Worker.largeBufferGroup, count: buffers.large, bufferSize: buffers.largeSize,
-            window: Options.window(for: buffers.large, cap: 32768))
+            window: Options.window(for: buffers.large, cap: 32768),
+            // Plaintext read from a TLS side starts here, behind the ciphertext (Worker+TLS).
+            headroom: Worker.plaintextHeadroom)
         self.datagramBuffers = try ProvidedBufferRing(
             ring: ring, group: Worker.datagramBufferGroup, count: Worker.datagramBufferCount, bufferSize: Worker.datagramBufferSize)
         datagramHeader = .allocate(capacity: 1)

@@ -1,0 +1,147 @@
+#ifndef COPENSSL_INPUT_BIO_H
+#define COPENSSL_INPUT_BIO_H
+
+#include <openssl/bio.h>
+#include <openssl/crypto.h>
+#include <string.h>
+
+// A TLS connection's input BIO. During a bulk stream OpenSSL reads the peer's ciphertext
+// straight out of the worker's large receive buffer (`lent`), which the worker keeps until
+// it is read. Every other receive (the handshake, small reads, bytes that come while the
+// other side is busy) is copied into `kept`, a memory BIO that is read first, as a plain
+// memory BIO would hold them. A memory BIO for the bulk reads would copy each megabyte
+// and zero the room it grows into first.
+
+typedef struct COpenSSL_Input {
+    const unsigned char *lent;
+    size_t lent_length;
+    BIO *kept;
+} COpenSSL_Input;
+
+static inline int COpenSSL_input_read(BIO *bio, char *out, int length) {
+    COpenSSL_Input *input = BIO_get_data(bio);
+    BIO_clear_retry_flags(bio);
+    if (length <= 0) return 0;
+    int count = 0;
+    if (input->kept != NULL && BIO_ctrl_pending(input->kept) > 0) {
+        count = BIO_read(input->kept, out, length);
+        if (count < 0) count = 0;
+    }
+    if (count < length && input->lent_length > 0) {
+        size_t n = (size_t)(length - count);
+        if (n > input->lent_length) n = input->lent_length;
+        memcpy(out + count, input->lent, n);
+        input->lent += n;
+        input->lent_length -= n;
+        count += (int)n;
+    }
+    if (count == 0) {
+        // Nothing yet: "try again", never EOF (the socket's EOF comes as a receive of 0).
+        BIO_set_retry_read(bio);
+        return -1;
+    }
+    return count;
+}
+
+static inline long COpenSSL_input_ctrl(BIO *bio, int command, long number, void *pointer) {
+    (void)number;
+    (void)pointer;
+    COpenSSL_Input *input = BIO_get_data(bio);
+    switch (command) {
+    case BIO_CTRL_PENDING:
+        return (long)input->lent_length + (input->kept != NULL ? (long)BIO_ctrl_pending(input->kept) : 0);
+    case BIO_CTRL_FLUSH:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+static inline int COpenSSL_input_create(BIO *bio) {
+    COpenSSL_Input *input = OPENSSL_zalloc(sizeof *input);
+    if (input == NULL) return 0;
+    BIO_set_data(bio, input);
+    BIO_set_init(bio, 1);
+    return 1;
+}
+
+static inline int COpenSSL_input_destroy(BIO *bio) {
+    COpenSSL_Input *input = BIO_get_data(bio);
+    if (input != NULL) {
+        BIO_free(input->kept);
+        OPENSSL_free(input);
+        BIO_set_data(bio, NULL);
+    }
+    return 1;
+}
+
+/// The method every input BIO uses; made once (Swift keeps it in a global).
+static inline BIO_METHOD *COpenSSL_input_method_new(void) {
+    BIO_METHOD *method = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "l4lb receive buffer");
+    if (method == NULL) return NULL;
+    if (!BIO_meth_set_read(method, COpenSSL_input_read) || !BIO_meth_set_ctrl(method, COpenSSL_input_ctrl) ||
+        !BIO_meth_set_create(method, COpenSSL_input_create) || !BIO_meth_set_destroy(method, COpenSSL_input_destroy)) {
+        BIO_meth_free(method);
+        return NULL;
+    }
+    return method;
+}
+
+/// Appends `length` bytes to `kept`. Returns 0 when memory ran out.
+static inline int COpenSSL_input_keep_bytes(COpenSSL_Input *input, const void *bytes, size_t length) {
+    if (length == 0) return 1;
+    if (input->kept == NULL) {
+        input->kept = BIO_new(BIO_s_mem());
+        if (input->kept == NULL) return 0;
+        BIO_set_mem_eof_return(input->kept, -1);
+    }
+    return BIO_write(input->kept, bytes, (int)length) == (int)length;
+}
+
+/// Copies `length` bytes at `bytes` into the BIO, after what is lent (which is copied
+/// first: its buffer is about to be reused). Returns 0 when memory ran out.
+static inline int COpenSSL_input_append(BIO *bio, const void *bytes, size_t length) {
+    COpenSSL_Input *input = BIO_get_data(bio);
+    const unsigned char *lent = input->lent;
+    size_t lent_length = input->lent_length;
+    input->lent = NULL;
+    input->lent_length = 0;
+    return COpenSSL_input_keep_bytes(input, lent, lent_length) && COpenSSL_input_keep_bytes(input, bytes, length);
+}
+
+/// Lends `length` bytes at `bytes`, which stay where they are until read. Only when the
+/// BIO is empty (else the bytes would be read out of order).
+static inline int COpenSSL_input_lend(BIO *bio, const void *bytes, size_t length) {
+    COpenSSL_Input *input = BIO_get_data(bio);
+    if (input->lent_length > 0 || (input->kept != NULL && BIO_ctrl_pending(input->kept) > 0)) return 0;
+    input->lent = bytes;
+    input->lent_length = length;
+    return 1;
+}
+
+/// Forgets what is lent without reading it (after close_notify or an error, or when the
+/// connection closes).
+static inline void COpenSSL_input_forget(BIO *bio) {
+    COpenSSL_Input *input = BIO_get_data(bio);
+    input->lent = NULL;
+    input->lent_length = 0;
+}
+
+/// Frees `kept` once it is empty, so a burst it held is not held for longer. Returns 1
+/// when nothing is kept afterwards, 0 when `kept` still holds bytes.
+static inline int COpenSSL_input_release_kept(BIO *bio) {
+    COpenSSL_Input *input = BIO_get_data(bio);
+    if (input->kept == NULL) return 1;
+    if (BIO_ctrl_pending(input->kept) > 0) return 0;
+    BIO_free(input->kept);
+    input->kept = NULL;
+    return 1;
+}
+
+/// Bytes held in `kept`.
+static inline long COpenSSL_input_kept(BIO *bio) {
+    COpenSSL_Input *input = BIO_get_data(bio);
+    return input->kept != NULL ? (long)BIO_ctrl_pending(input->kept) : 0;
+}
+
+#endif
