@@ -138,10 +138,4 @@ static inline int COpenSSL_input_release_kept(BIO *bio) {
     return 1;
 }
 
-/// Bytes held in `kept`.
-static inline long COpenSSL_input_kept(BIO *bio) {
-    COpenSSL_Input *input = BIO_get_data(bio);
-    return input->kept != NULL ? (long)BIO_ctrl_pending(input->kept) : 0;
-}
-
 #endif
