@@ -413,7 +413,7 @@ extension Worker {
         let sent = Int(s.pointee.sent)
         guard ring.prepareSend(
             socket: destination(record, toUpstream: toUpstream),
-            bytes: heldBytes(record, toUpstream: toUpstream) + sent, length: Int(s.pointee.length) - sent,
+            bytes: heldBytes(record, s, toUpstream: toUpstream) + sent, length: Int(s.pointee.length) - sent,
             userData: UserData(toUpstream ? .sendToUpstream : .sendToClient, slot: slot, generation: record.pointee.generation).raw)
         else {
             stats.add(.submissionDrops)

@@ -325,7 +325,7 @@ extension Worker {
     func readPlaintext(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, atUpstream: Bool, into buffer: UInt16, large: Bool) -> PlaintextPull {
         let t = tlsSlot(slot, atUpstream: atUpstream)
         let ssl = t.pointee.ssl
-        let address = bufferAddress(buffer, large: large) - (large ? Worker.plaintextHeadroom : 0)
+        let address = plaintextAddress(buffer, large: large)
         var count = SSL_read(ssl, address, Int32(smallBuffers.bufferSize))
         if large, count > 0 {
             let capacity = Int32(largeBuffers.bufferSize + Worker.plaintextHeadroom)
@@ -346,6 +346,9 @@ extension Worker {
             countRelayed(slot, record, toUpstream: !atUpstream, count)
             return .bytes(count)
         }
+        // Drained, nothing is lent; after close_notify or an error, what is left goes too:
+        // every caller gives the buffer back now.
+        COpenSSL_input_forget(t.pointee.input)
         switch SSL_get_error(ssl, count) {
         case SSL_ERROR_WANT_READ: return .drained
         case SSL_ERROR_ZERO_RETURN: return .closedByPeer
@@ -361,8 +364,6 @@ extension Worker {
     func pullPlaintext(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, atUpstream: Bool, into buffer: UInt16, large: Bool) -> PlaintextPull {
         let pull = readPlaintext(slot, record, atUpstream: atUpstream, into: buffer, large: large)
         guard case .bytes(let count) = pull else {
-            // Drained, nothing is lent; after close_notify or an error what is left goes too.
-            COpenSSL_input_forget(tlsSlot(slot, atUpstream: atUpstream).pointee.input)
             recycle(buffer, large: large)
             return pull
         }
@@ -397,13 +398,19 @@ extension Worker {
         }
     }
 
-    /// Where the bytes a direction holds start: its buffer's, or the headroom's for
-    /// plaintext a TLS side gave into a large buffer (`readPlaintext`).
+    /// Where plaintext read from TLS into `buffer` starts: a large buffer's headroom.
     @inline(__always)
-    func heldBytes(_ record: UnsafeMutablePointer<Connection>, toUpstream: Bool) -> UnsafeMutableRawPointer {
-        let s = stream(record, toUpstream: toUpstream)
-        let address = bufferAddress(s.pointee.buffer, large: s.pointee.large)
-        return s.pointee.large && isTLS(record, atUpstream: !toUpstream) ? address - Worker.plaintextHeadroom : address
+    func plaintextAddress(_ buffer: UInt16, large: Bool) -> UnsafeMutableRawPointer {
+        large ? largeBuffers.address(of: buffer) - Worker.plaintextHeadroom : smallBuffers.address(of: buffer)
+    }
+
+    /// Where the bytes direction `s` holds start: its buffer, or for plaintext from a TLS
+    /// side, `plaintextAddress`.
+    @inline(__always)
+    func heldBytes(_ record: UnsafeMutablePointer<Connection>, _ s: UnsafeMutablePointer<Connection.Stream>,
+                   toUpstream: Bool) -> UnsafeMutableRawPointer {
+        isTLS(record, atUpstream: !toUpstream)
+            ? plaintextAddress(s.pointee.buffer, large: s.pointee.large) : bufferAddress(s.pointee.buffer, large: s.pointee.large)
     }
 
     /// What follows a pull from a TLS side, in any state of the direction it feeds.
@@ -524,7 +531,7 @@ extension Worker {
               COpenSSL_BIO_pending(t.pointee.output) < Worker.outputHighWater {
             let left = s.pointee.length - s.pointee.sent
             if left > 0 {
-                let address = heldBytes(record, toUpstream: toUpstream) + Int(s.pointee.sent)
+                let address = heldBytes(record, s, toUpstream: toUpstream) + Int(s.pointee.sent)
                 let written = SSL_write(ssl, address, min(left, 16_384))
                 guard written > 0 else {
                     ERR_clear_error()
@@ -544,7 +551,6 @@ extension Worker {
                     s.pointee.sent = 0
                     continue
                 }
-                COpenSSL_input_forget(tlsSlot(slot, atUpstream: !atUpstream).pointee.input)
                 recycle(s.pointee.buffer, large: s.pointee.large)
                 s.pointee.buffer = Connection.Stream.noBuffer
                 switch pull {
