@@ -4,29 +4,31 @@
 #include <openssl/bio.h>
 #include <openssl/crypto.h>
 #include <string.h>
+#include "byte_queue.h"
 
 // A TLS connection's input BIO. During a bulk stream OpenSSL reads the peer's ciphertext
 // straight out of the worker's large receive buffer (`lent`), which the worker keeps until
 // it is read. Every other receive (the handshake, small reads, bytes that come while the
-// other side is busy) is copied into `kept`, a memory BIO that is read first, as a plain
-// memory BIO would hold them. A memory BIO for the bulk reads would copy each megabyte
-// and zero the room it grows into first.
+// other side is busy) is copied into `kept` (`byte_queue.h`), which is read first. A
+// memory BIO for the bulk reads would copy each megabyte and zero the room it grows into
+// first.
 
 typedef struct COpenSSL_Input {
     const unsigned char *lent;
     size_t lent_length;
-    BIO *kept;
+    COpenSSL_Bytes kept;
 } COpenSSL_Input;
+
+/// What the BIO holds for OpenSSL to read: lent and kept bytes.
+static inline size_t COpenSSL_input_pending(const COpenSSL_Input *input) {
+    return input->lent_length + COpenSSL_bytes_pending(&input->kept);
+}
 
 static inline int COpenSSL_input_read(BIO *bio, char *out, int length) {
     COpenSSL_Input *input = BIO_get_data(bio);
     BIO_clear_retry_flags(bio);
     if (length <= 0) return 0;
-    int count = 0;
-    if (input->kept != NULL && BIO_ctrl_pending(input->kept) > 0) {
-        count = BIO_read(input->kept, out, length);
-        if (count < 0) count = 0;
-    }
+    int count = (int)COpenSSL_bytes_take(&input->kept, out, (size_t)length);
     if (count < length && input->lent_length > 0) {
         size_t n = (size_t)(length - count);
         if (n > input->lent_length) n = input->lent_length;
@@ -49,7 +51,7 @@ static inline long COpenSSL_input_ctrl(BIO *bio, int command, long number, void 
     COpenSSL_Input *input = BIO_get_data(bio);
     switch (command) {
     case BIO_CTRL_PENDING:
-        return (long)input->lent_length + (input->kept != NULL ? (long)BIO_ctrl_pending(input->kept) : 0);
+        return (long)COpenSSL_input_pending(input);
     case BIO_CTRL_FLUSH:
         return 1;
     default:
@@ -68,7 +70,7 @@ static inline int COpenSSL_input_create(BIO *bio) {
 static inline int COpenSSL_input_destroy(BIO *bio) {
     COpenSSL_Input *input = BIO_get_data(bio);
     if (input != NULL) {
-        BIO_free(input->kept);
+        OPENSSL_free(input->kept.data);
         OPENSSL_free(input);
         BIO_set_data(bio, NULL);
     }
@@ -87,16 +89,8 @@ static inline BIO_METHOD *COpenSSL_input_method_new(void) {
     return method;
 }
 
-/// Appends `length` bytes to `kept`. Returns 0 when memory ran out.
-static inline int COpenSSL_input_keep_bytes(COpenSSL_Input *input, const void *bytes, size_t length) {
-    if (length == 0) return 1;
-    if (input->kept == NULL) {
-        input->kept = BIO_new(BIO_s_mem());
-        if (input->kept == NULL) return 0;
-        BIO_set_mem_eof_return(input->kept, -1);
-    }
-    return BIO_write(input->kept, bytes, (int)length) == (int)length;
-}
+/// The state an input BIO reads from (the worker asks it what is pending).
+static inline COpenSSL_Input *COpenSSL_input_state(BIO *bio) { return BIO_get_data(bio); }
 
 /// Copies `length` bytes at `bytes` into the BIO, after what is lent (which is copied
 /// first: its buffer is about to be reused). Returns 0 when memory ran out.
@@ -106,14 +100,14 @@ static inline int COpenSSL_input_append(BIO *bio, const void *bytes, size_t leng
     size_t lent_length = input->lent_length;
     input->lent = NULL;
     input->lent_length = 0;
-    return COpenSSL_input_keep_bytes(input, lent, lent_length) && COpenSSL_input_keep_bytes(input, bytes, length);
+    return COpenSSL_bytes_append(&input->kept, lent, lent_length, 0) && COpenSSL_bytes_append(&input->kept, bytes, length, 0);
 }
 
 /// Lends `length` bytes at `bytes`, which stay where they are until read. Only when the
 /// BIO is empty (else the bytes would be read out of order).
 static inline int COpenSSL_input_lend(BIO *bio, const void *bytes, size_t length) {
     COpenSSL_Input *input = BIO_get_data(bio);
-    if (input->lent_length > 0 || (input->kept != NULL && BIO_ctrl_pending(input->kept) > 0)) return 0;
+    if (COpenSSL_input_pending(input) > 0) return 0;
     input->lent = bytes;
     input->lent_length = length;
     return 1;
@@ -130,12 +124,7 @@ static inline void COpenSSL_input_forget(BIO *bio) {
 /// Frees `kept` once it is empty, so a burst it held is not held for longer. Returns 1
 /// when nothing is kept afterwards, 0 when `kept` still holds bytes.
 static inline int COpenSSL_input_release_kept(BIO *bio) {
-    COpenSSL_Input *input = BIO_get_data(bio);
-    if (input->kept == NULL) return 1;
-    if (BIO_ctrl_pending(input->kept) > 0) return 0;
-    BIO_free(input->kept);
-    input->kept = NULL;
-    return 1;
+    return COpenSSL_bytes_release(&((COpenSSL_Input *)BIO_get_data(bio))->kept);
 }
 
 #endif

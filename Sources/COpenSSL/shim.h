@@ -34,9 +34,7 @@ static inline long COpenSSL_CTX_set_ticket_keys(SSL_CTX *ctx, unsigned char *key
 }
 static inline long COpenSSL_CTX_add_extra_chain_cert(SSL_CTX *ctx, X509 *cert) { return SSL_CTX_add_extra_chain_cert(ctx, cert); }
 static inline int COpenSSL_set_max_proto_version(SSL *ssl, int version) { return (int)SSL_set_max_proto_version(ssl, version); }
-static inline long COpenSSL_BIO_pending(BIO *bio) { return (long)BIO_ctrl_pending(bio); }
 static inline long COpenSSL_set_tlsext_host_name(SSL *ssl, const char *name) { return SSL_set_tlsext_host_name(ssl, name); }
-static inline void COpenSSL_BIO_set_mem_eof_return(BIO *bio, int value) { BIO_set_mem_eof_return(bio, value); }
 
 static const long COpenSSL_MODE_PARTIAL_WRITE = SSL_MODE_ENABLE_PARTIAL_WRITE;
 static const long COpenSSL_MODE_MOVING_BUFFER = SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER;

@@ -10,11 +10,15 @@ import Glibc
 /// TLS connections). Ciphertext from the peer goes to OpenSSL through `input`
 /// (`input_bio.h`: a large receive is read where it lies, anything else copied) and the
 /// receive buffer is reused for the plaintext OpenSSL reads out of it; ciphertext OpenSSL
-/// writes to `output` (a memory BIO) goes to the peer in one small buffer at a time.
+/// writes to `output` (`output_bio.h`, a byte queue) goes to the peer in one small buffer
+/// at a time.
 struct TLSSlot {
     var ssl: OpaquePointer?
     var input: OpaquePointer?
     var output: OpaquePointer?
+    /// What the two BIOs hold, read here directly (no BIO_ctrl per question).
+    var inputState: UnsafeMutablePointer<COpenSSL_Input>?
+    var outputQueue: UnsafeMutablePointer<COpenSSL_Bytes>?
     /// The small buffer carrying ciphertext to the peer (a send in flight), or none.
     var cipherBuffer = Connection.Stream.noBuffer
     var cipherLength: Int32 = 0
@@ -36,6 +40,9 @@ struct TLSSlot {
     /// In `inputReleasesAtTick`: the input BIO copied a large receive, and the memory that
     /// took is given back at the first tick that finds it read.
     var inputReleaseQueued = false
+    /// An SSL_read failed other than for want of ciphertext (an error, close_notify), and
+    /// the next read has to report it.
+    var readEnded = false
 }
 
 /// TLS inside the worker (DESIGN §3): the same relay and buffer contract as plain TCP,
@@ -123,17 +130,17 @@ extension Worker {
     /// Gives `ssl` its BIOs and its side's slot; false (and `ssl` freed) on failure.
     func attach(_ ssl: OpaquePointer, _ slot: UInt32, atUpstream: Bool) -> Bool {
         let input = inputBIOMethod.flatMap { BIO_new($0) }
-        let output = BIO_new(BIO_s_mem())
+        let output = outputBIOMethod.flatMap { BIO_new($0) }
         guard let input, let output else {
             if let input { BIO_free(input) }
             if let output { BIO_free(output) }
             SSL_free(ssl)
             return false
         }
-        // An empty memory BIO means "wait for more", not EOF.
-        COpenSSL_BIO_set_mem_eof_return(output, -1)
         SSL_set_bio(ssl, input, output)
-        tlsSlot(slot, atUpstream: atUpstream).initialize(to: TLSSlot(ssl: ssl, input: input, output: output, started: nowMilliseconds))
+        tlsSlot(slot, atUpstream: atUpstream).initialize(to: TLSSlot(
+            ssl: ssl, input: input, output: output, inputState: COpenSSL_input_state(input),
+            outputQueue: COpenSSL_output_queue(output), started: nowMilliseconds))
         return true
     }
 
@@ -325,6 +332,12 @@ extension Worker {
     func readPlaintext(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, atUpstream: Bool, into buffer: UInt16, large: Bool) -> PlaintextPull {
         let t = tlsSlot(slot, atUpstream: atUpstream)
         let ssl = t.pointee.ssl
+        if !t.pointee.readEnded, COpenSSL_input_pending(t.pointee.inputState) == 0, SSL_has_pending(ssl) == 0,
+           SSL_get_shutdown(ssl) & SSL_RECEIVED_SHUTDOWN == 0 {
+            // No ciphertext, none buffered and nothing ended: SSL_read could only say
+            // WANT_READ (the read after each request's plaintext is sent).
+            return .drained
+        }
         let address = plaintextAddress(buffer, large: large)
         var count = SSL_read(ssl, address, Int32(smallBuffers.bufferSize))
         if large, count > 0 {
@@ -333,6 +346,7 @@ extension Worker {
                 let more = SSL_read(ssl, address + Int(count), capacity - count)
                 guard more > 0 else {
                     // WANT_READ, or an error or close_notify the next read reports again.
+                    if SSL_get_error(ssl, more) != SSL_ERROR_WANT_READ { t.pointee.readEnded = true }
                     ERR_clear_error()
                     break
                 }
@@ -468,7 +482,7 @@ extension Worker {
         let toUpstream = !atUpstream
         let s = stream(record, toUpstream: toUpstream)
         guard s.pointee.state == .receiving || s.pointee.state == .waitingForBuffer else { return }
-        let pending = COpenSSL_BIO_pending(t.pointee.input) > 0 || SSL_has_pending(t.pointee.ssl) == 1
+        let pending = COpenSSL_input_pending(t.pointee.inputState) > 0 || SSL_has_pending(t.pointee.ssl) == 1
         var buffer = Connection.Stream.noBuffer
         if pending {
             guard let taken = smallBuffers.take() else {
@@ -528,7 +542,7 @@ extension Worker {
         let s = stream(record, toUpstream: toUpstream)
         let sourceIsTLS = isTLS(record, atUpstream: !atUpstream)
         while s.pointee.isSending, s.pointee.buffer != Connection.Stream.noBuffer,
-              COpenSSL_BIO_pending(t.pointee.output) < Worker.outputHighWater {
+              t.pointee.ciphertextPending < Worker.outputHighWater {
             let left = s.pointee.length - s.pointee.sent
             if left > 0 {
                 let address = heldBytes(record, s, toUpstream: toUpstream) + Int(s.pointee.sent)
@@ -592,7 +606,7 @@ extension Worker {
         }
         flushCiphertext(slot, record, atUpstream: atUpstream)
         if t.pointee.closeNotifyQueued, s.pointee.state == .flushingBeforeEOF,
-           t.pointee.cipherBuffer == Connection.Stream.noBuffer, COpenSSL_BIO_pending(t.pointee.output) == 0 {
+           t.pointee.cipherBuffer == Connection.Stream.noBuffer, t.pointee.ciphertextPending == 0 {
             forwardEOF(slot, record, toUpstream: toUpstream)
         }
     }
@@ -603,12 +617,12 @@ extension Worker {
     func flushCiphertext(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, atUpstream: Bool) {
         let t = tlsSlot(slot, atUpstream: atUpstream)
         guard t.pointee.cipherBuffer == Connection.Stream.noBuffer else { return }
-        let pending = COpenSSL_BIO_pending(t.pointee.output)
+        let pending = t.pointee.ciphertextPending
         guard pending > 0 else { return }
         if stream(record, toUpstream: atUpstream).pointee.state == .finished {
             // That socket is shut for writing (close_notify went before): what OpenSSL
             // writes now (an alert, a KeyUpdate answer) has nowhere to go.
-            _ = BIO_ctrl(t.pointee.output, BIO_CTRL_RESET, 0, nil)
+            COpenSSL_bytes_clear(t.pointee.outputQueue)
             return
         }
         guard let buffer = smallBuffers.take() else {
@@ -616,13 +630,9 @@ extension Worker {
             retriesAtTick.append((slot: slot, generation: record.pointee.generation))
             return
         }
-        let count = BIO_read(t.pointee.output, bufferAddress(buffer, large: false), Int32(min(pending, smallBuffers.bufferSize)))
-        guard count > 0 else {
-            recycle(buffer, large: false)
-            return
-        }
+        let count = COpenSSL_output_take(t.pointee.outputQueue, bufferAddress(buffer, large: false), min(pending, smallBuffers.bufferSize))
         t.pointee.cipherBuffer = buffer
-        t.pointee.cipherLength = count
+        t.pointee.cipherLength = Int32(count)
         t.pointee.cipherSent = 0
         sendCiphertext(slot, record, atUpstream: atUpstream)
     }
@@ -782,7 +792,15 @@ extension Worker {
     }
 }
 
-/// The method of every TLS input BIO (`input_bio.h`), made once for the process. Nil only
-/// when OpenSSL was out of memory then, and every TLS connection fails to open. OpenSSL
-/// never changes a method once BIOs use it, so the workers share it.
+/// The methods of every TLS input and output BIO (`input_bio.h`, `output_bio.h`), made
+/// once for the process. Nil only when OpenSSL was out of memory then, and every TLS
+/// connection fails to open. OpenSSL never changes a method once BIOs use it, so the
+/// workers share them.
 nonisolated(unsafe) let inputBIOMethod: OpaquePointer? = COpenSSL_input_method_new()
+nonisolated(unsafe) let outputBIOMethod: OpaquePointer? = COpenSSL_output_method_new()
+
+extension TLSSlot {
+    /// Ciphertext OpenSSL has written that is not yet in a send buffer.
+    @inline(__always)
+    var ciphertextPending: Int { COpenSSL_bytes_pending(outputQueue.unsafelyUnwrapped) }
+}
