@@ -87,7 +87,7 @@ let package = Package(
             dependencies: ["L4Balancer", "CMallocCounter"]
         ),
         .testTarget(name: "URingTests", dependencies: ["URing"]),
-        .testTarget(name: "L4BalancerTests", dependencies: ["L4Balancer"]),
+        .testTarget(name: "L4BalancerTests", dependencies: ["L4Balancer", "COpenSSL"]),
         .testTarget(name: "BPFSteerTests", dependencies: ["BPFSteer"]),
         .target(name: "CTestSupport", path: "Tests/CTestSupport"),
         .testTarget(name: "EndToEndTests", dependencies: ["L4Balancer", "CTestSupport", "COpenSSL"]),
