@@ -53,6 +53,7 @@ static inline int COpenSSL_bytes_append(COpenSSL_Bytes *queue, const void *bytes
 static inline size_t COpenSSL_bytes_take(COpenSSL_Bytes *queue, void *out, size_t length) {
     size_t held = queue->end - queue->start;
     if (length > held) length = held;
+    if (length == 0) return 0;  // `data` may be NULL then
     memcpy(out, queue->data + queue->start, length);
     queue->start += length;
     if (queue->start == queue->end) queue->start = queue->end = 0;
