@@ -1,6 +1,7 @@
 #ifndef COPENSSL_BYTE_QUEUE_H
 #define COPENSSL_BYTE_QUEUE_H
 
+#include <openssl/bio.h>
 #include <openssl/crypto.h>
 #include <string.h>
 
@@ -69,6 +70,22 @@ static inline int COpenSSL_bytes_release(COpenSSL_Bytes *queue) {
     queue->data = NULL;
     queue->capacity = queue->start = queue->end = 0;
     return 1;
+}
+
+/// A source/sink BIO method over the given callbacks (either of `read` and `write` may be
+/// NULL), as both TLS BIOs are made. NULL when OpenSSL is out of memory.
+static inline BIO_METHOD *COpenSSL_bio_method_new(const char *name, int (*read)(BIO *, char *, int),
+                                                  int (*write)(BIO *, const char *, int),
+                                                  long (*ctrl)(BIO *, int, long, void *), int (*create)(BIO *),
+                                                  int (*destroy)(BIO *)) {
+    BIO_METHOD *method = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, name);
+    if (method == NULL) return NULL;
+    if ((read != NULL && !BIO_meth_set_read(method, read)) || (write != NULL && !BIO_meth_set_write(method, write)) ||
+        !BIO_meth_set_ctrl(method, ctrl) || !BIO_meth_set_create(method, create) || !BIO_meth_set_destroy(method, destroy)) {
+        BIO_meth_free(method);
+        return NULL;
+    }
+    return method;
 }
 
 #endif

@@ -79,14 +79,8 @@ static inline int COpenSSL_input_destroy(BIO *bio) {
 
 /// The method every input BIO uses; made once (Swift keeps it in a global).
 static inline BIO_METHOD *COpenSSL_input_method_new(void) {
-    BIO_METHOD *method = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "l4lb receive buffer");
-    if (method == NULL) return NULL;
-    if (!BIO_meth_set_read(method, COpenSSL_input_read) || !BIO_meth_set_ctrl(method, COpenSSL_input_ctrl) ||
-        !BIO_meth_set_create(method, COpenSSL_input_create) || !BIO_meth_set_destroy(method, COpenSSL_input_destroy)) {
-        BIO_meth_free(method);
-        return NULL;
-    }
-    return method;
+    return COpenSSL_bio_method_new("l4lb receive buffer", COpenSSL_input_read, NULL, COpenSSL_input_ctrl,
+                                   COpenSSL_input_create, COpenSSL_input_destroy);
 }
 
 /// The state an input BIO reads from (the worker asks it what is pending).
@@ -94,8 +88,7 @@ static inline COpenSSL_Input *COpenSSL_input_state(BIO *bio) { return BIO_get_da
 
 /// Copies `length` bytes at `bytes` into the BIO, after what is lent (which is copied
 /// first: its buffer is about to be reused). Returns 0 when memory ran out.
-static inline int COpenSSL_input_append(BIO *bio, const void *bytes, size_t length) {
-    COpenSSL_Input *input = BIO_get_data(bio);
+static inline int COpenSSL_input_append(COpenSSL_Input *input, const void *bytes, size_t length) {
     const unsigned char *lent = input->lent;
     size_t lent_length = input->lent_length;
     input->lent = NULL;
@@ -105,8 +98,7 @@ static inline int COpenSSL_input_append(BIO *bio, const void *bytes, size_t leng
 
 /// Lends `length` bytes at `bytes`, which stay where they are until read. Only when the
 /// BIO is empty (else the bytes would be read out of order).
-static inline int COpenSSL_input_lend(BIO *bio, const void *bytes, size_t length) {
-    COpenSSL_Input *input = BIO_get_data(bio);
+static inline int COpenSSL_input_lend(COpenSSL_Input *input, const void *bytes, size_t length) {
     if (COpenSSL_input_pending(input) > 0) return 0;
     input->lent = bytes;
     input->lent_length = length;
@@ -115,16 +107,15 @@ static inline int COpenSSL_input_lend(BIO *bio, const void *bytes, size_t length
 
 /// Forgets what is lent without reading it (after close_notify or an error, or when the
 /// connection closes).
-static inline void COpenSSL_input_forget(BIO *bio) {
-    COpenSSL_Input *input = BIO_get_data(bio);
+static inline void COpenSSL_input_forget(COpenSSL_Input *input) {
     input->lent = NULL;
     input->lent_length = 0;
 }
 
 /// Frees `kept` once it is empty, so a burst it held is not held for longer. Returns 1
 /// when nothing is kept afterwards, 0 when `kept` still holds bytes.
-static inline int COpenSSL_input_release_kept(BIO *bio) {
-    return COpenSSL_bytes_release(&((COpenSSL_Input *)BIO_get_data(bio))->kept);
+static inline int COpenSSL_input_release_kept(COpenSSL_Input *input) {
+    return COpenSSL_bytes_release(&input->kept);
 }
 
 #endif

@@ -59,14 +59,8 @@ static inline int COpenSSL_output_destroy(BIO *bio) {
 
 /// The method every output BIO uses; made once (Swift keeps it in a global).
 static inline BIO_METHOD *COpenSSL_output_method_new(void) {
-    BIO_METHOD *method = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "l4lb ciphertext queue");
-    if (method == NULL) return NULL;
-    if (!BIO_meth_set_write(method, COpenSSL_output_write) || !BIO_meth_set_ctrl(method, COpenSSL_output_ctrl) ||
-        !BIO_meth_set_create(method, COpenSSL_output_create) || !BIO_meth_set_destroy(method, COpenSSL_output_destroy)) {
-        BIO_meth_free(method);
-        return NULL;
-    }
-    return method;
+    return COpenSSL_bio_method_new("l4lb ciphertext queue", NULL, COpenSSL_output_write, COpenSSL_output_ctrl,
+                                   COpenSSL_output_create, COpenSSL_output_destroy);
 }
 
 /// The queue an output BIO writes into.

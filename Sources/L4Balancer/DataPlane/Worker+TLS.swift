@@ -254,9 +254,9 @@ extension Worker {
             // In place only when OpenSSL holds no plaintext: then what it reads before this
             // buffer's own records is at most one partial record (the headroom's bound).
             let lent = large && state == .proxying && s.pointee.state == .receiving && SSL_pending(t.pointee.ssl) == 0
-                && COpenSSL_input_lend(t.pointee.input, address, Int(result)) == 1
+                && COpenSSL_input_lend(t.pointee.inputState, address, Int(result)) == 1
             if !lent {
-                guard COpenSSL_input_append(t.pointee.input, address, Int(result)) == 1 else {
+                guard COpenSSL_input_append(t.pointee.inputState, address, Int(result)) == 1 else {
                     recycle(buffer, large: large)
                     close(slot, reason: .error)
                     return
@@ -362,7 +362,7 @@ extension Worker {
         }
         // Drained, nothing is lent; after close_notify or an error, what is left goes too:
         // every caller gives the buffer back now.
-        COpenSSL_input_forget(t.pointee.input)
+        COpenSSL_input_forget(t.pointee.inputState)
         switch SSL_get_error(ssl, count) {
         case SSL_ERROR_WANT_READ: return .drained
         case SSL_ERROR_ZERO_RETURN: return .closedByPeer
@@ -403,7 +403,7 @@ extension Worker {
             let record = slab[slot]
             guard stillOpen(record, generation: generation), isTLS(record, atUpstream: atUpstream) else { continue }
             let t = tlsSlot(slot, atUpstream: atUpstream)
-            guard t.pointee.inputReleaseQueued, let input = t.pointee.input else { continue }
+            guard t.pointee.inputReleaseQueued, let input = t.pointee.inputState else { continue }
             if COpenSSL_input_release_kept(input) == 1 {
                 t.pointee.inputReleaseQueued = false
             } else {
@@ -762,7 +762,7 @@ extension Worker {
     private func releaseTLSBuffers(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, atUpstream: Bool) {
         let t = tlsSlot(slot, atUpstream: atUpstream)
         // A buffer lent to OpenSSL goes back below or when its send ends: never read again.
-        if let input = t.pointee.input { COpenSSL_input_forget(input) }
+        if let input = t.pointee.inputState { COpenSSL_input_forget(input) }
         if t.pointee.cipherUnsent {
             // Filled, never sent: in no request.
             recycle(t.pointee.cipherBuffer, large: false)
