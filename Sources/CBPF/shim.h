@@ -16,6 +16,7 @@
 #include <sys/vfs.h>
 
 #include "../../bpf/xdp_filter.h"
+#include "../../bpf/udp_relay.h"
 
 /* libbpf's option structs are sized by their LIBBPF_OPTS macro, which Swift cannot use. */
 
@@ -23,6 +24,21 @@ static inline struct bpf_object *l4lb_bpf_open_mem(const void *buffer, size_t si
 {
 	LIBBPF_OPTS(bpf_object_open_opts, opts, .pin_root_path = pin_root, .object_name = "l4lb_xdp_filter");
 	return bpf_object__open_mem(buffer, size, &opts);
+}
+
+/* An object whose maps are not pinned: they live as long as the process holds them. */
+static inline struct bpf_object *l4lb_bpf_open_mem_unpinned(const void *buffer, size_t size, const char *name)
+{
+	LIBBPF_OPTS(bpf_object_open_opts, opts, .object_name = name);
+	return bpf_object__open_mem(buffer, size, &opts);
+}
+
+/* A tcx link (kernel 6.6+) running `prog_fd` on `ifindex`'s ingress after the programs
+ * already there. The attach type postdates this libbpf's headers; libbpf passes it on. */
+#define L4LB_BPF_TCX_INGRESS 46
+static inline int l4lb_tcx_ingress_link_create(int prog_fd, int ifindex)
+{
+	return bpf_link_create(prog_fd, ifindex, (enum bpf_attach_type)L4LB_BPF_TCX_INGRESS, NULL);
 }
 
 static inline int l4lb_xdp_link_create(int prog_fd, int ifindex, __u32 flags)

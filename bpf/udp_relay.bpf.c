@@ -1,0 +1,135 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/* l4lb's in-kernel UDP relay: a tc program on `lo` ingress. Once a worker has picked a
+ * session's endpoint it installs two flows, and from then on every datagram of the
+ * session is rewritten here and goes straight to the other side's socket:
+ *
+ *   client -> listener        becomes  upstream socket -> endpoint
+ *   endpoint -> upstream sock becomes  listener -> client
+ *
+ * Checksums are fixed incrementally; each flow counts its datagrams, payload bytes and
+ * last activity for the worker to fold into its stats. A packet that matches no flow,
+ * and anything the parser does not follow (fragments, IPv4 options, IPv6 extension
+ * headers, ICMP), goes on untouched to the next program or the stack. */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "udp_relay.h"
+
+#define ETH_HLEN 14
+#define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86DD
+#define IP_MF 0x2000
+#define IP_OFFSET 0x1FFF
+#define IPPROTO_UDP_NUMBER 17
+#define TC_ACT_UNSPEC (-1)
+#define TC_ACT_OK 0
+#define TC_ACT_SHOT 2
+
+#define IP4_SRC_OFF (ETH_HLEN + 12)
+#define IP4_CSUM_OFF (ETH_HLEN + 10)
+#define UDP4_OFF (ETH_HLEN + 20)
+#define IP6_SRC_OFF (ETH_HLEN + 8)
+#define UDP6_OFF (ETH_HLEN + 40)
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1 << 18); /* user space sizes it */
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct l4lb_relay_key);
+	__type(value, struct l4lb_relay_flow);
+} relay_flows SEC(".maps");
+
+/* Counts the datagram on its flow and rewrites its addresses and ports. `length` is the
+ * address length (4 or 16), `udp` the UDP header's offset. */
+static __always_inline int rewrite(struct __sk_buff *skb, struct l4lb_relay_key *key, struct l4lb_relay_flow *flow,
+				   __u32 length, __u32 address_offset, __u32 udp, __u16 udp_length)
+{
+	__u32 old_addresses[8] = {}, new_addresses[8] = {};
+	__be16 new_sport = flow->sport, new_dport = flow->dport;
+
+	__sync_fetch_and_add(&flow->packets, 1);
+	__sync_fetch_and_add(&flow->bytes, udp_length > 8 ? udp_length - 8 : 0);
+	flow->last_ns = bpf_ktime_get_ns();
+
+	if (length == 4) {
+		old_addresses[0] = *(__u32 *)key->saddr;
+		old_addresses[1] = *(__u32 *)key->daddr;
+		new_addresses[0] = *(__u32 *)flow->saddr;
+		new_addresses[1] = *(__u32 *)flow->daddr;
+	} else {
+		__builtin_memcpy(old_addresses, key->saddr, 16);
+		__builtin_memcpy(old_addresses + 4, key->daddr, 16);
+		__builtin_memcpy(new_addresses, flow->saddr, 16);
+		__builtin_memcpy(new_addresses + 4, flow->daddr, 16);
+	}
+	__s64 diff = bpf_csum_diff(old_addresses, length * 2, new_addresses, length * 2, 0);
+	if (diff < 0)
+		return TC_ACT_UNSPEC;
+	/* IPv4's header checksum covers the addresses; the UDP checksum covers them through
+	 * its pseudo-header (a zero IPv4 UDP checksum, "none", stays zero). */
+	__u64 mangled = length == 4 ? BPF_F_MARK_MANGLED_0 : 0;
+	/* From here on the packet is half rewritten if a helper fails: it is dropped. */
+	if (length == 4 && bpf_l3_csum_replace(skb, IP4_CSUM_OFF, 0, diff, 0))
+		return TC_ACT_SHOT;
+	if (bpf_l4_csum_replace(skb, udp + 6, 0, diff, BPF_F_PSEUDO_HDR | mangled))
+		return TC_ACT_SHOT;
+	if (bpf_l4_csum_replace(skb, udp + 6, key->sport, new_sport, 2 | mangled))
+		return TC_ACT_SHOT;
+	if (bpf_l4_csum_replace(skb, udp + 6, key->dport, new_dport, 2 | mangled))
+		return TC_ACT_SHOT;
+	if (bpf_skb_store_bytes(skb, address_offset, new_addresses, length * 2, 0))
+		return TC_ACT_SHOT;
+	__be16 ports[2] = {new_sport, new_dport};
+	if (bpf_skb_store_bytes(skb, udp, ports, 4, 0))
+		return TC_ACT_SHOT;
+	return TC_ACT_OK;
+}
+
+SEC("tc")
+int l4lb_udp_relay(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct l4lb_relay_key key = {};
+	struct l4lb_relay_flow *flow;
+	struct udphdr *udp;
+	__u32 length, address_offset, udp_offset;
+
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = data + ETH_HLEN;
+		if ((void *)(ip + 1) > data_end)
+			return TC_ACT_UNSPEC;
+		/* Options move the UDP header; fragments carry no ports (or not all the datagram). */
+		if (ip->ihl != 5 || ip->protocol != IPPROTO_UDP_NUMBER || (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET)))
+			return TC_ACT_UNSPEC;
+		udp = (void *)(ip + 1);
+		key.family = 4;
+		__builtin_memcpy(key.saddr, &ip->saddr, 4);
+		__builtin_memcpy(key.daddr, &ip->daddr, 4);
+		length = 4, address_offset = IP4_SRC_OFF, udp_offset = UDP4_OFF;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = data + ETH_HLEN;
+		if ((void *)(ip6 + 1) > data_end)
+			return TC_ACT_UNSPEC;
+		/* Extension headers (a fragment header among them) are left to the stack. */
+		if (ip6->nexthdr != IPPROTO_UDP_NUMBER)
+			return TC_ACT_UNSPEC;
+		udp = (void *)(ip6 + 1);
+		key.family = 6;
+		__builtin_memcpy(key.saddr, &ip6->saddr, 16);
+		__builtin_memcpy(key.daddr, &ip6->daddr, 16);
+		length = 16, address_offset = IP6_SRC_OFF, udp_offset = UDP6_OFF;
+	} else {
+		return TC_ACT_UNSPEC;
+	}
+	if ((void *)(udp + 1) > data_end)
+		return TC_ACT_UNSPEC;
+	key.sport = udp->source;
+	key.dport = udp->dest;
+	flow = bpf_map_lookup_elem(&relay_flows, &key);
+	if (!flow)
+		return TC_ACT_UNSPEC;
+	return rewrite(skb, &key, flow, length, address_offset, udp_offset, bpf_ntohs(udp->len));
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
