@@ -113,6 +113,11 @@ public struct Config: Sendable, Equatable {
         /// Per-source limits (its own, or the top-level default); nil = none.
         public var rateLimit: RateLimit?
         public enum SessionAffinity: String, Sendable, CaseIterable { case client, none }
+        /// udp: where a session's datagrams are relayed once its endpoint is picked:
+        /// `user` (the worker), or `kernel` (a tc program on `lo` rewrites them; on-host
+        /// sessions only, others stay in user space).
+        public var relay: Relay = .user
+        public enum Relay: String, Sendable, CaseIterable { case user, kernel }
         public static let defaultUDPIdleTimeout = ConfigDuration.seconds(30)
 
         public init(name: String, address: SocketAddress, clusters: [WeightedCluster]) {

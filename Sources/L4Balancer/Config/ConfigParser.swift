@@ -170,7 +170,7 @@ struct ConfigWalker {
         guard let fields = mapping(node, path, keys: [
             "name", "address", "protocol", "cluster", "clusters", "connect_timeout", "connect_attempts",
             "idle_timeout", "send_timeout", "max_connections", "proxy_protocol", "rate_limit", "tls", "routes",
-            "max_sessions", "proxy_responses", "session", "inspect_timeout",
+            "max_sessions", "proxy_responses", "session", "inspect_timeout", "relay",
         ]) else { return nil }
 
         let address: SocketAddress?
@@ -227,8 +227,18 @@ struct ConfigWalker {
                 listener.proxyResponses = v
             }
             if let n = fields["max_sessions"], let v = int(n, "\(path).max_sessions", 1...1_000_000) { listener.maxSessions = v }
+            if let n = fields["relay"], let v = choice(n, "\(path).relay", Config.Listener.Relay.self) {
+                // The kernel carries a session's datagrams without the worker seeing them:
+                // nothing can count its replies or balance each datagram.
+                if v == .kernel, listener.session != .client {
+                    fail("\(path).relay", "kernel applies to session: client only")
+                } else if v == .kernel, listener.proxyResponses != nil {
+                    fail("\(path).relay", "kernel cannot count proxy_responses; leave it unset")
+                }
+                listener.relay = v
+            }
         } else {
-            for key in ["max_sessions", "proxy_responses", "session"] where fields[key] != nil {
+            for key in ["max_sessions", "proxy_responses", "session", "relay"] where fields[key] != nil {
                 fail("\(path).\(key)", "applies to udp listeners only")
             }
         }

@@ -82,6 +82,13 @@ extension WorkerPool {
         } catch {
             return fail(["\(error)"])
         }
+        do {
+            udpRelay = try WorkerPool.loadUDPRelay(config, loaded: udpRelay)
+        } catch {
+            let kept = Set(old.listenerSockets.joined())
+            for fd in sockets.joined() where !kept.contains(fd) { close(fd) }
+            return fail([error.description])
+        }
         // The lists last of what can fail, as a diff (never a moment with an empty list);
         // the workers take the user-space copy with the snapshot's wake-up below. On an
         // error the config's previous lists are put back and the new sockets closed.
@@ -95,7 +102,8 @@ extension WorkerPool {
             return fail(["filter: \(error)"])
         }
         let snapshot = Snapshot(config: config, generation: old.generation + 1, ids: ids, previous: old, listenerSockets: sockets,
-                                rateLimitsInKernel: KernelRateLimits.covered(config.listeners, attached: filter.attachedInterfaceNames))
+                                rateLimitsInKernel: KernelRateLimits.covered(config.listeners, attached: filter.attachedInterfaceNames),
+                                relayFlows: udpRelay?.flows)
         // XDP's rate rules before the workers take the snapshot that leaves the buckets to it.
         do {
             try filter.installRateLimits(snapshot)

@@ -1,4 +1,5 @@
 import Atomics
+import BPFSteer
 import Foundation
 import Logging
 import ServiceLifecycle
@@ -24,6 +25,9 @@ public final class WorkerPool: Service, @unchecked Sendable {
     /// Serialises reloads and drain changes; never taken on the data path.
     let controlLock = NSLock()
     public let reloads = ReloadLog()
+    /// The kernel's UDP relay, once a listener has asked for `relay: kernel`; replaced
+    /// only under `controlLock`.
+    var udpRelay: UDPRelay?
     /// The access-log writer, when `access_log` is on.
     public let accessLog: AccessLogWriter?
     let finished = ManagedAtomic<Int>(0)
@@ -81,8 +85,16 @@ public final class WorkerPool: Service, @unchecked Sendable {
             filter.shutdown()
             throw StartError(description: "\(error)")
         }
+        do {
+            udpRelay = try WorkerPool.loadUDPRelay(config, loaded: nil)
+        } catch {
+            filter.shutdown()
+            sockets.joined().forEach { close($0) }
+            throw error
+        }
         let snapshot = Snapshot(config: config, generation: 1, ids: ids, previous: nil, listenerSockets: sockets,
-                                rateLimitsInKernel: KernelRateLimits.covered(config.listeners, attached: filter.attachedInterfaceNames))
+                                rateLimitsInKernel: KernelRateLimits.covered(config.listeners, attached: filter.attachedInterfaceNames),
+                                relayFlows: udpRelay?.flows)
         do {
             try filter.installRateLimits(snapshot)
         } catch {

@@ -1,3 +1,5 @@
+import BPFSteer
+
 /// The immutable view of the configuration that workers run on: listeners and clusters
 /// resolved to positions, every endpoint listed once across clusters (contiguous per
 /// cluster, as balancers index them), and each of them carrying its stable identity
@@ -22,6 +24,8 @@ public final class Snapshot: @unchecked Sendable {
     let listenerSockets: [[Int32]]
     /// One past the largest listener identity, for tables indexed by it.
     let listenerIDBound: Int
+    /// The kernel's UDP relay, loaded when a listener has `relay: kernel`.
+    let relayFlows: UDPRelayFlows?
 
     public struct ListenerPlan: Sendable {
         /// Stable identity (by name).
@@ -41,6 +45,7 @@ public final class Snapshot: @unchecked Sendable {
         public let maxSessions: Int
         public let proxyResponses: Int?
         public let session: Config.Listener.SessionAffinity
+        public let relay: Config.Listener.Relay
         public let tls: Config.TLS?
         /// Server-name routes (cluster positions); empty when the listener has none.
         public let routes: [RoutePlan]
@@ -110,8 +115,9 @@ public final class Snapshot: @unchecked Sendable {
     /// `previous` reuse its tables rather than build them again.
     /// `rateLimitsInKernel`: the listeners whose token buckets XDP enforces.
     init(config: Config, generation: UInt64, ids: (listeners: [Int], clusters: [Int], endpoints: [[Int]]), previous: Snapshot?,
-         listenerSockets: [[Int32]], rateLimitsInKernel: Set<String> = []) {
+         listenerSockets: [[Int32]], rateLimitsInKernel: Set<String> = [], relayFlows: UDPRelayFlows? = nil) {
         self.config = config
+        self.relayFlows = relayFlows
         self.generation = generation
         self.listenerSockets = listenerSockets
         var previousClusters: [String: ClusterPlan] = [:]
@@ -165,6 +171,7 @@ public final class Snapshot: @unchecked Sendable {
                 maxSessions: listener.maxSessions,
                 proxyResponses: listener.proxyResponses,
                 session: listener.session,
+                relay: listener.relay,
                 tls: listener.tls,
                 routes: listener.routes.map { RoutePlan(serverNames: $0.serverNames, cluster: clusterIndex[$0.cluster]!) },
                 inspectTimeoutMilliseconds: listener.inspectTimeout.milliseconds,
