@@ -46,6 +46,16 @@ extension WorkerPool {
                 entry["datagram_drops_by_reason"] = drops
                 entry["sessions_evicted"] = stats.total(.sessionsEvicted, listener: $0.id)
                 entry["max_sessions"] = $0.maxSessions
+                entry["relay"] = $0.relay.rawValue
+                if $0.relay == .kernel {
+                    // What the kernel carried is in datagrams_in/out too (folded in at idle checks).
+                    entry["kernel_relay"] = [
+                        "sessions": stats.total(.kernelSessions, listener: $0.id),
+                        "datagrams_in": stats.total(.kernelDatagramsIn, listener: $0.id),
+                        "datagrams_out": stats.total(.kernelDatagramsOut, listener: $0.id),
+                        "fallbacks": stats.total(.kernelFallbacks, listener: $0.id),
+                    ]
+                }
             }
             if let tls = $0.tls { entry["tls"] = tlsEntry(listener: $0.id, tls, stats: stats) }
             if !$0.routes.isEmpty { entry["sni"] = sniEntry($0, snapshot: snapshot, stats: stats) }

@@ -175,6 +175,11 @@ public final class MetricsExporter: @unchecked Sendable {
                 }
                 counter("l4lb_listener_datagram_drops_total", dropHelp, labels + [("reason", "receive_queue")], pool.receiveQueueDrops(listener: listener.id))
                 counter("l4lb_listener_sessions_evicted_total", "UDP sessions evicted by max_sessions (longest idle first).", labels, total(.sessionsEvicted))
+                counter("l4lb_listener_kernel_relay_sessions_total", "UDP sessions handed to the kernel's relay (relay: kernel).", labels, total(.kernelSessions))
+                let kernelHelp = "UDP datagrams the kernel's relay carried, by direction (also in l4lb_listener_datagrams_total)."
+                counter("l4lb_listener_kernel_relay_datagrams_total", kernelHelp, labels + [("direction", "in")], total(.kernelDatagramsIn))
+                counter("l4lb_listener_kernel_relay_datagrams_total", kernelHelp, labels + [("direction", "out")], total(.kernelDatagramsOut))
+                counter("l4lb_listener_kernel_relay_fallbacks_total", "UDP sessions kept in user space because the kernel's flow table was full.", labels, total(.kernelFallbacks))
             }
         }
 

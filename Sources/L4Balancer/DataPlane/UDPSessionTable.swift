@@ -66,6 +66,8 @@ struct UDPSessionTable {
         var leased = false
         /// Found by its client key (per-client sessions); per-packet records are not.
         var indexed = true
+        /// Carried by the kernel's relay (`Worker.relayedSessions` has its flows).
+        var relayed = false
         /// Its place among its source's `rate_limit` `max_connections` (table slot + 1; 0:
         /// none).
         var sourcePlace: UInt32 = 0

@@ -24,6 +24,7 @@ extension Worker {
         current = plan
         livePlanCount += 1
         serve(snapshot)
+        reclaimRelayedSessions()
         if previous.connections == 0 { free(previous) }
         publishPlans()
         logger.debug("worker adopted snapshot", metadata: [

@@ -197,6 +197,8 @@ extension Worker {
         setClient(slot, client, clientLength, local: local)
         armReplies(slot)
         beginLease(slot)
+        // `relay: kernel`: the session's later datagrams need not come through here.
+        if indexed, local == nil, plan.kernelRelay[listener] { relayInKernel(slot, listener: listener, endpoint: UnsafeRawPointer(address)) }
         return slot
     }
 
@@ -266,8 +268,10 @@ extension Worker {
     /// Ends a session (or closes a per-packet record): its receive is cancelled (its
     /// completion arrives stale and is ignored), its socket closed, its counts given back.
     func endSession(_ slot: UInt32, reason: EndReason) {
+        guard udpSessions[slot].live else { return }
+        // The kernel's last counts first, so the access log and stats have them.
+        if udpSessions[slot].relayed { endRelay(slot) }
         let session = udpSessions[slot]
-        guard session.live else { return }
         if session.leased {
             if accessLog != nil { logSessionEnded(slot, reason: reason) }
             releaseLeaseCounts(slot)
@@ -288,6 +292,11 @@ extension Worker {
         for listener in servedListeners where current.listenerIsUDP[listener] {
             let idle = current.idleTicks[listener]
             while let oldest = udpSessions.oldest(listener), nowTick &- udpSessions[oldest].lastTick >= idle {
+                // The kernel may have carried datagrams since: idle only if it has not.
+                if udpSessions[oldest].relayed, let last = foldRelayed(oldest), nowTick &- last < idle {
+                    udpSessions.touch(oldest, tick: last)
+                    continue
+                }
                 // A pooled per-packet socket unused this long closes quietly; a lease
                 // still waiting for its reply expires like a session.
                 if udpSessions[oldest].leased { stats.add(.idleTimeouts, listener: listener) }

@@ -53,6 +53,11 @@ final class Worker {
     let datagramReplyControls: UnsafeMutableRawPointer
     var udpSessions = UDPSessionTable(listeners: IdentityRegistry.listenerCapacity)
     var repliesToRearm: [UInt32] = []
+    /// `relay: kernel`: sessions the kernel carries, by slot; when their counts were last
+    /// folded, and which share of them the next fold takes.
+    var relayedSessions: [UInt32: RelayedSession] = [:]
+    var lastRelayFoldTick: UInt32 = 0
+    var relayFoldPhase: UInt32 = 0
     /// A datagram receive stopped for want of a buffer: re-armed as soon as one is free.
     var datagramReceivesWaiting = false
     /// Upstream UDP sockets of ended sessions, closed once the batch that may still send
@@ -489,7 +494,11 @@ final class Worker {
         armWake()
         if !draining, control.drainRequested.load(ordering: .acquiring) { startDrain() }
         let filter = filters.filter
-        if filter !== sourceFilter { sourceFilter = filter }
+        if filter !== sourceFilter {
+            sourceFilter = filter
+            // Every datagram must pass the user-space blocklist: the kernel gives its sessions back.
+            if filter.enforcing { reclaimRelayedSessions() }
+        }
         if !draining {
             let published = store.snapshot
             if published !== current.snapshot { adopt(published) }
@@ -513,6 +522,7 @@ final class Worker {
         if !retriesAtTick.isEmpty { retryAtTick() }
         if !inputReleasesAtTick.isEmpty { releaseIdleInputMemory() }
         if udpSessions.active > 0 || !repliesToRearm.isEmpty { expireSessions() }
+        if !relayedSessions.isEmpty { relayedActivityTick() }
         if closesOnUnhealthy { closeConnectionsToUnavailableEndpoints() }
         if !removedListeners.isEmpty { closeExpiredRemovedListeners() }
         if !draining, store.snapshot !== current.snapshot { adopt(store.snapshot) }

@@ -64,6 +64,10 @@ public final class WorkerStats: @unchecked Sendable {
         /// (`RateLimitReason` order; connections also count in `refused`), and ones from
         /// an exempt source that skipped the check.
         case rateLimitedNewConnections, rateLimitedPackets, rateLimitedMaxConnections, rateLimitExempt
+        /// `relay: kernel`: sessions handed to the kernel's relay, the datagrams it carried
+        /// each way (also in `datagramsIn/Out`), and sessions it could not take (its flow
+        /// table full), which stayed in user space.
+        case kernelSessions, kernelDatagramsIn, kernelDatagramsOut, kernelFallbacks
 
         public static let tlsClientFailureReasons: [(ListenerCounter, String)] = [
             (.tlsClientNoCertificate, "no_certificate"), (.tlsClientUntrusted, "untrusted"),
