@@ -53,6 +53,10 @@ DNS_PORTS = {"direct": BACKEND_DNS, "l4lb": 18112, "l4lb-baseline": 18157, "l4lb
 # udp-dns-per-query: DNS as operators configure it, each query its own exchange — l4lb's
 # `session: none` (pooled upstream sockets) against nginx's `proxy_responses 1`.
 DNS_PER_QUERY_PORTS = {"direct": BACKEND_DNS, "l4lb": 18113, "l4lb-baseline": 18158, "l4lb-observed": 18168, "nginx": 18143}
+# udp-dns-kernel: the udp-dns sessions with l4lb's `relay: kernel` (a tc program on lo
+# rewrites each session's datagrams once its endpoint is picked), against the same nginx
+# listener as udp-dns.
+DNS_KERNEL_PORTS = {"direct": BACKEND_DNS, "l4lb": 18114, "nginx": DNS_PORTS["nginx"]}
 DNS_NAMES = 100
 # TLS: the backend nginx also serves HTTPS (direct), a plain sink and a TLS sink take
 # tls-bulk; each proxy terminates TLS on (tls http, tls bulk) with the same ECDSA P-256
@@ -228,6 +232,9 @@ http {{
         h, b = PORTS[name]
         # Each l4lb its own admin port: they run at once.
         access_log = f'access_log: {{ path: "{tmp}/access.log", format: json }}' if name == "l4lb-observed" else ""
+        # Only this build's l4lb: a --baseline binary may predate `relay`.
+        dns_kernel = (f'  - {{ name: dns-kernel, address: "127.0.0.1:{DNS_KERNEL_PORTS[name]}", protocol: udp, cluster: dns, relay: kernel, idle_timeout: 10s }}\n'
+                      if name in DNS_KERNEL_PORTS else "")
         (tmp / f"{name}.yaml").write_text(f"""
 workers: 1
 drain_timeout: 1s
@@ -238,7 +245,7 @@ listeners:
   - {{ name: bulk, address: "127.0.0.1:{b}", cluster: bulk, idle_timeout: 10m }}
   - {{ name: dns, address: "127.0.0.1:{DNS_PORTS[name]}", protocol: udp, cluster: dns, idle_timeout: 10s }}
   - {{ name: dns-per-query, address: "127.0.0.1:{DNS_PER_QUERY_PORTS[name]}", protocol: udp, cluster: dns, session: none, idle_timeout: 10s }}
-  - {{ name: tls, address: "127.0.0.1:{TLS_PORTS[name][0]}", cluster: http, idle_timeout: 10m, max_connections: 1000000, tls: {tls_block} }}
+{dns_kernel}  - {{ name: tls, address: "127.0.0.1:{TLS_PORTS[name][0]}", cluster: http, idle_timeout: 10m, max_connections: 1000000, tls: {tls_block} }}
   - {{ name: tls-bulk, address: "127.0.0.1:{TLS_PORTS[name][1]}", cluster: sink, idle_timeout: 10m, tls: {tls_block} }}
 clusters:
   - {{ name: http, endpoints: [{{ address: "127.0.0.1:{BACKEND_HTTP}" }}] }}
@@ -568,6 +575,7 @@ WORKLOADS = {
     "bulk-4": ("GB", "CPU-s/GB", lambda port, d: run_iperf(port, d, 4), 1.0),
     "udp-dns": ("queries", "µs/query", None, 1e6),
     "udp-dns-per-query": ("queries", "µs/query", None, 1e6),
+    "udp-dns-kernel": ("queries", "µs/query", None, 1e6),
     "tls-handshake": ("handshakes", "µs/handshake", lambda port, d: run_s_time(port, d, reuse=False, clients=TLS_CLIENTS), 1e6),
     "tls-handshake-lean": ("handshakes", "µs/handshake", run_lean_handshakes, 1e6),
     "tls-handshake-serial": ("handshakes", "µs/handshake", lambda port, d: run_s_time(port, d, reuse=False), 1e6),
@@ -577,7 +585,7 @@ WORKLOADS = {
     "tls-bulk": ("GB", "CPU-s/GB", run_tls_bulk, 1.0),
 }
 TLS_WORKLOADS = ("tls-handshake", "tls-handshake-lean", "tls-handshake-serial", "tls-resumed", "tls-resumed-chained", "tls-rr", "tls-bulk")
-DNS_WORKLOADS = {"udp-dns": DNS_PORTS, "udp-dns-per-query": DNS_PER_QUERY_PORTS}
+DNS_WORKLOADS = {"udp-dns": DNS_PORTS, "udp-dns-per-query": DNS_PER_QUERY_PORTS, "udp-dns-kernel": DNS_KERNEL_PORTS}
 
 
 def main():
@@ -586,7 +594,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--duration", type=int, default=None, help="seconds per run")
     ap.add_argument("--proxies", default="direct,l4lb,haproxy,haproxy-splice,nginx")
-    ap.add_argument("--workloads", default="rr-keepalive,conn-rate,bulk-1,bulk-4,udp-dns,udp-dns-per-query,tls-handshake,tls-handshake-lean,tls-resumed,tls-resumed-chained,tls-rr,tls-bulk,idle-memory")
+    ap.add_argument("--workloads", default="rr-keepalive,conn-rate,bulk-1,bulk-4,udp-dns,udp-dns-per-query,udp-dns-kernel,tls-handshake,tls-handshake-lean,tls-resumed,tls-resumed-chained,tls-rr,tls-bulk,idle-memory")
     ap.add_argument("--idle-connections", type=int, default=min(10_000, NOFILE * 3 // 8 - 500))
     ap.add_argument("--stalled-readers", type=int, default=800,
                     help="clients that never read, for the opt-in stalled-readers workload")
@@ -819,9 +827,9 @@ def report(summary, raw, rounds, duration, elapsed):
     lines = []
     lines.append(f"| workload | proxy | rate | machine CPU per unit | vs direct: rate, CPU | overhead over direct | vs HAProxy best | per round | process CPU per unit | p50 / p99 ms |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
-    rate_units = {"rr-keepalive": "req/s", "conn-rate": "conn/s", "bulk-1": "Gbit/s", "bulk-4": "Gbit/s", "udp-dns": "q/s", "udp-dns-per-query": "q/s",
+    rate_units = {"rr-keepalive": "req/s", "conn-rate": "conn/s", "bulk-1": "Gbit/s", "bulk-4": "Gbit/s", "udp-dns": "q/s", "udp-dns-per-query": "q/s", "udp-dns-kernel": "q/s",
                   "tls-handshake": "hs/s", "tls-handshake-lean": "hs/s", "tls-handshake-serial": "hs/s", "tls-resumed": "hs/s", "tls-resumed-chained": "hs/s", "tls-rr": "req/s", "tls-bulk": "Gbit/s"}
-    for workload in ("rr-keepalive", "conn-rate", "bulk-1", "bulk-4", "udp-dns", "udp-dns-per-query", *TLS_WORKLOADS):
+    for workload in ("rr-keepalive", "conn-rate", "bulk-1", "bulk-4", "udp-dns", "udp-dns-per-query", "udp-dns-kernel", *TLS_WORKLOADS):
         by = summary.get(workload)
         if not by:
             continue
