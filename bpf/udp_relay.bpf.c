@@ -47,10 +47,6 @@ static __always_inline int rewrite(struct __sk_buff *skb, struct l4lb_relay_key 
 	__u32 old_addresses[8] = {}, new_addresses[8] = {};
 	__be16 new_sport = flow->sport, new_dport = flow->dport;
 
-	__sync_fetch_and_add(&flow->packets, 1);
-	__sync_fetch_and_add(&flow->bytes, udp_length > 8 ? udp_length - 8 : 0);
-	flow->last_ns = bpf_ktime_get_ns();
-
 	if (length == 4) {
 		old_addresses[0] = *(__u32 *)key->saddr;
 		old_addresses[1] = *(__u32 *)key->daddr;
@@ -66,8 +62,9 @@ static __always_inline int rewrite(struct __sk_buff *skb, struct l4lb_relay_key 
 	if (diff < 0)
 		return TC_ACT_UNSPEC;
 	/* IPv4's header checksum covers the addresses; the UDP checksum covers them through
-	 * its pseudo-header (a zero IPv4 UDP checksum, "none", stays zero). */
-	__u64 mangled = length == 4 ? BPF_F_MARK_MANGLED_0 : 0;
+	 * its pseudo-header (a zero IPv4 UDP checksum, "none", stays zero; a sum that comes
+	 * out zero is written as 0xffff). */
+	__u64 mangled = BPF_F_MARK_MANGLED_0;
 	/* From here on the packet is half rewritten if a helper fails: it is dropped. */
 	if (length == 4 && bpf_l3_csum_replace(skb, IP4_CSUM_OFF, 0, diff, 0))
 		return TC_ACT_SHOT;
@@ -80,8 +77,16 @@ static __always_inline int rewrite(struct __sk_buff *skb, struct l4lb_relay_key 
 	if (bpf_skb_store_bytes(skb, address_offset, new_addresses, length * 2, 0))
 		return TC_ACT_SHOT;
 	__be16 ports[2] = {new_sport, new_dport};
-	if (bpf_skb_store_bytes(skb, udp, ports, 4, 0))
+	if (bpf_skb_store_bytes(skb, udp, ports, 4, BPF_F_INVALIDATE_HASH))
 		return TC_ACT_SHOT;
+
+	/* Counted once rewritten. A UDP GSO packet (a UDP_SEGMENT sender) crosses lo whole:
+	 * one header, the payload of all its datagrams. */
+	__u32 segments = skb->gso_segs > 1 ? skb->gso_segs : 1;
+	__u32 payload = segments > 1 ? (skb->len > udp + 8 ? skb->len - udp - 8 : 0) : (udp_length > 8 ? udp_length - 8 : 0);
+	__sync_fetch_and_add(&flow->packets, segments);
+	__sync_fetch_and_add(&flow->bytes, payload);
+	flow->last_ns = bpf_ktime_get_ns();
 	return TC_ACT_OK;
 }
 

@@ -79,16 +79,17 @@ public struct UDPRelayFlows: Sendable {
         }
     }
 
-    /// Datagrams matching `match` are rewritten to `rewrite`; 0, or the errno (E2BIG or
-    /// ENOMEM: the table is full).
+    /// Datagrams matching `match` are rewritten to `rewrite`; 0, or the errno: E2BIG or
+    /// ENOMEM (the table is full), EEXIST (another session, of another worker, has the
+    /// match: a client can have one session in the kernel).
     public func install(_ match: UDPRelayTuple, rewrite: UDPRelayTuple) -> Int32 {
         var key = match.key
         var flow = l4lb_relay_flow()
-        withUnsafeMutableBytes(of: &flow.saddr) { $0.copyBytes(from: withUnsafeBytes(of: rewrite.key.saddr) { Array($0) }) }
-        withUnsafeMutableBytes(of: &flow.daddr) { $0.copyBytes(from: withUnsafeBytes(of: rewrite.key.daddr) { Array($0) }) }
+        flow.saddr = rewrite.key.saddr
+        flow.daddr = rewrite.key.daddr
         flow.sport = rewrite.key.sport
         flow.dport = rewrite.key.dport
-        return bpf_map_update_elem(fd, &key, &flow, UInt64(BPF_ANY)) == 0 ? 0 : errno
+        return bpf_map_update_elem(fd, &key, &flow, UInt64(BPF_NOEXIST)) == 0 ? 0 : errno
     }
 
     public func remove(_ match: UDPRelayTuple) {
@@ -145,15 +146,17 @@ public struct UDPRelayTuple: Sendable, Equatable {
             return (4, sin.sin_port)
         case AF_INET6:
             let sin6 = name.load(as: sockaddr_in6.self)
-            let address = withUnsafeBytes(of: sin6.sin6_addr) { Array($0) }
-            if address[0..<10].allSatisfy({ $0 == 0 }), address[10] == 0xFF, address[11] == 0xFF {
-                guard address[12] == 127 else { return nil }
-                withUnsafeMutableBytes(of: &bytes) { $0.copyBytes(from: address[12..<16]) }
-                return (4, sin6.sin6_port)
+            return withUnsafeBytes(of: sin6.sin6_addr) { address in
+                let high = address.loadUnaligned(as: UInt64.self), middle = address.loadUnaligned(fromByteOffset: 8, as: UInt32.self)
+                if high == 0, middle == UInt32(0x0000_FFFF).bigEndian {
+                    guard address[12] == 127 else { return nil }
+                    withUnsafeMutableBytes(of: &bytes) { $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: address[12..<16])) }
+                    return (4, sin6.sin6_port)
+                }
+                guard high == 0, middle == 0, address.loadUnaligned(fromByteOffset: 12, as: UInt32.self) == UInt32(1).bigEndian else { return nil }
+                withUnsafeMutableBytes(of: &bytes) { $0.copyMemory(from: address) }
+                return (6, sin6.sin6_port)
             }
-            guard address[0..<15].allSatisfy({ $0 == 0 }), address[15] == 1 else { return nil }
-            withUnsafeMutableBytes(of: &bytes) { $0.copyBytes(from: address) }
-            return (6, sin6.sin6_port)
         default:
             return nil
         }

@@ -376,4 +376,37 @@ final class UDPKernelRelayTests: XCTestCase {
         XCTAssertEqual(listener.int("datagrams_in"), 50)
         XCTAssertEqual(listener.int("datagrams_out"), 50)
     }
+
+    /// `max_sessions` evicts the longest idle session counting what the kernel carried:
+    /// the oldest session, busy only in the kernel, stays; an idle one goes.
+    func testMaxSessionsEvictsTheLongestIdleCountingKernelTraffic() throws {
+        let backend = try UDPBackend(.echo)
+        defer { backend.stop() }
+        let port = Sockets.freePort()
+        let proxy = try start(config(port: port, endpoints: [backend.address], workers: 1, extra: ", idle_timeout: 30s, max_sessions: 3"))
+        defer { proxy.stop() }
+        let busy = try UDPClient.connect(host: "127.0.0.1", port: port)
+        defer { close(busy) }
+        XCTAssertEqual(UDPClient.exchange(busy, [1]), [1])
+        let idle = try (0..<2).map { _ in try UDPClient.connect(host: "127.0.0.1", port: port) }
+        defer { idle.forEach { close($0) } }
+        for fd in idle { XCTAssertEqual(UDPClient.exchange(fd, [2]), [2]) }
+        // The busy client keeps talking, through the kernel only, past a fold.
+        let start = Date()
+        while Date().timeIntervalSince(start) < 1.5 {
+            XCTAssertEqual(UDPClient.exchange(busy, [3]), [3])
+            usleep(50_000)
+        }
+        let newcomer = try UDPClient.connect(host: "127.0.0.1", port: port)
+        defer { close(newcomer) }
+        XCTAssertEqual(UDPClient.exchange(newcomer, [4]), [4])
+        var listener = try XCTUnwrap(try proxy.stats().listener("dns"))
+        XCTAssertEqual(listener.int("sessions_evicted"), 1)
+        XCTAssertEqual(listener.int("total"), 4)
+        // The busy client's session was kept: its next datagram opens nothing.
+        XCTAssertEqual(UDPClient.exchange(busy, [5]), [5])
+        listener = try XCTUnwrap(try proxy.stats().listener("dns"))
+        XCTAssertEqual(listener.int("total"), 4, "the busy session was evicted")
+        XCTAssertEqual(listener.int("active"), 3)
+    }
 }

@@ -174,7 +174,7 @@ extension Worker {
     func openUpstream(_ key: UDPClientKey, position: Int, endpoint: Int, cluster: Int, client: UnsafeRawPointer, clientLength: Int,
                       local: PacketDestination?, listener: Int, indexed: Bool) -> UInt32? {
         let plan = current
-        if udpSessions.counts[listener] >= plan.maxSessions[listener], let oldest = udpSessions.oldest(listener) {
+        if udpSessions.counts[listener] >= plan.maxSessions[listener], let oldest = longestIdleSession(listener) {
             endSession(oldest, reason: .evicted)
             stats.add(.sessionsEvicted, listener: listener)
         }

@@ -124,13 +124,34 @@ extension Worker {
     }
 
     /// Once a second: relayed sessions' counts into the stats (all of them, or a share
-    /// when there are more than `relayFoldsPerSecond`).
+    /// when there are more than `relayFoldsPerSecond`), and their place in the idle order
+    /// moved up to their last datagram, so `max_sessions` evicts the longest idle.
     func relayedActivityTick() {
-        guard !relayedSessions.isEmpty, nowTick &- lastRelayFoldTick >= UInt32(1000 / Worker.tickMilliseconds) else { return }
+        guard nowTick &- lastRelayFoldTick >= UInt32(1000 / Worker.tickMilliseconds) else { return }
         lastRelayFoldTick = nowTick
         let shares = UInt32((relayedSessions.count + Worker.relayFoldsPerSecond - 1) / Worker.relayFoldsPerSecond)
         relayFoldPhase = (relayFoldPhase &+ 1) % shares
-        for slot in relayedSessions.keys where slot % shares == relayFoldPhase { foldRelayed(slot) }
+        // The slots first: folding writes to the dictionary, which must not be copied.
+        relayFoldSlots.removeAll(keepingCapacity: true)
+        for slot in relayedSessions.keys where slot % shares == relayFoldPhase { relayFoldSlots.append(slot) }
+        for slot in relayFoldSlots {
+            if let last = foldRelayed(slot), last &- udpSessions[slot].lastTick < UInt32.max / 2, last != udpSessions[slot].lastTick {
+                udpSessions.touch(slot, tick: last)
+            }
+        }
+    }
+
+    /// The session `max_sessions` evicts on `listener`: the longest idle, counting what
+    /// the kernel carried (a relayed session at the head that has had datagrams since its
+    /// last fold moves back first).
+    func longestIdleSession(_ listener: Int) -> UInt32? {
+        var checked = 0
+        while let oldest = udpSessions.oldest(listener), udpSessions[oldest].relayed, checked < udpSessions.counts[listener],
+              let last = foldRelayed(oldest), last &- udpSessions[oldest].lastTick < UInt32.max / 2, last != udpSessions[oldest].lastTick {
+            udpSessions.touch(oldest, tick: last)
+            checked += 1
+        }
+        return udpSessions.oldest(listener)
     }
 
     /// Takes back the sessions the kernel may no longer carry: their listener's plan no

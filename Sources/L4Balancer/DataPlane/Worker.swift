@@ -58,6 +58,7 @@ final class Worker {
     var relayedSessions: [UInt32: RelayedSession] = [:]
     var lastRelayFoldTick: UInt32 = 0
     var relayFoldPhase: UInt32 = 0
+    var relayFoldSlots: [UInt32] = []
     /// A datagram receive stopped for want of a buffer: re-armed as soon as one is free.
     var datagramReceivesWaiting = false
     /// Upstream UDP sockets of ended sessions, closed once the batch that may still send
