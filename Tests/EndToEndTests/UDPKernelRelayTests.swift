@@ -290,33 +290,8 @@ final class UDPKernelRelayTests: XCTestCase {
         let cpuBefore = proxy.cpuSeconds
         let backlogDropsBefore = UDPScaleTests.backlogDrops()
 
-        let done = DispatchGroup()
-        let sentCount = ManagedCounter()
-        for (s, fd) in clients.enumerated() {
-            done.enter()
-            Thread.detachNewThread {
-                defer { done.leave() }
-                var payload = [UInt8](repeating: UInt8(s), count: 64)
-                var sent = 0
-                for i in 0..<(total / senders) {
-                    payload[1] = UInt8(truncatingIfNeeded: i)
-                    if send(fd, payload, payload.count, 0) == payload.count { sent += 1 }
-                }
-                sentCount.add(sent)
-            }
-        }
-        let tcp = try Sockets.connect(port: tcpPort)
-        defer { close(tcp) }
-        Sockets.setTimeout(tcp, seconds: 2)
-        var roundTrips = 0, slowest = 0.0
-        let message = [UInt8](repeating: 0x5A, count: 1024)
-        while done.wait(timeout: .now()) == .timedOut {
-            let t = Date()
-            try Sockets.sendAll(tcp, message)
-            XCTAssertEqual(try Sockets.receiveExactly(tcp, message.count), message, "round trip \(roundTrips)")
-            slowest = max(slowest, Date().timeIntervalSince(t))
-            roundTrips += 1
-        }
+        let (done, sentCount) = UDPFlood.start(clients, total: total)
+        let (roundTrips, slowest) = try UDPFlood.roundTrips(port: tcpPort, until: done)
         let backlog = UDPScaleTests.backlogDrops() - backlogDropsBefore
         XCTAssertEqual(sentCount.value, total)
         // Everything that got past the loopback backlog went through the program (and is

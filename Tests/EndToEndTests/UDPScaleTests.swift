@@ -143,37 +143,12 @@ final class UDPScaleTests: XCTestCase {
         let backlogDropsBefore = UDPScaleTests.backlogDrops()
 
         let total = 1_000_000, senders = 4
-        let done = DispatchGroup()
-        let sentCount = ManagedCounter()
-        for s in 0..<senders {
-            done.enter()
-            Thread.detachNewThread {
-                defer { done.leave() }
-                guard let fd = try? UDPClient.connect(host: "127.0.0.1", port: udpPort) else { return }
-                defer { close(fd) }
-                var payload = [UInt8](repeating: UInt8(s), count: 64)
-                var sent = 0
-                for i in 0..<(total / senders) {
-                    payload[1] = UInt8(truncatingIfNeeded: i)
-                    if send(fd, payload, payload.count, 0) == payload.count { sent += 1 }
-                }
-                sentCount.add(sent)
-            }
-        }
+        let clients = try (0..<senders).map { _ in try UDPClient.connect(host: "127.0.0.1", port: udpPort) }
+        defer { clients.forEach { close($0) } }
+        let (done, sentCount) = UDPFlood.start(clients, total: total)
         // TCP through the same worker while the flood runs.
-        let tcp = try Sockets.connect(port: tcpPort)
-        defer { close(tcp) }
-        Sockets.setTimeout(tcp, seconds: 2)
-        var roundTrips = 0, slowest = 0.0, peakRSS = rssBefore
-        let message = [UInt8](repeating: 0x5A, count: 1024)
-        while done.wait(timeout: .now()) == .timedOut {
-            let t = Date()
-            try Sockets.sendAll(tcp, message)
-            XCTAssertEqual(try Sockets.receiveExactly(tcp, message.count), message, "round trip \(roundTrips)")
-            slowest = max(slowest, Date().timeIntervalSince(t))
-            roundTrips += 1
-            if roundTrips % 50 == 0 { peakRSS = max(peakRSS, proxy.resources.rssKiB) }
-        }
+        var peakRSS = rssBefore
+        let (roundTrips, slowest) = try UDPFlood.roundTrips(port: tcpPort, until: done) { peakRSS = max(peakRSS, proxy.resources.rssKiB) }
         peakRSS = max(peakRSS, proxy.resources.rssKiB)
         XCTAssertTrue(waitUntil(timeout: 10) { (try? proxy.stats())?.listener("flood")?.int("active") == senders })
         // Let the slow backend's backlog drain out.
