@@ -222,6 +222,11 @@ final class LiveOperationsTests: XCTestCase {
         let config = LiveConfig(main: main, extra: nil, pool: [(backend.address, 1)], side: [backend.address])
         let proxy = try L4LBProcess(config: config.yaml, waitFor: ("127.0.0.1", main))
         defer { proxy.stop() }
+        // A reload before every worker has taken the first snapshot is refused for that
+        // reason alone; the listening port answers as soon as one worker has.
+        XCTAssertTrue(waitUntil(timeout: 10) {
+            ((try? proxy.stats())?["workers"] as? [[String: Any]])?.allSatisfy { ($0["generation"] as? Int) == 1 } ?? false
+        })
 
         let invalid = config.yaml
             .replacingOccurrences(of: "balancer: round_robin", with: "balancer: fastest\n    bogus: 1")
