@@ -270,15 +270,8 @@ final class UDPKernelRelayTests: XCTestCase {
         let echo = try TestBackend(.echo)
         defer { echo.stop() }
         let udpPort = Sockets.freePort(), tcpPort = Sockets.freePort()
-        let proxy = try L4LBProcess(config: """
-            workers: 1
-            listeners:
-              - { name: dns, address: 127.0.0.1:\(udpPort), protocol: udp, cluster: slow, relay: kernel }
-              - { name: tcp, address: 127.0.0.1:\(tcpPort), cluster: echo }
-            clusters:
-              - { name: slow, endpoints: [{ address: "\(slow.address)" }] }
-              - { name: echo, endpoints: [{ address: "127.0.0.1:\(echo.port)" }] }
-            """, waitFor: ("127.0.0.1", tcpPort))
+        let proxy = try L4LBProcess(config: UDPFlood.config("dns", udpPort: udpPort, tcpPort: tcpPort, slow: slow, echo: echo, extra: ", relay: kernel"),
+                                    waitFor: ("127.0.0.1", tcpPort))
         defer { proxy.stop() }
         let senders = 4, total = 1_000_000
         let clients = try (0..<senders).map { _ in try UDPClient.connect(host: "127.0.0.1", port: udpPort) }

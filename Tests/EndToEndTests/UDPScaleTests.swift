@@ -129,15 +129,8 @@ final class UDPScaleTests: XCTestCase {
         let echo = try TestBackend(.echo)
         defer { echo.stop() }
         let udpPort = Sockets.freePort(), tcpPort = Sockets.freePort()
-        let proxy = try L4LBProcess(config: """
-            workers: 1
-            listeners:
-              - { name: flood, address: 127.0.0.1:\(udpPort), protocol: udp, cluster: slow }
-              - { name: tcp, address: 127.0.0.1:\(tcpPort), cluster: echo }
-            clusters:
-              - { name: slow, endpoints: [{ address: "\(slow.address)" }] }
-              - { name: echo, endpoints: [{ address: "127.0.0.1:\(echo.port)" }] }
-            """, waitFor: ("127.0.0.1", tcpPort))
+        let proxy = try L4LBProcess(config: UDPFlood.config("flood", udpPort: udpPort, tcpPort: tcpPort, slow: slow, echo: echo),
+                                    waitFor: ("127.0.0.1", tcpPort))
         defer { proxy.stop() }
         let rssBefore = proxy.resources.rssKiB
         let backlogDropsBefore = UDPScaleTests.backlogDrops()

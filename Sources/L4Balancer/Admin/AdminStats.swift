@@ -48,7 +48,7 @@ extension WorkerPool {
                 entry["max_sessions"] = $0.maxSessions
                 entry["relay"] = $0.relay.rawValue
                 if $0.relay == .kernel {
-                    // What the kernel carried is in datagrams_in/out too (folded in at idle checks).
+                    // What the kernel carried is in datagrams_in/out too (folded in once a second).
                     entry["kernel_relay"] = [
                         "sessions": stats.total(.kernelSessions, listener: $0.id),
                         "datagrams_in": stats.total(.kernelDatagramsIn, listener: $0.id),

@@ -179,7 +179,7 @@ public final class MetricsExporter: @unchecked Sendable {
                 let kernelHelp = "UDP datagrams the kernel's relay carried, by direction (also in l4lb_listener_datagrams_total)."
                 counter("l4lb_listener_kernel_relay_datagrams_total", kernelHelp, labels + [("direction", "in")], total(.kernelDatagramsIn))
                 counter("l4lb_listener_kernel_relay_datagrams_total", kernelHelp, labels + [("direction", "out")], total(.kernelDatagramsOut))
-                counter("l4lb_listener_kernel_relay_fallbacks_total", "UDP sessions kept in user space because the kernel's flow table was full.", labels, total(.kernelFallbacks))
+                counter("l4lb_listener_kernel_relay_fallbacks_total", "UDP sessions kept in user space: the kernel's flow table was full, or another worker held the client there.", labels, total(.kernelFallbacks))
             }
         }
 

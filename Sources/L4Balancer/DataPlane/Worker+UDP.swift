@@ -293,10 +293,7 @@ extension Worker {
             let idle = current.idleTicks[listener]
             while let oldest = udpSessions.oldest(listener), nowTick &- udpSessions[oldest].lastTick >= idle {
                 // The kernel may have carried datagrams since: idle only if it has not.
-                if udpSessions[oldest].relayed, let last = foldRelayed(oldest), nowTick &- last < idle {
-                    udpSessions.touch(oldest, tick: last)
-                    continue
-                }
+                if udpSessions[oldest].relayed, moveUpToKernelActivity(oldest), nowTick &- udpSessions[oldest].lastTick < idle { continue }
                 // A pooled per-packet socket unused this long closes quietly; a lease
                 // still waiting for its reply expires like a session.
                 if udpSessions[oldest].leased { stats.add(.idleTimeouts, listener: listener) }

@@ -123,6 +123,15 @@ extension Worker {
         }
     }
 
+    /// Folds `slot`'s kernel counts and, when the kernel carried a datagram after the
+    /// session's last activity, moves it up to that tick in the idle order. True if moved.
+    @discardableResult
+    func moveUpToKernelActivity(_ slot: UInt32) -> Bool {
+        guard let last = foldRelayed(slot), Int32(bitPattern: last &- udpSessions[slot].lastTick) > 0 else { return false }
+        udpSessions.touch(slot, tick: last)
+        return true
+    }
+
     /// Once a second: relayed sessions' counts into the stats (all of them, or a share
     /// when there are more than `relayFoldsPerSecond`), and their place in the idle order
     /// moved up to their last datagram, so `max_sessions` evicts the longest idle.
@@ -134,11 +143,7 @@ extension Worker {
         // The slots first: folding writes to the dictionary, which must not be copied.
         relayFoldSlots.removeAll(keepingCapacity: true)
         for slot in relayedSessions.keys where slot % shares == relayFoldPhase { relayFoldSlots.append(slot) }
-        for slot in relayFoldSlots {
-            if let last = foldRelayed(slot), last &- udpSessions[slot].lastTick < UInt32.max / 2, last != udpSessions[slot].lastTick {
-                udpSessions.touch(slot, tick: last)
-            }
-        }
+        for slot in relayFoldSlots { moveUpToKernelActivity(slot) }
     }
 
     /// The session `max_sessions` evicts on `listener`: the longest idle, counting what
@@ -147,8 +152,7 @@ extension Worker {
     func longestIdleSession(_ listener: Int) -> UInt32? {
         var checked = 0
         while let oldest = udpSessions.oldest(listener), udpSessions[oldest].relayed, checked < udpSessions.counts[listener],
-              let last = foldRelayed(oldest), last &- udpSessions[oldest].lastTick < UInt32.max / 2, last != udpSessions[oldest].lastTick {
-            udpSessions.touch(oldest, tick: last)
+              moveUpToKernelActivity(oldest) {
             checked += 1
         }
         return udpSessions.oldest(listener)

@@ -82,11 +82,15 @@ extension WorkerPool {
         } catch {
             return fail(["\(error)"])
         }
+        // On a failure below: the sockets this reload opened (the rest are still in use).
+        func closeNewSockets() {
+            let kept = Set(old.listenerSockets.joined())
+            for fd in sockets.joined() where !kept.contains(fd) { close(fd) }
+        }
         do {
             udpRelay = try WorkerPool.loadUDPRelay(config, loaded: udpRelay)
         } catch {
-            let kept = Set(old.listenerSockets.joined())
-            for fd in sockets.joined() where !kept.contains(fd) { close(fd) }
+            closeNewSockets()
             return fail([error.description])
         }
         // The lists last of what can fail, as a diff (never a moment with an empty list);
@@ -97,8 +101,7 @@ extension WorkerPool {
             filterChange = try filter.apply(config.filter)
         } catch {
             _ = try? filter.apply(old.config.filter)
-            let kept = Set(old.listenerSockets.joined())
-            for fd in sockets.joined() where !kept.contains(fd) { close(fd) }
+            closeNewSockets()
             return fail(["filter: \(error)"])
         }
         let snapshot = Snapshot(config: config, generation: old.generation + 1, ids: ids, previous: old, listenerSockets: sockets,
@@ -110,8 +113,7 @@ extension WorkerPool {
         } catch {
             _ = try? filter.installRateLimits(old)
             _ = try? filter.apply(old.config.filter)
-            let kept = Set(old.listenerSockets.joined())
-            for fd in sockets.joined() where !kept.contains(fd) { close(fd) }
+            closeNewSockets()
             return fail(["rate_limit: \(error)"])
         }
 

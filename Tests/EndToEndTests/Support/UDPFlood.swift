@@ -8,6 +8,20 @@ import Glibc
 /// A datagram flood from several client sockets (one thread each), and TCP round trips
 /// measured beside it: the must-show 6 load, for the user-space and the kernel relay.
 enum UDPFlood {
+    /// One worker with a UDP listener `name` at the slow backend (`extra` added to it)
+    /// and a TCP listener to the echo backend, the two sharing the worker.
+    static func config(_ name: String, udpPort: UInt16, tcpPort: UInt16, slow: UDPBackend, echo: TestBackend, extra: String = "") -> String {
+        """
+        workers: 1
+        listeners:
+          - { name: \(name), address: 127.0.0.1:\(udpPort), protocol: udp, cluster: slow\(extra) }
+          - { name: tcp, address: 127.0.0.1:\(tcpPort), cluster: echo }
+        clusters:
+          - { name: slow, endpoints: [{ address: "\(slow.address)" }] }
+          - { name: echo, endpoints: [{ address: "127.0.0.1:\(echo.port)" }] }
+        """
+    }
+
     /// Starts sending `total` 64-byte datagrams, split over `sockets`; `done` is left
     /// when every thread has sent its share, and `sent` counts the sends that succeeded.
     static func start(_ sockets: [Int32], total: Int) -> (done: DispatchGroup, sent: ManagedCounter) {
