@@ -19,6 +19,11 @@ public struct SourcePrefix: Hashable, Sendable, CustomStringConvertible {
 
     /// Parses `ADDRESS[/LENGTH]`, or says what is wrong with it.
     public static func parse(_ text: String) -> Result<SourcePrefix, FilterEntryError> {
+        // inet_pton reads a C string: a NUL (or any control character) would end the
+        // address early and let "127.0.0.2\0junk" stand for 127.0.0.2.
+        if let bad = text.firstControlCharacter {
+            return .failure(FilterEntryError("\(text.debugDescription) contains a control character (\(bad))"))
+        }
         let parts = text.split(separator: "/", maxSplits: 1, omittingEmptySubsequences: false)
         let address = String(parts[0])
         var storage = [UInt8](repeating: 0, count: 16)
@@ -91,6 +96,9 @@ public enum FilterEntry: Hashable, Sendable, CustomStringConvertible {
     case port(PortRule)
 
     public static func parse(_ text: String) -> Result<FilterEntry, FilterEntryError> {
+        if let bad = text.firstControlCharacter {
+            return .failure(FilterEntryError("\(text.debugDescription) contains a control character (\(bad))"))
+        }
         let trimmed = text.trimmingSpaces
         for transport in [PortRule.TransportProtocol.tcp, .udp] where trimmed.hasPrefix(transport.rawValue + "/") {
             let number = trimmed.dropFirst(transport.rawValue.count + 1)
@@ -137,5 +145,15 @@ extension String {
         while s.first == " " { s = s.dropFirst() }
         while s.last == " " { s = s.dropLast() }
         return String(s)
+    }
+}
+
+extension StringProtocol {
+    /// The first control character (NUL, newline, DEL, …) as `U+0000`, or nil. Addresses,
+    /// names and entries never hold one; C functions would stop reading at a NUL.
+    public var firstControlCharacter: String? {
+        guard let scalar = unicodeScalars.first(where: { $0.properties.generalCategory == .control }) else { return nil }
+        let hex = String(scalar.value, radix: 16, uppercase: true)
+        return "U+" + String(repeating: "0", count: Swift.max(0, 4 - hex.count)) + hex
     }
 }

@@ -10,7 +10,11 @@ extension Config {
         case .count(let n): root["workers"] = n
         }
         root["drain_timeout"] = drainTimeout.description
-        root["admin"] = ["address": admin.address.description, "token": admin.token == nil ? "none" : "set"]
+        root["admin"] = [
+            "address": admin.address.description, "token": admin.token == nil ? "none" : "set",
+            "allowed_hosts": admin.allowedHosts.sorted(), "max_connections": admin.maxConnections,
+            "idle_timeout": admin.idleTimeout.description, "request_timeout": admin.requestTimeout.description,
+        ] as [String: Any]
         switch accessLog {
         case .off: root["access_log"] = "off"
         case .on(let path, let format): root["access_log"] = ["path": path, "format": format.rawValue]

@@ -48,6 +48,14 @@ public struct Config: Sendable, Equatable {
     public struct Admin: Sendable, Equatable {
         public var address = SocketAddress(ip: [127, 0, 0, 1], port: 9901)
         public var token: String?
+        /// Names (besides IP literals and `localhost`) the API answers to in `Host`.
+        public var allowedHosts: Set<String> = []
+        /// The API's own budget, apart from the data plane's (taken at start).
+        public var maxConnections = 64
+        public var idleTimeout = ConfigDuration.seconds(10)
+        public var requestTimeout = ConfigDuration.seconds(10)
+        /// Request bodies past this are not read (the blocklist's JSON is a few bytes).
+        public static let maximumBody = 64 * 1024
 
         public init() {}
     }

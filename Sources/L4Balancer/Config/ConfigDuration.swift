@@ -6,6 +6,11 @@ public struct ConfigDuration: Sendable, Hashable, Comparable, CustomStringConver
     public init(milliseconds: Int64) { self.milliseconds = milliseconds }
     public static func seconds(_ s: Int64) -> ConfigDuration { ConfigDuration(milliseconds: s * 1000) }
     public static let zero = ConfigDuration(milliseconds: 0)
+    /// The longest duration any field takes: 720h (30 days). Timers, deadlines and health
+    /// schedules add durations to a monotonic clock and scale them (ejection doubling, up
+    /// to 2^20); this bound keeps every such sum far inside Int64 and the workers' 32-bit
+    /// tick counts.
+    public static let maximum = ConfigDuration(milliseconds: 720 * 3_600_000)
 
     public static func < (a: ConfigDuration, b: ConfigDuration) -> Bool { a.milliseconds < b.milliseconds }
 

@@ -16,6 +16,24 @@ extension ConfigWalker {
         return buffers
     }
 
+    /// Each worker reserves address space for its whole pool (pages become resident only
+    /// when used): at most 64 GiB a worker and 32 TiB for all of them, a quarter of what a
+    /// 47-bit process has, or `run` would fail with ENOMEM where `check` said OK.
+    mutating func checkBufferReservation(_ config: Config) {
+        let b = config.buffers
+        let perWorker = b.small * b.smallSize + b.large * b.largeSize
+        let workers: Int
+        switch config.workers {
+        case .auto: workers = CPUAffinity.allowedCPUs().count
+        case .count(let n): workers = n
+        }
+        if perWorker > 64 << 30 {
+            fail("buffers", "\(b.small) × \(b.smallSize) + \(b.large) × \(b.largeSize) bytes is \(perWorker >> 20) MiB a worker; at most 64 GiB")
+        } else if perWorker * workers > 32 << 40 {
+            fail("buffers", "\(workers) workers × \(perWorker >> 20) MiB of buffers is \((perWorker * workers) >> 30) GiB; at most 32 TiB in all")
+        }
+    }
+
     /// Bytes as an integer or with a binary unit: `16384`, `16KiB`, `1MiB`.
     mutating func byteSize(_ node: Node, _ path: String, _ range: ClosedRange<Int>) -> Int? {
         guard case .scalar(let scalar) = node else {
@@ -28,7 +46,12 @@ extension ConfigWalker {
         if let plain = Int(text) {
             value = plain
         } else if let (suffix, scale) = units.first(where: { text.hasSuffix($0.0) }), let n = Int(text.dropLast(suffix.count)) {
-            value = n * scale
+            let (product, overflow) = n.multipliedReportingOverflow(by: scale)
+            guard !overflow else {
+                fail(path, "\(text) bytes out of range \(range.lowerBound)...\(range.upperBound)")
+                return nil
+            }
+            value = product
         }
         guard let value else {
             fail(path, "expected a size such as 16384, 16KiB or 1MiB, got \"\(text)\"")

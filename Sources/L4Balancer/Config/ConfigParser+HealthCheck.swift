@@ -83,7 +83,8 @@ extension ConfigWalker {
             fail("\(path).\(key)", "set \(key) or \(hexKey), not both")
         case (.some(let n), nil):
             // Text with the usual escapes written as in YAML double quotes (\r\n).
-            return string(n, "\(path).\(key)").map { Array($0.utf8) }
+            // Payloads are bytes: a check may send "PING\r\n".
+            return string(n, "\(path).\(key)", controlCharacters: true).map { Array($0.utf8) }
         case (nil, .some(let n)):
             guard let text = string(n, "\(path).\(hexKey)") else { return nil }
             let digits = text.filter { !$0.isWhitespace }

@@ -1,3 +1,4 @@
+import BPFSteer
 import Foundation
 import Yams
 
@@ -18,7 +19,16 @@ public enum ConfigParser {
         return .failure(ConfigErrors(errors: walker.errors))
     }
 
+    /// The largest config file l4lb reads (8 MiB): room for every listener, cluster and
+    /// endpoint the identity registry can hold, while a runaway file is refused before it
+    /// is parsed, so a reload of one costs neither seconds nor memory.
+    public static let maximumFileSize = 8 << 20
+
     public static func load(path: String) -> Result<Config, ConfigErrors> {
+        if let size = (try? FileManager.default.attributesOfItem(atPath: path))?[.size] as? Int, size > maximumFileSize {
+            return .failure(ConfigErrors(errors: [ConfigError(
+                path: path, message: "\(size) bytes; a config file may be at most \(maximumFileSize) bytes (8 MiB)")]))
+        }
         do {
             let text = try String(contentsOfFile: path, encoding: .utf8)
             return parse(yaml: text)
@@ -61,7 +71,10 @@ struct ConfigWalker {
         if let node = fields["drain_timeout"], let d = duration(node, "drain_timeout") { config.drainTimeout = d }
         if let node = fields["admin"] { config.admin = admin(node, "admin") }
         if let node = fields["access_log"] { config.accessLog = accessLog(node, "access_log") }
-        if let node = fields["buffers"] { config.buffers = buffers(node, "buffers") }
+        if let node = fields["buffers"] {
+            config.buffers = buffers(node, "buffers")
+            checkBufferReservation(config)
+        }
         if let node = fields["filter"] { config.filter = filter(node, "filter") }
         if let node = fields["rate_limit"] {
             config.rateLimit = rateLimit(node, "rate_limit", topLevel: true)
@@ -96,6 +109,7 @@ struct ConfigWalker {
         } else {
             fail("listeners", "required")
         }
+        checkCapacities(config)
         inferHealthCheckProtocols(&config)
         for (i, cluster) in config.clusters.enumerated() where cluster.tls != nil {
             for (l, listener) in config.listeners.enumerated() {
@@ -127,29 +141,19 @@ struct ConfigWalker {
         return config
     }
 
-    /// The admin API's address and bearer token. A token file is read here, so a reload
-    /// picks up a rotated token; an address off loopback without a token is refused.
-    mutating func admin(_ node: Node, _ path: String) -> Config.Admin {
-        var admin = Config.Admin()
-        guard let fields = mapping(node, path, keys: ["address", "token", "token_file"]) else { return admin }
-        if let n = fields["address"], let a = address(n, "\(path).address") { admin.address = a }
-        if let n = fields["token"], let token = string(n, "\(path).token") {
-            if token.isEmpty { fail("\(path).token", "must not be empty") } else { admin.token = token }
+    /// What one process can number (`IdentityRegistry`): `run` and a reload refuse more,
+    /// so `check` does too.
+    mutating func checkCapacities(_ config: Config) {
+        if config.listeners.count > IdentityRegistry.listenerCapacity {
+            fail("listeners", "\(config.listeners.count) listeners; at most \(IdentityRegistry.listenerCapacity)")
         }
-        if let n = fields["token_file"], let file = string(n, "\(path).token_file") {
-            if fields["token"] != nil {
-                fail("\(path).token_file", "set token or token_file, not both")
-            } else if let data = FileManager.default.contents(atPath: file), let text = String(data: data, encoding: .utf8) {
-                let token = text.trimmingCharacters(in: .whitespacesAndNewlines)
-                if token.isEmpty { fail("\(path).token_file", "\(file) is empty") } else { admin.token = token }
-            } else {
-                fail("\(path).token_file", "cannot read \(file)")
-            }
+        if config.clusters.count > IdentityRegistry.clusterCapacity {
+            fail("clusters", "\(config.clusters.count) clusters; at most \(IdentityRegistry.clusterCapacity)")
         }
-        if admin.token == nil, !admin.address.isLoopback, fields["token_file"] == nil {
-            fail("\(path).address", "\(admin.address) is not a loopback address: set admin.token or admin.token_file, or anyone who can reach it can reload and drain l4lb")
+        let endpoints = config.clusters.reduce(0) { $0 + $1.endpoints.count }
+        if endpoints > IdentityRegistry.endpointCapacity {
+            fail("clusters", "\(endpoints) endpoints in all; at most \(IdentityRegistry.endpointCapacity)")
         }
-        return admin
     }
 
     mutating func accessLog(_ node: Node, _ path: String) -> Config.AccessLog {
@@ -440,9 +444,17 @@ struct ConfigWalker {
         return result
     }
 
-    mutating func string(_ node: Node, _ path: String) -> String? {
+    /// `controlCharacters`: the string is a payload (a health check's `send`/`expect`), not
+    /// a name, address or path.
+    mutating func string(_ node: Node, _ path: String, controlCharacters: Bool = false) -> String? {
         guard case .scalar(let scalar) = node else {
             fail(path, "expected a string")
+            return nil
+        }
+        // Names reach logs, metrics labels and C calls; a NUL or newline in one is a mistake
+        // or an attack, never meant.
+        if !controlCharacters, let bad = scalar.string.firstControlCharacter {
+            fail(path, "\(scalar.string.debugDescription) contains a control character (\(bad))")
             return nil
         }
         return scalar.string
@@ -463,6 +475,10 @@ struct ConfigWalker {
     mutating func duration(_ node: Node, _ path: String) -> ConfigDuration? {
         guard case .scalar(let scalar) = node, let d = ConfigDuration.parse(scalar.string) else {
             fail(path, "invalid duration \(describe(node)) (use e.g. 500ms, 2s, 5m, 1h)")
+            return nil
+        }
+        guard d <= ConfigDuration.maximum else {
+            fail(path, "\(scalar.string) is longer than the longest duration l4lb takes, \(ConfigDuration.maximum)")
             return nil
         }
         return d

@@ -1,3 +1,5 @@
+import BPFSteer
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -29,18 +31,22 @@ public struct SocketAddress: Sendable, Hashable, CustomStringConvertible {
         case shape(String)
         case port(String)
         case ip(String)
+        case control(String, String)
 
         public var description: String {
             switch self {
             case .shape(let text): return "expected ip:port or [ipv6]:port, got \"\(text)\""
             case .port(let text): return text
             case .ip(let text): return "invalid IP address \"\(text)\""
+            case .control(let text, let character): return "\(text.debugDescription) contains a control character (\(character))"
             }
         }
     }
 
     /// Parses `ip:port` or `[ipv6]:port`.
     public static func parse(_ text: String) -> Result<SocketAddress, ParseError> {
+        // inet_pton stops at a NUL: "127.0.0.1\0evil:80" must not read as 127.0.0.1.
+        if let bad = text.firstControlCharacter { return .failure(.control(text, bad)) }
         let host: Substring
         let portText: Substring
         if text.hasPrefix("[") {
@@ -68,6 +74,7 @@ public struct SocketAddress: Sendable, Hashable, CustomStringConvertible {
 
     /// Parses a bare IPv4 or IPv6 address into network-order bytes.
     public static func parseIP(_ text: String) -> [UInt8]? {
+        guard text.firstControlCharacter == nil else { return nil }
         var v4 = in_addr()
         if inet_pton(AF_INET, text, &v4) == 1 {
             return withUnsafeBytes(of: v4) { Array($0) }

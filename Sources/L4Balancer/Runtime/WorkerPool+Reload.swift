@@ -166,6 +166,11 @@ extension WorkerPool {
         if old.admin.address != new.admin.address {
             errors.append("admin.address: cannot change on reload (\(old.admin.address) → \(new.admin.address)); restart l4lb to apply")
         }
+        for (key, a, b) in [("max_connections", "\(old.admin.maxConnections)", "\(new.admin.maxConnections)"),
+                            ("idle_timeout", "\(old.admin.idleTimeout)", "\(new.admin.idleTimeout)"),
+                            ("request_timeout", "\(old.admin.requestTimeout)", "\(new.admin.requestTimeout)")] where a != b {
+            errors.append("admin.\(key): cannot change on reload (\(a) → \(b)); restart l4lb to apply (token and allowed_hosts reload)")
+        }
         return errors
     }
 
@@ -213,7 +218,7 @@ extension WorkerPool {
             switch self {
             case .unknownCluster(let name): return "no cluster \"\(name)\" in the running config"
             case .unknownEndpoint(let cluster, let address): return "cluster \"\(cluster)\" has no endpoint \(address)"
-            case .badAddress(let text): return "not an address (ip:port or [v6]:port): \(text)"
+            case .badAddress(let reason): return "not an address (ip:port or [v6]:port): \(reason)"
             }
         }
     }
@@ -223,7 +228,11 @@ extension WorkerPool {
     public func setDraining(_ draining: Bool, cluster: String, address text: String) throws(DrainError) {
         controlLock.lock()
         defer { controlLock.unlock() }
-        guard case .success(let address) = SocketAddress.parse(text) else { throw .badAddress(text) }
+        let address: SocketAddress
+        switch SocketAddress.parse(text) {
+        case .success(let parsed): address = parsed
+        case .failure(let error): throw .badAddress(error.description)
+        }
         let snapshot = store.snapshot
         guard snapshot.clusters.contains(where: { $0.name == cluster }) else { throw .unknownCluster(cluster) }
         guard let position = snapshot.endpointPosition(cluster: cluster, address: address) else {

@@ -76,7 +76,7 @@ final class L4LBProcess {
     /// The port of `admin: { address: HOST:PORT ...` in a config, if it sets one.
     static func adminPort(in config: String) -> UInt16? {
         guard let line = config.split(separator: "\n").first(where: { $0.hasPrefix("admin:") }),
-              let range = line.range(of: #":(\d+)[ ,}]"#, options: .regularExpression)
+              let range = line.range(of: #":(\d+)[ ,}"]"#, options: .regularExpression)
         else { return nil }
         return UInt16(line[range].dropFirst().dropLast())
     }
