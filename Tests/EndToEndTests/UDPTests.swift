@@ -99,6 +99,39 @@ final class UDPTests: XCTestCase {
         }
     }
 
+    /// Issue 34, must-show 4: a zero-length datagram is a datagram. Each way, first in a
+    /// session and within one, over IPv4 and IPv6, through the user-space relay and the
+    /// kernel's: it arrives, and `datagrams_in`/`datagrams_out` count it.
+    func testZeroLengthDatagramsArriveBothWaysAndAreCounted() throws {
+        for (host, relay) in [("127.0.0.1", "user"), ("::1", "user"), ("127.0.0.1", "kernel")] {
+            let backend = try UDPBackend(.echo, host: host)
+            defer { backend.stop() }
+            let port = Sockets.freePort()
+            let proxy = try L4LBProcess(config: udpConfig(port: port, endpoints: [backend.address], host: host, listenerExtra: ", relay: \(relay)"),
+                                        waitFor: nil)
+            defer { proxy.stop() }
+            XCTAssertTrue(waitUntil(timeout: 10) { (try? proxy.stats()) != nil }, proxy.log)
+            // Empty first: it opens the session, and the empty reply comes back through it.
+            let first = try client(host, port)
+            defer { close(first) }
+            XCTAssertEqual(exchange(first, []), [], "an empty datagram opening a session over \(host) (\(relay)) got no empty reply")
+            XCTAssertEqual(exchange(first, [7]), [7])
+            let other = try client(host, port)
+            defer { close(other) }
+            XCTAssertEqual(exchange(other, [1, 2, 3]), [1, 2, 3])
+            for round in 0..<20 {
+                XCTAssertEqual(exchange(other, []), [], "empty datagram \(round) within a session over \(host) (\(relay))")
+                XCTAssertEqual(exchange(other, [UInt8(round)]), [UInt8(round)])
+            }
+            XCTAssertEqual(backend.received, 43, "every datagram reached the endpoint, the empty ones too")
+            // Counts: user space at once; the kernel's folded within a second or two.
+            XCTAssertTrue(waitUntil(timeout: 5) {
+                guard let listener = try? proxy.stats().listener("dns") else { return false }
+                return listener.int("datagrams_in") == 43 && listener.int("datagrams_out") == 43
+            }, "datagrams not counted over \(host) (\(relay)): \(String(describing: try? proxy.stats().listener("dns")))")
+        }
+    }
+
     /// Must-show 3 (one instance): 200 clients (200 source addresses) × 50 datagrams over
     /// 2 workers with Maglev by source address: every client always reaches the same
     /// endpoint, and the clients spread over all three.

@@ -348,6 +348,10 @@ extension Worker {
         let session = udpSessions[slot]
         let listener = Int(session.listener)
         guard completion.result >= 0, let buffer = completion.bufferID else {
+            if completion.result == 0 {
+                relayEmptyReply(slot)
+                return
+            }
             switch -completion.result {
             case ECONNREFUSED:
                 // ICMP port unreachable: the endpoint is not there. The client's next
@@ -406,6 +410,43 @@ extension Worker {
         udpSessions[slot].bytesFromUpstream &+= UInt64(length)
         // `proxy_responses` (as nginx's: replies per client datagram): the exchange is
         // complete (the send above has its own copy of the client's address).
+        udpSessions[slot].replies &+= 1
+        if expected != .max, UInt64(udpSessions[slot].replies) >= UInt64(expected) * UInt64(udpSessions[slot].requests) { endLease(slot) }
+    }
+
+    /// A zero-length reply is a datagram like any other, but the kernel selects no buffer
+    /// for it (and ends the multishot receive): it is sent on at once with a plain sendmsg
+    /// from the listener's socket, and counted.
+    @inline(never)
+    func relayEmptyReply(_ slot: UInt32) {
+        let session = udpSessions[slot]
+        let listener = Int(session.listener)
+        let expected = current.proxyResponses[listener]
+        guard session.leased, expected > 0 || session.indexed else {
+            stats.add(.dropsLateReply, listener: listener)
+            endSession(slot, reason: .responses)
+            return
+        }
+        if !session.receiveArmed { armReplies(slot) }
+        udpSessions.touch(slot, tick: nowTick)
+        var client = session.client
+        let sent = withUnsafeTemporaryAllocation(byteCount: PacketDestination.controlSpace, alignment: 8) { control in
+            withUnsafeMutablePointer(to: &client) { name in
+                var message = msghdr()
+                message.msg_name = UnsafeMutableRawPointer(name)
+                message.msg_namelen = session.clientLength
+                if let local = session.local {
+                    message.msg_control = control.baseAddress
+                    message.msg_controllen = local.writeSourceControl(into: control.baseAddress!)
+                }
+                return sendmsg(listenerFDs[listener], &message, Int32(MSG_DONTWAIT))
+            }
+        }
+        guard sent == 0 else {
+            stats.add(.dropsSendFailed, listener: listener)
+            return
+        }
+        stats.add(.datagramsOut, listener: listener)
         udpSessions[slot].replies &+= 1
         if expected != .max, UInt64(udpSessions[slot].replies) >= UInt64(expected) * UInt64(udpSessions[slot].requests) { endLease(slot) }
     }
