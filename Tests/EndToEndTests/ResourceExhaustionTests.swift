@@ -65,4 +65,39 @@ final class ResourceExhaustionTests: XCTestCase {
         XCTAssertGreaterThanOrEqual(connectFailed + acceptErrors, refused, "refused clients were not all counted: \(log)")
         XCTAssertGreaterThan(connectFailed + acceptErrors, 0, log)
     }
+
+    /// l4lb's own EMFILE is l4lb's failure, not the endpoint's (issue 34): while l4lb has no
+    /// descriptor to spare, a health check that cannot open its socket neither passes nor
+    /// fails, so the endpoint is not marked unhealthy (and need not climb back through
+    /// `healthy_threshold` when l4lb recovers); the skipped checks are counted.
+    func testOutOfDescriptorsHealthChecksDoNotFailTheEndpoint() throws {
+        let backend = try TestBackend(.echo)
+        defer { backend.stop() }
+        let port = Sockets.freePort()
+        let config = proxyConfig(listen: "127.0.0.1:\(port)", endpoints: [backend.address], workers: 1)
+            + "    health_check: { type: tcp, interval: 100ms, timeout: 100ms, unhealthy_threshold: 1 }\n"
+        let proxy = try L4LBProcess(config: config, waitFor: ("127.0.0.1", port))
+        XCTAssertTrue(waitUntil(timeout: 5) { (try? proxy.stats())?.endpoint(cluster: "backends", address: backend.address)?.bool("healthy") == true })
+        let transitions = try XCTUnwrap(try proxy.stats().endpoint(cluster: "backends", address: backend.address)).int("health_transitions")
+        let squeeze = try ChildProcess.run("/usr/bin/prlimit", ["--pid", "\(proxy.pid)", "--nofile=64:64"])
+        XCTAssertEqual(squeeze.status, 0, squeeze.output)
+        // Proxied clients take every descriptor l4lb has, and keep them for ten check rounds.
+        var clients: [Int32] = []
+        for i in 0..<40 {
+            let fd = try Sockets.connect(port: port, timeout: 5)
+            try Sockets.sendAll(fd, Array("ping\(i % 10)".utf8))
+            clients.append(fd)
+        }
+        Thread.sleep(forTimeInterval: 1)
+        clients.forEach { close($0) }
+        XCTAssertTrue(waitUntil(timeout: 10) { (try? proxy.stats()) != nil }, "the admin API did not come back")
+        let stats = try proxy.stats()
+        XCTAssertGreaterThan(stats.int("health_checks_not_run"), 0, "the checks never met EMFILE: the test squeezed nothing")
+        let endpoint = try XCTUnwrap(stats.endpoint(cluster: "backends", address: backend.address))
+        XCTAssertEqual(endpoint.bool("healthy"), true)
+        XCTAssertEqual(endpoint.int("health_transitions"), transitions, "the endpoint's health changed while l4lb was out of descriptors")
+        let (_, log) = proxy.stopAndCollectLog()
+        XCTAssertTrue(log.contains("health check not run: l4lb is short of resources"), log)
+        XCTAssertFalse(log.contains("to=unhealthy"), log)
+    }
 }

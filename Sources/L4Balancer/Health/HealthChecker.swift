@@ -19,6 +19,9 @@ public final class HealthChecker: @unchecked Sendable {
     private let running = ManagedAtomic<Bool>(true)
     /// Targets that have not had their first check yet.
     private let unchecked = ManagedAtomic<Int>(0)
+    /// Checks not run because l4lb itself was out of descriptors or memory.
+    let localFailures = ManagedAtomic<Int>(0)
+    private var lastLocalWarning: Int64 = 0
     /// The generation of the snapshot the checker runs on.
     private let installed = ManagedAtomic<UInt64>(0)
     private let pending = LockedBox<Snapshot?>(nil)
@@ -297,7 +300,20 @@ public final class HealthChecker: @unchecked Sendable {
         targets[i].sent = 0
         targets[i].received.removeAll(keepingCapacity: true)
         guard fd >= 0 else {
-            finish(i, passed: false, reason: "socket: \(String(cString: strerror(errno)))", now: now)
+            let code = errno
+            guard code == EMFILE || code == ENFILE || code == ENOMEM || code == ENOBUFS else {
+                finish(i, passed: false, reason: "socket: \(String(cString: strerror(code)))", now: now)
+                return
+            }
+            // l4lb's own shortage, not the endpoint's: the check neither passes nor fails,
+            // and is tried again shortly, so health recovers as soon as l4lb does.
+            localFailures.wrappingIncrement(ordering: .relaxed)
+            if now - lastLocalWarning >= 60_000 || lastLocalWarning == 0 {
+                lastLocalWarning = now
+                logger.warning("health check not run: l4lb is short of resources", metadata: metadata(targets[i].cluster, targets[i].address, [
+                    "reason": "socket: \(String(cString: strerror(code)))"]))
+            }
+            targets[i].nextDue = now + min(targets[i].check.interval.milliseconds, 250)
             return
         }
         targets[i].fd = fd
