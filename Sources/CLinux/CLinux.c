@@ -4,6 +4,9 @@
 #include <errno.h>
 #include <sched.h>
 #include <sys/eventfd.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 int CLinux_allowed_cpus(int *cpus, int capacity) {
     cpu_set_t set;
@@ -41,4 +44,9 @@ unsigned CLinux_tcp_ms_since_progress(int fd) {
     // reads nothing gets only window probes (no data); a peer that is gone acknowledges
     // nothing. The older of the two is when the peer last took data.
     return info.tcpi_last_data_sent > info.tcpi_last_ack_recv ? info.tcpi_last_data_sent : info.tcpi_last_ack_recv;
+}
+
+int CLinux_set_current_thread_nice(int nice) {
+    pid_t tid = (pid_t)syscall(SYS_gettid);
+    return setpriority(PRIO_PROCESS, (id_t)tid, nice) == 0 ? 0 : -errno;
 }

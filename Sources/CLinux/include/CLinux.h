@@ -10,6 +10,9 @@ int CLinux_allowed_cpus(int *cpus, int capacity);
 /// Pins the calling thread to one CPU; 0 or -errno.
 int CLinux_pin_current_thread(int cpu);
 
+/// Sets the calling thread's nice value (Linux schedules threads apart); 0 or -errno.
+int CLinux_set_current_thread_nice(int nice);
+
 /// A non-blocking, close-on-exec eventfd, or -errno.
 int CLinux_eventfd(void);
 

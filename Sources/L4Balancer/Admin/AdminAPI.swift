@@ -1,5 +1,9 @@
+import CLinux
 import Foundation
 import Hummingbird
+import HummingbirdCore
+import NIOCore
+import NIOPosix
 import Logging
 
 /// The admin HTTP API (DESIGN §6), a Hummingbird application run as a `Service` in the
@@ -10,13 +14,21 @@ import Logging
 public enum AdminAPI {
     public static func application(pool: WorkerPool, logger: Logger) -> some ApplicationProtocol {
         let router = Router()
-        router.add(middleware: BearerTokenMiddleware(pool: pool))
+        router.add(middleware: AdminAccessMiddleware(pool: pool))
         router.get("/healthz") { _, _ in "ok\n" }
         router.get("/") { _, _ in
             Response(status: .ok, headers: [.contentType: "text/html; charset=utf-8", .cacheControl: "no-store"],
                      body: .init(byteBuffer: ByteBuffer(string: DashboardPage.html)))
         }
-        router.get("/stats") { _, _ in json(pool.statsDocument()) }
+        let admin = pool.snapshot.config.admin
+        let budget = AdminConnectionBudget(.init(
+            maximum: admin.maxConnections, idleTimeout: .milliseconds(admin.idleTimeout.milliseconds),
+            requestTimeout: .milliseconds(admin.requestTimeout.milliseconds), maximumBody: Config.Admin.maximumBody))
+        router.get("/stats") { _, _ in
+            var document = pool.statsDocument()
+            document["admin"] = budget.document
+            return json(document)
+        }
         router.get("/config") { _, _ in json(pool.snapshot.config.document) }
         let metrics = MetricsExporter(pool: pool)
         router.get("/metrics") { _, _ in
@@ -45,13 +57,34 @@ public enum AdminAPI {
         router.delete("/clusters/:cluster/endpoints/:address/drain") { _, context in
             try await drain(pool: pool, context: context, draining: false)
         }
-        let address = pool.snapshot.config.admin.address
+        let address = admin.address
+        // Headers are a few hundred bytes from any real client; 16 KiB bounds what one
+        // request can make the decoder hold.
+        let decoder = HTTP1Channel.Configuration.DecoderConfiguration(maxHeaderFieldSize: 16 * 1024, maxHeaderListSize: 16 * 1024, maxHeaderFieldCount: 100)
         return Application(
             router: router,
-            configuration: .init(address: .hostname(address.ipString, port: Int(address.port)), serverName: "l4lb"),
-            onServerRunning: { _ in logger.info("admin API listening", metadata: ["address": "\(address)"]) },
+            server: .http1(configuration: .init(additionalChannelHandlers: [budget.makeGuard()], httpDecoderConfiguration: decoder)),
+            // A deep accept queue: under a connection flood a client waits in it rather than
+            // having its SYN dropped and retried a second later.
+            configuration: .init(address: .hostname(address.ipString, port: Int(address.port)), serverName: "l4lb", backlog: 4096),
+            onServerRunning: { channel in
+                // A connection that sends nothing is never queued for accept (nor takes a
+                // descriptor) until its first bytes arrive, or for a few seconds at most.
+                let deferAccept = ChannelOptions.Types.SocketOption(level: SocketOptionLevel(IPPROTO_TCP), name: SocketOptionName(TCP_DEFER_ACCEPT))
+                try? await channel.setOption(deferAccept, value: SocketOptionValue(admin.idleTimeout.milliseconds / 1000 + 1))
+                logger.info("admin API listening", metadata: ["address": "\(address)", "max_connections": "\(admin.maxConnections)"])
+            },
+            eventLoopGroupProvider: .shared(adminEventLoop),
             logger: logger)
     }
+
+    /// One thread for the admin API, apart from the workers, at a lower priority (nice 10):
+    /// however busy the API is made, a worker that wants the CPU gets it first.
+    static let adminEventLoop: MultiThreadedEventLoopGroup = {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        group.next().execute { _ = CLinux_set_current_thread_nice(10) }
+        return group
+    }()
 
     static func drain(pool: WorkerPool, context: some RequestContext, draining: Bool) async throws -> Response {
         let cluster = try context.parameters.require("cluster")
@@ -104,51 +137,5 @@ public enum AdminAPI {
         buffer.writeBytes(data)
         buffer.writeString("\n")
         return Response(status: status, headers: [.contentType: "application/json"], body: .init(byteBuffer: buffer))
-    }
-}
-
-/// Every endpoint but `/healthz` and the dashboard page needs `Authorization: Bearer
-/// TOKEN` when the running config sets a token (read per request, so a reload can rotate
-/// it). The page itself holds no data: it sends the token the operator gives it with each
-/// call, from the tab's sessionStorage. No cookie is ever set, so another page in the same
-/// browser cannot make authenticated calls on the operator's behalf; and a state-changing
-/// request a browser marks as coming from another origin (`Origin`, `Sec-Fetch-Site`) is
-/// refused even without a token, so a web page cannot reload, drain or block through a
-/// loopback admin API that has none.
-struct BearerTokenMiddleware<Context: RequestContext>: RouterMiddleware {
-    let pool: WorkerPool
-
-    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
-        if request.method != .get, request.method != .head, isCrossSite(request) {
-            return AdminAPI.json(["error": "cross-site request refused"], status: .forbidden)
-        }
-        guard request.uri.path != "/healthz", request.uri.path != "/", let token = pool.snapshot.config.admin.token else {
-            return try await next(request, context)
-        }
-        let presented = request.headers[.authorization] ?? ""
-        guard constantTimeEqual(presented, "Bearer \(token)") else {
-            var response = AdminAPI.json(["error": "missing or wrong bearer token"], status: .unauthorized)
-            response.headers[.wwwAuthenticate] = "Bearer realm=\"l4lb\""
-            return response
-        }
-        return try await next(request, context)
-    }
-
-    /// A browser's request from a page that is not this API's own origin.
-    private func isCrossSite(_ request: Request) -> Bool {
-        if let site = request.headers[values: .init("Sec-Fetch-Site")!].first, site != "same-origin", site != "none" {
-            return true
-        }
-        guard let origin = request.headers[values: .init("Origin")!].first else { return false }
-        let host = request.head.authority ?? request.headers[values: .init("Host")!].first ?? ""
-        return origin != "http://\(host)"
-    }
-
-    private func constantTimeEqual(_ a: String, _ b: String) -> Bool {
-        let x = Array(a.utf8)
-        let y = Array(b.utf8)
-        var difference = UInt8(x.count == y.count ? 0 : 1)
-        for i in 0..<min(x.count, y.count) { difference |= x[i] ^ y[i] }
-        return difference == 0
     }
 }

@@ -17,14 +17,16 @@ enum AdminHTTP {
     }
 
     static func request(host: String = "127.0.0.1", port: UInt16, _ method: String, _ path: String, token: String? = nil,
-                        headers extra: [String: String] = [:]) throws -> Response {
+                        headers extra: [String: String] = [:], body: String = "") throws -> Response {
         let fd = try Sockets.connect(host: host, port: port, timeout: 5)
         defer { close(fd) }
         Sockets.setTimeout(fd, seconds: 30)
-        var head = "\(method) \(path) HTTP/1.1\r\nHost: \(host):\(port)\r\nConnection: close\r\nContent-Length: 0\r\n"
+        // `headers` may name its own Host (a browser's, for the rebinding tests).
+        var head = "\(method) \(path) HTTP/1.1\r\nConnection: close\r\nContent-Length: \(body.utf8.count)\r\n"
+        if extra["Host"] == nil { head += "Host: \(host):\(port)\r\n" }
         if let token { head += "Authorization: Bearer \(token)\r\n" }
         for (name, value) in extra { head += "\(name): \(value)\r\n" }
-        head += "\r\n"
+        head += "\r\n" + body
         try Sockets.sendAll(fd, Array(head.utf8))
         let raw = try Sockets.receiveAll(fd)
         guard let split = raw.indices.first(where: { i in i + 3 < raw.count && raw[i...(i + 3)].elementsEqual([13, 10, 13, 10]) }) else {
