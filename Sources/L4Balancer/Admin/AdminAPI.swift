@@ -1,4 +1,3 @@
-import CLinux
 import Foundation
 import Hummingbird
 import HummingbirdCore
@@ -7,10 +6,10 @@ import NIOPosix
 import Logging
 
 /// The admin HTTP API (DESIGN §6), a Hummingbird application run as a `Service` in the
-/// process's ServiceGroup, on Hummingbird's own event loops (never a worker thread). It
+/// process's ServiceGroup, on threads of its own (`AdminThreads`, never a worker's). It
 /// reads the workers' counters with relaxed loads and changes the data plane only through
 /// the control plane (`WorkerPool.reload`, `setDraining`), which blocks — so those run on
-/// a dispatch queue, off the event loops.
+/// the admin control thread, off the event loop.
 public enum AdminAPI {
     public static func application(pool: WorkerPool, logger: Logger) -> some ApplicationProtocol {
         let router = Router()
@@ -74,17 +73,9 @@ public enum AdminAPI {
                 try? await channel.setOption(deferAccept, value: SocketOptionValue(admin.idleTimeout.milliseconds / 1000 + 1))
                 logger.info("admin API listening", metadata: ["address": "\(address)", "max_connections": "\(admin.maxConnections)"])
             },
-            eventLoopGroupProvider: .shared(adminEventLoop),
+            eventLoopGroupProvider: .shared(AdminThreads.eventLoopGroup),
             logger: logger)
     }
-
-    /// One thread for the admin API, apart from the workers, at a lower priority (nice 10):
-    /// however busy the API is made, a worker that wants the CPU gets it first.
-    static let adminEventLoop: MultiThreadedEventLoopGroup = {
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        group.next().execute { _ = CLinux_set_current_thread_nice(10) }
-        return group
-    }()
 
     static func drain(pool: WorkerPool, context: some RequestContext, draining: Bool) async throws -> Response {
         let cluster = try context.parameters.require("cluster")
@@ -124,11 +115,9 @@ public enum AdminAPI {
         }
     }
 
-    /// Runs blocking control-plane work on a dispatch queue.
+    /// Runs blocking control-plane work on the admin control thread (`AdminThreads`).
     static func offEventLoop<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
-        await withCheckedContinuation { continuation in
-            DispatchQueue.global().async { continuation.resume(returning: body()) }
-        }
+        await AdminThreads.control.run(body)
     }
 
     static func json(_ object: [String: Any], status: HTTPResponse.Status = .ok) -> Response {

@@ -17,6 +17,13 @@ struct AdminAccessMiddleware<Context: RequestContext>: RouterMiddleware {
     let pool: WorkerPool
 
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        // The route runs on the API's own thread at nice 10, not on Swift's shared pool.
+        try await withTaskExecutorPreference(AdminThreads.taskExecutor) {
+            try await check(request, context: context, next: next)
+        }
+    }
+
+    private func check(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
         let path = request.uri.path
         if path == "/healthz" { return try await next(request, context) }
         let admin = pool.snapshot.config.admin

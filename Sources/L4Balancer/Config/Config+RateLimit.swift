@@ -17,7 +17,11 @@ extension Config {
             /// Nanoseconds one unit costs (GCRA's emission interval).
             public var intervalNanoseconds: UInt64 { max(1, UInt64((1e9 / rate).rounded())) }
             /// How far ahead of now a source's bucket may run: `burst` intervals.
-            public var toleranceNanoseconds: UInt64 { intervalNanoseconds &* UInt64(burst) }
+            /// Saturates: `1/h` with a burst of 10^8 is centuries ahead, never a wrapped few.
+            public var toleranceNanoseconds: UInt64 {
+                let (product, overflow) = intervalNanoseconds.multipliedReportingOverflow(by: UInt64(burst))
+                return overflow ? .max : product
+            }
         }
 
         /// New TCP connections, or new UDP sessions (`session: client`).

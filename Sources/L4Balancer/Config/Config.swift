@@ -196,6 +196,11 @@ public struct Config: Sendable, Equatable {
     }
 
     public struct HealthCheck: Sendable, Equatable {
+        /// The longest `timeout` a check may have.
+        public static let longestTimeout = ConfigDuration.seconds(300)
+        /// How long a start or a reload waits for new endpoints' first checks; those not
+        /// checked by then keep their starting state until their check comes.
+        public static let longestFirstCheckWait: Int64 = 30_000
         public enum Kind: Sendable, Equatable {
             case tcp
             /// Send bytes, expect the reply to start with bytes.

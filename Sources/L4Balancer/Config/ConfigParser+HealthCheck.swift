@@ -64,11 +64,20 @@ extension ConfigWalker {
             if d.milliseconds < 10 { fail("\(path).interval", "must be at least 10ms") } else { check.interval = d }
         }
         if let n = fields["timeout"], let d = duration(n, "\(path).timeout") {
-            if d.milliseconds < 1 { fail("\(path).timeout", "must be greater than 0") } else { check.timeout = d }
+            if d.milliseconds < 1 {
+                fail("\(path).timeout", "must be greater than 0")
+            } else if d > Config.HealthCheck.longestTimeout {
+                fail("\(path).timeout", "\(d) is longer than a check may wait, \(Config.HealthCheck.longestTimeout)")
+            } else {
+                check.timeout = d
+            }
         }
         if let n = fields["healthy_threshold"], let v = int(n, "\(path).healthy_threshold", 1...100) { check.healthyThreshold = v }
         if let n = fields["unhealthy_threshold"], let v = int(n, "\(path).unhealthy_threshold", 1...100) { check.unhealthyThreshold = v }
-        if let n = fields["initial_jitter"], let d = duration(n, "\(path).initial_jitter") { check.initialJitter = d }
+        if let n = fields["initial_jitter"], let d = duration(n, "\(path).initial_jitter") {
+            // The first check falls within one interval anyway; more only delays it.
+            if d > check.interval { fail("\(path).initial_jitter", "must not be longer than the interval (\(check.interval))") } else { check.initialJitter = d }
+        }
         if let n = fields["interval_jitter"], let d = duration(n, "\(path).interval_jitter") {
             if d >= check.interval { fail("\(path).interval_jitter", "must be shorter than the interval") } else { check.intervalJitter = d }
         }

@@ -25,17 +25,27 @@ public enum ConfigParser {
     public static let maximumFileSize = 8 << 20
 
     public static func load(path: String) -> Result<Config, ConfigErrors> {
-        if let size = (try? FileManager.default.attributesOfItem(atPath: path))?[.size] as? Int, size > maximumFileSize {
-            return .failure(ConfigErrors(errors: [ConfigError(
-                path: path, message: "\(size) bytes; a config file may be at most \(maximumFileSize) bytes (8 MiB)")]))
+        // Read through one descriptor, never more than the limit + 1 bytes: a symlink's
+        // target, a file growing under us or a /proc file are bounded alike.
+        guard let file = FileHandle(forReadingAtPath: path) else {
+            return .failure(ConfigErrors(errors: [ConfigError(path: path, message: "cannot read file: \(String(cString: strerror(errno)))")]))
         }
+        defer { try? file.close() }
+        let data: Data
         do {
-            let text = try String(contentsOfFile: path, encoding: .utf8)
-            return parse(yaml: text)
+            data = try file.read(upToCount: maximumFileSize + 1) ?? Data()
         } catch {
             let reason = (error as NSError).localizedFailureReason ?? "cannot read file"
             return .failure(ConfigErrors(errors: [ConfigError(path: path, message: reason)]))
         }
+        guard data.count <= maximumFileSize else {
+            return .failure(ConfigErrors(errors: [ConfigError(
+                path: path, message: "more than \(maximumFileSize) bytes; a config file may be at most \(maximumFileSize) bytes (8 MiB)")]))
+        }
+        guard let text = String(data: data, encoding: .utf8) else {
+            return .failure(ConfigErrors(errors: [ConfigError(path: path, message: "not UTF-8 text")]))
+        }
+        return parse(yaml: text)
     }
 }
 

@@ -213,8 +213,9 @@ public final class HealthChecker: @unchecked Sendable {
         }
     }
 
-    /// Starts the thread and waits (at most the longest check timeout + 1 s) until every
-    /// endpoint has had its first check, so l4lb does not accept before it knows.
+    /// Starts the thread and waits (at most the longest check timeout and initial jitter,
+    /// and never past 30 s, + 1 s) until every endpoint has had its first check, so l4lb
+    /// does not accept before it knows.
     public func start() {
         let thread = Thread { [self] in
             run()
@@ -223,7 +224,8 @@ public final class HealthChecker: @unchecked Sendable {
         thread.name = "l4lb-health"
         self.thread = thread
         thread.start()
-        let longest = targets.map { $0.check.timeout.milliseconds + $0.check.initialJitter.milliseconds }.max() ?? 0
+        let longest = min(targets.map { $0.check.timeout.milliseconds + $0.check.initialJitter.milliseconds }.max() ?? 0,
+                          Config.HealthCheck.longestFirstCheckWait)
         let deadline = Date().addingTimeInterval(Double(longest) / 1000 + 1)
         while unchecked.load(ordering: .acquiring) > 0, Date() < deadline { usleep(2000) }
     }

@@ -123,7 +123,8 @@ extension WorkerPool {
         for endpoint in snapshot.endpoints where !running.contains(endpoint.id) {
             status.reset(endpoint.id, startsUnhealthy: snapshot.clusters[endpoint.cluster].config.healthCheck.map { !$0.startHealthy } ?? false)
         }
-        let longestCheck = config.clusters.compactMap { $0.healthCheck.map { $0.timeout.milliseconds + $0.initialJitter.milliseconds } }.max() ?? 0
+        let longestCheck = min(config.clusters.compactMap { $0.healthCheck.map { $0.timeout.milliseconds + $0.initialJitter.milliseconds } }.max() ?? 0,
+                               Config.HealthCheck.longestFirstCheckWait)
         healthChecker.apply(snapshot, timeoutMilliseconds: longestCheck + 1000)
 
         store.publish(snapshot)

@@ -142,6 +142,26 @@ enum ConfigValues {
         "dns", "send_expect", "true", "false", "yes", "",
     ]
     static let everything = integers + durations + sizes + rates + addresses + prefixes + strings + choices
+
+    /// The edges every range the parser uses meets, tried on every leaf of their kind.
+    static let edges: [String: [String]] = [
+        "integers": ["0", "1", "-1", "100", "1000", "4096", "65535", "65536", "1000000", "10000000", "16777216",
+                     "9223372036854775807", "9223372036854775808"],
+        "durations": ["0", "1ms", "100ms", "3600s", "720h", "721h", "9223372036854775807ms"],
+        "sizes": ["1024", "1048576", "1MiB", "64MiB", "67108865", "9007199254740993K"],
+    ]
+
+    /// A value's magnitude, units applied (ms for durations, bytes for sizes); nil for text.
+    static func magnitude(_ text: String) -> Double? {
+        let units: [(String, Double)] = [("ms", 1), ("s", 1000), ("m", 60_000), ("h", 3_600_000), ("KiB", 1024), ("MiB", 1_048_576),
+                                         ("K", 1024), ("k", 1024), ("M", 1_048_576)]
+        if let plain = Double(text), text.allSatisfy(\.isNumber) { return plain }
+        for (suffix, scale) in units where text.hasSuffix(suffix) {
+            let digits = text.dropLast(suffix.count)
+            if !digits.isEmpty, digits.allSatisfy(\.isNumber), let n = Double(digits) { return n * scale }
+        }
+        return nil
+    }
 }
 
 /// A seeded generator (SplitMix64): the same seed gives the same inputs, so a failure is
@@ -161,20 +181,35 @@ struct SeededRandom: RandomNumberGenerator {
 struct ConfigMutator {
     let base: ConfigTree
 
-    /// The pool a leaf's values are drawn from, by the leaf's key.
-    static func pool(for key: String?, current: String) -> [String] {
-        guard let key else { return ConfigValues.everything }
-        if DurationText.parseLike(current) { return ConfigValues.durations }
+    /// The kind of a leaf, by its key and base value.
+    static func kind(for key: String?, current: String) -> String {
+        guard let key else { return "everything" }
+        if DurationText.parseLike(current) { return "durations" }
         switch key {
-        case "address": return ConfigValues.addresses
-        case "small_size", "large_size": return ConfigValues.sizes
-        case "rate": return ConfigValues.rates
-        case "name", "cluster", "token", "path", "host", "sni", "query", "send", "expect", "format", "pin_path": return ConfigValues.strings
+        case "address": return "addresses"
+        case "small_size", "large_size": return "sizes"
+        case "rate": return "rates"
+        case "name", "cluster", "token", "path", "host", "sni", "query", "send", "expect", "format", "pin_path": return "strings"
         default: break
         }
-        if Int(current) != nil || Double(current) != nil { return ConfigValues.integers }
-        if current.contains("/") || current.contains(".") { return ConfigValues.prefixes + ConfigValues.strings }
-        return ConfigValues.choices + ConfigValues.strings
+        if Int(current) != nil || Double(current) != nil { return "integers" }
+        if current.contains("/") || current.contains(".") { return "prefixes" }
+        return "choices"
+    }
+
+    /// The pool a leaf's values are drawn from.
+    static func pool(for key: String?, current: String) -> [String] {
+        switch kind(for: key, current: current) {
+        case "durations": return ConfigValues.durations
+        case "addresses": return ConfigValues.addresses
+        case "sizes": return ConfigValues.sizes
+        case "rates": return ConfigValues.rates
+        case "strings": return ConfigValues.strings
+        case "integers": return ConfigValues.integers
+        case "prefixes": return ConfigValues.prefixes + ConfigValues.strings
+        case "choices": return ConfigValues.choices + ConfigValues.strings
+        default: return ConfigValues.everything
+        }
     }
 
     /// One input: 1 to 4 mutations of the base.
@@ -210,8 +245,8 @@ struct ConfigMutator {
         return tree
     }
 
-    /// For every leaf of the base: the base with that leaf set to values of its pool (the
-    /// first and last of the pool, which hold its edges, and `perLeaf` others drawn).
+    /// For every leaf of the base: the base with that leaf set to every edge of its kind and
+    /// `perLeaf` other values of its pool, drawn.
     func boundaries(perLeaf: Int, _ random: inout SeededRandom) -> [(path: String, value: String, tree: ConfigTree)] {
         var result: [(String, String, ConfigTree)] = []
         for path in base.paths() {
@@ -219,7 +254,8 @@ struct ConfigMutator {
             let key: String? = path.last.flatMap { if case .key(let k) = $0 { k } else { nil } }
             let name = ConfigTree.name(path)
             let pool = ConfigMutator.pool(for: key, current: current)
-            for value in Set([pool[0], pool[pool.count - 1]] + (0..<perLeaf).map { _ in pool.randomElement(using: &random)! }).sorted() {
+            let edges = ConfigValues.edges[ConfigMutator.kind(for: key, current: current)] ?? []
+            for value in Set(edges + (0..<perLeaf).map { _ in pool.randomElement(using: &random)! }).sorted() {
                 result.append((name, value, base.replacing(path, with: .scalar(value))))
             }
         }

@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
-"""Holds COUNT connections to HOST:PORT for SECONDS, as an attacker of the admin API would:
-half idle (nothing sent), half slow-body (a POST head announcing 100 MB, then a few body
-bytes each second). Whatever the server closes is opened again until the time is up.
+"""Holds COUNT connections to HOST:PORT for SECONDS, as an attacker of the admin API would,
+a third of each: idle (nothing sent), slow-body (a POST head announcing 60 KB, under the
+API's body limit, then 16 bytes each second) and oversized (a head announcing 100 MB, then
+the same drip). Whatever the server closes is opened again until the time is up.
 Prints one JSON line: connections opened, closed by the server, and the most held at once.
 Bounded in count and time; loopback only."""
 import errno, json, selectors, socket, sys, time
 
 host, port, count, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 assert host.startswith("127.") or host == "::1", "loopback only"
-HEAD = (b"POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000000\r\n"
-        b"Connection: close\r\n\r\n")
+HEADS = [None,
+         b"POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 60000\r\nConnection: close\r\n\r\n",
+         b"POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000000\r\nConnection: close\r\n\r\n"]
 LINGER_RESET = __import__("struct").pack("ii", 1, 0)
 sel = selectors.DefaultSelector()
 state = {}
@@ -29,7 +31,7 @@ def open_one(i):
         s.close()
         return
     opened += 1
-    state[s] = {"slow": i % 2 == 1, "sent_head": False}
+    state[s] = {"head": HEADS[i % 3], "sent_head": False}
     sel.register(s, selectors.EVENT_READ | selectors.EVENT_WRITE)
 
 
@@ -55,9 +57,9 @@ while time.monotonic() < deadline:
                     open_one(opened)
                 continue
         if events & selectors.EVENT_WRITE:
-            if st["slow"] and not st["sent_head"]:
+            if st["head"] and not st["sent_head"]:
                 try:
-                    s.send(HEAD)
+                    s.send(st["head"])
                     st["sent_head"] = True
                 except OSError:
                     pass
@@ -67,7 +69,7 @@ while time.monotonic() < deadline:
     if now - last_drip >= 1.0:
         last_drip = now
         for s, st in list(state.items()):
-            if st["slow"] and st["sent_head"]:
+            if st["head"] and st["sent_head"]:
                 try:
                     s.send(b"x" * 16)
                 except OSError:
