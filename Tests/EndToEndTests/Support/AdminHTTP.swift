@@ -17,8 +17,8 @@ enum AdminHTTP {
     }
 
     static func request(host: String = "127.0.0.1", port: UInt16, _ method: String, _ path: String, token: String? = nil,
-                        headers extra: [String: String] = [:], body: String = "") throws -> Response {
-        let fd = try Sockets.connect(host: host, port: port, timeout: 5)
+                        headers extra: [String: String] = [:], body: String = "", connectTimeout: TimeInterval = 5) throws -> Response {
+        let fd = try Sockets.connect(host: host, port: port, timeout: connectTimeout)
         defer { close(fd) }
         Sockets.setTimeout(fd, seconds: 30)
         // `headers` may name its own Host (a browser's, for the rebinding tests).
