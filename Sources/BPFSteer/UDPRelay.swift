@@ -19,23 +19,7 @@ public final class UDPRelay: @unchecked Sendable {
     public init(interface: String = "lo", capacity: Int = 1 << 18) throws(BPFError) {
         self.interface = interface
         self.capacity = capacity
-        guard let bytes = Data(base64Encoded: UDPRelayObject.base64) else {
-            throw BPFError("decoding the embedded UDP relay object", code: EINVAL)
-        }
-        let opened = bytes.withUnsafeBytes { l4lb_bpf_open_mem_unpinned($0.baseAddress, $0.count, "l4lb_udp_relay") }
-        guard let opened, libbpf_get_error(UnsafeRawPointer(opened)) == 0 else {
-            throw BPFError("opening the UDP relay object", code: errno)
-        }
-        let sized = bpf_map__set_max_entries(bpf_object__find_map_by_name(opened, "relay_flows"), UInt32(clamping: capacity))
-        guard sized == 0 else {
-            bpf_object__close(opened)
-            throw BPFError("sizing the UDP relay's flow table to \(capacity)", code: sized)
-        }
-        let loaded = bpf_object__load(opened)
-        guard loaded == 0 else {
-            bpf_object__close(opened)
-            throw BPFError("loading the UDP relay into the kernel", code: loaded)
-        }
+        let opened = try loadUnpinnedObject(UDPRelayObject.base64, name: "l4lb_udp_relay", what: "UDP relay", sizing: "relay_flows", to: capacity)
         let ifindex = if_nametoindex(interface)
         guard ifindex != 0 else {
             bpf_object__close(opened)

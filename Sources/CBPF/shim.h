@@ -17,6 +17,7 @@
 
 #include "../../bpf/xdp_filter.h"
 #include "../../bpf/udp_relay.h"
+#include "../../bpf/kernel_relay.h"
 
 /* libbpf's option structs are sized by their LIBBPF_OPTS macro, which Swift cannot use. */
 
@@ -39,6 +40,19 @@ static inline struct bpf_object *l4lb_bpf_open_mem_unpinned(const void *buffer, 
 static inline int l4lb_tcx_ingress_link_create(int prog_fd, int ifindex)
 {
 	return bpf_link_create(prog_fd, ifindex, (enum bpf_attach_type)L4LB_BPF_TCX_INGRESS, NULL);
+}
+
+/* Runs a program once on `packet` (BPF_PROG_TEST_RUN): its return value and the packet
+ * as it left, in `out` (`*out_size` in: room, out: length). 0 or a negative errno. */
+static inline int l4lb_prog_test_run(int prog_fd, const void *packet, __u32 size, void *out, __u32 *out_size, __u32 *retval)
+{
+	LIBBPF_OPTS(bpf_test_run_opts, opts, .data_in = packet, .data_size_in = size, .data_out = out, .data_size_out = *out_size, .repeat = 1);
+	int err = bpf_prog_test_run_opts(prog_fd, &opts);
+	if (err)
+		return err;
+	*out_size = opts.data_size_out;
+	*retval = opts.retval;
+	return 0;
 }
 
 static inline int l4lb_xdp_link_create(int prog_fd, int ifindex, __u32 flags)

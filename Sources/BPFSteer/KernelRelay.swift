@@ -1,0 +1,142 @@
+internal import CBPF
+import Foundation
+
+/// The kernel forwarder's core (`bpf/kernel_relay.bpf.c`, issue 35): a tc program that
+/// rewrites the packets of installed flows with full NAT. This is step 2 of
+/// docs/kernel-forwarding-plan.md: the program is loaded and its flow table filled from
+/// user space, and it can be run on a packet (`run(_:)`, BPF_PROG_TEST_RUN); nothing
+/// attaches it to an interface yet, and no listener uses it.
+///
+/// Not thread-safe to create; the flow table is, as map updates are.
+public final class KernelRelay: @unchecked Sendable {
+    /// Entries the flow table holds (a flow is two, one per direction).
+    public let capacity: Int
+    private let object: OpaquePointer
+    private let programFD: Int32
+    private let flowsFD: Int32
+
+    public init(capacity: Int = 1 << 18) throws(BPFError) {
+        self.capacity = capacity
+        let opened = try loadUnpinnedObject(KernelRelayObject.base64, name: "l4lb_kernel_relay", what: "kernel relay",
+                                            sizing: "kr_flows", to: capacity)
+        object = opened
+        programFD = bpf_program__fd(bpf_object__find_program_by_name(opened, "l4lb_kernel_relay"))
+        flowsFD = bpf_map__fd(bpf_object__find_map_by_name(opened, "kr_flows"))
+    }
+
+    deinit { bpf_object__close(object) }
+
+    /// What the program counted on one direction of a flow.
+    public struct Counters: Sendable, Equatable {
+        public var packets: UInt64 = 0
+        /// TCP or UDP payload bytes.
+        public var bytes: UInt64 = 0
+        /// CLOCK_MONOTONIC nanoseconds of the last packet; 0 = none yet.
+        public var lastNanoseconds: UInt64 = 0
+        public init() {}
+    }
+
+    /// Packets matching `match` become `rewrite`; 0, or the errno (E2BIG or ENOMEM: the
+    /// table is full; EEXIST: `match` is taken).
+    public func install(_ match: KernelRelayTuple, rewrite: KernelRelayTuple) -> Int32 {
+        var key = match.key
+        var flow = l4lb_kr_flow()
+        flow.saddr = rewrite.key.saddr
+        flow.daddr = rewrite.key.daddr
+        flow.sport = rewrite.key.sport
+        flow.dport = rewrite.key.dport
+        return bpf_map_update_elem(flowsFD, &key, &flow, UInt64(BPF_NOEXIST)) == 0 ? 0 : errno
+    }
+
+    /// The counts so far on `match`; nil when it is not installed.
+    public func counters(_ match: KernelRelayTuple) -> Counters? {
+        var key = match.key
+        var flow = l4lb_kr_flow()
+        guard bpf_map_lookup_elem(flowsFD, &key, &flow) == 0 else { return nil }
+        var counters = Counters()
+        counters.packets = flow.packets
+        counters.bytes = flow.bytes
+        counters.lastNanoseconds = flow.last_ns
+        return counters
+    }
+
+    /// What the program decided for one packet.
+    public enum Verdict: Equatable, Sendable {
+        /// Left to the next program or the stack (TCX_NEXT).
+        case next
+        /// Rewritten and passed on (TC_ACT_OK).
+        case pass
+        /// Dropped (TC_ACT_SHOT).
+        case drop
+        case other(Int32)
+    }
+
+    /// Runs the program once on `packet` (an Ethernet frame) and returns its verdict and
+    /// the frame as it left.
+    public func run(_ packet: [UInt8]) throws(BPFError) -> (verdict: Verdict, packet: [UInt8]) {
+        var out = [UInt8](repeating: 0, count: packet.count + 256)
+        var size = UInt32(out.count)
+        var result: UInt32 = 0
+        let err = packet.withUnsafeBytes { input in
+            out.withUnsafeMutableBytes { l4lb_prog_test_run(programFD, input.baseAddress, UInt32(input.count), $0.baseAddress, &size, &result) }
+        }
+        guard err == 0 else { throw BPFError("running the kernel relay on a test packet", code: err) }
+        let verdict: Verdict = switch Int32(bitPattern: result) {
+        case -1: .next
+        case 0: .pass
+        case 2: .drop
+        case let other: .other(other)
+        }
+        return (verdict, Array(out.prefix(Int(size))))
+    }
+}
+
+/// One direction of a flow as the forwarder matches it: protocol, addresses and ports.
+public struct KernelRelayTuple: Sendable, Equatable {
+    fileprivate var key = l4lb_kr_tuple()
+
+    public enum TransportProtocol: UInt8, Sendable { case tcp = 6, udp = 17 }
+
+    /// `source` and `destination` are IP addresses in network order, 4 or 16 bytes each,
+    /// of one family; nil otherwise.
+    public init?(_ transport: TransportProtocol, source: [UInt8], sourcePort: UInt16, destination: [UInt8], destinationPort: UInt16) {
+        guard source.count == destination.count, source.count == 4 || source.count == 16 else { return nil }
+        withUnsafeMutableBytes(of: &key.saddr) { $0.copyBytes(from: source) }
+        withUnsafeMutableBytes(of: &key.daddr) { $0.copyBytes(from: destination) }
+        key.sport = sourcePort.bigEndian
+        key.dport = destinationPort.bigEndian
+        key.protocol = transport.rawValue
+        key.family = source.count == 4 ? 4 : 6
+    }
+
+    /// 4 or 6.
+    public var family: Int { Int(key.family) }
+
+    /// Equal as the kernel compares keys: byte for byte.
+    public static func == (a: KernelRelayTuple, b: KernelRelayTuple) -> Bool {
+        withUnsafeBytes(of: a.key) { x in withUnsafeBytes(of: b.key) { y in x.elementsEqual(y) } }
+    }
+}
+
+/// Opens an embedded BPF object whose maps are not pinned, sizes its table `sizing` to
+/// `entries`, and loads it into the kernel; `what` names it in errors.
+func loadUnpinnedObject(_ base64: String, name: String, what: String, sizing map: String, to entries: Int) throws(BPFError) -> OpaquePointer {
+    guard let bytes = Data(base64Encoded: base64) else {
+        throw BPFError("decoding the embedded \(what) object", code: EINVAL)
+    }
+    let opened = bytes.withUnsafeBytes { l4lb_bpf_open_mem_unpinned($0.baseAddress, $0.count, name) }
+    guard let opened, libbpf_get_error(UnsafeRawPointer(opened)) == 0 else {
+        throw BPFError("opening the \(what) object", code: errno)
+    }
+    let sized = bpf_map__set_max_entries(bpf_object__find_map_by_name(opened, map), UInt32(clamping: entries))
+    guard sized == 0 else {
+        bpf_object__close(opened)
+        throw BPFError("sizing the \(what)'s table to \(entries)", code: sized)
+    }
+    let loaded = bpf_object__load(opened)
+    guard loaded == 0 else {
+        bpf_object__close(opened)
+        throw BPFError("loading the \(what) into the kernel", code: loaded)
+    }
+    return opened
+}

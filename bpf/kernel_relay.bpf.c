@@ -1,0 +1,192 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/* l4lb's kernel forwarder, its core (issue 35, step 2 of docs/kernel-forwarding-plan.md):
+ * a tc program that rewrites the packets of flows user space has installed, with full
+ * NAT, for TCP and UDP over IPv4 and IPv6:
+ *
+ *   client -> listener    becomes  l4lb (NAT port) -> endpoint
+ *   endpoint -> NAT port  becomes  listener -> client
+ *
+ * Checksums are fixed incrementally (IPv4 header, the TCP/UDP pseudo-header and ports; a
+ * zero IPv4 UDP checksum stays zero), the TTL or hop limit goes down by one as a router's
+ * would, and each direction counts its packets, payload bytes and last activity. Not yet
+ * here (later steps): choosing the endpoint for a new flow, the FIB lookup and redirect,
+ * ICMP errors. A packet that matches no flow, and anything the parser does not follow
+ * (fragments, IPv4 options, IPv6 extension headers, a TTL about to expire), goes on
+ * untouched to the next program or the stack. */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "kernel_relay.h"
+
+#define ETH_HLEN 14
+#define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86DD
+#define IP_MF 0x2000
+#define IP_OFFSET 0x1FFF
+#define PROTO_TCP 6
+#define PROTO_UDP 17
+#define TCX_NEXT (-1)
+#define TC_ACT_OK 0
+#define TC_ACT_SHOT 2
+
+#define IP4_TTL_OFF (ETH_HLEN + 8)
+#define IP4_CSUM_OFF (ETH_HLEN + 10)
+#define IP4_SRC_OFF (ETH_HLEN + 12)
+#define L4_4_OFF (ETH_HLEN + 20)
+#define IP6_HOP_OFF (ETH_HLEN + 7)
+#define IP6_SRC_OFF (ETH_HLEN + 8)
+#define L4_6_OFF (ETH_HLEN + 40)
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1 << 18); /* user space sizes it */
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct l4lb_kr_tuple);
+	__type(value, struct l4lb_kr_flow);
+} kr_flows SEC(".maps");
+
+/* Where the packet is, once parsed. */
+struct parsed {
+	__u32 length;       /* address length: 4 or 16 */
+	__u32 address_off;  /* source address; the destination follows it */
+	__u32 l4_off;
+	__u32 csum_off;     /* the TCP or UDP checksum */
+	__u32 payload;      /* L4 payload bytes of this skb (all its GSO segments) */
+	__u32 l4_header;
+	__u8 hop;           /* TTL or hop limit as it arrived */
+	__u8 udp_csum_none; /* an IPv4 UDP packet sent without a checksum */
+};
+
+/* Rewrites addresses, ports and the TTL/hop limit, fixing every checksum they are part
+ * of. Once a helper has changed the packet a failure leaves it half rewritten: dropped. */
+static __always_inline int rewrite(struct __sk_buff *skb, struct l4lb_kr_tuple *key, struct l4lb_kr_flow *flow, struct parsed *p)
+{
+	__u32 old_addresses[8] = {}, new_addresses[8] = {};
+
+	if (p->length == 4) {
+		old_addresses[0] = *(__u32 *)key->saddr;
+		old_addresses[1] = *(__u32 *)key->daddr;
+		new_addresses[0] = *(__u32 *)flow->saddr;
+		new_addresses[1] = *(__u32 *)flow->daddr;
+	} else {
+		__builtin_memcpy(old_addresses, key->saddr, 16);
+		__builtin_memcpy(old_addresses + 4, key->daddr, 16);
+		__builtin_memcpy(new_addresses, flow->saddr, 16);
+		__builtin_memcpy(new_addresses + 4, flow->daddr, 16);
+	}
+	__s64 diff = bpf_csum_diff(old_addresses, p->length * 2, new_addresses, p->length * 2, 0);
+	if (diff < 0)
+		return TCX_NEXT;
+	/* UDP over IPv4 may carry no checksum (0): MARK_MANGLED_0 keeps it so, and writes a
+	 * sum that comes out 0 as 0xffff. TCP's is never optional. */
+	__u64 l4_flags = key->protocol == PROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+	if (!p->udp_csum_none) {
+		if (bpf_l4_csum_replace(skb, p->csum_off, 0, diff, BPF_F_PSEUDO_HDR | l4_flags))
+			return TC_ACT_SHOT;
+		if (bpf_l4_csum_replace(skb, p->csum_off, key->sport, flow->sport, 2 | l4_flags))
+			return TC_ACT_SHOT;
+		if (bpf_l4_csum_replace(skb, p->csum_off, key->dport, flow->dport, 2 | l4_flags))
+			return TC_ACT_SHOT;
+	}
+	if (p->length == 4) {
+		/* The header checksum covers the addresses and the TTL (the 16-bit word TTL:protocol). */
+		__be16 old_word = bpf_htons((__u16)p->hop << 8 | key->protocol);
+		__be16 new_word = bpf_htons((__u16)(p->hop - 1) << 8 | key->protocol);
+		if (bpf_l3_csum_replace(skb, IP4_CSUM_OFF, 0, diff, 0))
+			return TC_ACT_SHOT;
+		if (bpf_l3_csum_replace(skb, IP4_CSUM_OFF, old_word, new_word, 2))
+			return TC_ACT_SHOT;
+		__u8 ttl = p->hop - 1;
+		if (bpf_skb_store_bytes(skb, IP4_TTL_OFF, &ttl, 1, 0))
+			return TC_ACT_SHOT;
+	} else {
+		__u8 hop = p->hop - 1;
+		if (bpf_skb_store_bytes(skb, IP6_HOP_OFF, &hop, 1, 0))
+			return TC_ACT_SHOT;
+	}
+	if (bpf_skb_store_bytes(skb, p->address_off, new_addresses, p->length * 2, 0))
+		return TC_ACT_SHOT;
+	__be16 ports[2] = {flow->sport, flow->dport};
+	if (bpf_skb_store_bytes(skb, p->l4_off, ports, 4, BPF_F_INVALIDATE_HASH))
+		return TC_ACT_SHOT;
+
+	__sync_fetch_and_add(&flow->packets, skb->gso_segs > 1 ? skb->gso_segs : 1);
+	__sync_fetch_and_add(&flow->bytes, p->payload);
+	flow->last_ns = bpf_ktime_get_ns();
+	return TC_ACT_OK;
+}
+
+SEC("tc")
+int l4lb_kernel_relay(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct l4lb_kr_tuple key;
+	struct parsed p = {};
+	__u8 protocol;
+
+	__builtin_memset(&key, 0, sizeof(key));
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = data + ETH_HLEN;
+		if ((void *)(ip + 1) > data_end)
+			return TCX_NEXT;
+		/* Options move the L4 header; fragments carry no ports (or not the whole packet);
+		 * a TTL about to run out is the stack's to answer. */
+		if (ip->ihl != 5 || (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET)) || ip->ttl <= 1)
+			return TCX_NEXT;
+		protocol = ip->protocol;
+		key.family = 4;
+		__builtin_memcpy(key.saddr, &ip->saddr, 4);
+		__builtin_memcpy(key.daddr, &ip->daddr, 4);
+		p.length = 4, p.address_off = IP4_SRC_OFF, p.l4_off = L4_4_OFF, p.hop = ip->ttl;
+		__u32 total = bpf_ntohs(ip->tot_len);
+		p.payload = total > 20 ? total - 20 : 0;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = data + ETH_HLEN;
+		if ((void *)(ip6 + 1) > data_end)
+			return TCX_NEXT;
+		/* Extension headers (a fragment header among them) are left to the stack. */
+		if (ip6->hop_limit <= 1)
+			return TCX_NEXT;
+		protocol = ip6->nexthdr;
+		key.family = 6;
+		__builtin_memcpy(key.saddr, &ip6->saddr, 16);
+		__builtin_memcpy(key.daddr, &ip6->daddr, 16);
+		p.length = 16, p.address_off = IP6_SRC_OFF, p.l4_off = L4_6_OFF, p.hop = ip6->hop_limit;
+		p.payload = bpf_ntohs(ip6->payload_len);
+	} else {
+		return TCX_NEXT;
+	}
+	if (protocol == PROTO_TCP) {
+		struct tcphdr *tcp = data + p.l4_off;
+		if ((void *)(tcp + 1) > data_end)
+			return TCX_NEXT;
+		key.sport = tcp->source;
+		key.dport = tcp->dest;
+		p.csum_off = p.l4_off + 16;
+		p.l4_header = tcp->doff * 4;
+		p.payload = p.payload > p.l4_header ? p.payload - p.l4_header : 0;
+	} else if (protocol == PROTO_UDP) {
+		struct udphdr *udp = data + p.l4_off;
+		if ((void *)(udp + 1) > data_end)
+			return TCX_NEXT;
+		key.sport = udp->source;
+		key.dport = udp->dest;
+		p.csum_off = p.l4_off + 6;
+		p.udp_csum_none = key.family == 4 && udp->check == 0;
+		p.l4_header = 8;
+		p.payload = p.payload > 8 ? p.payload - 8 : 0;
+	} else {
+		return TCX_NEXT;
+	}
+	/* A GSO skb carries many segments' payload behind one header: count what it holds. */
+	if (skb->gso_segs > 1)
+		p.payload = skb->len > p.l4_off + p.l4_header ? skb->len - p.l4_off - p.l4_header : 0;
+	key.protocol = protocol;
+	struct l4lb_kr_flow *flow = bpf_map_lookup_elem(&kr_flows, &key);
+	if (!flow)
+		return TCX_NEXT;
+	return rewrite(skb, &key, flow, &p);
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
