@@ -16,6 +16,7 @@
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include "nat_addresses.bpf.h"
 #include "kernel_relay.h"
 
 #define ETH_HLEN 14
@@ -63,18 +64,7 @@ static __always_inline int rewrite(struct __sk_buff *skb, struct l4lb_kr_tuple *
 {
 	__u32 old_addresses[8] = {}, new_addresses[8] = {};
 
-	if (p->length == 4) {
-		old_addresses[0] = *(__u32 *)key->saddr;
-		old_addresses[1] = *(__u32 *)key->daddr;
-		new_addresses[0] = *(__u32 *)flow->saddr;
-		new_addresses[1] = *(__u32 *)flow->daddr;
-	} else {
-		__builtin_memcpy(old_addresses, key->saddr, 16);
-		__builtin_memcpy(old_addresses + 4, key->daddr, 16);
-		__builtin_memcpy(new_addresses, flow->saddr, 16);
-		__builtin_memcpy(new_addresses + 4, flow->daddr, 16);
-	}
-	__s64 diff = bpf_csum_diff(old_addresses, p->length * 2, new_addresses, p->length * 2, 0);
+	__s64 diff = nat_addresses(key->saddr, key->daddr, flow->saddr, flow->daddr, p->length, old_addresses, new_addresses);
 	if (diff < 0)
 		return TCX_NEXT;
 	/* UDP over IPv4 may carry no checksum (0): MARK_MANGLED_0 keeps it so, and writes a

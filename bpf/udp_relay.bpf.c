@@ -13,6 +13,7 @@
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include "nat_addresses.bpf.h"
 #include "udp_relay.h"
 
 #define ETH_HLEN 14
@@ -47,18 +48,7 @@ static __always_inline int rewrite(struct __sk_buff *skb, struct l4lb_relay_key 
 	__u32 old_addresses[8] = {}, new_addresses[8] = {};
 	__be16 new_sport = flow->sport, new_dport = flow->dport;
 
-	if (length == 4) {
-		old_addresses[0] = *(__u32 *)key->saddr;
-		old_addresses[1] = *(__u32 *)key->daddr;
-		new_addresses[0] = *(__u32 *)flow->saddr;
-		new_addresses[1] = *(__u32 *)flow->daddr;
-	} else {
-		__builtin_memcpy(old_addresses, key->saddr, 16);
-		__builtin_memcpy(old_addresses + 4, key->daddr, 16);
-		__builtin_memcpy(new_addresses, flow->saddr, 16);
-		__builtin_memcpy(new_addresses + 4, flow->daddr, 16);
-	}
-	__s64 diff = bpf_csum_diff(old_addresses, length * 2, new_addresses, length * 2, 0);
+	__s64 diff = nat_addresses(key->saddr, key->daddr, flow->saddr, flow->daddr, length, old_addresses, new_addresses);
 	if (diff < 0)
 		return TC_ACT_UNSPEC;
 	/* IPv4's header checksum covers the addresses; the UDP checksum covers them through

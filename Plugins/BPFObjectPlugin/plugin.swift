@@ -9,8 +9,8 @@ struct BPFObjectPlugin: BuildToolPlugin {
     /// Program source, the headers it includes, and the enum its object is embedded in.
     static let programs: [(source: String, headers: [String], name: String)] = [
         ("xdp_filter.bpf.c", ["xdp_filter.h", "rate_limit.bpf.h"], "XDPFilterObject"),
-        ("udp_relay.bpf.c", ["udp_relay.h"], "UDPRelayObject"),
-        ("kernel_relay.bpf.c", ["kernel_relay.h"], "KernelRelayObject"),
+        ("udp_relay.bpf.c", ["udp_relay.h", "nat_addresses.bpf.h"], "UDPRelayObject"),
+        ("kernel_relay.bpf.c", ["kernel_relay.h", "nat_addresses.bpf.h"], "KernelRelayObject"),
     ]
 
     func createBuildCommands(context: PluginContext, target: Target) throws -> [Command] {

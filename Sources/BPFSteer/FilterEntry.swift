@@ -21,9 +21,7 @@ public struct SourcePrefix: Hashable, Sendable, CustomStringConvertible {
     public static func parse(_ text: String) -> Result<SourcePrefix, FilterEntryError> {
         // inet_pton reads a C string: a NUL (or any control character) would end the
         // address early and let "127.0.0.2\0junk" stand for 127.0.0.2.
-        if let bad = text.firstControlCharacter {
-            return .failure(FilterEntryError("\(text.debugDescription) contains a control character (\(bad))"))
-        }
+        if let complaint = text.controlCharacterComplaint { return .failure(FilterEntryError(complaint)) }
         let parts = text.split(separator: "/", maxSplits: 1, omittingEmptySubsequences: false)
         let address = String(parts[0])
         var storage = [UInt8](repeating: 0, count: 16)
@@ -96,9 +94,7 @@ public enum FilterEntry: Hashable, Sendable, CustomStringConvertible {
     case port(PortRule)
 
     public static func parse(_ text: String) -> Result<FilterEntry, FilterEntryError> {
-        if let bad = text.firstControlCharacter {
-            return .failure(FilterEntryError("\(text.debugDescription) contains a control character (\(bad))"))
-        }
+        if let complaint = text.controlCharacterComplaint { return .failure(FilterEntryError(complaint)) }
         let trimmed = text.trimmingSpaces
         for transport in [PortRule.TransportProtocol.tcp, .udp] where trimmed.hasPrefix(transport.rawValue + "/") {
             let number = trimmed.dropFirst(transport.rawValue.count + 1)
@@ -155,5 +151,11 @@ extension StringProtocol {
         guard let scalar = unicodeScalars.first(where: { $0.properties.generalCategory == .control }) else { return nil }
         let hex = String(scalar.value, radix: 16, uppercase: true)
         return "U+" + String(repeating: "0", count: Swift.max(0, 4 - hex.count)) + hex
+    }
+
+    /// `"…" contains a control character (U+0000)`, the one wording every refusal uses; nil
+    /// when there is none.
+    public var controlCharacterComplaint: String? {
+        firstControlCharacter.map { "\(String(self).debugDescription) contains a control character (\($0))" }
     }
 }

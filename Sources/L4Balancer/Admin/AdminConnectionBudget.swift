@@ -57,10 +57,7 @@ final class AdminConnectionBudget: Sendable {
     }
 
     func setEvictable(_ number: Int, _ evictable: Bool) {
-        state.withLockedValue { state in
-            guard state.open[number] != nil else { return }
-            state.open[number]?.since = evictable ? .now() : nil
-        }
+        state.withLockedValue { state in state.open[number]?.since = evictable ? .now() : nil }
     }
 
     func release(_ number: Int) {

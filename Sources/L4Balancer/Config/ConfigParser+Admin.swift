@@ -47,11 +47,9 @@ extension ConfigWalker {
             admin.allowedHosts = Set(names)
         }
         if let n = fields["max_connections"], let v = int(n, "\(path).max_connections", 1...4096) { admin.maxConnections = v }
-        if let n = fields["idle_timeout"], let d = duration(n, "\(path).idle_timeout") {
-            if d.milliseconds < 100 || d > .seconds(3600) { fail("\(path).idle_timeout", "\(d) out of range 100ms...1h") } else { admin.idleTimeout = d }
-        }
-        if let n = fields["request_timeout"], let d = duration(n, "\(path).request_timeout") {
-            if d.milliseconds < 100 || d > .seconds(3600) { fail("\(path).request_timeout", "\(d) out of range 100ms...1h") } else { admin.requestTimeout = d }
+        for (key, field) in [("idle_timeout", \Config.Admin.idleTimeout), ("request_timeout", \Config.Admin.requestTimeout)] {
+            guard let n = fields[key], let d = duration(n, "\(path).\(key)") else { continue }
+            if d.milliseconds < 100 || d > .seconds(3600) { fail("\(path).\(key)", "\(d) out of range 100ms...1h") } else { admin[keyPath: field] = d }
         }
         return admin
     }

@@ -463,8 +463,8 @@ struct ConfigWalker {
         }
         // Names reach logs, metrics labels and C calls; a NUL or newline in one is a mistake
         // or an attack, never meant.
-        if !controlCharacters, let bad = scalar.string.firstControlCharacter {
-            fail(path, "\(scalar.string.debugDescription) contains a control character (\(bad))")
+        if !controlCharacters, let complaint = scalar.string.controlCharacterComplaint {
+            fail(path, complaint)
             return nil
         }
         return scalar.string

@@ -31,14 +31,14 @@ public struct SocketAddress: Sendable, Hashable, CustomStringConvertible {
         case shape(String)
         case port(String)
         case ip(String)
-        case control(String, String)
+        case control(String)
 
         public var description: String {
             switch self {
             case .shape(let text): return "expected ip:port or [ipv6]:port, got \"\(text)\""
             case .port(let text): return text
             case .ip(let text): return "invalid IP address \"\(text)\""
-            case .control(let text, let character): return "\(text.debugDescription) contains a control character (\(character))"
+            case .control(let complaint): return complaint
             }
         }
     }
@@ -46,7 +46,7 @@ public struct SocketAddress: Sendable, Hashable, CustomStringConvertible {
     /// Parses `ip:port` or `[ipv6]:port`.
     public static func parse(_ text: String) -> Result<SocketAddress, ParseError> {
         // inet_pton stops at a NUL: "127.0.0.1\0evil:80" must not read as 127.0.0.1.
-        if let bad = text.firstControlCharacter { return .failure(.control(text, bad)) }
+        if let complaint = text.controlCharacterComplaint { return .failure(.control(complaint)) }
         let host: Substring
         let portText: Substring
         if text.hasPrefix("[") {

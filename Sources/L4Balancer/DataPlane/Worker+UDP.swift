@@ -368,17 +368,10 @@ extension Worker {
             return
         }
         if !udpSessions[slot].receiveArmed { armReplies(slot) }
-        let expected = current.proxyResponses[listener]
-        guard session.leased, expected > 0 || session.indexed else {
-            // A reply nobody waits for: on a pooled socket, or where none was expected
-            // (`proxy_responses: 0`). The socket is closed, so that an upstream sending
-            // more than it should can never answer the next client that borrows it.
+        guard replyIsAwaited(slot, session) else {
             datagramBuffers.recycle(buffer)
-            stats.add(.dropsLateReply, listener: listener)
-            endSession(slot, reason: .responses)
             return
         }
-        udpSessions.touch(slot, tick: nowTick)
         let length = Int(completion.result)
         let fd = listenerFDs[listener]
         // The reply leaves from the listener's socket, to the client's address (a copy:
@@ -404,13 +397,36 @@ extension Worker {
             stats.add(.dropsQueueFull, listener: listener)
             return
         }
-        stats.add(.datagramsOut, listener: listener)
         stats.add(.bytesOut, listener: listener, UInt64(length))
         stats.add(.bytesIn, endpoint: Int(session.endpoint), UInt64(length))
         udpSessions[slot].bytesFromUpstream &+= UInt64(length)
-        // `proxy_responses` (as nginx's: replies per client datagram): the exchange is
-        // complete (the send above has its own copy of the client's address).
+        // The send above has its own copy of the client's address.
+        replySent(slot, listener: listener)
+    }
+
+    /// Whether a reply on `slot` has a client waiting for it; if not (a pooled socket, or
+    /// `proxy_responses: 0`) it is counted as late and the socket closed, so that an
+    /// upstream sending more than it should can never answer the next client that borrows
+    /// it. A reply that is awaited keeps the session alive.
+    @inline(__always)
+    private func replyIsAwaited(_ slot: UInt32, _ session: UDPSessionTable.Session) -> Bool {
+        let listener = Int(session.listener)
+        guard session.leased, current.proxyResponses[listener] > 0 || session.indexed else {
+            stats.add(.dropsLateReply, listener: listener)
+            endSession(slot, reason: .responses)
+            return false
+        }
+        udpSessions.touch(slot, tick: nowTick)
+        return true
+    }
+
+    /// A reply went to the client: `proxy_responses` (as nginx's: replies per client
+    /// datagram) may have completed the exchange.
+    @inline(__always)
+    private func replySent(_ slot: UInt32, listener: Int) {
+        stats.add(.datagramsOut, listener: listener)
         udpSessions[slot].replies &+= 1
+        let expected = current.proxyResponses[listener]
         if expected != .max, UInt64(udpSessions[slot].replies) >= UInt64(expected) * UInt64(udpSessions[slot].requests) { endLease(slot) }
     }
 
@@ -419,16 +435,10 @@ extension Worker {
     /// from the listener's socket, and counted.
     @inline(never)
     func relayEmptyReply(_ slot: UInt32) {
+        if !udpSessions[slot].receiveArmed { armReplies(slot) }
         let session = udpSessions[slot]
+        guard replyIsAwaited(slot, session) else { return }
         let listener = Int(session.listener)
-        let expected = current.proxyResponses[listener]
-        guard session.leased, expected > 0 || session.indexed else {
-            stats.add(.dropsLateReply, listener: listener)
-            endSession(slot, reason: .responses)
-            return
-        }
-        if !session.receiveArmed { armReplies(slot) }
-        udpSessions.touch(slot, tick: nowTick)
         var client = session.client
         let sent = withUnsafeTemporaryAllocation(byteCount: PacketDestination.controlSpace, alignment: 8) { control in
             withUnsafeMutablePointer(to: &client) { name in
@@ -446,9 +456,7 @@ extension Worker {
             stats.add(.dropsSendFailed, listener: listener)
             return
         }
-        stats.add(.datagramsOut, listener: listener)
-        udpSessions[slot].replies &+= 1
-        if expected != .max, UInt64(udpSessions[slot].replies) >= UInt64(expected) * UInt64(udpSessions[slot].requests) { endLease(slot) }
+        replySent(slot, listener: listener)
     }
 
     func datagramSentToClient(_ completion: Completion, buffer: UInt16, listener: Int) {
