@@ -97,8 +97,8 @@ let package = Package(
         ),
         .testTarget(name: "URingTests", dependencies: ["URing"]),
         .testTarget(name: "L4BalancerTests", dependencies: ["L4Balancer", "COpenSSL"]),
-        .testTarget(name: "BPFSteerTests", dependencies: ["BPFSteer"]),
+        .testTarget(name: "BPFSteerTests", dependencies: ["BPFSteer", "CTestSupport"]),
         .target(name: "CTestSupport", path: "Tests/CTestSupport"),
-        .testTarget(name: "EndToEndTests", dependencies: ["L4Balancer", "CTestSupport", "COpenSSL"]),
+        .testTarget(name: "EndToEndTests", dependencies: ["L4Balancer", "BPFSteer", "CTestSupport", "COpenSSL"]),
     ]
 )

@@ -8,11 +8,13 @@
  *
  * Checksums are fixed incrementally (IPv4 header, the TCP/UDP pseudo-header and ports; a
  * zero IPv4 UDP checksum stays zero), the TTL or hop limit goes down by one as a router's
- * would, and each direction counts its packets, payload bytes and last activity. Not yet
- * here (later steps): choosing the endpoint for a new flow, the FIB lookup and redirect,
- * ICMP errors. A packet that matches no flow, and anything the parser does not follow
- * (fragments, IPv4 options, IPv6 extension headers, a TTL about to expire), goes on
- * untouched to the next program or the stack. */
+ * would, and each direction counts its packets, payload bytes and last activity. The
+ * rewritten packet is routed by the FIB (policy rules included) and redirected to the
+ * egress interface with its next hop's neighbour resolved by the kernel, so it leaves
+ * without crossing this host's stack or netfilter (step 3). Not yet here (later steps):
+ * choosing the endpoint for a new flow, ICMP errors. A packet that matches no flow, and
+ * anything the parser does not follow (fragments, IPv4 options, IPv6 extension headers,
+ * a TTL about to expire), goes on untouched to the next program or the stack. */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
@@ -29,6 +31,13 @@
 #define TCX_NEXT (-1)
 #define TC_ACT_OK 0
 #define TC_ACT_SHOT 2
+#define TC_ACT_REDIRECT 7
+#define AF_INET 2
+#define AF_INET6 10
+/* Ours, not vmlinux.h's: the build machine's kernel may predate the flag (6.2). */
+#define L4LB_FIB_LOOKUP_SKIP_NEIGH (1U << 2)
+#define L4LB_FIB_FWD_DISABLED 5
+#define L4LB_FIB_FRAG_NEEDED 8
 
 #define IP4_TTL_OFF (ETH_HLEN + 8)
 #define IP4_CSUM_OFF (ETH_HLEN + 10)
@@ -46,6 +55,26 @@ struct {
 	__type(value, struct l4lb_kr_flow);
 } kr_flows SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, L4LB_KR_COUNTER_COUNT);
+	__type(key, __u32);
+	__type(value, __u64);
+} kr_counters SEC(".maps");
+
+static __always_inline void count(__u32 counter)
+{
+	__u64 *value = bpf_map_lookup_elem(&kr_counters, &counter);
+	if (value)
+		*value += 1;
+}
+
+/* Where a rewritten packet leaves: the egress interface and the next hop on it. */
+struct egress {
+	__u32 ifindex;
+	struct bpf_redir_neigh next_hop;
+};
+
 /* Where the packet is, once parsed. */
 struct parsed {
 	__u32 length;       /* address length: 4 or 16 */
@@ -54,9 +83,53 @@ struct parsed {
 	__u32 csum_off;     /* the TCP or UDP checksum */
 	__u32 payload;      /* L4 payload bytes of this skb (all its GSO segments) */
 	__u32 l4_header;
+	__u16 ip_total;     /* the IP packet's length as its header says (one segment's, for GSO) */
 	__u8 hop;           /* TTL or hop limit as it arrived */
 	__u8 udp_csum_none; /* an IPv4 UDP packet sent without a checksum */
 };
+
+/* Routes the packet as it will be once rewritten: the FIB lookup an input route would
+ * make on the interface it arrived on (so that interface must forward, as a router's
+ * must), with the neighbour left to bpf_redirect_neigh. 0, or the verdict for a packet
+ * that has nowhere to go: dropped and counted, as a router would drop it (a TCP peer
+ * retransmits, and the flow goes on once the route is back). */
+static __always_inline int route(struct __sk_buff *skb, struct l4lb_kr_flow *flow, __u8 protocol, struct parsed *p, struct egress *out)
+{
+	struct bpf_fib_lookup fib;
+
+	__builtin_memset(&fib, 0, sizeof(fib));
+	fib.l4_protocol = protocol;
+	/* Checked against the route's MTU. A GSO skb's header gives the length of all its
+	 * segments: what must fit is one segment (gso_size of payload behind the headers). */
+	fib.tot_len = skb->gso_size ? p->l4_off - ETH_HLEN + p->l4_header + skb->gso_size : p->ip_total;
+	fib.sport = flow->sport;
+	fib.dport = flow->dport;
+	fib.ifindex = skb->ifindex; /* on tc ingress: the interface it arrived on */
+	if (p->length == 4) {
+		fib.family = AF_INET;
+		__builtin_memcpy(&fib.ipv4_src, flow->saddr, 4);
+		__builtin_memcpy(&fib.ipv4_dst, flow->daddr, 4);
+	} else {
+		fib.family = AF_INET6;
+		__builtin_memcpy(fib.ipv6_src, flow->saddr, 16);
+		__builtin_memcpy(fib.ipv6_dst, flow->daddr, 16);
+	}
+	long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), L4LB_FIB_LOOKUP_SKIP_NEIGH);
+	if (rc != 0) {
+		count(rc == L4LB_FIB_FWD_DISABLED ? L4LB_KR_DROP_FORWARDING_OFF
+		      : rc == L4LB_FIB_FRAG_NEEDED ? L4LB_KR_DROP_MTU : L4LB_KR_DROP_NO_ROUTE);
+		return TC_ACT_SHOT;
+	}
+	/* With SKIP_NEIGH the destination fields hold the next hop: the gateway, or the
+	 * destination itself on a connected route (an IPv4 route may have an IPv6 gateway). */
+	out->ifindex = fib.ifindex;
+	out->next_hop.nh_family = fib.family;
+	if (fib.family == AF_INET)
+		out->next_hop.ipv4_nh = fib.ipv4_dst;
+	else
+		__builtin_memcpy(out->next_hop.ipv6_nh, fib.ipv6_dst, 16);
+	return 0;
+}
 
 /* Rewrites addresses, ports and the TTL/hop limit, fixing every checksum they are part
  * of. Once a helper has changed the packet a failure leaves it half rewritten: dropped. */
@@ -103,7 +176,7 @@ static __always_inline int rewrite(struct __sk_buff *skb, struct l4lb_kr_tuple *
 	__sync_fetch_and_add(&flow->packets, skb->gso_segs > 1 ? skb->gso_segs : 1);
 	__sync_fetch_and_add(&flow->bytes, p->payload);
 	flow->last_ns = bpf_ktime_get_ns();
-	return TC_ACT_OK;
+	return 0;
 }
 
 SEC("tc")
@@ -130,6 +203,7 @@ int l4lb_kernel_relay(struct __sk_buff *skb)
 		__builtin_memcpy(key.daddr, &ip->daddr, 4);
 		p.length = 4, p.address_off = IP4_SRC_OFF, p.l4_off = L4_4_OFF, p.hop = ip->ttl;
 		__u32 total = bpf_ntohs(ip->tot_len);
+		p.ip_total = total;
 		p.payload = total > 20 ? total - 20 : 0;
 	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = data + ETH_HLEN;
@@ -144,6 +218,7 @@ int l4lb_kernel_relay(struct __sk_buff *skb)
 		__builtin_memcpy(key.daddr, &ip6->daddr, 16);
 		p.length = 16, p.address_off = IP6_SRC_OFF, p.l4_off = L4_6_OFF, p.hop = ip6->hop_limit;
 		p.payload = bpf_ntohs(ip6->payload_len);
+		p.ip_total = p.payload + 40;
 	} else {
 		return TCX_NEXT;
 	}
@@ -176,7 +251,15 @@ int l4lb_kernel_relay(struct __sk_buff *skb)
 	struct l4lb_kr_flow *flow = bpf_map_lookup_elem(&kr_flows, &key);
 	if (!flow)
 		return TCX_NEXT;
-	return rewrite(skb, &key, flow, &p);
+	struct egress out = {};
+	int verdict = route(skb, flow, protocol, &p, &out);
+	if (verdict)
+		return verdict;
+	verdict = rewrite(skb, &key, flow, &p);
+	if (verdict)
+		return verdict;
+	count(L4LB_KR_FORWARDED);
+	return bpf_redirect_neigh(out.ifindex, &out.next_hop, sizeof(out.next_hop), 0);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -35,4 +35,14 @@ struct l4lb_kr_flow {
 	__u64 last_ns;
 };
 
+/* What the program counts for the whole table (per CPU; user space sums them): indexes
+ * of kr_counters. */
+enum l4lb_kr_counter {
+	L4LB_KR_FORWARDED = 0,       /* packets rewritten and redirected to their egress interface */
+	L4LB_KR_DROP_NO_ROUTE,       /* the FIB had no usable route to the rewritten destination */
+	L4LB_KR_DROP_FORWARDING_OFF, /* forwarding is off on the interface the packet arrived on */
+	L4LB_KR_DROP_MTU,            /* the rewritten packet is bigger than the egress MTU */
+	L4LB_KR_COUNTER_COUNT,
+};
+
 #endif

@@ -2,18 +2,28 @@ internal import CBPF
 import Foundation
 
 /// The kernel forwarder's core (`bpf/kernel_relay.bpf.c`, issue 35): a tc program that
-/// rewrites the packets of installed flows with full NAT. This is step 2 of
-/// docs/kernel-forwarding-plan.md: the program is loaded and its flow table filled from
-/// user space, and it can be run on a packet (`run(_:)`, BPF_PROG_TEST_RUN); nothing
-/// attaches it to an interface yet, and no listener uses it.
+/// rewrites the packets of installed flows with full NAT and redirects them to the egress
+/// interface the FIB names. Steps 2 and 3 of docs/kernel-forwarding-plan.md: the flow
+/// table is filled from user space, the program runs on test packets (`run(_:)`,
+/// BPF_PROG_TEST_RUN) or on an interface's ingress (`attach(to:)`, tcx); no listener uses
+/// it yet.
 ///
-/// Not thread-safe to create; the flow table is, as map updates are.
+/// The interfaces it is attached to must forward (`net.ipv4.conf.IF.forwarding`,
+/// `net.ipv6.conf.IF.forwarding`): the kernel's FIB lookup for a packet arriving on an
+/// interface refuses otherwise, and the packet is dropped and counted
+/// (`Totals.droppedForwardingOff`).
+///
+/// Not thread-safe to create or attach; the flow table is, as map updates are.
 public final class KernelRelay: @unchecked Sendable {
     /// Entries the flow table holds (a flow is two, one per direction).
     public let capacity: Int
     private let object: OpaquePointer
     private let programFD: Int32
     private let flowsFD: Int32
+    private let countersFD: Int32
+    private let cpus: Int
+    /// tcx links by interface name; closing one detaches the program there.
+    private var links: [String: Int32] = [:]
 
     public init(capacity: Int = 1 << 18) throws(BPFError) {
         self.capacity = capacity
@@ -22,9 +32,68 @@ public final class KernelRelay: @unchecked Sendable {
         object = opened
         programFD = bpf_program__fd(bpf_object__find_program_by_name(opened, "l4lb_kernel_relay"))
         flowsFD = bpf_map__fd(bpf_object__find_map_by_name(opened, "kr_flows"))
+        countersFD = bpf_map__fd(bpf_object__find_map_by_name(opened, "kr_counters"))
+        let possible = libbpf_num_possible_cpus()
+        guard possible > 0 else {
+            bpf_object__close(opened)
+            throw BPFError("counting possible CPUs", code: -possible)
+        }
+        cpus = Int(possible)
     }
 
-    deinit { bpf_object__close(object) }
+    deinit {
+        for fd in links.values { close(fd) }
+        bpf_object__close(object)
+    }
+
+    /// Runs the program on `interface`'s ingress (a tcx link, Linux 6.6+, after any
+    /// program already there) in the calling thread's network namespace, until `detach`
+    /// or the end of the process. Attaching twice to one interface is a no-op.
+    public func attach(to interface: String) throws(BPFError) {
+        guard links[interface] == nil else { return }
+        let ifindex = if_nametoindex(interface)
+        guard ifindex != 0 else { throw BPFError("interface \(interface)", code: ENODEV) }
+        let link = l4lb_tcx_ingress_link_create(programFD, Int32(ifindex))
+        guard link >= 0 else { throw BPFError("attaching the kernel relay to \(interface) ingress (tcx, Linux 6.6+)", code: link) }
+        links[interface] = link
+    }
+
+    /// Stops running the program on `interface`.
+    public func detach(from interface: String) {
+        guard let link = links.removeValue(forKey: interface) else { return }
+        close(link)
+    }
+
+    /// The interfaces the program runs on, by name.
+    public var attachedInterfaces: [String] { links.keys.sorted() }
+
+    /// What the program counted over the whole table, summed over CPUs.
+    public struct Totals: Sendable, Equatable {
+        /// Packets rewritten and redirected (a GSO skb counts once).
+        public var forwarded: UInt64 = 0
+        /// Dropped: the FIB had no route to the rewritten destination.
+        public var droppedNoRoute: UInt64 = 0
+        /// Dropped: forwarding is off on the interface the packet arrived on.
+        public var droppedForwardingOff: UInt64 = 0
+        /// Dropped: bigger than the egress route's MTU.
+        public var droppedMTU: UInt64 = 0
+        public init() {}
+    }
+
+    public func totals() -> Totals {
+        var values = [UInt64](repeating: 0, count: cpus)
+        func sum(_ counter: l4lb_kr_counter) -> UInt64 {
+            var key = UInt32(counter.rawValue)
+            guard bpf_map_lookup_elem(countersFD, &key, &values) == 0 else { return 0 }
+            return values.reduce(0, &+)
+        }
+        var totals = Totals()
+        totals.forwarded = sum(L4LB_KR_FORWARDED)
+        totals.droppedNoRoute = sum(L4LB_KR_DROP_NO_ROUTE)
+        totals.droppedForwardingOff = sum(L4LB_KR_DROP_FORWARDING_OFF)
+        totals.droppedMTU = sum(L4LB_KR_DROP_MTU)
+        return totals
+    }
 
     /// What the program counted on one direction of a flow.
     public struct Counters: Sendable, Equatable {
@@ -64,15 +133,19 @@ public final class KernelRelay: @unchecked Sendable {
     public enum Verdict: Equatable, Sendable {
         /// Left to the next program or the stack (TCX_NEXT).
         case next
-        /// Rewritten and passed on (TC_ACT_OK).
+        /// Passed on to the stack (TC_ACT_OK).
         case pass
         /// Dropped (TC_ACT_SHOT).
         case drop
+        /// Rewritten and redirected to its egress interface (TC_ACT_REDIRECT; a test run
+        /// returns the packet instead of sending it).
+        case redirect
         case other(Int32)
     }
 
     /// Runs the program once on `packet` (an Ethernet frame) and returns its verdict and
-    /// the frame as it left.
+    /// the frame as it left. It runs in the calling thread's network namespace, as if the
+    /// frame had arrived on its `lo`: the FIB lookup is that namespace's.
     public func run(_ packet: [UInt8]) throws(BPFError) -> (verdict: Verdict, packet: [UInt8]) {
         var out = [UInt8](repeating: 0, count: packet.count + 256)
         var size = UInt32(out.count)
@@ -85,6 +158,7 @@ public final class KernelRelay: @unchecked Sendable {
         case -1: .next
         case 0: .pass
         case 2: .drop
+        case 7: .redirect
         case let other: .other(other)
         }
         return (verdict, Array(out.prefix(Int(size))))

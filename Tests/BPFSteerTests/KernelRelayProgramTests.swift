@@ -6,10 +6,11 @@ import XCTest
 import Glibc
 #endif
 
-/// The kernel forwarder's rewrite (issue 35, step 2), run in the real kernel on packets
-/// built here (BPF_PROG_TEST_RUN: nothing is sent anywhere). Every checksum of the packet
-/// that leaves is verified from scratch, so an incremental fix-up that is off by a carry,
-/// a byte order or an odd length fails.
+/// The kernel forwarder's rewrite and routing (issue 35, steps 2 and 3), run in the real
+/// kernel on packets built here (BPF_PROG_TEST_RUN: nothing is sent anywhere), inside a
+/// namespace with routes to both sides. Every checksum of the packet that leaves is
+/// verified from scratch, so an incremental fix-up that is off by a carry, a byte order or
+/// an odd length fails.
 final class KernelRelayProgramTests: XCTestCase {
     struct Endpoint { var ip: [UInt8]; var port: UInt16 }
 
@@ -111,6 +112,10 @@ final class KernelRelayProgramTests: XCTestCase {
     /// length (the checksum's trailing byte): rewritten to the other side's view, TTL down
     /// by one, every checksum right, each direction counted.
     func testBothDirectionsAreRewrittenWithEveryChecksumRight() throws {
+        try RoutedScratchNamespace().run { try self.bothDirections() }
+    }
+
+    private func bothDirections() throws {
         let relay = try KernelRelay(capacity: 64)
         let families: [(client: String, listener: String, nat: String, endpoint: String)] = [
             ("198.51.100.7", "198.51.100.1", "203.0.113.1", "203.0.113.10"),
@@ -126,10 +131,10 @@ final class KernelRelayProgramTests: XCTestCase {
                 for size in [0, 1, 2, 511, 1400] {
                     let payload = (0..<size).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ size) }
                     let forward = try relay.run(Self.frame(transport, from: client, to: listener, payload: payload))
-                    XCTAssertEqual(forward.verdict, .pass, "\(transport) \(family.client) \(size) B")
+                    XCTAssertEqual(forward.verdict, .redirect, "\(transport) \(family.client) \(size) B")
                     verify(forward.packet, transport, from: nat, to: endpoint, payload: payload, ttl: 63)
                     let reply = try relay.run(Self.frame(transport, from: endpoint, to: nat, payload: payload, ttl: 2))
-                    XCTAssertEqual(reply.verdict, .pass)
+                    XCTAssertEqual(reply.verdict, .redirect)
                     verify(reply.packet, transport, from: listener, to: client, payload: payload, ttl: 1)
                     sent += size
                 }
@@ -141,17 +146,22 @@ final class KernelRelayProgramTests: XCTestCase {
                 }
             }
         }
+        XCTAssertEqual(relay.totals().forwarded, 2 * 2 * 2 * 5)
     }
 
     /// A UDP datagram sent without a checksum (0, IPv4 only) is rewritten and keeps 0.
     func testAMissingIPv4UDPChecksumStaysMissing() throws {
+        try RoutedScratchNamespace().run { try self.missingChecksum() }
+    }
+
+    private func missingChecksum() throws {
         let relay = try KernelRelay(capacity: 8)
         let client = Endpoint(ip: Self.ip("198.51.100.7"), port: 5353), listener = Endpoint(ip: Self.ip("198.51.100.1"), port: 53)
         let nat = Endpoint(ip: Self.ip("203.0.113.1"), port: 61001), endpoint = Endpoint(ip: Self.ip("203.0.113.10"), port: 53)
         XCTAssertEqual(relay.install(try tuple(.udp, client, listener), rewrite: try tuple(.udp, nat, endpoint)), 0)
         let payload = Array("no checksum".utf8)
         let out = try relay.run(Self.frame(.udp, from: client, to: listener, payload: payload, udpChecksum: false))
-        XCTAssertEqual(out.verdict, .pass)
+        XCTAssertEqual(out.verdict, .redirect)
         verify(out.packet, .udp, from: nat, to: endpoint, payload: payload, ttl: 63, udpChecksumNone: true)
     }
 
@@ -177,5 +187,35 @@ final class KernelRelayProgramTests: XCTestCase {
             XCTAssertEqual(out.packet, packet, "\(name): changed")
         }
         XCTAssertEqual(relay.counters(try tuple(.tcp, client, listener))?.packets, 0)
+    }
+
+    /// A flow whose rewritten destination has no route, or that arrives where forwarding
+    /// is off, is dropped and counted, not passed to the stack half rewritten; once
+    /// forwarding is on the same packet goes through.
+    func testAPacketWithNowhereToGoIsDroppedAndCounted() throws {
+        let scratch = try RoutedScratchNamespace(forwarding: false)
+        let relay = try KernelRelay(capacity: 8)
+        let client = Endpoint(ip: Self.ip("198.51.100.7"), port: 40000), listener = Endpoint(ip: Self.ip("198.51.100.1"), port: 80)
+        let nat = Endpoint(ip: Self.ip("203.0.113.1"), port: 61000), endpoint = Endpoint(ip: Self.ip("203.0.113.10"), port: 8080)
+        let unrouted = Endpoint(ip: Self.ip("192.0.2.10"), port: 8080)
+        XCTAssertEqual(relay.install(try tuple(.tcp, client, listener), rewrite: try tuple(.tcp, nat, endpoint)), 0)
+        let other = Endpoint(ip: client.ip, port: 40001)
+        XCTAssertEqual(relay.install(try tuple(.tcp, other, listener), rewrite: try tuple(.tcp, nat, unrouted)), 0)
+        let payload = Array("hello".utf8)
+        try scratch.run {
+            XCTAssertEqual(try relay.run(Self.frame(.tcp, from: client, to: listener, payload: payload)).verdict, .drop)
+            XCTAssertEqual(relay.totals().droppedForwardingOff, 1)
+        }
+        try scratch.setForwarding(true)
+        try scratch.run {
+            XCTAssertEqual(try relay.run(Self.frame(.tcp, from: client, to: listener, payload: payload)).verdict, .redirect)
+            XCTAssertEqual(try relay.run(Self.frame(.tcp, from: other, to: listener, payload: payload)).verdict, .drop)
+        }
+        var expected = KernelRelay.Totals()
+        expected.forwarded = 1
+        expected.droppedForwardingOff = 1
+        expected.droppedNoRoute = 1
+        XCTAssertEqual(relay.totals(), expected)
+        XCTAssertEqual(relay.counters(try tuple(.tcp, client, listener))?.packets, 1, "only the packet that left is counted on its flow")
     }
 }

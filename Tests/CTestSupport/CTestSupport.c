@@ -5,7 +5,10 @@
 #include <net/if.h>
 #include <netinet/in.h>
 #include <arpa/inet.h>
+#include <linux/ethtool.h>
 #include <linux/if_packet.h>
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
 #include <sched.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -81,4 +84,18 @@ long CTest_send_from(int fd, unsigned source, unsigned destination, unsigned sho
     info->ipi_spec_dst.s_addr = source;
     long sent = sendmsg(fd, &message, 0);
     return sent < 0 ? -errno : sent;
+}
+
+int CTest_set_tx_checksum(const char *interface, int on) {
+    struct ethtool_value value = { .cmd = ETHTOOL_STXCSUM, .data = on ? 1 : 0 };
+    struct ifreq request;
+    memset(&request, 0, sizeof(request));
+    strncpy(request.ifr_name, interface, IFNAMSIZ - 1);
+    request.ifr_data = (void *)&value;
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -errno;
+    int rc = ioctl(fd, SIOCETHTOOL, &request);
+    int saved = errno;
+    close(fd);
+    return rc < 0 ? -saved : 0;
 }

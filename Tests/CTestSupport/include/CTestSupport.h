@@ -31,4 +31,10 @@ int CTest_send_frames(const char *interface, const unsigned char *frames, unsign
 /// number of bytes sent, or -errno. All of 127.0.0.0/8 is local on lo.
 long CTest_send_from(int fd, unsigned source, unsigned destination, unsigned short port, const void *payload, unsigned length);
 
+/// Turns `interface`'s transmit checksum offload on or off (ETHTOOL_STXCSUM, as `ethtool
+/// -K IF tx off`), in the calling thread's namespace; 0 or -errno. Off, the stack sends
+/// full checksums (CHECKSUM_NONE) instead of CHECKSUM_PARTIAL, and a veth peer verifies
+/// them on receipt.
+int CTest_set_tx_checksum(const char *interface, int on);
+
 #endif

@@ -75,11 +75,12 @@ enum Sockets {
     }
 
     /// Connects with a timeout; throws with the errno (ECONNREFUSED, ETIMEDOUT…).
-    static func connect(host: String = "127.0.0.1", port: UInt16, timeout: TimeInterval = 5, bindTo source: String? = nil) throws -> Int32 {
+    static func connect(host: String = "127.0.0.1", port: UInt16, timeout: TimeInterval = 5, bindTo source: String? = nil,
+                        sourcePort: UInt16 = 0) throws -> Int32 {
         let (storage, length) = sockaddr(host, port)
         let fd = socket(Int32(storage.ss_family), Int32(SOCK_STREAM.rawValue), 0)
         if let source {
-            var (local, localLength) = sockaddr(source, 0)
+            var (local, localLength) = sockaddr(source, sourcePort)
             _ = withUnsafePointer(to: &local) { $0.withMemoryRebound(to: Glibc.sockaddr.self, capacity: 1) { bind(fd, $0, localLength) } }
         }
         setNonBlocking(fd, true)

@@ -8,11 +8,11 @@ import Glibc
 /// source address when given), with a large receive buffer and a receive timeout.
 enum UDPClient {
     /// A connected client socket to `host:port`, from `source` when given.
-    static func connect(host: String, port: UInt16, source: String? = nil, timeout: TimeInterval = 2) throws -> Int32 {
+    static func connect(host: String, port: UInt16, source: String? = nil, sourcePort: UInt16 = 0, timeout: TimeInterval = 2) throws -> Int32 {
         var (target, length) = Sockets.sockaddr(host, port)
         let fd = socket(Int32(target.ss_family), Int32(SOCK_DGRAM.rawValue), 0)
         if let source {
-            var (local, localLength) = Sockets.sockaddr(source, 0)
+            var (local, localLength) = Sockets.sockaddr(source, sourcePort)
             _ = withUnsafePointer(to: &local) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, localLength) } }
         }
         let ok = withUnsafePointer(to: &target) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, length) == 0 } }
