@@ -97,7 +97,7 @@ let package = Package(
         ),
         .testTarget(name: "URingTests", dependencies: ["URing"]),
         .testTarget(name: "L4BalancerTests", dependencies: ["L4Balancer", "COpenSSL"]),
-        .testTarget(name: "BPFSteerTests", dependencies: ["BPFSteer", "CTestSupport"]),
+        .testTarget(name: "BPFSteerTests", dependencies: ["BPFSteer", "CTestSupport", "L4Balancer"]),
         .target(name: "CTestSupport", path: "Tests/CTestSupport"),
         .testTarget(name: "EndToEndTests", dependencies: ["L4Balancer", "BPFSteer", "CTestSupport", "COpenSSL"]),
     ]

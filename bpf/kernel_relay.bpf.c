@@ -36,6 +36,10 @@
 #define AF_INET6 10
 /* Ours, not vmlinux.h's: the build machine's kernel may predate the flag (6.2). */
 #define L4LB_FIB_LOOKUP_SKIP_NEIGH (1U << 2)
+#define L4LB_FIB_LOOKUP_SRC (1U << 4) /* 6.7: fills in the source address the route prefers */
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_ACK 0x10
+#define NAT_PORT_PROBES 32
 #define L4LB_FIB_FWD_DISABLED 5
 #define L4LB_FIB_FRAG_NEEDED 8
 
@@ -62,6 +66,63 @@ struct {
 	__type(value, __u64);
 } kr_counters SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, L4LB_KR_LISTENERS);
+	__type(key, struct l4lb_kr_service_key);
+	__type(value, struct l4lb_kr_service);
+} kr_services SEC(".maps");
+
+/* Each listener's plan: an array sized by user space (BPF_F_INNER_MAP lets sizes differ),
+ * swapped whole by one update of kr_plans. */
+struct kr_plan {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_INNER_MAP);
+	__type(key, __u32);
+	__type(value, __u32);
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, L4LB_KR_LISTENERS);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, sizeof(__u32));
+	__array(values, struct kr_plan);
+} kr_plans SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, L4LB_KR_ENDPOINT_SLOTS);
+	__type(key, __u32);
+	__type(value, struct l4lb_kr_endpoint);
+} kr_endpoints SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct l4lb_kr_settings);
+} kr_settings SEC(".maps");
+
+/* Room for what a new flow needs beyond the 512-byte stack. */
+struct new_flow_scratch {
+	struct bpf_fib_lookup fib;
+	struct l4lb_kr_tuple reverse;
+	struct l4lb_kr_flow forward_value;
+	struct l4lb_kr_flow reverse_value;
+	__u8 hash_bytes[40];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct new_flow_scratch);
+} kr_scratch SEC(".maps");
+
+#include "kernel_relay_select.bpf.h"
+
 static __always_inline void count(__u32 counter)
 {
 	__u64 *value = bpf_map_lookup_elem(&kr_counters, &counter);
@@ -85,6 +146,7 @@ struct parsed {
 	__u32 l4_header;
 	__u16 ip_total;     /* the IP packet's length as its header says (one segment's, for GSO) */
 	__u8 hop;           /* TTL or hop limit as it arrived */
+	__u8 tcp_flags;
 	__u8 udp_csum_none; /* an IPv4 UDP packet sent without a checksum */
 };
 
@@ -179,6 +241,124 @@ static __always_inline int rewrite(struct __sk_buff *skb, struct l4lb_kr_tuple *
 	return 0;
 }
 
+/* A SYN to a service: picks its endpoint as user space would, a NAT port toward it, and
+ * installs both entries of the flow. 0 when installed; TCX_NEXT (counted by reason) when
+ * the SYN is left to the stack, where the listener's workers accept it. */
+static __noinline int new_flow(struct __sk_buff *skb, struct l4lb_kr_tuple *key)
+{
+	struct l4lb_kr_service_key service_key;
+	__u32 zero = 0;
+
+	__builtin_memset(&service_key, 0, sizeof(service_key));
+	__builtin_memcpy(service_key.addr, key->daddr, 16);
+	service_key.port = key->dport;
+	service_key.protocol = PROTO_TCP;
+	service_key.family = key->family;
+	struct l4lb_kr_service *service = bpf_map_lookup_elem(&kr_services, &service_key);
+	if (!service)
+		return TCX_NEXT;
+	if (service->flags & L4LB_KR_SERVICE_PAUSED) {
+		count(L4LB_KR_FALLBACK_PAUSED);
+		return TCX_NEXT;
+	}
+	__u32 listener = service->listener;
+	struct new_flow_scratch *s = bpf_map_lookup_elem(&kr_scratch, &zero);
+	struct l4lb_kr_settings *settings = bpf_map_lookup_elem(&kr_settings, &zero);
+	void *plan = bpf_map_lookup_elem(&kr_plans, &listener);
+	if (!s || !settings || !plan) {
+		count(L4LB_KR_FALLBACK_NO_ENDPOINT);
+		return TCX_NEXT;
+	}
+
+	__u32 slot;
+	__u32 kind = kr_plan_word(plan, L4LB_KR_PLAN_KIND);
+	if (kind == L4LB_KR_PLAN_MAGLEV)
+		slot = kr_maglev_pick(plan, listener, kr_flow_hash(key, kr_plan_word(plan, L4LB_KR_PLAN_HASH_KEY), s->hash_bytes));
+	else if (kind == L4LB_KR_PLAN_RANDOM)
+		slot = kr_random_pick(plan, listener);
+	else
+		slot = L4LB_KR_PLAN_NONE;
+	struct l4lb_kr_endpoint *endpoint = slot == L4LB_KR_PLAN_NONE ? NULL : bpf_map_lookup_elem(&kr_endpoints, &slot);
+	if (!endpoint || endpoint->family != key->family) {
+		count(L4LB_KR_FALLBACK_NO_ENDPOINT);
+		return TCX_NEXT;
+	}
+
+	/* The source address toward the endpoint: the one the route prefers, as the proxy's
+	 * own connection would get. */
+	__builtin_memset(&s->fib, 0, sizeof(s->fib));
+	s->fib.l4_protocol = PROTO_TCP;
+	s->fib.dport = endpoint->port;
+	s->fib.ifindex = skb->ifindex;
+	if (key->family == 4) {
+		s->fib.family = AF_INET;
+		__builtin_memcpy(&s->fib.ipv4_dst, endpoint->addr, 4);
+	} else {
+		s->fib.family = AF_INET6;
+		__builtin_memcpy(s->fib.ipv6_dst, endpoint->addr, 16);
+	}
+	if (bpf_fib_lookup(skb, &s->fib, sizeof(s->fib), L4LB_FIB_LOOKUP_SRC | L4LB_FIB_LOOKUP_SKIP_NEIGH) != 0) {
+		count(L4LB_KR_FALLBACK_NO_ROUTE);
+		return TCX_NEXT;
+	}
+
+	/* The reply entry first, on the first free NAT port of the flow's own probe sequence:
+	 * ports are per (NAT address, endpoint address and port), and hashing rather than
+	 * drawing keeps a client's port the same whoever installs it. */
+	__builtin_memset(&s->reverse, 0, sizeof(s->reverse));
+	__builtin_memset(&s->reverse_value, 0, sizeof(s->reverse_value));
+	__builtin_memset(&s->forward_value, 0, sizeof(s->forward_value));
+	__builtin_memcpy(s->reverse.saddr, endpoint->addr, 16);
+	if (key->family == 4)
+		__builtin_memcpy(s->reverse.daddr, &s->fib.ipv4_src, 4);
+	else
+		__builtin_memcpy(s->reverse.daddr, s->fib.ipv6_src, 16);
+	s->reverse.sport = endpoint->port;
+	s->reverse.protocol = PROTO_TCP;
+	s->reverse.family = key->family;
+	__builtin_memcpy(s->reverse_value.saddr, key->daddr, 16);
+	__builtin_memcpy(s->reverse_value.daddr, key->saddr, 16);
+	s->reverse_value.sport = key->dport;
+	s->reverse_value.dport = key->sport;
+
+	__u32 first = settings->nat_port_first, ports = settings->nat_port_count;
+	if (ports == 0 || first + ports > 65536) {
+		count(L4LB_KR_FALLBACK_NO_PORT);
+		return TCX_NEXT;
+	}
+	__u64 h = kr_mix(kr_flow_hash(key, L4LB_KR_HASH_FIVE_TUPLE, s->hash_bytes) ^ slot);
+	int installed = 0;
+	for (int i = 0; i < NAT_PORT_PROBES; i++) {
+		/* Each probe hashed afresh: consecutive ports would cluster (linear probing) and
+		 * fail long before the range is full. */
+		s->reverse.dport = bpf_htons((__u16)(first + kr_mix(h + i) % ports));
+		long rc = bpf_map_update_elem(&kr_flows, &s->reverse, &s->reverse_value, BPF_NOEXIST);
+		if (rc == 0) {
+			installed = 1;
+			break;
+		}
+		if (rc != -17 /* EEXIST: taken, try the next */) {
+			count(L4LB_KR_FALLBACK_TABLE_FULL);
+			return TCX_NEXT;
+		}
+	}
+	if (!installed) {
+		count(L4LB_KR_FALLBACK_NO_PORT);
+		return TCX_NEXT;
+	}
+	__builtin_memcpy(s->forward_value.saddr, s->reverse.daddr, 16);
+	__builtin_memcpy(s->forward_value.daddr, endpoint->addr, 16);
+	s->forward_value.sport = s->reverse.dport;
+	s->forward_value.dport = endpoint->port;
+	if (bpf_map_update_elem(&kr_flows, key, &s->forward_value, BPF_NOEXIST) != 0) {
+		bpf_map_delete_elem(&kr_flows, &s->reverse);
+		count(L4LB_KR_FALLBACK_TABLE_FULL);
+		return TCX_NEXT;
+	}
+	count(L4LB_KR_NEW_FLOWS);
+	return 0;
+}
+
 SEC("tc")
 int l4lb_kernel_relay(struct __sk_buff *skb)
 {
@@ -230,6 +410,7 @@ int l4lb_kernel_relay(struct __sk_buff *skb)
 		key.dport = tcp->dest;
 		p.csum_off = p.l4_off + 16;
 		p.l4_header = tcp->doff * 4;
+		p.tcp_flags = ((__u8 *)tcp)[13];
 		p.payload = p.payload > p.l4_header ? p.payload - p.l4_header : 0;
 	} else if (protocol == PROTO_UDP) {
 		struct udphdr *udp = data + p.l4_off;
@@ -249,8 +430,17 @@ int l4lb_kernel_relay(struct __sk_buff *skb)
 		p.payload = skb->len > p.l4_off + p.l4_header ? skb->len - p.l4_off - p.l4_header : 0;
 	key.protocol = protocol;
 	struct l4lb_kr_flow *flow = bpf_map_lookup_elem(&kr_flows, &key);
-	if (!flow)
-		return TCX_NEXT;
+	if (!flow) {
+		/* Only a SYN starts a flow; anything else unknown is the stack's (the proxy's
+		 * own connections, health checks, the host's traffic). */
+		if (protocol != PROTO_TCP || (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN)
+			return TCX_NEXT;
+		if (new_flow(skb, &key) != 0)
+			return TCX_NEXT;
+		flow = bpf_map_lookup_elem(&kr_flows, &key);
+		if (!flow)
+			return TCX_NEXT;
+	}
 	struct egress out = {};
 	int verdict = route(skb, flow, protocol, &p, &out);
 	if (verdict)

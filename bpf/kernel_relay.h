@@ -42,7 +42,71 @@ enum l4lb_kr_counter {
 	L4LB_KR_DROP_NO_ROUTE,       /* the FIB had no usable route to the rewritten destination */
 	L4LB_KR_DROP_FORWARDING_OFF, /* forwarding is off on the interface the packet arrived on */
 	L4LB_KR_DROP_MTU,            /* the rewritten packet is bigger than the egress MTU */
+	L4LB_KR_NEW_FLOWS,           /* SYNs to a service that the kernel took: an endpoint picked, both entries in */
+	/* SYNs to a service left to the stack (and so to the proxy), by reason. */
+	L4LB_KR_FALLBACK_PAUSED,     /* the service is paused: user space enforces a list the kernel cannot */
+	L4LB_KR_FALLBACK_NO_ENDPOINT, /* no plan, or no endpoint available */
+	L4LB_KR_FALLBACK_NO_ROUTE,   /* no route (or source address) toward the endpoint */
+	L4LB_KR_FALLBACK_NO_PORT,    /* 32 NAT ports probed, all taken toward that endpoint */
+	L4LB_KR_FALLBACK_TABLE_FULL, /* the flow table had no room */
 	L4LB_KR_COUNTER_COUNT,
+};
+
+/* A service: the address, port and protocol a listener with relay: kernel takes. */
+struct l4lb_kr_service_key {
+	__u8 addr[16];
+	__be16 port;
+	__u8 protocol;
+	__u8 family;
+};
+
+#define L4LB_KR_SERVICE_PAUSED 1
+
+struct l4lb_kr_service {
+	__u32 listener; /* identity: the index of its plan in kr_plans */
+	__u32 flags;
+};
+
+/* An endpoint behind kernel listeners, by kernel slot (plans name slots). */
+struct l4lb_kr_endpoint {
+	__u8 addr[16];
+	__be16 port;
+	__u8 family;
+	__u8 unavailable; /* non-zero: unhealthy, ejected or draining; picks skip it */
+	__u32 identity;
+	__u64 cluster_tag;
+};
+
+#define L4LB_KR_LISTENERS 1024
+#define L4LB_KR_ENDPOINT_SLOTS 8192
+
+/* A plan, one per kernel listener: u32 words. The header, then by kind:
+ *   maglev: [8, 8+M) the Maglev table as endpoint slots (NONE where empty),
+ *           [8+M, 8+M+n) the cluster's endpoints in config order (slot, WEIGHT_ZERO bit)
+ *   random: [8, 8+n) the alias table's keep, [8+n, 8+2n) its alias column, then the
+ *           endpoints in config order as for maglev */
+enum l4lb_kr_plan_word {
+	L4LB_KR_PLAN_KIND = 0,
+	L4LB_KR_PLAN_SIZE = 1,     /* maglev: M (prime); random: n */
+	L4LB_KR_PLAN_COUNT = 2,    /* n: endpoints of the cluster */
+	L4LB_KR_PLAN_HASH_KEY = 3,
+	L4LB_KR_PLAN_CLUSTER = 4,
+	L4LB_KR_PLAN_GENERATION = 5,
+	L4LB_KR_PLAN_HEADER = 8,
+};
+
+#define L4LB_KR_PLAN_MAGLEV 1
+#define L4LB_KR_PLAN_RANDOM 2
+#define L4LB_KR_HASH_SOURCE_IP 0
+#define L4LB_KR_HASH_SOURCE_IP_PORT 1
+#define L4LB_KR_HASH_FIVE_TUPLE 2
+#define L4LB_KR_PLAN_WEIGHT_ZERO 0x80000000u
+#define L4LB_KR_PLAN_NONE 0xFFFFFFFFu
+
+/* Settings user space writes once, at start: kr_settings[0]. */
+struct l4lb_kr_settings {
+	__u32 nat_port_first;
+	__u32 nat_port_count; /* 0: new flows are left to the stack */
 };
 
 #endif

@@ -46,6 +46,9 @@ public final class KernelRelay: @unchecked Sendable {
         bpf_object__close(object)
     }
 
+    /// The descriptor of one of the program's maps, by name.
+    func mapFD(_ name: String) -> Int32 { bpf_map__fd(bpf_object__find_map_by_name(object, name)) }
+
     /// Runs the program on `interface`'s ingress (a tcx link, Linux 6.6+, after any
     /// program already there) in the calling thread's network namespace, until `detach`
     /// or the end of the process. Attaching twice to one interface is a no-op.
@@ -77,6 +80,14 @@ public final class KernelRelay: @unchecked Sendable {
         public var droppedForwardingOff: UInt64 = 0
         /// Dropped: bigger than the egress route's MTU.
         public var droppedMTU: UInt64 = 0
+        /// SYNs to a service the kernel took (an endpoint picked, both entries installed).
+        public var newFlows: UInt64 = 0
+        /// SYNs to a service left to the stack, by reason.
+        public var fallbackPaused: UInt64 = 0
+        public var fallbackNoEndpoint: UInt64 = 0
+        public var fallbackNoRoute: UInt64 = 0
+        public var fallbackNoPort: UInt64 = 0
+        public var fallbackTableFull: UInt64 = 0
         public init() {}
     }
 
@@ -92,6 +103,12 @@ public final class KernelRelay: @unchecked Sendable {
         totals.droppedNoRoute = sum(L4LB_KR_DROP_NO_ROUTE)
         totals.droppedForwardingOff = sum(L4LB_KR_DROP_FORWARDING_OFF)
         totals.droppedMTU = sum(L4LB_KR_DROP_MTU)
+        totals.newFlows = sum(L4LB_KR_NEW_FLOWS)
+        totals.fallbackPaused = sum(L4LB_KR_FALLBACK_PAUSED)
+        totals.fallbackNoEndpoint = sum(L4LB_KR_FALLBACK_NO_ENDPOINT)
+        totals.fallbackNoRoute = sum(L4LB_KR_FALLBACK_NO_ROUTE)
+        totals.fallbackNoPort = sum(L4LB_KR_FALLBACK_NO_PORT)
+        totals.fallbackTableFull = sum(L4LB_KR_FALLBACK_TABLE_FULL)
         return totals
     }
 

@@ -55,6 +55,14 @@ static inline int l4lb_prog_test_run(int prog_fd, const void *packet, __u32 size
 	return 0;
 }
 
+/* An array of `entries` u32 words that can be an inner map of an ARRAY_OF_MAPS whose
+ * template has BPF_F_INNER_MAP (so sizes may differ); its fd or a negative errno. */
+static inline int l4lb_inner_array_create(__u32 entries)
+{
+	LIBBPF_OPTS(bpf_map_create_opts, opts, .map_flags = BPF_F_INNER_MAP);
+	return bpf_map_create(BPF_MAP_TYPE_ARRAY, "l4lb_kr_plan", sizeof(__u32), sizeof(__u32), entries, &opts);
+}
+
 static inline int l4lb_xdp_link_create(int prog_fd, int ifindex, __u32 flags)
 {
 	LIBBPF_OPTS(bpf_link_create_opts, opts, .flags = flags);

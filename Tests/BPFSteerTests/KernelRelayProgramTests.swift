@@ -50,11 +50,11 @@ final class KernelRelayProgramTests: XCTestCase {
     /// An Ethernet frame carrying one TCP segment or UDP datagram, every checksum right
     /// (or a UDP checksum of 0 when `udpChecksum` is false).
     static func frame(_ transport: KernelRelayTuple.TransportProtocol, from s: Endpoint, to d: Endpoint, payload: [UInt8],
-                      ttl: UInt8 = 64, udpChecksum: Bool = true, fragment: Bool = false) -> [UInt8] {
+                      ttl: UInt8 = 64, udpChecksum: Bool = true, fragment: Bool = false, tcpFlags: UInt8 = 0x18) -> [UInt8] {
         var l4: [UInt8]
         switch transport {
         case .tcp:
-            l4 = be16(Int(s.port)) + be16(Int(d.port)) + [0, 0, 0x10, 0x01] + [0, 0, 0x20, 0x02] + [0x50, 0x18] + be16(502) + [0, 0] + [0, 0]
+            l4 = be16(Int(s.port)) + be16(Int(d.port)) + [0, 0, 0x10, 0x01] + [0, 0, 0x20, 0x02] + [0x50, tcpFlags] + be16(502) + [0, 0] + [0, 0]
         case .udp:
             l4 = be16(Int(s.port)) + be16(Int(d.port)) + be16(8 + payload.count) + [0, 0]
         }

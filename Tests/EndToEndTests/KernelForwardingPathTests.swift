@@ -1,5 +1,6 @@
 import BPFSteer
 import Foundation
+import L4Balancer
 import XCTest
 
 #if canImport(Glibc)
@@ -37,6 +38,16 @@ final class KernelForwardingPathTests: XCTestCase {
         return withUnsafeBytes(of: address) { Array($0) }
     }
 
+    /// A forwarder on tcx ingress of both of l4lb's interfaces.
+    func attachedRelay(_ topology: RoutedTopology, capacity: Int) throws -> KernelRelay {
+        try topology.balancer.run { () throws -> KernelRelay in
+            let relay = try KernelRelay(capacity: capacity)
+            try relay.attach(to: "l4b-c")
+            try relay.attach(to: "l4b-e")
+            return relay
+        }
+    }
+
     /// Installs both directions of one flow: client:clientPort → listener:listenerPort
     /// becomes nat:natPort → endpoint:endpointPort, and back. Returns the forward tuple and
     /// the reply tuple, as the program matches them.
@@ -60,12 +71,7 @@ final class KernelForwardingPathTests: XCTestCase {
     /// all and dropped nothing.
     func testInstalledFlowsCarryTCPBothWaysAndUDPBetweenNamespaces() throws {
         let topology = try RoutedTopology("kfwd")
-        let relay = try topology.balancer.run { () throws -> KernelRelay in
-            let relay = try KernelRelay(capacity: 1024)
-            try relay.attach(to: "l4b-c")
-            try relay.attach(to: "l4b-e")
-            return relay
-        }
+        let relay = try attachedRelay(topology, capacity: 1024)
         XCTAssertEqual(relay.attachedInterfaces, ["l4b-c", "l4b-e"])
         let size = 64 << 20
         var flow: UInt16 = 0
@@ -129,6 +135,39 @@ final class KernelForwardingPathTests: XCTestCase {
         }
         let totals = relay.totals()
         XCTAssertGreaterThan(totals.forwarded, 0)
+        XCTAssertEqual(totals.droppedNoRoute + totals.droppedForwardingOff + totals.droppedMTU, 0, "\(totals)")
+    }
+
+    /// SYNs to a service start their flows in the kernel (step 4): 100 connections per
+    /// family, each echoing 64 KiB, reach an endpoint whose address and plan only the
+    /// kernel's maps hold, with no flow installed by hand and nothing listening in l4lb's
+    /// namespace.
+    func testSYNsToAServiceStartTheirFlowsInTheKernel() throws {
+        let topology = try RoutedTopology("ksyn")
+        let relay = try attachedRelay(topology, capacity: 4096)
+        try relay.setNATPorts(first: 61000, count: 4536)
+        let connections = 100, size = 64 << 10
+        for (listener, family) in Self.families.enumerated() {
+            let backend = try topology.endpoint.run { try TestBackend(.echo, host: family.endpoint) }
+            defer { backend.stop() }
+            let endpoint = SocketAddress(ip: Self.bytes(family.endpoint), port: backend.port)
+            try relay.setEndpoint(slot: listener, KernelRelay.Endpoint(address: endpoint.ip, port: endpoint.port))
+            let table = MaglevTable(endpoints: [(address: endpoint, weight: 1)], size: 251)
+            try relay.setPlan(listener: listener, words: KernelRelayPlan.maglev(table: table.slots, slots: [UInt32(listener)], weights: [1], hashKey: .sourceIPPort))
+            try relay.setService(address: Self.bytes(family.listener), port: 80, listener: listener)
+            for i in 0..<connections {
+                let payload = (0..<size).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ i) }
+                let fd = try topology.client.run { try Sockets.connect(host: family.listener, port: 80, timeout: 10) }
+                defer { close(fd) }
+                try Sockets.sendAll(fd, payload)
+                shutdown(fd, Int32(SHUT_WR))
+                XCTAssertEqual(try Sockets.receiveAll(fd), payload, "\(family.client): connection \(i)")
+            }
+            XCTAssertEqual(backend.accepted, connections, family.endpoint)
+        }
+        let totals = relay.totals()
+        XCTAssertEqual(totals.newFlows, UInt64(2 * connections))
+        XCTAssertEqual(totals.fallbackNoEndpoint + totals.fallbackNoPort + totals.fallbackNoRoute + totals.fallbackTableFull, 0, "\(totals)")
         XCTAssertEqual(totals.droppedNoRoute + totals.droppedForwardingOff + totals.droppedMTU, 0, "\(totals)")
     }
 }

@@ -6,7 +6,7 @@ import Glibc
 /// (and, for `five_tuple`, local) address. IPv4-mapped IPv6 addresses hash as IPv4, so a
 /// client hashes the same on a dual-stack listener. `StableHash` keeps it identical on
 /// every instance.
-enum FlowHash {
+public enum FlowHash {
     /// A UDP client's key, from the address its datagram came from (`five_tuple` hashes as
     /// `source_ip_port`: the listener's address is the same for every client).
     static func compute(peer: UnsafeRawPointer, length: Int, key: Config.Cluster.HashKey) -> UInt64 {
@@ -72,5 +72,17 @@ enum FlowHash {
             }
         }
         return withUnsafeBytes(of: bytes) { StableHash.hash($0[..<count]) }
+    }
+
+    /// The key of a TCP connection from `client` (4 or 16 bytes, network order; an IPv4
+    /// client as its 4 bytes) to `listener`, the bytes `compute(client:key:)` reads from
+    /// the accepted socket: what the kernel forwarder hashes for a SYN, and what tests
+    /// compare it with.
+    public static func compute(client: [UInt8], clientPort: UInt16, listener: [UInt8], listenerPort: UInt16,
+                               key: Config.Cluster.HashKey) -> UInt64 {
+        var bytes = client
+        if key != .sourceIP { bytes += [UInt8(clientPort >> 8), UInt8(clientPort & 0xFF)] }
+        if key == .fiveTuple { bytes += listener + [UInt8(listenerPort >> 8), UInt8(listenerPort & 0xFF), UInt8(IPPROTO_TCP)] }
+        return StableHash.hash(bytes)
     }
 }
