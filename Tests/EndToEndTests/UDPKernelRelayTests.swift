@@ -43,7 +43,8 @@ final class UDPKernelRelayTests: XCTestCase {
         let cases: [(String, String)] = [
             ("session: none", "listeners[0].relay: kernel applies to session: client only"),
             ("proxy_responses: 1", "listeners[0].relay: kernel cannot count proxy_responses; leave it unset"),
-            ("max_sessions: 10", "listeners[1].relay: applies to udp listeners only"),
+            // The tcp listener's relay: kernel is the kernel forwarder's, which runs no round robin.
+            ("max_sessions: 10", "listeners[1].relay: kernel runs maglev or random; cluster \"udp\" uses round_robin"),
         ]
         for (extra, expected) in cases {
             let url = FileManager.default.temporaryDirectory.appendingPathComponent("l4lb-relay-\(UUID().uuidString).yaml")

@@ -139,6 +139,7 @@ extension WorkerPool {
             "access_log": accessLogEntry,
             "filter": filterDocument(),
             "rate_limit": rateLimitTableDocument(),
+            "kernel_relay": kernelRelayDocument(),
             "health_checks_not_run": healthChecker.localFailures.load(ordering: .relaxed),
         ]
     }

@@ -13,6 +13,7 @@ public struct Config: Sendable, Equatable {
     public var listeners: [Listener] = []
     public var clusters: [Cluster] = []
     public var filter = Filter()
+    public var kernelRelay = KernelRelay()
     /// The top-level `rate_limit:`: the default of listeners without their own.
     public var rateLimit: RateLimit?
     /// `rate_limit.table_size`, rounded up to a power of two.
@@ -121,9 +122,10 @@ public struct Config: Sendable, Equatable {
         /// Per-source limits (its own, or the top-level default); nil = none.
         public var rateLimit: RateLimit?
         public enum SessionAffinity: String, Sendable, CaseIterable { case client, none }
-        /// udp: where a session's datagrams are relayed once its endpoint is picked:
-        /// `user` (the worker), or `kernel` (a tc program on `lo` rewrites them; on-host
-        /// sessions only, others stay in user space).
+        /// Where a flow's packets are relayed. udp: once a session's endpoint is picked,
+        /// `user` (the worker) or `kernel` (a tc program on `lo` rewrites them; on-host
+        /// sessions only, others stay in user space). tcp: `kernel` forwards whole flows in
+        /// the kernel forwarder (`kernel_relay:`), the workers serving what it leaves.
         public var relay: Relay = .user
         public enum Relay: String, Sendable, CaseIterable { case user, kernel }
         public static let defaultUDPIdleTimeout = ConfigDuration.seconds(30)

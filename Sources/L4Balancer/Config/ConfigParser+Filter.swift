@@ -7,20 +7,7 @@ extension ConfigWalker {
         var filter = Config.Filter()
         guard let fields = mapping(node, path, keys: ["xdp", "block_sources", "allow_sources", "block_ports"]) else { return filter }
         if let xdp = fields["xdp"], let xdpFields = mapping(xdp, "\(path).xdp", keys: ["interfaces", "mode", "pin_path"]) {
-            if let n = xdpFields["interfaces"] {
-                filter.interfaces = list(n, "\(path).xdp.interfaces", required: false) { walker, item, itemPath in
-                    guard let name = walker.string(item, itemPath) else { return nil }
-                    guard !name.isEmpty, name.utf8.count < 16, !name.contains("/") else {
-                        walker.fail(itemPath, "'\(name)' is not an interface name")
-                        return nil
-                    }
-                    return name
-                }
-                var seen = Set<String>()
-                for (i, name) in filter.interfaces.enumerated() where !seen.insert(name).inserted {
-                    fail("\(path).xdp.interfaces[\(i)]", "\(name) is listed twice")
-                }
-            }
+            if let n = xdpFields["interfaces"] { filter.interfaces = interfaceNames(n, "\(path).xdp.interfaces", required: false) }
             if let n = xdpFields["mode"], let mode = choice(n, "\(path).xdp.mode", Config.Filter.Mode.self) { filter.mode = mode }
             if let n = xdpFields["pin_path"], let p = string(n, "\(path).xdp.pin_path") {
                 if !p.hasPrefix("/") || p == "/" { fail("\(path).xdp.pin_path", "must be an absolute directory on a bpf filesystem") } else { filter.pinPath = p }
@@ -51,5 +38,24 @@ extension ConfigWalker {
         filter.allowSources = prefixes(entries("allow_sources", wantsPorts: false))
         filter.blockPorts = entries("block_ports", wantsPorts: true).compactMap { if case .port(let rule) = $0 { rule } else { nil } }
         return filter
+    }
+}
+
+extension ConfigWalker {
+    /// A list of interface names, each once (`filter.xdp.interfaces`, `kernel_relay.interfaces`).
+    mutating func interfaceNames(_ node: Node, _ path: String, required: Bool) -> [String] {
+        let names: [String] = list(node, path, required: required) { walker, item, itemPath -> String? in
+            guard let name = walker.string(item, itemPath) else { return nil }
+            guard !name.isEmpty, name.utf8.count < 16, !name.contains("/") else {
+                walker.fail(itemPath, "'\(name)' is not an interface name")
+                return nil
+            }
+            return name
+        }
+        var seen = Set<String>()
+        for (i, name) in names.enumerated() where !seen.insert(name).inserted {
+            fail("\(path)[\(i)]", "\(name) is listed twice")
+        }
+        return names
     }
 }

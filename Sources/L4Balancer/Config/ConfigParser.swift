@@ -68,7 +68,8 @@ struct ConfigWalker {
             fail("clusters", "required")
             return config
         }
-        guard let fields = mapping(root, "", keys: ["workers", "drain_timeout", "admin", "access_log", "buffers", "listeners", "clusters", "filter", "rate_limit"]) else {
+        guard let fields = mapping(root, "", keys: ["workers", "drain_timeout", "admin", "access_log", "buffers", "listeners", "clusters", "filter", "rate_limit",
+                                                         "kernel_relay"]) else {
             return config
         }
         if let node = fields["workers"] {
@@ -86,6 +87,7 @@ struct ConfigWalker {
             checkBufferReservation(config)
         }
         if let node = fields["filter"] { config.filter = filter(node, "filter") }
+        if let node = fields["kernel_relay"] { config.kernelRelay = kernelRelay(node, "kernel_relay") }
         if let node = fields["rate_limit"] {
             config.rateLimit = rateLimit(node, "rate_limit", topLevel: true)
             if let n = node["table_size"], let v = int(n, "rate_limit.table_size", 1024...(1 << 24)) {
@@ -120,6 +122,7 @@ struct ConfigWalker {
             fail("listeners", "required")
         }
         checkCapacities(config)
+        checkKernelRelay(config)
         inferHealthCheckProtocols(&config)
         for (i, cluster) in config.clusters.enumerated() where cluster.tls != nil {
             for (l, listener) in config.listeners.enumerated() {
@@ -252,9 +255,10 @@ struct ConfigWalker {
                 listener.relay = v
             }
         } else {
-            for key in ["max_sessions", "proxy_responses", "session", "relay"] where fields[key] != nil {
+            for key in ["max_sessions", "proxy_responses", "session"] where fields[key] != nil {
                 fail("\(path).\(key)", "applies to udp listeners only")
             }
+            if let n = fields["relay"], let v = choice(n, "\(path).relay", Config.Listener.Relay.self) { listener.relay = v }
         }
         if let n = fields["connect_timeout"], let d = duration(n, "\(path).connect_timeout") {
             if d.milliseconds <= 0 { fail("\(path).connect_timeout", "must be greater than 0") }
@@ -279,6 +283,7 @@ struct ConfigWalker {
             if fields["routes"] == nil { fail("\(path).inspect_timeout", "applies to listeners with routes only") }
             if d.milliseconds <= 0 { fail("\(path).inspect_timeout", "must be greater than 0") } else { listener.inspectTimeout = d }
         }
+        if listener.transport == .tcp, listener.relay == .kernel { checkKernelListener(listener, fields: fields, path) }
         return listener
     }
 

@@ -123,6 +123,18 @@ extension WorkerPool {
         for endpoint in snapshot.endpoints where !running.contains(endpoint.id) {
             status.reset(endpoint.id, startsUnhealthy: snapshot.clusters[endpoint.cluster].config.healthCheck.map { !$0.startHealthy } ?? false)
         }
+        // The kernel's plans and services last of what can fail (new endpoints enter its
+        // slots as the reset above left them), put back as they were on an error.
+        // Installed kernel flows keep their endpoint either way.
+        do {
+            try kernelForwarder?.apply(snapshot, paused: WorkerPool.kernelPaused(filter))
+        } catch {
+            try? kernelForwarder?.apply(old, paused: WorkerPool.kernelPaused(filter))
+            _ = try? filter.installRateLimits(old)
+            _ = try? filter.apply(old.config.filter)
+            closeNewSockets()
+            return fail(["kernel_relay: \(error)"])
+        }
         let longestCheck = min(config.clusters.compactMap { $0.healthCheck.map { $0.timeout.milliseconds + $0.initialJitter.milliseconds } }.max() ?? 0,
                                Config.HealthCheck.longestFirstCheckWait)
         healthChecker.apply(snapshot, timeoutMilliseconds: longestCheck + 1000)
@@ -156,6 +168,10 @@ extension WorkerPool {
     static func restartOnlyChanges(from old: Config, to new: Config) -> [String] {
         var errors: [String] = []
         if old.workers != new.workers { errors.append("workers: cannot change on reload; restart l4lb to apply") }
+        if old.kernelRelay != new.kernelRelay { errors.append("kernel_relay: cannot change on reload; restart l4lb to apply") }
+        if !old.wantsKernelForwarding, new.wantsKernelForwarding {
+            errors.append("listeners: the first tcp listener with relay: kernel needs a restart (the kernel forwarder loads at start)")
+        }
         if old.buffers != new.buffers { errors.append("buffers: cannot change on reload; restart l4lb to apply") }
         if old.accessLog != new.accessLog { errors.append("access_log: cannot change on reload; restart l4lb to apply (SIGUSR1 reopens the file)") }
         if old.filter.interfaces != new.filter.interfaces || old.filter.mode != new.filter.mode || old.filter.pinPath != new.filter.pinPath {

@@ -28,6 +28,8 @@ public final class WorkerPool: Service, @unchecked Sendable {
     /// The kernel's UDP relay, once a listener has asked for `relay: kernel`; replaced
     /// only under `controlLock`.
     var udpRelay: UDPRelay?
+    /// The kernel forwarder, when a tcp listener has `relay: kernel` at start.
+    let kernelForwarder: KernelForwarder?
     /// The access-log writer, when `access_log` is on.
     public let accessLog: AccessLogWriter?
     let finished = ManagedAtomic<Int>(0)
@@ -87,10 +89,11 @@ public final class WorkerPool: Service, @unchecked Sendable {
         }
         do {
             udpRelay = try WorkerPool.loadUDPRelay(config, loaded: nil)
+            kernelForwarder = try KernelForwarder.start(config, status: status)
         } catch {
             filter.shutdown()
             sockets.joined().forEach { close($0) }
-            throw error
+            throw StartError(description: "\(error)")
         }
         let snapshot = Snapshot(config: config, generation: 1, ids: ids, previous: nil, listenerSockets: sockets,
                                 rateLimitsInKernel: KernelRateLimits.covered(config.listeners, attached: filter.attachedInterfaceNames),
@@ -104,6 +107,13 @@ public final class WorkerPool: Service, @unchecked Sendable {
         }
         for endpoint in snapshot.endpoints {
             status.reset(endpoint.id, startsUnhealthy: snapshot.clusters[endpoint.cluster].config.healthCheck.map { !$0.startHealthy } ?? false)
+        }
+        do {
+            try kernelForwarder?.apply(snapshot, paused: WorkerPool.kernelPaused(filter))
+        } catch {
+            filter.shutdown()
+            sockets.joined().forEach { close($0) }
+            throw StartError(description: "kernel_relay: \(error)")
         }
         store = SnapshotStore(snapshot)
         healthChecker = HealthChecker(snapshot: snapshot, status: status, workerStats: controls.map(\.stats), logger: logger)
@@ -149,6 +159,7 @@ public final class WorkerPool: Service, @unchecked Sendable {
 
     /// Asks every worker to stop accepting and to close what remains after the timeout.
     public func beginDrain(timeoutMilliseconds: Int64) {
+        kernelForwarder?.stopNewFlows()
         let deadline = monotonicMilliseconds() + timeoutMilliseconds
         for control in controls { control.requestDrain(deadline: deadline) }
     }
@@ -187,6 +198,8 @@ public final class WorkerPool: Service, @unchecked Sendable {
         // After the workers: their last records are written before the process exits.
         defer { accessLog?.stop() }
         try start()
+        kernelForwarder?.startSync()
+        defer { kernelForwarder?.stop() }
         // Last: the filter holds until the final connection is gone (its lists stay pinned).
         defer { filter.shutdown() }
         await withGracefulShutdownHandler {

@@ -13,7 +13,7 @@ import Foundation
 ///
 /// The endpoints have no route to the clients: with full NAT they only ever talk to
 /// l4lb's address on their own link, so a packet that escaped the NAT would go nowhere.
-final class RoutedTopology {
+final class RoutedTopology: @unchecked Sendable {
     let client: NetworkNamespace
     let balancer: NetworkNamespace
     let endpoint: NetworkNamespace

@@ -1,0 +1,24 @@
+import Foundation
+
+/// `/stats`' `kernel_relay`: where the kernel forwarder runs and what it counted, or null
+/// when no tcp listener uses it. Counts are the whole table's (per listener and endpoint
+/// counters are to come); a SYN it leaves to the stack is counted as a fallback by reason,
+/// and the workers then accept and proxy it as any other connection.
+extension WorkerPool {
+    func kernelRelayDocument() -> Any {
+        guard let forwarder = kernelForwarder else { return NSNull() }
+        let totals = forwarder.relay.totals()
+        return [
+            "interfaces": forwarder.relay.attachedInterfaces.map { ["name": $0, "attach": "tcx"] },
+            "nat_ports": "\(forwarder.settings.natPorts.lowerBound)-\(forwarder.settings.natPorts.upperBound)",
+            "flows_capacity": forwarder.settings.flows,
+            "new_flows": totals.newFlows,
+            "forwarded_packets": totals.forwarded,
+            "fallbacks": [
+                "paused": totals.fallbackPaused, "no_endpoint": totals.fallbackNoEndpoint, "no_route": totals.fallbackNoRoute,
+                "no_port": totals.fallbackNoPort, "table_full": totals.fallbackTableFull,
+            ],
+            "drops": ["no_route": totals.droppedNoRoute, "forwarding_off": totals.droppedForwardingOff, "mtu": totals.droppedMTU],
+        ] as [String: Any]
+    }
+}

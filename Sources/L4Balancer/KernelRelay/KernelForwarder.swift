@@ -1,0 +1,207 @@
+import BPFSteer
+import Foundation
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The kernel forwarder on the control plane's side (issue 35): at start it checks the
+/// host (forwarding on, NAT ports clear of `ip_local_port_range`), loads the program and
+/// attaches it to `kernel_relay.interfaces`; on every snapshot it writes the tcp listeners
+/// with `relay: kernel` into the maps (endpoint slots, one plan per listener, services);
+/// every 50 ms it copies endpoint availability (health, ejection, drain) into the slots.
+/// The workers keep listening on the same addresses: a SYN the kernel leaves to the stack
+/// is accepted and proxied as before.
+///
+/// Driven under the pool's `controlLock` (start, reload, drain) and by its own sync
+/// thread; `lock` keeps the two apart.
+final class KernelForwarder: @unchecked Sendable {
+    let relay: KernelRelay
+    let settings: Config.KernelRelay
+    private let lock = NSLock()
+    /// Endpoint identity → kernel slot, for endpoints behind kernel listeners.
+    private var slots: [Int: Int] = [:]
+    private var freeSlots: [Int]
+    /// Availability as last written, by slot.
+    private var written: [Int: Bool] = [:]
+    /// Services installed: address bytes and port.
+    private var services: Set<[UInt8]> = []
+    private var snapshot: Snapshot?
+    private var syncing = false
+    private var stopped = false
+    private let status: EndpointStatus
+
+    struct StartError: Error, CustomStringConvertible { let description: String }
+
+    /// Loads and attaches the forwarder `config` asks for; nil when no tcp listener does.
+    static func start(_ config: Config, status: EndpointStatus) throws(StartError) -> KernelForwarder? {
+        guard config.wantsKernelForwarding else { return nil }
+        let settings = config.kernelRelay
+        try checkHost(settings)
+        let relay: KernelRelay
+        do {
+            relay = try KernelRelay(capacity: 2 * settings.flows)
+            try relay.setNATPorts(first: UInt16(settings.natPorts.lowerBound), count: settings.natPorts.count)
+            for interface in settings.interfaces { try relay.attach(to: interface) }
+        } catch {
+            throw StartError(description: "kernel_relay: \(error)")
+        }
+        return KernelForwarder(relay: relay, settings: settings, status: status)
+    }
+
+    private init(relay: KernelRelay, settings: Config.KernelRelay, status: EndpointStatus) {
+        self.relay = relay
+        self.settings = settings
+        self.status = status
+        freeSlots = Array((0..<KernelRelay.endpointSlotCapacity).reversed())
+    }
+
+    /// What the kernel's FIB helper and the stack's own sockets require of the host.
+    static func checkHost(_ settings: Config.KernelRelay) throws(StartError) {
+        for interface in settings.interfaces {
+            guard if_nametoindex(interface) != 0 else {
+                throw StartError(description: "kernel_relay.interfaces: no interface \(interface)")
+            }
+            for family in ["ipv4", "ipv6"] {
+                let path = "/proc/sys/net/\(family)/conf/\(interface)/forwarding"
+                guard let text = try? String(contentsOfFile: path, encoding: .utf8), text.trimmingCharacters(in: .whitespacesAndNewlines) == "1" else {
+                    throw StartError(description: "kernel_relay.interfaces: \(interface) does not forward \(family == "ipv4" ? "IPv4" : "IPv6") "
+                        + "(the kernel path forwards between interfaces as a router does); run sysctl -w net.\(family).conf.\(interface).forwarding=1")
+                }
+            }
+        }
+        if let text = try? String(contentsOfFile: "/proc/sys/net/ipv4/ip_local_port_range", encoding: .utf8) {
+            let bounds = text.split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\n" }).compactMap { Int($0) }
+            if bounds.count == 2, bounds[0] <= settings.natPorts.upperBound, settings.natPorts.lowerBound <= bounds[1] {
+                throw StartError(description: "kernel_relay.nat_ports: \(settings.natPorts.lowerBound)-\(settings.natPorts.upperBound) overlaps "
+                    + "net.ipv4.ip_local_port_range \(bounds[0])-\(bounds[1]); choose ports outside it (e.g. 61000-65535) or narrow the range")
+            }
+        }
+    }
+
+    /// Writes `snapshot`'s kernel listeners into the maps: slots for endpoints new to them,
+    /// a plan per listener (each swapped whole), services added and removed. Flows already
+    /// installed keep their endpoint whatever changes. `paused` listeners' SYNs go to the
+    /// stack (a blocklist or rate limit enforced in user space must see them).
+    func apply(_ snapshot: Snapshot, paused: (Snapshot.ListenerPlan) -> Bool) throws {
+        lock.lock()
+        defer { lock.unlock() }
+        let kernelListeners = snapshot.listeners.filter { $0.transport == .tcp && $0.relay == .kernel }
+        var wanted: [Int] = []
+        for listener in kernelListeners {
+            for endpoint in endpoints(of: listener, in: snapshot) { wanted.append(endpoint.id) }
+        }
+        let wantedSet = Set(wanted)
+        // Slots of endpoints no kernel listener reaches any more are free again at once:
+        // installed flows hold the endpoint's address, not its slot.
+        for (id, slot) in slots where !wantedSet.contains(id) {
+            slots[id] = nil
+            written[slot] = nil
+            freeSlots.append(slot)
+        }
+        for listener in kernelListeners {
+            for endpoint in endpoints(of: listener, in: snapshot) where slots[endpoint.id] == nil {
+                guard let slot = freeSlots.popLast() else {
+                    throw StartError(description: "kernel_relay: more than \(KernelRelay.endpointSlotCapacity) endpoints behind kernel listeners")
+                }
+                slots[endpoint.id] = slot
+                let available = status.flags(endpoint.id).rawValue == 0
+                try relay.setEndpoint(slot: slot, KernelRelay.Endpoint(address: endpoint.address.ip, port: endpoint.address.port,
+                                                                       available: available, identity: UInt32(endpoint.id)))
+                written[slot] = available
+            }
+            guard let cluster = listener.clusters.first.map({ snapshot.clusters[$0] }) else { continue }
+            let members = Array(snapshot.endpoints[cluster.firstEndpoint..<(cluster.firstEndpoint + cluster.endpointCount)])
+            let memberSlots = members.map { UInt32(slots[$0.id]!) }
+            let words: [UInt32]
+            switch cluster.balancer {
+            case .maglev:
+                guard let table = cluster.maglevTable else { continue }
+                words = KernelRelayPlan.maglev(table: table.slots, slots: memberSlots, weights: cluster.weights, hashKey: Self.hashKey(cluster.hashKey),
+                                               cluster: UInt32(cluster.id), generation: UInt32(truncatingIfNeeded: snapshot.generation))
+            default:
+                words = KernelRelayPlan.random(keep: cluster.aliasTable.keep, alias: cluster.aliasTable.alias, slots: memberSlots, weights: cluster.weights,
+                                               cluster: UInt32(cluster.id), generation: UInt32(truncatingIfNeeded: snapshot.generation))
+            }
+            try relay.setPlan(listener: listener.id, words: words)
+        }
+        var installed: Set<[UInt8]> = []
+        for listener in kernelListeners {
+            try relay.setService(address: listener.address.ip, port: listener.address.port, listener: listener.id, paused: paused(listener))
+            installed.insert(Self.serviceKey(listener.address))
+        }
+        for key in services.subtracting(installed) {
+            try relay.removeService(address: Array(key.dropLast(2)), port: UInt16(key[key.count - 2]) << 8 | UInt16(key[key.count - 1]))
+        }
+        services = installed
+        self.snapshot = snapshot
+    }
+
+    /// No new kernel flows from now on (a drain): every service is removed; installed
+    /// flows go on.
+    func stopNewFlows() {
+        lock.lock()
+        defer { lock.unlock() }
+        for key in services {
+            try? relay.removeService(address: Array(key.dropLast(2)), port: UInt16(key[key.count - 2]) << 8 | UInt16(key[key.count - 1]))
+        }
+        services = []
+    }
+
+    /// Starts the thread that copies endpoint availability into the slots every 50 ms.
+    func startSync() {
+        let thread = Thread { [self] in
+            while lock.withLock({ !stopped }) {
+                syncAvailability()
+                usleep(50_000)
+            }
+        }
+        thread.name = "l4lb-kernel-sync"
+        thread.start()
+    }
+
+    func stop() { lock.withLock { stopped = true } }
+
+    /// Writes the slots whose endpoint's availability changed since the last write.
+    func syncAvailability() {
+        lock.lock()
+        defer { lock.unlock() }
+        guard let snapshot else { return }
+        for endpoint in snapshot.endpoints {
+            guard let slot = slots[endpoint.id] else { continue }
+            let available = status.flags(endpoint.id).rawValue == 0
+            guard written[slot] != available else { continue }
+            if (try? relay.setEndpoint(slot: slot, KernelRelay.Endpoint(address: endpoint.address.ip, port: endpoint.address.port,
+                                                                        available: available, identity: UInt32(endpoint.id)))) != nil {
+                written[slot] = available
+            }
+        }
+    }
+
+    private func endpoints(of listener: Snapshot.ListenerPlan, in snapshot: Snapshot) -> ArraySlice<Snapshot.EndpointPlan> {
+        guard let c = listener.clusters.first else { return [] }
+        let cluster = snapshot.clusters[c]
+        return snapshot.endpoints[cluster.firstEndpoint..<(cluster.firstEndpoint + cluster.endpointCount)]
+    }
+
+    private static func serviceKey(_ address: SocketAddress) -> [UInt8] {
+        address.ip + [UInt8(address.port >> 8), UInt8(address.port & 0xFF)]
+    }
+
+    private static func hashKey(_ key: Config.Cluster.HashKey) -> KernelRelayPlan.HashKey {
+        switch key {
+        case .sourceIP: .sourceIP
+        case .sourceIPPort: .sourceIPPort
+        case .fiveTuple: .fiveTuple
+        }
+    }
+}
+
+extension WorkerPool {
+    /// Whether a kernel listener's SYNs must reach the workers instead: a blocklist the
+    /// workers enforce (XDP is not attached), or rate limits the kernel does not cover.
+    static func kernelPaused(_ filter: PacketFilter) -> (Snapshot.ListenerPlan) -> Bool {
+        let userspaceList = filter.store.filter.enforcing
+        return { listener in userspaceList || (listener.rateLimit != nil && !listener.rateLimitInKernel) }
+    }
+}

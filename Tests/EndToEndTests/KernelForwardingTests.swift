@@ -1,0 +1,101 @@
+import Foundation
+import XCTest
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `relay: kernel` on tcp listeners, end to end through `l4lb run` (issue 35): l4lb in the
+/// middle namespace of `RoutedTopology`, real servers in the endpoint namespace with no
+/// route to the clients, clients in theirs. The kernel forwarder carries the flows; the
+/// workers, listening on the same addresses, accept only what it leaves to them.
+final class KernelForwardingTests: XCTestCase {
+    typealias Address = RoutedTopology.Address
+
+    static func config(endpointPorts4: [UInt16], endpointPorts6: [UInt16]) -> String {
+        func endpoints(_ host: String, _ ports: [UInt16]) -> String {
+            ports.map { host.contains(":") ? "{ address: \"[\(host)]:\($0)\" }" : "{ address: \(host):\($0) }" }.joined(separator: ", ")
+        }
+        return """
+            workers: 1
+            drain_timeout: 2s
+            kernel_relay: { interfaces: [l4b-c, l4b-e], flows: 4096 }
+            listeners:
+              - { name: fast4, address: \(Address.listener4):80, cluster: web4, relay: kernel }
+              - { name: fast6, address: "[\(Address.listener6)]:80", cluster: web6, relay: kernel }
+            clusters:
+              - { name: web4, balancer: maglev, hash_key: source_ip_port, endpoints: [\(endpoints(Address.endpoint4, endpointPorts4))] }
+              - { name: web6, balancer: maglev, hash_key: source_ip_port, endpoints: [\(endpoints(Address.endpoint6, endpointPorts6))] }
+            """
+    }
+
+    /// Must-show 1 and 2 (TCP, in part): 200 connections per family, each 1 MiB from the
+    /// endpoint (which half-closes first) and then 1 MiB from the client, byte-exact, over
+    /// three endpoints; the workers accepted none of them, and the kernel took every SYN.
+    /// Then a client in l4lb's own namespace, whose packets never cross the forwarder's
+    /// interfaces, is proxied as before by the same listener.
+    func testTCPFlowsAreCarriedByTheKernelAndTheWorkersAcceptNone() throws {
+        let topology = try RoutedTopology("kfw")
+        let size = 1 << 20, connections = 200
+        let backends4 = try (0..<3).map { _ in try topology.endpoint.run { try TestBackend(.halfCloseFirst(bytes: size, seed: 5), host: Address.endpoint4) } }
+        let backends6 = try (0..<3).map { _ in try topology.endpoint.run { try TestBackend(.halfCloseFirst(bytes: size, seed: 5), host: Address.endpoint6) } }
+        defer { (backends4 + backends6).forEach { $0.stop() } }
+        let proxy = try topology.balancer.run {
+            try L4LBProcess(config: Self.config(endpointPorts4: backends4.map(\.port), endpointPorts6: backends6.map(\.port)), waitFor: nil)
+        }
+        defer { proxy.stop() }
+        XCTAssertTrue(waitUntil(timeout: 30) { (try? topology.balancer.run { try proxy.stats() }) != nil }, "l4lb did not start: \(proxy.log)")
+
+        let failures = UncheckedBox<[String]>([])
+        let lock = NSLock()
+        for listener in [Address.listener4, Address.listener6] {
+            DispatchQueue.concurrentPerform(iterations: 8) { lane in
+                for i in stride(from: lane, to: connections, by: 8) {
+                    do {
+                        let fd = try topology.client.run { try Sockets.connect(host: listener, port: 80, timeout: 10) }
+                        defer { close(fd) }
+                        let download = try Sockets.receiveAll(fd)
+                        var expected = PatternStream(seed: 5)
+                        guard download.count == size, download.withUnsafeBytes({ expected.matches($0) }) else {
+                            throw Sockets.Failure("download of \(download.count) bytes, corrupted or short", 0)
+                        }
+                        var source = PatternStream(seed: 6)
+                        var chunk = [UInt8](repeating: 0, count: size)
+                        chunk.withUnsafeMutableBytes { source.fill($0) }
+                        try Sockets.sendAll(fd, chunk)
+                        shutdown(fd, Int32(SHUT_WR))
+                        guard Sockets.waitForClose(fd, timeout: 10) != nil else { throw Sockets.Failure("no close after both FINs", 0) }
+                    } catch {
+                        lock.withLock { failures.value.append("\(listener) #\(i): \(error)") }
+                    }
+                }
+            }
+        }
+        XCTAssertEqual(failures.value, [])
+        for (name, backends) in [("IPv4", backends4), ("IPv6", backends6)] {
+            XCTAssertTrue(waitUntil(timeout: 20) { backends.map(\.sinkBytes).reduce(0, +) == connections * size },
+                          "\(name): the endpoints received \(backends.map(\.sinkBytes).reduce(0, +)) of \(connections * size) bytes")
+            XCTAssertFalse(backends.contains { $0.sinkMismatch }, "\(name): an upload arrived corrupted")
+            XCTAssertEqual(backends.map(\.accepted).reduce(0, +), connections, name)
+            XCTAssertTrue(backends.allSatisfy { $0.accepted > 0 }, "\(name): Maglev spread the flows over all three endpoints: \(backends.map(\.accepted))")
+        }
+
+        let stats = try topology.balancer.run { try proxy.stats() }
+        for name in ["fast4", "fast6"] {
+            XCTAssertEqual(stats.listener(name)?.int("total"), 0, "the workers accepted none of the kernel's connections")
+        }
+        let kernel = try XCTUnwrap(stats["kernel_relay"] as? [String: Any], "\(stats)")
+        XCTAssertEqual(kernel.int("new_flows"), 2 * connections)
+        XCTAssertEqual((kernel["interfaces"] as? [[String: Any]])?.compactMap { $0["name"] as? String }, ["l4b-c", "l4b-e"])
+        for (reason, count) in (kernel["fallbacks"] as? [String: Any]) ?? [:] { XCTAssertEqual((count as? NSNumber)?.intValue, 0, "fallback \(reason)") }
+        for (reason, count) in (kernel["drops"] as? [String: Any]) ?? [:] { XCTAssertEqual((count as? NSNumber)?.intValue, 0, "drop \(reason)") }
+
+        // The proxy path beside it: from l4lb's own namespace the SYN crosses lo, not the
+        // forwarder's interfaces, and a worker accepts and proxies it.
+        let local = try topology.balancer.run { try Sockets.connect(host: Address.listener4, port: 80, timeout: 10) }
+        defer { close(local) }
+        XCTAssertEqual(try Sockets.receiveAll(local).count, size, "the proxied download")
+        let after = try topology.balancer.run { try proxy.stats() }
+        XCTAssertEqual(after.listener("fast4")?.int("total"), 1, "the proxied connection was the workers' only one")
+    }
+}
