@@ -37,7 +37,9 @@
 /* Ours, not vmlinux.h's: the build machine's kernel may predate the flag (6.2). */
 #define L4LB_FIB_LOOKUP_SKIP_NEIGH (1U << 2)
 #define L4LB_FIB_LOOKUP_SRC (1U << 4) /* 6.7: fills in the source address the route prefers */
+#define TCP_FLAG_FIN 0x01
 #define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_RST 0x04
 #define TCP_FLAG_ACK 0x10
 #define NAT_PORT_PROBES 32
 #define L4LB_FIB_FWD_DISABLED 5
@@ -235,6 +237,13 @@ static __always_inline int rewrite(struct __sk_buff *skb, struct l4lb_kr_tuple *
 	if (bpf_skb_store_bytes(skb, p->l4_off, ports, 4, BPF_F_INVALIDATE_HASH))
 		return TC_ACT_SHOT;
 
+	/* A FIN or RST lets user space expire the flow soon after, rather than at its idle
+	 * timeout; bits only grow. */
+	if (key->protocol == PROTO_TCP && (p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))) {
+		__u8 bits = (p->tcp_flags & TCP_FLAG_FIN ? L4LB_KR_STATE_FIN : 0) | (p->tcp_flags & TCP_FLAG_RST ? L4LB_KR_STATE_RST : 0);
+		if ((flow->state & bits) != bits)
+			flow->state |= bits;
+	}
 	__sync_fetch_and_add(&flow->packets, skb->gso_segs > 1 ? skb->gso_segs : 1);
 	__sync_fetch_and_add(&flow->bytes, p->payload);
 	flow->last_ns = bpf_ktime_get_ns();
@@ -320,6 +329,7 @@ static __noinline int new_flow(struct __sk_buff *skb, struct l4lb_kr_tuple *key)
 	__builtin_memcpy(s->reverse_value.daddr, key->saddr, 16);
 	s->reverse_value.sport = key->dport;
 	s->reverse_value.dport = key->sport;
+	s->reverse_value.listener = (__u16)listener;
 
 	__u32 first = settings->nat_port_first, ports = settings->nat_port_count;
 	if (ports == 0 || first + ports > 65536) {
@@ -350,6 +360,7 @@ static __noinline int new_flow(struct __sk_buff *skb, struct l4lb_kr_tuple *key)
 	__builtin_memcpy(s->forward_value.daddr, endpoint->addr, 16);
 	s->forward_value.sport = s->reverse.dport;
 	s->forward_value.dport = endpoint->port;
+	s->forward_value.listener = (__u16)listener;
 	if (bpf_map_update_elem(&kr_flows, key, &s->forward_value, BPF_NOEXIST) != 0) {
 		bpf_map_delete_elem(&kr_flows, &s->reverse);
 		count(L4LB_KR_FALLBACK_TABLE_FULL);

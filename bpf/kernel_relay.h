@@ -29,11 +29,16 @@ struct l4lb_kr_flow {
 	__u8 daddr[16];
 	__be16 sport;
 	__be16 dport;
-	__u32 pad;
+	__u16 listener; /* identity of the listener the flow came in on (kernel-started flows) */
+	__u8 state;     /* L4LB_KR_STATE_* bits seen on this direction; they only grow */
+	__u8 pad;
 	__u64 packets;
 	__u64 bytes;
 	__u64 last_ns;
 };
+
+#define L4LB_KR_STATE_FIN 1
+#define L4LB_KR_STATE_RST 2
 
 /* What the program counts for the whole table (per CPU; user space sums them): indexes
  * of kr_counters. */

@@ -21,8 +21,8 @@ final class KernelForwardingTests: XCTestCase {
             drain_timeout: 2s
             kernel_relay: { interfaces: [l4b-c, l4b-e], flows: 4096 }
             listeners:
-              - { name: fast4, address: \(Address.listener4):80, cluster: web4, relay: kernel }
-              - { name: fast6, address: "[\(Address.listener6)]:80", cluster: web6, relay: kernel }
+              - { name: fast4, address: \(Address.listener4):80, cluster: web4, relay: kernel, idle_timeout: 3s }
+              - { name: fast6, address: "[\(Address.listener6)]:80", cluster: web6, relay: kernel, idle_timeout: 3s }
             clusters:
               - { name: web4, balancer: maglev, hash_key: source_ip_port, endpoints: [\(endpoints(Address.endpoint4, endpointPorts4))] }
               - { name: web6, balancer: maglev, hash_key: source_ip_port, endpoints: [\(endpoints(Address.endpoint6, endpointPorts6))] }
@@ -89,6 +89,35 @@ final class KernelForwardingTests: XCTestCase {
         XCTAssertEqual((kernel["interfaces"] as? [[String: Any]])?.compactMap { $0["name"] as? String }, ["l4b-c", "l4b-e"])
         for (reason, count) in (kernel["fallbacks"] as? [String: Any]) ?? [:] { XCTAssertEqual((count as? NSNumber)?.intValue, 0, "fallback \(reason)") }
         for (reason, count) in (kernel["drops"] as? [String: Any]) ?? [:] { XCTAssertEqual((count as? NSNumber)?.intValue, 0, "drop \(reason)") }
+
+        // Every flow ended with a FIN each way: the table empties once they are 3 s old
+        // (the idle timeout, shorter than the 10 s a closed flow is otherwise kept).
+        var expired: [String: Any] = [:]
+        XCTAssertTrue(waitUntil(timeout: 20) {
+            let kernel = (try? topology.balancer.run { try proxy.stats() })?["kernel_relay"] as? [String: Any]
+            expired = (kernel?["expired"] as? [String: Any]) ?? [:]
+            return kernel?.int("table_entries") == 0 && expired.int("closed") == 2 * connections
+        }, "the closed flows were not all expired: \(expired)")
+        XCTAssertEqual(expired.int("idle"), 0)
+
+        // A flow left idle past its idle timeout is removed: the client's next segment meets
+        // the stack, which resets it, as after the proxy's own idle close.
+        let idle = try topology.client.run { try Sockets.connect(host: Address.listener4, port: 80, timeout: 10) }
+        defer { close(idle) }
+        XCTAssertEqual(try Sockets.receiveExactly(idle, 4096).count, 4096, "the idle flow worked before it idled")
+        XCTAssertTrue(waitUntil(timeout: 20) {
+            ((try? topology.balancer.run { try proxy.stats() })?["kernel_relay"] as? [String: Any])?["expired"].flatMap { $0 as? [String: Any] }?.int("idle") == 1
+        }, "the idle flow was not expired")
+        _ = send(idle, [1, 2, 3], 3, Int32(MSG_NOSIGNAL))
+        var sink = [UInt8](repeating: 0, count: size)
+        var reset = false
+        let deadline = Date().addingTimeInterval(10)
+        while Date() < deadline {
+            let n = recv(idle, &sink, sink.count, 0)
+            if n < 0, errno == ECONNRESET { reset = true; break }
+            if n <= 0 { break }
+        }
+        XCTAssertTrue(reset, "the expired flow's next segment was not reset")
 
         // The proxy path beside it: from l4lb's own namespace the SYN crosses lo, not the
         // forwarder's interfaces, and a worker accepts and proxies it.

@@ -8,10 +8,13 @@ extension WorkerPool {
     func kernelRelayDocument() -> Any {
         guard let forwarder = kernelForwarder else { return NSNull() }
         let totals = forwarder.relay.totals()
+        let expiry = forwarder.expiry
         return [
             "interfaces": forwarder.relay.attachedInterfaces.map { ["name": $0, "attach": "tcx"] },
             "nat_ports": "\(forwarder.settings.natPorts.lowerBound)-\(forwarder.settings.natPorts.upperBound)",
             "flows_capacity": forwarder.settings.flows,
+            "table_entries": expiry.tableEntries,
+            "expired": ["idle": expiry.idle, "closed": expiry.closed],
             "new_flows": totals.newFlows,
             "forwarded_packets": totals.forwarded,
             "fallbacks": [

@@ -91,6 +91,7 @@ public struct Config: Sendable, Equatable {
         public var connectTimeout: ConfigDuration = .seconds(2)
         public var connectAttempts = 3
         public var idleTimeout: ConfigDuration = .seconds(300)
+        public static let defaultIdleTimeoutMilliseconds: Int64 = 300_000
         /// How long a send may make no progress at all (the peer accepts nothing) before
         /// the connection is closed; 0 = never. HAProxy's `timeout client/server` for a
         /// peer that stopped reading.

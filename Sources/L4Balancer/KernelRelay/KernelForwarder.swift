@@ -27,8 +27,13 @@ final class KernelForwarder: @unchecked Sendable {
     /// Services installed: address bytes and port.
     private var services: Set<[UInt8]> = []
     private var snapshot: Snapshot?
-    private var syncing = false
     private var stopped = false
+    /// What the sweeps found: entries left after the last, flows removed in all.
+    private var tableEntries = 0
+    private var expiredIdle = 0
+    private var expiredClosed = 0
+    /// How long a flow stays after a RST, or a FIN each way (its idle timeout if shorter).
+    static let closedGraceNanoseconds: UInt64 = 10_000_000_000
     private let status: EndpointStatus
 
     struct StartError: Error, CustomStringConvertible { let description: String }
@@ -148,11 +153,18 @@ final class KernelForwarder: @unchecked Sendable {
         services = []
     }
 
-    /// Starts the thread that copies endpoint availability into the slots every 50 ms.
+    /// Starts the thread that copies endpoint availability into the slots every 50 ms and
+    /// expires flows every quarter of the shortest kernel listener's idle timeout (250 ms to
+    /// 5 s).
     func startSync() {
         let thread = Thread { [self] in
+            var nextSweep: UInt64 = 0
             while lock.withLock({ !stopped }) {
                 syncAvailability()
+                let now = KernelRelay.monotonicNanoseconds()
+                if now >= nextSweep {
+                    nextSweep = now + sweep(now: now)
+                }
                 usleep(50_000)
             }
         }
@@ -161,6 +173,30 @@ final class KernelForwarder: @unchecked Sendable {
     }
 
     func stop() { lock.withLock { stopped = true } }
+
+    /// What the sweeps found: TCP entries left after the last, flows removed in all.
+    var expiry: (tableEntries: Int, idle: Int, closed: Int) {
+        lock.withLock { (tableEntries, expiredIdle, expiredClosed) }
+    }
+
+    /// One pass of expiry; returns the nanoseconds until the next.
+    func sweep(now: UInt64) -> UInt64 {
+        lock.lock()
+        defer { lock.unlock() }
+        guard let snapshot else { return 1_000_000_000 }
+        var idle: [Int: UInt64] = [:]
+        for listener in snapshot.listeners where listener.transport == .tcp && listener.relay == .kernel {
+            idle[listener.id] = UInt64(max(listener.idleTimeoutMilliseconds, 1)) * 1_000_000
+        }
+        // A listener a reload removed: its flows expire by the longest idle timeout left.
+        let longest = idle.values.max() ?? UInt64(Config.Listener.defaultIdleTimeoutMilliseconds) * 1_000_000
+        let result = relay.sweep(now: now, closedNanoseconds: Self.closedGraceNanoseconds) { idle[$0] ?? longest }
+        tableEntries = result.tcpEntries
+        expiredIdle += result.expiredIdle
+        expiredClosed += result.expiredClosed
+        let shortest = idle.values.min() ?? longest
+        return min(max(shortest / 4, 250_000_000), 5_000_000_000)
+    }
 
     /// Writes the slots whose endpoint's availability changed since the last write.
     func syncAvailability() {
