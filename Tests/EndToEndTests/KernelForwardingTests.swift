@@ -127,4 +127,65 @@ final class KernelForwardingTests: XCTestCase {
         let after = try topology.balancer.run { try proxy.stats() }
         XCTAssertEqual(after.listener("fast4")?.int("total"), 1, "the proxied connection was the workers' only one")
     }
+
+    /// Must-show 4 (in part): an endpoint whose server is gone is taken out by its health
+    /// check, and the kernel's new flows avoid it from then on: 100 connections after it
+    /// failed all reach the two left, none meets the dead port's reset.
+    func testNewKernelFlowsAvoidAnEndpointItsHealthCheckTookOut() throws {
+        let topology = try RoutedTopology("kfh")
+        let backends = try (0..<3).map { _ in try topology.endpoint.run { try TestBackend(.echo, host: Address.endpoint4) } }
+        defer { backends.forEach { $0.stop() } }
+        let endpoints = backends.map { "{ address: \(Address.endpoint4):\($0.port) }" }.joined(separator: ", ")
+        let config = """
+            workers: 1
+            drain_timeout: 1s
+            kernel_relay: { interfaces: [l4b-c, l4b-e] }
+            listeners:
+              - { name: fast4, address: \(Address.listener4):80, cluster: web4, relay: kernel }
+            clusters:
+              - name: web4
+                balancer: maglev
+                hash_key: source_ip_port
+                health_check: { type: tcp, interval: 200ms, timeout: 200ms, unhealthy_threshold: 2, healthy_threshold: 1 }
+                endpoints: [\(endpoints)]
+            """
+        let proxy = try topology.balancer.run { try L4LBProcess(config: config, waitFor: nil) }
+        defer { proxy.stop() }
+        func stats() -> [String: Any]? { try? topology.balancer.run { try proxy.stats() } }
+        func healthy(_ backend: TestBackend) -> Bool? {
+            stats()?.endpoint(cluster: "web4", address: "\(Address.endpoint4):\(backend.port)")?.bool("healthy")
+        }
+        XCTAssertTrue(waitUntil(timeout: 30) { backends.allSatisfy { healthy($0) == true } }, "the endpoints never became healthy: \(proxy.log)")
+
+        func echoMany(_ count: Int) -> [String] {
+            var failures: [String] = []
+            for i in 0..<count {
+                do {
+                    let fd = try topology.client.run { try Sockets.connect(host: Address.listener4, port: 80, timeout: 5) }
+                    defer { close(fd) }
+                    let payload = (0..<1024).map { UInt8(truncatingIfNeeded: $0 &+ i) }
+                    try Sockets.sendAll(fd, payload)
+                    shutdown(fd, Int32(SHUT_WR))
+                    if try Sockets.receiveAll(fd) != payload { failures.append("#\(i): echo differs") }
+                } catch {
+                    failures.append("#\(i): \(error)")
+                }
+            }
+            return failures
+        }
+        XCTAssertEqual(echoMany(60), [])
+        XCTAssertTrue(backends.allSatisfy { $0.accepted > 0 }, "the first flows spread over all three: \(backends.map(\.accepted))")
+
+        backends[0].stop()
+        XCTAssertTrue(waitUntil(timeout: 10) { healthy(backends[0]) == false }, "the stopped endpoint was not taken out")
+        // The kernel's copy follows within milliseconds; /stats shows it.
+        XCTAssertTrue(waitUntil(timeout: 2) { (stats()?["kernel_relay"] as? [String: Any])?.int("unavailable_endpoints") == 1 },
+                      "the kernel's endpoint slots did not follow the health check")
+        let before = backends.map(\.dataConnections)  // health checks connect too, and send nothing
+        XCTAssertEqual(echoMany(100), [], "a new flow went to the endpoint that is out")
+        XCTAssertEqual(backends[1].dataConnections + backends[2].dataConnections - before[1] - before[2], 100)
+        let kernel = stats()?["kernel_relay"] as? [String: Any]
+        XCTAssertEqual(kernel?.int("new_flows"), 160, "the kernel took every flow: \(kernel ?? [:])")
+        XCTAssertEqual(stats()?.listener("fast4")?.int("total"), 0, "the workers accepted none")
+    }
 }

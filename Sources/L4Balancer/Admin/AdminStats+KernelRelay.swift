@@ -14,6 +14,7 @@ extension WorkerPool {
             "nat_ports": "\(forwarder.settings.natPorts.lowerBound)-\(forwarder.settings.natPorts.upperBound)",
             "flows_capacity": forwarder.settings.flows,
             "table_entries": expiry.tableEntries,
+            "unavailable_endpoints": forwarder.unavailableEndpoints,
             "expired": ["idle": expiry.idle, "closed": expiry.closed],
             "new_flows": totals.newFlows,
             "forwarded_packets": totals.forwarded,

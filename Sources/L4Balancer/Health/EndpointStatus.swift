@@ -31,6 +31,9 @@ public final class EndpointStatus: @unchecked Sendable {
     /// Bumped whenever an endpoint stops being healthy or is ejected (workers re-check open
     /// connections for `on_unhealthy: close`).
     public let unavailableEpoch = ManagedAtomic<UInt64>(0)
+    /// Moves whenever an endpoint turns available or unavailable (or is reset): what the
+    /// kernel forwarder watches to copy availability into its maps at once.
+    public let availabilityEpoch = ManagedAtomic<UInt64>(0)
 
     public init(endpoints: Int = IdentityRegistry.endpointCapacity, clusters: Int = IdentityRegistry.clusterCapacity) {
         // Fresh anonymous pages read as 0: every flag clear, every count 0.
@@ -44,6 +47,7 @@ public final class EndpointStatus: @unchecked Sendable {
     /// until its first check passes when it has one, not ejected, not drained.
     public func reset(_ endpoint: Int, startsUnhealthy: Bool) {
         UnsafeAtomic<UInt8>(at: flags + endpoint).store(startsUnhealthy ? Flags.unhealthy.rawValue : 0, ordering: .relaxed)
+        availabilityEpoch.wrappingIncrement(ordering: .releasing)
         UnsafeAtomic<Int64>(at: availableSince + endpoint).store(0, ordering: .relaxed)
     }
 
@@ -82,6 +86,7 @@ public final class EndpointStatus: @unchecked Sendable {
         if !before.isEmpty, after.isEmpty {
             UnsafeAtomic<Int64>(at: availableSince + endpoint).store(now, ordering: .relaxed)
         }
+        if before.isEmpty != after.isEmpty { availabilityEpoch.wrappingIncrement(ordering: .releasing) }
         return before.isEmpty != after.isEmpty
     }
 

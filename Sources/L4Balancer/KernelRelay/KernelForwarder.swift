@@ -153,19 +153,26 @@ final class KernelForwarder: @unchecked Sendable {
         services = []
     }
 
-    /// Starts the thread that copies endpoint availability into the slots every 50 ms and
-    /// expires flows every quarter of the shortest kernel listener's idle timeout (250 ms to
-    /// 5 s).
+    /// Starts the thread that copies endpoint availability into the slots within 2 ms of a
+    /// change (and in full every second), and expires flows every quarter of the shortest
+    /// kernel listener's idle timeout (250 ms to 5 s).
     func startSync() {
         let thread = Thread { [self] in
             var nextSweep: UInt64 = 0
+            var nextFullSync: UInt64 = 0
+            var seenEpoch = UInt64.max
             while lock.withLock({ !stopped }) {
-                syncAvailability()
                 let now = KernelRelay.monotonicNanoseconds()
+                let epoch = status.availabilityEpoch.load(ordering: .acquiring)
+                if epoch != seenEpoch || now >= nextFullSync {
+                    seenEpoch = epoch
+                    nextFullSync = now + 1_000_000_000
+                    syncAvailability()
+                }
                 if now >= nextSweep {
                     nextSweep = now + sweep(now: now)
                 }
-                usleep(50_000)
+                usleep(2_000)
             }
         }
         thread.name = "l4lb-kernel-sync"
@@ -178,6 +185,10 @@ final class KernelForwarder: @unchecked Sendable {
     var expiry: (tableEntries: Int, idle: Int, closed: Int) {
         lock.withLock { (tableEntries, expiredIdle, expiredClosed) }
     }
+
+    /// Endpoint slots the kernel currently skips for new flows (unhealthy, ejected,
+    /// draining), as last written.
+    var unavailableEndpoints: Int { lock.withLock { written.values.filter { !$0 }.count } }
 
     /// One pass of expiry; returns the nanoseconds until the next.
     func sweep(now: UInt64) -> UInt64 {
