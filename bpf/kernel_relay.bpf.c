@@ -42,6 +42,7 @@
 #define TCP_FLAG_RST 0x04
 #define TCP_FLAG_ACK 0x10
 #define NAT_PORT_PROBES 32
+#define CLOSED_PORT_QUIET_NS 1000000000ULL
 #define L4LB_FIB_FWD_DISABLED 5
 #define L4LB_FIB_FRAG_NEEDED 8
 
@@ -111,6 +112,7 @@ struct {
 struct new_flow_scratch {
 	struct bpf_fib_lookup fib;
 	struct l4lb_kr_tuple reverse;
+	struct l4lb_kr_tuple old_forward;
 	struct l4lb_kr_flow forward_value;
 	struct l4lb_kr_flow reverse_value;
 	__u8 hash_bytes[40];
@@ -250,6 +252,45 @@ static __always_inline int rewrite(struct __sk_buff *skb, struct l4lb_kr_tuple *
 	return 0;
 }
 
+/* The NAT port in s->reverse is taken. By a flow that has ended (a RST, or a FIN each
+ * way) and been quiet for a second? Then, as conntrack re-opens a closed connection's
+ * tuple, the new flow takes it: the old pair goes and the new reply entry goes in.
+ * Without this a closed flow would hold its port until the sweeper's grace ran out, and a
+ * busy endpoint would run out of ports long before the table filled. The quiet second
+ * lets the close finish: taken at once, the endpoint's last ACK would reach the new
+ * client, whose reset would cost it a SYN retransmission (measured: the connection rate
+ * halved). 1 when the new reply entry is in. */
+static __always_inline int take_closed_port(struct new_flow_scratch *s)
+{
+	struct l4lb_kr_flow *old = bpf_map_lookup_elem(&kr_flows, &s->reverse);
+	if (!old)
+		return 0;
+	__builtin_memset(&s->old_forward, 0, sizeof(s->old_forward));
+	__builtin_memcpy(s->old_forward.saddr, old->daddr, 16);
+	__builtin_memcpy(s->old_forward.daddr, old->saddr, 16);
+	s->old_forward.sport = old->dport;
+	s->old_forward.dport = old->sport;
+	s->old_forward.protocol = PROTO_TCP;
+	s->old_forward.family = s->reverse.family;
+	__u8 state = old->state;
+	struct l4lb_kr_flow *old_forward = bpf_map_lookup_elem(&kr_flows, &s->old_forward);
+	__u8 forward_state = old_forward ? old_forward->state : L4LB_KR_STATE_FIN;
+	__u64 last = old->last_ns;
+	if (old_forward && old_forward->last_ns > last)
+		last = old_forward->last_ns;
+	if (bpf_ktime_get_ns() - last < CLOSED_PORT_QUIET_NS)
+		return 0;
+	int closed = ((state | forward_state) & L4LB_KR_STATE_RST) || ((state & forward_state) & L4LB_KR_STATE_FIN);
+	if (!closed)
+		return 0;
+	bpf_map_delete_elem(&kr_flows, &s->old_forward);
+	bpf_map_delete_elem(&kr_flows, &s->reverse);
+	if (bpf_map_update_elem(&kr_flows, &s->reverse, &s->reverse_value, BPF_NOEXIST) != 0)
+		return 0;
+	count(L4LB_KR_NAT_PORT_REUSED);
+	return 1;
+}
+
 /* A SYN to a service: picks its endpoint as user space would, a NAT port toward it, and
  * installs both entries of the flow. 0 when installed; TCX_NEXT (counted by reason) when
  * the SYN is left to the stack, where the listener's workers accept it. */
@@ -350,6 +391,10 @@ static __noinline int new_flow(struct __sk_buff *skb, struct l4lb_kr_tuple *key)
 		if (rc != -17 /* EEXIST: taken, try the next */) {
 			count(L4LB_KR_FALLBACK_TABLE_FULL);
 			return TCX_NEXT;
+		}
+		if (take_closed_port(s)) {
+			installed = 1;
+			break;
 		}
 	}
 	if (!installed) {

@@ -54,6 +54,7 @@ enum l4lb_kr_counter {
 	L4LB_KR_FALLBACK_NO_ROUTE,   /* no route (or source address) toward the endpoint */
 	L4LB_KR_FALLBACK_NO_PORT,    /* 32 NAT ports probed, all taken toward that endpoint */
 	L4LB_KR_FALLBACK_TABLE_FULL, /* the flow table had no room */
+	L4LB_KR_NAT_PORT_REUSED,     /* a new flow took the NAT port of one closed both ways (or reset) */
 	L4LB_KR_COUNTER_COUNT,
 };
 

@@ -22,48 +22,79 @@ extension KernelRelay {
     public func sweep(now: UInt64, closedNanoseconds: UInt64, idleNanoseconds: (Int) -> UInt64) -> SweepResult {
         let fd = mapFD("kr_flows")
         var result = SweepResult()
-        var keys: [l4lb_kr_tuple] = []
-        var key = l4lb_kr_tuple()
-        var next = l4lb_kr_tuple()
-        var first = true
-        // Keys first, then decisions: deleting while walking would restart the walk.
-        while (first ? bpf_map_get_next_key(fd, nil, &next) : bpf_map_get_next_key(fd, &key, &next)) == 0 {
-            first = false
-            keys.append(next)
-            key = next
-        }
-        var removed = Set<[UInt8]>()
-        for var entry in keys where entry.protocol == 6 {
-            let id = withUnsafeBytes(of: entry) { Array($0) }
-            if removed.contains(id) { continue }
-            var flow = l4lb_kr_flow()
-            guard bpf_map_lookup_elem(fd, &entry, &flow) == 0 else { continue }
+        let (keys, values) = readAll(fd)
+        // Each entry's position by its key, to find its pair without a syscall.
+        var position: [FlowKey: Int] = [:]
+        position.reserveCapacity(keys.count)
+        for (i, key) in keys.enumerated() where key.protocol == 6 { position[FlowKey(key)] = i }
+        var doomed: [l4lb_kr_tuple] = []
+        var decided = [Bool](repeating: false, count: keys.count)
+        for (i, key) in keys.enumerated() where key.protocol == 6 && !decided[i] {
+            decided[i] = true
+            let flow = values[i]
             var pairKey = l4lb_kr_tuple()
             pairKey.saddr = flow.daddr
             pairKey.daddr = flow.saddr
             pairKey.sport = flow.dport
             pairKey.dport = flow.sport
-            pairKey.protocol = entry.protocol
-            pairKey.family = entry.family
-            var pair = l4lb_kr_flow()
-            let hasPair = bpf_map_lookup_elem(fd, &pairKey, &pair) == 0
-            let last = max(flow.last_ns, hasPair ? pair.last_ns : 0)
-            let reset = (flow.state | (hasPair ? pair.state : 0)) & UInt8(L4LB_KR_STATE_RST) != 0
-            let finished = flow.state & UInt8(L4LB_KR_STATE_FIN) != 0 && (!hasPair || pair.state & UInt8(L4LB_KR_STATE_FIN) != 0)
+            pairKey.protocol = key.protocol
+            pairKey.family = key.family
+            let pairIndex = position[FlowKey(pairKey)]
+            if let pairIndex { decided[pairIndex] = true }
+            let pair = pairIndex.map { values[$0] }
+            let last = max(flow.last_ns, pair?.last_ns ?? 0)
+            let state = flow.state | (pair?.state ?? 0)
+            let reset = state & UInt8(L4LB_KR_STATE_RST) != 0
+            let finished = flow.state & UInt8(L4LB_KR_STATE_FIN) != 0 && (pair.map { $0.state & UInt8(L4LB_KR_STATE_FIN) != 0 } ?? true)
             let closed = reset || finished
-            let limit = closed ? min(closedNanoseconds, idleNanoseconds(Int(flow.listener))) : idleNanoseconds(Int(flow.listener))
+            let idle = idleNanoseconds(Int(flow.listener))
+            let limit = closed ? min(closedNanoseconds, idle) : idle
             guard now > last, now - last > limit else {
-                result.tcpEntries += 1
+                result.tcpEntries += pairIndex == nil ? 1 : 2
                 continue
             }
-            bpf_map_delete_elem(fd, &entry)
-            if hasPair {
-                bpf_map_delete_elem(fd, &pairKey)
-                removed.insert(withUnsafeBytes(of: pairKey) { Array($0) })
-            }
+            doomed.append(key)
+            if pairIndex != nil { doomed.append(pairKey) }
             if closed { result.expiredClosed += 1 } else { result.expiredIdle += 1 }
         }
+        // A packet that moved `last_ns` since the read keeps its flow only until the next
+        // pass would have removed it anyway; the read is a snapshot.
+        var index = 0
+        while index < doomed.count {
+            var count = UInt32(min(8192, doomed.count - index))
+            let rc = doomed[index...].withUnsafeBufferPointer { bpf_map_delete_batch(fd, $0.baseAddress, &count, nil) }
+            if rc != 0 {
+                // One key already gone (a concurrent delete): the rest one at a time.
+                for var key in doomed[index..<(index + Int(UInt32(min(8192, doomed.count - index))))] { bpf_map_delete_elem(fd, &key) }
+            }
+            index += 8192
+        }
         return result
+    }
+
+    /// Every entry of the flow table, read in batches of 8,192 (a syscall each).
+    private func readAll(_ fd: Int32) -> (keys: [l4lb_kr_tuple], values: [l4lb_kr_flow]) {
+        let batch = 8192
+        var keys: [l4lb_kr_tuple] = [], values: [l4lb_kr_flow] = []
+        var keyBuffer = [l4lb_kr_tuple](repeating: l4lb_kr_tuple(), count: batch)
+        var valueBuffer = [l4lb_kr_flow](repeating: l4lb_kr_flow(), count: batch)
+        var inToken: UInt32 = 0, outToken: UInt32 = 0
+        var first = true
+        while true {
+            var count = UInt32(batch)
+            let rc = first
+                ? bpf_map_lookup_batch(fd, nil, &outToken, &keyBuffer, &valueBuffer, &count, nil)
+                : bpf_map_lookup_batch(fd, &inToken, &outToken, &keyBuffer, &valueBuffer, &count, nil)
+            let failure = rc != 0 ? errno : 0
+            first = false
+            keys += keyBuffer.prefix(Int(count))
+            values += valueBuffer.prefix(Int(count))
+            // ENOENT: the walk is done. ENOSPC: a bucket holds more than a batch (cannot
+            // happen at 8,192): stop and let the next pass go on.
+            if rc != 0 || failure != 0 { break }
+            inToken = outToken
+        }
+        return (keys, values)
     }
 
     /// CLOCK_MONOTONIC now, in nanoseconds: the program's `bpf_ktime_get_ns`.
@@ -71,5 +102,28 @@ extension KernelRelay {
         var time = timespec()
         clock_gettime(CLOCK_MONOTONIC, &time)
         return UInt64(time.tv_sec) * 1_000_000_000 + UInt64(time.tv_nsec)
+    }
+}
+
+/// A flow table key as a hashable value (its 40 bytes), for finding pairs in a batch read.
+struct FlowKey: Hashable {
+    let words: (UInt64, UInt64, UInt64, UInt64, UInt64)
+
+    init(_ key: l4lb_kr_tuple) {
+        words = withUnsafeBytes(of: key) { raw in
+            (raw.load(fromByteOffset: 0, as: UInt64.self), raw.load(fromByteOffset: 8, as: UInt64.self),
+             raw.load(fromByteOffset: 16, as: UInt64.self), raw.load(fromByteOffset: 24, as: UInt64.self),
+             raw.load(fromByteOffset: 32, as: UInt64.self))
+        }
+    }
+
+    static func == (a: FlowKey, b: FlowKey) -> Bool { a.words == b.words }
+
+    func hash(into hasher: inout Hasher) {
+        hasher.combine(words.0)
+        hasher.combine(words.1)
+        hasher.combine(words.2)
+        hasher.combine(words.3)
+        hasher.combine(words.4)
     }
 }

@@ -88,6 +88,8 @@ public final class KernelRelay: @unchecked Sendable {
         public var fallbackNoRoute: UInt64 = 0
         public var fallbackNoPort: UInt64 = 0
         public var fallbackTableFull: UInt64 = 0
+        /// New flows that took the NAT port of a flow closed both ways or reset.
+        public var natPortsReused: UInt64 = 0
         public init() {}
     }
 
@@ -109,6 +111,7 @@ public final class KernelRelay: @unchecked Sendable {
         totals.fallbackNoRoute = sum(L4LB_KR_FALLBACK_NO_ROUTE)
         totals.fallbackNoPort = sum(L4LB_KR_FALLBACK_NO_PORT)
         totals.fallbackTableFull = sum(L4LB_KR_FALLBACK_TABLE_FULL)
+        totals.natPortsReused = sum(L4LB_KR_NAT_PORT_REUSED)
         return totals
     }
 

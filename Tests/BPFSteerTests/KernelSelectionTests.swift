@@ -199,5 +199,26 @@ final class KernelSelectionTests: XCTestCase {
                      "both NAT ports toward the endpoint are taken: the SYN is the stack's")
         XCTAssertEqual(relay.totals().fallbackNoPort, 1)
         XCTAssertEqual(relay.totals().newFlows, 3)
+
+        // Once one of them has closed (a FIN each way) and been quiet for a second, its port
+        // is free for the next flow. (A fixed wait: the rule is about time passing.)
+        let finAck: UInt8 = 0x11
+        let closing = Frames.Endpoint(ip: Frames.ip("198.51.100.3"), port: 3001)
+        let endpoint = Frames.Endpoint(ip: Frames.ip(endpoints[1]), port: Self.endpointPort)
+        let nat = Frames.Endpoint(ip: Frames.ip("203.0.113.1"), port: second.natPort)
+        try scratch.run {
+            XCTAssertEqual(try relay.run(Frames.frame(.tcp, from: closing, to: service, payload: [], tcpFlags: finAck)).verdict, .redirect)
+        }
+        XCTAssertNil(try pick(relay, in: scratch, client: Frames.ip("198.51.100.4"), port: 3002, service: service),
+                     "a flow half closed keeps its port")
+        try scratch.run {
+            XCTAssertEqual(try relay.run(Frames.frame(.tcp, from: endpoint, to: nat, payload: [], tcpFlags: finAck)).verdict, .redirect)
+        }
+        XCTAssertNil(try pick(relay, in: scratch, client: Frames.ip("198.51.100.4"), port: 3003, service: service),
+                     "closed, but its last packet is not a second old yet")
+        usleep(1_100_000)
+        let reused = try XCTUnwrap(try pick(relay, in: scratch, client: Frames.ip("198.51.100.4"), port: 3004, service: service))
+        XCTAssertEqual(reused.natPort, second.natPort, "the closed flow's port")
+        XCTAssertEqual(relay.totals().natPortsReused, 1)
     }
 }

@@ -18,6 +18,7 @@ extension WorkerPool {
             "expired": ["idle": expiry.idle, "closed": expiry.closed],
             "new_flows": totals.newFlows,
             "forwarded_packets": totals.forwarded,
+            "nat_ports_reused": totals.natPortsReused,
             "fallbacks": [
                 "paused": totals.fallbackPaused, "no_endpoint": totals.fallbackNoEndpoint, "no_route": totals.fallbackNoRoute,
                 "no_port": totals.fallbackNoPort, "table_full": totals.fallbackTableFull,

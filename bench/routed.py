@@ -1,0 +1,242 @@
+#!/usr/bin/env python3
+"""Kernel forwarding, first measurement (issue 35, plan step 6): a routed three-namespace
+topology over veth (clients 198.51.100.0/24, l4lb's namespace in the middle, an nginx
+endpoint at 203.0.113.2), and wrk keep-alive (rr) and Connection: close (conn) against:
+
+  direct      the endpoint, routed through the middle namespace (no balancer, no nftables)
+  nft         nftables DNAT + SNAT in the middle namespace (kube-proxy's nftables mode)
+  l4lb-kernel a tcp listener with relay: kernel
+  l4lb-proxy  a tcp listener of the same l4lb (relay: user)
+  haproxy     HAProxy in mode tcp
+
+Figures are machine CPU per request (/proc/stat busy time: user + nice + system + irq +
+softirq, all namespaces) and requests per second, medians over paired rounds; "overhead" is
+CPU per request minus direct's. Every run is bounded (rounds × duration) and the topology is
+deleted on exit. Usage: bench/routed.py [--rounds N] [--duration S] [--l4lb PATH]
+"""
+import argparse
+import atexit
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+NS = {"c": "l4lb-rb-c", "l": "l4lb-rb-l", "e": "l4lb-rb-e"}
+ENDPOINT = "203.0.113.2"
+PORTS = {"direct": None, "nft": 80, "l4lb-kernel": 81, "l4lb-proxy": 82, "haproxy": 83}
+
+
+def sh(*argv, check=True, ns=None, **kw):
+    if ns:
+        argv = ("ip", "netns", "exec", NS[ns]) + argv
+    return subprocess.run(argv, check=check, capture_output=True, text=True, **kw)
+
+
+def machine_busy_seconds():
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, idle, iowait, irq, softirq = (int(x) for x in fields[:7])
+    return (user + nice + system + irq + softirq) / CLK_TCK
+
+
+def l4lb_cpu_seconds():
+    """CPU of the l4lb process (all threads: workers, admin, the forwarder's sync/sweep)."""
+    out = subprocess.run(["pgrep", "-f", "l4lb run --config"], capture_output=True, text=True).stdout.split()
+    total = 0.0
+    for pid in out:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def topology_up():
+    topology_down()
+    for name in NS.values():
+        sh("ip", "netns", "add", name)
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+    sh("ip", "-n", NS["c"], "link", "add", "l4c", "type", "veth", "peer", "name", "l4b-c", "netns", NS["l"])
+    sh("ip", "-n", NS["e"], "link", "add", "l4e", "type", "veth", "peer", "name", "l4b-e", "netns", NS["l"])
+    for ns, dev, addr in (("c", "l4c", "198.51.100.2/24"), ("l", "l4b-c", "198.51.100.1/24"),
+                          ("l", "l4b-e", "203.0.113.1/24"), ("e", "l4e", f"{ENDPOINT}/24")):
+        sh("ip", "-n", NS[ns], "addr", "add", addr, "dev", dev)
+        sh("ip", "-n", NS[ns], "link", "set", dev, "up")
+    sh("ip", "-n", NS["c"], "route", "add", "default", "via", "198.51.100.1")
+    # Only "direct" needs the endpoint to reach clients; the balancers NAT to 203.0.113.1.
+    sh("ip", "-n", NS["e"], "route", "add", "198.51.100.0/24", "via", "203.0.113.1")
+    for key in ("net.ipv4.conf.all.forwarding", "net.ipv6.conf.all.forwarding"):
+        sh("sysctl", "-qw", f"{key}=1", ns="l")
+    sh("sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000", ns="c")
+    # The balancer's own connections (HAProxy's, the proxy's) take ports below 10000; the
+    # kernel path's NAT ports are the rest (README: choose nat_ports outside the range).
+    sh("sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 9999", ns="l")
+
+
+def topology_down():
+    for name in NS.values():
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+NFT = f"""
+table ip l4lb_bench {{
+  chain pre {{
+    type nat hook prerouting priority dstnat; policy accept;
+    ip daddr 198.51.100.1 tcp dport {PORTS['nft']} dnat to {ENDPOINT}:8080
+  }}
+  chain post {{
+    type nat hook postrouting priority srcnat; policy accept;
+    ip daddr {ENDPOINT} oifname "l4b-e" masquerade
+  }}
+}}
+"""
+
+
+def start(tmp, l4lb):
+    procs = []
+    (tmp / "nginx.conf").write_text(f"""
+worker_processes 1; daemon off; pid {tmp}/nginx.pid; error_log stderr error;
+events {{ worker_connections 65536; }}
+http {{ access_log off; keepalive_requests 10000000; keepalive_timeout 600s;
+  server {{ listen {ENDPOINT}:8080 backlog=65535; location / {{ return 200 "hello world\\n"; }} }} }}
+""")
+    procs.append(subprocess.Popen(["ip", "netns", "exec", NS["e"], "nginx", "-c", str(tmp / "nginx.conf")]))
+    (tmp / "l4lb.yaml").write_text(f"""
+workers: 1
+drain_timeout: 1s
+kernel_relay: {{ interfaces: [l4b-c, l4b-e], flows: 262144, nat_ports: 10000-65535 }}
+listeners:
+  - {{ name: kernel, address: 198.51.100.1:{PORTS['l4lb-kernel']}, cluster: web, relay: kernel, idle_timeout: 10m }}
+  - {{ name: proxy, address: 198.51.100.1:{PORTS['l4lb-proxy']}, cluster: web, idle_timeout: 10m, max_connections: 1000000 }}
+clusters:
+  - {{ name: web, balancer: maglev, endpoints: [{{ address: {ENDPOINT}:8080 }}] }}
+""")
+    procs.append(subprocess.Popen(["ip", "netns", "exec", NS["l"], l4lb, "run", "--config", str(tmp / "l4lb.yaml")],
+                                  stdout=subprocess.DEVNULL, stderr=open(tmp / "l4lb.log", "w")))
+    (tmp / "haproxy.cfg").write_text(f"""
+global
+    nbthread 1
+    maxconn 9000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 10m
+    timeout server 10m
+frontend fe
+    bind 198.51.100.1:{PORTS['haproxy']}
+    default_backend be
+backend be
+    server s1 {ENDPOINT}:8080
+""")
+    procs.append(subprocess.Popen(["ip", "netns", "exec", NS["l"], "haproxy", "-db", "-f", str(tmp / "haproxy.cfg")],
+                                  stdout=subprocess.DEVNULL, stderr=open(tmp / "haproxy.log", "w")))
+    deadline = time.time() + 30
+    for mode in PORTS:
+        while time.time() < deadline:
+            if sh("curl", "-s", "-m", "2", target(mode), ns="c", check=False).stdout.startswith("hello"):
+                break
+            if mode == "nft" and not nft_loaded():
+                break  # checked when loaded
+            time.sleep(0.2)
+    return procs
+
+
+def nft_loaded():
+    return "l4lb_bench" in sh("nft", "list", "tables", ns="l", check=False).stdout
+
+
+def target(mode):
+    if mode == "direct":
+        return f"http://{ENDPOINT}:8080/"
+    return f"http://198.51.100.1:{PORTS[mode]}/"
+
+
+def wrk(mode, duration, close):
+    argv = ["wrk", "-t1", "-c50", f"-d{duration}s"]
+    if close:
+        argv += ["-H", "Connection: close"]
+    argv.append(target(mode))
+    if mode == "nft":
+        sh("nft", "-f", "-", ns="l", input=NFT)
+    try:
+        m0, t0, p0 = machine_busy_seconds(), time.time(), l4lb_cpu_seconds()
+        run = sh(*argv, ns="c", timeout=duration + 30, check=False)
+        if run.returncode != 0:
+            sys.exit(f"{mode}: wrk failed: {run.stdout} {run.stderr}")
+        out = run.stdout
+        m1, t1, p1 = machine_busy_seconds(), time.time(), l4lb_cpu_seconds()
+    finally:
+        if mode == "nft":
+            sh("nft", "delete", "table", "ip", "l4lb_bench", ns="l", check=False)
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = re.search(r"Socket errors: (.*)", out)
+    return {"rps": requests / (t1 - t0), "cpu_us": (m1 - m0) / max(requests, 1) * 1e6,
+            "l4lb_us": (p1 - p0) / max(requests, 1) * 1e6, "errors": errors.group(1) if errors else ""}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=5)
+    parser.add_argument("--only", choices=["rr-keepalive", "conn-rate"])
+    parser.add_argument("--l4lb", default=str(Path(__file__).resolve().parent.parent / ".build/release/l4lb"))
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench/routed.py needs root (network namespaces)")
+    tmp = Path(tempfile.mkdtemp(prefix="l4lb-routed-"))
+    procs = []
+
+    def cleanup(*_):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        subprocess.run(["pkill", "-f", f"{tmp}/nginx.conf"], capture_output=True)
+        topology_down()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    atexit.register(cleanup)
+    atexit.register(lambda: print((tmp / "haproxy.log").read_text()[-1500:]) if (tmp / "haproxy.log").exists() else None)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    topology_up()
+    procs.extend(start(tmp, args.l4lb))
+    results = {}
+    workloads = (("rr-keepalive", False), ("conn-rate", True))
+    if args.only:
+        workloads = tuple(w for w in workloads if w[0] == args.only)
+    for workload, close in workloads:
+        for r in range(args.rounds):
+            for mode in PORTS:
+                figures = wrk(mode, args.duration, close)
+                results.setdefault((workload, mode), []).append(figures)
+                print(f"{workload} round {r + 1} {mode}: {figures['rps']:.0f} req/s, {figures['cpu_us']:.2f} µs machine CPU/req, "
+                      f"l4lb process {figures['l4lb_us']:.2f} µs/req {figures['errors']}",
+                      flush=True)
+    print("\n| workload | mode | req/s | machine CPU µs/req | overhead µs/req (− direct) | × HAProxy's overhead | × nftables' CPU |")
+    print("|---|---|---|---|---|---|---|")
+    for workload, _ in workloads:
+        med = {mode: {k: statistics.median(f[k] for f in results[(workload, mode)]) for k in ("rps", "cpu_us")} for mode in PORTS}
+        base = med["direct"]["cpu_us"]
+        ha = med["haproxy"]["cpu_us"] - base
+        for mode in PORTS:
+            over = med[mode]["cpu_us"] - base
+            print(f"| {workload} | {mode} | {med[mode]['rps']:.0f} | {med[mode]['cpu_us']:.2f} | {over:.2f} | "
+                  f"{over / ha if ha > 0 else float('nan'):.2f} | {med[mode]['cpu_us'] / med['nft']['cpu_us']:.2f} |")
+    log = (tmp / "l4lb.log").read_text()
+    if "error" in log.lower():
+        print("\nl4lb log:\n" + log[-2000:])
+
+
+if __name__ == "__main__":
+    main()
