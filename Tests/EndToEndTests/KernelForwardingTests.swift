@@ -188,4 +188,99 @@ final class KernelForwardingTests: XCTestCase {
         XCTAssertEqual(kernel?.int("new_flows"), 160, "the kernel took every flow: \(kernel ?? [:])")
         XCTAssertEqual(stats()?.listener("fast4")?.int("total"), 0, "the workers accepted none")
     }
+
+    /// Must-show 1, the rest of TCP: the client half-closes first (1 MiB up, its FIN, then
+    /// 1 MiB back after it), a client's reset reaches the endpoint, and an endpoint's reset
+    /// reaches the client; then must-show 4's reloads: 100 reloads alternating the weights
+    /// while 200 kernel flows stay open and keep echoing, with no error, no lost byte and no
+    /// flow picked again.
+    func testHalfClosesResetsAndReloadsUnderKernelFlows() throws {
+        let topology = try RoutedTopology("kfr")
+        let size = 1 << 20
+        let afterEOF = try topology.endpoint.run { try TestBackend(.replyAfterEOF, host: Address.endpoint4) }
+        let echo = try topology.endpoint.run { try TestBackend(.echo, host: Address.endpoint4) }
+        let echo2 = try topology.endpoint.run { try TestBackend(.echo, host: Address.endpoint4) }
+        let resetting = try topology.endpoint.run { try Sockets.listen(host: Address.endpoint4, port: 0) }
+        defer {
+            afterEOF.stop()
+            echo.stop()
+            echo2.stop()
+            close(resetting)
+        }
+        func config(weights: (Int, Int)) -> String {
+            """
+            workers: 1
+            drain_timeout: 1s
+            kernel_relay: { interfaces: [l4b-c, l4b-e] }
+            listeners:
+              - { name: eof, address: \(Address.listener4):81, cluster: eof, relay: kernel }
+              - { name: echo, address: \(Address.listener4):82, cluster: echo, relay: kernel }
+              - { name: reset, address: \(Address.listener4):83, cluster: reset, relay: kernel }
+            clusters:
+              - { name: eof, balancer: maglev, endpoints: [{ address: \(Address.endpoint4):\(afterEOF.port) }] }
+              - { name: echo, balancer: random, endpoints: [{ address: \(Address.endpoint4):\(echo.port), weight: \(weights.0) },
+                                                            { address: \(Address.endpoint4):\(echo2.port), weight: \(weights.1) }] }
+              - { name: reset, balancer: maglev, endpoints: [{ address: \(Address.endpoint4):\(Sockets.localPort(resetting)) }] }
+            """
+        }
+        let proxy = try topology.balancer.run { try L4LBProcess(config: config(weights: (1, 2)), waitFor: nil) }
+        defer { proxy.stop() }
+        func stats() -> [String: Any]? { try? topology.balancer.run { try proxy.stats() } }
+        XCTAssertTrue(waitUntil(timeout: 30) { stats() != nil }, "l4lb did not start: \(proxy.log)")
+
+        // Client first: 1 MiB up, FIN, and 1 MiB back after it.
+        let upload = (0..<size).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ 7) }
+        let first = try topology.client.run { try Sockets.connect(host: Address.listener4, port: 81, timeout: 10) }
+        defer { close(first) }
+        try Sockets.sendAll(first, upload)
+        shutdown(first, Int32(SHUT_WR))
+        XCTAssertEqual(try Sockets.receiveAll(first), upload, "the reply sent after the client's FIN")
+
+        // A client's reset reaches the endpoint: it sees the connection end at once.
+        let doomed = try topology.client.run { try Sockets.connect(host: Address.listener4, port: 82, timeout: 10) }
+        try Sockets.sendAll(doomed, [1, 2, 3])
+        XCTAssertEqual(try Sockets.receiveExactly(doomed, 3), [1, 2, 3])
+        let closedBefore = echo.closed + echo2.closed
+        var hard = linger(l_onoff: 1, l_linger: 0)
+        setsockopt(doomed, SOL_SOCKET, SO_LINGER, &hard, socklen_t(MemoryLayout<linger>.size))
+        close(doomed)
+        XCTAssertTrue(waitUntil(timeout: 5) { echo.closed + echo2.closed > closedBefore }, "the client's reset did not reach the endpoint")
+
+        // An endpoint's reset reaches the client.
+        let victim = try topology.client.run { try Sockets.connect(host: Address.listener4, port: 83, timeout: 10) }
+        defer { close(victim) }
+        let accepted = accept(resetting, nil, nil)
+        XCTAssertGreaterThanOrEqual(accepted, 0)
+        setsockopt(accepted, SOL_SOCKET, SO_LINGER, &hard, socklen_t(MemoryLayout<linger>.size))
+        close(accepted)
+        var byte: UInt8 = 0
+        XCTAssertEqual(recv(victim, &byte, 1, 0), -1)
+        XCTAssertEqual(errno, ECONNRESET, "the endpoint's reset did not reach the client")
+
+        // 200 long-lived kernel flows through 100 reloads.
+        let flows = try (0..<200).map { _ in try topology.client.run { try Sockets.connect(host: Address.listener4, port: 82, timeout: 10) } }
+        defer { flows.forEach { close($0) } }
+        let newFlowsBefore = (stats()?["kernel_relay"] as? [String: Any])?.int("new_flows") ?? -1
+        var errors: [String] = []
+        for round in 0..<100 {
+            try proxy.writeConfig(config(weights: round % 2 == 0 ? (2, 1) : (1, 2)))
+            let response = try topology.balancer.run { try proxy.admin("POST", "/reload") }
+            if response.status != 200 { errors.append("reload \(round): \(response.status) \(response.text)") }
+            for (i, fd) in flows.enumerated() where i % 10 == round % 10 {
+                let payload = (0..<4096).map { UInt8(truncatingIfNeeded: $0 &+ round &+ i) }
+                do {
+                    try Sockets.sendAll(fd, payload)
+                    if try Sockets.receiveExactly(fd, payload.count) != payload { errors.append("flow \(i), round \(round): echo differs") }
+                } catch {
+                    errors.append("flow \(i), round \(round): \(error)")
+                }
+            }
+        }
+        XCTAssertEqual(errors, [])
+        let after = stats()
+        XCTAssertEqual((after?["reloads"] as? [String: Any])?.int("succeeded"), 100)
+        XCTAssertEqual((after?["kernel_relay"] as? [String: Any])?.int("new_flows"), newFlowsBefore,
+                       "a reload made the kernel pick a flow again")
+        XCTAssertEqual(after?.listener("echo")?.int("total"), 0, "the workers accepted none")
+    }
 }
