@@ -216,11 +216,13 @@ final class KernelForwardingTests: XCTestCase {
               - { name: eof, address: \(Address.listener4):81, cluster: eof, relay: kernel }
               - { name: echo, address: \(Address.listener4):82, cluster: echo, relay: kernel }
               - { name: reset, address: \(Address.listener4):83, cluster: reset, relay: kernel }
+              - { name: iperf, address: \(Address.listener4):5201, cluster: iperf, relay: kernel }
             clusters:
               - { name: eof, balancer: maglev, endpoints: [{ address: \(Address.endpoint4):\(afterEOF.port) }] }
               - { name: echo, balancer: random, endpoints: [{ address: \(Address.endpoint4):\(echo.port), weight: \(weights.0) },
                                                             { address: \(Address.endpoint4):\(echo2.port), weight: \(weights.1) }] }
               - { name: reset, balancer: maglev, endpoints: [{ address: \(Address.endpoint4):\(Sockets.localPort(resetting)) }] }
+              - { name: iperf, balancer: maglev, endpoints: [{ address: \(Address.endpoint4):5201 }] }
             """
         }
         let proxy = try topology.balancer.run { try L4LBProcess(config: config(weights: (1, 2)), waitFor: nil) }
@@ -256,6 +258,23 @@ final class KernelForwardingTests: XCTestCase {
         var byte: UInt8 = 0
         XCTAssertEqual(recv(victim, &byte, 1, 0), -1)
         XCTAssertEqual(errno, ECONNRESET, "the endpoint's reset did not reach the client")
+
+        // iperf3 (a control connection and a data stream) intact through the kernel.
+        let server = try ChildProcess("/usr/sbin/ip", ["netns", "exec", topology.endpoint.name, "iperf3", "-s", "-1", "-B", Address.endpoint4, "-p", "5201"])
+        defer { server.terminate() }
+        var run: (status: Int32, output: String) = (-1, "")
+        XCTAssertTrue(waitUntil(timeout: 10) {
+            run = (try? ChildProcess.run("/usr/sbin/ip", ["netns", "exec", topology.client.name, "iperf3", "-c", Address.listener4, "-p", "5201",
+                                                           "-t", "3", "-J"])) ?? (-1, "")
+            return !run.output.contains("unable to connect")
+        })
+        XCTAssertEqual(run.status, 0, run.output)
+        let report = (try? JSONSerialization.jsonObject(with: Data(run.output.utf8))) as? [String: Any]
+        let end = report?["end"] as? [String: Any]
+        let sent = ((end?["sum_sent"] as? [String: Any])?["bytes"] as? NSNumber)?.intValue ?? -1
+        let received = ((end?["sum_received"] as? [String: Any])?["bytes"] as? NSNumber)?.intValue ?? -2
+        XCTAssertGreaterThan(sent, 0, run.output)
+        XCTAssertEqual(sent, received, "iperf3: every byte sent was received")
 
         // 200 long-lived kernel flows through 100 reloads.
         let flows = try (0..<200).map { _ in try topology.client.run { try Sockets.connect(host: Address.listener4, port: 82, timeout: 10) } }
