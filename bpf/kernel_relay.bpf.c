@@ -291,6 +291,28 @@ static __always_inline int take_closed_port(struct new_flow_scratch *s)
 	return 1;
 }
 
+/* A SYN without ACK on an entry whose flow has ended (a RST, or this direction's FIN):
+ * the client reuses its port for a new connection. The old pair goes, and the SYN starts
+ * a new flow with a fresh choice, state and timers, as if the tuple were unknown. */
+static __noinline int end_flow_for_new_syn(struct l4lb_kr_tuple *key)
+{
+	__u32 zero = 0;
+	struct new_flow_scratch *s = bpf_map_lookup_elem(&kr_scratch, &zero);
+	struct l4lb_kr_flow *old = bpf_map_lookup_elem(&kr_flows, key);
+	if (!s || !old)
+		return 0;
+	__builtin_memset(&s->old_forward, 0, sizeof(s->old_forward));
+	__builtin_memcpy(s->old_forward.saddr, old->daddr, 16);
+	__builtin_memcpy(s->old_forward.daddr, old->saddr, 16);
+	s->old_forward.sport = old->dport;
+	s->old_forward.dport = old->sport;
+	s->old_forward.protocol = PROTO_TCP;
+	s->old_forward.family = key->family;
+	bpf_map_delete_elem(&kr_flows, &s->old_forward); /* the reply entry */
+	bpf_map_delete_elem(&kr_flows, key);
+	return 1;
+}
+
 /* A SYN to a service: picks its endpoint as user space would, a NAT port toward it, and
  * installs both entries of the flow. 0 when installed; TCX_NEXT (counted by reason) when
  * the SYN is left to the stack, where the listener's workers accept it. */
@@ -371,6 +393,8 @@ static __noinline int new_flow(struct __sk_buff *skb, struct l4lb_kr_tuple *key)
 	s->reverse_value.sport = key->dport;
 	s->reverse_value.dport = key->sport;
 	s->reverse_value.listener = (__u16)listener;
+	/* Stamped now, not 0: the sweeper must not take a flow still opening for an old one. */
+	s->reverse_value.last_ns = bpf_ktime_get_ns();
 
 	__u32 first = settings->nat_port_first, ports = settings->nat_port_count;
 	if (ports == 0 || first + ports > 65536) {
@@ -406,6 +430,7 @@ static __noinline int new_flow(struct __sk_buff *skb, struct l4lb_kr_tuple *key)
 	s->forward_value.sport = s->reverse.dport;
 	s->forward_value.dport = endpoint->port;
 	s->forward_value.listener = (__u16)listener;
+	s->forward_value.last_ns = s->reverse_value.last_ns;
 	if (bpf_map_update_elem(&kr_flows, key, &s->forward_value, BPF_NOEXIST) != 0) {
 		bpf_map_delete_elem(&kr_flows, &s->reverse);
 		count(L4LB_KR_FALLBACK_TABLE_FULL);
@@ -486,6 +511,9 @@ int l4lb_kernel_relay(struct __sk_buff *skb)
 		p.payload = skb->len > p.l4_off + p.l4_header ? skb->len - p.l4_off - p.l4_header : 0;
 	key.protocol = protocol;
 	struct l4lb_kr_flow *flow = bpf_map_lookup_elem(&kr_flows, &key);
+	if (flow && protocol == PROTO_TCP && (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN &&
+	    (flow->state & (L4LB_KR_STATE_FIN | L4LB_KR_STATE_RST)) && end_flow_for_new_syn(&key))
+		flow = NULL;
 	if (!flow) {
 		/* Only a SYN starts a flow; anything else unknown is the stack's (the proxy's
 		 * own connections, health checks, the host's traffic). */

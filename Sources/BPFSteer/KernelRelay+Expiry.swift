@@ -27,7 +27,9 @@ extension KernelRelay {
         var position: [FlowKey: Int] = [:]
         position.reserveCapacity(keys.count)
         for (i, key) in keys.enumerated() where key.protocol == 6 { position[FlowKey(key)] = i }
-        var doomed: [l4lb_kr_tuple] = []
+        // Keys with their values as read: deleted only if still the same (a SYN may have
+        // reused a closed flow's NAT port since the read).
+        var doomed: [(key: l4lb_kr_tuple, value: l4lb_kr_flow, pair: (key: l4lb_kr_tuple, value: l4lb_kr_flow)?, closed: Bool)] = []
         var decided = [Bool](repeating: false, count: keys.count)
         for (i, key) in keys.enumerated() where key.protocol == 6 && !decided[i] {
             decided[i] = true
@@ -41,7 +43,13 @@ extension KernelRelay {
             pairKey.family = key.family
             let pairIndex = position[FlowKey(pairKey)]
             if let pairIndex { decided[pairIndex] = true }
-            let pair = pairIndex.map { values[$0] }
+            var pair = pairIndex.map { values[$0] }
+            if pair == nil {
+                // Not in the read (a bucket walked before the pair went in): ask the map, so
+                // a flow still opening is not judged by one entry alone.
+                var found = l4lb_kr_flow()
+                if bpf_map_lookup_elem(fd, &pairKey, &found) == 0 { pair = found }
+            }
             let last = max(flow.last_ns, pair?.last_ns ?? 0)
             let state = flow.state | (pair?.state ?? 0)
             let reset = state & UInt8(L4LB_KR_STATE_RST) != 0
@@ -50,24 +58,26 @@ extension KernelRelay {
             let idle = idleNanoseconds(Int(flow.listener))
             let limit = closed ? min(closedNanoseconds, idle) : idle
             guard now > last, now - last > limit else {
-                result.tcpEntries += pairIndex == nil ? 1 : 2
+                result.tcpEntries += pair == nil ? 1 : 2
                 continue
             }
-            doomed.append(key)
-            if pairIndex != nil { doomed.append(pairKey) }
-            if closed { result.expiredClosed += 1 } else { result.expiredIdle += 1 }
+            doomed.append((key, flow, pair.map { (pairKey, $0) }, closed))
         }
-        // A packet that moved `last_ns` since the read keeps its flow only until the next
-        // pass would have removed it anyway; the read is a snapshot.
-        var index = 0
-        while index < doomed.count {
-            var count = UInt32(min(8192, doomed.count - index))
-            let rc = doomed[index...].withUnsafeBufferPointer { bpf_map_delete_batch(fd, $0.baseAddress, &count, nil) }
-            if rc != 0 {
-                // One key already gone (a concurrent delete): the rest one at a time.
-                for var key in doomed[index..<(index + Int(UInt32(min(8192, doomed.count - index))))] { bpf_map_delete_elem(fd, &key) }
+        // Each doomed entry is read again and deleted only if unchanged: a packet since the
+        // read (its flow is alive after all) or a new flow on a reused NAT port keeps it.
+        func deleteIfUnchanged(_ key: l4lb_kr_tuple, _ value: l4lb_kr_flow) -> Bool {
+            var key = key, value = value, now = l4lb_kr_flow()
+            guard bpf_map_lookup_elem(fd, &key, &now) == 0 else { return false }
+            let unchanged = withUnsafeBytes(of: &now) { a in withUnsafeBytes(of: &value) { b in a.elementsEqual(b) } }
+            return unchanged && bpf_map_delete_elem(fd, &key) == 0
+        }
+        for flow in doomed {
+            guard deleteIfUnchanged(flow.key, flow.value) else {
+                result.tcpEntries += flow.pair == nil ? 1 : 2
+                continue
             }
-            index += 8192
+            if let pair = flow.pair { _ = deleteIfUnchanged(pair.key, pair.value) }
+            if flow.closed { result.expiredClosed += 1 } else { result.expiredIdle += 1 }
         }
         return result
     }

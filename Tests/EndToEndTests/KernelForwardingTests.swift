@@ -92,12 +92,15 @@ final class KernelForwardingTests: XCTestCase {
 
         // Every flow ended with a FIN each way: the table empties once they are 3 s old
         // (the idle timeout, shorter than the 10 s a closed flow is otherwise kept).
+        // (A closed flow whose NAT port a new SYN took is gone without the sweeper.)
         var expired: [String: Any] = [:]
+        var reused = 0
         XCTAssertTrue(waitUntil(timeout: 20) {
             let kernel = (try? topology.balancer.run { try proxy.stats() })?["kernel_relay"] as? [String: Any]
             expired = (kernel?["expired"] as? [String: Any]) ?? [:]
-            return kernel?.int("table_entries") == 0 && expired.int("closed") == 2 * connections
-        }, "the closed flows were not all expired: \(expired)")
+            reused = kernel?.int("nat_ports_reused") ?? 0
+            return kernel?.int("table_entries") == 0 && expired.int("closed") + reused == 2 * connections
+        }, "the closed flows were not all expired: \(expired), \(reused) ports reused")
         XCTAssertEqual(expired.int("idle"), 0)
 
         // A flow left idle past its idle timeout is removed: the client's next segment meets
@@ -249,7 +252,7 @@ final class KernelForwardingTests: XCTestCase {
         XCTAssertTrue(waitUntil(timeout: 5) { echo.closed + echo2.closed > closedBefore }, "the client's reset did not reach the endpoint")
 
         // An endpoint's reset reaches the client.
-        let victim = try topology.client.run { try Sockets.connect(host: Address.listener4, port: 83, timeout: 10) }
+        let victim = try topology.client.run { try Sockets.connect(host: Address.listener4, port: 83, timeout: 10) }  // receives time out
         defer { close(victim) }
         let accepted = accept(resetting, nil, nil)
         XCTAssertGreaterThanOrEqual(accepted, 0)
@@ -259,7 +262,7 @@ final class KernelForwardingTests: XCTestCase {
         XCTAssertEqual(recv(victim, &byte, 1, 0), -1)
         XCTAssertEqual(errno, ECONNRESET, "the endpoint's reset did not reach the client")
 
-        // iperf3 (a control connection and a data stream) intact through the kernel.
+        // iperf3 (a control connection and a data stream) runs to the end through the kernel.
         let server = try ChildProcess("/usr/sbin/ip", ["netns", "exec", topology.endpoint.name, "iperf3", "-s", "-1", "-B", Address.endpoint4, "-p", "5201"])
         defer { server.terminate() }
         var run: (status: Int32, output: String) = (-1, "")
@@ -274,7 +277,10 @@ final class KernelForwardingTests: XCTestCase {
         let sent = ((end?["sum_sent"] as? [String: Any])?["bytes"] as? NSNumber)?.intValue ?? -1
         let received = ((end?["sum_received"] as? [String: Any])?["bytes"] as? NSNumber)?.intValue ?? -2
         XCTAssertGreaterThan(sent, 0, run.output)
-        XCTAssertEqual(sent, received, "iperf3: every byte sent was received")
+        // iperf3's receiver stops counting when the test ends, with the last few MB still in
+        // flight: its two sums differ by that much on a good run (seen: 3 MB of 5.9 GB).
+        // Byte-exactness is the other tests'; here the run must finish, error-free, whole.
+        XCTAssertLessThanOrEqual(abs(sent - received), sent / 100, "iperf3: sent \(sent), received \(received)")
 
         // 200 long-lived kernel flows through 100 reloads.
         let flows = try (0..<200).map { _ in try topology.client.run { try Sockets.connect(host: Address.listener4, port: 82, timeout: 10) } }

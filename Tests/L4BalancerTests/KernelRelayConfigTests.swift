@@ -41,6 +41,8 @@ final class KernelRelayConfigTests: XCTestCase {
             (", send_timeout: 5s", "", "listeners[0].send_timeout: relay: kernel holds no bytes; remove it"),
             ("", ", slow_start: 30s", "listeners[0].relay: kernel cannot ramp weights; cluster \"web\" has slow_start: 30s"),
             ("", ", max_connections: 5", "listeners[0].relay: kernel cannot enforce max_connections of cluster \"web\""),
+            ("", ", on_unhealthy: close",
+             "listeners[0].relay: kernel does not close flows to an unhealthy endpoint yet; cluster \"web\" has on_unhealthy: close"),
             (", rate_limit: { per_source: { max_connections: 5 } }", "",
              "listeners[0].rate_limit.per_source.max_connections: relay: kernel cannot count a source's open flows; use new_connections"),
         ]

@@ -28,6 +28,9 @@ final class KernelForwarder: @unchecked Sendable {
     private var services: Set<[UInt8]> = []
     private var snapshot: Snapshot?
     private var stopped = false
+    /// Set by a drain: no service is (re)installed after it, a reload included.
+    private var draining = false
+
     /// What the sweeps found: entries left after the last, flows removed in all.
     private var tableEntries = 0
     private var expiredIdle = 0
@@ -42,7 +45,8 @@ final class KernelForwarder: @unchecked Sendable {
     static func start(_ config: Config, status: EndpointStatus) throws(StartError) -> KernelForwarder? {
         guard config.wantsKernelForwarding else { return nil }
         let settings = config.kernelRelay
-        try checkHost(settings)
+        let families = Set(config.listeners.filter { $0.transport == .tcp && $0.relay == .kernel }.map { $0.address.ip.count == 4 ? "ipv4" : "ipv6" })
+        try checkHost(settings, families: families)
         let relay: KernelRelay
         do {
             relay = try KernelRelay(capacity: 2 * settings.flows)
@@ -62,18 +66,28 @@ final class KernelForwarder: @unchecked Sendable {
     }
 
     /// What the kernel's FIB helper and the stack's own sockets require of the host.
-    static func checkHost(_ settings: Config.KernelRelay) throws(StartError) {
+    static func checkHost(_ settings: Config.KernelRelay, families: Set<String>) throws(StartError) {
         for interface in settings.interfaces {
             guard if_nametoindex(interface) != 0 else {
                 throw StartError(description: "kernel_relay.interfaces: no interface \(interface)")
             }
-            for family in ["ipv4", "ipv6"] {
+            for family in families.sorted() {
                 let path = "/proc/sys/net/\(family)/conf/\(interface)/forwarding"
                 guard let text = try? String(contentsOfFile: path, encoding: .utf8), text.trimmingCharacters(in: .whitespacesAndNewlines) == "1" else {
                     throw StartError(description: "kernel_relay.interfaces: \(interface) does not forward \(family == "ipv4" ? "IPv4" : "IPv6") "
                         + "(the kernel path forwards between interfaces as a router does); run sysctl -w net.\(family).conf.\(interface).forwarding=1")
                 }
             }
+        }
+        // bpf_fib_lookup's source-address lookup (BPF_FIB_LOOKUP_SRC), which picks the NAT
+        // address, came in 6.7; an older kernel would attach and then leave every SYN to the
+        // proxy.
+        var name = utsname()
+        uname(&name)
+        let release = withUnsafeBytes(of: name.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        let version = release.split(separator: ".").prefix(2).compactMap { Int($0.prefix { $0.isNumber }) }
+        if version.count == 2, (version[0], version[1]) < (6, 7) {
+            throw StartError(description: "kernel_relay: needs Linux 6.7 or later (bpf_fib_lookup with BPF_FIB_LOOKUP_SRC); this kernel is \(release)")
         }
         if let text = try? String(contentsOfFile: "/proc/sys/net/ipv4/ip_local_port_range", encoding: .utf8) {
             let bounds = text.split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\n" }).compactMap { Int($0) }
@@ -97,13 +111,16 @@ final class KernelForwarder: @unchecked Sendable {
             for endpoint in endpoints(of: listener, in: snapshot) { wanted.append(endpoint.id) }
         }
         let wantedSet = Set(wanted)
-        // Slots of endpoints no kernel listener reaches any more are free again at once:
-        // installed flows hold the endpoint's address, not its slot.
+        // Slots of endpoints no kernel listener reaches any more are freed (installed flows
+        // hold the endpoint's address, not its slot), but only once every plan is written:
+        // until its listener's plan is swapped, an old plan may still name the slot.
+        var freed: [Int] = []
         for (id, slot) in slots where !wantedSet.contains(id) {
             slots[id] = nil
             written[slot] = nil
-            freeSlots.append(slot)
+            freed.append(slot)
         }
+        defer { freeSlots += freed }
         for listener in kernelListeners {
             for endpoint in endpoints(of: listener, in: snapshot) where slots[endpoint.id] == nil {
                 guard let slot = freeSlots.popLast() else {
@@ -130,16 +147,33 @@ final class KernelForwarder: @unchecked Sendable {
             }
             try relay.setPlan(listener: listener.id, words: words)
         }
-        var installed: Set<[UInt8]> = []
-        for listener in kernelListeners {
-            try relay.setService(address: listener.address.ip, port: listener.address.port, listener: listener.id, paused: paused(listener))
-            installed.insert(Self.serviceKey(listener.address))
-        }
-        for key in services.subtracting(installed) {
-            try relay.removeService(address: Array(key.dropLast(2)), port: UInt16(key[key.count - 2]) << 8 | UInt16(key[key.count - 1]))
-        }
-        services = installed
         self.snapshot = snapshot
+        try writeServices(kernelListeners, paused: paused)
+    }
+
+    /// Installs a service per kernel listener (none while draining) and removes the rest;
+    /// `services` follows each write, so a rollback after a failure knows what is in.
+    private func writeServices(_ kernelListeners: [Snapshot.ListenerPlan], paused: (Snapshot.ListenerPlan) -> Bool) throws {
+        var wanted: Set<[UInt8]> = []
+        for listener in kernelListeners where !draining {
+            try relay.setService(address: listener.address.ip, port: listener.address.port, listener: listener.id, paused: paused(listener))
+            let key = Self.serviceKey(listener.address)
+            services.insert(key)
+            wanted.insert(key)
+        }
+        for key in services.subtracting(wanted) {
+            try relay.removeService(address: Array(key.dropLast(2)), port: UInt16(key[key.count - 2]) << 8 | UInt16(key[key.count - 1]))
+            services.remove(key)
+        }
+    }
+
+    /// Re-writes the services' paused flags (a blocklist entry added or removed at run time
+    /// can move the blocklist between XDP and the workers).
+    func refreshPaused(_ paused: (Snapshot.ListenerPlan) -> Bool) {
+        lock.lock()
+        defer { lock.unlock() }
+        guard let snapshot else { return }
+        try? writeServices(snapshot.listeners.filter { $0.transport == .tcp && $0.relay == .kernel }, paused: paused)
     }
 
     /// No new kernel flows from now on (a drain): every service is removed; installed
@@ -147,6 +181,7 @@ final class KernelForwarder: @unchecked Sendable {
     func stopNewFlows() {
         lock.lock()
         defer { lock.unlock() }
+        draining = true
         for key in services {
             try? relay.removeService(address: Array(key.dropLast(2)), port: UInt16(key[key.count - 2]) << 8 | UInt16(key[key.count - 1]))
         }
@@ -190,11 +225,10 @@ final class KernelForwarder: @unchecked Sendable {
     /// draining), as last written.
     var unavailableEndpoints: Int { lock.withLock { written.values.filter { !$0 }.count } }
 
-    /// One pass of expiry; returns the nanoseconds until the next.
+    /// One pass of expiry; returns the nanoseconds until the next. The table is walked
+    /// outside `lock`: availability, `/stats` and reloads do not wait for it.
     func sweep(now: UInt64) -> UInt64 {
-        lock.lock()
-        defer { lock.unlock() }
-        guard let snapshot else { return 1_000_000_000 }
+        guard let snapshot = lock.withLock({ self.snapshot }) else { return 1_000_000_000 }
         var idle: [Int: UInt64] = [:]
         for listener in snapshot.listeners where listener.transport == .tcp && listener.relay == .kernel {
             idle[listener.id] = UInt64(max(listener.idleTimeoutMilliseconds, 1)) * 1_000_000
@@ -202,9 +236,11 @@ final class KernelForwarder: @unchecked Sendable {
         // A listener a reload removed: its flows expire by the longest idle timeout left.
         let longest = idle.values.max() ?? UInt64(Config.Listener.defaultIdleTimeoutMilliseconds) * 1_000_000
         let result = relay.sweep(now: now, closedNanoseconds: Self.closedGraceNanoseconds) { idle[$0] ?? longest }
-        tableEntries = result.tcpEntries
-        expiredIdle += result.expiredIdle
-        expiredClosed += result.expiredClosed
+        lock.withLock {
+            tableEntries = result.tcpEntries
+            expiredIdle += result.expiredIdle
+            expiredClosed += result.expiredClosed
+        }
         let shortest = idle.values.min() ?? longest
         return min(max(shortest / 4, 250_000_000), 5_000_000_000)
     }

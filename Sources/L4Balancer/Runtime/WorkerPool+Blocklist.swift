@@ -8,6 +8,7 @@ extension WorkerPool {
         let result = filter.add(text)
         if case .success(let entry) = result {
             for control in controls { control.wake() }
+            kernelForwarder?.refreshPaused(WorkerPool.kernelPaused(filter))
             logger.info("blocklist entry added", metadata: ["entry": "\(entry)"])
         }
         return result
@@ -17,6 +18,7 @@ extension WorkerPool {
         let result = filter.remove(text)
         if case .success(let entry) = result {
             for control in controls { control.wake() }
+            kernelForwarder?.refreshPaused(WorkerPool.kernelPaused(filter))
             logger.info("blocklist entry removed", metadata: ["entry": "\(entry)"])
         }
         return result
