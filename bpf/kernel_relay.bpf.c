@@ -252,6 +252,19 @@ static __always_inline int rewrite(struct __sk_buff *skb, struct l4lb_kr_tuple *
 	return 0;
 }
 
+/* The key of the other direction of a TCP flow: the tuple `flow` rewrites packets to, seen
+ * from the other side. */
+static __always_inline void pair_key(struct l4lb_kr_tuple *out, const struct l4lb_kr_flow *flow, __u8 family)
+{
+	__builtin_memset(out, 0, sizeof(*out));
+	__builtin_memcpy(out->saddr, flow->daddr, 16);
+	__builtin_memcpy(out->daddr, flow->saddr, 16);
+	out->sport = flow->dport;
+	out->dport = flow->sport;
+	out->protocol = PROTO_TCP;
+	out->family = family;
+}
+
 /* The NAT port in s->reverse is taken. By a flow that has ended (a RST, or a FIN each
  * way) and been quiet for a second? Then, as conntrack re-opens a closed connection's
  * tuple, the new flow takes it: the old pair goes and the new reply entry goes in.
@@ -265,13 +278,7 @@ static __always_inline int take_closed_port(struct new_flow_scratch *s)
 	struct l4lb_kr_flow *old = bpf_map_lookup_elem(&kr_flows, &s->reverse);
 	if (!old)
 		return 0;
-	__builtin_memset(&s->old_forward, 0, sizeof(s->old_forward));
-	__builtin_memcpy(s->old_forward.saddr, old->daddr, 16);
-	__builtin_memcpy(s->old_forward.daddr, old->saddr, 16);
-	s->old_forward.sport = old->dport;
-	s->old_forward.dport = old->sport;
-	s->old_forward.protocol = PROTO_TCP;
-	s->old_forward.family = s->reverse.family;
+	pair_key(&s->old_forward, old, s->reverse.family);
 	__u8 state = old->state;
 	struct l4lb_kr_flow *old_forward = bpf_map_lookup_elem(&kr_flows, &s->old_forward);
 	__u8 forward_state = old_forward ? old_forward->state : L4LB_KR_STATE_FIN;
@@ -301,13 +308,7 @@ static __noinline int end_flow_for_new_syn(struct l4lb_kr_tuple *key)
 	struct l4lb_kr_flow *old = bpf_map_lookup_elem(&kr_flows, key);
 	if (!s || !old)
 		return 0;
-	__builtin_memset(&s->old_forward, 0, sizeof(s->old_forward));
-	__builtin_memcpy(s->old_forward.saddr, old->daddr, 16);
-	__builtin_memcpy(s->old_forward.daddr, old->saddr, 16);
-	s->old_forward.sport = old->dport;
-	s->old_forward.dport = old->sport;
-	s->old_forward.protocol = PROTO_TCP;
-	s->old_forward.family = key->family;
+	pair_key(&s->old_forward, old, key->family);
 	bpf_map_delete_elem(&kr_flows, &s->old_forward); /* the reply entry */
 	bpf_map_delete_elem(&kr_flows, key);
 	return 1;

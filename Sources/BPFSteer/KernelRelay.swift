@@ -33,12 +33,12 @@ public final class KernelRelay: @unchecked Sendable {
         programFD = bpf_program__fd(bpf_object__find_program_by_name(opened, "l4lb_kernel_relay"))
         flowsFD = bpf_map__fd(bpf_object__find_map_by_name(opened, "kr_flows"))
         countersFD = bpf_map__fd(bpf_object__find_map_by_name(opened, "kr_counters"))
-        let possible = libbpf_num_possible_cpus()
-        guard possible > 0 else {
+        do {
+            cpus = try possibleCPUs()
+        } catch {
             bpf_object__close(opened)
-            throw BPFError("counting possible CPUs", code: -possible)
+            throw error
         }
-        cpus = Int(possible)
     }
 
     deinit {
@@ -210,6 +210,13 @@ public struct KernelRelayTuple: Sendable, Equatable {
     public static func == (a: KernelRelayTuple, b: KernelRelayTuple) -> Bool {
         withUnsafeBytes(of: a.key) { x in withUnsafeBytes(of: b.key) { y in x.elementsEqual(y) } }
     }
+}
+
+/// CPUs a per-CPU map holds a value for.
+func possibleCPUs() throws(BPFError) -> Int {
+    let possible = libbpf_num_possible_cpus()
+    guard possible > 0 else { throw BPFError("counting possible CPUs", code: -possible) }
+    return Int(possible)
 }
 
 /// Opens an embedded BPF object whose maps are not pinned, sizes its table `sizing` to

@@ -81,12 +81,12 @@ public final class XDPFilter {
         rateCounters = mapFD("rate_counters")
         rateTable = mapFD("rate_table")
         programFD = bpf_program__fd(bpf_object__find_program_by_name(opened, "l4lb_xdp_filter"))
-        let possible = libbpf_num_possible_cpus()
-        guard possible > 0 else {
+        do {
+            cpus = try possibleCPUs()
+        } catch {
             bpf_object__close(opened)
-            throw BPFError("counting possible CPUs", code: -possible)
+            throw error
         }
-        cpus = Int(possible)
         try forgetOtherInterfaces()
         try registerCounters(ifindex: 0)
     }
