@@ -180,7 +180,10 @@ final class AdminHardeningTests: XCTestCase {
         // Within the admin timeouts (2 s) of the flood's end, all of it is gone.
         XCTAssertTrue(waitUntil(timeout: 6) { l4lb.resources.descriptors <= baseDescriptors + 2 },
                       "descriptors \(l4lb.resources.descriptors), were \(baseDescriptors)")
-        XCTAssertTrue(waitUntil(timeout: 6) { AdminHardeningTests.tcpMemoryPages() <= baseMemory + 256 },
+        // TCP memory is the host's, not l4lb's alone: the flood's own client sockets (other
+        // processes) release theirs at their pace. Once seen 398 pages 6 s after the flood,
+        // on a clean CI machine; the bound is unchanged, the wait longer.
+        XCTAssertTrue(waitUntil(timeout: 20) { AdminHardeningTests.tcpMemoryPages() <= baseMemory + 256 },
                       "kernel TCP memory \(AdminHardeningTests.tcpMemoryPages()) pages, was \(baseMemory)")
         XCTAssertEqual(AdminHardeningTests.lingeringAdminSockets(admin).finWait2, 0)
     }
