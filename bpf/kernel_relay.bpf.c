@@ -1,20 +1,21 @@
 // SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
-/* l4lb's kernel forwarder, its core (issue 35, step 2 of docs/kernel-forwarding-plan.md):
- * a tc program that rewrites the packets of flows user space has installed, with full
- * NAT, for TCP and UDP over IPv4 and IPv6:
+/* l4lb's kernel forwarder (issue 35, docs/kernel-forwarding-plan.md): a tc program that
+ * forwards the flows of listeners with `relay: kernel` with full NAT, for TCP and UDP over
+ * IPv4 and IPv6:
  *
  *   client -> listener    becomes  l4lb (NAT port) -> endpoint
  *   endpoint -> NAT port  becomes  listener -> client
  *
- * Checksums are fixed incrementally (IPv4 header, the TCP/UDP pseudo-header and ports; a
- * zero IPv4 UDP checksum stays zero), the TTL or hop limit goes down by one as a router's
- * would, and each direction counts its packets, payload bytes and last activity. The
- * rewritten packet is routed by the FIB (policy rules included) and redirected to the
- * egress interface with its next hop's neighbour resolved by the kernel, so it leaves
- * without crossing this host's stack or netfilter (step 3). Not yet here (later steps):
- * choosing the endpoint for a new flow, ICMP errors. A packet that matches no flow, and
- * anything the parser does not follow (fragments, IPv4 options, IPv6 extension headers,
- * a TTL about to expire), goes on untouched to the next program or the stack. */
+ * A SYN to a service picks its endpoint from the plan user space wrote (the workers' own
+ * Maglev or alias table), a NAT port, and installs both directions; a UDP session's two
+ * entries are installed by its worker, with its session socket as the NAT port. Checksums are fixed incrementally (IPv4 header, the TCP/UDP pseudo-header
+ * and ports; a zero IPv4 UDP checksum stays zero), the TTL or hop limit goes down by one as
+ * a router's would, and each direction counts its packets, payload bytes and last
+ * activity. The rewritten packet is routed by the FIB (policy rules included) and
+ * redirected to the egress interface with its next hop's neighbour resolved by the kernel,
+ * so it leaves without crossing this host's stack or netfilter. A packet that matches no
+ * flow, and anything the parser does not follow (fragments, IPv4 options, IPv6 extension
+ * headers, a TTL about to expire), goes on untouched to the next program or the stack. */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
@@ -252,16 +253,16 @@ static __always_inline int rewrite(struct __sk_buff *skb, struct l4lb_kr_tuple *
 	return 0;
 }
 
-/* The key of the other direction of a TCP flow: the tuple `flow` rewrites packets to, seen
- * from the other side. */
-static __always_inline void pair_key(struct l4lb_kr_tuple *out, const struct l4lb_kr_flow *flow, __u8 family)
+/* The key of a flow's other direction: the tuple `flow` rewrites packets to, seen from the
+ * other side. */
+static __always_inline void pair_key(struct l4lb_kr_tuple *out, const struct l4lb_kr_flow *flow, __u8 protocol, __u8 family)
 {
 	__builtin_memset(out, 0, sizeof(*out));
 	__builtin_memcpy(out->saddr, flow->daddr, 16);
 	__builtin_memcpy(out->daddr, flow->saddr, 16);
 	out->sport = flow->dport;
 	out->dport = flow->sport;
-	out->protocol = PROTO_TCP;
+	out->protocol = protocol;
 	out->family = family;
 }
 
@@ -278,7 +279,7 @@ static __always_inline int take_closed_port(struct new_flow_scratch *s)
 	struct l4lb_kr_flow *old = bpf_map_lookup_elem(&kr_flows, &s->reverse);
 	if (!old)
 		return 0;
-	pair_key(&s->old_forward, old, s->reverse.family);
+	pair_key(&s->old_forward, old, s->reverse.protocol, s->reverse.family);
 	__u8 state = old->state;
 	struct l4lb_kr_flow *old_forward = bpf_map_lookup_elem(&kr_flows, &s->old_forward);
 	__u8 forward_state = old_forward ? old_forward->state : L4LB_KR_STATE_FIN;
@@ -308,15 +309,16 @@ static __noinline int end_flow_for_new_syn(struct l4lb_kr_tuple *key)
 	struct l4lb_kr_flow *old = bpf_map_lookup_elem(&kr_flows, key);
 	if (!s || !old)
 		return 0;
-	pair_key(&s->old_forward, old, key->family);
+	pair_key(&s->old_forward, old, key->protocol, key->family);
 	bpf_map_delete_elem(&kr_flows, &s->old_forward); /* the reply entry */
 	bpf_map_delete_elem(&kr_flows, key);
 	return 1;
 }
 
 /* A SYN to a service: picks its endpoint as user space would, a NAT port toward it, and
- * installs both entries of the flow. 0 when installed; TCX_NEXT (counted by reason) when
- * the SYN is left to the stack, where the listener's workers accept it. */
+ * installs both entries of the flow. 0 when installed (or when another CPU installed the
+ * same flow first, for a retransmitted SYN: its entry serves); TCX_NEXT (counted by
+ * reason) when the SYN is left to the stack, where the listener's workers accept it. */
 static __noinline int new_flow(struct __sk_buff *skb, struct l4lb_kr_tuple *key)
 {
 	struct l4lb_kr_service_key service_key;
@@ -325,7 +327,7 @@ static __noinline int new_flow(struct __sk_buff *skb, struct l4lb_kr_tuple *key)
 	__builtin_memset(&service_key, 0, sizeof(service_key));
 	__builtin_memcpy(service_key.addr, key->daddr, 16);
 	service_key.port = key->dport;
-	service_key.protocol = PROTO_TCP;
+	service_key.protocol = key->protocol;
 	service_key.family = key->family;
 	struct l4lb_kr_service *service = bpf_map_lookup_elem(&kr_services, &service_key);
 	if (!service)
@@ -360,7 +362,7 @@ static __noinline int new_flow(struct __sk_buff *skb, struct l4lb_kr_tuple *key)
 	/* The source address toward the endpoint: the one the route prefers, as the proxy's
 	 * own connection would get. */
 	__builtin_memset(&s->fib, 0, sizeof(s->fib));
-	s->fib.l4_protocol = PROTO_TCP;
+	s->fib.l4_protocol = key->protocol;
 	s->fib.dport = endpoint->port;
 	s->fib.ifindex = skb->ifindex;
 	if (key->family == 4) {
@@ -387,7 +389,7 @@ static __noinline int new_flow(struct __sk_buff *skb, struct l4lb_kr_tuple *key)
 	else
 		__builtin_memcpy(s->reverse.daddr, s->fib.ipv6_src, 16);
 	s->reverse.sport = endpoint->port;
-	s->reverse.protocol = PROTO_TCP;
+	s->reverse.protocol = key->protocol;
 	s->reverse.family = key->family;
 	__builtin_memcpy(s->reverse_value.saddr, key->daddr, 16);
 	__builtin_memcpy(s->reverse_value.daddr, key->saddr, 16);
@@ -432,8 +434,13 @@ static __noinline int new_flow(struct __sk_buff *skb, struct l4lb_kr_tuple *key)
 	s->forward_value.dport = endpoint->port;
 	s->forward_value.listener = (__u16)listener;
 	s->forward_value.last_ns = s->reverse_value.last_ns;
-	if (bpf_map_update_elem(&kr_flows, key, &s->forward_value, BPF_NOEXIST) != 0) {
+	long rc = bpf_map_update_elem(&kr_flows, key, &s->forward_value, BPF_NOEXIST);
+	if (rc != 0) {
 		bpf_map_delete_elem(&kr_flows, &s->reverse);
+		/* EEXIST: the same SYN, retransmitted, on another CPU was first; its flow
+		 * carries this one too. */
+		if (rc == -17)
+			return 0;
 		count(L4LB_KR_FALLBACK_TABLE_FULL);
 		return TCX_NEXT;
 	}
@@ -516,8 +523,12 @@ int l4lb_kernel_relay(struct __sk_buff *skb)
 	    (flow->state & (L4LB_KR_STATE_FIN | L4LB_KR_STATE_RST)) && end_flow_for_new_syn(&key))
 		flow = NULL;
 	if (!flow) {
-		/* Only a SYN starts a flow; anything else unknown is the stack's (the proxy's
-		 * own connections, health checks, the host's traffic). */
+		/* Only a SYN starts a flow here; anything else unknown is the stack's (the
+		 * proxy's own connections, health checks, the host's traffic). A UDP flow is
+		 * installed by the worker whose session it is, after the session's first
+		 * datagram: its session socket is the NAT port, so a reply too big for one
+		 * packet (fragments, reassembled by the stack after tc) reaches that socket and
+		 * the worker relays it. */
 		if (protocol != PROTO_TCP || (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN)
 			return TCX_NEXT;
 		if (new_flow(skb, &key) != 0)

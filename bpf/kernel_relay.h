@@ -29,8 +29,8 @@ struct l4lb_kr_flow {
 	__u8 daddr[16];
 	__be16 sport;
 	__be16 dport;
-	__u16 listener; /* identity of the listener the flow came in on (kernel-started flows) */
-	__u8 state;     /* L4LB_KR_STATE_* bits seen on this direction; they only grow */
+	__u16 listener; /* identity of the listener the flow came in on */
+	__u8 state;     /* L4LB_KR_STATE_* bits; FIN and RST are seen on this direction and only grow */
 	__u8 pad;
 	__u64 packets;
 	__u64 bytes;
@@ -39,6 +39,8 @@ struct l4lb_kr_flow {
 
 #define L4LB_KR_STATE_FIN 1
 #define L4LB_KR_STATE_RST 2
+/* Installed by a worker for one of its UDP sessions, which ends it: the sweeper leaves it. */
+#define L4LB_KR_STATE_SESSION 4
 
 /* What the program counts for the whole table (per CPU; user space sums them): indexes
  * of kr_counters. */

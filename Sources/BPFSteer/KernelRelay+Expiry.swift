@@ -1,13 +1,13 @@
 internal import CBPF
 import Foundation
 
-/// Expiry of the flow table's TCP entries (issue 35): the kernel never removes an entry,
+/// Expiry of the flow table's entries (issue 35): the kernel never removes an entry,
 /// user space does, a flow (both its entries) at a time.
 extension KernelRelay {
     /// What one pass over the table saw and did.
     public struct SweepResult: Sendable, Equatable {
-        /// TCP entries (two per flow) left in the table after the pass.
-        public var tcpEntries = 0
+        /// Entries (two per flow) left in the table after the pass.
+        public var entries = 0
         /// Flows removed because they had been idle too long.
         public var expiredIdle = 0
         /// Flows removed after a RST, or a FIN each way.
@@ -15,9 +15,10 @@ extension KernelRelay {
         public init() {}
     }
 
-    /// Removes every kernel TCP flow idle for longer than `idleNanoseconds(listener)` (by
-    /// the listener the flow came in on), or, once a RST or a FIN each way has been seen,
-    /// for longer than `closedNanoseconds`. `now` is CLOCK_MONOTONIC, as the program's.
+    /// Removes every kernel flow idle for longer than `idleNanoseconds(listener)` (by the
+    /// listener the flow came in on), or, once a RST or a FIN each way has been seen, for
+    /// longer than `closedNanoseconds`. Entries a worker installed for a UDP session
+    /// (`L4LB_KR_STATE_SESSION`) are its to remove, and stay. `now` is CLOCK_MONOTONIC, as the program's.
     /// Entries installed by hand (listener 0, never seen) follow the same rules.
     public func sweep(now: UInt64, closedNanoseconds: UInt64, idleNanoseconds: (Int) -> UInt64) -> SweepResult {
         let fd = mapFD("kr_flows")
@@ -26,14 +27,19 @@ extension KernelRelay {
         // Each entry's position by its key, to find its pair without a syscall.
         var position: [FlowKey: Int] = [:]
         position.reserveCapacity(keys.count)
-        for (i, key) in keys.enumerated() where key.protocol == 6 { position[FlowKey(key)] = i }
+        for (i, key) in keys.enumerated() { position[FlowKey(key)] = i }
         // Keys with their values as read: deleted only if still the same (a SYN may have
         // reused a closed flow's NAT port since the read).
         var doomed: [(key: l4lb_kr_tuple, value: l4lb_kr_flow, pair: (key: l4lb_kr_tuple, value: l4lb_kr_flow)?, closed: Bool)] = []
         var decided = [Bool](repeating: false, count: keys.count)
-        for (i, key) in keys.enumerated() where key.protocol == 6 && !decided[i] {
+        for (i, key) in keys.enumerated() where !decided[i] {
             decided[i] = true
             let flow = values[i]
+            // A worker's UDP session: the worker ends it, with its session.
+            guard flow.state & UInt8(L4LB_KR_STATE_SESSION) == 0 else {
+                result.entries += 1
+                continue
+            }
             var pairKey = l4lb_kr_tuple()
             pairKey.saddr = flow.daddr
             pairKey.daddr = flow.saddr
@@ -58,7 +64,7 @@ extension KernelRelay {
             let idle = idleNanoseconds(Int(flow.listener))
             let limit = closed ? min(closedNanoseconds, idle) : idle
             guard now > last, now - last > limit else {
-                result.tcpEntries += pair == nil ? 1 : 2
+                result.entries += pair == nil ? 1 : 2
                 continue
             }
             doomed.append((key, flow, pair.map { (pairKey, $0) }, closed))
@@ -73,7 +79,7 @@ extension KernelRelay {
         }
         for flow in doomed {
             guard deleteIfUnchanged(flow.key, flow.value) else {
-                result.tcpEntries += flow.pair == nil ? 1 : 2
+                result.entries += flow.pair == nil ? 1 : 2
                 continue
             }
             if let pair = flow.pair { _ = deleteIfUnchanged(pair.key, pair.value) }

@@ -120,20 +120,31 @@ public final class KernelRelay: @unchecked Sendable {
         public var packets: UInt64 = 0
         /// TCP or UDP payload bytes.
         public var bytes: UInt64 = 0
-        /// CLOCK_MONOTONIC nanoseconds of the last packet; 0 = none yet.
+        /// CLOCK_MONOTONIC nanoseconds of the last packet (or of the install).
         public var lastNanoseconds: UInt64 = 0
         public init() {}
+
+        init(_ flow: l4lb_kr_flow) {
+            packets = flow.packets
+            bytes = flow.bytes
+            lastNanoseconds = flow.last_ns
+        }
     }
 
     /// Packets matching `match` become `rewrite`; 0, or the errno (E2BIG or ENOMEM: the
-    /// table is full; EEXIST: `match` is taken).
-    public func install(_ match: KernelRelayTuple, rewrite: KernelRelayTuple) -> Int32 {
+    /// table is full; EEXIST: `match` is taken). `listener` is the identity the entry is
+    /// counted under; a `session` entry belongs to a worker's UDP session, which removes it
+    /// (`take`): the sweeper leaves it alone.
+    public func install(_ match: KernelRelayTuple, rewrite: KernelRelayTuple, listener: Int = 0, session: Bool = false) -> Int32 {
         var key = match.key
         var flow = l4lb_kr_flow()
         flow.saddr = rewrite.key.saddr
         flow.daddr = rewrite.key.daddr
         flow.sport = rewrite.key.sport
         flow.dport = rewrite.key.dport
+        flow.listener = UInt16(truncatingIfNeeded: listener)
+        flow.state = session ? UInt8(L4LB_KR_STATE_SESSION) : 0
+        flow.last_ns = Self.monotonicNanoseconds()
         return bpf_map_update_elem(flowsFD, &key, &flow, UInt64(BPF_NOEXIST)) == 0 ? 0 : errno
     }
 
@@ -142,11 +153,20 @@ public final class KernelRelay: @unchecked Sendable {
         var key = match.key
         var flow = l4lb_kr_flow()
         guard bpf_map_lookup_elem(flowsFD, &key, &flow) == 0 else { return nil }
-        var counters = Counters()
-        counters.packets = flow.packets
-        counters.bytes = flow.bytes
-        counters.lastNanoseconds = flow.last_ns
-        return counters
+        return Counters(flow)
+    }
+
+    /// Removes `match`, returning its last counts (nil when it was not installed).
+    public func take(_ match: KernelRelayTuple) -> Counters? {
+        var key = match.key
+        var flow = l4lb_kr_flow()
+        guard bpf_map_lookup_and_delete_elem(flowsFD, &key, &flow) == 0 else {
+            // Hash maps take lookup-and-delete from Linux 5.14; before, two calls.
+            guard errno != ENOENT, bpf_map_lookup_elem(flowsFD, &key, &flow) == 0 else { return nil }
+            bpf_map_delete_elem(flowsFD, &key)
+            return Counters(flow)
+        }
+        return Counters(flow)
     }
 
     /// What the program decided for one packet.
@@ -201,6 +221,28 @@ public struct KernelRelayTuple: Sendable, Equatable {
         key.dport = destinationPort.bigEndian
         key.protocol = transport.rawValue
         key.family = source.count == 4 ? 4 : 6
+    }
+
+    /// From two socket addresses (`sockaddr_in` or `sockaddr_in6`, an IPv4-mapped IPv6
+    /// address taken as IPv4, as its packets are); nil unless both are of one family.
+    public init?(_ transport: TransportProtocol, source: UnsafeRawPointer, destination: UnsafeRawPointer) {
+        guard let (from, fromPort) = Self.address(source), let (to, toPort) = Self.address(destination) else { return nil }
+        self.init(transport, source: from, sourcePort: fromPort, destination: to, destinationPort: toPort)
+    }
+
+    private static func address(_ name: UnsafeRawPointer) -> ([UInt8], UInt16)? {
+        switch Int32(name.load(as: sa_family_t.self)) {
+        case AF_INET:
+            let sin = name.load(as: sockaddr_in.self)
+            return (withUnsafeBytes(of: sin.sin_addr) { Array($0) }, UInt16(bigEndian: sin.sin_port))
+        case AF_INET6:
+            let sin6 = name.load(as: sockaddr_in6.self)
+            let bytes = withUnsafeBytes(of: sin6.sin6_addr) { Array($0) }
+            let mapped = bytes[0..<10].allSatisfy { $0 == 0 } && bytes[10] == 0xFF && bytes[11] == 0xFF
+            return (mapped ? Array(bytes[12...]) : bytes, UInt16(bigEndian: sin6.sin6_port))
+        default:
+            return nil
+        }
     }
 
     /// 4 or 6.

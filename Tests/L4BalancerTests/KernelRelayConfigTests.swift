@@ -1,7 +1,7 @@
 import L4Balancer
 import XCTest
 
-/// `kernel_relay:` and `relay: kernel` on tcp listeners (issue 35): every setting the
+/// `kernel_relay:` and `relay: kernel` on the listeners it forwards (issue 35): every setting the
 /// kernel path cannot honour is refused by name, as `check`, `run` and a reload all parse.
 final class KernelRelayConfigTests: XCTestCase {
     func errors(_ yaml: String) -> Set<String> {
@@ -71,5 +71,30 @@ final class KernelRelayConfigTests: XCTestCase {
         XCTAssertTrue(errors(malformed).contains("kernel_relay.nat_ports: '80-90': expected FIRST-LAST within 1024-65535"))
         let split = config().replacingOccurrences(of: "cluster: web, relay", with: "clusters: [{ name: web, weight: 1 }], relay")
         XCTAssertTrue(errors(split).contains("listeners[0].clusters: relay: kernel sends a listener to one cluster; use cluster:"))
+    }
+
+    /// A udp listener with `relay: kernel` away from loopback is the forwarder's, with the
+    /// same rules as a tcp one; on loopback it keeps the `lo` relay, which needs no section.
+    func testAUDPListenerAwayFromLoopbackIsForwardedWithTheSameRules() throws {
+        let udp = config(listener: ", protocol: udp")
+        let parsed = try ConfigParser.parse(yaml: udp).get()
+        XCTAssertTrue(parsed.listeners[0].forwardedInKernel)
+        XCTAssertTrue(parsed.wantsKernelForwarding)
+        XCTAssertTrue(errors(config(listener: ", protocol: udp, max_sessions: 10")).contains(
+            "listeners[0].max_sessions: relay: kernel bounds flows with kernel_relay.flows; remove it"))
+        XCTAssertTrue(errors(config(listener: ", protocol: udp, session: none")).contains("listeners[0].relay: kernel applies to session: client only"))
+        XCTAssertTrue(errors(udp.replacingOccurrences(of: "198.51.100.1:80", with: "0.0.0.0:80")).contains(
+            "listeners[0].address: relay: kernel needs the listener's own address (a wildcard would take traffic routed through this host)"))
+        XCTAssertEqual(errors(udp.replacingOccurrences(of: "kernel_relay: { interfaces: [l4b-c, l4b-e] }\n", with: "")),
+                       ["kernel_relay.interfaces: required by listeners[0] (relay: kernel on udp away from loopback)"])
+
+        let loopback = try ConfigParser.parse(yaml: """
+            listeners:
+              - { name: dns, address: 127.0.0.1:5353, protocol: udp, cluster: dns, relay: kernel }
+            clusters:
+              - { name: dns, endpoints: [{ address: 127.0.0.1:5354 }] }
+            """).get()
+        XCTAssertFalse(loopback.listeners[0].forwardedInKernel, "the lo relay's")
+        XCTAssertFalse(loopback.wantsKernelForwarding)
     }
 }

@@ -1,6 +1,6 @@
 import Yams
 
-/// `kernel_relay:` and what a tcp listener with `relay: kernel` may not ask for: every
+/// `kernel_relay:` and what a listener the kernel forwards may not ask for: every
 /// setting the kernel path cannot honour is refused by name, never silently proxied.
 extension ConfigWalker {
     mutating func kernelRelay(_ node: Node, _ path: String) -> Config.KernelRelay {
@@ -19,8 +19,8 @@ extension ConfigWalker {
         return settings
     }
 
-    /// A tcp listener's own settings the kernel path cannot honour; `fields` are the ones
-    /// the config set.
+    /// A forwarded listener's own settings the kernel path cannot honour; `fields` are the
+    /// ones the config set (a udp listener's tcp-only settings are refused already).
     mutating func checkKernelListener(_ listener: Config.Listener, fields: [String: Node], _ path: String) {
         if listener.tls != nil { fail("\(path).relay", "kernel cannot terminate TLS; remove tls or use relay: user") }
         if !listener.routes.isEmpty { fail("\(path).relay", "kernel cannot route by server name; remove routes or use relay: user") }
@@ -34,15 +34,17 @@ extension ConfigWalker {
             fail("\(path).connect_attempts", "relay: kernel makes one attempt (the client's SYN retries); remove it")
         }
         if fields["send_timeout"] != nil { fail("\(path).send_timeout", "relay: kernel holds no bytes; remove it") }
+        if fields["max_sessions"] != nil { fail("\(path).max_sessions", "relay: kernel bounds flows with kernel_relay.flows; remove it") }
     }
 
     /// What depends on the whole config: the section itself, the clusters behind kernel
     /// listeners, ports.
     mutating func checkKernelRelay(_ config: Config) {
-        let kernelListeners = config.listeners.indices.filter { config.listeners[$0].transport == .tcp && config.listeners[$0].relay == .kernel }
+        let kernelListeners = config.listeners.indices.filter { config.listeners[$0].forwardedInKernel }
         guard let firstKernel = kernelListeners.first else { return }
         if config.kernelRelay.interfaces.isEmpty {
-            fail("kernel_relay.interfaces", "required by listeners[\(firstKernel)] (relay: kernel on tcp)")
+            let listener = config.listeners[firstKernel]
+            fail("kernel_relay.interfaces", "required by listeners[\(firstKernel)] (relay: kernel on \(listener.transport == .tcp ? "tcp" : "udp away from loopback"))")
         }
         var endpointsBehind = Set<String>()
         for l in kernelListeners {

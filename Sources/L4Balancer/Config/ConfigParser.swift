@@ -283,7 +283,7 @@ struct ConfigWalker {
             if fields["routes"] == nil { fail("\(path).inspect_timeout", "applies to listeners with routes only") }
             if d.milliseconds <= 0 { fail("\(path).inspect_timeout", "must be greater than 0") } else { listener.inspectTimeout = d }
         }
-        if listener.transport == .tcp, listener.relay == .kernel { checkKernelListener(listener, fields: fields, path) }
+        if listener.forwardedInKernel { checkKernelListener(listener, fields: fields, path) }
         return listener
     }
 

@@ -198,7 +198,7 @@ extension Worker {
         armReplies(slot)
         beginLease(slot)
         // `relay: kernel`: the session's later datagrams need not come through here.
-        if indexed, local == nil, plan.kernelRelay[listener] { relayInKernel(slot, listener: listener, endpoint: UnsafeRawPointer(address)) }
+        if indexed, local == nil, plan.kernelRelay[listener] != nil { relayInKernel(slot, listener: listener, endpoint: UnsafeRawPointer(address)) }
         return slot
     }
 

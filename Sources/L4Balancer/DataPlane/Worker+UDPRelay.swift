@@ -4,28 +4,71 @@ import BPFSteer
 import Glibc
 #endif
 
-/// A session the kernel's relay carries: its two flows (client → listener, and endpoint
-/// → upstream socket, as the datagrams arrive on `lo`), and the counts already folded
-/// into the worker's stats.
+/// A session the kernel carries: its two flows (client → listener, and endpoint →
+/// upstream socket, as the datagrams arrive), in the table of whichever program carries
+/// it, and the counts already folded into the worker's stats.
 struct RelayedSession {
-    let flows: UDPRelayFlows
-    let forward: UDPRelayTuple
-    let reverse: UDPRelayTuple
-    var foldedIn = UDPRelayFlows.Counters()
-    var foldedOut = UDPRelayFlows.Counters()
+    /// Where the two flows are: the `lo` relay's table, or the kernel forwarder's (a
+    /// listener away from loopback), whose program also routes and redirects them.
+    enum Table {
+        case loopback(UDPRelayFlows, forward: UDPRelayTuple, reverse: UDPRelayTuple)
+        case forwarder(KernelRelay, forward: KernelRelayTuple, reverse: KernelRelayTuple)
+    }
+
+    let table: Table
+    var foldedIn = RelayedCounts()
+    var foldedOut = RelayedCounts()
+
+    /// What the kernel has counted so far on each direction (nil: not installed).
+    func counts() -> (inbound: RelayedCounts?, outbound: RelayedCounts?) {
+        switch table {
+        case .loopback(let flows, let forward, let reverse):
+            (flows.counters(forward).map(RelayedCounts.init), flows.counters(reverse).map(RelayedCounts.init))
+        case .forwarder(let relay, let forward, let reverse):
+            (relay.counters(forward).map(RelayedCounts.init), relay.counters(reverse).map(RelayedCounts.init))
+        }
+    }
+
+    /// Removes both flows, the client's first (nothing more is rewritten towards the
+    /// endpoint once its count is read), returning their last counts.
+    func take() -> (inbound: RelayedCounts?, outbound: RelayedCounts?) {
+        switch table {
+        case .loopback(let flows, let forward, let reverse):
+            let inbound = flows.take(forward).map(RelayedCounts.init)
+            return (inbound, flows.take(reverse).map(RelayedCounts.init))
+        case .forwarder(let relay, let forward, let reverse):
+            let inbound = relay.take(forward).map(RelayedCounts.init)
+            return (inbound, relay.take(reverse).map(RelayedCounts.init))
+        }
+    }
 }
 
-/// `relay: kernel` (bpf/udp_relay.bpf.c): once a session's first datagram has picked its
+/// One direction's datagrams, payload bytes and last datagram (CLOCK_MONOTONIC ns; 0:
+/// none), as either program counts them.
+struct RelayedCounts {
+    var datagrams: UInt64 = 0
+    var bytes: UInt64 = 0
+    var lastNanoseconds: UInt64 = 0
+
+    init() {}
+    init(_ c: UDPRelayFlows.Counters) { (datagrams, bytes, lastNanoseconds) = (c.datagrams, c.bytes, c.lastNanoseconds) }
+    init(_ c: KernelRelay.Counters) { (datagrams, bytes, lastNanoseconds) = (c.packets, c.bytes, c.lastNanoseconds) }
+}
+
+/// `relay: kernel` on udp listeners: once a session's first datagram has picked its
 /// endpoint, the worker installs its two flows, and the kernel rewrites every later
 /// datagram both ways without waking the worker. The session stays in the table as
-/// before — its upstream socket open (ICMP port unreachable still ends it), its idle
-/// expiry and eviction as before — and what the kernel carried is folded into the stats
-/// once a second, when the session looks idle, and when it ends.
+/// before — its upstream socket open (ICMP port unreachable still ends it, and a reply
+/// too big for one packet, reassembled by the stack, reaches it), its idle expiry and
+/// eviction as before — and what the kernel carried is folded into the stats once a
+/// second, when the session looks idle, and when it ends.
 ///
-/// Only sessions whose client, listener and endpoint are all loopback addresses of one
-/// family are handed over (the program sits on `lo` and rewrites in place), on a listener
-/// bound to one address. Datagrams the program passes up (IPv6 fragments) still reach the
-/// worker, which relays them as any other.
+/// On a loopback listener the `lo` relay (bpf/udp_relay.bpf.c) takes sessions whose
+/// client, listener and endpoint are all loopback addresses of one family; on any other
+/// address the kernel forwarder (bpf/kernel_relay.bpf.c) takes them, with the session
+/// socket's address and port as the NAT source toward the endpoint, and routes each
+/// datagram to its egress interface. Datagrams a program passes up (fragments, IP
+/// options) still reach the worker, which relays them as any other.
 extension Worker {
     /// Relayed sessions folded per second at most (each is two bpf(2) lookups); beyond
     /// it, a share of them each second, so every one is folded within a few seconds.
@@ -34,7 +77,7 @@ extension Worker {
     /// Hands session `slot` to the kernel, if its addresses allow and the table has room
     /// (a full table leaves it in user space, counted).
     func relayInKernel(_ slot: UInt32, listener: Int, endpoint: UnsafeRawPointer) {
-        guard let flows = current.snapshot.relayFlows, !sourceFilter.enforcing else { return }
+        guard !sourceFilter.enforcing else { return }
         var listenerName = sockaddr_in6(), upstreamName = sockaddr_in6()
         var length = socklen_t(MemoryLayout<sockaddr_in6>.size)
         let named = withUnsafeMutableBytes(of: &listenerName) {
@@ -45,23 +88,45 @@ extension Worker {
             getsockname(udpSessions[slot].upstream, $0.baseAddress!.assumingMemoryBound(to: sockaddr.self), &length) == 0
         }) else { return }
         var client = udpSessions[slot].client
-        guard let forward = UDPRelayTuple(source: &client, destination: &listenerName),
-              let forwardTo = UDPRelayTuple(source: &upstreamName, destination: endpoint),
-              let reverse = UDPRelayTuple(source: endpoint, destination: &upstreamName),
-              let reverseTo = UDPRelayTuple(source: &listenerName, destination: &client),
-              forward.family == forwardTo.family
-        else { return }
-        // The reverse flow first: the reply to the datagram about to be sent must find it.
-        guard flows.install(reverse, rewrite: reverseTo) == 0 else {
-            stats.add(.kernelFallbacks, listener: listener)
-            return
+        let table: RelayedSession.Table
+        if current.kernelRelay[listener] == .forwarder, let relay = current.snapshot.forwarder {
+            guard let forward = KernelRelayTuple(.udp, source: &client, destination: &listenerName),
+                  let forwardTo = KernelRelayTuple(.udp, source: &upstreamName, destination: endpoint),
+                  let reverse = KernelRelayTuple(.udp, source: endpoint, destination: &upstreamName),
+                  let reverseTo = KernelRelayTuple(.udp, source: &listenerName, destination: &client),
+                  forward.family == forwardTo.family
+            else { return }
+            // The reverse flow first: the reply to the datagram about to be sent must find it.
+            guard relay.install(reverse, rewrite: reverseTo, listener: listener, session: true) == 0 else {
+                stats.add(.kernelFallbacks, listener: listener)
+                return
+            }
+            guard relay.install(forward, rewrite: forwardTo, listener: listener, session: true) == 0 else {
+                _ = relay.take(reverse)
+                stats.add(.kernelFallbacks, listener: listener)
+                return
+            }
+            table = .forwarder(relay, forward: forward, reverse: reverse)
+        } else {
+            guard let flows = current.snapshot.relayFlows,
+                  let forward = UDPRelayTuple(source: &client, destination: &listenerName),
+                  let forwardTo = UDPRelayTuple(source: &upstreamName, destination: endpoint),
+                  let reverse = UDPRelayTuple(source: endpoint, destination: &upstreamName),
+                  let reverseTo = UDPRelayTuple(source: &listenerName, destination: &client),
+                  forward.family == forwardTo.family
+            else { return }
+            guard flows.install(reverse, rewrite: reverseTo) == 0 else {
+                stats.add(.kernelFallbacks, listener: listener)
+                return
+            }
+            guard flows.install(forward, rewrite: forwardTo) == 0 else {
+                flows.remove(reverse)
+                stats.add(.kernelFallbacks, listener: listener)
+                return
+            }
+            table = .loopback(flows, forward: forward, reverse: reverse)
         }
-        guard flows.install(forward, rewrite: forwardTo) == 0 else {
-            flows.remove(reverse)
-            stats.add(.kernelFallbacks, listener: listener)
-            return
-        }
-        relayedSessions[slot] = RelayedSession(flows: flows, forward: forward, reverse: reverse)
+        relayedSessions[slot] = RelayedSession(table: table)
         udpSessions[slot].relayed = true
         stats.add(.kernelSessions, listener: listener)
     }
@@ -71,7 +136,8 @@ extension Worker {
     @discardableResult
     func foldRelayed(_ slot: UInt32) -> UInt32? {
         guard let relayed = relayedSessions[slot] else { return nil }
-        return fold(slot, relayed, inbound: relayed.flows.counters(relayed.forward), outbound: relayed.flows.counters(relayed.reverse))
+        let counts = relayed.counts()
+        return fold(slot, relayed, inbound: counts.inbound, outbound: counts.outbound)
     }
 
     /// Takes session `slot` back from the kernel (it ends, or may no longer be relayed
@@ -79,15 +145,12 @@ extension Worker {
     func endRelay(_ slot: UInt32) {
         guard udpSessions[slot].relayed, let relayed = relayedSessions.removeValue(forKey: slot) else { return }
         udpSessions[slot].relayed = false
-        // The client's flow first: nothing more is rewritten towards the endpoint once
-        // its count is read.
-        let inbound = relayed.flows.take(relayed.forward)
-        let outbound = relayed.flows.take(relayed.reverse)
-        fold(slot, relayed, inbound: inbound, outbound: outbound)
+        let counts = relayed.take()
+        fold(slot, relayed, inbound: counts.inbound, outbound: counts.outbound)
     }
 
     @discardableResult
-    private func fold(_ slot: UInt32, _ relayed: RelayedSession, inbound: UDPRelayFlows.Counters?, outbound: UDPRelayFlows.Counters?) -> UInt32? {
+    private func fold(_ slot: UInt32, _ relayed: RelayedSession, inbound: RelayedCounts?, outbound: RelayedCounts?) -> UInt32? {
         var updated = relayed
         if let inbound, inbound.datagrams > relayed.foldedIn.datagrams {
             add(inbound, since: relayed.foldedIn, replies: false, slot)
@@ -107,7 +170,7 @@ extension Worker {
 
     /// One direction's new datagrams and bytes, counted as the worker counts its own: the
     /// client's (`replies` false) or the endpoint's replies.
-    private func add(_ counters: UDPRelayFlows.Counters, since folded: UDPRelayFlows.Counters, replies outbound: Bool, _ slot: UInt32) {
+    private func add(_ counters: RelayedCounts, since folded: RelayedCounts, replies outbound: Bool, _ slot: UInt32) {
         let listener = Int(udpSessions[slot].listener), endpoint = Int(udpSessions[slot].endpoint)
         let datagrams = counters.datagrams - folded.datagrams, bytes = counters.bytes &- folded.bytes
         stats.add(outbound ? .datagramsOut : .datagramsIn, listener: listener, datagrams)
@@ -167,7 +230,7 @@ extension Worker {
         let all = sourceFilter.enforcing
         let slots = relayedSessions.keys.filter { slot in
             let listener = Int(udpSessions[slot].listener)
-            return all || listener >= plan.kernelRelay.count || !plan.kernelRelay[listener]
+            return all || listener >= plan.kernelRelay.count || plan.kernelRelay[listener] == nil
         }
         for slot in slots { endRelay(slot) }
     }

@@ -46,9 +46,10 @@ final class WorkerPlan {
     let proxyResponses: [UInt32]
     /// udp `session: none`: every datagram balanced on its own.
     let perPacket: [Bool]
-    /// udp `relay: kernel`, with the relay loaded and no per-datagram rate rule for the
-    /// workers to apply: sessions the kernel can carry are handed to it.
-    let kernelRelay: [Bool]
+    /// udp `relay: kernel`, with the program loaded and no per-datagram rate rule for the
+    /// workers to apply: sessions the kernel can carry are handed to it, in this table.
+    let kernelRelay: [KernelTable?]
+    enum KernelTable { case loopback, forwarder }
     /// tcp with `tls:`: this worker's OpenSSL contexts (nil: plain TCP).
     let tlsContexts: [TLSServerContext?]
     /// tcp with `routes:`: the server-name routes.
@@ -116,7 +117,7 @@ final class WorkerPlan {
         var sessions = [Int](repeating: 0, count: bound)
         var responses = [UInt32](repeating: .max, count: bound)
         var packet = [Bool](repeating: false, count: bound)
-        var kernel = [Bool](repeating: false, count: bound)
+        var kernel = [KernelTable?](repeating: nil, count: bound)
         var tls = [TLSServerContext?](repeating: nil, count: bound)
         var opening = [UInt32](repeating: 0, count: bound)
         var connect = [UInt32](repeating: 0, count: bound)
@@ -158,8 +159,11 @@ final class WorkerPlan {
             udp[listener.id] = listener.transport == .udp
             sessions[listener.id] = listener.maxSessions
             packet[listener.id] = listener.session == .none
-            kernel[listener.id] = listener.transport == .udp && listener.relay == .kernel && snapshot.relayFlows != nil
-                && (rules[listener.id]?.packetInterval ?? 0) == 0
+            let table: KernelTable = listener.forwardedInKernel ? .forwarder : .loopback
+            let loaded = table == .forwarder ? snapshot.forwarder != nil : snapshot.relayFlows != nil
+            if listener.transport == .udp, listener.relay == .kernel, loaded, (rules[listener.id]?.packetInterval ?? 0) == 0 {
+                kernel[listener.id] = table
+            }
             // A per-packet lease ends after one reply unless told otherwise.
             responses[listener.id] = listener.proxyResponses.map { UInt32($0) } ?? (listener.session == .none ? 1 : .max)
             connect[listener.id] = Worker.ticks(listener.connectTimeoutMilliseconds)

@@ -9,6 +9,7 @@ import Glibc
 /// host (forwarding on, NAT ports clear of `ip_local_port_range`), loads the program and
 /// attaches it to `kernel_relay.interfaces`; on every snapshot it writes the tcp listeners
 /// with `relay: kernel` into the maps (endpoint slots, one plan per listener, services);
+/// udp ones have their sessions' flows installed by the workers (`Worker+UDPRelay`);
 /// every 50 ms it copies endpoint availability (health, ejection, drain) into the slots.
 /// The workers keep listening on the same addresses: a SYN the kernel leaves to the stack
 /// is accepted and proxied as before.
@@ -41,11 +42,11 @@ final class KernelForwarder: @unchecked Sendable {
 
     struct StartError: Error, CustomStringConvertible { let description: String }
 
-    /// Loads and attaches the forwarder `config` asks for; nil when no tcp listener does.
+    /// Loads and attaches the forwarder `config` asks for; nil when no listener does.
     static func start(_ config: Config, status: EndpointStatus) throws(StartError) -> KernelForwarder? {
         guard config.wantsKernelForwarding else { return nil }
         let settings = config.kernelRelay
-        let families = Set(config.listeners.filter { $0.transport == .tcp && $0.relay == .kernel }.map { $0.address.ip.count == 4 ? "ipv4" : "ipv6" })
+        let families = Set(config.listeners.filter { $0.forwardedInKernel }.map { $0.address.ip.count == 4 ? "ipv4" : "ipv6" })
         try checkHost(settings, families: families)
         let relay: KernelRelay
         do {
@@ -105,7 +106,7 @@ final class KernelForwarder: @unchecked Sendable {
     func apply(_ snapshot: Snapshot, paused: (Snapshot.ListenerPlan) -> Bool) throws {
         lock.lock()
         defer { lock.unlock() }
-        let kernelListeners = snapshot.listeners.filter { $0.transport == .tcp && $0.relay == .kernel }
+        let kernelListeners = snapshot.listeners.filter(Self.picksInKernel)
         var wanted: [Int] = []
         for listener in kernelListeners {
             for endpoint in endpoints(of: listener, in: snapshot) { wanted.append(endpoint.id) }
@@ -173,7 +174,7 @@ final class KernelForwarder: @unchecked Sendable {
         lock.lock()
         defer { lock.unlock() }
         guard let snapshot else { return }
-        try? writeServices(snapshot.listeners.filter { $0.transport == .tcp && $0.relay == .kernel }, paused: paused)
+        try? writeServices(snapshot.listeners.filter(Self.picksInKernel), paused: paused)
     }
 
     /// No new kernel flows from now on (a drain): every service is removed; installed
@@ -230,14 +231,14 @@ final class KernelForwarder: @unchecked Sendable {
     func sweep(now: UInt64) -> UInt64 {
         guard let snapshot = lock.withLock({ self.snapshot }) else { return 1_000_000_000 }
         var idle: [Int: UInt64] = [:]
-        for listener in snapshot.listeners where listener.transport == .tcp && listener.relay == .kernel {
+        for listener in snapshot.listeners where Self.picksInKernel(listener) {
             idle[listener.id] = UInt64(max(listener.idleTimeoutMilliseconds, 1)) * 1_000_000
         }
         // A listener a reload removed: its flows expire by the longest idle timeout left.
         let longest = idle.values.max() ?? UInt64(Config.Listener.defaultIdleTimeoutMilliseconds) * 1_000_000
         let result = relay.sweep(now: now, closedNanoseconds: Self.closedGraceNanoseconds) { idle[$0] ?? longest }
         lock.withLock {
-            tableEntries = result.tcpEntries
+            tableEntries = result.entries
             expiredIdle += result.expiredIdle
             expiredClosed += result.expiredClosed
         }
@@ -265,6 +266,12 @@ final class KernelForwarder: @unchecked Sendable {
         guard let c = listener.clusters.first else { return [] }
         let cluster = snapshot.clusters[c]
         return snapshot.endpoints[cluster.firstEndpoint..<(cluster.firstEndpoint + cluster.endpointCount)]
+    }
+
+    /// TCP listeners the kernel forwards: a SYN picks its endpoint in the kernel. (A UDP
+    /// session's first datagram reaches a worker, which picks and installs the flow.)
+    private static func picksInKernel(_ listener: Snapshot.ListenerPlan) -> Bool {
+        listener.forwardedInKernel && listener.transport == .tcp
     }
 
     private static func serviceKey(_ address: SocketAddress) -> [UInt8] {

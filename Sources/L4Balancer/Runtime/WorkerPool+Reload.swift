@@ -106,7 +106,7 @@ extension WorkerPool {
         }
         let snapshot = Snapshot(config: config, generation: old.generation + 1, ids: ids, previous: old, listenerSockets: sockets,
                                 rateLimitsInKernel: KernelRateLimits.covered(config.listeners, attached: filter.attachedInterfaceNames),
-                                relayFlows: udpRelay?.flows)
+                                relayFlows: udpRelay?.flows, forwarder: kernelForwarder?.relay)
         // XDP's rate rules before the workers take the snapshot that leaves the buckets to it.
         do {
             try filter.installRateLimits(snapshot)
@@ -170,7 +170,7 @@ extension WorkerPool {
         if old.workers != new.workers { errors.append("workers: cannot change on reload; restart l4lb to apply") }
         if old.kernelRelay != new.kernelRelay { errors.append("kernel_relay: cannot change on reload; restart l4lb to apply") }
         if !old.wantsKernelForwarding, new.wantsKernelForwarding {
-            errors.append("listeners: the first tcp listener with relay: kernel needs a restart (the kernel forwarder loads at start)")
+            errors.append("listeners: the first listener the kernel forwards (relay: kernel) needs a restart (the kernel forwarder loads at start)")
         }
         if old.buffers != new.buffers { errors.append("buffers: cannot change on reload; restart l4lb to apply") }
         if old.accessLog != new.accessLog { errors.append("access_log: cannot change on reload; restart l4lb to apply (SIGUSR1 reopens the file)") }

@@ -15,7 +15,7 @@ extension WorkerPool {
     /// asks, nil when none does. A relay that cannot load names the listener that asked.
     static func loadUDPRelay(_ config: Config, loaded: UDPRelay?) throws(StartError) -> UDPRelay? {
         if let loaded { return loaded }
-        guard let i = config.listeners.firstIndex(where: { $0.transport == .udp && $0.relay == .kernel }) else { return nil }
+        guard let i = config.listeners.firstIndex(where: { $0.transport == .udp && $0.relay == .kernel && !$0.forwardedInKernel }) else { return nil }
         do {
             return try UDPRelay(capacity: udpRelayCapacity)
         } catch {

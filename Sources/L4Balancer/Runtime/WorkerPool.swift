@@ -97,7 +97,7 @@ public final class WorkerPool: Service, @unchecked Sendable {
         }
         let snapshot = Snapshot(config: config, generation: 1, ids: ids, previous: nil, listenerSockets: sockets,
                                 rateLimitsInKernel: KernelRateLimits.covered(config.listeners, attached: filter.attachedInterfaceNames),
-                                relayFlows: udpRelay?.flows)
+                                relayFlows: udpRelay?.flows, forwarder: kernelForwarder?.relay)
         do {
             try filter.installRateLimits(snapshot)
         } catch {

@@ -24,8 +24,11 @@ public final class Snapshot: @unchecked Sendable {
     let listenerSockets: [[Int32]]
     /// One past the largest listener identity, for tables indexed by it.
     let listenerIDBound: Int
-    /// The kernel's UDP relay, loaded when a listener has `relay: kernel`.
+    /// The kernel's UDP relay on `lo`, loaded when a loopback udp listener has `relay: kernel`.
     let relayFlows: UDPRelayFlows?
+    /// The kernel forwarder, when a listener it forwards is configured: the workers install
+    /// their forwarded udp listeners' sessions in its table.
+    let forwarder: KernelRelay?
 
     public struct ListenerPlan: Sendable {
         /// Stable identity (by name).
@@ -115,9 +118,11 @@ public final class Snapshot: @unchecked Sendable {
     /// `previous` reuse its tables rather than build them again.
     /// `rateLimitsInKernel`: the listeners whose token buckets XDP enforces.
     init(config: Config, generation: UInt64, ids: (listeners: [Int], clusters: [Int], endpoints: [[Int]]), previous: Snapshot?,
-         listenerSockets: [[Int32]], rateLimitsInKernel: Set<String> = [], relayFlows: UDPRelayFlows? = nil) {
+         listenerSockets: [[Int32]], rateLimitsInKernel: Set<String> = [], relayFlows: UDPRelayFlows? = nil,
+         forwarder: KernelRelay? = nil) {
         self.config = config
         self.relayFlows = relayFlows
+        self.forwarder = forwarder
         self.generation = generation
         self.listenerSockets = listenerSockets
         var previousClusters: [String: ClusterPlan] = [:]

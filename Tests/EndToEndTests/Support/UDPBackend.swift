@@ -6,10 +6,11 @@ import Glibc
 
 /// A UDP server on loopback for the UDP tests: echoes each datagram to its sender,
 /// answers with its name (`identify`), with its name and the datagram (`tag`), or echoes
-/// after a pause per datagram (`slowEcho`, slower than a flood). Counts what it received
+/// after a pause per datagram (`slowEcho`, slower than a flood), or with the datagram
+/// grown to a size (`grow`, a small query with a large answer). Counts what it received
 /// and from how many source ports (l4lb's sessions).
 final class UDPBackend: @unchecked Sendable {
-    enum Behavior { case echo, identify(String), tag(String), slowEcho(microseconds: UInt32) }
+    enum Behavior { case echo, identify(String), tag(String), slowEcho(microseconds: UInt32), grow(Int) }
 
     let fd: Int32
     let port: UInt16
@@ -51,6 +52,11 @@ final class UDPBackend: @unchecked Sendable {
     }
 
     deinit { stop() }
+
+    /// What `grow(size)` answers to `datagram`: it, then a known pattern up to `size` bytes.
+    static func grown(_ datagram: [UInt8], to size: Int) -> [UInt8] {
+        datagram + (0..<max(size - datagram.count, 0)).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 1) }
+    }
 
     /// A bound socket on loopback that never reads: datagrams to it vanish without an ICMP
     /// error. The caller closes it.
@@ -100,6 +106,7 @@ final class UDPBackend: @unchecked Sendable {
             case .echo: reply = Array(buffer[..<n])
             case .identify(let name): reply = Array(name.utf8)
             case .tag(let name): reply = Array("\(name):".utf8) + buffer[..<n]
+            case .grow(let size): reply = UDPBackend.grown(Array(buffer[..<n]), to: size)
             case .slowEcho(let pause):
                 usleep(pause)
                 reply = Array(buffer[..<n])
