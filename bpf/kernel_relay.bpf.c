@@ -13,7 +13,9 @@
  * a router's would, and each direction counts its packets, payload bytes and last
  * activity. The rewritten packet is routed by the FIB (policy rules included) and
  * redirected to the egress interface with its next hop's neighbour resolved by the kernel,
- * so it leaves without crossing this host's stack or netfilter. A packet that matches no
+ * so it leaves without crossing this host's stack or netfilter. A SYN's or SYN-ACK's MSS is
+ * clamped to the route it leaves by, and ICMP errors about a flow's packets are translated
+ * back to their sender (kernel_relay_icmp.bpf.h). A packet that matches no
  * flow, and anything the parser does not follow (fragments, IPv4 options, IPv6 extension
  * headers, a TTL about to expire), goes on untouched to the next program or the stack. */
 #include "vmlinux.h"
@@ -182,6 +184,10 @@ static __always_inline int route(struct __sk_buff *skb, struct l4lb_kr_flow *flo
 		__builtin_memcpy(fib.ipv6_dst, flow->daddr, 16);
 	}
 	long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), L4LB_FIB_LOOKUP_SKIP_NEIGH);
+	/* A datagram of a worker's UDP session too big for the route: the worker's session
+	 * socket sends it, in fragments where the route needs them. */
+	if (rc == L4LB_FIB_FRAG_NEEDED && (flow->state & L4LB_KR_STATE_SESSION))
+		return TCX_NEXT;
 	if (rc != 0) {
 		count(rc == L4LB_FIB_FWD_DISABLED ? L4LB_KR_DROP_FORWARDING_OFF
 		      : rc == L4LB_FIB_FRAG_NEEDED ? L4LB_KR_DROP_MTU : L4LB_KR_DROP_NO_ROUTE);
@@ -197,6 +203,8 @@ static __always_inline int route(struct __sk_buff *skb, struct l4lb_kr_flow *flo
 		__builtin_memcpy(out->next_hop.ipv6_nh, fib.ipv6_dst, 16);
 	return 0;
 }
+
+#include "kernel_relay_icmp.bpf.h"
 
 /* Rewrites addresses, ports and the TTL/hop limit, fixing every checksum they are part
  * of. Once a helper has changed the packet a failure leaves it half rewritten: dropped. */
@@ -511,6 +519,14 @@ int l4lb_kernel_relay(struct __sk_buff *skb)
 		p.udp_csum_none = key.family == 4 && udp->check == 0;
 		p.l4_header = 8;
 		p.payload = p.payload > 8 ? p.payload - 8 : 0;
+	} else if ((protocol == PROTO_ICMP && key.family == 4) || (protocol == PROTO_ICMPV6 && key.family == 6)) {
+		p.l4_header = 8;
+		struct egress out = {};
+		int verdict = translate_icmp(skb, &p, key.family, &out);
+		if (verdict)
+			return verdict;
+		count(L4LB_KR_FORWARDED);
+		return bpf_redirect_neigh(out.ifindex, &out.next_hop, sizeof(out.next_hop), 0);
 	} else {
 		return TCX_NEXT;
 	}
@@ -541,6 +557,8 @@ int l4lb_kernel_relay(struct __sk_buff *skb)
 	int verdict = route(skb, flow, protocol, &p, &out);
 	if (verdict)
 		return verdict;
+	if (protocol == PROTO_TCP && (p.tcp_flags & TCP_FLAG_SYN))
+		clamp_mss(skb, &key, &p);
 	verdict = rewrite(skb, &key, flow, &p);
 	if (verdict)
 		return verdict;

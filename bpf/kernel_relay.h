@@ -57,6 +57,8 @@ enum l4lb_kr_counter {
 	L4LB_KR_FALLBACK_NO_PORT,    /* 32 NAT ports probed, all taken toward that endpoint */
 	L4LB_KR_FALLBACK_TABLE_FULL, /* the flow table had no room */
 	L4LB_KR_NAT_PORT_REUSED,     /* a new flow took the NAT port of one closed both ways (or reset) */
+	L4LB_KR_ICMP_TRANSLATED,     /* ICMP errors about a kernel flow's packets sent on to their sender */
+	L4LB_KR_MSS_CLAMPED,         /* SYNs and SYN-ACKs whose MSS was lowered to the route's MTU */
 	L4LB_KR_COUNTER_COUNT,
 };
 

@@ -10,7 +10,7 @@ struct BPFObjectPlugin: BuildToolPlugin {
     static let programs: [(source: String, headers: [String], name: String)] = [
         ("xdp_filter.bpf.c", ["xdp_filter.h", "rate_limit.bpf.h"], "XDPFilterObject"),
         ("udp_relay.bpf.c", ["udp_relay.h", "nat_addresses.bpf.h"], "UDPRelayObject"),
-        ("kernel_relay.bpf.c", ["kernel_relay.h", "kernel_relay_select.bpf.h", "nat_addresses.bpf.h"], "KernelRelayObject"),
+        ("kernel_relay.bpf.c", ["kernel_relay.h", "kernel_relay_select.bpf.h", "kernel_relay_icmp.bpf.h", "nat_addresses.bpf.h"], "KernelRelayObject"),
     ]
 
     func createBuildCommands(context: PluginContext, target: Target) throws -> [Command] {

@@ -78,7 +78,8 @@ public final class KernelRelay: @unchecked Sendable {
         public var droppedNoRoute: UInt64 = 0
         /// Dropped: forwarding is off on the interface the packet arrived on.
         public var droppedForwardingOff: UInt64 = 0
-        /// Dropped: bigger than the egress route's MTU.
+        /// Dropped: bigger than the egress route's MTU (a TCP segment; a datagram of a UDP
+        /// session goes to its worker, which sends it in fragments).
         public var droppedMTU: UInt64 = 0
         /// SYNs to a service the kernel took (an endpoint picked, both entries installed).
         public var newFlows: UInt64 = 0
@@ -90,6 +91,10 @@ public final class KernelRelay: @unchecked Sendable {
         public var fallbackTableFull: UInt64 = 0
         /// New flows that took the NAT port of a flow closed both ways or reset.
         public var natPortsReused: UInt64 = 0
+        /// ICMP errors about a kernel flow's packets, translated and sent on to their sender.
+        public var icmpTranslated: UInt64 = 0
+        /// SYNs and SYN-ACKs whose MSS was lowered to fit the route they left by.
+        public var mssClamped: UInt64 = 0
         public init() {}
     }
 
@@ -112,6 +117,8 @@ public final class KernelRelay: @unchecked Sendable {
         totals.fallbackNoPort = sum(L4LB_KR_FALLBACK_NO_PORT)
         totals.fallbackTableFull = sum(L4LB_KR_FALLBACK_TABLE_FULL)
         totals.natPortsReused = sum(L4LB_KR_NAT_PORT_REUSED)
+        totals.icmpTranslated = sum(L4LB_KR_ICMP_TRANSLATED)
+        totals.mssClamped = sum(L4LB_KR_MSS_CLAMPED)
         return totals
     }
 

@@ -1,7 +1,7 @@
 import Foundation
 
 /// `/stats`' `kernel_relay`: where the kernel forwarder runs and what it counted, or null
-/// when no tcp listener uses it. Counts are the whole table's (per listener and endpoint
+/// when no listener uses it. Counts are the whole table's (per listener and endpoint
 /// counters are to come); a SYN it leaves to the stack is counted as a fallback by reason,
 /// and the workers then accept and proxy it as any other connection.
 extension WorkerPool {
@@ -19,6 +19,8 @@ extension WorkerPool {
             "new_flows": totals.newFlows,
             "forwarded_packets": totals.forwarded,
             "nat_ports_reused": totals.natPortsReused,
+            "icmp_translated": totals.icmpTranslated,
+            "mss_clamped": totals.mssClamped,
             "fallbacks": [
                 "paused": totals.fallbackPaused, "no_endpoint": totals.fallbackNoEndpoint, "no_route": totals.fallbackNoRoute,
                 "no_port": totals.fallbackNoPort, "table_full": totals.fallbackTableFull,
