@@ -157,6 +157,25 @@ struct parsed {
 	__u8 udp_csum_none; /* an IPv4 UDP packet sent without a checksum */
 };
 
+/* Fills a FIB lookup from `source` to `destination` (4 or 16 bytes by `length`) as an
+ * input route on the interface the packet arrived on would be looked up. */
+static __always_inline void fib_between(struct bpf_fib_lookup *fib, struct __sk_buff *skb, __u32 length, const __u8 *source,
+					const __u8 *destination, __u8 protocol)
+{
+	__builtin_memset(fib, 0, sizeof(*fib));
+	fib->l4_protocol = protocol;
+	fib->ifindex = skb->ifindex; /* on tc ingress: the interface it arrived on */
+	if (length == 4) {
+		fib->family = AF_INET;
+		__builtin_memcpy(&fib->ipv4_src, source, 4);
+		__builtin_memcpy(&fib->ipv4_dst, destination, 4);
+	} else {
+		fib->family = AF_INET6;
+		__builtin_memcpy(fib->ipv6_src, source, 16);
+		__builtin_memcpy(fib->ipv6_dst, destination, 16);
+	}
+}
+
 /* Routes the packet as it will be once rewritten: the FIB lookup an input route would
  * make on the interface it arrived on (so that interface must forward, as a router's
  * must), with the neighbour left to bpf_redirect_neigh. 0, or the verdict for a packet
@@ -166,23 +185,12 @@ static __always_inline int route(struct __sk_buff *skb, struct l4lb_kr_flow *flo
 {
 	struct bpf_fib_lookup fib;
 
-	__builtin_memset(&fib, 0, sizeof(fib));
-	fib.l4_protocol = protocol;
+	fib_between(&fib, skb, p->length, flow->saddr, flow->daddr, protocol);
 	/* Checked against the route's MTU. A GSO skb's header gives the length of all its
 	 * segments: what must fit is one segment (gso_size of payload behind the headers). */
 	fib.tot_len = skb->gso_size ? p->l4_off - ETH_HLEN + p->l4_header + skb->gso_size : p->ip_total;
 	fib.sport = flow->sport;
 	fib.dport = flow->dport;
-	fib.ifindex = skb->ifindex; /* on tc ingress: the interface it arrived on */
-	if (p->length == 4) {
-		fib.family = AF_INET;
-		__builtin_memcpy(&fib.ipv4_src, flow->saddr, 4);
-		__builtin_memcpy(&fib.ipv4_dst, flow->daddr, 4);
-	} else {
-		fib.family = AF_INET6;
-		__builtin_memcpy(fib.ipv6_src, flow->saddr, 16);
-		__builtin_memcpy(fib.ipv6_dst, flow->daddr, 16);
-	}
 	long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), L4LB_FIB_LOOKUP_SKIP_NEIGH);
 	/* A datagram of a worker's UDP session too big for the route: the worker's session
 	 * socket sends it, in fragments where the route needs them. */

@@ -189,19 +189,8 @@ static __noinline int translate_icmp(struct __sk_buff *skb, struct parsed *p, __
 static __noinline int clamp_mss(struct __sk_buff *skb, struct l4lb_kr_tuple *key, struct parsed *p)
 {
 	struct bpf_fib_lookup fib;
-	__builtin_memset(&fib, 0, sizeof(fib));
-	fib.l4_protocol = PROTO_TCP;
+	fib_between(&fib, skb, p->length, key->daddr, key->saddr, PROTO_TCP);
 	fib.tot_len = 0xFFFF; /* larger than any MTU: the lookup answers FRAG_NEEDED with the route's */
-	fib.ifindex = skb->ifindex;
-	if (p->length == 4) {
-		fib.family = AF_INET;
-		__builtin_memcpy(&fib.ipv4_src, key->daddr, 4);
-		__builtin_memcpy(&fib.ipv4_dst, key->saddr, 4);
-	} else {
-		fib.family = AF_INET6;
-		__builtin_memcpy(fib.ipv6_src, key->daddr, 16);
-		__builtin_memcpy(fib.ipv6_dst, key->saddr, 16);
-	}
 	if (bpf_fib_lookup(skb, &fib, sizeof(fib), L4LB_FIB_LOOKUP_SKIP_NEIGH) != L4LB_FIB_FRAG_NEEDED)
 		return 0;
 	__u32 overhead = p->length == 4 ? 40 : 60;
