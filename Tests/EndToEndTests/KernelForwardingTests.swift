@@ -308,4 +308,51 @@ final class KernelForwardingTests: XCTestCase {
                        "a reload made the kernel pick a flow again")
         XCTAssertEqual(after?.listener("echo")?.int("total"), 0, "the workers accepted none")
     }
+
+    /// Must-show 5, in part: with the table sized to 1,000 flows, 1,000 open kernel flows
+    /// fill it, and the 1,001st connection is accepted and proxied by a worker, not refused
+    /// (counted as `table_full`); the kernel's flows carry on beside it.
+    func testTheFlowAfterAFullTableIsProxiedNotRefused() throws {
+        let topology = try RoutedTopology("kff")
+        let backend = try topology.endpoint.run { try TestBackend(.echo, host: Address.endpoint4) }
+        defer { backend.stop() }
+        let config = """
+            workers: 1
+            drain_timeout: 1s
+            kernel_relay: { interfaces: [l4b-c, l4b-e], flows: 1000 }
+            listeners:
+              - { name: fast4, address: \(Address.listener4):80, cluster: web4, relay: kernel, idle_timeout: 120s }
+            clusters:
+              - { name: web4, balancer: maglev, endpoints: [{ address: \(Address.endpoint4):\(backend.port) }] }
+            """
+        let proxy = try topology.balancer.run { try L4LBProcess(config: config, waitFor: nil) }
+        defer { proxy.stop() }
+        func stats() -> [String: Any]? { try? topology.balancer.run { try proxy.stats() } }
+        XCTAssertTrue(waitUntil(timeout: 30) { stats() != nil }, "l4lb did not start: \(proxy.log)")
+
+        func echo(_ fd: Int32, _ i: Int) throws {
+            let payload = (0..<16).map { UInt8(truncatingIfNeeded: $0 &+ i) }
+            try Sockets.sendAll(fd, payload)
+            guard try Sockets.receiveExactly(fd, payload.count) == payload else { throw Sockets.Failure("echo differs", 0) }
+        }
+        var open: [Int32] = []
+        defer { open.forEach { close($0) } }
+        for i in 0..<1000 {
+            let fd = try topology.client.run { try Sockets.connect(host: Address.listener4, port: 80, timeout: 5) }
+            open.append(fd)
+            try echo(fd, i)
+        }
+        var kernel = stats()?["kernel_relay"] as? [String: Any]
+        XCTAssertEqual(kernel?.int("new_flows"), 1000, "\(kernel ?? [:])")
+        XCTAssertEqual(stats()?.listener("fast4")?.int("total"), 0)
+
+        let extra = try topology.client.run { try Sockets.connect(host: Address.listener4, port: 80, timeout: 5) }
+        defer { close(extra) }
+        try echo(extra, 1000)
+        kernel = stats()?["kernel_relay"] as? [String: Any]
+        XCTAssertEqual((kernel?["fallbacks"] as? [String: Any])?.int("table_full"), 1, "\(kernel ?? [:])")
+        XCTAssertEqual(kernel?.int("new_flows"), 1000)
+        XCTAssertEqual(stats()?.listener("fast4")?.int("total"), 1, "the 1,001st connection was the workers'")
+        for (i, fd) in open.enumerated() where i % 50 == 0 { try echo(fd, i) }
+    }
 }

@@ -12,7 +12,7 @@ extension Config {
         public var natPorts: ClosedRange<Int> = 61000...65535
         /// Flows the table holds at once.
         public var flows = 262_144
-        public static let flowRange = 1024...4_194_304
+        public static let flowRange = 16...4_194_304
 
         public init() {}
     }
