@@ -73,6 +73,20 @@ struct {
 } kr_counters SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, L4LB_KR_LISTENERS);
+	__type(key, __u32);
+	__type(value, struct l4lb_kr_traffic);
+} kr_listener_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, L4LB_KR_ENDPOINT_SLOTS);
+	__type(key, __u32);
+	__type(value, struct l4lb_kr_traffic);
+} kr_endpoint_stats SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, L4LB_KR_LISTENERS);
 	__type(key, struct l4lb_kr_service_key);
@@ -155,7 +169,65 @@ struct parsed {
 	__u8 hop;           /* TTL or hop limit as it arrived */
 	__u8 tcp_flags;
 	__u8 udp_csum_none; /* an IPv4 UDP packet sent without a checksum */
+	__u32 seq;          /* TCP: the sequence number, host order */
 };
+
+/* The payload bytes of a TCP packet not counted before on its direction: how far it moves
+ * the furthest sequence number seen. So a retransmission adds nothing, and a segment that
+ * overtakes an earlier one (two CPUs) counts the bytes before it too, which the earlier one
+ * then does not: the total is the sequence space the sender used, each byte once. */
+static __always_inline __u32 fresh_tcp_bytes(struct l4lb_kr_flow *flow, const struct parsed *p)
+{
+	/* A SYN and a FIN each take a sequence number too, but carry no byte. */
+	__u32 start = p->seq + ((p->tcp_flags & TCP_FLAG_SYN) ? 1 : 0);
+	__u32 data_end = start + p->payload;
+	__u32 end = data_end + ((p->tcp_flags & TCP_FLAG_FIN) ? 1 : 0);
+	if (!(flow->state & L4LB_KR_STATE_SEQ)) {
+		flow->seq_next = end;
+		flow->state |= L4LB_KR_STATE_SEQ;
+		return p->payload;
+	}
+	for (int i = 0; i < 4; i++) {
+		__u32 next = flow->seq_next;
+		if ((__s32)(end - next) <= 0)
+			return 0;
+		if (__sync_val_compare_and_swap(&flow->seq_next, next, end) == next)
+			return (__s32)(data_end - next) > 0 ? data_end - next : 0;
+	}
+	return 0;
+}
+
+/* One packet of a kernel-started flow into its listener's and endpoint's counts. */
+static __always_inline void count_traffic(const struct l4lb_kr_flow *flow, __u32 segments, __u32 payload)
+{
+	__u32 listener = flow->listener, endpoint = flow->endpoint;
+	int reply = flow->state & L4LB_KR_STATE_REPLY;
+	struct l4lb_kr_traffic *traffic[2] = {
+		bpf_map_lookup_elem(&kr_listener_stats, &listener),
+		endpoint == L4LB_KR_NO_SLOT ? NULL : bpf_map_lookup_elem(&kr_endpoint_stats, &endpoint),
+	};
+	for (int i = 0; i < 2; i++) {
+		struct l4lb_kr_traffic *t = traffic[i];
+		if (!t)
+			continue;
+		if (reply) {
+			t->packets_out += segments;
+			t->bytes_out += payload;
+		} else {
+			t->packets_in += segments;
+			t->bytes_in += payload;
+		}
+	}
+}
+
+/* A SYN to `listener` left to the stack (its reason counted for the table too). */
+static __always_inline void count_fallback(__u32 listener, __u32 counter)
+{
+	count(counter);
+	struct l4lb_kr_traffic *t = bpf_map_lookup_elem(&kr_listener_stats, &listener);
+	if (t)
+		t->fallbacks += 1;
+}
 
 /* Fills a FIB lookup from `source` to `destination` (4 or 16 bytes by `length`) as an
  * input route on the interface the packet arrived on would be looked up. */
@@ -263,8 +335,12 @@ static __always_inline int rewrite(struct __sk_buff *skb, struct l4lb_kr_tuple *
 		if ((flow->state & bits) != bits)
 			flow->state |= bits;
 	}
-	__sync_fetch_and_add(&flow->packets, skb->gso_segs > 1 ? skb->gso_segs : 1);
+	__u32 segments = skb->gso_segs > 1 ? skb->gso_segs : 1;
+	__sync_fetch_and_add(&flow->packets, segments);
 	__sync_fetch_and_add(&flow->bytes, p->payload);
+	/* A worker's UDP session is counted by its worker, from the entry's own counts. */
+	if (!(flow->state & L4LB_KR_STATE_SESSION))
+		count_traffic(flow, segments, key->protocol == PROTO_TCP ? fresh_tcp_bytes(flow, p) : p->payload);
 	flow->last_ns = bpf_ktime_get_ns();
 	return 0;
 }
@@ -348,16 +424,16 @@ static __noinline int new_flow(struct __sk_buff *skb, struct l4lb_kr_tuple *key)
 	struct l4lb_kr_service *service = bpf_map_lookup_elem(&kr_services, &service_key);
 	if (!service)
 		return TCX_NEXT;
+	__u32 listener = service->listener;
 	if (service->flags & L4LB_KR_SERVICE_PAUSED) {
-		count(L4LB_KR_FALLBACK_PAUSED);
+		count_fallback(listener, L4LB_KR_FALLBACK_PAUSED);
 		return TCX_NEXT;
 	}
-	__u32 listener = service->listener;
 	struct new_flow_scratch *s = bpf_map_lookup_elem(&kr_scratch, &zero);
 	struct l4lb_kr_settings *settings = bpf_map_lookup_elem(&kr_settings, &zero);
 	void *plan = bpf_map_lookup_elem(&kr_plans, &listener);
 	if (!s || !settings || !plan) {
-		count(L4LB_KR_FALLBACK_NO_ENDPOINT);
+		count_fallback(listener, L4LB_KR_FALLBACK_NO_ENDPOINT);
 		return TCX_NEXT;
 	}
 
@@ -371,7 +447,7 @@ static __noinline int new_flow(struct __sk_buff *skb, struct l4lb_kr_tuple *key)
 		slot = L4LB_KR_PLAN_NONE;
 	struct l4lb_kr_endpoint *endpoint = slot == L4LB_KR_PLAN_NONE ? NULL : bpf_map_lookup_elem(&kr_endpoints, &slot);
 	if (!endpoint || endpoint->family != key->family) {
-		count(L4LB_KR_FALLBACK_NO_ENDPOINT);
+		count_fallback(listener, L4LB_KR_FALLBACK_NO_ENDPOINT);
 		return TCX_NEXT;
 	}
 
@@ -389,7 +465,7 @@ static __noinline int new_flow(struct __sk_buff *skb, struct l4lb_kr_tuple *key)
 		__builtin_memcpy(s->fib.ipv6_dst, endpoint->addr, 16);
 	}
 	if (bpf_fib_lookup(skb, &s->fib, sizeof(s->fib), L4LB_FIB_LOOKUP_SRC | L4LB_FIB_LOOKUP_SKIP_NEIGH) != 0) {
-		count(L4LB_KR_FALLBACK_NO_ROUTE);
+		count_fallback(listener, L4LB_KR_FALLBACK_NO_ROUTE);
 		return TCX_NEXT;
 	}
 
@@ -412,12 +488,14 @@ static __noinline int new_flow(struct __sk_buff *skb, struct l4lb_kr_tuple *key)
 	s->reverse_value.sport = key->dport;
 	s->reverse_value.dport = key->sport;
 	s->reverse_value.listener = (__u16)listener;
+	s->reverse_value.endpoint = (__u16)slot;
+	s->reverse_value.state = L4LB_KR_STATE_REPLY;
 	/* Stamped now, not 0: the sweeper must not take a flow still opening for an old one. */
 	s->reverse_value.last_ns = bpf_ktime_get_ns();
 
 	__u32 first = settings->nat_port_first, ports = settings->nat_port_count;
 	if (ports == 0 || first + ports > 65536) {
-		count(L4LB_KR_FALLBACK_NO_PORT);
+		count_fallback(listener, L4LB_KR_FALLBACK_NO_PORT);
 		return TCX_NEXT;
 	}
 	__u64 h = kr_mix(kr_flow_hash(key, L4LB_KR_HASH_FIVE_TUPLE, s->hash_bytes) ^ slot);
@@ -432,7 +510,7 @@ static __noinline int new_flow(struct __sk_buff *skb, struct l4lb_kr_tuple *key)
 			break;
 		}
 		if (rc != -17 /* EEXIST: taken, try the next */) {
-			count(L4LB_KR_FALLBACK_TABLE_FULL);
+			count_fallback(listener, L4LB_KR_FALLBACK_TABLE_FULL);
 			return TCX_NEXT;
 		}
 		if (take_closed_port(s)) {
@@ -441,7 +519,7 @@ static __noinline int new_flow(struct __sk_buff *skb, struct l4lb_kr_tuple *key)
 		}
 	}
 	if (!installed) {
-		count(L4LB_KR_FALLBACK_NO_PORT);
+		count_fallback(listener, L4LB_KR_FALLBACK_NO_PORT);
 		return TCX_NEXT;
 	}
 	__builtin_memcpy(s->forward_value.saddr, s->reverse.daddr, 16);
@@ -449,6 +527,7 @@ static __noinline int new_flow(struct __sk_buff *skb, struct l4lb_kr_tuple *key)
 	s->forward_value.sport = s->reverse.dport;
 	s->forward_value.dport = endpoint->port;
 	s->forward_value.listener = (__u16)listener;
+	s->forward_value.endpoint = (__u16)slot;
 	s->forward_value.last_ns = s->reverse_value.last_ns;
 	long rc = bpf_map_update_elem(&kr_flows, key, &s->forward_value, BPF_NOEXIST);
 	if (rc != 0) {
@@ -457,10 +536,16 @@ static __noinline int new_flow(struct __sk_buff *skb, struct l4lb_kr_tuple *key)
 		 * carries this one too. */
 		if (rc == -17)
 			return 0;
-		count(L4LB_KR_FALLBACK_TABLE_FULL);
+		count_fallback(listener, L4LB_KR_FALLBACK_TABLE_FULL);
 		return TCX_NEXT;
 	}
 	count(L4LB_KR_NEW_FLOWS);
+	struct l4lb_kr_traffic *t = bpf_map_lookup_elem(&kr_listener_stats, &listener);
+	if (t)
+		t->flows += 1;
+	t = bpf_map_lookup_elem(&kr_endpoint_stats, &slot);
+	if (t)
+		t->flows += 1;
 	return 0;
 }
 
@@ -516,6 +601,7 @@ int l4lb_kernel_relay(struct __sk_buff *skb)
 		p.csum_off = p.l4_off + 16;
 		p.l4_header = tcp->doff * 4;
 		p.tcp_flags = ((__u8 *)tcp)[13];
+		p.seq = bpf_ntohl(tcp->seq);
 		p.payload = p.payload > p.l4_header ? p.payload - p.l4_header : 0;
 	} else if (protocol == PROTO_UDP) {
 		struct udphdr *udp = data + p.l4_off;

@@ -30,8 +30,10 @@ struct l4lb_kr_flow {
 	__be16 sport;
 	__be16 dport;
 	__u16 listener; /* identity of the listener the flow came in on */
+	__u16 endpoint; /* kernel slot of its endpoint (kernel-started flows); L4LB_KR_NO_SLOT else */
 	__u8 state;     /* L4LB_KR_STATE_* bits; FIN and RST are seen on this direction and only grow */
-	__u8 pad;
+	__u8 pad[3];
+	__u32 seq_next; /* TCP: the sequence number after the furthest byte seen (L4LB_KR_STATE_SEQ) */
 	__u64 packets;
 	__u64 bytes;
 	__u64 last_ns;
@@ -39,8 +41,27 @@ struct l4lb_kr_flow {
 
 #define L4LB_KR_STATE_FIN 1
 #define L4LB_KR_STATE_RST 2
-/* Installed by a worker for one of its UDP sessions, which ends it: the sweeper leaves it. */
+/* Installed by a worker for one of its UDP sessions, which ends it (and counts it): the
+ * sweeper leaves it. */
 #define L4LB_KR_STATE_SESSION 4
+/* The endpoint's direction (endpoint -> client), for the per-listener counts. */
+#define L4LB_KR_STATE_REPLY 8
+/* seq_next holds a sequence number: a TCP packet has been seen on this direction. */
+#define L4LB_KR_STATE_SEQ 16
+#define L4LB_KR_NO_SLOT 0xFFFF
+
+/* What the program counts per listener (kr_listener_stats, by identity) and per endpoint
+ * (kr_endpoint_stats, by kernel slot) for the flows it started, per CPU: `in` is the
+ * client's direction, `out` the endpoint's; bytes are TCP payload, each byte once (a
+ * retransmission adds nothing: the count follows the furthest sequence number). `fallbacks`: SYNs to the listener left to the stack (per listener only). */
+struct l4lb_kr_traffic {
+	__u64 packets_in;
+	__u64 bytes_in;
+	__u64 packets_out;
+	__u64 bytes_out;
+	__u64 flows;
+	__u64 fallbacks;
+};
 
 /* What the program counts for the whole table (per CPU; user space sums them): indexes
  * of kr_counters. */

@@ -12,7 +12,18 @@ extension KernelRelay {
         public var expiredIdle = 0
         /// Flows removed after a RST, or a FIN each way.
         public var expiredClosed = 0
+        /// Kernel-started flows left, by listener identity and by endpoint slot.
+        public var activeByListener: [Int: Int] = [:]
+        public var activeBySlot: [Int: Int] = [:]
         public init() {}
+
+        /// One flow kept: its client-side entry counted where it belongs.
+        mutating func keep(_ entries: [l4lb_kr_flow]) {
+            for flow in entries where flow.state & UInt8(L4LB_KR_STATE_REPLY) == 0 {
+                activeByListener[Int(flow.listener), default: 0] += 1
+                if flow.endpoint != UInt16(L4LB_KR_NO_SLOT) { activeBySlot[Int(flow.endpoint), default: 0] += 1 }
+            }
+        }
     }
 
     /// Removes every kernel flow idle for longer than `idleNanoseconds(listener)` (by the
@@ -65,6 +76,7 @@ extension KernelRelay {
             let limit = closed ? min(closedNanoseconds, idle) : idle
             guard now > last, now - last > limit else {
                 result.entries += pair == nil ? 1 : 2
+                result.keep([flow] + (pair.map { [$0] } ?? []))
                 continue
             }
             doomed.append((key, flow, pair.map { (pairKey, $0) }, closed))
@@ -80,6 +92,7 @@ extension KernelRelay {
         for flow in doomed {
             guard deleteIfUnchanged(flow.key, flow.value) else {
                 result.entries += flow.pair == nil ? 1 : 2
+                result.keep([flow.value] + (flow.pair.map { [$0.value] } ?? []))
                 continue
             }
             if let pair = flow.pair { _ = deleteIfUnchanged(pair.key, pair.value) }

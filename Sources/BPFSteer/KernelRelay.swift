@@ -22,6 +22,8 @@ public final class KernelRelay: @unchecked Sendable {
     private let flowsFD: Int32
     private let countersFD: Int32
     private let cpus: Int
+    /// CPUs the per-CPU maps hold a value for.
+    var cpuCount: Int { cpus }
     /// tcx links by interface name; closing one detaches the program there.
     private var links: [String: Int32] = [:]
 
@@ -150,6 +152,7 @@ public final class KernelRelay: @unchecked Sendable {
         flow.sport = rewrite.key.sport
         flow.dport = rewrite.key.dport
         flow.listener = UInt16(truncatingIfNeeded: listener)
+        flow.endpoint = UInt16(L4LB_KR_NO_SLOT)
         flow.state = session ? UInt8(L4LB_KR_STATE_SESSION) : 0
         flow.last_ns = Self.monotonicNanoseconds()
         return bpf_map_update_elem(flowsFD, &key, &flow, UInt64(BPF_NOEXIST)) == 0 ? 0 : errno

@@ -81,9 +81,25 @@ final class KernelForwardingTests: XCTestCase {
         }
 
         let stats = try topology.balancer.run { try proxy.stats() }
-        for name in ["fast4", "fast6"] {
+        for (name, cluster) in [("fast4", "web4"), ("fast6", "web6")] {
             XCTAssertEqual(stats.listener(name)?.int("total"), 0, "the workers accepted none of the kernel's connections")
+            // Must-show 2: the kernel's own counts are exactly what each side sent.
+            let kernel = try XCTUnwrap(stats.listener(name)?["kernel_relay"] as? [String: Any], name)
+            XCTAssertEqual(kernel.int("flows"), connections, name)
+            XCTAssertEqual(kernel.int("bytes_in"), connections * size, "\(name): the clients' bytes, each once")
+            XCTAssertEqual(kernel.int("bytes_out"), connections * size, "\(name): the endpoints' bytes, each once")
+            XCTAssertEqual(kernel.int("fallbacks"), 0, name)
+            let endpoints = ((stats["clusters"] as? [[String: Any]])?.first { $0["name"] as? String == cluster }?["endpoints"] as? [[String: Any]]) ?? []
+            let perEndpoint = endpoints.compactMap { $0["kernel_relay"] as? [String: Any] }
+            XCTAssertEqual(perEndpoint.count, 3, "\(name): every endpoint has kernel counts")
+            XCTAssertEqual(perEndpoint.map { $0.int("flows") }.reduce(0, +), connections, name)
+            XCTAssertEqual(perEndpoint.map { $0.int("bytes_in") }.reduce(0, +), connections * size, name)
+            XCTAssertEqual(perEndpoint.map { $0.int("bytes_out") }.reduce(0, +), connections * size, name)
         }
+        let metrics = try topology.balancer.run { try proxy.admin("GET", "/metrics").text }
+        XCTAssertTrue(metrics.contains("l4lb_listener_kernel_bytes_total{listener=\"fast4\",direction=\"in\"} \(connections * size)")
+                      || metrics.contains("l4lb_listener_kernel_bytes_total{direction=\"in\",listener=\"fast4\"} \(connections * size)"),
+                      "the same count in /metrics: \(metrics.split(separator: "\n").filter { $0.contains("kernel_bytes") })")
         let kernel = try XCTUnwrap(stats["kernel_relay"] as? [String: Any], "\(stats)")
         XCTAssertEqual(kernel.int("new_flows"), 2 * connections)
         XCTAssertEqual((kernel["interfaces"] as? [[String: Any]])?.compactMap { $0["name"] as? String }, ["l4b-c", "l4b-e"])

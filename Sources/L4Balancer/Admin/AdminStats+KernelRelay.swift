@@ -1,9 +1,10 @@
+import BPFSteer
 import Foundation
 
-/// `/stats`' `kernel_relay`: where the kernel forwarder runs and what it counted, or null
-/// when no listener uses it. Counts are the whole table's (per listener and endpoint
-/// counters are to come); a SYN it leaves to the stack is counted as a fallback by reason,
-/// and the workers then accept and proxy it as any other connection.
+/// `/stats`' `kernel_relay`: where the kernel forwarder runs and what it counted over the
+/// whole table, or null when no listener uses it; and each kernel listener's and endpoint's
+/// own `kernel_relay` counts. A SYN it leaves to the stack is counted as a fallback by
+/// reason, and the workers then accept and proxy it as any other connection.
 extension WorkerPool {
     func kernelRelayDocument() -> Any {
         guard let forwarder = kernelForwarder else { return NSNull() }
@@ -27,5 +28,18 @@ extension WorkerPool {
             ],
             "drops": ["no_route": totals.droppedNoRoute, "forwarding_off": totals.droppedForwardingOff, "mtu": totals.droppedMTU],
         ] as [String: Any]
+    }
+
+    /// A tcp kernel listener's (or its endpoint's) flows: started, held at the last sweep,
+    /// packets and payload bytes each way (`in`: the client's direction), and, for a
+    /// listener, SYNs left to the workers.
+    func kernelTrafficEntry(_ traffic: (counts: KernelRelay.Traffic, active: Int), listener: Bool) -> [String: Any] {
+        let c = traffic.counts
+        var entry: [String: Any] = [
+            "flows": c.flows, "flows_active": traffic.active,
+            "packets_in": c.packetsIn, "bytes_in": c.bytesIn, "packets_out": c.packetsOut, "bytes_out": c.bytesOut,
+        ]
+        if listener { entry["fallbacks"] = c.fallbacks }
+        return entry
     }
 }

@@ -62,6 +62,9 @@ extension WorkerPool {
             if snapshot.reachesUpstreamTLS($0) { entry["upstream_tls"] = upstreamTLSEntry(listener: $0.id, stats: stats) }
             entry["max_connections"] = $0.maxConnections.map { $0 as Any } ?? NSNull()
             if let limit = $0.rateLimit { entry["rate_limit"] = rateLimitEntry($0, limit, stats: stats) }
+            if $0.transport == .tcp, $0.forwardedInKernel, let forwarder = kernelForwarder {
+                entry["kernel_relay"] = kernelTrafficEntry(forwarder.traffic(listener: $0.id), listener: true)
+            }
             return entry
         }
         for (id, name) in removedListenersWithConnections(snapshot) {
@@ -87,6 +90,7 @@ extension WorkerPool {
             ]
             if let weight { entry["weight"] = weight }
             if removed { entry["removed"] = true }
+            if let traffic = kernelForwarder?.traffic(endpoint: id) { entry["kernel_relay"] = kernelTrafficEntry(traffic, listener: false) }
             return entry
         }
         var clusters: [[String: Any]] = []

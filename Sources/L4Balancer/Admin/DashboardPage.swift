@@ -119,6 +119,13 @@ function show(message, isError) {
   box.style.color = isError ? "var(--bad)" : "var(--ok)";
 }
 
+// A tcp listener's or endpoint's kernel-forwarded flows (relay: kernel): active / total,
+// and payload bytes each way; dashes where the kernel carries none.
+function kernelCells(k) {
+  if (!k) return "<td>-</td><td>-</td>";
+  return `<td>${num(k.flows_active)} / ${num(k.flows)}</td><td>${bytes(k.bytes_in)} / ${bytes(k.bytes_out)}</td>`;
+}
+
 function render(stats, seconds) {
   const before = previous;
   document.getElementById("generation").textContent = "generation " + stats.generation;
@@ -127,13 +134,14 @@ function render(stats, seconds) {
 
   const oldListeners = Object.fromEntries((before?.listeners || []).map(l => [l.name, l]));
   table(document.getElementById("listeners"),
-    ["~Listener", "~Address", "Active", "Total", "Conn/s", "Refused", "In", "Out", "Bytes in", "Bytes out"],
+    ["~Listener", "~Address", "Active", "Total", "Conn/s", "Refused", "In", "Out", "Bytes in", "Bytes out", "Kernel flows", "Kernel bytes in/out"],
     stats.listeners.map(l => {
       const o = oldListeners[l.name];
       return `<tr data-listener="${esc(l.name)}"><td>${esc(l.name)}</td><td class="text">${esc(l.address ?? "(removed)")}</td>` +
         `<td class="active">${num(l.active)}</td><td>${num(l.total)}</td><td>${rate(l.total, o?.total, seconds)}</td>` +
         `<td>${num(l.refused)}</td><td>${o ? bytes(Math.max(0, (l.bytes_in - o.bytes_in) / seconds)) + "/s" : "-"}</td>` +
-        `<td>${o ? bytes(Math.max(0, (l.bytes_out - o.bytes_out) / seconds)) + "/s" : "-"}</td><td>${bytes(l.bytes_in)}</td><td>${bytes(l.bytes_out)}</td></tr>`;
+        `<td>${o ? bytes(Math.max(0, (l.bytes_out - o.bytes_out) / seconds)) + "/s" : "-"}</td><td>${bytes(l.bytes_in)}</td><td>${bytes(l.bytes_out)}</td>` +
+        kernelCells(l.protocol === "tcp" ? l.kernel_relay : undefined) + "</tr>";
     }));
 
   const oldEndpoints = {};
@@ -145,10 +153,10 @@ function render(stats, seconds) {
       const action = e.removed ? "" : `<button type="button" class="drain" data-cluster="${esc(c.name)}" data-address="${esc(e.address)}" data-draining="${e.draining ? 1 : 0}">${e.draining ? "Undrain" : "Drain"}</button>`;
       return `<tr data-endpoint="${esc(key)}"><td>${esc(e.address)}</td><td class="text state">${endpointState(e)}</td>` +
         `<td>${num(e.weight)}</td><td class="active">${num(e.active)}</td><td>${num(e.total)}</td><td>${rate(e.total, o?.total, seconds)}</td>` +
-        `<td>${num(e.connect_failures)}</td><td>${bytes(e.bytes_in)}</td><td>${bytes(e.bytes_out)}</td><td>${action}</td></tr>`;
+        `<td>${num(e.connect_failures)}</td><td>${bytes(e.bytes_in)}</td><td>${bytes(e.bytes_out)}</td>${kernelCells(e.kernel_relay)}<td>${action}</td></tr>`;
     });
     return `<section data-cluster="${esc(c.name)}"><h2>Cluster ${esc(c.name)}<small>${esc(c.balancer ?? "")}</small></h2><table>` +
-      "<tr><th class=\"text\">Endpoint</th><th class=\"text\">State</th><th>Weight</th><th>Active</th><th>Total</th><th>Conn/s</th><th>Connect fails</th><th>Bytes in</th><th>Bytes out</th><th></th></tr>" +
+      "<tr><th class=\"text\">Endpoint</th><th class=\"text\">State</th><th>Weight</th><th>Active</th><th>Total</th><th>Conn/s</th><th>Connect fails</th><th>Bytes in</th><th>Bytes out</th><th>Kernel flows</th><th>Kernel bytes in/out</th><th></th></tr>" +
       rows.join("") + "</table></section>";
   }).join("");
 

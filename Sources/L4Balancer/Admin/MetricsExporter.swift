@@ -98,6 +98,7 @@ public final class MetricsExporter: @unchecked Sendable {
         let rateLimitedListeners = Dictionary(snapshot.listeners.filter { $0.rateLimit != nil }.map { ($0.id, $0) }) { a, _ in a }
         let routedListeners = Set(snapshot.listeners.filter { !$0.routes.isEmpty }.map(\.id))
         let upstreamTLSListeners = Set(snapshot.listeners.filter { snapshot.reachesUpstreamTLS($0) }.map(\.id))
+        let kernelListeners = Set(snapshot.listeners.filter { $0.transport == .tcp && $0.forwardedInKernel }.map(\.id))
         for listener in listeners {
             let labels = [("listener", listener.name)]
             func total(_ c: WorkerStats.ListenerCounter) -> UInt64 { stats.total(c, listener: listener.id) }
@@ -181,6 +182,9 @@ public final class MetricsExporter: @unchecked Sendable {
                 counter("l4lb_listener_kernel_relay_datagrams_total", kernelHelp, labels + [("direction", "out")], total(.kernelDatagramsOut))
                 counter("l4lb_listener_kernel_relay_fallbacks_total", "UDP sessions kept in user space: the kernel's flow table was full, or another worker held the client there.", labels, total(.kernelFallbacks))
             }
+            if kernelListeners.contains(listener.id), let forwarder = pool.kernelForwarder {
+                kernelTraffic(forwarder.traffic(listener: listener.id), "listener", labels)
+            }
         }
 
         // Endpoints: the running config's, and removed ones with connections still open.
@@ -203,7 +207,9 @@ public final class MetricsExporter: @unchecked Sendable {
             gauge("l4lb_endpoint_draining", "1 while the endpoint is drained.", labels, flags.contains(.draining) ? 1 : 0)
             counter("l4lb_endpoint_health_transitions_total", "Health and ejection changes (healthy <-> unhealthy, ejected <-> returned).", labels,
                     UInt64(max(0, pool.healthChecker.transitionCount(endpoint: endpoint.id))))
+            if let traffic = pool.kernelForwarder?.traffic(endpoint: endpoint.id) { kernelTraffic(traffic, "endpoint", labels) }
         }
+        if let forwarder = pool.kernelForwarder { kernelTotals(forwarder) }
 
         let table = pool.rateLimitTable
         gauge("l4lb_rate_limit_table_size", "Sources the rate-limit table can track at once (rate_limit.table_size).", [], Double(table.size))
@@ -257,5 +263,42 @@ public final class MetricsExporter: @unchecked Sendable {
         gauge("l4lb_snapshot_generation", "The running config's generation (1 at start, +1 per successful reload).", [], Double(snapshot.generation))
         counter("l4lb_reloads_total", "Reload attempts by result.", [("result", "success")], UInt64(pool.reloads.succeeded))
         counter("l4lb_reloads_total", "Reload attempts by result.", [("result", "failure")], UInt64(pool.reloads.failed))
+    }
+
+    /// A kernel listener's or endpoint's flows (`scope`: "listener" or "endpoint").
+    private func kernelTraffic(_ traffic: (counts: KernelRelay.Traffic, active: Int), _ scope: String, _ labels: [(String, String)]) {
+        let c = traffic.counts
+        counter("l4lb_\(scope)_kernel_flows_total", "Flows the kernel forwarder started (relay: kernel).", labels, c.flows)
+        gauge("l4lb_\(scope)_kernel_flows_active", "Kernel flows held at the forwarder's last sweep.", labels, Double(traffic.active))
+        let packets = "Packets the kernel forwarder carried, by direction (in: the client's).", bytes = "TCP payload bytes the kernel forwarder carried, by direction, each once (retransmissions not counted again)."
+        counter("l4lb_\(scope)_kernel_packets_total", packets, labels + [("direction", "in")], c.packetsIn)
+        counter("l4lb_\(scope)_kernel_packets_total", packets, labels + [("direction", "out")], c.packetsOut)
+        counter("l4lb_\(scope)_kernel_bytes_total", bytes, labels + [("direction", "in")], c.bytesIn)
+        counter("l4lb_\(scope)_kernel_bytes_total", bytes, labels + [("direction", "out")], c.bytesOut)
+        if scope == "listener" {
+            counter("l4lb_listener_kernel_fallbacks_total", "SYNs the kernel forwarder left to the workers, who proxied them.", labels, c.fallbacks)
+        }
+    }
+
+    /// The forwarder's whole-table counts.
+    private func kernelTotals(_ forwarder: KernelForwarder) {
+        let t = forwarder.relay.totals()
+        let expiry = forwarder.expiry
+        gauge("l4lb_kernel_relay_table_entries", "Entries in the kernel forwarder's flow table (two per flow) at its last sweep.", [], Double(expiry.tableEntries))
+        gauge("l4lb_kernel_relay_table_capacity", "Flows the kernel forwarder's table holds (kernel_relay.flows).", [], Double(forwarder.settings.flows))
+        counter("l4lb_kernel_relay_forwarded_packets_total", "Packets the kernel forwarder rewrote and redirected.", [], t.forwarded)
+        counter("l4lb_kernel_relay_icmp_translated_total", "ICMP errors about kernel flows translated back to their sender.", [], t.icmpTranslated)
+        counter("l4lb_kernel_relay_mss_clamped_total", "SYNs and SYN-ACKs whose MSS the kernel forwarder lowered.", [], t.mssClamped)
+        counter("l4lb_kernel_relay_expired_total", "Kernel flows expired, by reason.", [("reason", "idle")], UInt64(expiry.idle))
+        counter("l4lb_kernel_relay_expired_total", "Kernel flows expired, by reason.", [("reason", "closed")], UInt64(expiry.closed))
+        let fallbacks = "SYNs the kernel forwarder left to the workers, by reason."
+        for (reason, value) in [("paused", t.fallbackPaused), ("no_endpoint", t.fallbackNoEndpoint), ("no_route", t.fallbackNoRoute),
+                                ("no_port", t.fallbackNoPort), ("table_full", t.fallbackTableFull)] {
+            counter("l4lb_kernel_relay_fallbacks_total", fallbacks, [("reason", reason)], value)
+        }
+        let drops = "Packets of kernel flows dropped, by reason."
+        for (reason, value) in [("no_route", t.droppedNoRoute), ("forwarding_off", t.droppedForwardingOff), ("mtu", t.droppedMTU)] {
+            counter("l4lb_kernel_relay_drops_total", drops, [("reason", reason)], value)
+        }
     }
 }

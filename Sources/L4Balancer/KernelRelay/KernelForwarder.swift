@@ -36,6 +36,8 @@ final class KernelForwarder: @unchecked Sendable {
     private var tableEntries = 0
     private var expiredIdle = 0
     private var expiredClosed = 0
+    private var activeByListener: [Int: Int] = [:]
+    private var activeBySlot: [Int: Int] = [:]
     /// How long a flow stays after a RST, or a FIN each way (its idle timeout if shorter).
     static let closedGraceNanoseconds: UInt64 = 10_000_000_000
     private let status: EndpointStatus
@@ -128,6 +130,7 @@ final class KernelForwarder: @unchecked Sendable {
                     throw StartError(description: "kernel_relay: more than \(KernelRelay.endpointSlotCapacity) endpoints behind kernel listeners")
                 }
                 slots[endpoint.id] = slot
+                try relay.resetTraffic(slot: slot)
                 let available = status.flags(endpoint.id).rawValue == 0
                 try relay.setEndpoint(slot: slot, KernelRelay.Endpoint(address: endpoint.address.ip, port: endpoint.address.port,
                                                                        available: available, identity: UInt32(endpoint.id)))
@@ -222,6 +225,18 @@ final class KernelForwarder: @unchecked Sendable {
         lock.withLock { (tableEntries, expiredIdle, expiredClosed) }
     }
 
+    /// What the kernel counted for listener `id`'s flows, and how many it held at the last
+    /// sweep.
+    func traffic(listener id: Int) -> (counts: KernelRelay.Traffic, active: Int) {
+        (relay.traffic(listener: id), lock.withLock { activeByListener[id] ?? 0 })
+    }
+
+    /// The same for endpoint `id`, while it is behind a kernel listener; nil otherwise.
+    func traffic(endpoint id: Int) -> (counts: KernelRelay.Traffic, active: Int)? {
+        guard let slot = lock.withLock({ slots[id] }) else { return nil }
+        return (relay.traffic(slot: slot), lock.withLock { activeBySlot[slot] ?? 0 })
+    }
+
     /// Endpoint slots the kernel currently skips for new flows (unhealthy, ejected,
     /// draining), as last written.
     var unavailableEndpoints: Int { lock.withLock { written.values.filter { !$0 }.count } }
@@ -241,6 +256,8 @@ final class KernelForwarder: @unchecked Sendable {
             tableEntries = result.entries
             expiredIdle += result.expiredIdle
             expiredClosed += result.expiredClosed
+            activeByListener = result.activeByListener
+            activeBySlot = result.activeBySlot
         }
         let shortest = idle.values.min() ?? longest
         return min(max(shortest / 4, 250_000_000), 5_000_000_000)
