@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Kernel forwarding, first measurement (issue 35, plan step 6): a routed three-namespace
-topology over veth (clients 198.51.100.0/24, l4lb's namespace in the middle, an nginx
-endpoint at 203.0.113.2), and wrk keep-alive (rr) and Connection: close (conn) against:
+topology over veth (clients 198.51.100.0/24, l4lb's namespace in the middle, an nginx and an
+iperf3 endpoint at 203.0.113.2), and wrk keep-alive (rr), Connection: close (conn) and an
+iperf3 upload (bulk) against:
 
   direct      the endpoint, routed through the middle namespace (no balancer, no nftables)
   nft         nftables DNAT + SNAT in the middle namespace (kube-proxy's nftables mode)
@@ -11,7 +12,7 @@ endpoint at 203.0.113.2), and wrk keep-alive (rr) and Connection: close (conn) a
 
 Figures are machine CPU per request (/proc/stat busy time: user + nice + system + irq +
 softirq, all namespaces) and requests per second, medians over paired rounds; "overhead" is
-CPU per request minus direct's. Every run is bounded (rounds × duration) and the topology is
+CPU per request minus direct's. For bulk a "request" is a GB and the rate is Gbit/s. Every run is bounded (rounds × duration) and the topology is
 deleted on exit. Usage: bench/routed.py [--rounds N] [--duration S] [--l4lb PATH]
 """
 import argparse
@@ -31,6 +32,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 NS = {"c": "l4lb-rb-c", "l": "l4lb-rb-l", "e": "l4lb-rb-e"}
 ENDPOINT = "203.0.113.2"
 PORTS = {"direct": None, "nft": 80, "l4lb-kernel": 81, "l4lb-proxy": 82, "haproxy": 83}
+BULK = 100  # bulk's listener ports are PORTS + BULK, to iperf3 on the endpoint's 5201
 
 
 def sh(*argv, check=True, ns=None, **kw):
@@ -90,6 +92,7 @@ table ip l4lb_bench {{
   chain pre {{
     type nat hook prerouting priority dstnat; policy accept;
     ip daddr 198.51.100.1 tcp dport {PORTS['nft']} dnat to {ENDPOINT}:8080
+    ip daddr 198.51.100.1 tcp dport {PORTS['nft'] + BULK} dnat to {ENDPOINT}:5201
   }}
   chain post {{
     type nat hook postrouting priority srcnat; policy accept;
@@ -108,6 +111,8 @@ http {{ access_log off; keepalive_requests 10000000; keepalive_timeout 600s;
   server {{ listen {ENDPOINT}:8080 backlog=65535; location / {{ return 200 "hello world\\n"; }} }} }}
 """)
     procs.append(subprocess.Popen(["ip", "netns", "exec", NS["e"], "nginx", "-c", str(tmp / "nginx.conf")]))
+    procs.append(subprocess.Popen(["ip", "netns", "exec", NS["e"], "iperf3", "-s", "-B", ENDPOINT, "-p", "5201"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     (tmp / "l4lb.yaml").write_text(f"""
 workers: 1
 drain_timeout: 1s
@@ -115,8 +120,11 @@ kernel_relay: {{ interfaces: [l4b-c, l4b-e], flows: 262144, nat_ports: 10000-655
 listeners:
   - {{ name: kernel, address: 198.51.100.1:{PORTS['l4lb-kernel']}, cluster: web, relay: kernel, idle_timeout: 10m }}
   - {{ name: proxy, address: 198.51.100.1:{PORTS['l4lb-proxy']}, cluster: web, idle_timeout: 10m, max_connections: 1000000 }}
+  - {{ name: kernel-bulk, address: 198.51.100.1:{PORTS['l4lb-kernel'] + BULK}, cluster: bulk, relay: kernel, idle_timeout: 10m }}
+  - {{ name: proxy-bulk, address: 198.51.100.1:{PORTS['l4lb-proxy'] + BULK}, cluster: bulk, idle_timeout: 10m }}
 clusters:
   - {{ name: web, balancer: maglev, endpoints: [{{ address: {ENDPOINT}:8080 }}] }}
+  - {{ name: bulk, balancer: maglev, endpoints: [{{ address: {ENDPOINT}:5201 }}] }}
 """)
     procs.append(subprocess.Popen(["ip", "netns", "exec", NS["l"], l4lb, "run", "--config", str(tmp / "l4lb.yaml")],
                                   stdout=subprocess.DEVNULL, stderr=open(tmp / "l4lb.log", "w")))
@@ -134,6 +142,11 @@ frontend fe
     default_backend be
 backend be
     server s1 {ENDPOINT}:8080
+frontend fe_bulk
+    bind 198.51.100.1:{PORTS['haproxy'] + BULK}
+    default_backend be_bulk
+backend be_bulk
+    server s1 {ENDPOINT}:5201
 """)
     procs.append(subprocess.Popen(["ip", "netns", "exec", NS["l"], "haproxy", "-db", "-f", str(tmp / "haproxy.cfg")],
                                   stdout=subprocess.DEVNULL, stderr=open(tmp / "haproxy.log", "w")))
@@ -181,11 +194,32 @@ def wrk(mode, duration, close):
             "l4lb_us": (p1 - p0) / max(requests, 1) * 1e6, "errors": errors.group(1) if errors else ""}
 
 
+def bulk(mode, duration):
+    host, port = (ENDPOINT, 5201) if mode == "direct" else ("198.51.100.1", PORTS[mode] + BULK)
+    if mode == "nft":
+        sh("nft", "-f", "-", ns="l", input=NFT)
+    try:
+        m0, p0 = machine_busy_seconds(), l4lb_cpu_seconds()
+        run = sh("iperf3", "-c", host, "-p", str(port), "-t", str(duration), "-J", ns="c", timeout=duration + 30, check=False)
+        m1, p1 = machine_busy_seconds(), l4lb_cpu_seconds()
+    finally:
+        if mode == "nft":
+            sh("nft", "delete", "table", "ip", "l4lb_bench", ns="l", check=False)
+    if run.returncode != 0:
+        sys.exit(f"{mode}: iperf3 failed: {run.stdout[-500:]} {run.stderr}")
+    import json
+    end = json.loads(run.stdout)["end"]
+    received = end["sum_received"]["bytes"]
+    gb = received / 1e9
+    return {"rps": end["sum_received"]["bits_per_second"] / 1e9, "cpu_us": (m1 - m0) / max(gb, 1e-9) * 1e6,
+            "l4lb_us": (p1 - p0) / max(gb, 1e-9) * 1e6, "errors": f"sent {end['sum_sent']['bytes']} received {received}"}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=5)
-    parser.add_argument("--only", choices=["rr-keepalive", "conn-rate"])
+    parser.add_argument("--only", choices=["rr-keepalive", "conn-rate", "bulk"])
     parser.add_argument("--l4lb", default=str(Path(__file__).resolve().parent.parent / ".build/release/l4lb"))
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -212,15 +246,15 @@ def main():
     topology_up()
     procs.extend(start(tmp, args.l4lb))
     results = {}
-    workloads = (("rr-keepalive", False), ("conn-rate", True))
+    workloads = (("rr-keepalive", False), ("conn-rate", True), ("bulk", None))
     if args.only:
         workloads = tuple(w for w in workloads if w[0] == args.only)
     for workload, close in workloads:
         for r in range(args.rounds):
             for mode in PORTS:
-                figures = wrk(mode, args.duration, close)
+                figures = bulk(mode, args.duration) if workload == "bulk" else wrk(mode, args.duration, close)
                 results.setdefault((workload, mode), []).append(figures)
-                print(f"{workload} round {r + 1} {mode}: {figures['rps']:.0f} req/s, {figures['cpu_us']:.2f} µs machine CPU/req, "
+                print(f"{workload} round {r + 1} {mode}: {figures['rps']:.2f} {'Gbit/s' if workload == 'bulk' else 'req/s'}, {figures['cpu_us']:.2f} µs machine CPU/req, "
                       f"l4lb process {figures['l4lb_us']:.2f} µs/req {figures['errors']}",
                       flush=True)
     print("\n| workload | mode | req/s | machine CPU µs/req | overhead µs/req (− direct) | × HAProxy's overhead | × nftables' CPU |")
@@ -231,7 +265,8 @@ def main():
         ha = med["haproxy"]["cpu_us"] - base
         for mode in PORTS:
             over = med[mode]["cpu_us"] - base
-            print(f"| {workload} | {mode} | {med[mode]['rps']:.0f} | {med[mode]['cpu_us']:.2f} | {over:.2f} | "
+            rate = f"{med[mode]['rps']:.2f} Gbit/s" if workload == "bulk" else f"{med[mode]['rps']:.0f}"
+            print(f"| {workload} | {mode} | {rate} | {med[mode]['cpu_us']:.2f} | {over:.2f} | "
                   f"{over / ha if ha > 0 else float('nan'):.2f} | {med[mode]['cpu_us'] / med['nft']['cpu_us']:.2f} |")
     log = (tmp / "l4lb.log").read_text()
     if "error" in log.lower():
