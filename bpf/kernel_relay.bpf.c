@@ -170,6 +170,7 @@ struct parsed {
 	__u8 tcp_flags;
 	__u8 udp_csum_none; /* an IPv4 UDP packet sent without a checksum */
 	__u32 seq;          /* TCP: the sequence number, host order */
+	__u32 ack;          /* TCP: the acknowledgement number, host order */
 };
 
 /* The payload bytes of a TCP packet not counted before on its direction: how far it moves
@@ -391,6 +392,20 @@ static __always_inline int take_closed_port(struct new_flow_scratch *s)
 	return 1;
 }
 
+/* The client's ACK on a half-open kernel flow: if it acknowledges the endpoint's SYN-ACK
+ * (the reply direction's seq_next), the flow is established and keeps its entries to its
+ * idle timeout; a blind spoofer cannot know that number. */
+static __noinline int confirm_established(struct l4lb_kr_flow *flow, struct l4lb_kr_tuple *key, __u32 ack)
+{
+	struct l4lb_kr_tuple reply_key;
+	pair_key(&reply_key, flow, key->protocol, key->family);
+	struct l4lb_kr_flow *reply = bpf_map_lookup_elem(&kr_flows, &reply_key);
+	if (!reply || !(reply->state & L4LB_KR_STATE_SEQ) || reply->seq_next != ack)
+		return 0;
+	flow->state |= L4LB_KR_STATE_ESTABLISHED;
+	return 1;
+}
+
 /* A SYN without ACK on an entry whose flow has ended (a RST, or this direction's FIN):
  * the client reuses its port for a new connection. The old pair goes, and the SYN starts
  * a new flow with a fresh choice, state and timers, as if the tuple were unknown. */
@@ -602,6 +617,7 @@ int l4lb_kernel_relay(struct __sk_buff *skb)
 		p.l4_header = tcp->doff * 4;
 		p.tcp_flags = ((__u8 *)tcp)[13];
 		p.seq = bpf_ntohl(tcp->seq);
+		p.ack = bpf_ntohl(tcp->ack_seq);
 		p.payload = p.payload > p.l4_header ? p.payload - p.l4_header : 0;
 	} else if (protocol == PROTO_UDP) {
 		struct udphdr *udp = data + p.l4_off;
@@ -647,6 +663,9 @@ int l4lb_kernel_relay(struct __sk_buff *skb)
 		if (!flow)
 			return TCX_NEXT;
 	}
+	if (protocol == PROTO_TCP && !(flow->state & (L4LB_KR_STATE_REPLY | L4LB_KR_STATE_ESTABLISHED)) &&
+	    flow->endpoint != L4LB_KR_NO_SLOT && (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_ACK)
+		confirm_established(flow, &key, p.ack);
 	struct egress out = {};
 	int verdict = route(skb, flow, protocol, &p, &out);
 	if (verdict)

@@ -48,6 +48,11 @@ struct l4lb_kr_flow {
 #define L4LB_KR_STATE_REPLY 8
 /* seq_next holds a sequence number: a TCP packet has been seen on this direction. */
 #define L4LB_KR_STATE_SEQ 16
+/* The client's direction of a kernel-started TCP flow: the client acknowledged the
+ * endpoint's SYN-ACK (its ACK number is the reply direction's seq_next). Until then the
+ * flow is half open, and expires at the listener's connect_timeout: a spoofed SYN, which
+ * never gets that far, holds its entries no longer. */
+#define L4LB_KR_STATE_ESTABLISHED 32
 #define L4LB_KR_NO_SLOT 0xFFFF
 
 /* What the program counts per listener (kr_listener_stats, by identity) and per endpoint

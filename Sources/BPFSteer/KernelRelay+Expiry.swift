@@ -12,6 +12,9 @@ extension KernelRelay {
         public var expiredIdle = 0
         /// Flows removed after a RST, or a FIN each way.
         public var expiredClosed = 0
+        /// Kernel-started TCP flows removed because the client never acknowledged the
+        /// endpoint's SYN-ACK within the listener's connect timeout (spoofed SYNs among them).
+        public var expiredHalfOpen = 0
         /// Kernel-started flows left, by listener identity and by endpoint slot.
         public var activeByListener: [Int: Int] = [:]
         public var activeBySlot: [Int: Int] = [:]
@@ -26,12 +29,13 @@ extension KernelRelay {
         }
     }
 
-    /// Removes every kernel flow idle for longer than `idleNanoseconds(listener)` (by the
+    /// Removes every kernel flow idle for longer than `limits(listener).idle` (by the
     /// listener the flow came in on), or, once a RST or a FIN each way has been seen, for
-    /// longer than `closedNanoseconds`. Entries a worker installed for a UDP session
+    /// longer than `closedNanoseconds`, or, a kernel-started TCP flow not yet established
+    /// (`L4LB_KR_STATE_ESTABLISHED`), for longer than `limits(listener).connect`. Entries a worker installed for a UDP session
     /// (`L4LB_KR_STATE_SESSION`) are its to remove, and stay. `now` is CLOCK_MONOTONIC, as the program's.
     /// Entries installed by hand (listener 0, never seen) follow the same rules.
-    public func sweep(now: UInt64, closedNanoseconds: UInt64, idleNanoseconds: (Int) -> UInt64) -> SweepResult {
+    public func sweep(now: UInt64, closedNanoseconds: UInt64, limits: (Int) -> (idle: UInt64, connect: UInt64)) -> SweepResult {
         let fd = mapFD("kr_flows")
         var result = SweepResult()
         let (keys, values) = readAll(fd)
@@ -41,7 +45,8 @@ extension KernelRelay {
         for (i, key) in keys.enumerated() { position[FlowKey(key)] = i }
         // Keys with their values as read: deleted only if still the same (a SYN may have
         // reused a closed flow's NAT port since the read).
-        var doomed: [(key: l4lb_kr_tuple, value: l4lb_kr_flow, pair: (key: l4lb_kr_tuple, value: l4lb_kr_flow)?, closed: Bool)] = []
+        enum Reason { case idle, closed, halfOpen }
+        var doomed: [(key: l4lb_kr_tuple, value: l4lb_kr_flow, pair: (key: l4lb_kr_tuple, value: l4lb_kr_flow)?, reason: Reason)] = []
         var decided = [Bool](repeating: false, count: keys.count)
         for (i, key) in keys.enumerated() where !decided[i] {
             decided[i] = true
@@ -72,14 +77,23 @@ extension KernelRelay {
             let reset = state & UInt8(L4LB_KR_STATE_RST) != 0
             let finished = flow.state & UInt8(L4LB_KR_STATE_FIN) != 0 && (pair.map { $0.state & UInt8(L4LB_KR_STATE_FIN) != 0 } ?? true)
             let closed = reset || finished
-            let idle = idleNanoseconds(Int(flow.listener))
-            let limit = closed ? min(closedNanoseconds, idle) : idle
-            guard now > last, now - last > limit else {
+            // The client's direction says whether a kernel-started TCP flow got established.
+            let client = flow.state & UInt8(L4LB_KR_STATE_REPLY) == 0 ? flow : pair
+            // (A kernel-started entry whose other half is gone carries nothing: it goes as soon.)
+            let kernelStarted = flow.endpoint != UInt16(L4LB_KR_NO_SLOT)
+            let halfOpen = key.protocol == 6 && !closed && kernelStarted
+                && (client.map { $0.state & UInt8(L4LB_KR_STATE_ESTABLISHED) == 0 } ?? true)
+            let (idle, connect) = limits(Int(flow.listener))
+            let limit = closed ? min(closedNanoseconds, idle) : halfOpen ? min(connect, idle) : idle
+            // A half-open flow ages from the client's last SYN: the endpoint retransmitting
+            // its SYN-ACK to a client that never answers does not keep it.
+            let since = halfOpen ? (client?.last_ns ?? last) : last
+            guard now > since, now - since > limit else {
                 result.entries += pair == nil ? 1 : 2
                 result.keep([flow] + (pair.map { [$0] } ?? []))
                 continue
             }
-            doomed.append((key, flow, pair.map { (pairKey, $0) }, closed))
+            doomed.append((key, flow, pair.map { (pairKey, $0) }, closed ? .closed : halfOpen ? .halfOpen : .idle))
         }
         // Each doomed entry is read again and deleted only if unchanged: a packet since the
         // read (its flow is alive after all) or a new flow on a reused NAT port keeps it.
@@ -89,14 +103,27 @@ extension KernelRelay {
             let unchanged = withUnsafeBytes(of: &now) { a in withUnsafeBytes(of: &value) { b in a.elementsEqual(b) } }
             return unchanged && bpf_map_delete_elem(fd, &key) == 0
         }
+        func deleteIfSameFlow(_ key: l4lb_kr_tuple, _ value: l4lb_kr_flow) -> Bool {
+            var key = key, now = l4lb_kr_flow()
+            guard bpf_map_lookup_elem(fd, &key, &now) == 0 else { return false }
+            let same = withUnsafeBytes(of: (now.saddr, now.daddr)) { a in withUnsafeBytes(of: (value.saddr, value.daddr)) { b in a.elementsEqual(b) } }
+                && now.sport == value.sport && now.dport == value.dport && now.listener == value.listener && now.endpoint == value.endpoint
+            return same && bpf_map_delete_elem(fd, &key) == 0
+        }
         for flow in doomed {
             guard deleteIfUnchanged(flow.key, flow.value) else {
                 result.entries += flow.pair == nil ? 1 : 2
                 result.keep([flow.value] + (flow.pair.map { [$0.value] } ?? []))
                 continue
             }
-            if let pair = flow.pair { _ = deleteIfUnchanged(pair.key, pair.value) }
-            if flow.closed { result.expiredClosed += 1 } else { result.expiredIdle += 1 }
+            // The other half goes too unless a new flow has taken its key since (a reused
+            // NAT port): packets since the read change its counts, not where it leads.
+            if let pair = flow.pair { _ = deleteIfSameFlow(pair.key, pair.value) }
+            switch flow.reason {
+            case .closed: result.expiredClosed += 1
+            case .halfOpen: result.expiredHalfOpen += 1
+            case .idle: result.expiredIdle += 1
+            }
         }
         return result
     }

@@ -5,20 +5,20 @@ import XCTest
 import Glibc
 #endif
 
-/// Operations on kernel flows under load (issue 35, must-show 4): an endpoint killed while
-/// 200 kernel flows are open, and an endpoint drained. (The reloads under 200 flows are in
-/// `KernelForwardingTests`.)
+/// Operations on kernel flows under load (issue 35, must-shows 4 and 5): an endpoint killed
+/// while 200 kernel flows are open, an endpoint drained, a SYN flood from spoofed sources.
+/// (The reloads under 200 flows are in `KernelForwardingTests`.)
 final class KernelForwardingOperationsTests: XCTestCase {
     typealias Address = RoutedTopology.Address
 
-    func start(_ topology: RoutedTopology, _ backends: [TestBackend]) throws -> L4LBProcess {
+    func start(_ topology: RoutedTopology, _ backends: [TestBackend], listenerExtra: String = "") throws -> L4LBProcess {
         let endpoints = backends.map { "{ address: \(Address.endpoint4):\($0.port) }" }.joined(separator: ", ")
         let config = """
             workers: 1
             drain_timeout: 1s
             kernel_relay: { interfaces: [l4b-c, l4b-e] }
             listeners:
-              - { name: fast4, address: \(Address.listener4):80, cluster: web4, relay: kernel, idle_timeout: 120s }
+              - { name: fast4, address: \(Address.listener4):80, cluster: web4, relay: kernel, idle_timeout: 120s\(listenerExtra) }
             clusters:
               - name: web4
                 balancer: maglev
@@ -116,5 +116,53 @@ final class KernelForwardingOperationsTests: XCTestCase {
         let again = try Self.open(topology, 100)
         again.forEach { close($0) }
         XCTAssertGreaterThan(backends[1].dataConnections, drainedBefore, "undrained, it takes new flows again")
+    }
+
+    /// Must-show 5, the flood: 250,000 SYNs at about 50,000 a second from two spoofed
+    /// client addresses (hping3, source ports counting up), none of which ever acknowledges
+    /// the endpoint's SYN-ACK. Their half-open flows expire at the listener's 1 s
+    /// connect_timeout, so the table never fills (beyond the NAT ports three endpoints
+    /// have, the flood's SYNs go to the stack, whose SYN cookies answer them); the 200
+    /// established flows keep echoing throughout, a fresh client connects in the middle of
+    /// it, and afterwards the table holds only the real flows.
+    func testASpoofedSYNFloodLeavesEstablishedFlowsAndNewClientsAlone() throws {
+        let topology = try RoutedTopology("kfs")
+        let backends = try (0..<3).map { _ in try topology.endpoint.run { try TestBackend(.echo, host: Address.endpoint4) } }
+        defer { backends.forEach { $0.stop() } }
+        let proxy = try start(topology, backends, listenerExtra: ", connect_timeout: 1s")
+        defer { proxy.stop() }
+        func kernel() -> [String: Any] { ((try? topology.balancer.run { try proxy.stats() })?["kernel_relay"] as? [String: Any]) ?? [:] }
+
+        let flows = try Self.open(topology, 200)
+        defer { flows.forEach { close($0) } }
+        let flooders = try ["198.51.100.77", "198.51.100.78"].map { spoofed in
+            try topology.client.run {
+                try ChildProcess("/usr/sbin/hping3", ["-q", "-S", "-p", "80", "-a", spoofed, "-i", "u40", "-c", "125000", Address.listener4])
+            }
+        }
+        defer { flooders.forEach { $0.terminate(); _ = $0.wait(timeout: 5) } }
+        XCTAssertTrue(waitUntil(timeout: 10) { kernel().int("new_flows") > 10_000 }, "the flood did not reach the kernel: \(kernel())")
+
+        // During the flood: every established flow echoes, round after round, and a new
+        // client connects and echoes.
+        var failures = 0, rounds = 0
+        let fresh = try topology.client.run { try Sockets.connect(host: Address.listener4, port: 80, timeout: 5) }
+        defer { close(fresh) }
+        XCTAssertTrue(Self.echo(fresh, 7), "a new client during the flood")
+        while flooders.contains(where: { $0.isRunning }), rounds < 100 {
+            failures += flows.enumerated().filter { !Self.echo($0.element, $0.offset + rounds) }.count
+            rounds += 1
+        }
+        XCTAssertEqual(failures, 0, "established flows failed an echo in \(rounds) rounds under the flood")
+        XCTAssertGreaterThan(rounds, 1)
+
+        // The half-open flows go within the connect timeout and a sweep.
+        XCTAssertTrue(waitUntil(timeout: 15) { kernel().int("table_entries") <= 2 * 200 + 2 }, "the spoofed flows did not expire: \(kernel())")
+        let after = kernel()
+        XCTAssertGreaterThan((after["expired"] as? [String: Any])?.int("half_open") ?? 0, 50_000, "\(after)")
+        XCTAssertEqual((after["expired"] as? [String: Any])?.int("idle"), 0, "\(after)")
+        XCTAssertEqual((after["fallbacks"] as? [String: Any])?.int("table_full"), 0, "the table never filled: \(after)")
+        XCTAssertTrue(Self.echo(fresh, 8))
+        XCTAssertEqual(flows.enumerated().filter { !Self.echo($0.element, $0.offset) }.count, 0)
     }
 }

@@ -97,7 +97,7 @@ final class KernelPathMTUTests: XCTestCase {
         try topology.balancer.ip(["route", "replace", "203.0.113.0/24", "via", "192.0.2.2", "mtu", "lock", "1400"])
         try topology.balancer.ip(["-6", "route", "replace", "2001:db8:2::/64", "via", "2001:db8:3::2", "mtu", "lock", "1400"])
         let kernel = try run(topology, connections: 2)
-        XCTAssertEqual(kernel.int("mss_clamped"), 4, "each SYN-ACK (2 per family) clamped: \(kernel)")
+        XCTAssertGreaterThanOrEqual(kernel.int("mss_clamped"), 4, "each SYN-ACK (2 per family, and any retransmission) clamped: \(kernel)")
         XCTAssertEqual((kernel["drops"] as? [String: Any])?.int("mtu"), 0, "\(kernel)")
         XCTAssertEqual(kernel.int("icmp_translated"), 0)
     }

@@ -16,7 +16,7 @@ extension WorkerPool {
             "flows_capacity": forwarder.settings.flows,
             "table_entries": expiry.tableEntries,
             "unavailable_endpoints": forwarder.unavailableEndpoints,
-            "expired": ["idle": expiry.idle, "closed": expiry.closed],
+            "expired": ["idle": expiry.idle, "closed": expiry.closed, "half_open": expiry.halfOpen],
             "new_flows": totals.newFlows,
             "forwarded_packets": totals.forwarded,
             "nat_ports_reused": totals.natPortsReused,

@@ -291,6 +291,7 @@ public final class MetricsExporter: @unchecked Sendable {
         counter("l4lb_kernel_relay_mss_clamped_total", "SYNs and SYN-ACKs whose MSS the kernel forwarder lowered.", [], t.mssClamped)
         counter("l4lb_kernel_relay_expired_total", "Kernel flows expired, by reason.", [("reason", "idle")], UInt64(expiry.idle))
         counter("l4lb_kernel_relay_expired_total", "Kernel flows expired, by reason.", [("reason", "closed")], UInt64(expiry.closed))
+        counter("l4lb_kernel_relay_expired_total", "Kernel flows expired, by reason.", [("reason", "half_open")], UInt64(expiry.halfOpen))
         let fallbacks = "SYNs the kernel forwarder left to the workers, by reason."
         for (reason, value) in [("paused", t.fallbackPaused), ("no_endpoint", t.fallbackNoEndpoint), ("no_route", t.fallbackNoRoute),
                                 ("no_port", t.fallbackNoPort), ("table_full", t.fallbackTableFull)] {

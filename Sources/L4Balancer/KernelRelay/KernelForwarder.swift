@@ -36,6 +36,7 @@ final class KernelForwarder: @unchecked Sendable {
     private var tableEntries = 0
     private var expiredIdle = 0
     private var expiredClosed = 0
+    private var expiredHalfOpen = 0
     private var activeByListener: [Int: Int] = [:]
     private var activeBySlot: [Int: Int] = [:]
     /// How long a flow stays after a RST, or a FIN each way (its idle timeout if shorter).
@@ -221,8 +222,8 @@ final class KernelForwarder: @unchecked Sendable {
     func stop() { lock.withLock { stopped = true } }
 
     /// What the sweeps found: TCP entries left after the last, flows removed in all.
-    var expiry: (tableEntries: Int, idle: Int, closed: Int) {
-        lock.withLock { (tableEntries, expiredIdle, expiredClosed) }
+    var expiry: (tableEntries: Int, idle: Int, closed: Int, halfOpen: Int) {
+        lock.withLock { (tableEntries, expiredIdle, expiredClosed, expiredHalfOpen) }
     }
 
     /// What the kernel counted for listener `id`'s flows, and how many it held at the last
@@ -245,21 +246,24 @@ final class KernelForwarder: @unchecked Sendable {
     /// outside `lock`: availability, `/stats` and reloads do not wait for it.
     func sweep(now: UInt64) -> UInt64 {
         guard let snapshot = lock.withLock({ self.snapshot }) else { return 1_000_000_000 }
-        var idle: [Int: UInt64] = [:]
+        var idle: [Int: UInt64] = [:], connect: [Int: UInt64] = [:]
         for listener in snapshot.listeners where Self.picksInKernel(listener) {
             idle[listener.id] = UInt64(max(listener.idleTimeoutMilliseconds, 1)) * 1_000_000
+            connect[listener.id] = UInt64(max(listener.connectTimeoutMilliseconds, 1)) * 1_000_000
         }
-        // A listener a reload removed: its flows expire by the longest idle timeout left.
+        // A listener a reload removed: its flows expire by the longest timeouts left.
         let longest = idle.values.max() ?? UInt64(Config.Listener.defaultIdleTimeoutMilliseconds) * 1_000_000
-        let result = relay.sweep(now: now, closedNanoseconds: Self.closedGraceNanoseconds) { idle[$0] ?? longest }
+        let longestConnect = connect.values.max() ?? longest
+        let result = relay.sweep(now: now, closedNanoseconds: Self.closedGraceNanoseconds) { (idle[$0] ?? longest, connect[$0] ?? longestConnect) }
         lock.withLock {
             tableEntries = result.entries
             expiredIdle += result.expiredIdle
             expiredClosed += result.expiredClosed
+            expiredHalfOpen += result.expiredHalfOpen
             activeByListener = result.activeByListener
             activeBySlot = result.activeBySlot
         }
-        let shortest = idle.values.min() ?? longest
+        let shortest = min(idle.values.min() ?? longest, connect.values.min() ?? longest)
         return min(max(shortest / 4, 250_000_000), 5_000_000_000)
     }
 
