@@ -9,6 +9,7 @@ iperf3 upload (bulk) against:
   l4lb-kernel a tcp listener with relay: kernel
   l4lb-proxy  a tcp listener of the same l4lb (relay: user)
   haproxy     HAProxy in mode tcp
+  nginx       nginx's stream module (proxy_pass)
 
 Figures are machine CPU per request (/proc/stat busy time: user + nice + system + irq +
 softirq, all namespaces) and requests per second, medians over paired rounds; "overhead" is
@@ -31,7 +32,7 @@ from pathlib import Path
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NS = {"c": "l4lb-rb-c", "l": "l4lb-rb-l", "e": "l4lb-rb-e"}
 ENDPOINT = "203.0.113.2"
-PORTS = {"direct": None, "nft": 80, "l4lb-kernel": 81, "l4lb-proxy": 82, "haproxy": 83}
+PORTS = {"direct": None, "nft": 80, "l4lb-kernel": 81, "l4lb-proxy": 82, "haproxy": 83, "nginx": 84}
 BULK = 100  # bulk's listener ports are PORTS + BULK, to iperf3 on the endpoint's 5201
 
 
@@ -150,6 +151,17 @@ backend be_bulk
 """)
     procs.append(subprocess.Popen(["ip", "netns", "exec", NS["l"], "haproxy", "-db", "-f", str(tmp / "haproxy.cfg")],
                                   stdout=subprocess.DEVNULL, stderr=open(tmp / "haproxy.log", "w")))
+    (tmp / "nginx-stream.conf").write_text(f"""
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes 1; daemon off; pid {tmp}/nginx-stream.pid; error_log stderr error;
+events {{ worker_connections 20000; }}
+stream {{
+  server {{ listen 198.51.100.1:{PORTS['nginx']} backlog=65535; proxy_pass {ENDPOINT}:8080; }}
+  server {{ listen 198.51.100.1:{PORTS['nginx'] + BULK}; proxy_pass {ENDPOINT}:5201; }}
+}}
+""")
+    procs.append(subprocess.Popen(["ip", "netns", "exec", NS["l"], "nginx", "-c", str(tmp / "nginx-stream.conf")],
+                                  stdout=subprocess.DEVNULL, stderr=open(tmp / "nginx-stream.log", "w")))
     deadline = time.time() + 30
     for mode in PORTS:
         while time.time() < deadline:
@@ -237,6 +249,7 @@ def main():
             except subprocess.TimeoutExpired:
                 p.kill()
         subprocess.run(["pkill", "-f", f"{tmp}/nginx.conf"], capture_output=True)
+        subprocess.run(["pkill", "-f", f"{tmp}/nginx-stream.conf"], capture_output=True)
         topology_down()
         shutil.rmtree(tmp, ignore_errors=True)
 
