@@ -34,6 +34,8 @@ NS = {"c": "l4lb-rb-c", "l": "l4lb-rb-l", "e": "l4lb-rb-e"}
 ENDPOINT = "203.0.113.2"
 PORTS = {"direct": None, "nft": 80, "l4lb-kernel": 81, "l4lb-proxy": 82, "haproxy": 83, "nginx": 84}
 BULK = 100  # bulk's listener ports are PORTS + BULK, to iperf3 on the endpoint's 5201
+DNS = 200   # udp-dns's listener ports are PORTS + DNS, to nsd on the endpoint's 53 (HAProxy has no UDP)
+DNS_NAMES = 1000
 
 
 def sh(*argv, check=True, ns=None, **kw):
@@ -94,6 +96,7 @@ table ip l4lb_bench {{
     type nat hook prerouting priority dstnat; policy accept;
     ip daddr 198.51.100.1 tcp dport {PORTS['nft']} dnat to {ENDPOINT}:8080
     ip daddr 198.51.100.1 tcp dport {PORTS['nft'] + BULK} dnat to {ENDPOINT}:5201
+    ip daddr 198.51.100.1 udp dport {PORTS['nft'] + DNS} dnat to {ENDPOINT}:53
   }}
   chain post {{
     type nat hook postrouting priority srcnat; policy accept;
@@ -114,6 +117,32 @@ http {{ access_log off; keepalive_requests 10000000; keepalive_timeout 600s;
     procs.append(subprocess.Popen(["ip", "netns", "exec", NS["e"], "nginx", "-c", str(tmp / "nginx.conf")]))
     procs.append(subprocess.Popen(["ip", "netns", "exec", NS["e"], "iperf3", "-s", "-B", ENDPOINT, "-p", "5201"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    zone = ["$ORIGIN example.test.", "$TTL 300", "@ IN SOA ns.example.test. admin.example.test. 1 3600 600 86400 300",
+            "@ IN NS ns.example.test.", "ns IN A 192.0.2.254"] + [f"host{n} IN A 192.0.2.{n % 250 + 1}" for n in range(DNS_NAMES)]
+    (tmp / "example.test.zone").write_text("\n".join(zone) + "\n")
+    (tmp / "nsd.conf").write_text(f"""
+server:
+  ip-address: {ENDPOINT}@53
+  username: ""
+  chroot: ""
+  zonesdir: "{tmp}"
+  pidfile: "{tmp}/nsd.pid"
+  xfrdfile: "{tmp}/xfrd.state"
+  zonelistfile: "{tmp}/zone.list"
+  database: ""
+  logfile: "{tmp}/nsd.log"
+  verbosity: 0
+  server-count: 1
+  rrl-ratelimit: 0
+remote-control:
+  control-enable: no
+zone:
+  name: example.test
+  zonefile: example.test.zone
+""")
+    (tmp / "queries.txt").write_text("".join(f"host{n}.example.test A\n" for n in range(DNS_NAMES)))
+    procs.append(subprocess.Popen(["ip", "netns", "exec", NS["e"], "/usr/sbin/nsd", "-d", "-c", str(tmp / "nsd.conf")],
+                                  stdout=subprocess.DEVNULL, stderr=open(tmp / "nsd.err", "w")))
     (tmp / "l4lb.yaml").write_text(f"""
 workers: 1
 drain_timeout: 1s
@@ -123,9 +152,12 @@ listeners:
   - {{ name: proxy, address: 198.51.100.1:{PORTS['l4lb-proxy']}, cluster: web, idle_timeout: 10m, max_connections: 1000000 }}
   - {{ name: kernel-bulk, address: 198.51.100.1:{PORTS['l4lb-kernel'] + BULK}, cluster: bulk, relay: kernel, idle_timeout: 10m }}
   - {{ name: proxy-bulk, address: 198.51.100.1:{PORTS['l4lb-proxy'] + BULK}, cluster: bulk, idle_timeout: 10m }}
+  - {{ name: kernel-dns, address: 198.51.100.1:{PORTS['l4lb-kernel'] + DNS}, protocol: udp, cluster: dns, relay: kernel }}
+  - {{ name: proxy-dns, address: 198.51.100.1:{PORTS['l4lb-proxy'] + DNS}, protocol: udp, cluster: dns }}
 clusters:
   - {{ name: web, balancer: maglev, endpoints: [{{ address: {ENDPOINT}:8080 }}] }}
   - {{ name: bulk, balancer: maglev, endpoints: [{{ address: {ENDPOINT}:5201 }}] }}
+  - {{ name: dns, balancer: maglev, endpoints: [{{ address: {ENDPOINT}:53 }}] }}
 """)
     procs.append(subprocess.Popen(["ip", "netns", "exec", NS["l"], l4lb, "run", "--config", str(tmp / "l4lb.yaml")],
                                   stdout=subprocess.DEVNULL, stderr=open(tmp / "l4lb.log", "w")))
@@ -158,6 +190,7 @@ events {{ worker_connections 20000; }}
 stream {{
   server {{ listen 198.51.100.1:{PORTS['nginx']} backlog=65535; proxy_pass {ENDPOINT}:8080; }}
   server {{ listen 198.51.100.1:{PORTS['nginx'] + BULK}; proxy_pass {ENDPOINT}:5201; }}
+  server {{ listen 198.51.100.1:{PORTS['nginx'] + DNS} udp; proxy_pass {ENDPOINT}:53; proxy_responses 1; }}
 }}
 """)
     procs.append(subprocess.Popen(["ip", "netns", "exec", NS["l"], "nginx", "-c", str(tmp / "nginx-stream.conf")],
@@ -227,11 +260,38 @@ def bulk(mode, duration):
             "l4lb_us": (p1 - p0) / max(gb, 1e-9) * 1e6, "errors": f"sent {end['sum_sent']['bytes']} received {received}"}
 
 
+def modes(workload):
+    """The modes a workload runs: all but HAProxy for udp-dns (its free edition has no UDP)."""
+    return [m for m in PORTS if not (workload == "udp-dns" and m == "haproxy")]
+
+
+def udp_dns(mode, duration, queries):
+    """dnsperf -c 20 (20 client sockets, as fast as answers come), as BENCH.md has it."""
+    host, port = (ENDPOINT, 53) if mode == "direct" else ("198.51.100.1", PORTS[mode] + DNS)
+    if mode == "nft":
+        sh("nft", "-f", "-", ns="l", input=NFT)
+    try:
+        m0, p0 = machine_busy_seconds(), l4lb_cpu_seconds()
+        run = sh("dnsperf", "-s", host, "-p", str(port), "-d", str(queries), "-c", "20", "-l", str(duration), "-t", "2",
+                 ns="c", timeout=duration + 30, check=False)
+        m1, p1 = machine_busy_seconds(), l4lb_cpu_seconds()
+    finally:
+        if mode == "nft":
+            sh("nft", "delete", "table", "ip", "l4lb_bench", ns="l", check=False)
+    completed = re.search(r"Queries completed:\s+(\d+)", run.stdout)
+    if not completed or not int(completed.group(1)):
+        sys.exit(f"{mode}: dnsperf failed: {run.stdout[-500:]} {run.stderr[-300:]}")
+    done = int(completed.group(1))
+    lost = int(re.search(r"Queries lost:\s+(\d+)", run.stdout).group(1))
+    return {"rps": done / duration, "cpu_us": (m1 - m0) / done * 1e6, "l4lb_us": (p1 - p0) / done * 1e6,
+            "errors": f"{lost} lost" if lost else ""}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=5)
-    parser.add_argument("--only", choices=["rr-keepalive", "conn-rate", "bulk"])
+    parser.add_argument("--only", choices=["rr-keepalive", "conn-rate", "bulk", "udp-dns"])
     parser.add_argument("--l4lb", default=str(Path(__file__).resolve().parent.parent / ".build/release/l4lb"))
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -259,24 +319,27 @@ def main():
     topology_up()
     procs.extend(start(tmp, args.l4lb))
     results = {}
-    workloads = (("rr-keepalive", False), ("conn-rate", True), ("bulk", None))
+    workloads = (("rr-keepalive", False), ("conn-rate", True), ("bulk", None), ("udp-dns", None))
     if args.only:
         workloads = tuple(w for w in workloads if w[0] == args.only)
     for workload, close in workloads:
         for r in range(args.rounds):
-            for mode in PORTS:
-                figures = bulk(mode, args.duration) if workload == "bulk" else wrk(mode, args.duration, close)
+            for mode in modes(workload):
+                if workload == "udp-dns":
+                    figures = udp_dns(mode, args.duration, tmp / "queries.txt")
+                else:
+                    figures = bulk(mode, args.duration) if workload == "bulk" else wrk(mode, args.duration, close)
                 results.setdefault((workload, mode), []).append(figures)
                 print(f"{workload} round {r + 1} {mode}: {figures['rps']:.2f} {'Gbit/s' if workload == 'bulk' else 'req/s'}, {figures['cpu_us']:.2f} µs machine CPU/req, "
                       f"l4lb process {figures['l4lb_us']:.2f} µs/req {figures['errors']}",
                       flush=True)
-    print("\n| workload | mode | req/s | machine CPU µs/req | overhead µs/req (− direct) | × HAProxy's overhead | × nftables' CPU |")
+    print("\n| workload | mode | req/s | machine CPU µs/req | overhead µs/req (− direct) | × HAProxy's overhead (udp-dns: nginx's) | × nftables' CPU |")
     print("|---|---|---|---|---|---|---|")
     for workload, _ in workloads:
-        med = {mode: {k: statistics.median(f[k] for f in results[(workload, mode)]) for k in ("rps", "cpu_us")} for mode in PORTS}
+        med = {mode: {k: statistics.median(f[k] for f in results[(workload, mode)]) for k in ("rps", "cpu_us")} for mode in modes(workload)}
         base = med["direct"]["cpu_us"]
-        ha = med["haproxy"]["cpu_us"] - base
-        for mode in PORTS:
+        ha = med["haproxy" if "haproxy" in med else "nginx"]["cpu_us"] - base
+        for mode in modes(workload):
             over = med[mode]["cpu_us"] - base
             rate = f"{med[mode]['rps']:.2f} Gbit/s" if workload == "bulk" else f"{med[mode]['rps']:.0f}"
             print(f"| {workload} | {mode} | {rate} | {med[mode]['cpu_us']:.2f} | {over:.2f} | "
