@@ -81,10 +81,13 @@ extension KernelRelay {
             let client = flow.state & UInt8(L4LB_KR_STATE_REPLY) == 0 ? flow : pair
             // (A kernel-started entry whose other half is gone carries nothing: it goes as soon.)
             let kernelStarted = flow.endpoint != UInt16(L4LB_KR_NO_SLOT)
-            let halfOpen = key.protocol == 6 && !closed && kernelStarted
+            // Never established: it goes at the connect timeout, reset or not (an endpoint
+            // answering a SYN-ACK retransmission from a spoofer with a RST must not keep it
+            // for the closed grace).
+            let halfOpen = key.protocol == 6 && kernelStarted
                 && (client.map { $0.state & UInt8(L4LB_KR_STATE_ESTABLISHED) == 0 } ?? true)
             let (idle, connect) = limits(Int(flow.listener))
-            let limit = closed ? min(closedNanoseconds, idle) : halfOpen ? min(connect, idle) : idle
+            let limit = halfOpen ? min(connect, idle) : closed ? min(closedNanoseconds, idle) : idle
             // A half-open flow ages from the client's last SYN: the endpoint retransmitting
             // its SYN-ACK to a client that never answers does not keep it.
             let since = halfOpen ? (client?.last_ns ?? last) : last
@@ -93,7 +96,7 @@ extension KernelRelay {
                 result.keep([flow] + (pair.map { [$0] } ?? []))
                 continue
             }
-            doomed.append((key, flow, pair.map { (pairKey, $0) }, closed ? .closed : halfOpen ? .halfOpen : .idle))
+            doomed.append((key, flow, pair.map { (pairKey, $0) }, halfOpen ? .halfOpen : closed ? .closed : .idle))
         }
         // Each doomed entry is read again and deleted only if unchanged: a packet since the
         // read (its flow is alive after all) or a new flow on a reused NAT port keeps it.

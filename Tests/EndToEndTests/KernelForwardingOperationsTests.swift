@@ -157,7 +157,7 @@ final class KernelForwardingOperationsTests: XCTestCase {
         XCTAssertGreaterThan(rounds, 1)
 
         // The half-open flows go within the connect timeout and a sweep.
-        XCTAssertTrue(waitUntil(timeout: 15) { kernel().int("table_entries") <= 2 * 200 + 2 }, "the spoofed flows did not expire: \(kernel())")
+        XCTAssertTrue(waitUntil(timeout: 25) { kernel().int("table_entries") <= 2 * 200 + 2 }, "the spoofed flows did not expire: \(kernel())")
         let after = kernel()
         XCTAssertGreaterThan((after["expired"] as? [String: Any])?.int("half_open") ?? 0, 50_000, "\(after)")
         XCTAssertEqual((after["expired"] as? [String: Any])?.int("idle"), 0, "\(after)")
