@@ -321,17 +321,17 @@ stream {{
     }
 
 
-def write_nsd(tmp):
-    """nsd serving example.test (hostN → 192.0.2.N+1) with response-rate limiting off, and
-    dnsperf's query file over those names."""
+def write_nsd(tmp, address=f"127.0.0.1@{BACKEND_DNS}", names=DNS_NAMES):
+    """nsd serving example.test (hostN → 192.0.2.N%250+1) on `address` (IP@PORT) with
+    response-rate limiting off, and dnsperf's query file over those names (bench/routed.py
+    uses it too)."""
     zone = ["$ORIGIN example.test.", "$TTL 300", "@ IN SOA ns.example.test. admin.example.test. 1 3600 600 86400 300",
             "@ IN NS ns.example.test.", "ns IN A 192.0.2.254"]
-    zone += [f"host{n} IN A 192.0.2.{n + 1}" for n in range(DNS_NAMES)]
+    zone += [f"host{n} IN A 192.0.2.{n % 250 + 1}" for n in range(names)]
     (tmp / "example.test.zone").write_text("\n".join(zone) + "\n")
     (tmp / "nsd.conf").write_text(f"""
 server:
-  ip-address: 127.0.0.1@{BACKEND_DNS}
-  port: {BACKEND_DNS}
+  ip-address: {address}
   username: ""
   chroot: ""
   zonesdir: "{tmp}"
@@ -349,7 +349,7 @@ zone:
   name: example.test
   zonefile: example.test.zone
 """)
-    (tmp / "queries.txt").write_text("".join(f"host{n}.example.test A\n" for n in range(DNS_NAMES)))
+    (tmp / "queries.txt").write_text("".join(f"host{n}.example.test A\n" for n in range(names)))
 
 
 def wait_dns(port, timeout=10, proc=None):

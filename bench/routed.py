@@ -29,6 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import write_nsd  # noqa: E402  (the same nsd zone and query file as scripts/bench)
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NS = {"c": "l4lb-rb-c", "l": "l4lb-rb-l", "e": "l4lb-rb-e"}
 ENDPOINT = "203.0.113.2"
@@ -117,30 +120,7 @@ http {{ access_log off; keepalive_requests 10000000; keepalive_timeout 600s;
     procs.append(subprocess.Popen(["ip", "netns", "exec", NS["e"], "nginx", "-c", str(tmp / "nginx.conf")]))
     procs.append(subprocess.Popen(["ip", "netns", "exec", NS["e"], "iperf3", "-s", "-B", ENDPOINT, "-p", "5201"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    zone = ["$ORIGIN example.test.", "$TTL 300", "@ IN SOA ns.example.test. admin.example.test. 1 3600 600 86400 300",
-            "@ IN NS ns.example.test.", "ns IN A 192.0.2.254"] + [f"host{n} IN A 192.0.2.{n % 250 + 1}" for n in range(DNS_NAMES)]
-    (tmp / "example.test.zone").write_text("\n".join(zone) + "\n")
-    (tmp / "nsd.conf").write_text(f"""
-server:
-  ip-address: {ENDPOINT}@53
-  username: ""
-  chroot: ""
-  zonesdir: "{tmp}"
-  pidfile: "{tmp}/nsd.pid"
-  xfrdfile: "{tmp}/xfrd.state"
-  zonelistfile: "{tmp}/zone.list"
-  database: ""
-  logfile: "{tmp}/nsd.log"
-  verbosity: 0
-  server-count: 1
-  rrl-ratelimit: 0
-remote-control:
-  control-enable: no
-zone:
-  name: example.test
-  zonefile: example.test.zone
-""")
-    (tmp / "queries.txt").write_text("".join(f"host{n}.example.test A\n" for n in range(DNS_NAMES)))
+    write_nsd(tmp, address=f"{ENDPOINT}@53", names=DNS_NAMES)
     procs.append(subprocess.Popen(["ip", "netns", "exec", NS["e"], "/usr/sbin/nsd", "-d", "-c", str(tmp / "nsd.conf")],
                                   stdout=subprocess.DEVNULL, stderr=open(tmp / "nsd.err", "w")))
     (tmp / "l4lb.yaml").write_text(f"""
