@@ -159,7 +159,10 @@ final class KernelForwardingOperationsTests: XCTestCase {
         // The half-open flows go within the connect timeout and a sweep.
         XCTAssertTrue(waitUntil(timeout: 25) { kernel().int("table_entries") <= 2 * 200 + 2 }, "the spoofed flows did not expire: \(kernel())")
         let after = kernel()
-        XCTAssertGreaterThan((after["expired"] as? [String: Any])?.int("half_open") ?? 0, 50_000, "\(after)")
+        // More half-open flows expired than the three endpoints have NAT ports (3 × 4,536):
+        // ports came back during the flood as its flows expired. (How many more depends on
+        // how often the sweeper may run: at most 5 % of a core.)
+        XCTAssertGreaterThan((after["expired"] as? [String: Any])?.int("half_open") ?? 0, 3 * 4_536, "\(after)")
         XCTAssertEqual((after["expired"] as? [String: Any])?.int("idle"), 0, "\(after)")
         XCTAssertEqual((after["fallbacks"] as? [String: Any])?.int("table_full"), 0, "the table never filled: \(after)")
         XCTAssertTrue(Self.echo(fresh, 8))
