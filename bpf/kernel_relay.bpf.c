@@ -221,6 +221,30 @@ static __always_inline void count_traffic(const struct l4lb_kr_flow *flow, __u32
 	}
 }
 
+/* The endpoint's first answer to a kernel-started TCP flow's SYN, seen on its reply entry: a
+ * SYN-ACK is a connect that worked, a RST or an ICMP error one that failed. Counted once per
+ * flow for its listener and endpoint, which outlier detection reads as the proxy's connects. */
+static __always_inline void count_connect(struct l4lb_kr_flow *reply, int failed)
+{
+	if (reply->endpoint == L4LB_KR_NO_SLOT || (reply->state & (L4LB_KR_STATE_ANSWERED | L4LB_KR_STATE_SESSION)))
+		return;
+	reply->state |= L4LB_KR_STATE_ANSWERED;
+	__u32 listener = reply->listener, endpoint = reply->endpoint;
+	struct l4lb_kr_traffic *traffic[2] = {
+		bpf_map_lookup_elem(&kr_listener_stats, &listener),
+		bpf_map_lookup_elem(&kr_endpoint_stats, &endpoint),
+	};
+	for (int i = 0; i < 2; i++) {
+		struct l4lb_kr_traffic *t = traffic[i];
+		if (!t)
+			continue;
+		if (failed)
+			t->connect_failures += 1;
+		else
+			t->connect_successes += 1;
+	}
+}
+
 /* A SYN to `listener` left to the stack (its reason counted for the table too). */
 static __always_inline void count_fallback(__u32 listener, __u32 counter)
 {
@@ -670,6 +694,8 @@ int l4lb_kernel_relay(struct __sk_buff *skb)
 	int verdict = route(skb, flow, protocol, &p, &out);
 	if (verdict)
 		return verdict;
+	if (protocol == PROTO_TCP && (flow->state & L4LB_KR_STATE_REPLY) && (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_RST)))
+		count_connect(flow, p.tcp_flags & TCP_FLAG_RST);
 	if (protocol == PROTO_TCP && (p.tcp_flags & TCP_FLAG_SYN))
 		clamp_mss(skb, &key, &p);
 	verdict = rewrite(skb, &key, flow, &p);

@@ -53,6 +53,9 @@ struct l4lb_kr_flow {
  * flow is half open, and expires at the listener's connect_timeout: a spoofed SYN, which
  * never gets that far, holds its entries no longer. */
 #define L4LB_KR_STATE_ESTABLISHED 32
+/* The reply entry of a kernel-started TCP flow whose endpoint has answered its SYN (a SYN-ACK,
+ * a RST, or an ICMP error): the connect was counted, once. */
+#define L4LB_KR_STATE_ANSWERED 64
 #define L4LB_KR_NO_SLOT 0xFFFF
 
 /* What the program counts per listener (kr_listener_stats, by identity) and per endpoint
@@ -66,6 +69,10 @@ struct l4lb_kr_traffic {
 	__u64 bytes_out;
 	__u64 flows;
 	__u64 fallbacks;
+	/* The endpoint's answers to the SYNs of the flows the kernel started: a SYN-ACK, or a RST
+	 * or ICMP error (outlier detection counts these as the proxy's connect results). */
+	__u64 connect_successes;
+	__u64 connect_failures;
 };
 
 /* What the program counts for the whole table (per CPU; user space sums them): indexes

@@ -118,6 +118,10 @@ static __noinline int translate_icmp(struct __sk_buff *skb, struct parsed *p, __
 	struct l4lb_kr_flow *flow = bpf_map_lookup_elem(&kr_flows, key);
 	if (!flow || (flow->state & L4LB_KR_STATE_SESSION))
 		return TCX_NEXT;
+	/* An error about a SYN l4lb sent the endpoint, before any answer from it: a failed
+	 * connect (the key is the reply entry's). */
+	if (inner_protocol == PROTO_TCP && (flow->state & L4LB_KR_STATE_REPLY))
+		count_connect(flow, 1);
 
 	/* What the quoted packet's sender sent, and where the error goes. */
 	if (family == 4) {

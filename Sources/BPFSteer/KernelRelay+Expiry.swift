@@ -18,6 +18,10 @@ extension KernelRelay {
         /// Kernel-started flows left, by listener identity and by endpoint slot.
         public var activeByListener: [Int: Int] = [:]
         public var activeBySlot: [Int: Int] = [:]
+        /// Half-open flows removed whose endpoint never answered the SYN at all (no SYN-ACK,
+        /// RST or ICMP error), by endpoint slot: connects that timed out.
+        public var connectTimeoutsBySlot: [Int: Int] = [:]
+        public var connectTimeoutsByListener: [Int: Int] = [:]
         public init() {}
 
         /// One flow kept (its entry and the other half's, if any): counted where its
@@ -124,11 +128,35 @@ extension KernelRelay {
             if let pair = flow.pair { _ = deleteIfSameFlow(pair.key, pair.value) }
             switch flow.reason {
             case .closed: result.expiredClosed += 1
-            case .halfOpen: result.expiredHalfOpen += 1
+            case .halfOpen:
+                result.expiredHalfOpen += 1
+                let reply = flow.value.state & UInt8(L4LB_KR_STATE_REPLY) != 0 ? flow.value : flow.pair?.value
+                if let reply, reply.packets == 0, reply.state & UInt8(L4LB_KR_STATE_ANSWERED) == 0, reply.endpoint != UInt16(L4LB_KR_NO_SLOT) {
+                    result.connectTimeoutsBySlot[Int(reply.endpoint), default: 0] += 1
+                    result.connectTimeoutsByListener[Int(reply.listener), default: 0] += 1
+                }
             case .idle: result.expiredIdle += 1
             }
         }
         return result
+    }
+
+    /// Removes every kernel-started TCP flow (both entries) to the endpoints in kernel slots
+    /// `slots`: they turned unhealthy under `on_unhealthy: close`. The client's next segment,
+    /// and the endpoint's, then meet a reset from the stack, which has no connection for
+    /// them. Returns the flows removed by listener identity.
+    public func closeFlows(toSlots slots: Set<Int>) -> [Int: Int] {
+        let fd = mapFD("kr_flows")
+        let (keys, values) = readAll(fd)
+        var closed: [Int: Int] = [:]
+        for (key, flow) in zip(keys, values) {
+            guard key.protocol == 6, flow.state & UInt8(L4LB_KR_STATE_SESSION) == 0, flow.endpoint != UInt16(L4LB_KR_NO_SLOT),
+                  slots.contains(Int(flow.endpoint)) else { continue }
+            var key = key
+            guard bpf_map_delete_elem(fd, &key) == 0 else { continue }
+            if flow.state & UInt8(L4LB_KR_STATE_REPLY) == 0 { closed[Int(flow.listener), default: 0] += 1 }
+        }
+        return closed
     }
 
     /// Every entry of the flow table, read in batches of 8,192 (a syscall each).

@@ -16,6 +16,9 @@ extension KernelRelay {
         public var flows: UInt64 = 0
         /// SYNs left to the stack, and so to the proxy (per listener only).
         public var fallbacks: UInt64 = 0
+        /// The endpoint's first answers to the kernel's SYNs: SYN-ACKs, and RSTs or ICMP errors.
+        public var connectSuccesses: UInt64 = 0
+        public var connectFailures: UInt64 = 0
         public init() {}
     }
 
@@ -50,6 +53,8 @@ extension KernelRelay {
             traffic.bytesOut &+= v.bytes_out
             traffic.flows &+= v.flows
             traffic.fallbacks &+= v.fallbacks
+            traffic.connectSuccesses &+= v.connect_successes
+            traffic.connectFailures &+= v.connect_failures
         }
         return traffic
     }

@@ -477,9 +477,13 @@ final class ClosableEchoBackend: @unchecked Sendable {
     private let lock = NSLock()
     private var connections: [Int32] = []
 
-    init() throws {
+    let host: String
+
+    /// Listens on `host` (in the calling thread's network namespace) on a free port.
+    init(host: String = "127.0.0.1") throws {
+        self.host = host
         port = Sockets.freePort()
-        listener = try Sockets.listen(host: "127.0.0.1", port: port)
+        listener = try Sockets.listen(host: host, port: port)
         let listener = self.listener
         Thread { [self] in
             while true {
@@ -498,7 +502,10 @@ final class ClosableEchoBackend: @unchecked Sendable {
         }.start()
     }
 
-    var address: String { "127.0.0.1:\(port)" }
+    var address: String { "\(host):\(port)" }
+
+    /// Connections accepted so far.
+    var accepted: Int { lock.withLock { connections.count } }
 
     func closeListener() {
         shutdown(listener, Int32(SHUT_RDWR))

@@ -41,8 +41,6 @@ final class KernelRelayConfigTests: XCTestCase {
             (", send_timeout: 5s", "", "listeners[0].send_timeout: relay: kernel holds no bytes; remove it"),
             ("", ", slow_start: 30s", "listeners[0].relay: kernel cannot ramp weights; cluster \"web\" has slow_start: 30s"),
             ("", ", max_connections: 5", "listeners[0].relay: kernel cannot enforce max_connections of cluster \"web\""),
-            ("", ", on_unhealthy: close",
-             "listeners[0].relay: kernel does not close flows to an unhealthy endpoint yet; cluster \"web\" has on_unhealthy: close"),
             (", rate_limit: { per_source: { max_connections: 5 } }", "",
              "listeners[0].rate_limit.per_source.max_connections: relay: kernel cannot count a source's open flows; use new_connections"),
         ]
@@ -50,6 +48,12 @@ final class KernelRelayConfigTests: XCTestCase {
             XCTAssertTrue(errors(config(listener: listener, cluster: cluster)).contains(expected),
                           "\(listener)\(cluster): expected \(expected) in \(errors(config(listener: listener, cluster: cluster)))")
         }
+    }
+
+    /// `on_unhealthy: close` is honoured in the kernel too (its flows are removed), so a
+    /// kernel listener takes it.
+    func testOnUnhealthyCloseIsAccepted() {
+        XCTAssertEqual(errors(config(cluster: ", on_unhealthy: close")), [])
     }
 
     func testClustersAddressesAndPortsTheKernelCannotServeAreRefused() {

@@ -31,15 +31,21 @@ extension WorkerPool {
     }
 
     /// A tcp kernel listener's (or its endpoint's) flows: started, held at the last sweep,
-    /// packets and payload bytes each way (`in`: the client's direction), and, for a
-    /// listener, SYNs left to the workers.
-    func kernelTrafficEntry(_ traffic: (counts: KernelRelay.Traffic, active: Int), listener: Bool) -> [String: Any] {
+    /// packets and payload bytes each way (`in`: the client's direction), the endpoints'
+    /// answers to the kernel's SYNs (failures: a RST, an ICMP error, or none within
+    /// `connect_timeout`), and, for a listener, SYNs left to the workers and flows closed
+    /// under `on_unhealthy: close`.
+    func kernelTrafficEntry(_ traffic: (counts: KernelRelay.Traffic, active: Int), listener id: Int?) -> [String: Any] {
         let c = traffic.counts
         var entry: [String: Any] = [
             "flows": c.flows, "flows_active": traffic.active,
             "packets_in": c.packetsIn, "bytes_in": c.bytesIn, "packets_out": c.packetsOut, "bytes_out": c.bytesOut,
+            "connect_successes": c.connectSuccesses, "connect_failures": c.connectFailures,
         ]
-        if listener { entry["fallbacks"] = c.fallbacks }
+        if let id {
+            entry["fallbacks"] = c.fallbacks
+            entry["closed_unhealthy"] = kernelForwarder?.closedUnhealthy(listener: id) ?? 0
+        }
         return entry
     }
 }

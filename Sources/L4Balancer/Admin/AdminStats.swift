@@ -63,7 +63,7 @@ extension WorkerPool {
             entry["max_connections"] = $0.maxConnections.map { $0 as Any } ?? NSNull()
             if let limit = $0.rateLimit { entry["rate_limit"] = rateLimitEntry($0, limit, stats: stats) }
             if $0.transport == .tcp, $0.forwardedInKernel, let forwarder = kernelForwarder {
-                entry["kernel_relay"] = kernelTrafficEntry(forwarder.traffic(listener: $0.id), listener: true)
+                entry["kernel_relay"] = kernelTrafficEntry(forwarder.traffic(listener: $0.id), listener: $0.id)
             }
             return entry
         }
@@ -90,7 +90,7 @@ extension WorkerPool {
             ]
             if let weight { entry["weight"] = weight }
             if removed { entry["removed"] = true }
-            if let traffic = kernelForwarder?.traffic(endpoint: id) { entry["kernel_relay"] = kernelTrafficEntry(traffic, listener: false) }
+            if let traffic = kernelForwarder?.traffic(endpoint: id) { entry["kernel_relay"] = kernelTrafficEntry(traffic, listener: nil) }
             return entry
         }
         var clusters: [[String: Any]] = []

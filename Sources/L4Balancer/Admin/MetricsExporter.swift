@@ -184,6 +184,8 @@ public final class MetricsExporter: @unchecked Sendable {
             }
             if kernelListeners.contains(listener.id), let forwarder = pool.kernelForwarder {
                 kernelTraffic(forwarder.traffic(listener: listener.id), "listener", labels)
+                counter("l4lb_listener_kernel_closed_unhealthy_total", "Kernel flows removed because their endpoint turned unhealthy (on_unhealthy: close).",
+                        labels, forwarder.closedUnhealthy(listener: listener.id))
             }
         }
 
@@ -275,6 +277,9 @@ public final class MetricsExporter: @unchecked Sendable {
         counter("l4lb_\(scope)_kernel_packets_total", packets, labels + [("direction", "out")], c.packetsOut)
         counter("l4lb_\(scope)_kernel_bytes_total", bytes, labels + [("direction", "in")], c.bytesIn)
         counter("l4lb_\(scope)_kernel_bytes_total", bytes, labels + [("direction", "out")], c.bytesOut)
+        let connects = "The endpoints' answers to the kernel forwarder's SYNs (failure: a RST, an ICMP error, or none within connect_timeout)."
+        counter("l4lb_\(scope)_kernel_connects_total", connects, labels + [("result", "success")], c.connectSuccesses)
+        counter("l4lb_\(scope)_kernel_connects_total", connects, labels + [("result", "failure")], c.connectFailures)
         if scope == "listener" {
             counter("l4lb_listener_kernel_fallbacks_total", "SYNs the kernel forwarder left to the workers, who proxied them.", labels, c.fallbacks)
         }

@@ -63,9 +63,6 @@ extension ConfigWalker {
             }
             if cluster.maxConnections != nil { fail("listeners[\(l)].relay", "kernel cannot enforce max_connections of cluster \"\(name)\"") }
             if cluster.tls != nil { fail("listeners[\(l)].relay", "kernel cannot originate TLS to cluster \"\(name)\"") }
-            if cluster.onUnhealthy == .close {
-                fail("listeners[\(l)].relay", "kernel does not close flows to an unhealthy endpoint yet; cluster \"\(name)\" has on_unhealthy: close")
-            }
             let v4 = listener.address.ip.count == 4
             for (e, endpoint) in cluster.endpoints.enumerated() {
                 let at = "clusters[\(c)].endpoints[\(e)]"

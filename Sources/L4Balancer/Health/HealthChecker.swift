@@ -84,6 +84,9 @@ public final class HealthChecker: @unchecked Sendable {
     /// Sessions with TLS endpoints, so checks resume as the workers' connections do.
     private let sessions = UpstreamSessions(capacity: IdentityRegistry.endpointCapacity)
     var outliers: [Outlier] = []
+    /// The kernel forwarder's connects to an endpoint (successes, failures), when it has a
+    /// kernel listener in front: counted with the workers' (set once, before `start`).
+    var kernelConnects: (@Sendable (Int) -> (successes: UInt64, failures: UInt64)?)?
 
     public init(snapshot: Snapshot, status: EndpointStatus, workerStats: [WorkerStats], logger: Logger) {
         self.status = status
@@ -570,8 +573,9 @@ public final class HealthChecker: @unchecked Sendable {
     private func sweepOutliers(now: Int64) {
         for k in outliers.indices {
             let e = outliers[k].endpoint
-            let failures = workerStats.total(.connectFailures, endpoint: e)
-            let successes = workerStats.total(.total, endpoint: e)
+            let kernel = kernelConnects?(e)
+            let failures = workerStats.total(.connectFailures, endpoint: e) &+ (kernel?.failures ?? 0)
+            let successes = workerStats.total(.total, endpoint: e) &+ (kernel?.successes ?? 0)
             let detection = outliers[k].detection
             if successes != outliers[k].lastSuccesses {
                 outliers[k].lastSuccesses = successes

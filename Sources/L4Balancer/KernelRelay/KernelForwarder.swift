@@ -39,6 +39,14 @@ final class KernelForwarder: @unchecked Sendable {
     private var expiredHalfOpen = 0
     private var activeByListener: [Int: Int] = [:]
     private var activeBySlot: [Int: Int] = [:]
+    /// Slots whose flows were closed for `on_unhealthy: close` and that have not been
+    /// healthy since; flows removed for it, by listener identity.
+    private var closedSlots: Set<Int> = []
+    private var closedUnhealthy: [Int: UInt64] = [:]
+    /// Connects the sweeps found timed out (the endpoint never answered the SYN), by slot
+    /// since it was given to its endpoint.
+    private var connectTimeouts: [Int: UInt64] = [:]
+    private var listenerConnectTimeouts: [Int: UInt64] = [:]
     /// How long a flow stays after a RST, or a FIN each way (its idle timeout if shorter).
     static let closedGraceNanoseconds: UInt64 = 10_000_000_000
     private let status: EndpointStatus
@@ -131,6 +139,7 @@ final class KernelForwarder: @unchecked Sendable {
                     throw StartError(description: "kernel_relay: more than \(KernelRelay.endpointSlotCapacity) endpoints behind kernel listeners")
                 }
                 slots[endpoint.id] = slot
+                connectTimeouts[slot] = nil
                 try relay.resetTraffic(slot: slot)
                 let available = status.flags(endpoint.id).rawValue == 0
                 try relay.setEndpoint(slot: slot, KernelRelay.Endpoint(address: endpoint.address.ip, port: endpoint.address.port,
@@ -229,13 +238,29 @@ final class KernelForwarder: @unchecked Sendable {
     /// What the kernel counted for listener `id`'s flows, and how many it held at the last
     /// sweep.
     func traffic(listener id: Int) -> (counts: KernelRelay.Traffic, active: Int) {
-        (relay.traffic(listener: id), lock.withLock { activeByListener[id] ?? 0 })
+        var counts = relay.traffic(listener: id)
+        return lock.withLock {
+            counts.connectFailures &+= listenerConnectTimeouts[id] ?? 0
+            return (counts, activeByListener[id] ?? 0)
+        }
     }
 
     /// The same for endpoint `id`, while it is behind a kernel listener; nil otherwise.
     func traffic(endpoint id: Int) -> (counts: KernelRelay.Traffic, active: Int)? {
         guard let slot = lock.withLock({ slots[id] }) else { return nil }
-        return (relay.traffic(slot: slot), lock.withLock { activeBySlot[slot] ?? 0 })
+        var counts = relay.traffic(slot: slot)
+        return lock.withLock {
+            counts.connectFailures &+= connectTimeouts[slot] ?? 0
+            return (counts, activeBySlot[slot] ?? 0)
+        }
+    }
+
+    /// The kernel's connects to endpoint `id` (behind a kernel listener): its SYN-ACKs, and
+    /// its RSTs, ICMP errors and silences answering the kernel's SYNs. Outlier detection
+    /// adds them to the workers' connects.
+    func connects(endpoint id: Int) -> (successes: UInt64, failures: UInt64)? {
+        guard let counts = traffic(endpoint: id)?.counts else { return nil }
+        return (counts.connectSuccesses, counts.connectFailures)
     }
 
     /// Endpoint slots the kernel currently skips for new flows (unhealthy, ejected,
@@ -263,6 +288,8 @@ final class KernelForwarder: @unchecked Sendable {
             expiredHalfOpen += result.expiredHalfOpen
             activeByListener = result.activeByListener
             activeBySlot = result.activeBySlot
+            for (slot, count) in result.connectTimeoutsBySlot { connectTimeouts[slot, default: 0] += UInt64(count) }
+            for (listener, count) in result.connectTimeoutsByListener { listenerConnectTimeouts[listener, default: 0] += UInt64(count) }
         }
         let shortest = min(idle.values.min() ?? longest, connect.values.min() ?? longest)
         // A pass over a large table costs CPU (about 0.2 s at 100,000 flows): the next one
@@ -279,21 +306,41 @@ final class KernelForwarder: @unchecked Sendable {
         return UInt64(time.tv_sec) * 1_000_000_000 + UInt64(time.tv_nsec)
     }
 
-    /// Writes the slots whose endpoint's availability changed since the last write.
+    /// Writes the slots whose endpoint's availability changed since the last write; then,
+    /// for an endpoint of an `on_unhealthy: close` cluster that has just turned unhealthy or
+    /// been ejected, removes its kernel flows (after its slot is out of the choice, so no new
+    /// flow can take it meanwhile).
     func syncAvailability() {
-        lock.lock()
-        defer { lock.unlock() }
-        guard let snapshot else { return }
-        for endpoint in snapshot.endpoints {
-            guard let slot = slots[endpoint.id] else { continue }
-            let available = status.flags(endpoint.id).rawValue == 0
-            guard written[slot] != available else { continue }
-            if (try? relay.setEndpoint(slot: slot, KernelRelay.Endpoint(address: endpoint.address.ip, port: endpoint.address.port,
-                                                                        available: available, identity: UInt32(endpoint.id)))) != nil {
-                written[slot] = available
+        var closing: Set<Int> = []
+        lock.withLock {
+            guard let snapshot else { return }
+            for endpoint in snapshot.endpoints {
+                guard let slot = slots[endpoint.id] else { continue }
+                let flags = status.flags(endpoint.id)
+                let available = flags.rawValue == 0
+                if written[slot] != available,
+                   (try? relay.setEndpoint(slot: slot, KernelRelay.Endpoint(address: endpoint.address.ip, port: endpoint.address.port,
+                                                                            available: available, identity: UInt32(endpoint.id)))) != nil {
+                    written[slot] = available
+                }
+                let failed = !flags.isDisjoint(with: [.unhealthy, .ejected]) && written[slot] == false
+                if failed, snapshot.clusters[endpoint.cluster].config.onUnhealthy == .close {
+                    if closedSlots.insert(slot).inserted { closing.insert(slot) }
+                } else if !failed {
+                    closedSlots.remove(slot)
+                }
             }
         }
+        guard !closing.isEmpty else { return }
+        let closed = relay.closeFlows(toSlots: closing)
+        lock.withLock {
+            for (listener, count) in closed { closedUnhealthy[listener, default: 0] += UInt64(count) }
+        }
     }
+
+    /// Kernel flows removed because their endpoint turned unhealthy under
+    /// `on_unhealthy: close`, by listener identity.
+    func closedUnhealthy(listener id: Int) -> UInt64 { lock.withLock { closedUnhealthy[id] ?? 0 } }
 
     private func endpoints(of listener: Snapshot.ListenerPlan, in snapshot: Snapshot) -> ArraySlice<Snapshot.EndpointPlan> {
         guard let c = listener.clusters.first else { return [] }

@@ -117,6 +117,9 @@ public final class WorkerPool: Service, @unchecked Sendable {
         }
         store = SnapshotStore(snapshot)
         healthChecker = HealthChecker(snapshot: snapshot, status: status, workerStats: controls.map(\.stats), logger: logger)
+        if let kernelForwarder {
+            healthChecker.kernelConnects = { kernelForwarder.connects(endpoint: $0) }
+        }
     }
 
     /// Starts the worker threads; throws when a worker cannot set up its ring.
