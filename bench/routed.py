@@ -13,8 +13,12 @@ iperf3 upload (bulk) against:
 
 Figures are machine CPU per request (/proc/stat busy time: user + nice + system + irq +
 softirq, all namespaces) and requests per second, medians over paired rounds; "overhead" is
-CPU per request minus direct's. For bulk a "request" is a GB and the rate is Gbit/s. Every run is bounded (rounds × duration) and the topology is
-deleted on exit. Usage: bench/routed.py [--rounds N] [--duration S] [--l4lb PATH]
+CPU per request minus direct's. For bulk a "request" is a GB and the rate is Gbit/s; for
+udp-dns a query answered (dnsperf to nsd); for udp-64x1 and udp-64x1000 a 64-byte datagram
+delivered to a counting sink, sent from 1 or 1,000 source ports at --pps-rate a second
+(bench/udp_blast.c, compiled at start). Every run is bounded (rounds × duration) and the
+topology is deleted on exit. Usage: bench/routed.py [--rounds N] [--duration S]
+[--only WORKLOAD] [--pps-rate N] [--l4lb PATH]
 """
 import argparse
 import atexit
@@ -39,6 +43,8 @@ PORTS = {"direct": None, "nft": 80, "l4lb-kernel": 81, "l4lb-proxy": 82, "haprox
 BULK = 100  # bulk's listener ports are PORTS + BULK, to iperf3 on the endpoint's 5201
 DNS = 200   # udp-dns's listener ports are PORTS + DNS, to nsd on the endpoint's 53 (HAProxy has no UDP)
 DNS_NAMES = 1000
+PPS = 300   # udp-64's listener ports are PORTS + PPS, to udp_blast's sink on the endpoint's 9000
+PPS_RATE = 100_000  # datagrams a second offered, over all flows (--pps-rate): what l4lb and nftables carry whole
 
 
 def sh(*argv, check=True, ns=None, **kw):
@@ -100,6 +106,7 @@ table ip l4lb_bench {{
     ip daddr 198.51.100.1 tcp dport {PORTS['nft']} dnat to {ENDPOINT}:8080
     ip daddr 198.51.100.1 tcp dport {PORTS['nft'] + BULK} dnat to {ENDPOINT}:5201
     ip daddr 198.51.100.1 udp dport {PORTS['nft'] + DNS} dnat to {ENDPOINT}:53
+    ip daddr 198.51.100.1 udp dport {PORTS['nft'] + PPS} dnat to {ENDPOINT}:9000
   }}
   chain post {{
     type nat hook postrouting priority srcnat; policy accept;
@@ -134,10 +141,13 @@ listeners:
   - {{ name: proxy-bulk, address: 198.51.100.1:{PORTS['l4lb-proxy'] + BULK}, cluster: bulk, idle_timeout: 10m }}
   - {{ name: kernel-dns, address: 198.51.100.1:{PORTS['l4lb-kernel'] + DNS}, protocol: udp, cluster: dns, relay: kernel }}
   - {{ name: proxy-dns, address: 198.51.100.1:{PORTS['l4lb-proxy'] + DNS}, protocol: udp, cluster: dns }}
+  - {{ name: kernel-pps, address: 198.51.100.1:{PORTS['l4lb-kernel'] + PPS}, protocol: udp, cluster: sink, relay: kernel }}
+  - {{ name: proxy-pps, address: 198.51.100.1:{PORTS['l4lb-proxy'] + PPS}, protocol: udp, cluster: sink }}
 clusters:
   - {{ name: web, balancer: maglev, endpoints: [{{ address: {ENDPOINT}:8080 }}] }}
   - {{ name: bulk, balancer: maglev, endpoints: [{{ address: {ENDPOINT}:5201 }}] }}
   - {{ name: dns, balancer: maglev, endpoints: [{{ address: {ENDPOINT}:53 }}] }}
+  - {{ name: sink, balancer: maglev, endpoints: [{{ address: {ENDPOINT}:9000 }}] }}
 """)
     procs.append(subprocess.Popen(["ip", "netns", "exec", NS["l"], l4lb, "run", "--config", str(tmp / "l4lb.yaml")],
                                   stdout=subprocess.DEVNULL, stderr=open(tmp / "l4lb.log", "w")))
@@ -171,6 +181,7 @@ stream {{
   server {{ listen 198.51.100.1:{PORTS['nginx']} backlog=65535; proxy_pass {ENDPOINT}:8080; }}
   server {{ listen 198.51.100.1:{PORTS['nginx'] + BULK}; proxy_pass {ENDPOINT}:5201; }}
   server {{ listen 198.51.100.1:{PORTS['nginx'] + DNS} udp; proxy_pass {ENDPOINT}:53; proxy_responses 1; }}
+  server {{ listen 198.51.100.1:{PORTS['nginx'] + PPS} udp; proxy_pass {ENDPOINT}:9000; proxy_responses 0; }}
 }}
 """)
     procs.append(subprocess.Popen(["ip", "netns", "exec", NS["l"], "nginx", "-c", str(tmp / "nginx-stream.conf")],
@@ -241,8 +252,33 @@ def bulk(mode, duration):
 
 
 def modes(workload):
-    """The modes a workload runs: all but HAProxy for udp-dns (its free edition has no UDP)."""
-    return [m for m in PORTS if not (workload == "udp-dns" and m == "haproxy")]
+    """The modes a workload runs: all but HAProxy for UDP (its free edition has none)."""
+    return [m for m in PORTS if not (workload.startswith("udp") and m == "haproxy")]
+
+
+def udp_small(mode, duration, flows, blast, rate):
+    """64-byte datagrams from `flows` source ports at `rate` a second, counted by a sink on
+    the endpoint: a "request" is a datagram delivered."""
+    host, port = (ENDPOINT, 9000) if mode == "direct" else ("198.51.100.1", PORTS[mode] + PPS)
+    if mode == "nft":
+        sh("nft", "-f", "-", ns="l", input=NFT)
+    try:
+        sink = subprocess.Popen(["ip", "netns", "exec", NS["e"], blast, "sink", ENDPOINT, "9000", str(duration + 1.5)],
+                                stdout=subprocess.PIPE, text=True)
+        time.sleep(0.3)
+        m0, p0 = machine_busy_seconds(), l4lb_cpu_seconds()
+        run = sh(blast, "send", host, str(port), str(flows), str(rate), str(duration), "64", ns="c", timeout=duration + 30, check=False)
+        m1, p1 = machine_busy_seconds(), l4lb_cpu_seconds()
+        out, _ = sink.communicate(timeout=duration + 30)
+    finally:
+        if mode == "nft":
+            sh("nft", "delete", "table", "ip", "l4lb_bench", ns="l", check=False)
+    sent = int(re.search(r"sent (\d+)", run.stdout).group(1))
+    received = int(re.search(r"received (\d+)", out).group(1))
+    if not received:
+        sys.exit(f"{mode}: no datagram arrived ({run.stdout} {run.stderr})")
+    return {"rps": received / duration, "cpu_us": (m1 - m0) / received * 1e6, "l4lb_us": (p1 - p0) / received * 1e6,
+            "errors": f"{sent - received} of {sent} lost" if sent > received else ""}
 
 
 def udp_dns(mode, duration, queries):
@@ -271,7 +307,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=5)
-    parser.add_argument("--only", choices=["rr-keepalive", "conn-rate", "bulk", "udp-dns"])
+    parser.add_argument("--only", choices=["rr-keepalive", "conn-rate", "bulk", "udp-dns", "udp-64x1", "udp-64x1000"])
+    parser.add_argument("--pps-rate", type=int, default=PPS_RATE, help="udp-64's offered datagrams a second")
     parser.add_argument("--l4lb", default=str(Path(__file__).resolve().parent.parent / ".build/release/l4lb"))
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -299,7 +336,9 @@ def main():
     topology_up()
     procs.extend(start(tmp, args.l4lb))
     results = {}
-    workloads = (("rr-keepalive", False), ("conn-rate", True), ("bulk", None), ("udp-dns", None))
+    blast = str(tmp / "udp_blast")
+    sh("cc", "-O2", "-o", blast, str(Path(__file__).resolve().parent / "udp_blast.c"))
+    workloads = (("rr-keepalive", False), ("conn-rate", True), ("bulk", None), ("udp-dns", None), ("udp-64x1", 1), ("udp-64x1000", 1000))
     if args.only:
         workloads = tuple(w for w in workloads if w[0] == args.only)
     for workload, close in workloads:
@@ -307,6 +346,8 @@ def main():
             for mode in modes(workload):
                 if workload == "udp-dns":
                     figures = udp_dns(mode, args.duration, tmp / "queries.txt")
+                elif workload.startswith("udp-64"):
+                    figures = udp_small(mode, args.duration, close, blast, args.pps_rate)
                 else:
                     figures = bulk(mode, args.duration) if workload == "bulk" else wrk(mode, args.duration, close)
                 results.setdefault((workload, mode), []).append(figures)

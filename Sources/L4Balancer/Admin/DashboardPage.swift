@@ -122,8 +122,8 @@ function show(message, isError) {
 // A tcp listener's or endpoint's kernel-forwarded flows (relay: kernel): active / total,
 // and payload bytes each way; dashes where the kernel carries none.
 function kernelCells(k) {
-  if (!k) return "<td>-</td><td>-</td>";
-  return `<td>${num(k.flows_active)} / ${num(k.flows)}</td><td>${bytes(k.bytes_in)} / ${bytes(k.bytes_out)}</td>`;
+  if (!k) return "<td class=\"kernel-flows\">-</td><td class=\"kernel-bytes\">-</td>";
+  return `<td class="kernel-flows">${num(k.flows_active)} / ${num(k.flows)}</td><td class="kernel-bytes">${bytes(k.bytes_in)} / ${bytes(k.bytes_out)}</td>`;
 }
 
 function render(stats, seconds) {
