@@ -21,6 +21,27 @@ struct Stats: AsyncParsableCommand {
     }
 }
 
+struct Discovery: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show where a running l4lb takes endpoints from (DNS) and what each source last answered.")
+    @OptionGroup var adminOptions: AdminOptions
+
+    func run() async throws {
+        try await runAdmin {
+            let (status, body) = try await AdminClient(adminOptions).request("GET", "/discovery")
+            guard status == 200 else { throw AdminClient.Failure(description: "GET /discovery answered \(status): \(String(decoding: body, as: UTF8.self))") }
+            let sources = AdminClient.object(body)["dns"] as? [[String: Any]] ?? []
+            if sources.isEmpty { print("no cluster takes its endpoints from DNS") }
+            for source in sources {
+                let endpoints = (source["endpoints"] as? [[String: Any]] ?? []).compactMap { $0["address"] as? String }
+                print("cluster \(source["cluster"] ?? "?"): dns \(source["name"] ?? "?") \(source["type"] ?? "?"), \(source["state"] ?? "?"), "
+                    + "\(endpoints.count) endpoints, ttl \(source["ttl"] as? Int ?? 0) s, next in \(source["next_resolution_ms"] as? Int ?? 0) ms")
+                if !endpoints.isEmpty { print("  " + endpoints.joined(separator: " ")) }
+                if let error = source["last_error"] as? String { print("  last error: \(error) at \(source["last_error_at"] as? String ?? "?")") }
+            }
+        }
+    }
+}
+
 struct Reload: AsyncParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Make a running l4lb re-read its config file.")
     @OptionGroup var adminOptions: AdminOptions

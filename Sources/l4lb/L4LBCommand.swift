@@ -9,7 +9,7 @@ struct L4LBCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "l4lb",
         abstract: "A Layer-4 (TCP/UDP) load balancer on io_uring.",
-        subcommands: [Run.self, Check.self, Stats.self, Reload.self, Drain.self, Block.self, RateLimit.self],
+        subcommands: [Run.self, Check.self, Stats.self, Reload.self, Drain.self, Block.self, RateLimit.self, Discovery.self],
         defaultSubcommand: Run.self)
 }
 

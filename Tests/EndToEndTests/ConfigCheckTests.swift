@@ -48,7 +48,7 @@ final class ConfigCheckTests: XCTestCase {
              ["listeners[0].address: invalid IP address \"300.1.2.3\""]),
             // 7. Missing endpoints and missing listener address.
             ("listeners:\n  - cluster: web\nclusters:\n  - name: web\n",
-             ["clusters[0].endpoints: required", "listeners[0].address: required"]),
+             ["clusters[0].endpoints: required (or dns:)", "listeners[0].address: required"]),
             // 8. Wrong type and out-of-range integer.
             (Self.valid.replacingOccurrences(of: "    cluster: web", with: "    cluster: web\n    connect_attempts: many\n    max_connections: 0"),
              ["listeners[0].connect_attempts: expected an integer, got \"many\"", "listeners[0].max_connections: 0 out of range 1...10000000"]),

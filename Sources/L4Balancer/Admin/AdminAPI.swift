@@ -29,6 +29,7 @@ public enum AdminAPI {
             return json(document)
         }
         router.get("/config") { _, _ in json(pool.snapshot.config.document) }
+        router.get("/discovery") { _, _ in json(pool.discoveryDocument()) }
         let metrics = MetricsExporter(pool: pool)
         router.get("/metrics") { _, _ in
             var buffer = ByteBuffer()

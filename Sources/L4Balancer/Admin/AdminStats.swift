@@ -103,6 +103,14 @@ extension WorkerPool {
             }
             clusters.append(["name": cluster.name, "balancer": cluster.balancer.rawValue, "endpoints": endpoints])
         }
+        // A dns: cluster says how its source stands (`/discovery` has the rest).
+        for source in dnsDiscovery.snapshot {
+            guard let position = clusterPositions[source.cluster] else { continue }
+            clusters[position]["dns"] = [
+                "name": source.settings.name, "state": source.state, "last_error": source.lastError ?? NSNull(),
+                "updates": source.updates, "failures": source.failures,
+            ] as [String: Any]
+        }
         for (id, key) in removedEndpointsWithConnections(snapshot) {
             let entry = endpointEntry(id: id, address: key.address, weight: nil, removed: true)
             if let position = clusterPositions[key.cluster] {

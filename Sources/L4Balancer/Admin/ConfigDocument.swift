@@ -84,6 +84,13 @@ extension Config.Cluster {
             "slow_start": slowStart.description,
             "on_unhealthy": onUnhealthy.rawValue,
         ]
+        if let dns {
+            entry["dns"] = [
+                "name": dns.name, "type": dns.type.rawValue, "port": dns.port.map { Int($0) as Any } ?? NSNull(),
+                "resolvers": dns.resolvers.map(\.description), "min_ttl": dns.minTTL.description, "max_ttl": dns.maxTTL.description,
+                "refresh": dns.refresh.description, "hold": dns.hold.description, "timeout": dns.timeout.description,
+            ] as [String: Any]
+        }
         switch balancer {
         case .maglev:
             entry["hash_key"] = hashKey.rawValue

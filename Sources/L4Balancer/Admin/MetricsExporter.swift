@@ -212,6 +212,7 @@ public final class MetricsExporter: @unchecked Sendable {
             if let traffic = pool.kernelForwarder?.traffic(endpoint: endpoint.id) { kernelTraffic(traffic, "endpoint", labels) }
         }
         if let forwarder = pool.kernelForwarder { kernelTotals(forwarder) }
+        discovery()
 
         let table = pool.rateLimitTable
         gauge("l4lb_rate_limit_table_size", "Sources the rate-limit table can track at once (rate_limit.table_size).", [], Double(table.size))
@@ -286,6 +287,20 @@ public final class MetricsExporter: @unchecked Sendable {
     }
 
     /// The forwarder's whole-table counts.
+    /// Each dns: cluster's source: answers that changed its endpoints, failed resolutions,
+    /// and how long it has been failing (0 when its last resolution worked).
+    private func discovery() {
+        let now = monotonicMilliseconds()
+        for source in pool.dnsDiscovery.snapshot {
+            let labels = [("cluster", source.cluster), ("source", "dns")]
+            counter("l4lb_discovery_updates_total", "Answers that changed a cluster's endpoints (or removed them after hold).", labels, source.updates)
+            counter("l4lb_discovery_failures_total", "Resolutions that failed (timeout, SERVFAIL, NXDOMAIN, no records).", labels, source.failures)
+            gauge("l4lb_discovery_stale_seconds", "How long the source has been failing while its last answer serves (0: fresh).", labels,
+                  Double(source.failingSince.map { now - $0 } ?? 0) / 1000)
+            gauge("l4lb_discovery_endpoints", "Endpoints the source gives its cluster now.", labels, Double(source.endpoints?.count ?? 0))
+        }
+    }
+
     private func kernelTotals(_ forwarder: KernelForwarder) {
         let t = forwarder.relay.totals()
         let expiry = forwarder.expiry

@@ -185,6 +185,8 @@ public struct Config: Sendable, Equatable {
         public var onUnhealthy: OnUnhealthy = .keep
         /// TLS to the endpoints; nil: plain TCP.
         public var tls: UpstreamTLS?
+        /// Endpoints from DNS instead of `endpoints:` (the list then holds the last answer).
+        public var dns: DNSDiscovery?
 
         public enum OnUnhealthy: String, Sendable, CaseIterable {
             /// Connections already open carry on (HAProxy's default).

@@ -306,7 +306,7 @@ struct ConfigWalker {
         guard let fields = mapping(node, path, keys: [
             "name", "balancer", "hash_key", "endpoints", "health_check", "outlier_detection",
             "max_connections", "slow_start", "table_size", "minimum_ring_size", "hash_balance_factor",
-            "choice_count", "active_request_bias", "on_unhealthy", "tls",
+            "choice_count", "active_request_bias", "on_unhealthy", "tls", "dns",
         ]) else { return nil }
         var name: String?
         if let n = fields["name"] {
@@ -331,10 +331,14 @@ struct ConfigWalker {
             if !endpoints.isEmpty, endpoints.allSatisfy({ $0.weight == 0 }) {
                 fail("\(path).endpoints", "at least one endpoint needs a weight above 0")
             }
-        } else {
-            fail("\(path).endpoints", "required")
+        } else if fields["dns"] == nil {
+            fail("\(path).endpoints", "required (or dns:)")
         }
         var cluster = Config.Cluster(name: name ?? "", endpoints: endpoints)
+        if let n = fields["dns"] {
+            if fields["endpoints"] != nil { fail("\(path).dns", "a cluster takes its endpoints from endpoints: or from dns:, not both") }
+            cluster.dns = dnsDiscovery(n, "\(path).dns")
+        }
         if let n = fields["balancer"], let b = choice(n, "\(path).balancer", Config.Cluster.Balancer.self) {
             cluster.balancer = b
         }

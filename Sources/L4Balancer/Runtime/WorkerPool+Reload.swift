@@ -44,6 +44,23 @@ extension WorkerPool {
     /// Reloads are serialised; this blocks (health checks of new endpoints, adoption), so
     /// call it off the async executors.
     public func reload(trigger: String) -> ReloadOutcome {
+        reload(trigger: trigger, fromFile: true)
+    }
+
+    /// The running config with each `dns:` cluster's endpoints as discovery has them now.
+    func withDiscoveredEndpoints(_ config: Config) -> Config {
+        let found = dnsDiscovery.endpoints
+        var config = config
+        for i in config.clusters.indices where config.clusters[i].dns != nil {
+            config.clusters[i].endpoints = found[config.clusters[i].name] ?? []
+        }
+        return config
+    }
+
+    /// A reload: of the config file (`fromFile`), or of the running config with the
+    /// endpoints discovery found (the same path, so a removed endpoint drains as on any
+    /// reload).
+    func reload(trigger: String, fromFile: Bool) -> ReloadOutcome {
         controlLock.lock()
         defer { controlLock.unlock() }
         let started = monotonicMilliseconds()
@@ -58,7 +75,8 @@ extension WorkerPool {
             ])
             return outcome
         }
-        guard let path = configPath else { return fail(["l4lb was started without a config file to re-read"]) }
+        let path = configPath
+        if fromFile, path == nil { return fail(["l4lb was started without a config file to re-read"]) }
         // One snapshot at a time: a worker never skips one, so every listener socket a
         // reload opens reaches the worker that owns (and eventually closes) it.
         let behind = controls.filter { $0.stats.value(.adoptedGeneration) != old.generation }.map(\.index)
@@ -66,9 +84,13 @@ extension WorkerPool {
             return fail(["workers \(behind.map(String.init).joined(separator: ",")) have not taken generation \(old.generation) yet (starting or draining); try again"])
         }
         let config: Config
-        switch ConfigParser.load(path: path) {
-        case .success(let parsed): config = parsed
-        case .failure(let errors): return fail(errors.errors.map(\.description))
+        if let path, fromFile {
+            switch ConfigParser.load(path: path) {
+            case .success(let parsed): config = withDiscoveredEndpoints(parsed)
+            case .failure(let errors): return fail(errors.errors.map(\.description))
+            }
+        } else {
+            config = withDiscoveredEndpoints(old.config)
         }
         let fixed = WorkerPool.restartOnlyChanges(from: old.config, to: config)
         guard fixed.isEmpty else { return fail(fixed) }
@@ -141,6 +163,7 @@ extension WorkerPool {
 
         store.publish(snapshot)
         for control in controls { control.wake() }
+        if fromFile { dnsDiscovery.update(clusters: config.clusters) }
         let deadline = monotonicMilliseconds() + WorkerPool.adoptionTimeoutMilliseconds
         var lagging: [Int] = []
         repeat {

@@ -30,6 +30,8 @@ public final class WorkerPool: Service, @unchecked Sendable {
     var udpRelay: UDPRelay?
     /// The kernel forwarder, when a tcp listener has `relay: kernel` at start.
     let kernelForwarder: KernelForwarder?
+    /// Endpoints from DNS for the clusters with `dns:`.
+    let dnsDiscovery: DNSDiscoverer
     /// The access-log writer, when `access_log` is on.
     public let accessLog: AccessLogWriter?
     let finished = ManagedAtomic<Int>(0)
@@ -43,8 +45,19 @@ public final class WorkerPool: Service, @unchecked Sendable {
 
     public var snapshot: Snapshot { store.snapshot }
 
-    public init(config: Config, configPath: String? = nil, logger: Logger) throws {
+    public init(config fileConfig: Config, configPath: String? = nil, logger: Logger) throws {
         self.logger = logger
+        // Every dns: cluster resolved once before the first snapshot (each bounded by its
+        // timeout): a cluster starts with its endpoints, or empty when no answer came.
+        var config = fileConfig
+        dnsDiscovery = DNSDiscoverer(clusters: config.clusters, logger: logger)
+        if !dnsDiscovery.isEmpty {
+            dnsDiscovery.resolveDue()
+            let found = dnsDiscovery.endpoints
+            for i in config.clusters.indices where config.clusters[i].dns != nil {
+                config.clusters[i].endpoints = found[config.clusters[i].name] ?? []
+            }
+        }
         self.configPath = configPath
         self.limits = ListenerLimits(sources: config.rateLimitSources)
         self.status = EndpointStatus()
@@ -154,6 +167,17 @@ public final class WorkerPool: Service, @unchecked Sendable {
             beginDrain(timeoutMilliseconds: 0)
             throw StartError(description: firstError.value ?? "worker setup failed")
         }
+        dnsDiscovery.apply = { [weak self] in self?.reload(trigger: "dns", fromFile: false).succeeded ?? true }
+        dnsDiscovery.isAvailable = { [weak self] cluster, address in
+            guard let self else { return true }
+            let snapshot = store.snapshot
+            guard let plan = snapshot.clusters.first(where: { $0.name == cluster }) else { return true }
+            for endpoint in snapshot.endpoints[plan.firstEndpoint..<(plan.firstEndpoint + plan.endpointCount)] where endpoint.address == address {
+                return status.flags(endpoint.id).isDisjoint(with: [.unhealthy, .ejected])
+            }
+            return true
+        }
+        dnsDiscovery.start()
         logger.info("l4lb serving", metadata: [
             "workers": "\(controls.count)",
             "listeners": "\(snapshot.listeners.map { "\($0.name)=\($0.address)" }.joined(separator: ","))",
@@ -163,6 +187,7 @@ public final class WorkerPool: Service, @unchecked Sendable {
     /// Asks every worker to stop accepting and to close what remains after the timeout.
     public func beginDrain(timeoutMilliseconds: Int64) {
         kernelForwarder?.stopNewFlows()
+        dnsDiscovery.stop()
         let deadline = monotonicMilliseconds() + timeoutMilliseconds
         for control in controls { control.requestDrain(deadline: deadline) }
     }
