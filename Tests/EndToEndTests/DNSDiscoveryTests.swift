@@ -79,6 +79,43 @@ final class DNSDiscoveryTests: XCTestCase {
         let discovery = try proxy.admin("GET", "/discovery").json["dns"] as? [[String: Any]] ?? []
         XCTAssertEqual(discovery.first?["state"] as? String, "ok", "\(discovery)")
         XCTAssertEqual(discovery.first?.int("ttl"), 2)
+        let printed = try proxy.runAdminCommand(["discovery"])
+        XCTAssertEqual(printed.status, 0, printed.output)
+        XCTAssertTrue(printed.output.contains("cluster web: dns web.svc.test A, ok, 2 endpoints, ttl 2 s"), printed.output)
+        XCTAssertTrue(printed.output.contains("127.0.0.12:\(port) 127.0.0.13:\(port)"), printed.output)
+    }
+
+    /// Past `hold` with no answer the cluster is emptied (state `expired`, new connections
+    /// refused: its endpoints may be gone for good); the next good answer brings them back.
+    func testPastTheHoldTheEndpointsGoAndTheNextAnswerRestoresThem() throws {
+        let port = Sockets.freePort()
+        let backend = try TestBackend(.echo, host: "127.0.0.11", port: port)
+        defer { backend.stop() }
+        let unbound = try UnboundServer(records: ["web.svc.test. 1 IN A 127.0.0.11"])
+        defer { unbound.stop() }
+        let listen = Sockets.freePort()
+        let proxy = try L4LBProcess(config: Self.config(listen: listen, unbound: unbound,
+                                                        dns: "name: web.svc.test, type: A, port: \(port), min_ttl: 1s, timeout: 500ms, hold: 3s"),
+                                    waitFor: ("127.0.0.1", listen))
+        defer { proxy.stop() }
+        func state() -> String? { ((try? proxy.admin("GET", "/discovery"))?.json["dns"] as? [[String: Any]])?.first?["state"] as? String }
+        func echoes() -> Bool {
+            guard let fd = try? Sockets.connect(port: listen) else { return false }
+            defer { close(fd) }
+            Sockets.setTimeout(fd, seconds: 2)
+            return KernelForwardingOperationsTests.echo(fd, 1)
+        }
+        XCTAssertTrue(echoes())
+        let paused = Date()
+        unbound.pause()
+        XCTAssertTrue(waitUntil(timeout: 5) { state() == "stale" })
+        XCTAssertTrue(echoes(), "the last answer serves within the hold")
+        XCTAssertTrue(waitUntil(timeout: 10) { state() == "expired" }, "\(state() ?? "nil")")
+        XCTAssertGreaterThanOrEqual(Date().timeIntervalSince(paused), 3, "expired before the hold")
+        XCTAssertTrue(waitUntil(timeout: 2) { !echoes() }, "an emptied cluster still served")
+        unbound.resume()
+        XCTAssertTrue(waitUntil(timeout: 5) { state() == "ok" })
+        XCTAssertTrue(waitUntil(timeout: 5) { echoes() }, "the endpoints did not come back with the answer")
     }
 
     /// Must-show 1 (SRV): priority, weight and port honoured — the two targets of the lowest
@@ -170,7 +207,7 @@ final class DNSDiscoveryTests: XCTestCase {
         defer { unbound.stop() }
         let listen = Sockets.freePort()
         let proxy = try L4LBProcess(config: Self.config(listen: listen, unbound: unbound,
-                                                        dns: "name: web.flip.test, type: A, port: \(port), min_ttl: 1s, timeout: 1s, hold: 60s"),
+                                                        dns: "name: web.flip.test, type: A, port: \(port), min_ttl: 1s, timeout: 2s, hold: 60s"),
                                     waitFor: ("127.0.0.1", listen))
         defer { proxy.stop() }
         func source() -> [String: Any] { ((try? proxy.admin("GET", "/discovery"))?.json["dns"] as? [[String: Any]])?.first ?? [:] }

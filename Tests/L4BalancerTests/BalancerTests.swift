@@ -147,6 +147,21 @@ final class BalancerTests: XCTestCase {
         print("\(name) shares (got/expected): \(report.joined(separator: " "))")
     }
 
+    /// A cluster with no endpoints at all (a dns: cluster before its first answer, or past
+    /// its hold): every balancer, weights equal or not, picks nothing — and does not trap.
+    func testEveryBalancerPicksNothingFromAnEmptyCluster() throws {
+        let active = [Int32](repeating: 0, count: 1)
+        for balancer in Config.Cluster.Balancer.allCases {
+            let picker = ClusterBalancer(cluster: try plan(balancer, weights: []), seed: 1)
+            active.withUnsafeBufferPointer { a in
+                for key in keys(100) {
+                    XCTAssertNil(picker.pick(flowHash: key, tried: 0, active: ActiveCounts(a.baseAddress!), clusterActive: 0, endpoints: .allAvailable),
+                                 balancer.rawValue)
+                }
+            }
+        }
+    }
+
     func testWeightedSharesForEveryBalancer() throws {
         let weights = [1, 2, 3, 4]
         let active = [Int32](repeating: 0, count: 4)

@@ -133,6 +133,8 @@ public final class WeightedRandom {
 
     @inlinable
     public func pick(tried: TriedEndpoints, endpoints: EndpointView) -> Int? {
+        // A cluster with no endpoints (a dns: cluster before its first answer, or past hold).
+        guard !weights.isEmpty else { return nil }
         for _ in 0..<8 {
             let i = table.pick(random.next())
             if weights[i] > 0, isEligible(i, tried, endpoints) { return i }
@@ -178,6 +180,7 @@ public final class LeastRequest {
 
     @inlinable
     public func pick(tried: TriedEndpoints, active: ActiveCounts, endpoints: EndpointView) -> Int? {
+        guard !weights.isEmpty else { return nil }
         var best = -1
         var bestActive = Int32.max
         var bestScore = -1.0

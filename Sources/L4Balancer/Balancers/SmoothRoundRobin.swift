@@ -9,6 +9,8 @@ public final class SmoothRoundRobin {
     @usableFromInline let weights: UnsafeMutableBufferPointer<Int>
     @usableFromInline let scores: UnsafeMutableBufferPointer<Int>
     @usableFromInline let total: Int
+    /// The endpoints (the buffers hold at least one slot, even for none).
+    @usableFromInline let endpointCount: Int
 
     public init(weights: [Int]) {
         self.weights = .allocate(capacity: max(weights.count, 1))
@@ -16,6 +18,7 @@ public final class SmoothRoundRobin {
         _ = self.weights.initialize(from: weights)
         self.scores.initialize(repeating: 0)
         self.total = weights.reduce(0, +)
+        self.endpointCount = weights.count
     }
 
     deinit {
@@ -23,7 +26,7 @@ public final class SmoothRoundRobin {
         scores.deallocate()
     }
 
-    public var count: Int { weights.count }
+    public var count: Int { endpointCount }
 
     /// The next index, skipping those in `tried`; nil when
     /// every index with a weight above 0 is skipped.
@@ -32,7 +35,7 @@ public final class SmoothRoundRobin {
         var best = -1
         var bestScore = Int.min
         var eligibleTotal = 0
-        for i in 0..<weights.count where weights[i] > 0 && isEligible(i, tried, endpoints) {
+        for i in 0..<endpointCount where weights[i] > 0 && isEligible(i, tried, endpoints) {
             scores[i] &+= weights[i]
             eligibleTotal &+= weights[i]
             if scores[i] > bestScore {

@@ -26,3 +26,27 @@ extension Config {
         public init(name: String) { self.name = name }
     }
 }
+
+extension Config {
+    /// What `check` would refuse in `endpoints` had they been written into cluster
+    /// `cluster`'s `endpoints:` (discovery checks every answer with it: an answer l4lb
+    /// cannot serve is a failed resolution, and the last good one keeps serving); nil if
+    /// nothing.
+    public func problem(withDiscovered endpoints: [Endpoint], cluster name: String) -> String? {
+        guard let cluster = clusters.first(where: { $0.name == name }) else { return nil }
+        if endpoints.count > 65_535 { return "\(endpoints.count) endpoints; at most 65535 per cluster" }
+        if cluster.balancer == .maglev, cluster.tableSize < endpoints.count * 10 {
+            return "\(endpoints.count) endpoints need a maglev table_size of at least \(endpoints.count * 10) (the cluster's is \(cluster.tableSize))"
+        }
+        for listener in listeners where listener.forwardedInKernel && listener.clusters.contains(where: { $0.name == name }) {
+            let family = listener.address.ip.count
+            if let wrong = endpoints.first(where: { $0.address.ip.count != family }) {
+                return "\(wrong.address) is not of listener \(listener.name)'s family, which the kernel forwards (relay: kernel)"
+            }
+            if let loopback = endpoints.first(where: { $0.address.isLoopback }) {
+                return "\(loopback.address) is on loopback, which listener \(listener.name)'s kernel path cannot reach"
+            }
+        }
+        return nil
+    }
+}

@@ -47,18 +47,30 @@ final class DNSDiscoverer: @unchecked Sendable {
         case resolver(DNSResolver.Failure)
         case rcode(UInt8)
         case noRecords
+        case unusable(String)
 
         var description: String {
             switch self {
             case .resolver(let failure): "\(failure)"
             case .rcode(let code): DNSQuery.rcodeName(code)
             case .noRecords: "no records of the type asked for"
+            case .unusable(let problem): "an answer l4lb cannot use: \(problem)"
+            }
+        }
+
+        /// NXDOMAIN or no records: the name is not there (rather than not answered).
+        var isAbsence: Bool {
+            switch self {
+            case .noRecords, .rcode(3): true
+            default: false
             }
         }
     }
 
     private let lock = NSLock()
     private var sources: [String: Source] = [:]
+    /// The running config, to check each answer against (`Config.problem(withDiscovered:)`).
+    private var config: Config
     private var stopped = false
     private let logger: Logger
     /// Set once, before `start`: makes a snapshot of the current sets; false when it could
@@ -69,28 +81,59 @@ final class DNSDiscoverer: @unchecked Sendable {
     /// the lowest one's can.
     var isAvailable: (@Sendable (String, SocketAddress) -> Bool)?
 
-    init(clusters: [Config.Cluster], logger: Logger) {
+    init(config: Config, logger: Logger) {
         self.logger = logger
-        update(clusters: clusters)
+        self.config = config
+        update(config: config)
     }
 
-    /// The clusters of a (re)loaded config: new sources are due at once, removed ones go,
-    /// changed settings take effect at the next resolution.
-    func update(clusters: [Config.Cluster]) {
+    /// A (re)loaded config: new sources are due at once, removed ones go; a source whose
+    /// name, type or port changed starts over (its old answer does not serve the new name),
+    /// with `seeded` answers (resolved for the reload) where there are some.
+    func update(config: Config, seeded: [String: [Tiered]] = [:]) {
         lock.withLock {
+            self.config = config
             var kept: [String: Source] = [:]
-            for cluster in clusters {
+            for cluster in config.clusters {
                 guard let settings = cluster.dns else { continue }
-                if var source = sources[cluster.name] {
-                    if source.settings != settings { source.nextAt = 0 }
+                var source = sources[cluster.name] ?? Source(cluster: cluster.name, settings: settings)
+                let old = source.settings
+                if old.name != settings.name || old.type != settings.type || old.port != settings.port || sources[cluster.name] == nil {
+                    source = Source(cluster: cluster.name, settings: settings)
+                    if let answer = seeded[cluster.name] {
+                        source.answer = answer
+                        source.endpoints = Self.serving(answer) { _ in true }
+                        source.lastAnswer = Date()
+                        source.nextAt = monotonicMilliseconds() + settings.minTTL.milliseconds
+                    }
+                } else if old != settings {
                     source.settings = settings
-                    kept[cluster.name] = source
-                } else {
-                    kept[cluster.name] = Source(cluster: cluster.name, settings: settings)
+                    source.nextAt = 0
                 }
+                kept[cluster.name] = source
             }
             sources = kept
         }
+    }
+
+    /// Answers for the `dns:` clusters of `config` that are new or whose name, type or port
+    /// changed, resolved now (blocking, each bounded by its timeout), so a reload that adds
+    /// one publishes it with its endpoints rather than empty.
+    func resolveNew(in config: Config) -> [String: [Tiered]] {
+        let fresh = lock.withLock {
+            config.clusters.compactMap { cluster -> (String, Config.DNSDiscovery)? in
+                guard let settings = cluster.dns else { return nil }
+                let old = sources[cluster.name]?.settings
+                return old?.name == settings.name && old?.type == settings.type && old?.port == settings.port ? nil : (cluster.name, settings)
+            }
+        }
+        var answers: [String: [Tiered]] = [:]
+        for (cluster, settings) in fresh {
+            guard case .success(let answer) = Self.lookup(settings),
+                  config.problem(withDiscovered: answer.endpoints.map(\.endpoint), cluster: cluster) == nil else { continue }
+            answers[cluster] = answer.endpoints
+        }
+        return answers
     }
 
     var isEmpty: Bool { lock.withLock { sources.isEmpty } }
@@ -108,7 +151,13 @@ final class DNSDiscoverer: @unchecked Sendable {
         let due = lock.withLock { sources.values.filter { $0.nextAt <= now }.map { ($0.cluster, $0.settings) } }
         var changed = false
         for (cluster, settings) in due {
-            let result = Self.lookup(settings)
+            var result = Self.lookup(settings)
+            // An answer l4lb cannot serve (too many for the table, the wrong family behind a
+            // kernel listener) is a failed resolution: the last good one keeps serving.
+            if case .success(let answer) = result,
+               let problem = lock.withLock({ config }).problem(withDiscovered: answer.endpoints.map(\.endpoint), cluster: cluster) {
+                result = .failure(.unusable(problem))
+            }
             let finished = monotonicMilliseconds()
             lock.withLock {
                 guard var source = sources[cluster], source.settings == settings else { return }
@@ -160,10 +209,22 @@ final class DNSDiscoverer: @unchecked Sendable {
     func start() {
         let thread = Thread { [self] in
             var pending = false
+            // A snapshot that could not be made is tried again, less often each time
+            // (100 ms doubling to 5 s): a reload in progress, workers behind.
+            var retryAt: Int64 = 0, backoff: Int64 = 100
             while lock.withLock({ !stopped }) {
                 if resolveDue() { pending = true }
                 if servePriorities() { pending = true }
-                if pending, let apply { pending = !apply() }
+                let now = monotonicMilliseconds()
+                if pending, now >= retryAt, let apply {
+                    pending = !apply()
+                    if pending {
+                        retryAt = now + backoff
+                        backoff = min(backoff * 2, 5000)
+                    } else {
+                        backoff = 100
+                    }
+                }
                 usleep(50_000)
             }
         }
@@ -248,9 +309,12 @@ final class DNSDiscoverer: @unchecked Sendable {
                 guard !services.isEmpty else { return .failure(.noRecords) }
                 var targets: [String: [[UInt8]]] = [:]
                 for service in services where targets[service.target] == nil {
-                    // A target's addresses: A, else AAAA.
+                    // A target's addresses: A, else AAAA. A target that does not exist is
+                    // left out; one that could not be resolved now fails the whole answer
+                    // (the last good one keeps serving) rather than dropping its endpoints.
                     var found = records(service.target, DNSMessage.typeA)
-                    if case .failure = found { found = records(service.target, DNSMessage.typeAAAA) }
+                    if case .failure(let failure) = found, failure.isAbsence { found = records(service.target, DNSMessage.typeAAAA) }
+                    if case .failure(let failure) = found, !failure.isAbsence { return .failure(failure) }
                     guard case .success(let addresses) = found else { continue }
                     targets[service.target] = addresses.records.compactMap {
                         guard case .address(let ip) = $0.data else { return nil }

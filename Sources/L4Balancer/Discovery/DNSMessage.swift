@@ -31,6 +31,13 @@ public enum DNSMessage {
     }
 
     public struct Answer: Equatable, Sendable {
+        public init(id: UInt16, rcode: UInt8, truncated: Bool, records: [Record]) {
+            self.id = id
+            self.rcode = rcode
+            self.truncated = truncated
+            self.records = records
+        }
+
         public let id: UInt16
         public let rcode: UInt8
         /// TC: the answer did not fit; ask again over TCP.
@@ -69,7 +76,7 @@ public enum DNSMessage {
             try reader.skip(4)
         }
         var records: [Record] = []
-        records.reserveCapacity(Int(answers))
+        records.reserveCapacity(min(Int(answers), message.count / 11))
         for _ in 0..<answers {
             let name = try reader.name()
             let type = try reader.u16()
@@ -142,7 +149,7 @@ public enum DNSMessage {
                 }
                 guard at + 1 + size <= bytes.count else { throw ParseError(description: "a label runs past the message") }
                 length += size + 1
-                guard length <= 255 else { throw ParseError(description: "a name longer than 255 bytes") }
+                guard length + 1 <= 255 else { throw ParseError(description: "a name longer than 255 bytes") }
                 labels.append(String(decoding: bytes[(at + 1)...(at + size)], as: UTF8.self).lowercased())
                 at += 1 + size
             }

@@ -36,23 +36,24 @@ public struct DNSResolver: Sendable {
     /// The answer for `name` and `type` from the first resolver that gives one (a SERVFAIL or
     /// NXDOMAIN is an answer: its rcode says so), and whether it came over TCP.
     public func resolve(_ name: String, type: UInt16) -> Result<(answer: DNSMessage.Answer, overTCP: Bool), Failure> {
-        var last = Failure.timeout
+        var last: Result<(answer: DNSMessage.Answer, overTCP: Bool), Failure> = .failure(.timeout)
         for server in servers {
             let id = UInt16.random(in: 0...UInt16.max)
             guard let query = DNSMessage.query(id: id, name: name, type: type) else { return .failure(.malformed("'\(name)' is not a DNS name")) }
-            switch exchangeUDP(query, id: id, with: server) {
+            // One timeout for the server, UDP and TCP together.
+            let end = monotonicMilliseconds() + Int64(timeoutMilliseconds)
+            switch exchangeUDP(query, id: id, with: server, until: end) {
             case .success(let answer) where !answer.truncated:
-                return .success((answer, false))
+                last = .success((answer, false))
             case .success:
-                switch exchangeTCP(query, id: id, with: server) {
-                case .success(let answer): return .success((answer, true))
-                case .failure(let failure): last = failure
-                }
+                last = exchangeTCP(query, id: id, with: server, until: end).map { ($0, true) }
             case .failure(let failure):
-                last = failure
+                last = .failure(failure)
             }
+            // SERVFAIL or REFUSED from one resolver: the next may do better.
+            if case .success(let (answer, _)) = last, answer.rcode != 2, answer.rcode != 5 { return last }
         }
-        return .failure(last)
+        return last
     }
 
     /// The resolvers of `/etc/resolv.conf` (its `nameserver` lines, port 53).
@@ -65,9 +66,7 @@ public struct DNSResolver: Sendable {
         }
     }
 
-    private func deadline() -> Int64 { monotonicMilliseconds() + Int64(timeoutMilliseconds) }
-
-    private func exchangeUDP(_ query: [UInt8], id: UInt16, with server: SocketAddress) -> Result<DNSMessage.Answer, Failure> {
+    private func exchangeUDP(_ query: [UInt8], id: UInt16, with server: SocketAddress, until end: Int64) -> Result<DNSMessage.Answer, Failure> {
         let fd = socket(server.family == .inet ? AF_INET : AF_INET6, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { return .failure(.system("socket", errno)) }
         defer { close(fd) }
@@ -76,7 +75,6 @@ public struct DNSResolver: Sendable {
         let connected = withUnsafePointer(to: &storage) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, length) } }
         guard connected == 0 else { return .failure(.system("connect", errno)) }
         guard send(fd, query, query.count, 0) == query.count else { return .failure(.system("send", errno)) }
-        let end = deadline()
         var buffer = [UInt8](repeating: 0, count: 65535)
         while true {
             guard wait(fd, for: Int16(POLLIN), until: end) else { return .failure(.timeout) }
@@ -86,16 +84,21 @@ public struct DNSResolver: Sendable {
                 return .failure(.system("recv", errno))  // ECONNREFUSED: nothing listens there
             }
             // A datagram of another ID is a stray (a late answer to an earlier query): wait on.
-            guard let answer = try? DNSMessage.parse(Array(buffer[..<n])), answer.id == id else { continue }
-            return .success(answer)
+            guard n >= 4, UInt16(buffer[0]) << 8 | UInt16(buffer[1]) == id else { continue }
+            do {
+                return .success(try DNSMessage.parse(Array(buffer[..<n])))
+            } catch {
+                // Ours but unreadable: cut short by truncation goes to TCP, else it is an error.
+                guard buffer[2] & 0x02 != 0 else { return .failure(.malformed(error.description)) }
+                return .success(DNSMessage.Answer(id: id, rcode: buffer[3] & 0x0F, truncated: true, records: []))
+            }
         }
     }
 
-    private func exchangeTCP(_ query: [UInt8], id: UInt16, with server: SocketAddress) -> Result<DNSMessage.Answer, Failure> {
+    private func exchangeTCP(_ query: [UInt8], id: UInt16, with server: SocketAddress, until end: Int64) -> Result<DNSMessage.Answer, Failure> {
         let fd = socket(server.family == .inet ? AF_INET : AF_INET6, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
         guard fd >= 0 else { return .failure(.system("socket", errno)) }
         defer { close(fd) }
-        let end = deadline()
         var storage = sockaddr_storage()
         let length = server.write(to: &storage)
         let started = withUnsafePointer(to: &storage) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, length) } }

@@ -47,12 +47,14 @@ extension WorkerPool {
         reload(trigger: trigger, fromFile: true)
     }
 
-    /// The running config with each `dns:` cluster's endpoints as discovery has them now.
-    func withDiscoveredEndpoints(_ config: Config) -> Config {
+    /// `config` with each `dns:` cluster's endpoints as discovery has them now, or as
+    /// `seeded` has them for a cluster new to it.
+    func withDiscoveredEndpoints(_ config: Config, seeded: [String: [DNSDiscoverer.Tiered]] = [:]) -> Config {
         let found = dnsDiscovery.endpoints
         var config = config
         for i in config.clusters.indices where config.clusters[i].dns != nil {
-            config.clusters[i].endpoints = found[config.clusters[i].name] ?? []
+            let name = config.clusters[i].name
+            config.clusters[i].endpoints = seeded[name].map { DNSDiscoverer.serving($0) { _ in true } } ?? found[name] ?? []
         }
         return config
     }
@@ -84,9 +86,12 @@ extension WorkerPool {
             return fail(["workers \(behind.map(String.init).joined(separator: ",")) have not taken generation \(old.generation) yet (starting or draining); try again"])
         }
         let config: Config
+        var seeded: [String: [DNSDiscoverer.Tiered]] = [:]
         if let path, fromFile {
             switch ConfigParser.load(path: path) {
-            case .success(let parsed): config = withDiscoveredEndpoints(parsed)
+            case .success(let parsed):
+                seeded = dnsDiscovery.resolveNew(in: parsed)
+                config = withDiscoveredEndpoints(parsed, seeded: seeded)
             case .failure(let errors): return fail(errors.errors.map(\.description))
             }
         } else {
@@ -163,7 +168,7 @@ extension WorkerPool {
 
         store.publish(snapshot)
         for control in controls { control.wake() }
-        if fromFile { dnsDiscovery.update(clusters: config.clusters) }
+        if fromFile { dnsDiscovery.update(config: config, seeded: seeded) }
         let deadline = monotonicMilliseconds() + WorkerPool.adoptionTimeoutMilliseconds
         var lagging: [Int] = []
         repeat {

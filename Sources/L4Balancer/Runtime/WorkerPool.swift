@@ -35,6 +35,8 @@ public final class WorkerPool: Service, @unchecked Sendable {
     /// The access-log writer, when `access_log` is on.
     public let accessLog: AccessLogWriter?
     let finished = ManagedAtomic<Int>(0)
+    /// Set when a drain begins: discovery makes no more snapshots.
+    let shuttingDown = ManagedAtomic<Bool>(false)
     private let lock = NSLock()
     private var continuation: CheckedContinuation<Void, Never>?
     private var allFinished = false
@@ -50,7 +52,7 @@ public final class WorkerPool: Service, @unchecked Sendable {
         // Every dns: cluster resolved once before the first snapshot (each bounded by its
         // timeout): a cluster starts with its endpoints, or empty when no answer came.
         var config = fileConfig
-        dnsDiscovery = DNSDiscoverer(clusters: config.clusters, logger: logger)
+        dnsDiscovery = DNSDiscoverer(config: config, logger: logger)
         if !dnsDiscovery.isEmpty {
             dnsDiscovery.resolveDue()
             let found = dnsDiscovery.endpoints
@@ -167,7 +169,11 @@ public final class WorkerPool: Service, @unchecked Sendable {
             beginDrain(timeoutMilliseconds: 0)
             throw StartError(description: firstError.value ?? "worker setup failed")
         }
-        dnsDiscovery.apply = { [weak self] in self?.reload(trigger: "dns", fromFile: false).succeeded ?? true }
+        dnsDiscovery.apply = { [weak self] in
+            // Not once a drain has begun: what a reload touches is being shut down.
+            guard let self, !shuttingDown.load(ordering: .acquiring) else { return true }
+            return reload(trigger: "dns", fromFile: false).succeeded
+        }
         dnsDiscovery.isAvailable = { [weak self] cluster, address in
             guard let self else { return true }
             let snapshot = store.snapshot
@@ -187,6 +193,7 @@ public final class WorkerPool: Service, @unchecked Sendable {
     /// Asks every worker to stop accepting and to close what remains after the timeout.
     public func beginDrain(timeoutMilliseconds: Int64) {
         kernelForwarder?.stopNewFlows()
+        shuttingDown.store(true, ordering: .releasing)
         dnsDiscovery.stop()
         let deadline = monotonicMilliseconds() + timeoutMilliseconds
         for control in controls { control.requestDrain(deadline: deadline) }
