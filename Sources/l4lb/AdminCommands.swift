@@ -22,15 +22,17 @@ struct Stats: AsyncParsableCommand {
 }
 
 struct Discovery: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Show where a running l4lb takes endpoints from (DNS) and what each source last answered.")
+    static let configuration = CommandConfiguration(abstract: "Show where a running l4lb takes endpoints from (DNS, xDS) and what each source last answered.")
     @OptionGroup var adminOptions: AdminOptions
 
     func run() async throws {
         try await runAdmin {
             let (status, body) = try await AdminClient(adminOptions).request("GET", "/discovery")
             guard status == 200 else { throw AdminClient.Failure(description: "GET /discovery answered \(status): \(String(decoding: body, as: UTF8.self))") }
-            let sources = AdminClient.object(body)["dns"] as? [[String: Any]] ?? []
-            if sources.isEmpty { print("no cluster takes its endpoints from DNS") }
+            let document = AdminClient.object(body)
+            let sources = document["dns"] as? [[String: Any]] ?? []
+            if let xds = document["xds"] as? [String: Any] { printXDS(xds) }
+            if sources.isEmpty, document["xds"] == nil { print("no cluster takes its endpoints from DNS or xDS") }
             for source in sources {
                 let endpoints = (source["endpoints"] as? [[String: Any]] ?? []).compactMap { $0["address"] as? String }
                 print("cluster \(source["cluster"] ?? "?"): dns \(source["name"] ?? "?") \(source["type"] ?? "?"), \(source["state"] ?? "?"), "
@@ -39,6 +41,25 @@ struct Discovery: AsyncParsableCommand {
                 if let error = source["last_error"] as? String { print("  last error: \(error) at \(source["last_error_at"] as? String ?? "?")") }
             }
         }
+    }
+}
+
+/// The xDS source of `l4lb discovery`: the stream, then CDS and EDS.
+func printXDS(_ xds: [String: Any]) {
+    let connected = xds["connected"] as? Bool == true
+    print("xds \(xds["server"] ?? "?") as node \(xds["node_id"] ?? "?"): \(connected ? "connected" : "not connected"), \(xds["streams"] ?? 0) streams opened")
+    if let error = xds["last_error"] as? String { print("  last error: \(error) at \(xds["last_error_at"] as? String ?? "?")") }
+    for (label, key) in [("CDS", "clusters"), ("EDS", "endpoints")] {
+        guard let s = xds[key] as? [String: Any] else { continue }
+        let names = (s["resource_names"] as? [String] ?? []).joined(separator: " ")
+        print("  \(label): version \(s["version"] ?? "") (nonce \(s["nonce"] ?? "")), \(s["resources"] ?? 0) resources, "
+            + "\(s["accepted"] ?? 0) accepted, \(s["rejected"] ?? 0) rejected" + (names.isEmpty ? "" : ": \(names)"))
+        if let nack = s["last_nack"] as? [String: Any] {
+            print("    last NACK: version \(nack["version"] ?? "?") at \(nack["at"] ?? "?"): \(nack["error"] ?? "")")
+        }
+    }
+    for (cluster, fields) in (xds["ignored"] as? [String: [String]] ?? [:]).sorted(by: { $0.key < $1.key }) {
+        print("  cluster \(cluster) ignores: \(fields.joined(separator: ", "))")
     }
 }
 

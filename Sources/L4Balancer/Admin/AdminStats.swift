@@ -90,6 +90,8 @@ extension WorkerPool {
             ]
             if let weight { entry["weight"] = weight }
             if removed { entry["removed"] = true }
+            if flags.contains(.markedUnhealthy) { entry["control_plane"] = "unhealthy" }
+            if flags.contains(.markedDraining) { entry["control_plane"] = "draining" }
             if let traffic = kernelForwarder?.traffic(endpoint: id) { entry["kernel_relay"] = kernelTrafficEntry(traffic, listener: nil) }
             return entry
         }

@@ -299,6 +299,17 @@ public final class MetricsExporter: @unchecked Sendable {
                   Double(source.failingSince.map { now - $0 } ?? 0) / 1000)
             gauge("l4lb_discovery_endpoints", "Endpoints the source gives its cluster now.", labels, Double(source.endpoints?.count ?? 0))
         }
+        guard let client = pool.xdsClient else { return }
+        let status = client.status
+        for (type, s) in [("cds", status.clusters), ("eds", status.assignments)] {
+            let labels = [("cluster", ""), ("source", "xds-\(type)")]
+            counter("l4lb_discovery_updates_total", "Answers that changed a cluster's endpoints (or removed them after hold).", labels, s.accepted)
+            counter("l4lb_discovery_failures_total", "Resolutions that failed (timeout, SERVFAIL, NXDOMAIN, no records).", labels, s.rejected)
+        }
+        let stale = status.disconnectedAt.map { Double(now - $0) / 1000 } ?? 0
+        gauge("l4lb_discovery_stale_seconds", "How long the source has been failing while its last answer serves (0: fresh).",
+              [("cluster", ""), ("source", "xds")], stale)
+        gauge("l4lb_xds_connected", "1 while the stream to the xDS management server is up.", [], status.connected ? 1 : 0)
     }
 
     private func kernelTotals(_ forwarder: KernelForwarder) {

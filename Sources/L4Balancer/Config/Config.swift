@@ -14,6 +14,8 @@ public struct Config: Sendable, Equatable {
     public var clusters: [Cluster] = []
     public var filter = Filter()
     public var kernelRelay = KernelRelay()
+    /// Clusters from an xDS control plane; nil: none.
+    public var xds: XDS?
     /// The top-level `rate_limit:`: the default of listeners without their own.
     public var rateLimit: RateLimit?
     /// `rate_limit.table_size`, rounded up to a power of two.
@@ -187,6 +189,10 @@ public struct Config: Sendable, Equatable {
         public var tls: UpstreamTLS?
         /// Endpoints from DNS instead of `endpoints:` (the list then holds the last answer).
         public var dns: DNSDiscovery?
+        /// Sent by an xDS control plane, not written in the file.
+        public var fromXDS = false
+        /// The control plane's `connect_timeout`: listeners whose only cluster this is take it.
+        public var connectTimeout: ConfigDuration?
 
         public enum OnUnhealthy: String, Sendable, CaseIterable {
             /// Connections already open carry on (HAProxy's default).
@@ -248,6 +254,15 @@ public struct Config: Sendable, Equatable {
         public var weight: Int = 1
         /// Concurrent connections to this endpoint across workers; nil = unlimited.
         public var maxConnections: Int?
+        /// What an xDS control plane says of the endpoint (EDS `health_status`); nil: nothing.
+        public var controlPlaneMark: ControlPlaneMark?
+
+        public enum ControlPlaneMark: String, Sendable {
+            /// UNHEALTHY or TIMEOUT: no new connections, as if its health check failed.
+            case unhealthy
+            /// DRAINING: no new connections; open ones finish.
+            case draining
+        }
 
         public init(address: SocketAddress, weight: Int = 1) {
             self.address = address

@@ -84,7 +84,7 @@ extension ConfigWalker {
             guard let fields = walker.mapping(item, itemPath, keys: ["server_names", "cluster"]) else { return nil }
             var cluster = ""
             if let n = fields["cluster"], let name = walker.string(n, "\(itemPath).cluster") {
-                if known[name] == nil { walker.fail("\(itemPath).cluster", "unknown cluster \"\(name)\"") }
+                if known[name] == nil, !walker.clustersFromXDS { walker.fail("\(itemPath).cluster", "unknown cluster \"\(name)\"") }
                 cluster = name
             } else if fields["cluster"] == nil {
                 walker.fail("\(itemPath).cluster", "required")

@@ -24,6 +24,19 @@ public enum ConfigParser {
     /// is parsed, so a reload of one costs neither seconds nor memory.
     public static let maximumFileSize = 8 << 20
 
+    /// `config` (the file's, with the control plane's clusters added) checked across
+    /// listeners and clusters as a file would be; the added clusters' health checks take
+    /// their listeners' protocol.
+    /// `settled`: clusters whose health-check protocol the file already settled.
+    public static func checkComposed(_ config: Config, settled: Set<String>) -> Result<Config, ConfigErrors> {
+        var walker = ConfigWalker()
+        walker.checkProtocolsGiven = settled
+        var config = config
+        walker.checkAcross(&config)
+        if walker.errors.isEmpty { return .success(config) }
+        return .failure(ConfigErrors(errors: walker.errors))
+    }
+
     public static func load(path: String) -> Result<Config, ConfigErrors> {
         // Read through one descriptor, never more than the limit + 1 bytes: a symlink's
         // target, a file growing under us or a /proc file are bounded alike.
@@ -54,6 +67,11 @@ struct ConfigWalker {
     var errors: [ConfigError] = []
     /// Clusters whose health check names its `protocol` (the others take their listeners').
     var checkProtocolsGiven: Set<String> = []
+    /// With `xds:`, a listener or route may name a cluster the file does not define: the
+    /// control plane is expected to send it.
+    var clustersFromXDS = false
+    /// A cluster from the control plane may have no endpoints yet (its EDS to come).
+    var emptyClustersAllowed = false
 
     mutating func fail(_ path: String, _ message: String) {
         errors.append(ConfigError(path: path, message: message))
@@ -69,7 +87,7 @@ struct ConfigWalker {
             return config
         }
         guard let fields = mapping(root, "", keys: ["workers", "drain_timeout", "admin", "access_log", "buffers", "listeners", "clusters", "filter", "rate_limit",
-                                                         "kernel_relay"]) else {
+                                                         "kernel_relay", "xds"]) else {
             return config
         }
         if let node = fields["workers"] {
@@ -88,6 +106,10 @@ struct ConfigWalker {
         }
         if let node = fields["filter"] { config.filter = filter(node, "filter") }
         if let node = fields["kernel_relay"] { config.kernelRelay = kernelRelay(node, "kernel_relay") }
+        if let node = fields["xds"] {
+            config.xds = xds(node, "xds")
+            clustersFromXDS = true
+        }
         if let node = fields["rate_limit"] {
             config.rateLimit = rateLimit(node, "rate_limit", topLevel: true)
             if let n = node["table_size"], let v = int(n, "rate_limit.table_size", 1024...(1 << 24)) {
@@ -98,8 +120,8 @@ struct ConfigWalker {
         }
 
         if let node = fields["clusters"] {
-            config.clusters = list(node, "clusters", required: true) { walker, item, path in walker.cluster(item, path) }
-        } else {
+            config.clusters = list(node, "clusters", required: !clustersFromXDS) { walker, item, path in walker.cluster(item, path) }
+        } else if !clustersFromXDS {
             fail("clusters", "required")
         }
         var seenClusters: [String: Int] = [:]
@@ -121,20 +143,7 @@ struct ConfigWalker {
         } else {
             fail("listeners", "required")
         }
-        checkCapacities(config)
-        checkKernelRelay(config)
-        inferHealthCheckProtocols(&config)
-        for (i, cluster) in config.clusters.enumerated() where cluster.tls != nil {
-            for (l, listener) in config.listeners.enumerated() {
-                let uses = listener.clusters.contains { $0.name == cluster.name } || listener.routes.contains { $0.cluster == cluster.name }
-                guard uses else { continue }
-                if listener.transport == .udp {
-                    fail("clusters[\(i)].tls", "TLS to endpoints is for TCP, and listeners[\(l)] is udp")
-                } else if !listener.routes.isEmpty {
-                    fail("clusters[\(i)].tls", "listeners[\(l)] routes by server name and passes the client's TLS through; it cannot be wrapped in TLS again")
-                }
-            }
-        }
+        checkAcross(&config)
         var seenNames: [String: Int] = [:]
         // One TCP and one UDP listener may share an address (DNS on port 53 does).
         var seenAddresses: [String: Int] = [:]
@@ -152,6 +161,25 @@ struct ConfigWalker {
             }
         }
         return config
+    }
+
+    /// The checks across listeners and clusters: run on the file's config, and again on
+    /// each config the control plane's clusters make with it (`ConfigParser.checkComposed`).
+    mutating func checkAcross(_ config: inout Config) {
+        checkCapacities(config)
+        checkKernelRelay(config)
+        inferHealthCheckProtocols(&config)
+        for (i, cluster) in config.clusters.enumerated() where cluster.tls != nil {
+            for (l, listener) in config.listeners.enumerated() {
+                let uses = listener.clusters.contains { $0.name == cluster.name } || listener.routes.contains { $0.cluster == cluster.name }
+                guard uses else { continue }
+                if listener.transport == .udp {
+                    fail("clusters[\(i)].tls", "TLS to endpoints is for TCP, and listeners[\(l)] is udp")
+                } else if !listener.routes.isEmpty {
+                    fail("clusters[\(i)].tls", "listeners[\(l)] routes by server name and passes the client's TLS through; it cannot be wrapped in TLS again")
+                }
+            }
+        }
     }
 
     /// What one process can number (`IdentityRegistry`): `run` and a reload refuse more,
@@ -202,7 +230,7 @@ struct ConfigWalker {
             fail(path, "set either cluster or clusters, not both")
         case (.some(let n), nil):
             if let name = string(n, "\(path).cluster") {
-                if known[name] == nil { fail("\(path).cluster", "unknown cluster \"\(name)\"") }
+                if known[name] == nil, !clustersFromXDS { fail("\(path).cluster", "unknown cluster \"\(name)\"") }
                 targets = [Config.WeightedCluster(name: name, weight: 1)]
             }
         case (nil, .some(let n)):
@@ -294,7 +322,7 @@ struct ConfigWalker {
             return nil
         }
         guard let name = string(n, "\(path).name") else { return nil }
-        if known[name] == nil { fail("\(path).name", "unknown cluster \"\(name)\"") }
+        if known[name] == nil, !clustersFromXDS { fail("\(path).name", "unknown cluster \"\(name)\"") }
         var weight = 1
         if let n = fields["weight"], let w = int(n, "\(path).weight", 0...1_000_000) { weight = w }
         return Config.WeightedCluster(name: name, weight: weight)
@@ -317,7 +345,7 @@ struct ConfigWalker {
         }
         var endpoints: [Config.Endpoint] = []
         if let n = fields["endpoints"] {
-            endpoints = list(n, "\(path).endpoints", required: true) { walker, item, itemPath in walker.endpoint(item, itemPath) }
+            endpoints = list(n, "\(path).endpoints", required: !emptyClustersAllowed) { walker, item, itemPath in walker.endpoint(item, itemPath) }
             // Workers keep endpoint indices in 16 bits (the tried set of a connection).
             if endpoints.count > 65_535 { fail("\(path).endpoints", "\(endpoints.count) endpoints; at most 65535 per cluster") }
             var seen: [SocketAddress: Int] = [:]

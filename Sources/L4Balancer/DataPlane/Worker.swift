@@ -708,7 +708,7 @@ final class Worker {
             let endpoint = Int(record.pointee.endpoint)
             guard endpoint >= 0, record.pointee.state != .free, record.pointee.state != .closing,
                   plans[Int(record.pointee.plan)].unsafelyUnwrapped.closeOnUnhealthy[Int(record.pointee.cluster)],
-                  !status.flags(endpoint).isDisjoint(with: [.unhealthy, .ejected])
+                  !status.flags(endpoint).isDisjoint(with: [.unhealthy, .ejected, .markedUnhealthy])
             else { continue }
             stats.add(.closedUnhealthy, listener: Int(record.pointee.listener))
             close(UInt32(index), reason: .unhealthy)

@@ -22,6 +22,10 @@ public final class EndpointStatus: @unchecked Sendable {
         public static let ejected = Flags(rawValue: 2)
         /// Drained by the operator: no new connections, open ones finish.
         public static let draining = Flags(rawValue: 4)
+        /// Marked UNHEALTHY or TIMEOUT by the xDS control plane (EDS `health_status`).
+        public static let markedUnhealthy = Flags(rawValue: 8)
+        /// Marked DRAINING by the xDS control plane: no new connections, open ones finish.
+        public static let markedDraining = Flags(rawValue: 16)
     }
 
     @usableFromInline let flags: UnsafeMutablePointer<UnsafeAtomic<UInt8>.Storage>
@@ -80,7 +84,7 @@ public final class EndpointStatus: @unchecked Sendable {
         let after = on ? before.union(flag) : before.subtracting(flag)
         // Turning unhealthy or ejected is news for `on_unhealthy: close` even when the
         // endpoint was already unavailable for another reason (drained, say).
-        if on, !before.contains(flag), !flag.isDisjoint(with: [.unhealthy, .ejected]) {
+        if on, !before.contains(flag), !flag.isDisjoint(with: [.unhealthy, .ejected, .markedUnhealthy]) {
             unavailableEpoch.wrappingIncrement(ordering: .releasing)
         }
         if !before.isEmpty, after.isEmpty {

@@ -12,6 +12,8 @@ public struct ReloadOutcome: Sendable {
     public let trigger: String
     public let finishedAt: Date
     public let milliseconds: Int64
+    /// Failed only because workers were still taking the previous snapshot.
+    public var busy = false
 }
 
 /// Counts and the last few outcomes of reloads.
@@ -62,15 +64,16 @@ extension WorkerPool {
     /// A reload: of the config file (`fromFile`), or of the running config with the
     /// endpoints discovery found (the same path, so a removed endpoint drains as on any
     /// reload).
-    func reload(trigger: String, fromFile: Bool) -> ReloadOutcome {
+    func reload(trigger: String, fromFile: Bool, xds proposed: [Config.Cluster]? = nil) -> ReloadOutcome {
         controlLock.lock()
         defer { controlLock.unlock() }
         let started = monotonicMilliseconds()
         let old = store.snapshot
-        func fail(_ errors: [String]) -> ReloadOutcome {
-            let outcome = ReloadOutcome(
+        func fail(_ errors: [String], busy: Bool = false) -> ReloadOutcome {
+            var outcome = ReloadOutcome(
                 succeeded: false, generation: old.generation, errors: errors, changes: [], trigger: trigger,
                 finishedAt: Date(), milliseconds: monotonicMilliseconds() - started)
+            outcome.busy = busy
             reloads.record(outcome)
             logger.error("reload failed; the running config is unchanged", metadata: [
                 "trigger": "\(trigger)", "generation": "\(old.generation)", "errors": "\(errors.joined(separator: "; "))",
@@ -83,19 +86,31 @@ extension WorkerPool {
         // reload opens reaches the worker that owns (and eventually closes) it.
         let behind = controls.filter { $0.stats.value(.adoptedGeneration) != old.generation }.map(\.index)
         guard behind.isEmpty else {
-            return fail(["workers \(behind.map(String.init).joined(separator: ",")) have not taken generation \(old.generation) yet (starting or draining); try again"])
+            return fail(["workers \(behind.map(String.init).joined(separator: ",")) have not taken generation \(old.generation) yet (starting or draining); try again"],
+                        busy: true)
         }
-        let config: Config
+        let base: Config
+        var parsedFile: Config?
         var seeded: [String: [DNSDiscoverer.Tiered]] = [:]
         if let path, fromFile {
             switch ConfigParser.load(path: path) {
             case .success(let parsed):
                 seeded = dnsDiscovery.resolveNew(in: parsed)
-                config = withDiscoveredEndpoints(parsed, seeded: seeded)
+                base = withDiscoveredEndpoints(parsed, seeded: seeded)
+                parsedFile = parsed
             case .failure(let errors): return fail(errors.errors.map(\.description))
             }
         } else {
-            config = withDiscoveredEndpoints(old.config)
+            base = withDiscoveredEndpoints(fileConfig)
+        }
+        // The control plane's clusters beside the file's: proposed ones on an xDS update,
+        // else those in force.
+        let composed = base.composed(withDiscovered: proposed ?? xdsClusters)
+        guard composed.errors.isEmpty else { return fail(composed.errors) }
+        let config: Config
+        switch ConfigParser.checkComposed(composed.config, settled: Set(base.clusters.map(\.name))) {
+        case .success(let checked): config = checked
+        case .failure(let errors): return fail(errors.errors.map { Self.naming($0, in: composed.config) })
         }
         let fixed = WorkerPool.restartOnlyChanges(from: old.config, to: config)
         guard fixed.isEmpty else { return fail(fixed) }
@@ -150,6 +165,7 @@ extension WorkerPool {
         for endpoint in snapshot.endpoints where !running.contains(endpoint.id) {
             status.reset(endpoint.id, startsUnhealthy: snapshot.clusters[endpoint.cluster].config.healthCheck.map { !$0.startHealthy } ?? false)
         }
+        applyControlPlaneMarks(snapshot)
         // The kernel's plans and services last of what can fail (new endpoints enter its
         // slots as the reset above left them), put back as they were on an error.
         // Installed kernel flows keep their endpoint either way.
@@ -169,6 +185,8 @@ extension WorkerPool {
         store.publish(snapshot)
         for control in controls { control.wake() }
         if fromFile { dnsDiscovery.update(config: config, seeded: seeded) }
+        if let parsedFile { fileConfig = parsedFile }
+        if let proposed { xdsClusters = proposed }
         let deadline = monotonicMilliseconds() + WorkerPool.adoptionTimeoutMilliseconds
         var lagging: [Int] = []
         repeat {
@@ -192,9 +210,34 @@ extension WorkerPool {
         return outcome
     }
 
+    /// What the xDS control plane says of each endpoint (EDS `health_status`), as flags the
+    /// workers and the kernel's choice honour like health and drain.
+    func applyControlPlaneMarks(_ snapshot: Snapshot) {
+        let now = monotonicMilliseconds()
+        for plan in snapshot.clusters where plan.config.fromXDS {
+            for (i, endpoint) in plan.config.endpoints.enumerated() {
+                let id = snapshot.endpoints[plan.firstEndpoint + i].id
+                status.set(.markedUnhealthy, endpoint.controlPlaneMark == .unhealthy, endpoint: id, now: now)
+                status.set(.markedDraining, endpoint.controlPlaneMark == .draining, endpoint: id, now: now)
+            }
+        }
+    }
+
+    /// A check's error about `clusters[N]` of a composed config, by the cluster's name (a
+    /// discovered cluster has no place in the file).
+    static func naming(_ error: ConfigError, in config: Config) -> String {
+        var text = error.description
+        if text.hasPrefix("clusters["), let close = text.firstIndex(of: "]"),
+           let index = Int(text[text.index(text.startIndex, offsetBy: 9)..<close]), config.clusters.indices.contains(index) {
+            text = "cluster \"\(config.clusters[index].name)\"" + text[text.index(after: close)...]
+        }
+        return text
+    }
+
     /// Settings a running process cannot take on: they size or bind what exists once.
     static func restartOnlyChanges(from old: Config, to new: Config) -> [String] {
         var errors: [String] = []
+        if old.xds != new.xds { errors.append("xds: cannot change on reload; restart l4lb to apply") }
         if old.workers != new.workers { errors.append("workers: cannot change on reload; restart l4lb to apply") }
         if old.kernelRelay != new.kernelRelay { errors.append("kernel_relay: cannot change on reload; restart l4lb to apply") }
         if !old.wantsKernelForwarding, new.wantsKernelForwarding {

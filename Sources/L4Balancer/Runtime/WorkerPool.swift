@@ -32,6 +32,13 @@ public final class WorkerPool: Service, @unchecked Sendable {
     let kernelForwarder: KernelForwarder?
     /// Endpoints from DNS for the clusters with `dns:`.
     let dnsDiscovery: DNSDiscoverer
+    /// Clusters from the xDS control plane; nil without `xds:`.
+    let xdsClient: XDSClient?
+    /// The config file as last loaded (before discovery adds to it), and the control plane's
+    /// clusters in force: a reload of either composes the running config from both. Guarded
+    /// by `controlLock`.
+    var fileConfig: Config
+    var xdsClusters: [Config.Cluster] = []
     /// The access-log writer, when `access_log` is on.
     public let accessLog: AccessLogWriter?
     let finished = ManagedAtomic<Int>(0)
@@ -60,6 +67,14 @@ public final class WorkerPool: Service, @unchecked Sendable {
                 config.clusters[i].endpoints = found[config.clusters[i].name] ?? []
             }
         }
+        // Listeners may name clusters the control plane has not sent yet: they start empty.
+        let composed = config.composed(withDiscovered: [])
+        switch ConfigParser.checkComposed(composed.config, settled: Set(config.clusters.map(\.name))) {
+        case .success(let checked): config = checked
+        case .failure(let errors): throw StartError(description: errors.errors.map(\.description).joined(separator: "; "))
+        }
+        self.fileConfig = fileConfig
+        xdsClient = fileConfig.xds.map { XDSClient(settings: $0, logger: logger) }
         self.configPath = configPath
         self.limits = ListenerLimits(sources: config.rateLimitSources)
         self.status = EndpointStatus()
@@ -184,6 +199,18 @@ public final class WorkerPool: Service, @unchecked Sendable {
             return true
         }
         dnsDiscovery.start()
+        xdsClient?.apply = { [weak self] clusters in
+            // A reload waits for workers still taking the previous snapshot; try again then.
+            for attempt in 0..<100 {
+                guard let self, !shuttingDown.load(ordering: .acquiring) else { return ["l4lb is shutting down"] }
+                let outcome = reload(trigger: "xds", fromFile: false, xds: clusters)
+                if outcome.succeeded { return nil }
+                if !outcome.busy || attempt == 99 { return outcome.errors }
+                usleep(50_000)
+            }
+            return nil
+        }
+        xdsClient?.start()
         logger.info("l4lb serving", metadata: [
             "workers": "\(controls.count)",
             "listeners": "\(snapshot.listeners.map { "\($0.name)=\($0.address)" }.joined(separator: ","))",
@@ -195,6 +222,7 @@ public final class WorkerPool: Service, @unchecked Sendable {
         kernelForwarder?.stopNewFlows()
         shuttingDown.store(true, ordering: .releasing)
         dnsDiscovery.stop()
+        xdsClient?.stop()
         let deadline = monotonicMilliseconds() + timeoutMilliseconds
         for control in controls { control.requestDrain(deadline: deadline) }
     }

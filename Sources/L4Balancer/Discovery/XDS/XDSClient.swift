@@ -1,0 +1,376 @@
+import Atomics
+import EnvoyXDS
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2Posix
+import GRPCProtobuf
+import Logging
+import SwiftProtobuf
+
+typealias DiscoveryRequest = Envoy_Service_Discovery_V3_DiscoveryRequest
+typealias DiscoveryResponse = Envoy_Service_Discovery_V3_DiscoveryResponse
+typealias EnvoyCluster = Envoy_Config_Cluster_V3_Cluster
+typealias EnvoyAssignment = Envoy_Config_Endpoint_V3_ClusterLoadAssignment
+
+/// Clusters from an xDS management server (issue 36): one aggregated (ADS) gRPC stream in the
+/// state-of-the-world protocol, CDS with a wildcard subscription and EDS for the clusters
+/// that name it. Every response is answered once: an ACK (its version and nonce) only after
+/// the snapshot it makes is built, or a NACK (the last accepted version, the response's
+/// nonce, and every reason in `error_detail`) that leaves the running config as it was.
+/// While the server is away the last accepted clusters keep serving; the stream is opened
+/// again after a backoff with jitter and re-subscribes, with the node identity again.
+/// Runs on its own task; the snapshot is built off the async executors.
+final class XDSClient: @unchecked Sendable {
+    static let clusterType = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+    static let assignmentType = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+    static let method = MethodDescriptor(
+        fullyQualifiedService: "envoy.service.discovery.v3.AggregatedDiscoveryService", method: "StreamAggregatedResources")
+
+    /// One resource type's state, as `/discovery` shows it.
+    struct Subscription: Sendable {
+        /// The last accepted version ("" before the first).
+        var version = ""
+        /// The nonce of the last response received.
+        var nonce = ""
+        var resourceNames: [String] = []
+        var resources = 0
+        var accepted: UInt64 = 0
+        var rejected: UInt64 = 0
+        var lastAccepted: Date?
+        var lastNACK: NACK?
+    }
+
+    struct NACK: Sendable {
+        let version: String
+        let nonce: String
+        let error: String
+        let at: Date
+    }
+
+    struct Status: Sendable {
+        var connected = false
+        var connectedSince: Date?
+        /// Monotonic ms since the stream was last lost (nil while connected or before the first).
+        var disconnectedAt: Int64?
+        var streams: UInt64 = 0
+        var lastError: String?
+        var lastErrorAt: Date?
+        var nextAttemptAt: Int64?
+        var clusters = Subscription()
+        var assignments = Subscription()
+        /// Per cluster, the Envoy fields it carries that l4lb leaves aside.
+        var ignored: [String: [String]] = [:]
+    }
+
+    let settings: Config.XDS
+    private let logger: Logger
+    private let lock = NSLock()
+    private var state = Status()
+    /// Touched only by the stream task, one response at a time.
+    private var clusters: [String: EnvoyCluster] = [:]
+    private var assignments: [String: EnvoyAssignment] = [:]
+    private var running: [Config.Cluster] = []
+    private var task: Task<Void, Never>?
+    /// Set once, before `start`: makes the running config with these clusters (blocking);
+    /// its errors when it could not.
+    var apply: (@Sendable ([Config.Cluster]) -> [String]?)?
+
+    init(settings: Config.XDS, logger: Logger) {
+        self.settings = settings
+        self.logger = logger
+    }
+
+    var status: Status { lock.withLock { state } }
+
+    func start() {
+        task = Task.detached { [self] in await run() }
+    }
+
+    func stop() { task?.cancel() }
+
+    // MARK: The stream, and its retries
+
+    private func run() async {
+        var failures = 0
+        while !Task.isCancelled {
+            lock.withLock {
+                state.streams += 1
+                state.nextAttemptAt = nil
+            }
+            let answered = ManagedAtomic(false)
+            do {
+                try await stream { answered.store(true, ordering: .relaxed) }
+                record(error: "the server ended the stream")
+            } catch {
+                record(error: describe(error))
+            }
+            if Task.isCancelled { break }
+            // A stream that got an answer starts the backoff over.
+            failures = answered.load(ordering: .relaxed) ? 0 : failures + 1
+            let cap = min(settings.maxBackoff.milliseconds, settings.backoff.milliseconds << Int64(min(failures, 20)))
+            let delay = cap / 2 + Int64.random(in: 0...max(cap / 2, 1))
+            lock.withLock { state.nextAttemptAt = monotonicMilliseconds() + delay }
+            try? await Task.sleep(for: .milliseconds(delay))
+        }
+    }
+
+    private func record(error: String) {
+        let wasConnected = lock.withLock {
+            let was = state.connected
+            state.connected = false
+            state.connectedSince = nil
+            if state.disconnectedAt == nil { state.disconnectedAt = monotonicMilliseconds() }
+            state.lastError = error
+            state.lastErrorAt = Date()
+            return was
+        }
+        if wasConnected || Task.isCancelled == false {
+            logger.warning("xds stream to the management server ended; the last accepted clusters keep serving", metadata: [
+                "server": "\(settings.server)", "error": "\(error)",
+            ])
+        }
+    }
+
+    private func describe(_ error: any Error) -> String {
+        if let rpc = error as? RPCError { return "\(rpc.code): \(rpc.message)" }
+        return "\(error)"
+    }
+
+    private func transport() throws -> HTTP2ClientTransport.Posix {
+        let target: any ResolvableTarget
+        if settings.host.contains(":") {
+            target = .ipv6(address: settings.host, port: settings.port)
+        } else if settings.host.split(separator: ".").count == 4, settings.host.allSatisfy({ $0.isNumber || $0 == "." }) {
+            target = .ipv4(address: settings.host, port: settings.port)
+        } else {
+            target = .dns(host: settings.host, port: settings.port)
+        }
+        var config = HTTP2ClientTransport.Posix.Config.defaults
+        config.connection.keepalive = .init(time: .seconds(30), timeout: .seconds(10), allowWithoutCalls: true)
+        let security: HTTP2ClientTransport.Posix.TransportSecurity
+        if let tls = settings.tls {
+            if let name = tls.serverName { config.http2.authority = name }
+            security = .tls { config in
+                if let ca = tls.ca { config.trustRoots = .certificates([.file(path: ca, format: .pem)]) }
+                if let cert = tls.cert, let key = tls.key {
+                    config.certificateChain = [.file(path: cert, format: .pem)]
+                    config.privateKey = .file(path: key, format: .pem)
+                }
+            }
+        } else {
+            security = .plaintext
+        }
+        return try HTTP2ClientTransport.Posix(target: target, transportSecurity: security, config: config)
+    }
+
+    private func stream(onAnswer: @escaping @Sendable () -> Void) async throws {
+        let (requests, outbox) = AsyncStream.makeStream(of: DiscoveryRequest.self)
+        defer { outbox.finish() }
+        // Subscribe: every cluster (wildcard), and the assignments already known, from the
+        // versions accepted before (a server may then send nothing new).
+        var first = request(type: Self.clusterType, names: [], version: lock.withLock { state.clusters.version }, nonce: "")
+        first.node = node()
+        outbox.yield(first)
+        let names = lock.withLock { state.assignments.resourceNames }
+        if !names.isEmpty {
+            outbox.yield(request(type: Self.assignmentType, names: names, version: lock.withLock { state.assignments.version }, nonce: ""))
+        }
+        var options = CallOptions.defaults
+        options.waitForReady = false
+        options.maxResponseMessageBytes = 64 << 20
+        try await withGRPCClient(transport: transport()) { client in
+            try await client.bidirectionalStreaming(
+                request: StreamingClientRequest(of: DiscoveryRequest.self) { writer in
+                    for await request in requests { try await writer.write(request) }
+                },
+                descriptor: Self.method,
+                serializer: ProtobufSerializer<DiscoveryRequest>(),
+                deserializer: ProtobufDeserializer<DiscoveryResponse>(),
+                options: options
+            ) { [self] response in
+                for try await message in response.messages {
+                    onAnswer()
+                    connected()
+                    for reply in await answer(message) { outbox.yield(reply) }
+                }
+            }
+        }
+    }
+
+    private func connected() {
+        let first = lock.withLock {
+            guard !state.connected else { return false }
+            state.connected = true
+            state.connectedSince = Date()
+            state.disconnectedAt = nil
+            return true
+        }
+        if first { logger.info("xds stream to the management server up", metadata: ["server": "\(settings.server)", "node": "\(settings.nodeID)"]) }
+    }
+
+    private func node() -> Envoy_Config_Core_V3_Node {
+        var node = Envoy_Config_Core_V3_Node()
+        node.id = settings.nodeID
+        node.cluster = settings.nodeCluster
+        node.userAgentName = "l4lb"
+        node.userAgentVersion = "1"
+        return node
+    }
+
+    private func request(type: String, names: [String], version: String, nonce: String, error: String? = nil) -> DiscoveryRequest {
+        var request = DiscoveryRequest()
+        request.typeURL = type
+        request.resourceNames = names
+        request.versionInfo = version
+        request.responseNonce = nonce
+        if let error {
+            request.errorDetail.code = 3  // INVALID_ARGUMENT, as Envoy sends
+            request.errorDetail.message = error
+        }
+        return request
+    }
+
+    // MARK: Responses
+
+    /// The requests that answer `response`: its ACK or NACK, and a changed EDS subscription.
+    private func answer(_ response: DiscoveryResponse) async -> [DiscoveryRequest] {
+        switch response.typeURL {
+        case Self.clusterType: return await answerClusters(response)
+        case Self.assignmentType: return await answerAssignments(response)
+        default:
+            logger.warning("xds response of a type l4lb did not ask for; ignored", metadata: ["type": "\(response.typeURL)"])
+            return []
+        }
+    }
+
+    private func answerClusters(_ response: DiscoveryResponse) async -> [DiscoveryRequest] {
+        lock.withLock { state.clusters.nonce = response.nonce }
+        var problems: [String] = []
+        var received: [String: EnvoyCluster] = [:]
+        for resource in response.resources {
+            guard resource.typeURL == Self.clusterType else {
+                problems.append("a resource of type \(resource.typeURL) in a CDS response")
+                continue
+            }
+            do {
+                let cluster = try EnvoyCluster(serializedBytes: resource.value)
+                if received[cluster.name] != nil {
+                    problems.append("cluster \"\(cluster.name)\": sent twice in one response")
+                } else {
+                    received[cluster.name] = cluster
+                }
+            } catch {
+                problems.append("a Cluster that does not decode: \(error)")
+            }
+        }
+        let subscribed = Set(received.values.compactMap(XDSClusterMapper.assignmentName))
+        let kept = assignments.filter { subscribed.contains($0.key) }
+        let outcome = problems.isEmpty ? await settle(received, kept) : .refused(problems)
+        let previous = lock.withLock { state.clusters.version }
+        switch outcome {
+        case .refused(let reasons):
+            return [nack(Self.clusterType, \.clusters, response, previous: previous, reasons: reasons)]
+        case .accepted:
+            clusters = received
+            assignments = kept
+            let names = subscribed.sorted()
+            let (changed, edsVersion, edsNonce) = lock.withLock {
+                state.clusters.version = response.versionInfo
+                state.clusters.resources = received.count
+                state.clusters.resourceNames = received.keys.sorted()
+                state.clusters.accepted += 1
+                state.clusters.lastAccepted = Date()
+                let changed = state.assignments.resourceNames != names
+                state.assignments.resourceNames = names
+                return (changed, state.assignments.version, state.assignments.nonce)
+            }
+            var replies = [request(type: Self.clusterType, names: [], version: response.versionInfo, nonce: response.nonce)]
+            if changed { replies.append(request(type: Self.assignmentType, names: names, version: edsVersion, nonce: edsNonce)) }
+            return replies
+        }
+    }
+
+    private func answerAssignments(_ response: DiscoveryResponse) async -> [DiscoveryRequest] {
+        lock.withLock { state.assignments.nonce = response.nonce }
+        let subscribed = Set(clusters.values.compactMap(XDSClusterMapper.assignmentName))
+        var problems: [String] = []
+        var updated = assignments
+        var seen = Set<String>()
+        for resource in response.resources {
+            guard resource.typeURL == Self.assignmentType else {
+                problems.append("a resource of type \(resource.typeURL) in an EDS response")
+                continue
+            }
+            do {
+                let assignment = try EnvoyAssignment(serializedBytes: resource.value)
+                if !seen.insert(assignment.clusterName).inserted {
+                    problems.append("assignment \"\(assignment.clusterName)\": sent twice in one response")
+                } else if subscribed.contains(assignment.clusterName) {
+                    // Not asked for (a server may send more than the subscription): left out.
+                    updated[assignment.clusterName] = assignment
+                }
+            } catch {
+                problems.append("a ClusterLoadAssignment that does not decode: \(error)")
+            }
+        }
+        let outcome = problems.isEmpty ? await settle(clusters, updated) : .refused(problems)
+        let previous = lock.withLock { state.assignments.version }
+        switch outcome {
+        case .refused(let reasons):
+            return [nack(Self.assignmentType, \.assignments, response, previous: previous, reasons: reasons)]
+        case .accepted:
+            assignments = updated
+            lock.withLock {
+                state.assignments.version = response.versionInfo
+                state.assignments.resources = updated.count
+                state.assignments.accepted += 1
+                state.assignments.lastAccepted = Date()
+            }
+            let names = lock.withLock { state.assignments.resourceNames }
+            return [request(type: Self.assignmentType, names: names, version: response.versionInfo, nonce: response.nonce)]
+        }
+    }
+
+    private func nack(_ type: String, _ key: WritableKeyPath<Status, Subscription>, _ response: DiscoveryResponse,
+                      previous: String, reasons: [String]) -> DiscoveryRequest {
+        // One line per reason, bounded: a NACK is read by people and logged by servers.
+        var text = reasons.prefix(20).joined(separator: "; ")
+        if reasons.count > 20 { text += "; and \(reasons.count - 20) more" }
+        lock.withLock {
+            state[keyPath: key].rejected += 1
+            state[keyPath: key].lastNACK = NACK(version: response.versionInfo, nonce: response.nonce, error: text, at: Date())
+        }
+        logger.error("xds update refused (NACK); the running config is unchanged", metadata: [
+            "type": "\(type)", "version": "\(response.versionInfo)", "errors": "\(text)",
+        ])
+        let names = type == Self.assignmentType ? lock.withLock { state.assignments.resourceNames } : []
+        return request(type: type, names: names, version: previous, nonce: response.nonce, error: text)
+    }
+
+    private enum Outcome { case accepted, refused([String]) }
+
+    /// Maps the resources to l4lb clusters and makes the running config with them; an
+    /// unchanged result makes no new snapshot.
+    private func settle(_ clusters: [String: EnvoyCluster], _ assignments: [String: EnvoyAssignment]) async -> Outcome {
+        var mapped: [Config.Cluster] = []
+        var refused: [String] = []
+        var ignored: [String: [String]] = [:]
+        for name in clusters.keys.sorted() {
+            let result = XDSClusterMapper.map(clusters[name]!, assignments: assignments)
+            refused += result.refused.map { $0.hasPrefix("cluster \"") ? $0 : "cluster \"\(name)\": \($0)" }
+            if !result.ignored.isEmpty { ignored[name] = result.ignored }
+            if let cluster = result.cluster { mapped.append(cluster) }
+        }
+        guard refused.isEmpty else { return .refused(refused) }
+        lock.withLock { state.ignored = ignored }
+        if mapped == running { return .accepted }
+        guard let apply else { return .refused(["l4lb is not serving yet"]) }
+        let proposal = mapped
+        let errors = await withCheckedContinuation { (done: CheckedContinuation<[String]?, Never>) in
+            DispatchQueue.global().async { done.resume(returning: apply(proposal)) }
+        }
+        if let errors { return .refused(errors) }
+        running = mapped
+        return .accepted
+    }
+}
