@@ -209,6 +209,13 @@ final class XDSDiscoveryTests: XCTestCase {
             xds.requests(XDSServer.cds).contains { ($0["error_detail"] as? String ?? "").contains("cluster \"local\" is defined in the config file") }
         }, "\(xds.requests(XDSServer.cds))")
         XCTAssertEqual(try proxy.stats().int("generation"), generation)
+        // The operator renames the file's cluster: the refused update is taken on the reload
+        // and ACKed then, with no new response needed.
+        try proxy.writeConfig(Self.config(listen: listen, split: split, xds: xds, clusters: fileClusters.replacingOccurrences(of: "name: local,", with: "name: local-file,")))
+        XCTAssertEqual(try proxy.admin("POST", "/reload").status, 200)
+        XCTAssertTrue(waitUntil(timeout: 5) { xds.acked(XDSServer.cds, version: "v3") }, "the refused update was not taken after the reload: \(xds.requests(XDSServer.cds))")
+        let names = Set((try proxy.stats()["clusters"] as? [[String: Any]] ?? []).map { $0["name"] as? String ?? "" })
+        XCTAssertEqual(names, ["local-file", "web", "aux", "local"])
 
         // The server killed: l4lb keeps serving and retries with backoff (100 ms doubling
         // to 1 s: a handful of attempts in 3 s, not a loop).
@@ -238,15 +245,57 @@ final class XDSDiscoveryTests: XCTestCase {
         let again = xds.requests().first
         XCTAssertEqual(again?["node_id"] as? String, "l4lb-test-1", "the first request after the restart carries no node")
         XCTAssertEqual(again?["type_url"] as? String, XDSServer.cds)
-        XCTAssertEqual(again?["version_info"] as? String, "v1", "l4lb did not say which version it holds")
+        XCTAssertEqual(again?["version_info"] as? String, "v3", "l4lb did not say which version it holds")
         let eds = xds.requests(XDSServer.eds).first
-        XCTAssertEqual(Set(eds?["resource_names"] as? [String] ?? []), ["web", "aux"], "EDS not re-subscribed: \(String(describing: eds))")
+        XCTAssertEqual(Set(eds?["resource_names"] as? [String] ?? []), ["web", "aux", "local"], "EDS not re-subscribed (with what it held): \(String(describing: eds))")
         let aux = (try proxy.stats()["clusters"] as? [[String: Any]])?.first { $0["name"] as? String == "aux" }
         XCTAssertEqual((aux?["endpoints"] as? [[String: Any]])?.count, 2)
         XCTAssertEqual(((try? proxy.admin("GET", "/discovery").json["xds"]) as? [String: Any])?["connected"] as? Bool, true)
         let output = try proxy.runAdminCommand(["discovery"])
         XCTAssertEqual(output.status, 0, output.output)
         XCTAssertTrue(output.output.contains("xds \(xds.address)") && output.output.contains("connected"), output.output)
+    }
+
+    /// EDS priorities with l4lb's own health checks: while priority 0's endpoint fails its
+    /// check, priority 1 serves; when it passes again, priority 0 takes back over.
+    func testTheNextPriorityServesWhileTheLowestFailsItsHealthCheck() throws {
+        let port = Sockets.freePort()
+        let primary = try TestBackend(.echo, host: "127.0.0.28", port: port)
+        let backup = try TestBackend(.echo, host: "127.0.0.29", port: port)
+        defer { backup.stop() }
+        let xds = try XDSServer()
+        defer { xds.stop() }
+        let check: [String: Any] = ["healthChecks": [[
+            "timeout": "0.2s", "interval": "0.2s", "unhealthyThreshold": 2, "healthyThreshold": 1, "tcpHealthCheck": [:],
+        ]]]
+        var assignment = XDSServer.assignment("web", [("127.0.0.28", port, 1, "UNKNOWN")])
+        var localities = assignment["endpoints"] as! [[String: Any]]
+        localities.append(["priority": 1, "lbEndpoints": [[
+            "endpoint": ["address": ["socketAddress": ["address": "127.0.0.29", "portValue": Int(port)]]], "loadBalancingWeight": 1,
+        ]]])
+        assignment["endpoints"] = localities
+        try xds.set(version: "p1", clusters: [XDSServer.cluster("web", extra: check)], assignments: [assignment])
+        let listen = Sockets.freePort()
+        let proxy = try L4LBProcess(config: Self.config(listen: listen, split: Sockets.freePort(), xds: xds), waitFor: ("127.0.0.1", listen))
+        defer { proxy.stop() }
+        XCTAssertTrue(waitUntil(timeout: 10) { xds.acked(XDSServer.eds, version: "p1") })
+        func connectOnce() -> Bool {
+            guard let fd = try? Sockets.connect(port: listen) else { return false }
+            defer { close(fd) }
+            Sockets.setTimeout(fd, seconds: 5)
+            return KernelForwardingOperationsTests.echo(fd, 1)
+        }
+        XCTAssertTrue(waitUntil(timeout: 5) { connectOnce() && primary.dataConnections > 0 })
+        XCTAssertEqual(backup.dataConnections, 0, "priority 1 took traffic while priority 0 was healthy")
+
+        primary.stop()
+        XCTAssertTrue(waitUntil(timeout: 5) { connectOnce() && backup.dataConnections > 0 }, "priority 1 did not take over")
+        let restarted = try TestBackend(.echo, host: "127.0.0.28", port: port)
+        defer { restarted.stop() }
+        XCTAssertTrue(waitUntil(timeout: 5) { connectOnce() && restarted.dataConnections > 0 }, "priority 0 did not take back over")
+        let before = backup.dataConnections
+        for _ in 0..<20 { XCTAssertTrue(connectOnce()) }
+        XCTAssertEqual(backup.dataConnections, before, "priority 1 kept taking traffic after priority 0 recovered")
     }
 
     func discoveryStreams(_ proxy: L4LBProcess) -> Int {

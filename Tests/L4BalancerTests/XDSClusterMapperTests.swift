@@ -72,6 +72,7 @@ final class XDSClusterMapperTests: XCTestCase {
         XCTAssertEqual(cluster.outlierDetection?.ejectionTime, .seconds(10))
         XCTAssertEqual(cluster.outlierDetection?.maxEjectionPercent, 10, "Envoy's default, not l4lb's")
         XCTAssertEqual(cluster.healthCheck?.kind, .http(path: "/healthz", host: nil, statuses: 200...299), "Envoy's ranges are half-open")
+        XCTAssertEqual(cluster.outlierDetection?.maxEjectionTime, .seconds(300))
         XCTAssertEqual(cluster.healthCheck?.interval, .seconds(2))
         XCTAssertEqual(cluster.healthCheck?.unhealthyThreshold, 4)
         XCTAssertEqual(cluster.endpoints.map(\.address.description), ["192.0.2.1:80", "192.0.2.2:80", "192.0.2.3:80", "192.0.2.9:80"])
@@ -84,6 +85,15 @@ final class XDSClusterMapperTests: XCTestCase {
         let a = assignment("web", [(0, [endpoint("192.0.2.1", 80, health: .unhealthy)]), (1, [endpoint("192.0.2.9", 80, weight: 5)])])
         let cluster = try XCTUnwrap(XDSClusterMapper.map(edsCluster("web"), assignments: ["web": a]).cluster)
         XCTAssertEqual(cluster.endpoints.map(\.weight), [0, 5])
+    }
+
+    func testHealthMovesTheServingPriorityAndBack() throws {
+        let a = assignment("web", [(0, [endpoint("192.0.2.1", 80, weight: 3)]), (1, [endpoint("192.0.2.9", 80, weight: 5)])])
+        let mapped = XDSClusterMapper.map(edsCluster("web"), assignments: ["web": a])
+        XCTAssertEqual(mapped.priorities, [0, 1])
+        XCTAssertEqual(XDSClusterMapper.serving(mapped) { _ in true }.endpoints.map(\.weight), [3, 0])
+        XCTAssertEqual(XDSClusterMapper.serving(mapped) { $0.description != "192.0.2.1:80" }.endpoints.map(\.weight), [0, 5])
+        XCTAssertEqual(XDSClusterMapper.serving(mapped) { _ in false }.endpoints.map(\.weight), [3, 0], "nothing available: as mapped")
     }
 
     func testAnEDSClusterWithoutItsAssignmentYetIsEmptyNotRefused() throws {

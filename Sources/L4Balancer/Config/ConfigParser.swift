@@ -346,20 +346,8 @@ struct ConfigWalker {
         var endpoints: [Config.Endpoint] = []
         if let n = fields["endpoints"] {
             endpoints = list(n, "\(path).endpoints", required: !emptyClustersAllowed) { walker, item, itemPath in walker.endpoint(item, itemPath) }
-            // Workers keep endpoint indices in 16 bits (the tried set of a connection).
-            if endpoints.count > 65_535 { fail("\(path).endpoints", "\(endpoints.count) endpoints; at most 65535 per cluster") }
-            var seen: [SocketAddress: Int] = [:]
-            for (i, e) in endpoints.enumerated() {
-                if let first = seen[e.address] {
-                    fail("\(path).endpoints[\(i)].address", "duplicate endpoint \(e.address) (also endpoints[\(first)])")
-                } else {
-                    seen[e.address] = i
-                }
-            }
-            if !endpoints.isEmpty, endpoints.allSatisfy({ $0.weight == 0 }) {
-                fail("\(path).endpoints", "at least one endpoint needs a weight above 0")
-            }
-        } else if fields["dns"] == nil {
+            checkEndpoints(endpoints, "\(path).endpoints")
+        } else if fields["dns"] == nil, !emptyClustersAllowed {
             fail("\(path).endpoints", "required (or dns:)")
         }
         var cluster = Config.Cluster(name: name ?? "", endpoints: endpoints)
@@ -412,6 +400,24 @@ struct ConfigWalker {
         }
         if let n = fields["on_unhealthy"], let v = choice(n, "\(path).on_unhealthy", Config.Cluster.OnUnhealthy.self) { cluster.onUnhealthy = v }
         return name == nil ? nil : cluster
+    }
+
+    /// What a cluster's endpoint list must hold, written or discovered: at most 65,535
+    /// (workers keep endpoint indices in 16 bits, the tried set of a connection), no address
+    /// twice, some weight above 0.
+    mutating func checkEndpoints(_ endpoints: [Config.Endpoint], _ path: String) {
+        if endpoints.count > 65_535 { fail(path, "\(endpoints.count) endpoints; at most 65535 per cluster") }
+        var seen: [SocketAddress: Int] = [:]
+        for (i, e) in endpoints.enumerated() {
+            if let first = seen[e.address] {
+                fail("\(path)[\(i)].address", "duplicate endpoint \(e.address) (also endpoints[\(first)])")
+            } else {
+                seen[e.address] = i
+            }
+        }
+        if !endpoints.isEmpty, endpoints.allSatisfy({ $0.weight == 0 }) {
+            fail(path, "at least one endpoint needs a weight above 0")
+        }
     }
 
     mutating func endpoint(_ node: Node, _ path: String) -> Config.Endpoint? {

@@ -185,7 +185,10 @@ extension WorkerPool {
         store.publish(snapshot)
         for control in controls { control.wake() }
         if fromFile { dnsDiscovery.update(config: config, seeded: seeded) }
-        if let parsedFile { fileConfig = parsedFile }
+        if let parsedFile {
+            fileConfig = parsedFile
+            xdsClient?.fileReloaded()
+        }
         if let proposed { xdsClusters = proposed }
         let deadline = monotonicMilliseconds() + WorkerPool.adoptionTimeoutMilliseconds
         var lagging: [Int] = []

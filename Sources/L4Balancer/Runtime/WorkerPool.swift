@@ -189,7 +189,7 @@ public final class WorkerPool: Service, @unchecked Sendable {
             guard let self, !shuttingDown.load(ordering: .acquiring) else { return true }
             return reload(trigger: "dns", fromFile: false).succeeded
         }
-        dnsDiscovery.isAvailable = { [weak self] cluster, address in
+        let isAvailable: @Sendable (String, SocketAddress) -> Bool = { [weak self] cluster, address in
             guard let self else { return true }
             let snapshot = store.snapshot
             guard let plan = snapshot.clusters.first(where: { $0.name == cluster }) else { return true }
@@ -198,7 +198,9 @@ public final class WorkerPool: Service, @unchecked Sendable {
             }
             return true
         }
+        dnsDiscovery.isAvailable = isAvailable
         dnsDiscovery.start()
+        xdsClient?.isAvailable = isAvailable
         xdsClient?.apply = { [weak self] clusters in
             // A reload waits for workers still taking the previous snapshot; try again then.
             for attempt in 0..<100 {
@@ -209,6 +211,13 @@ public final class WorkerPool: Service, @unchecked Sendable {
                 usleep(50_000)
             }
             return nil
+        }
+        if let xds = fileConfig.xds {
+            let expected = fileConfig.undefinedClusterNames
+            logger.info("clusters from xDS", metadata: [
+                "server": "\(xds.server)", "node": "\(xds.nodeID)",
+                "expected_by_listeners": "\(expected.isEmpty ? "none" : expected.joined(separator: ","))",
+            ])
         }
         xdsClient?.start()
         logger.info("l4lb serving", metadata: [

@@ -8,7 +8,8 @@ EDS on one aggregated stream, like go-control-plane's SotW server:
 - a request whose nonce is not the last one sent for its type is stale and ignored;
 - a request with the last nonce is an ACK (same version as sent) or a NACK (error_detail);
 - a new stream or a changed EDS subscription gets the current resources at once;
-- a state change (POST /state) is pushed to every stream, once.
+- a state change (POST /state) is pushed to every stream, once; with one response in
+  flight per type (a change while one is unanswered goes out with the answer).
 
 Controlled over HTTP on --control-port (loopback):
   POST /state   {"version": "v2", "clusters": [<Cluster, proto3 JSON>],
@@ -105,6 +106,10 @@ class ADS(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         sent_nonce = {}  # type -> last nonce sent
         sent_version = {}  # type -> version last sent
         subscribed = {}  # type -> resource names (EDS) or [] (CDS wildcard)
+        # One response in flight per type, as go-control-plane: a change while l4lb has not
+        # answered the last one is sent when it does (the newest state then).
+        awaiting = set()
+        pending = set()
         try:
             while context.is_active():
                 try:
@@ -115,7 +120,11 @@ class ADS(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                     return
                 if kind == "push":
                     for type_url in list(subscribed):
-                        yield self.respond(type_url, subscribed[type_url], sent_nonce, sent_version, peer)
+                        if type_url in awaiting:
+                            pending.add(type_url)
+                        else:
+                            awaiting.add(type_url)
+                            yield self.respond(type_url, subscribed[type_url], sent_nonce, sent_version, peer)
                     continue
                 type_url = request.type_url
                 STATE.record({
@@ -129,13 +138,16 @@ class ADS(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 })
                 if request.response_nonce and request.response_nonce != sent_nonce.get(type_url):
                     continue  # stale: a response has been sent since
+                awaiting.discard(type_url)
                 names = list(request.resource_names)
                 changed = subscribed.get(type_url) != names
                 subscribed[type_url] = names
                 version, _ = STATE.snapshot(type_url, names)
-                if not request.response_nonce or changed or version != sent_version.get(type_url):
+                if not request.response_nonce or changed or version != sent_version.get(type_url) or type_url in pending:
+                    pending.discard(type_url)
                     if request.HasField("error_detail") and not changed and version == sent_version.get(type_url):
                         continue  # a NACK of the current version: wait for a new one
+                    awaiting.add(type_url)
                     yield self.respond(type_url, names, sent_nonce, sent_version, peer)
         finally:
             with STATE.lock:
@@ -146,9 +158,7 @@ class ADS(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         version, resources = STATE.snapshot(type_url, names)
         response = discovery_pb2.DiscoveryResponse(version_info=version, type_url=type_url, nonce=STATE.next_nonce())
         for resource in resources:
-            packed = any_pb2.Any()
-            packed.Pack(resource)
-            response.resources.append(packed)
+            response.resources.append(pack(resource))
         sent_nonce[type_url] = response.nonce
         sent_version[type_url] = version
         STATE.record({"kind": "response", "peer": peer, "type_url": type_url, "version_info": version,
@@ -156,23 +166,45 @@ class ADS(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         return response
 
 
+PACKED = {}  # id(resource) -> (resource, Any): the churn's variants are packed once
+
+
+def pack(resource):
+    cached = PACKED.get(id(resource))
+    if cached is not None and cached[0] is resource:
+        return cached[1]
+    packed = any_pb2.Any()
+    packed.Pack(resource)
+    return packed
+
+
 def churn(rate, seconds):
-    """New endpoint weights `rate` times a second for `seconds`: every update is a new version."""
+    """New endpoint weights `rate` times a second for `seconds`: every update is a new version
+    and changes every endpoint's weight. The variants are made and packed before the clock
+    starts, so the server's own CPU (it shares the machine) stays out of what is measured."""
+    variants = []
+    with STATE.lock:
+        current = dict(STATE.assignments)
+    for _ in range(16):
+        assignments = {}
+        for name, cla in current.items():
+            copy = endpoint_pb2.ClusterLoadAssignment()
+            copy.CopyFrom(cla)
+            for locality in copy.endpoints:
+                for lb in locality.lb_endpoints:
+                    lb.load_balancing_weight.value = random.randint(1, 100)
+            assignments[name] = copy
+            packed = any_pb2.Any()
+            packed.Pack(copy)
+            PACKED[id(copy)] = (copy, packed)
+        variants.append(assignments)
     deadline = time.time() + seconds
     tick = 1.0 / rate
     n = 0
     while time.time() < deadline:
         started = time.time()
         with STATE.lock:
-            assignments = {}
-            for name, cla in STATE.assignments.items():
-                copy = endpoint_pb2.ClusterLoadAssignment()
-                copy.CopyFrom(cla)
-                for locality in copy.endpoints:
-                    for lb in locality.lb_endpoints:
-                        lb.load_balancing_weight.value = random.randint(1, 100)
-                assignments[name] = copy
-            STATE.assignments = assignments
+            STATE.assignments = variants[n % len(variants)]
             n += 1
             STATE.version = "churn-%d" % n
             streams = list(STATE.streams)

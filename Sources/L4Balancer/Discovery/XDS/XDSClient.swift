@@ -70,10 +70,16 @@ final class XDSClient: @unchecked Sendable {
     private var clusters: [String: EnvoyCluster] = [:]
     private var assignments: [String: EnvoyAssignment] = [:]
     private var running: [Config.Cluster] = []
+    /// Each cluster's last mapping and what it was made from: a cluster whose resource and
+    /// assignment did not change is not mapped again.
+    private var mapped: [String: (resource: EnvoyCluster, assignment: EnvoyAssignment?, result: XDSClusterMapper.Mapped)] = [:]
     private var task: Task<Void, Never>?
     /// Set once, before `start`: makes the running config with these clusters (blocking);
     /// its errors when it could not.
     var apply: (@Sendable ([Config.Cluster]) -> [String]?)?
+    /// Set once, before `start`: whether a cluster's endpoint can take connections (healthy,
+    /// not ejected); the next EDS priority serves while none of the lowest one's can.
+    var isAvailable: (@Sendable (String, SocketAddress) -> Bool)?
 
     init(settings: Config.XDS, logger: Logger) {
         self.settings = settings
@@ -124,7 +130,8 @@ final class XDSClient: @unchecked Sendable {
             state.lastErrorAt = Date()
             return was
         }
-        if wasConnected || Task.isCancelled == false {
+        // Each attempt is logged: the backoff bounds how often.
+        if wasConnected || !Task.isCancelled {
             logger.warning("xds stream to the management server ended; the last accepted clusters keep serving", metadata: [
                 "server": "\(settings.server)", "error": "\(error)",
             ])
@@ -168,6 +175,12 @@ final class XDSClient: @unchecked Sendable {
         defer { outbox.finish() }
         // Subscribe: every cluster (wildcard), and the assignments already known, from the
         // versions accepted before (a server may then send nothing new).
+        // A nonce belongs to the stream that sent it.
+        lock.withLock {
+            state.clusters.nonce = ""
+            state.assignments.nonce = ""
+        }
+        retry = nil
         var first = request(type: Self.clusterType, names: [], version: lock.withLock { state.clusters.version }, nonce: "")
         first.node = node()
         outbox.yield(first)
@@ -188,10 +201,35 @@ final class XDSClient: @unchecked Sendable {
                 deserializer: ProtobufDeserializer<DiscoveryResponse>(),
                 options: options
             ) { [self] response in
-                for try await message in response.messages {
-                    onAnswer()
-                    connected()
-                    for reply in await answer(message) { outbox.yield(reply) }
+                // The requests end with the responses: a stream the server closes is
+                // not held open from this side.
+                defer { outbox.finish() }
+                // One consumer for the responses and a tick (priority failover as health
+                // changes, retries of an update the running config could not take).
+                let (events, feed) = AsyncStream.makeStream(of: Event.self)
+                try await withThrowingTaskGroup(of: Void.self) { group in
+                    group.addTask {
+                        defer { feed.finish() }
+                        for try await message in response.messages { feed.yield(.response(message)) }
+                    }
+                    group.addTask {
+                        while !Task.isCancelled {
+                            try await Task.sleep(for: .milliseconds(500))
+                            feed.yield(.tick)
+                        }
+                    }
+                    for await event in events {
+                        switch event {
+                        case .response(let message):
+                            onAnswer()
+                            connected()
+                            for reply in await answer(message) { outbox.yield(reply) }
+                        case .tick:
+                            for reply in await reconsider() { outbox.yield(reply) }
+                        }
+                    }
+                    group.cancelAll()
+                    while let _ = try await group.next() {}
                 }
             }
         }
@@ -265,29 +303,36 @@ final class XDSClient: @unchecked Sendable {
         }
         let subscribed = Set(received.values.compactMap(XDSClusterMapper.assignmentName))
         let kept = assignments.filter { subscribed.contains($0.key) }
-        let outcome = problems.isEmpty ? await settle(received, kept) : .refused(problems)
-        let previous = lock.withLock { state.clusters.version }
+        if retry?.type == Self.clusterType { retry = nil }
+        let outcome = problems.isEmpty ? await settle(received, kept) : .refused(problems, retryable: false)
         switch outcome {
-        case .refused(let reasons):
+        case .refused(let reasons, let retryable):
+            if retryable { retry = Retry(type: Self.clusterType, response: response, clusters: received, assignments: kept) }
+            let previous = lock.withLock { state.clusters.version }
             return [nack(Self.clusterType, \.clusters, response, previous: previous, reasons: reasons)]
         case .accepted:
-            clusters = received
-            assignments = kept
-            let names = subscribed.sorted()
-            let (changed, edsVersion, edsNonce) = lock.withLock {
-                state.clusters.version = response.versionInfo
-                state.clusters.resources = received.count
-                state.clusters.resourceNames = received.keys.sorted()
-                state.clusters.accepted += 1
-                state.clusters.lastAccepted = Date()
-                let changed = state.assignments.resourceNames != names
-                state.assignments.resourceNames = names
-                return (changed, state.assignments.version, state.assignments.nonce)
-            }
-            var replies = [request(type: Self.clusterType, names: [], version: response.versionInfo, nonce: response.nonce)]
-            if changed { replies.append(request(type: Self.assignmentType, names: names, version: edsVersion, nonce: edsNonce)) }
-            return replies
+            return acceptClusters(response, received, kept)
         }
+    }
+
+    /// The ACK of a CDS response whose clusters now run, and the EDS subscription it changes.
+    private func acceptClusters(_ response: DiscoveryResponse, _ received: [String: EnvoyCluster], _ kept: [String: EnvoyAssignment]) -> [DiscoveryRequest] {
+        clusters = received
+        assignments = kept
+        let names = Set(received.values.compactMap(XDSClusterMapper.assignmentName)).sorted()
+        let (changed, edsVersion, edsNonce) = lock.withLock {
+            state.clusters.version = response.versionInfo
+            state.clusters.resources = received.count
+            state.clusters.resourceNames = received.keys.sorted()
+            state.clusters.accepted += 1
+            state.clusters.lastAccepted = Date()
+            let changed = state.assignments.resourceNames != names
+            state.assignments.resourceNames = names
+            return (changed, state.assignments.version, state.assignments.nonce)
+        }
+        var replies = [request(type: Self.clusterType, names: [], version: response.versionInfo, nonce: response.nonce)]
+        if changed { replies.append(request(type: Self.assignmentType, names: names, version: edsVersion, nonce: edsNonce)) }
+        return replies
     }
 
     private func answerAssignments(_ response: DiscoveryResponse) async -> [DiscoveryRequest] {
@@ -303,32 +348,93 @@ final class XDSClient: @unchecked Sendable {
             }
             do {
                 let assignment = try EnvoyAssignment(serializedBytes: resource.value)
+                // Not asked for (a server may send more than the subscription): left out
+                // unread.
+                guard subscribed.contains(assignment.clusterName) else { continue }
                 if !seen.insert(assignment.clusterName).inserted {
                     problems.append("assignment \"\(assignment.clusterName)\": sent twice in one response")
-                } else if subscribed.contains(assignment.clusterName) {
-                    // Not asked for (a server may send more than the subscription): left out.
+                } else {
                     updated[assignment.clusterName] = assignment
                 }
             } catch {
                 problems.append("a ClusterLoadAssignment that does not decode: \(error)")
             }
         }
-        let outcome = problems.isEmpty ? await settle(clusters, updated) : .refused(problems)
-        let previous = lock.withLock { state.assignments.version }
+        if retry?.type == Self.assignmentType { retry = nil }
+        let outcome = problems.isEmpty ? await settle(clusters, updated) : .refused(problems, retryable: false)
         switch outcome {
-        case .refused(let reasons):
+        case .refused(let reasons, let retryable):
+            if retryable { retry = Retry(type: Self.assignmentType, response: response, clusters: clusters, assignments: updated) }
+            let previous = lock.withLock { state.assignments.version }
             return [nack(Self.assignmentType, \.assignments, response, previous: previous, reasons: reasons)]
         case .accepted:
-            assignments = updated
-            lock.withLock {
-                state.assignments.version = response.versionInfo
-                state.assignments.resources = updated.count
-                state.assignments.accepted += 1
-                state.assignments.lastAccepted = Date()
-            }
-            let names = lock.withLock { state.assignments.resourceNames }
-            return [request(type: Self.assignmentType, names: names, version: response.versionInfo, nonce: response.nonce)]
+            return acceptAssignments(response, updated)
         }
+    }
+
+    private func acceptAssignments(_ response: DiscoveryResponse, _ updated: [String: EnvoyAssignment]) -> [DiscoveryRequest] {
+        assignments = updated
+        let names = lock.withLock {
+            state.assignments.version = response.versionInfo
+            state.assignments.resources = updated.count
+            state.assignments.accepted += 1
+            state.assignments.lastAccepted = Date()
+            return state.assignments.resourceNames
+        }
+        return [request(type: Self.assignmentType, names: names, version: response.versionInfo, nonce: response.nonce)]
+    }
+
+    // MARK: Ticks
+
+    private enum Event: Sendable {
+        case response(DiscoveryResponse)
+        case tick
+    }
+
+    /// A NACKed update whose resources were fine but which the running config could not
+    /// take (a name the file also defines, a capacity, a worker still busy): tried again
+    /// with backoff, at once after a reload of the file, and ACKed if it then runs and no
+    /// newer response has come.
+    private struct Retry {
+        let type: String
+        let response: DiscoveryResponse
+        let clusters: [String: EnvoyCluster]
+        let assignments: [String: EnvoyAssignment]
+        var at = monotonicMilliseconds() + 1000
+        var delay: Int64 = 1000
+    }
+
+    private var retry: Retry?
+    private let retryNow = ManagedAtomic(false)
+
+    /// After a reload of the file: a refused update is tried again on the next tick.
+    func fileReloaded() { retryNow.store(true, ordering: .relaxed) }
+
+    /// On each tick: a due retry, else the serving priorities of clusters with several
+    /// (health changes move them), applied when they moved.
+    private func reconsider() async -> [DiscoveryRequest] {
+        let now = monotonicMilliseconds()
+        let forced = retryNow.exchange(false, ordering: .relaxed)
+        if var pending = retry, forced || now >= pending.at {
+            switch await settle(pending.clusters, pending.assignments) {
+            case .accepted:
+                retry = nil
+                let current = lock.withLock { pending.type == Self.clusterType ? state.clusters.nonce : state.assignments.nonce }
+                guard current == pending.response.nonce else { return [] }
+                logger.info("xds update taken on retry", metadata: ["type": "\(pending.type)", "version": "\(pending.response.versionInfo)"])
+                return pending.type == Self.clusterType
+                    ? acceptClusters(pending.response, pending.clusters, pending.assignments)
+                    : acceptAssignments(pending.response, pending.assignments)
+            case .refused(_, let retryable):
+                pending.delay = min(pending.delay * 2, 30_000)
+                pending.at = now + pending.delay
+                retry = retryable ? pending : nil
+                return []
+            }
+        }
+        guard mapped.values.contains(where: { Set($0.result.priorities).count > 1 }) else { return [] }
+        _ = await settle(clusters, assignments)
+        return []
     }
 
     private func nack(_ type: String, _ key: WritableKeyPath<Status, Subscription>, _ response: DiscoveryResponse,
@@ -347,7 +453,7 @@ final class XDSClient: @unchecked Sendable {
         return request(type: type, names: names, version: previous, nonce: response.nonce, error: text)
     }
 
-    private enum Outcome { case accepted, refused([String]) }
+    private enum Outcome { case accepted, refused([String], retryable: Bool) }
 
     /// Maps the resources to l4lb clusters and makes the running config with them; an
     /// unchanged result makes no new snapshot.
@@ -355,21 +461,33 @@ final class XDSClient: @unchecked Sendable {
         var mapped: [Config.Cluster] = []
         var refused: [String] = []
         var ignored: [String: [String]] = [:]
+        var cache: [String: (resource: EnvoyCluster, assignment: EnvoyAssignment?, result: XDSClusterMapper.Mapped)] = [:]
         for name in clusters.keys.sorted() {
-            let result = XDSClusterMapper.map(clusters[name]!, assignments: assignments)
+            let resource = clusters[name]!
+            let assignment = XDSClusterMapper.assignmentName(resource).flatMap { assignments[$0] }
+            let result: XDSClusterMapper.Mapped
+            if let known = self.mapped[name], known.resource == resource, known.assignment == assignment {
+                result = known.result
+            } else {
+                result = XDSClusterMapper.map(resource, assignments: assignments)
+            }
+            cache[name] = (resource, assignment, result)
             refused += result.refused.map { $0.hasPrefix("cluster \"") ? $0 : "cluster \"\(name)\": \($0)" }
             if !result.ignored.isEmpty { ignored[name] = result.ignored }
-            if let cluster = result.cluster { mapped.append(cluster) }
+            if result.cluster != nil {
+                mapped.append(XDSClusterMapper.serving(result) { [isAvailable] address in isAvailable?(name, address) ?? true })
+            }
         }
-        guard refused.isEmpty else { return .refused(refused) }
+        self.mapped = cache
+        guard refused.isEmpty else { return .refused(refused, retryable: false) }
         lock.withLock { state.ignored = ignored }
         if mapped == running { return .accepted }
-        guard let apply else { return .refused(["l4lb is not serving yet"]) }
+        guard let apply else { return .refused(["l4lb is not serving yet"], retryable: true) }
         let proposal = mapped
         let errors = await withCheckedContinuation { (done: CheckedContinuation<[String]?, Never>) in
             DispatchQueue.global().async { done.resume(returning: apply(proposal)) }
         }
-        if let errors { return .refused(errors) }
+        if let errors { return .refused(errors, retryable: true) }
         running = mapped
         return .accepted
     }

@@ -12,9 +12,34 @@ public enum XDSClusterMapper {
     /// One cluster's result: the l4lb cluster, or why it was refused; and the Envoy fields
     /// it carries that l4lb does not use.
     public struct Mapped: Sendable {
+        /// With the lowest priority that has an endpoint the control plane does not mark
+        /// serving (`serving` moves it as health changes).
         public var cluster: Config.Cluster?
         public var refused: [String] = []
         public var ignored: [String] = []
+        /// Per endpoint of `cluster`: its locality's priority and its own weight.
+        public var priorities: [UInt32] = []
+        public var weights: [Int] = []
+    }
+
+    /// `mapped`'s cluster with the serving priority chosen by health as well: the lowest
+    /// with an endpoint neither marked by the control plane nor unavailable (`isAvailable`:
+    /// failing its health check, ejected) serves with its weights; the others stand by with
+    /// weight 0 (health checked, so the lower one takes back over when it recovers).
+    public static func serving(_ mapped: Mapped, isAvailable: (SocketAddress) -> Bool) -> Config.Cluster {
+        guard let original = mapped.cluster else { preconditionFailure("serving a refused cluster") }
+        let tiers = Set(mapped.priorities).sorted()
+        guard tiers.count > 1 else { return original }
+        var cluster = original
+        let endpoints = cluster.endpoints
+        func has(_ priority: UInt32, _ usable: (Config.Endpoint) -> Bool) -> Bool {
+            endpoints.indices.contains { mapped.priorities[$0] == priority && usable(endpoints[$0]) }
+        }
+        guard let serving = tiers.first(where: { p in has(p) { $0.controlPlaneMark == nil && isAvailable($0.address) } }) else {
+            return original
+        }
+        for i in cluster.endpoints.indices { cluster.endpoints[i].weight = mapped.priorities[i] == serving ? mapped.weights[i] : 0 }
+        return cluster.endpoints.contains { $0.weight > 0 } ? cluster : original
     }
 
     /// The EDS resource a cluster reads: its `eds_cluster_config.service_name`, else its name.
@@ -43,34 +68,48 @@ public enum XDSClusterMapper {
             refuse("cluster_type \(custom.name) (a custom cluster type) is not supported")
             assignment = nil
         }
-        var endpointNodes: [Node] = []
-        var markings: [SocketAddress: Config.Endpoint.ControlPlaneMark] = [:]
+        // Endpoints are built here rather than as YAML nodes (a thousand of them, ten times a
+        // second, is the control plane's busiest path); `checkEndpoints` holds them to the
+        // file's rules.
+        var endpoints: [Config.Endpoint] = []
+        var priorities: [UInt32] = []
+        var weights: [Int] = []
         if let assignment {
-            // The lowest priority with an endpoint the control plane calls available serves.
+            for (number, name) in [(4, "policy (drop_overloads, overprovisioning_factor)"), (5, "named_endpoints")]
+            where fieldNumbers(assignment.unknownFields.data).contains(number) {
+                out.ignored.append("assignment \(name)")
+            }
+            // The lowest priority with an endpoint the control plane calls available serves;
+            // the others stay listed with weight 0 (their counters and health carry on).
             let lowest = assignment.endpoints.filter { locality in
                 locality.lbEndpoints.contains { !isUnavailable($0.healthStatus) }
             }.map(\.priority).min() ?? assignment.endpoints.map(\.priority).min() ?? 0
+            let perHost = resource.circuitBreakers.perHostThresholds.first { $0.priority == .default }
             for locality in assignment.endpoints {
                 for lb in locality.lbEndpoints {
                     guard let address = endpointAddress(lb, refuse: refuse) else { continue }
-                    // Priorities: the lowest with an available endpoint serves; the others
-                    // stay listed with weight 0 (their counters and health carry on).
-                    var weight = lb.hasLoadBalancingWeight ? Int(lb.loadBalancingWeight.value) : 1
-                    if locality.priority != lowest { weight = 0 }
-                    var node: [(Node, Node)] = [(Node("address"), Node(address.description)), (Node("weight"), Node(String(weight)))]
-                    if let perHost = resource.circuitBreakers.perHostThresholds.first(where: { $0.priority == .default }), perHost.hasMaxConnections {
-                        node.append((Node("max_connections"), Node(String(perHost.maxConnections.value))))
+                    let weight = lb.hasLoadBalancingWeight ? Int(lb.loadBalancingWeight.value) : 1
+                    if !(1...1_000_000).contains(weight) { refuse("endpoint \(address): load_balancing_weight \(weight) is outside 1...1000000") }
+                    if fieldNumbers(lb.endpoint.unknownFields.data).contains(2) {
+                        refuse("endpoint \(address): health_check_config (a separate health check address or port) is not supported")
                     }
-                    endpointNodes.append(Node(node))
+                    var endpoint = Config.Endpoint(address: address, weight: locality.priority == lowest ? weight : 0)
+                    if let perHost, perHost.hasMaxConnections {
+                        let limit = Int(perHost.maxConnections.value)
+                        if !(1...10_000_000).contains(limit) { refuse("circuit_breakers.per_host_thresholds.max_connections \(limit) is outside 1...10000000") }
+                        endpoint.maxConnections = limit
+                    }
                     switch lb.healthStatus {
-                    case .unhealthy, .timeout: markings[address] = .unhealthy
-                    case .draining: markings[address] = .draining
+                    case .unhealthy, .timeout: endpoint.controlPlaneMark = .unhealthy
+                    case .draining: endpoint.controlPlaneMark = .draining
                     default: break
                     }
+                    endpoints.append(endpoint)
+                    priorities.append(locality.priority)
+                    weights.append(weight)
                 }
             }
         }
-        fields.append((Node("endpoints"), Node(endpointNodes)))
 
         // The balancer and its settings.
         let balancer: String
@@ -98,6 +137,11 @@ public enum XDSClusterMapper {
         default: break
         }
         if let slowStart { fields.append((Node("slow_start"), Node(duration(slowStart)))) }
+        if resource.hasOutlierDetection {
+            for number in fieldNumbers(resource.outlierDetection.unknownFields.data) {
+                out.ignored.append("outlier_detection.\(outlierFieldNames[number] ?? "field \(number)")")
+            }
+        }
         if let limit = resource.circuitBreakers.thresholds.first(where: { $0.priority == .default }), limit.hasMaxConnections {
             fields.append((Node("max_connections"), Node(String(limit.maxConnections.value))))
         }
@@ -115,11 +159,18 @@ public enum XDSClusterMapper {
         walker.emptyClustersAllowed = true
         let path = "cluster \"\(resource.name)\""
         if resource.name.isEmpty { return Mapped(cluster: nil, refused: ["a cluster without a name"], ignored: []) }
+        walker.checkEndpoints(endpoints, "\(path).endpoints")
         guard var cluster = walker.cluster(Node(fields), path), walker.errors.isEmpty else {
             out.refused = walker.errors.map(\.description)
             return out
         }
-        for i in cluster.endpoints.indices { cluster.endpoints[i].controlPlaneMark = markings[cluster.endpoints[i].address] }
+        if cluster.balancer == .maglev, cluster.tableSize < endpoints.count * 10 {
+            out.refused.append("\(path): \(endpoints.count) endpoints need a maglev_lb_config.table_size of at least \(endpoints.count * 10) (it is \(cluster.tableSize)\(resource.maglevLbConfig.hasTableSize ? "" : ", the default"))")
+            return out
+        }
+        cluster.endpoints = endpoints
+        out.priorities = priorities
+        out.weights = weights
         if resource.hasConnectTimeout { cluster.connectTimeout = ConfigDuration(milliseconds: milliseconds(resource.connectTimeout)) }
         cluster.fromXDS = true
         out.cluster = cluster
@@ -143,12 +194,11 @@ public enum XDSClusterMapper {
             refuse("endpoint \(socket.address): needs a port_value from 1 to 65535 (named_port is not supported)")
             return nil
         }
-        let text = socket.address.contains(":") ? "[\(socket.address)]:\(port)" : "\(socket.address):\(port)"
-        guard let address = try? SocketAddress.parse(text).get() else {
+        guard let ip = SocketAddress.parseIP(socket.address) else {
             refuse("endpoint \(socket.address): not an IP address (l4lb takes endpoints by address; resolve names in the control plane)")
             return nil
         }
-        return address
+        return SocketAddress(ip: ip, port: UInt16(port))
     }
 
     static func outlierDetection(_ o: Envoy_Config_Cluster_V3_OutlierDetection) -> Node {
@@ -162,7 +212,9 @@ public enum XDSClusterMapper {
             (Node("max_ejection_percent"), Node(String(o.hasMaxEjectionPercent ? o.maxEjectionPercent.value : 10))),
         ]
         fields.append((Node("ejection_time"), Node(o.hasBaseEjectionTime ? duration(o.baseEjectionTime) : "30s")))
-        fields.append((Node("max_ejection_time"), Node(o.hasMaxEjectionTime ? duration(o.maxEjectionTime) : "300s")))
+        // Envoy's max_ejection_time defaults to 300 s or base_ejection_time if that is longer.
+        let base = o.hasBaseEjectionTime ? milliseconds(o.baseEjectionTime) : 30_000
+        fields.append((Node("max_ejection_time"), Node(o.hasMaxEjectionTime ? duration(o.maxEjectionTime) : "\(max(base, 300_000))ms")))
         return Node(fields)
     }
 
@@ -188,13 +240,21 @@ public enum XDSClusterMapper {
                 fields.append((Node("expected_statuses"), Node("\(range.start)-\(range.end - 1)")))
                 if http.expectedStatuses.count > 1 { refuse("http_health_check: \(http.expectedStatuses.count) expected_statuses ranges; l4lb takes one") }
             } else {
-                fields.append((Node("expected_statuses"), Node("200-299")))
+                fields.append((Node("expected_statuses"), Node("200")))  // Envoy's default: 200 only
             }
         case .grpcHealthCheck?: refuse("grpc_health_check is not supported (tcp and http are)"); return nil
         case .customHealthCheck(let c)?: refuse("custom_health_check \(c.name) is not supported (tcp and http are)"); return nil
         case nil: refuse("a health check without a checker (tcp_health_check or http_health_check)"); return nil
         }
         if check.hasAltPort { refuse("health_checks: alt_port is not supported (l4lb checks the endpoint's own port)") }
+        for number in fieldNumbers(check.unknownFields.data) {
+            if number == 21 || number == 23 {
+                refuse("health_checks: \(number == 21 ? "tls_options" : "transport_socket_match_criteria") is not supported (l4lb's checks take the cluster's transport)")
+            }
+        }
+        if case .httpHealthCheck(let http)? = check.healthChecker, !fieldNumbers(http.unknownFields.data).isEmpty {
+            refuse("http_health_check: only path, host and expected_statuses are supported (method, headers, codec and the rest are not)")
+        }
         if check.hasTimeout { fields.append((Node("timeout"), Node(duration(check.timeout)))) }
         if check.hasInterval { fields.append((Node("interval"), Node(duration(check.interval)))) }
         if check.hasInitialJitter { fields.append((Node("initial_jitter"), Node(duration(check.initialJitter)))) }
@@ -212,6 +272,14 @@ public enum XDSClusterMapper {
         59: "transport_socket_matcher (TLS to the endpoints would be sent as plain TCP)",
         41: "load_balancing_policy (an extension policy; use lb_policy)",
         22: "lb_subset_config (subset load balancing)",
+    ]
+    static let outlierFieldNames: [Int: String] = [
+        5: "enforcing_consecutive_5xx", 6: "enforcing_success_rate", 7: "success_rate_minimum_hosts",
+        8: "success_rate_request_volume", 9: "success_rate_stdev_factor", 11: "enforcing_consecutive_gateway_failure",
+        14: "enforcing_consecutive_local_origin_failure", 15: "enforcing_local_origin_success_rate",
+        16: "failure_percentage_threshold", 17: "enforcing_failure_percentage", 19: "failure_percentage_minimum_hosts",
+        20: "failure_percentage_request_volume", 22: "max_ejection_time_jitter", 23: "successful_active_health_check_uneject_host",
+        25: "always_eject_one_host",
     ]
     static let ignoredFieldNames: [Int: String] = [
         5: "per_connection_buffer_limit_bytes", 9: "max_requests_per_connection", 13: "http_protocol_options",
