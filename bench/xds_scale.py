@@ -96,13 +96,16 @@ def cpu_seconds(pid):
 
 
 def wrk(duration, port):
-    out = subprocess.run(ns("wrk", "-t2", "-c50", f"-d{duration}s", f"http://127.0.0.1:{port}/"),
+    out = subprocess.run(ns("wrk", "--latency", "-t2", "-c50", f"-d{duration}s", f"http://127.0.0.1:{port}/"),
                          capture_output=True, text=True, timeout=duration + 60).stdout
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     errors = sum(int(x) for x in m.groups()) if m else 0
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     non2xx = int(m.group(1)) if m else 0
+    latency = re.search(r"Latency\s+\S+\s+\S+\s+(\S+)", out)
+    p99 = re.search(r"99%\s+(\S+)", out)
+    print(f"    wrk: max latency {latency.group(1) if latency else '?'}, p99 {p99.group(1) if p99 else '?'}", flush=True)
     return rate, errors, non2xx
 
 

@@ -206,9 +206,11 @@ extension WorkerPool {
             succeeded: true, generation: snapshot.generation, errors: [], changes: changes, trigger: trigger,
             finishedAt: Date(), milliseconds: monotonicMilliseconds() - started)
         reloads.record(outcome)
+        // Ten lines at most: a control plane may change fifty clusters ten times a second.
+        let shown = changes.count > 10 ? changes.prefix(10) + ["and \(changes.count - 10) more"] : changes[...]
         logger.info("reloaded", metadata: [
             "trigger": "\(trigger)", "generation": "\(snapshot.generation)",
-            "changes": "\(changes.isEmpty ? "none" : changes.joined(separator: "; "))", "ms": "\(outcome.milliseconds)",
+            "changes": "\(changes.isEmpty ? "none" : shown.joined(separator: "; "))", "ms": "\(outcome.milliseconds)",
         ])
         return outcome
     }

@@ -468,6 +468,12 @@ final class XDSClient: @unchecked Sendable {
             let result: XDSClusterMapper.Mapped
             if let known = self.mapped[name], known.resource == resource, known.assignment == assignment {
                 result = known.result
+            } else if let known = self.mapped[name], known.resource == resource, known.result.cluster != nil {
+                // Only the endpoints changed (an EDS update): the settings stand.
+                var settings = XDSClusterMapper.Mapped()
+                settings.cluster = known.result.cluster.map { var c = $0; c.endpoints = []; return c }
+                settings.ignored = known.result.ignored.filter { !$0.hasPrefix("assignment ") }
+                result = XDSClusterMapper.map(resource, assignments: assignments, settings: settings)
             } else {
                 result = XDSClusterMapper.map(resource, assignments: assignments)
             }

@@ -49,25 +49,22 @@ public enum XDSClusterMapper {
         return service.isEmpty ? cluster.name : service
     }
 
+    /// `resource` with its endpoints from `assignments` (or its own `load_assignment`);
+    /// `settings`: `settings(resource)` made before, when the resource has not changed (an
+    /// EDS update then rebuilds only the endpoints).
     public static func map(_ resource: Envoy_Config_Cluster_V3_Cluster,
-                    assignments: [String: Envoy_Config_Endpoint_V3_ClusterLoadAssignment]) -> Mapped {
-        var out = Mapped()
+                           assignments: [String: Envoy_Config_Endpoint_V3_ClusterLoadAssignment],
+                           settings cached: Mapped? = nil) -> Mapped {
+        let settings = cached ?? self.settings(resource)
+        guard var cluster = settings.cluster, settings.refused.isEmpty else { return settings }
+        var out = Mapped(cluster: nil, refused: [], ignored: settings.ignored)
         func refuse(_ reason: String) { out.refused.append(reason) }
-        var fields: [(Node, Node)] = [(Node("name"), Node(resource.name))]
-
-        // Where the endpoints come from.
         let assignment: Envoy_Config_Endpoint_V3_ClusterLoadAssignment?
         switch resource.clusterDiscoveryType {
         case .type(.eds)?: assignment = assignments[assignmentName(resource) ?? resource.name]
-        case .type(.static)?, nil: assignment = resource.loadAssignment
-        case .type(let other)?:
-            let name = [1: "STRICT_DNS", 2: "LOGICAL_DNS", 4: "ORIGINAL_DST"][other.rawValue] ?? "\(other.rawValue)"
-            refuse("type \(name) is not supported over xDS (STATIC and EDS are; a DNS name is a file cluster's dns:)")
-            assignment = nil
-        case .clusterType(let custom)?:
-            refuse("cluster_type \(custom.name) (a custom cluster type) is not supported")
-            assignment = nil
+        default: assignment = resource.loadAssignment
         }
+
         // Endpoints are built here rather than as YAML nodes (a thousand of them, ten times a
         // second, is the control plane's busiest path); `checkEndpoints` holds them to the
         // file's rules.
@@ -109,6 +106,40 @@ public enum XDSClusterMapper {
                     weights.append(weight)
                 }
             }
+        }
+        guard out.refused.isEmpty else { return out }
+        let path = "cluster \"\(resource.name)\""
+        var walker = ConfigWalker()
+        walker.checkEndpoints(endpoints, "\(path).endpoints")
+        guard walker.errors.isEmpty else {
+            out.refused = walker.errors.map(\.description)
+            return out
+        }
+        if cluster.balancer == .maglev, cluster.tableSize < endpoints.count * 10 {
+            out.refused.append("\(path): \(endpoints.count) endpoints need a maglev_lb_config.table_size of at least \(endpoints.count * 10) (it is \(cluster.tableSize)\(resource.maglevLbConfig.hasTableSize ? "" : ", the default"))")
+            return out
+        }
+        cluster.endpoints = endpoints
+        out.priorities = priorities
+        out.weights = weights
+        out.cluster = cluster
+        return out
+    }
+
+    /// The cluster-level settings of `resource` as the cluster a file would hold, with no
+    /// endpoints (checked by the config parser's cluster walker); refused with the reasons.
+    public static func settings(_ resource: Envoy_Config_Cluster_V3_Cluster) -> Mapped {
+        var out = Mapped()
+        func refuse(_ reason: String) { out.refused.append(reason) }
+        if resource.name.isEmpty { return Mapped(cluster: nil, refused: ["a cluster without a name"], ignored: []) }
+        var fields: [(Node, Node)] = [(Node("name"), Node(resource.name))]
+        switch resource.clusterDiscoveryType {
+        case .type(.eds)?, .type(.static)?, nil: break
+        case .type(let other)?:
+            let name = [1: "STRICT_DNS", 2: "LOGICAL_DNS", 4: "ORIGINAL_DST"][other.rawValue] ?? "\(other.rawValue)"
+            refuse("type \(name) is not supported over xDS (STATIC and EDS are; a DNS name is a file cluster's dns:)")
+        case .clusterType(let custom)?:
+            refuse("cluster_type \(custom.name) (a custom cluster type) is not supported")
         }
 
         // The balancer and its settings.
@@ -152,25 +183,14 @@ public enum XDSClusterMapper {
         } else if let check = resource.healthChecks.first, let node = healthCheck(check, refuse: refuse) {
             fields.append((Node("health_check"), node))
         }
-        out.ignored = ignoredFields(resource, refuse: refuse)
-
+        out.ignored += ignoredFields(resource, refuse: refuse)
         guard out.refused.isEmpty else { return out }
         var walker = ConfigWalker()
         walker.emptyClustersAllowed = true
-        let path = "cluster \"\(resource.name)\""
-        if resource.name.isEmpty { return Mapped(cluster: nil, refused: ["a cluster without a name"], ignored: []) }
-        walker.checkEndpoints(endpoints, "\(path).endpoints")
-        guard var cluster = walker.cluster(Node(fields), path), walker.errors.isEmpty else {
+        guard var cluster = walker.cluster(Node(fields), "cluster \"\(resource.name)\""), walker.errors.isEmpty else {
             out.refused = walker.errors.map(\.description)
             return out
         }
-        if cluster.balancer == .maglev, cluster.tableSize < endpoints.count * 10 {
-            out.refused.append("\(path): \(endpoints.count) endpoints need a maglev_lb_config.table_size of at least \(endpoints.count * 10) (it is \(cluster.tableSize)\(resource.maglevLbConfig.hasTableSize ? "" : ", the default"))")
-            return out
-        }
-        cluster.endpoints = endpoints
-        out.priorities = priorities
-        out.weights = weights
         if resource.hasConnectTimeout { cluster.connectTimeout = ConfigDuration(milliseconds: milliseconds(resource.connectTimeout)) }
         cluster.fromXDS = true
         out.cluster = cluster
