@@ -116,12 +116,12 @@ final class ConfigFuzzTests: XCTestCase {
         ])
     }
 
-    /// Must-show 1, the in-process half: mutated configs for a bounded time (45 s in CI;
+    /// Must-show 1, the in-process half: mutated configs for a bounded time (25 s in CI;
     /// `L4LB_FUZZ_SECONDS` for a longer run, `L4LB_FUZZ_SEED` to replay one). The input
     /// being parsed is written to a file first, so a trap leaves it behind.
     func testMutatedConfigsNeverTrapAndEveryVerdictIsWhole() throws {
         let environment = ProcessInfo.processInfo.environment
-        let seconds = environment["L4LB_FUZZ_SECONDS"].flatMap(Double.init) ?? 45
+        let seconds = environment["L4LB_FUZZ_SECONDS"].flatMap(Double.init) ?? 25
         let seed = environment["L4LB_FUZZ_SEED"].flatMap(UInt64.init) ?? UInt64.random(in: 1...UInt64.max)
         var random = SeededRandom(seed: seed)
         let mutator = ConfigMutator(base: ConfigFuzzTests.base(.placeholders()))
