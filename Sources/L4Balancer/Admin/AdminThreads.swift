@@ -9,7 +9,7 @@ import NIOPosix
 /// - Route handlers: on that same thread, through `taskExecutor` (Hummingbird would run
 ///   them on Swift's shared pool at normal priority).
 /// - Blocking control-plane work (reload, drain, blocklist), which must not stall that
-///   thread: one control thread of its own, in order (`AdminControlThread`).
+///   thread: one control thread of its own, in order (`ControlThread`).
 enum AdminThreads {
     static let eventLoopGroup: MultiThreadedEventLoopGroup = {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
@@ -19,7 +19,7 @@ enum AdminThreads {
 
     static let taskExecutor = EventLoopTaskExecutor(eventLoopGroup.next())
 
-    static let control = AdminControlThread()
+    static let control = ControlThread(name: "l4lb-admin-control")
 }
 
 /// Runs a task's jobs on one NIO event loop.
@@ -31,36 +31,5 @@ final class EventLoopTaskExecutor: TaskExecutor, @unchecked Sendable {
     func enqueue(_ job: consuming ExecutorJob) {
         let job = UnownedJob(job)
         loop.execute { job.runSynchronously(on: self.asUnownedTaskExecutor()) }
-    }
-}
-
-/// One thread at nice 10 that runs blocking control-plane calls one after another.
-final class AdminControlThread: @unchecked Sendable {
-    private let lock = NSCondition()
-    private var queue: [@Sendable () -> Void] = []
-
-    init() {
-        let thread = Thread { [self] in
-            _ = CLinux_set_current_thread_nice(10)
-            while true {
-                lock.lock()
-                while queue.isEmpty { lock.wait() }
-                let work = queue.removeFirst()
-                lock.unlock()
-                work()
-            }
-        }
-        thread.name = "l4lb-admin-control"
-        thread.start()
-    }
-
-    /// Runs `body` on the control thread and returns its result.
-    func run<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
-        await withCheckedContinuation { continuation in
-            lock.lock()
-            queue.append { continuation.resume(returning: body()) }
-            lock.signal()
-            lock.unlock()
-        }
     }
 }

@@ -1,10 +1,12 @@
 import Atomics
+import CLinux
 import EnvoyXDS
 import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2Posix
 import GRPCProtobuf
 import Logging
+import NIOPosix
 import SwiftProtobuf
 
 typealias DiscoveryRequest = Envoy_Service_Discovery_V3_DiscoveryRequest
@@ -74,6 +76,14 @@ final class XDSClient: @unchecked Sendable {
     /// assignment did not change is not mapped again.
     private var mapped: [String: (resource: EnvoyCluster, assignment: EnvoyAssignment?, result: XDSClusterMapper.Mapped)] = [:]
     private var task: Task<Void, Never>?
+    /// Where responses are decoded, mapped and applied: a thread of its own, below the
+    /// workers' priority, so a busy control plane never preempts the data plane.
+    private let control = ControlThread(name: "l4lb-xds")
+    static let eventLoopGroup: MultiThreadedEventLoopGroup = {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        group.next().execute { _ = CLinux_set_current_thread_nice(10) }
+        return group
+    }()
     /// Set once, before `start`: makes the running config with these clusters (blocking);
     /// its errors when it could not.
     var apply: (@Sendable ([Config.Cluster]) -> [String]?)?
@@ -167,7 +177,8 @@ final class XDSClient: @unchecked Sendable {
         } else {
             security = .plaintext
         }
-        return try HTTP2ClientTransport.Posix(target: target, transportSecurity: security, config: config)
+        // The stream's own event loop at the control thread's priority (as the admin API's).
+        return try HTTP2ClientTransport.Posix(target: target, transportSecurity: security, config: config, eventLoopGroup: Self.eventLoopGroup)
     }
 
     private func stream(onAnswer: @escaping @Sendable () -> Void) async throws {
@@ -223,9 +234,9 @@ final class XDSClient: @unchecked Sendable {
                         case .response(let message):
                             onAnswer()
                             connected()
-                            for reply in await answer(message) { outbox.yield(reply) }
+                            for reply in await control.run({ self.answer(message) }) { outbox.yield(reply) }
                         case .tick:
-                            for reply in await reconsider() { outbox.yield(reply) }
+                            for reply in await control.run({ self.reconsider() }) { outbox.yield(reply) }
                         }
                     }
                     group.cancelAll()
@@ -271,17 +282,17 @@ final class XDSClient: @unchecked Sendable {
     // MARK: Responses
 
     /// The requests that answer `response`: its ACK or NACK, and a changed EDS subscription.
-    private func answer(_ response: DiscoveryResponse) async -> [DiscoveryRequest] {
+    private func answer(_ response: DiscoveryResponse) -> [DiscoveryRequest] {
         switch response.typeURL {
-        case Self.clusterType: return await answerClusters(response)
-        case Self.assignmentType: return await answerAssignments(response)
+        case Self.clusterType: return answerClusters(response)
+        case Self.assignmentType: return answerAssignments(response)
         default:
             logger.warning("xds response of a type l4lb did not ask for; ignored", metadata: ["type": "\(response.typeURL)"])
             return []
         }
     }
 
-    private func answerClusters(_ response: DiscoveryResponse) async -> [DiscoveryRequest] {
+    private func answerClusters(_ response: DiscoveryResponse) -> [DiscoveryRequest] {
         lock.withLock { state.clusters.nonce = response.nonce }
         var problems: [String] = []
         var received: [String: EnvoyCluster] = [:]
@@ -304,7 +315,7 @@ final class XDSClient: @unchecked Sendable {
         let subscribed = Set(received.values.compactMap(XDSClusterMapper.assignmentName))
         let kept = assignments.filter { subscribed.contains($0.key) }
         if retry?.type == Self.clusterType { retry = nil }
-        let outcome = problems.isEmpty ? await settle(received, kept) : .refused(problems, retryable: false)
+        let outcome = problems.isEmpty ? settle(received, kept) : .refused(problems, retryable: false)
         switch outcome {
         case .refused(let reasons, let retryable):
             if retryable { retry = Retry(type: Self.clusterType, response: response, clusters: received, assignments: kept) }
@@ -335,7 +346,7 @@ final class XDSClient: @unchecked Sendable {
         return replies
     }
 
-    private func answerAssignments(_ response: DiscoveryResponse) async -> [DiscoveryRequest] {
+    private func answerAssignments(_ response: DiscoveryResponse) -> [DiscoveryRequest] {
         lock.withLock { state.assignments.nonce = response.nonce }
         let subscribed = Set(clusters.values.compactMap(XDSClusterMapper.assignmentName))
         var problems: [String] = []
@@ -361,7 +372,7 @@ final class XDSClient: @unchecked Sendable {
             }
         }
         if retry?.type == Self.assignmentType { retry = nil }
-        let outcome = problems.isEmpty ? await settle(clusters, updated) : .refused(problems, retryable: false)
+        let outcome = problems.isEmpty ? settle(clusters, updated) : .refused(problems, retryable: false)
         switch outcome {
         case .refused(let reasons, let retryable):
             if retryable { retry = Retry(type: Self.assignmentType, response: response, clusters: clusters, assignments: updated) }
@@ -412,11 +423,11 @@ final class XDSClient: @unchecked Sendable {
 
     /// On each tick: a due retry, else the serving priorities of clusters with several
     /// (health changes move them), applied when they moved.
-    private func reconsider() async -> [DiscoveryRequest] {
+    private func reconsider() -> [DiscoveryRequest] {
         let now = monotonicMilliseconds()
         let forced = retryNow.exchange(false, ordering: .relaxed)
         if var pending = retry, forced || now >= pending.at {
-            switch await settle(pending.clusters, pending.assignments) {
+            switch settle(pending.clusters, pending.assignments) {
             case .accepted:
                 retry = nil
                 let current = lock.withLock { pending.type == Self.clusterType ? state.clusters.nonce : state.assignments.nonce }
@@ -433,7 +444,7 @@ final class XDSClient: @unchecked Sendable {
             }
         }
         guard mapped.values.contains(where: { Set($0.result.priorities).count > 1 }) else { return [] }
-        _ = await settle(clusters, assignments)
+        _ = settle(clusters, assignments)
         return []
     }
 
@@ -457,7 +468,7 @@ final class XDSClient: @unchecked Sendable {
 
     /// Maps the resources to l4lb clusters and makes the running config with them; an
     /// unchanged result makes no new snapshot.
-    private func settle(_ clusters: [String: EnvoyCluster], _ assignments: [String: EnvoyAssignment]) async -> Outcome {
+    private func settle(_ clusters: [String: EnvoyCluster], _ assignments: [String: EnvoyAssignment]) -> Outcome {
         var mapped: [Config.Cluster] = []
         var refused: [String] = []
         var ignored: [String: [String]] = [:]
@@ -489,10 +500,7 @@ final class XDSClient: @unchecked Sendable {
         lock.withLock { state.ignored = ignored }
         if mapped == running { return .accepted }
         guard let apply else { return .refused(["l4lb is not serving yet"], retryable: true) }
-        let proposal = mapped
-        let errors = await withCheckedContinuation { (done: CheckedContinuation<[String]?, Never>) in
-            DispatchQueue.global().async { done.resume(returning: apply(proposal)) }
-        }
+        let errors = apply(mapped)
         if let errors { return .refused(errors, retryable: true) }
         running = mapped
         return .accepted
