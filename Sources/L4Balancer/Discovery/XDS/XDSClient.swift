@@ -74,7 +74,14 @@ final class XDSClient: @unchecked Sendable {
     private var running: [Config.Cluster] = []
     /// Each cluster's last mapping and what it was made from: a cluster whose resource and
     /// assignment did not change is not mapped again.
-    private var mapped: [String: (resource: EnvoyCluster, assignment: EnvoyAssignment?, result: XDSClusterMapper.Mapped)] = [:]
+    private var mapped: [String: MappedCluster] = [:]
+    private struct MappedCluster {
+        let resource: EnvoyCluster
+        /// `XDSClusterMapper.settings(resource)`: an EDS update rebuilds only the endpoints.
+        let settings: XDSClusterMapper.Mapped
+        let assignment: EnvoyAssignment?
+        let result: XDSClusterMapper.Mapped
+    }
     private var task: Task<Void, Never>?
     /// Where responses are decoded, mapped and applied: a thread of its own, below the
     /// workers' priority, so a busy control plane never preempts the data plane.
@@ -131,17 +138,15 @@ final class XDSClient: @unchecked Sendable {
     }
 
     private func record(error: String) {
-        let wasConnected = lock.withLock {
-            let was = state.connected
+        lock.withLock {
             state.connected = false
             state.connectedSince = nil
             if state.disconnectedAt == nil { state.disconnectedAt = monotonicMilliseconds() }
             state.lastError = error
             state.lastErrorAt = Date()
-            return was
         }
-        // Each attempt is logged: the backoff bounds how often.
-        if wasConnected || !Task.isCancelled {
+        // Each attempt is logged (the backoff bounds how often), but not l4lb's own stop.
+        if !Task.isCancelled {
             logger.warning("xds stream to the management server ended; the last accepted clusters keep serving", metadata: [
                 "server": "\(settings.server)", "error": "\(error)",
             ])
@@ -155,12 +160,10 @@ final class XDSClient: @unchecked Sendable {
 
     private func transport() throws -> HTTP2ClientTransport.Posix {
         let target: any ResolvableTarget
-        if settings.host.contains(":") {
-            target = .ipv6(address: settings.host, port: settings.port)
-        } else if settings.host.split(separator: ".").count == 4, settings.host.allSatisfy({ $0.isNumber || $0 == "." }) {
-            target = .ipv4(address: settings.host, port: settings.port)
-        } else {
-            target = .dns(host: settings.host, port: settings.port)
+        switch SocketAddress.parseIP(settings.host)?.count {
+        case 4?: target = .ipv4(address: settings.host, port: settings.port)
+        case 16?: target = .ipv6(address: settings.host, port: settings.port)
+        default: target = .dns(host: settings.host, port: settings.port)
         }
         var config = HTTP2ClientTransport.Posix.Config.defaults
         config.connection.keepalive = .init(time: .seconds(30), timeout: .seconds(10), allowWithoutCalls: true)
@@ -472,23 +475,15 @@ final class XDSClient: @unchecked Sendable {
         var mapped: [Config.Cluster] = []
         var refused: [String] = []
         var ignored: [String: [String]] = [:]
-        var cache: [String: (resource: EnvoyCluster, assignment: EnvoyAssignment?, result: XDSClusterMapper.Mapped)] = [:]
+        var cache: [String: MappedCluster] = [:]
         for name in clusters.keys.sorted() {
             let resource = clusters[name]!
             let assignment = XDSClusterMapper.assignmentName(resource).flatMap { assignments[$0] }
-            let result: XDSClusterMapper.Mapped
-            if let known = self.mapped[name], known.resource == resource, known.assignment == assignment {
-                result = known.result
-            } else if let known = self.mapped[name], known.resource == resource, known.result.cluster != nil {
-                // Only the endpoints changed (an EDS update): the settings stand.
-                var settings = XDSClusterMapper.Mapped()
-                settings.cluster = known.result.cluster.map { var c = $0; c.endpoints = []; return c }
-                settings.ignored = known.result.ignored.filter { !$0.hasPrefix("assignment ") }
-                result = XDSClusterMapper.map(resource, assignments: assignments, settings: settings)
-            } else {
-                result = XDSClusterMapper.map(resource, assignments: assignments)
-            }
-            cache[name] = (resource, assignment, result)
+            let known = self.mapped[name].flatMap { $0.resource == resource ? $0 : nil }
+            let settings = known?.settings ?? XDSClusterMapper.settings(resource)
+            let result = known.flatMap { $0.assignment == assignment ? $0.result : nil }
+                ?? XDSClusterMapper.map(resource, assignments: assignments, settings: settings)
+            cache[name] = MappedCluster(resource: resource, settings: settings, assignment: assignment, result: result)
             refused += result.refused.map { $0.hasPrefix("cluster \"") ? $0 : "cluster \"\(name)\": \($0)" }
             if !result.ignored.isEmpty { ignored[name] = result.ignored }
             if result.cluster != nil {
