@@ -148,7 +148,9 @@ extension StringProtocol {
     /// The first control character (NUL, newline, DEL, …) as `U+0000`, or nil. Addresses,
     /// names and entries never hold one; C functions would stop reading at a NUL.
     public var firstControlCharacter: String? {
-        guard let scalar = unicodeScalars.first(where: { $0.properties.generalCategory == .control }) else { return nil }
+        // General category Cc is exactly C0, DEL and C1 (U+0000–U+001F, U+007F–U+009F): a range
+        // test, not a Unicode property lookup per scalar (this runs on every discovered address).
+        guard let scalar = unicodeScalars.first(where: { $0.value < 0x20 || (0x7F...0x9F).contains($0.value) }) else { return nil }
         let hex = String(scalar.value, radix: 16, uppercase: true)
         return "U+" + String(repeating: "0", count: Swift.max(0, 4 - hex.count)) + hex
     }

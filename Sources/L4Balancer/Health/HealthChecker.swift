@@ -1,4 +1,5 @@
 import Atomics
+import CLinux
 import Foundation
 import Logging
 
@@ -25,6 +26,11 @@ public final class HealthChecker: @unchecked Sendable {
     /// The generation of the snapshot the checker runs on.
     private let installed = ManagedAtomic<UInt64>(0)
     private let pending = LockedBox<Snapshot?>(nil)
+    /// Written when a snapshot is pending (or on stop), so the loop takes it at once rather
+    /// than after its poll's 100 ms: a reload waits for the checker, and xDS may send ten
+    /// a second. -1 if it could not be made (poll ignores it; the loop then takes snapshots
+    /// on its next pass).
+    private let wakeFD = CLinux_eventfd()
     private var thread: Thread?
     private let finished = DispatchSemaphore(value: 0)
     /// Health transitions per endpoint identity (healthy ↔ unhealthy, ejected ↔ returned).
@@ -97,7 +103,15 @@ public final class HealthChecker: @unchecked Sendable {
         install(snapshot, now: monotonicMilliseconds())
     }
 
-    deinit { munmap(transitions, IdentityRegistry.endpointCapacity * MemoryLayout<UnsafeAtomic<Int>.Storage>.stride) }
+    deinit {
+        munmap(transitions, IdentityRegistry.endpointCapacity * MemoryLayout<UnsafeAtomic<Int>.Storage>.stride)
+        if wakeFD >= 0 { close(wakeFD) }
+    }
+
+    private func wake() {
+        var one: UInt64 = 1
+        if wakeFD >= 0 { _ = write(wakeFD, &one, 8) }
+    }
 
     public func transitionCount(endpoint: Int) -> Int {
         UnsafeAtomic<Int>(at: transitions + endpoint).load(ordering: .relaxed)
@@ -112,10 +126,14 @@ public final class HealthChecker: @unchecked Sendable {
     /// a reload publishes new endpoints with their health known.
     public func apply(_ snapshot: Snapshot, timeoutMilliseconds: Int64) {
         pending.set { $0 = snapshot }
+        wake()
         let deadline = monotonicMilliseconds() + timeoutMilliseconds
+        // Installing takes microseconds, a first check up to its timeout: short waits first.
+        var pause: UInt32 = 50
         while monotonicMilliseconds() < deadline {
             if installed.load(ordering: .acquiring) >= snapshot.generation, unchecked.load(ordering: .acquiring) == 0 { return }
-            usleep(2000)
+            usleep(pause)
+            pause = min(pause * 2, 2000)
         }
     }
 
@@ -236,6 +254,7 @@ public final class HealthChecker: @unchecked Sendable {
     public func stop() {
         guard thread != nil else { return }
         running.store(false, ordering: .relaxed)
+        wake()
         finished.wait()
         thread = nil
     }
@@ -257,6 +276,8 @@ public final class HealthChecker: @unchecked Sendable {
             }
             fds.removeAll(keepingCapacity: true)
             owners.removeAll(keepingCapacity: true)
+            fds.append(pollfd(fd: wakeFD, events: Int16(POLLIN), revents: 0))
+            owners.append(-1)
             var wake = now + 100
             for (i, t) in targets.enumerated() {
                 if t.phase == .idle {
@@ -271,7 +292,11 @@ public final class HealthChecker: @unchecked Sendable {
             if !outliers.isEmpty { wake = min(wake, nextOutlierSweep) }
             _ = poll(&fds, nfds_t(fds.count), Int32(max(0, min(100, wake - now))))
             let after = monotonicMilliseconds()
-            for (k, pfd) in fds.enumerated() {
+            if fds[0].revents != 0 {
+                var count: UInt64 = 0
+                _ = read(wakeFD, &count, 8)
+            }
+            for (k, pfd) in fds.enumerated().dropFirst() {
                 let i = owners[k]
                 if pfd.revents != 0 {
                     advance(i, revents: pfd.revents, buffer: &buffer, now: after)

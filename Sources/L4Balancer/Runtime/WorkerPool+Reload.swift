@@ -192,10 +192,13 @@ extension WorkerPool {
         if let proposed { xdsClusters = proposed }
         let deadline = monotonicMilliseconds() + WorkerPool.adoptionTimeoutMilliseconds
         var lagging: [Int] = []
+        // A woken worker adopts within microseconds to a millisecond: short waits first.
+        var pause: UInt32 = 50
         repeat {
             lagging = controls.filter { $0.stats.value(.adoptedGeneration) < snapshot.generation }.map(\.index)
             if lagging.isEmpty { break }
-            usleep(1000)
+            usleep(pause)
+            pause = min(pause * 2, 1000)
         } while monotonicMilliseconds() < deadline
         var changes = WorkerPool.changes(from: old, to: snapshot)
         if filterChange.added + filterChange.removed > 0 {
@@ -288,6 +291,13 @@ extension WorkerPool {
                 continue
             }
             guard before != cluster else { continue }
+            // Same endpoints in the same order (weights or settings changed): no sets to build,
+            // which matters at an EDS update every 100 ms over 1,000 endpoints.
+            if before.endpoints.lazy.map(\.address).elementsEqual(cluster.endpoints.lazy.map(\.address)) {
+                lines.append("cluster \(cluster.name) changed" + (before.balancer != cluster.balancer
+                    ? " (balancer \(before.balancer.rawValue) → \(cluster.balancer.rawValue))" : ""))
+                continue
+            }
             let was = Set(before.endpoints.map(\.address))
             let now = Set(cluster.endpoints.map(\.address))
             let added = cluster.endpoints.map(\.address).filter { !was.contains($0) }

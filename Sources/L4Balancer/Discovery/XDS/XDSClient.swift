@@ -71,6 +71,9 @@ final class XDSClient: @unchecked Sendable {
     /// Touched only by the stream task, one response at a time.
     private var clusters: [String: EnvoyCluster] = [:]
     private var assignments: [String: EnvoyAssignment] = [:]
+    /// The last EDS response's resources by their bytes: a state-of-the-world response
+    /// repeats every assignment, and those whose bytes did not change are not decoded again.
+    private var decodedAssignments: [Data: EnvoyAssignment] = [:]
     private var running: [Config.Cluster] = []
     /// Each cluster's last mapping and what it was made from: a cluster whose resource and
     /// assignment did not change is not mapped again.
@@ -355,13 +358,16 @@ final class XDSClient: @unchecked Sendable {
         var problems: [String] = []
         var updated = assignments
         var seen = Set<String>()
+        var decoded: [Data: EnvoyAssignment] = [:]
+        defer { decodedAssignments = decoded }
         for resource in response.resources {
             guard resource.typeURL == Self.assignmentType else {
                 problems.append("a resource of type \(resource.typeURL) in an EDS response")
                 continue
             }
             do {
-                let assignment = try EnvoyAssignment(serializedBytes: resource.value)
+                let assignment = try decodedAssignments[resource.value] ?? EnvoyAssignment(serializedBytes: resource.value)
+                decoded[resource.value] = assignment
                 // Not asked for (a server may send more than the subscription): left out
                 // unread.
                 guard subscribed.contains(assignment.clusterName) else { continue }
