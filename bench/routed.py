@@ -90,7 +90,7 @@ def topology_up():
         sh("sysctl", "-qw", f"{key}=1", ns="l")
     sh("sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000", ns="c")
     # The balancer's own connections (HAProxy's, the proxy's) take ports below 10000; the
-    # kernel path's NAT ports are the rest (README: choose nat_ports outside the range).
+    # kernel path's NAT ports are the rest (docs/kernel-forwarding.md: choose nat_ports outside the range).
     sh("sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 9999", ns="l")
 
 

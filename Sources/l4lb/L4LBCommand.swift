@@ -27,6 +27,7 @@ func loadConfigOrExit(_ path: String) throws -> Config {
         for error in errors.errors {
             FileHandle.standardError.write(Data("\(error)\n".utf8))
         }
+        FileHandle.standardError.write(Data("\(errors.seeAlso)\n".utf8))
         throw ExitCode(2)
     }
 }

@@ -6,7 +6,32 @@ final class ConfigCheckTests: XCTestCase {
         let url = FileManager.default.temporaryDirectory.appendingPathComponent("l4lb-check-\(UUID().uuidString).yaml")
         try yaml.write(to: url, atomically: true, encoding: .utf8)
         defer { try? FileManager.default.removeItem(at: url) }
-        return try L4LBProcess.runCommand(["check", "--config", url.path])
+        let result = try L4LBProcess.runCommand(["check", "--config", url.path])
+        // Refused: the last line points at the docs (checked here, and left out of what the
+        // tests compare).
+        guard result.status == 2 else { return result }
+        var lines = result.output.split(separator: "\n").map(String.init)
+        XCTAssertTrue(lines.last?.hasPrefix("see docs/") == true, "no pointer to the docs after the errors: \(result.output)")
+        lines.removeLast()
+        return (result.status, lines.map { $0 + "\n" }.joined())
+    }
+
+    /// The pointer after the errors names the page of what they name.
+    func testErrorsPointAtTheirPageOfTheDocs() throws {
+        func pointer(_ yaml: String) throws -> String {
+            let url = FileManager.default.temporaryDirectory.appendingPathComponent("l4lb-check-\(UUID().uuidString).yaml")
+            try yaml.write(to: url, atomically: true, encoding: .utf8)
+            defer { try? FileManager.default.removeItem(at: url) }
+            let result = try L4LBProcess.runCommand(["check", "--config", url.path])
+            XCTAssertEqual(result.status, 2, result.output)
+            return result.output.split(separator: "\n").last.map(String.init) ?? ""
+        }
+        let listener = { (extra: String) in Self.valid.replacingOccurrences(of: "    cluster: web", with: "    cluster: web\n" + extra) }
+        XCTAssertEqual(try pointer(listener("    conect_timeout: 2s")), "see docs/configuration.md")
+        XCTAssertEqual(try pointer(listener("    tls: { certificates: [] }")), "see docs/tls.md")
+        XCTAssertEqual(try pointer(listener("    rate_limit: { per_source: { rate: 1 } }")), "see docs/filter-and-rate-limits.md")
+        XCTAssertEqual(try pointer(Self.valid + "\nfilter: { drop: [] }\nxds: { sever: x }\n"),
+                       "see docs/filter-and-rate-limits.md, docs/discovery.md")
     }
 
     static let valid = """

@@ -38,7 +38,7 @@ public enum AdminAPI {
         }
         router.post("/reload") { _, _ in
             let outcome = await offEventLoop { pool.reload(trigger: "POST /reload") }
-            return json(outcome.document, status: outcome.succeeded ? .ok : .badRequest)
+            return json(outcome.document, status: outcome.succeeded ? .ok : .badRequest, see: "docs/configuration.md")
         }
         router.get("/blocklist") { _, _ in json(pool.blocklistDocument()) }
         router.get("/ratelimit/top") { request, _ in
@@ -121,7 +121,11 @@ public enum AdminAPI {
         await AdminThreads.control.run(body)
     }
 
-    static func json(_ object: [String: Any], status: HTTPResponse.Status = .ok) -> Response {
+    /// A refusal (status 400 and up) says where to read on: `see`, the admin API's page of
+    /// the docs unless the caller names another.
+    static func json(_ object: [String: Any], status: HTTPResponse.Status = .ok, see page: String = "docs/admin-api.md") -> Response {
+        var object = object
+        if status.code >= 400 { object["see"] = page }
         let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .prettyPrinted])) ?? Data("{}".utf8)
         var buffer = ByteBuffer()
         buffer.writeBytes(data)

@@ -63,7 +63,7 @@ public struct Config: Sendable, Equatable {
         public init() {}
     }
 
-    /// Each worker's receive buffers (the memory contract, README "Memory"). Small buffers
+    /// Each worker's receive buffers (the memory contract, docs/configuration.md, "Memory"). Small buffers
     /// carry request/response traffic; a direction whose reads fill one moves to large
     /// buffers. Only buffers that have carried bytes become resident.
     public struct Buffers: Sendable, Equatable {

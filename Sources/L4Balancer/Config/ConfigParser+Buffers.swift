@@ -1,6 +1,6 @@
 import Yams
 
-/// `buffers:` — each worker's receive buffer pool (README "Memory").
+/// `buffers:` — each worker's receive buffer pool (docs/configuration.md, "Memory").
 extension ConfigWalker {
     mutating func buffers(_ node: Node, _ path: String) -> Config.Buffers {
         var buffers = Config.Buffers()
