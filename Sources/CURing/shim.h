@@ -27,10 +27,6 @@ static const unsigned CURing_IOSQE_IO_LINK = IOSQE_IO_LINK;
 static const unsigned CURing_IOSQE_BUFFER_SELECT = IOSQE_BUFFER_SELECT;
 static const unsigned CURing_IOSQE_CQE_SKIP_SUCCESS = IOSQE_CQE_SKIP_SUCCESS;
 static const unsigned CURing_IORING_CQE_BUFFER_SHIFT = IORING_CQE_BUFFER_SHIFT;
-// fcntl.h declares these only under _GNU_SOURCE; the values are the kernel ABI.
-static const unsigned CURing_SPLICE_F_MOVE = 1;
-static const unsigned CURing_SPLICE_F_NONBLOCK = 2;
-static const unsigned CURing_SPLICE_F_MORE = 4;
 
 /// Maps and registers a provided-buffer ring (liburing 2.4's io_uring_setup_buf_ring,
 /// which Debian 12's liburing 2.3 lacks). Returns NULL and sets *err to a positive errno.

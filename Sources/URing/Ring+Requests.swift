@@ -18,16 +18,6 @@ extension Ring {
         return true
     }
 
-    /// One accept.
-    @inlinable
-    @discardableResult
-    public func prepareAccept(listener fd: Int32, userData: UInt64) -> Bool {
-        guard let sqe = nextSQE() else { return false }
-        io_uring_prep_accept(sqe, fd, nil, nil, Int32(SOCK_CLOEXEC.rawValue))
-        sqe.pointee.user_data = userData
-        return true
-    }
-
     /// Connect `fd` to `address`; when `timeout` is given, a linked timeout cancels the
     /// connect after it (the connect then completes with `ECANCELED`). The timeout's own
     /// completion carries `timeoutUserData`.
@@ -120,17 +110,6 @@ extension Ring {
         return true
     }
 
-    /// Zero-copy send: a first completion with the result, then a notification completion
-    /// (`isNotification`) once the buffer may be reused.
-    @inlinable
-    @discardableResult
-    public func prepareSendZeroCopy(socket fd: Int32, bytes: UnsafeRawPointer, length: Int, userData: UInt64) -> Bool {
-        guard let sqe = nextSQE() else { return false }
-        io_uring_prep_send_zc(sqe, fd, bytes, length, Int32(MSG_NOSIGNAL), 0)
-        sqe.pointee.user_data = userData
-        return true
-    }
-
     @inlinable
     @discardableResult
     public func prepareSendMessage(socket fd: Int32, message: UnsafePointer<msghdr>, userData: UInt64) -> Bool {
@@ -151,37 +130,6 @@ extension Ring {
         io_uring_prep_recvmsg_multishot(sqe, fd, message, 0)
         sqe.pointee.flags |= UInt8(CURing_IOSQE_BUFFER_SELECT)
         sqe.pointee.buf_group = group
-        sqe.pointee.user_data = userData
-        return true
-    }
-
-    @inlinable
-    @discardableResult
-    public func prepareSplice(
-        from input: Int32, to output: Int32, length: UInt32, moreComing: Bool, userData: UInt64
-    ) -> Bool {
-        guard let sqe = nextSQE() else { return false }
-        var flags = CURing_SPLICE_F_MOVE | CURing_SPLICE_F_NONBLOCK
-        if moreComing { flags |= CURing_SPLICE_F_MORE }
-        io_uring_prep_splice(sqe, input, -1, output, -1, length, flags)
-        sqe.pointee.user_data = userData
-        return true
-    }
-
-    @inlinable
-    @discardableResult
-    public func prepareShutdown(socket fd: Int32, how: Int32, userData: UInt64) -> Bool {
-        guard let sqe = nextSQE() else { return false }
-        io_uring_prep_shutdown(sqe, fd, how)
-        sqe.pointee.user_data = userData
-        return true
-    }
-
-    @inlinable
-    @discardableResult
-    public func prepareClose(fd: Int32, userData: UInt64) -> Bool {
-        guard let sqe = nextSQE() else { return false }
-        io_uring_prep_close(sqe, fd)
         sqe.pointee.user_data = userData
         return true
     }
@@ -222,16 +170,6 @@ extension Ring {
     public func prepareCancelAll(fd: Int32, userData: UInt64) -> Bool {
         guard let sqe = nextSQE() else { return false }
         io_uring_prep_cancel_fd(sqe, fd, UInt32(IORING_ASYNC_CANCEL_ALL))
-        sqe.pointee.user_data = userData
-        return true
-    }
-
-    /// Posts a completion with `userData = value` and `result = length` on another ring.
-    @inlinable
-    @discardableResult
-    public func prepareMessage(ring targetFD: Int32, result: UInt32, value: UInt64, userData: UInt64) -> Bool {
-        guard let sqe = nextSQE() else { return false }
-        io_uring_prep_msg_ring(sqe, targetFD, result, value, 0)
         sqe.pointee.user_data = userData
         return true
     }

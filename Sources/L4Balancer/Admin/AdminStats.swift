@@ -1,3 +1,4 @@
+import Atomics
 import Foundation
 
 /// The `/stats` document: totals across workers, read with relaxed loads of the workers'
@@ -155,6 +156,7 @@ extension WorkerPool {
             "rate_limit": rateLimitTableDocument(),
             "kernel_relay": kernelRelayDocument(),
             "health_checks_not_run": healthChecker.localFailures.load(ordering: .relaxed),
+            "relay_state_violations": RelayChecks.violations.load(ordering: .relaxed),
         ]
     }
 }

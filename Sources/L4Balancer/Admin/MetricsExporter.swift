@@ -1,3 +1,4 @@
+import Atomics
 import BPFSteer
 import Foundation
 import Prometheus
@@ -244,6 +245,8 @@ public final class MetricsExporter: @unchecked Sendable {
             gauge("l4lb_worker_plans", "Plans alive: the current one and older ones with open connections.", labels, Double(s.value(.livePlans)))
             gauge("l4lb_worker_snapshot_generation", "The generation the worker opens new connections under.", labels, Double(s.value(.adoptedGeneration)))
         }
+        counter("l4lb_relay_state_violations_total", "Relay transitions made outside the state table (a bug in l4lb; 0 expected).", [],
+                UInt64(RelayChecks.violations.load(ordering: .relaxed)))
         if let lines = pool.accessLogTotals {
             let help = "Access-log lines by result: written, or dropped (writer behind or output refusing)."
             counter("l4lb_access_log_lines_total", help, [("result", "written")], UInt64(lines.written))

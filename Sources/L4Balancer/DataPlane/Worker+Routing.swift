@@ -18,7 +18,7 @@ extension Worker {
     static var pollReadHangUp: Int32 { 0x2000 }
 
     func startInspecting(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
-        record.pointee.state = .inspecting
+        record.pointee.move(to: .inspecting)
         peekClientHello(slot, record)
     }
 
@@ -149,7 +149,7 @@ extension Worker {
         if plan.balancers[cluster].usesFlowHash {
             record.pointee.flowHash = FlowHash.compute(client: record.pointee.client, key: plan.hashKeys[cluster])
         }
-        record.pointee.state = .connecting
+        record.pointee.move(to: .connecting)
         startConnect(slot)
     }
 

@@ -57,10 +57,10 @@ final class WorkerPlan {
     /// Listeners with `rate_limit`: what their new connections, sessions and datagrams
     /// are checked against.
     let rateRules: [SourceRateRule?]
-    /// How long a connection may take to open before it is relayed, in ticks: the TLS
-    /// handshake (`handshake_timeout`) or the ClientHello's arrival (`inspect_timeout`).
     /// Listeners with `tls:` (a context that failed to build refuses, never serves plaintext).
     let isTLS: [Bool]
+    /// How long a connection may take to open before it is relayed, in ticks: the TLS
+    /// handshake (`handshake_timeout`) or the ClientHello's arrival (`inspect_timeout`).
     let openingTicks: [UInt32]
     /// `connect_timeout` in ticks: it bounds the TLS handshake with an upstream too.
     let connectTicks: [UInt32]

@@ -19,12 +19,12 @@ public final class HealthChecker: @unchecked Sendable {
     let logger: Logger
     private let running = ManagedAtomic<Bool>(true)
     /// Targets that have not had their first check yet.
-    private let unchecked = ManagedAtomic<Int>(0)
+    let unchecked = ManagedAtomic<Int>(0)
     /// Checks not run because l4lb itself was out of descriptors or memory.
     let localFailures = ManagedAtomic<Int>(0)
     private var lastLocalWarning: Int64 = 0
     /// The generation of the snapshot the checker runs on.
-    private let installed = ManagedAtomic<UInt64>(0)
+    let installed = ManagedAtomic<UInt64>(0)
     private let pending = LockedBox<Snapshot?>(nil)
     /// Written when a snapshot is pending (or on stop), so the loop takes it at once rather
     /// than after its poll's 100 ms: a reload waits for the checker, and xDS may send ten
@@ -38,57 +38,9 @@ public final class HealthChecker: @unchecked Sendable {
     /// Outlier ejections per endpoint identity.
     let ejectionCounts: UnsafeMutablePointer<UnsafeAtomic<Int>.Storage>
 
-    /// One endpoint under active checks.
-    struct Target {
-        enum Phase { case idle, connecting, handshaking, sending, reading }
-
-        /// The endpoint's identity.
-        let endpoint: Int
-        let cluster: String
-        let address: SocketAddress
-        let check: Config.HealthCheck
-        /// What the check sends (a DNS query gets a fresh ID each time).
-        var request: [UInt8]
-        /// Clusters with `tls:`: the check runs over TLS, as the proxied connections do
-        /// (`wantsTLS` with no context: it fails, never checks in plaintext).
-        var wantsTLS = false
-        var tls: TLSClientContext?
-        var tlsClient: TLSSocketClient?
-        /// TLS: what the socket must become for OpenSSL's next step (POLLIN or POLLOUT).
-        var tlsWaits = Int16(POLLOUT)
-        var queryID: UInt16 = 0
-        var phase = Phase.idle
-        var fd: Int32 = -1
-        var started: Int64 = 0
-        var deadline: Int64 = 0
-        var nextDue: Int64 = 0
-        var sent = 0
-        var received: [UInt8] = []
-        var passes = 0
-        var failures = 0
-        var healthy: Bool
-        var checked = false
-        var random: FastRandom
-    }
-
-    /// Outlier-detection bookkeeping for one endpoint.
-    struct Outlier {
-        /// The endpoint's and its cluster's identity.
-        let endpoint: Int
-        let cluster: Int
-        let clusterName: String
-        let address: SocketAddress
-        let detection: Config.OutlierDetection
-        var failuresAtLastSuccess: UInt64 = 0
-        var lastSuccesses: UInt64 = 0
-        var ejectedUntil: Int64 = 0
-        var ejections = 0
-        var returnedAt: Int64 = 0
-    }
-
     var targets: [Target] = []
     /// Sessions with TLS endpoints, so checks resume as the workers' connections do.
-    private let sessions = UpstreamSessions(capacity: IdentityRegistry.endpointCapacity)
+    let sessions = UpstreamSessions(capacity: IdentityRegistry.endpointCapacity)
     var outliers: [Outlier] = []
     /// The kernel forwarder's connects to an endpoint (successes, failures), when it has a
     /// kernel listener in front: counted with the workers' (set once, before `start`).
@@ -134,103 +86,6 @@ public final class HealthChecker: @unchecked Sendable {
             if installed.load(ordering: .acquiring) >= snapshot.generation, unchecked.load(ordering: .acquiring) == 0 { return }
             usleep(pause)
             pause = min(pause * 2, 2000)
-        }
-    }
-
-    /// Rebuilds the targets for `snapshot`, by identity: same endpoint and same check keeps
-    /// its target as it is (an unhealthy endpoint stays unhealthy, thresholds carry on); a
-    /// changed check starts over from the endpoint's current health; a new endpoint is
-    /// checked at once. Same for outlier detection.
-    private func install(_ snapshot: Snapshot, now: Int64) {
-        var oldTargets: [Int: Target] = [:]
-        for t in targets { oldTargets[t.endpoint] = t }
-        var oldOutliers: [Int: Outlier] = [:]
-        for o in outliers { oldOutliers[o.endpoint] = o }
-        var newTargets: [Target] = []
-        var newOutliers: [Outlier] = []
-        // One client context per cluster with `tls:` (kept while its settings stay).
-        var contexts: [String: TLSClientContext] = [:]
-        for t in targets { if let tls = t.tls { contexts[t.cluster] = tls } }
-        for cluster in snapshot.clusters {
-            guard let settings = cluster.config.tls, cluster.config.healthCheck?.transport == .tcp else {
-                contexts[cluster.name] = nil
-                continue
-            }
-            if contexts[cluster.name]?.settings != settings { contexts[cluster.name] = TLSClientContext(settings, sessions: sessions) }
-        }
-        for endpoint in snapshot.endpoints {
-            let cluster = snapshot.clusters[endpoint.cluster]
-            let id = endpoint.id
-            if let check = cluster.config.healthCheck {
-                let wantsTLS = cluster.config.tls != nil && check.transport == .tcp
-                if let old = oldTargets[id], old.check == check, old.wantsTLS == wantsTLS, old.tls === contexts[cluster.name] {
-                    oldTargets[id] = nil
-                    newTargets.append(old)
-                } else {
-                    var random = FastRandom(seed: StableHash.endpoint(endpoint.address, seed: 3))
-                    var target = Target(
-                        endpoint: id, cluster: cluster.name, address: endpoint.address, check: check,
-                        request: HealthChecker.request(check, endpoint.address), nextDue: now,
-                        healthy: !status.flags(id).contains(.unhealthy), random: random)
-                    target.wantsTLS = wantsTLS
-                    target.tls = contexts[cluster.name]
-                    if let old = oldTargets[id] {
-                        // The check changed: keep the health it has, let thresholds decide.
-                        old.tlsClient?.free()
-                        if old.fd >= 0 { close(old.fd) }
-                        oldTargets[id] = nil
-                        target.checked = true
-                    } else {
-                        let jitter = check.initialJitter.milliseconds > 0 ? Int64(random.next(below: Int(check.initialJitter.milliseconds))) : 0
-                        target.nextDue = now + jitter
-                        target.random = random
-                    }
-                    newTargets.append(target)
-                }
-            } else if status.flags(id).contains(.unhealthy) {
-                // No check any more: nothing says it is unhealthy.
-                status.set(.unhealthy, false, endpoint: id, now: 0)
-            }
-            if let detection = cluster.config.outlierDetection {
-                if let old = oldOutliers[id], old.detection == detection {
-                    oldOutliers[id] = nil
-                    newOutliers.append(old)
-                } else {
-                    // Changed settings start over; an ejection under the old ones ends now.
-                    if let old = oldOutliers.removeValue(forKey: id), old.ejectedUntil > 0 {
-                        status.set(.ejected, false, endpoint: id, now: now)
-                    }
-                    newOutliers.append(Outlier(
-                        endpoint: id, cluster: cluster.id, clusterName: cluster.name, address: endpoint.address,
-                        detection: detection, failuresAtLastSuccess: workerStats.total(.connectFailures, endpoint: id),
-                        lastSuccesses: workerStats.total(.total, endpoint: id)))
-                }
-            }
-        }
-        // Removed endpoints (and endpoints whose detection was turned off) are forgotten;
-        // an ejection outlier detection can no longer end is ended now.
-        for old in oldTargets.values where old.fd >= 0 {
-            old.tlsClient?.free()
-            close(old.fd)
-        }
-        for old in oldOutliers.values where old.ejectedUntil > 0 { status.set(.ejected, false, endpoint: old.endpoint, now: now) }
-        targets = newTargets
-        outliers = newOutliers
-        // Every target still waiting for its first check (new ones, and any an earlier
-        // reload added that has not had it yet).
-        unchecked.store(newTargets.filter { !$0.checked }.count, ordering: .releasing)
-        installed.store(snapshot.generation, ordering: .releasing)
-    }
-
-    static func request(_ check: Config.HealthCheck, _ address: SocketAddress) -> [UInt8] {
-        switch check.kind {
-        case .tcp: return []
-        case .dns(let query, let type, _):
-            let message = DNSQuery.message(query: query, type: type)
-            return check.transport == .udp ? message : [UInt8(message.count >> 8), UInt8(message.count & 0xFF)] + message
-        case .sendExpect(let send, _): return send
-        case .http(let path, let host, _):
-            return Array("GET \(path) HTTP/1.1\r\nHost: \(host ?? address.description)\r\nUser-Agent: l4lb-health-check\r\nConnection: close\r\n\r\n".utf8)
         }
     }
 
@@ -467,53 +322,24 @@ public final class HealthChecker: @unchecked Sendable {
         }
     }
 
-    /// Decides from the bytes so far whether the check passed, failed, or needs more.
+    /// Decides from the bytes so far whether the check passed, failed, or needs more (each
+    /// check type's rule is in its own file: `SendExpectCheck`, `DNSCheck`, `HTTPCheck`).
     private func judge(_ i: Int, eof: Bool, now: Int64) {
         let got = targets[i].received
+        let datagram = targets[i].check.transport == .udp
+        let verdict: HealthCheckVerdict?
         switch targets[i].check.kind {
-        case .tcp:
-            finish(i, passed: true, reason: "connected", now: now)
-        case .sendExpect(_, let expect):
-            if got.count >= expect.count {
-                let passed = Array(got.prefix(expect.count)) == expect
-                finish(i, passed: passed, reason: passed ? "expected reply" : "unexpected reply \(printable(got.prefix(32)))", now: now)
-            } else if got != Array(expect.prefix(got.count)) {
-                finish(i, passed: false, reason: "unexpected reply \(printable(got.prefix(32)))", now: now)
-            } else if eof {
-                let udp = targets[i].check.transport == .udp
-                finish(i, passed: false, reason: udp ? "a reply of \(got.count) bytes, shorter than expected" : "connection closed after \(got.count) bytes", now: now)
-            }
-        case .dns(_, _, let rcodes):
-            switch DNSQuery.judge(got, id: targets[i].queryID, stream: targets[i].check.transport == .tcp) {
-            case .answer(let rcode):
-                finish(i, passed: rcodes.contains(rcode), reason: "DNS \(DNSQuery.rcodeName(rcode))", now: now)
-            case .invalid(let why):
-                finish(i, passed: false, reason: why, now: now)
-            case .incomplete:
-                if eof { finish(i, passed: false, reason: "connection closed after \(got.count) bytes", now: now) }
-            }
-        case .http(_, _, let statuses):
-            if let lineEnd = got.firstIndex(of: 0x0A) {
-                let line = String(decoding: got[..<lineEnd], as: UTF8.self)
-                let parts = line.split(separator: " ")
-                if parts.count >= 2, parts[0].hasPrefix("HTTP/"), let code = Int(parts[1]) {
-                    finish(i, passed: statuses.contains(code), reason: "HTTP \(code)", now: now)
-                } else {
-                    finish(i, passed: false, reason: "not an HTTP response: \(printable(got.prefix(32)))", now: now)
-                }
-            } else if eof || got.count > 8192 {
-                finish(i, passed: false, reason: "no HTTP status line", now: now)
-            }
+        case .tcp: verdict = HealthCheckVerdict(passed: true, reason: "connected")
+        case .sendExpect(_, let expect): verdict = SendExpectCheck.verdict(got, expect: expect, eof: eof, datagram: datagram)
+        case .dns(_, _, let rcodes): verdict = DNSCheck.verdict(got, id: targets[i].queryID, rcodes: rcodes, stream: !datagram, eof: eof)
+        case .http(_, _, let statuses): verdict = HTTPCheck.verdict(got, statuses: statuses, eof: eof)
         }
+        if let verdict { finish(i, passed: verdict.passed, reason: verdict.reason, now: now) }
     }
 
     /// A socket error as a reason; ICMP port unreachable reads as what it means for UDP.
     static func failure(_ call: String, _ code: Int32) -> String {
         code == ECONNREFUSED ? "\(call): connection refused (nothing listens on the port)" : "\(call): \(String(cString: strerror(code)))"
-    }
-
-    private func printable<S: Sequence>(_ bytes: S) -> String where S.Element == UInt8 {
-        "\"" + bytes.map { $0 >= 0x20 && $0 < 0x7F ? String(UnicodeScalar($0)) : ($0 == 0x0D ? "\\r" : ($0 == 0x0A ? "\\n" : "\\x" + String($0, radix: 16))) }.joined() + "\""
     }
 
     static func isConnectedToItself(_ fd: Int32) -> Bool {
@@ -585,57 +411,7 @@ public final class HealthChecker: @unchecked Sendable {
         ]))
     }
 
-    private func metadata(_ cluster: String, _ address: SocketAddress, _ extra: Logger.Metadata) -> Logger.Metadata {
+    func metadata(_ cluster: String, _ address: SocketAddress, _ extra: Logger.Metadata) -> Logger.Metadata {
         extra.merging(["cluster": "\(cluster)", "endpoint": "\(address)"]) { a, _ in a }
-    }
-
-    // MARK: Outlier detection
-
-    /// Reads the workers' connect counters: an endpoint whose connects failed
-    /// `consecutive_failures` times with no success in between is ejected for
-    /// `ejection_time`, doubled on each repeat up to `max_ejection_time`, unless that
-    /// would eject more than `max_ejection_percent` of its cluster.
-    private func sweepOutliers(now: Int64) {
-        for k in outliers.indices {
-            let e = outliers[k].endpoint
-            let kernel = kernelConnects?(e)
-            let failures = workerStats.total(.connectFailures, endpoint: e) &+ (kernel?.failures ?? 0)
-            let successes = workerStats.total(.total, endpoint: e) &+ (kernel?.successes ?? 0)
-            let detection = outliers[k].detection
-            if successes != outliers[k].lastSuccesses {
-                outliers[k].lastSuccesses = successes
-                outliers[k].failuresAtLastSuccess = failures
-            }
-            if outliers[k].ejectedUntil > 0 {
-                guard now >= outliers[k].ejectedUntil else { continue }
-                outliers[k].ejectedUntil = 0
-                outliers[k].returnedAt = now
-                outliers[k].failuresAtLastSuccess = failures
-                status.set(.ejected, false, endpoint: e, now: now)
-                UnsafeAtomic<Int>(at: transitions + e).wrappingIncrement(ordering: .relaxed)
-                logger.info("endpoint returned from ejection", metadata: metadata(outliers[k].clusterName, outliers[k].address, ["from": "ejected", "to": "available"]))
-                continue
-            }
-            let consecutive = failures &- outliers[k].failuresAtLastSuccess
-            guard consecutive >= UInt64(detection.consecutiveFailures) else { continue }
-            let members = outliers.filter { $0.cluster == outliers[k].cluster }
-            let ejected = members.filter { $0.ejectedUntil > 0 }.count
-            guard (ejected + 1) * 100 <= detection.maxEjectionPercent * members.count else { continue }
-            // Repeat offenders stay out longer; a quiet max_ejection_time forgives.
-            if outliers[k].returnedAt > 0, now - outliers[k].returnedAt > detection.maxEjectionTime.milliseconds {
-                outliers[k].ejections = 0
-            }
-            let factor = Int64(1) << min(outliers[k].ejections, 20)
-            let duration = min(detection.ejectionTime.milliseconds * factor, max(detection.maxEjectionTime.milliseconds, detection.ejectionTime.milliseconds))
-            outliers[k].ejections += 1
-            outliers[k].ejectedUntil = now + duration
-            status.set(.ejected, true, endpoint: e, now: now)
-            UnsafeAtomic<Int>(at: transitions + e).wrappingIncrement(ordering: .relaxed)
-            UnsafeAtomic<Int>(at: ejectionCounts + e).wrappingIncrement(ordering: .relaxed)
-            logger.info("endpoint ejected", metadata: metadata(outliers[k].clusterName, outliers[k].address, [
-                "from": "available", "to": "ejected", "reason": "\(consecutive) consecutive connect failures",
-                "ejection_time": "\(ConfigDuration(milliseconds: duration))",
-            ]))
-        }
     }
 }

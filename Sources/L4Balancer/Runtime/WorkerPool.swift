@@ -305,6 +305,10 @@ public final class WorkerPool: Service, @unchecked Sendable {
                 "buffer_waits": "\(total(.bufferWaits))",
             ])
         }
+        let violations = RelayChecks.violations.load(ordering: .relaxed)
+        if violations > 0 {
+            logger.error("relay state violations: transitions outside the table (a bug; please report it)", metadata: ["count": "\(violations)"])
+        }
         for control in controls {
             let s = control.stats
             logger.info("worker totals", metadata: [

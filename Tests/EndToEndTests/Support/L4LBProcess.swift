@@ -148,7 +148,9 @@ final class L4LBProcess {
     /// Waits for the process to exit; returns its status, nil on timeout.
     func waitForExit(timeout: TimeInterval) -> Int32? { process.wait(timeout: timeout) }
 
-    /// Stops the process (SIGTERM, then SIGKILL) and waits for it.
+    /// Stops the process (SIGTERM, then SIGKILL) and waits for it. Every test that runs
+    /// l4lb checks here that its relays kept to their state table (the exit summary names
+    /// any transition outside it; release builds count them rather than stop).
     func stop() {
         guard !stopped else { return }
         stopped = true
@@ -158,6 +160,9 @@ final class L4LBProcess {
                 process.signal(SIGKILL)
                 process.wait()
             }
+        }
+        if let line = log.split(separator: "\n").first(where: { $0.contains("relay state violations") }) {
+            XCTFail("l4lb made relay transitions outside the table: \(line)")
         }
         try? FileManager.default.removeItem(at: directory)
     }

@@ -1,0 +1,145 @@
+import BPFSteer
+import URing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// UDP from upstreams: replies relayed to their session's client (or, per packet, its lease),
+/// and the bookkeeping when they are sent.
+extension Worker {
+    func datagramFromUpstream(_ completion: Completion, _ userData: UserData) {
+        let slot = userData.slot
+        let valid = Int(slot) < udpSessions.sessions.count && udpSessions[slot].live && udpSessions[slot].generation == userData.generation
+        if let buffer = completion.bufferID {
+            datagramBuffers.handedOut()
+            guard valid, completion.result >= 0 else {
+                datagramBuffers.recycle(buffer)
+                if valid, !completion.hasMore {
+                    udpSessions[slot].receiveArmed = false
+                    repliesToRearm.append(slot)
+                }
+                return
+            }
+        }
+        guard valid else { return }
+        if !completion.hasMore { udpSessions[slot].receiveArmed = false }
+        let session = udpSessions[slot]
+        let listener = Int(session.listener)
+        guard completion.result >= 0, let buffer = completion.bufferID else {
+            if completion.result == 0 {
+                relayEmptyReply(slot)
+                return
+            }
+            switch -completion.result {
+            case ECONNREFUSED:
+                // ICMP port unreachable: the endpoint is not there. The client's next
+                // datagram opens a new session; outlier detection sees the failure.
+                stats.add(.connectFailures, endpoint: Int(session.endpoint))
+                endSession(slot, reason: .portUnreachable)
+            case ENOBUFS:
+                stats.add(.bufferWaits, listener: listener)
+                repliesToRearm.append(slot)
+                datagramReceivesWaiting = true
+            default:
+                if !udpSessions[slot].receiveArmed { repliesToRearm.append(slot) }
+            }
+            return
+        }
+        if !udpSessions[slot].receiveArmed { armReplies(slot) }
+        guard replyIsAwaited(slot, session) else {
+            datagramBuffers.recycle(buffer)
+            return
+        }
+        let length = Int(completion.result)
+        let fd = listenerFDs[listener]
+        // The reply leaves from the listener's socket, to the client's address (a copy:
+        // the session may end before the send completes).
+        let message = datagramReplies + Int(buffer)
+        (datagramReplyNames + Int(buffer)).pointee = session.client
+        (datagramReplyVectors + Int(buffer)).pointee = iovec(iov_base: datagramBuffers.address(of: buffer), iov_len: length)
+        message.pointee.msg_name = UnsafeMutableRawPointer(datagramReplyNames + Int(buffer))
+        message.pointee.msg_namelen = session.clientLength
+        message.pointee.msg_iov = datagramReplyVectors + Int(buffer)
+        message.pointee.msg_iovlen = 1
+        if let local = session.local {
+            // A wildcard-bound listener: the reply leaves from the address the client used.
+            let control = datagramReplyControls + Int(buffer) * PacketDestination.controlSpace
+            message.pointee.msg_control = control
+            message.pointee.msg_controllen = local.writeSourceControl(into: control)
+        } else {
+            message.pointee.msg_control = nil
+            message.pointee.msg_controllen = 0
+        }
+        guard fd >= 0, ring.prepareSendMessage(socket: fd, message: message, userData: UserData(.datagramToClient, slot: UInt32(buffer), generation: UInt32(listener)).raw) else {
+            datagramBuffers.recycle(buffer)
+            stats.add(.dropsQueueFull, listener: listener)
+            return
+        }
+        stats.add(.bytesOut, listener: listener, UInt64(length))
+        stats.add(.bytesIn, endpoint: Int(session.endpoint), UInt64(length))
+        udpSessions[slot].bytesFromUpstream &+= UInt64(length)
+        // The send above has its own copy of the client's address.
+        replySent(slot, listener: listener)
+    }
+
+    /// Whether a reply on `slot` has a client waiting for it; if not (a pooled socket, or
+    /// `proxy_responses: 0`) it is counted as late and the socket closed, so that an
+    /// upstream sending more than it should can never answer the next client that borrows
+    /// it. A reply that is awaited keeps the session alive.
+    @inline(__always)
+    func replyIsAwaited(_ slot: UInt32, _ session: UDPSessionTable.Session) -> Bool {
+        let listener = Int(session.listener)
+        guard session.leased, current.proxyResponses[listener] > 0 || session.indexed else {
+            stats.add(.dropsLateReply, listener: listener)
+            endSession(slot, reason: .responses)
+            return false
+        }
+        udpSessions.touch(slot, tick: nowTick)
+        return true
+    }
+
+    /// A reply went to the client: `proxy_responses` (as nginx's: replies per client
+    /// datagram) may have completed the exchange.
+    @inline(__always)
+    func replySent(_ slot: UInt32, listener: Int) {
+        stats.add(.datagramsOut, listener: listener)
+        udpSessions[slot].replies &+= 1
+        let expected = current.proxyResponses[listener]
+        if expected != .max, UInt64(udpSessions[slot].replies) >= UInt64(expected) * UInt64(udpSessions[slot].requests) { endLease(slot) }
+    }
+
+    /// A zero-length reply is a datagram like any other, but the kernel selects no buffer
+    /// for it (and ends the multishot receive): it is sent on at once with a plain sendmsg
+    /// from the listener's socket, and counted.
+    @inline(never)
+    func relayEmptyReply(_ slot: UInt32) {
+        if !udpSessions[slot].receiveArmed { armReplies(slot) }
+        let session = udpSessions[slot]
+        guard replyIsAwaited(slot, session) else { return }
+        let listener = Int(session.listener)
+        var client = session.client
+        let sent = withUnsafeTemporaryAllocation(byteCount: PacketDestination.controlSpace, alignment: 8) { control in
+            withUnsafeMutablePointer(to: &client) { name in
+                var message = msghdr()
+                message.msg_name = UnsafeMutableRawPointer(name)
+                message.msg_namelen = session.clientLength
+                if let local = session.local {
+                    message.msg_control = control.baseAddress
+                    message.msg_controllen = local.writeSourceControl(into: control.baseAddress!)
+                }
+                return sendmsg(listenerFDs[listener], &message, Int32(MSG_DONTWAIT))
+            }
+        }
+        guard sent == 0 else {
+            stats.add(.dropsSendFailed, listener: listener)
+            return
+        }
+        replySent(slot, listener: listener)
+    }
+
+    func datagramSentToClient(_ completion: Completion, buffer: UInt16, listener: Int) {
+        datagramBuffers.recycle(buffer)
+        if completion.result < 0 { stats.add(.dropsSendFailed, listener: listener) }
+    }
+}
