@@ -50,3 +50,14 @@ int CLinux_set_current_thread_nice(int nice) {
     pid_t tid = (pid_t)syscall(SYS_gettid);
     return setpriority(PRIO_PROCESS, (id_t)tid, nice) == 0 ? 0 : -errno;
 }
+
+int CLinux_set_thread_idle(int tid, int idle, int nice) {
+    struct sched_param param = { .sched_priority = 0 };
+    if (sched_setscheduler(tid, idle ? SCHED_IDLE : SCHED_OTHER, &param) != 0) return -errno;
+    if (!idle && setpriority(PRIO_PROCESS, (id_t)tid, nice) != 0) return -errno;
+    return 0;
+}
+
+int CLinux_current_thread_id(void) {
+    return (int)syscall(SYS_gettid);
+}

@@ -12,6 +12,11 @@ int CLinux_pin_current_thread(int cpu);
 
 /// Sets the calling thread's nice value (Linux schedules threads apart); 0 or -errno.
 int CLinux_set_current_thread_nice(int nice);
+/// Moves thread `tid` (0: the caller) to SCHED_IDLE (idle = 1), or back to SCHED_OTHER at
+/// nice value `nice` (idle = 0); 0 or -errno (EPERM leaving SCHED_IDLE without CAP_SYS_NICE).
+int CLinux_set_thread_idle(int tid, int idle, int nice);
+/// The calling thread's kernel id.
+int CLinux_current_thread_id(void);
 
 /// A non-blocking, close-on-exec eventfd, or -errno.
 int CLinux_eventfd(void);

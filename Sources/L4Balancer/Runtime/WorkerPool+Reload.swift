@@ -205,6 +205,11 @@ extension WorkerPool {
             changes.append("filter: \(filterChange.added) entries added, \(filterChange.removed) removed")
         }
         if !lagging.isEmpty { changes.append("workers \(lagging.map(String.init).joined(separator: ",")) have not adopted it yet") }
+        // The old snapshot is released here, on this thread, once the workers have let go of
+        // its plan: not by a worker (its memory is this thread's, and freeing it from a
+        // worker could wait on this thread's malloc arena while this thread, in the idle
+        // class for xDS, waits for a CPU).
+        withExtendedLifetime(old) {}
         let outcome = ReloadOutcome(
             succeeded: true, generation: snapshot.generation, errors: [], changes: changes, trigger: trigger,
             finishedAt: Date(), milliseconds: monotonicMilliseconds() - started)
