@@ -29,10 +29,7 @@ struct Connection {
     /// `proxying`; any open state → `closing`.
     @inline(__always)
     mutating func move(to next: State) {
-        if _slowPath(!Connection.isLegal(from: state, to: next)) {
-            RelayChecks.violations.wrappingIncrement(ordering: .relaxed)
-            assertionFailure("connection: \(state) → \(next) is not in the table")
-        }
+        RelayChecks.check(Connection.isLegal(from: state, to: next), "connection: \(state) → \(next)")
         state = next
     }
 
@@ -140,10 +137,7 @@ struct Connection {
         /// runs release builds, fails on one.
         @inline(__always)
         mutating func move(to next: State) {
-            if _slowPath(!Stream.isLegal(from: state, to: next)) {
-                RelayChecks.violations.wrappingIncrement(ordering: .relaxed)
-                assertionFailure("relay: \(state) → \(next) is not in the table")
-            }
+            RelayChecks.check(Stream.isLegal(from: state, to: next), "relay: \(state) → \(next)")
             state = next
         }
 
@@ -237,4 +231,14 @@ struct Connection {
 /// `/metrics` and the exit summary show the count, and the end-to-end tests fail on any.
 enum RelayChecks {
     static let violations = ManagedAtomic<Int>(0)
+
+    /// Debug builds stop at an illegal transition; release builds count it and go on.
+    /// `transition` is built only then.
+    @inline(__always)
+    static func check(_ legal: Bool, _ transition: @autoclosure () -> String) {
+        if _slowPath(!legal) {
+            violations.wrappingIncrement(ordering: .relaxed)
+            assertionFailure("\(transition()) is not in the table")
+        }
+    }
 }
