@@ -5,15 +5,15 @@ import Glibc
 /// Writes HAProxy's PROXY protocol header (v1 text or v2 binary) that tells the upstream
 /// the client's address. Writes into caller memory with `inet_ntop`; no String, no
 /// allocation. Addresses are read from the accepted socket (`getpeername`/`getsockname`).
-enum ProxyProtocolHeader {
+public enum ProxyProtocolHeader {
     /// Longest header written: v1 is at most 107 bytes, v2 with IPv6 52.
-    static let capacity = 112
+    public static let capacity = 112
 
     /// The v2 signature, `\r\n\r\n\0\r\nQUIT\n`.
     static let v2Signature: [UInt8] = [0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A]
 
     /// Writes the header for `client` (the accepted socket) into `out`; returns its length.
-    static func write(version: Config.Listener.ProxyProtocol, client fd: Int32, into out: UnsafeMutableRawPointer) -> Int {
+    public static func write(version: Config.Listener.ProxyProtocol, client fd: Int32, into out: UnsafeMutableRawPointer) -> Int {
         var peer = sockaddr_storage()
         var local = sockaddr_storage()
         var peerLength = socklen_t(MemoryLayout<sockaddr_storage>.size)

@@ -1,17 +1,17 @@
 /// The `dns` health check's messages (RFC 1035 §4): one query with recursion desired, and
 /// the header fields of the answer that decide it. Over TCP the message has a two-byte
 /// length in front (§4.2.2).
-enum DNSQuery {
-    static let types: [String: UInt16] = [
+public enum DNSQuery {
+    public static let types: [String: UInt16] = [
         "A": 1, "NS": 2, "CNAME": 5, "SOA": 6, "PTR": 12, "MX": 15, "TXT": 16, "AAAA": 28, "SRV": 33, "ANY": 255,
     ]
-    static let rcodes: [String: UInt8] = [
+    public static let rcodes: [String: UInt8] = [
         "NOERROR": 0, "FORMERR": 1, "SERVFAIL": 2, "NXDOMAIN": 3, "NOTIMP": 4, "REFUSED": 5,
     ]
 
     /// `name` in wire form (length-prefixed labels, then the root), or nil if it is not a
     /// valid name.
-    static func encodeName(_ name: String) -> [UInt8]? {
+    public static func encodeName(_ name: String) -> [UInt8]? {
         let trimmed = name.hasSuffix(".") ? String(name.dropLast()) : name
         var out: [UInt8] = []
         if !trimmed.isEmpty {
@@ -27,21 +27,21 @@ enum DNSQuery {
     }
 
     /// The query message with ID 0 (the checker sets a fresh ID per check).
-    static func message(query: String, type: UInt16) -> [UInt8] {
+    public static func message(query: String, type: UInt16) -> [UInt8] {
         var out: [UInt8] = [0, 0, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]
         out += encodeName(query) ?? [0]
         out += [UInt8(type >> 8), UInt8(type & 0xFF), 0, 1]
         return out
     }
 
-    enum Verdict: Equatable {
+    public enum Verdict: Equatable {
         case incomplete
         case answer(rcode: UInt8)
         case invalid(String)
     }
 
     /// Reads the answer to the query with `id`: `stream` when it came over TCP.
-    static func judge(_ bytes: [UInt8], id: UInt16, stream: Bool) -> Verdict {
+    public static func judge(_ bytes: [UInt8], id: UInt16, stream: Bool) -> Verdict {
         var message = bytes[...]
         if stream {
             guard bytes.count >= 2 else { return .incomplete }
@@ -57,7 +57,7 @@ enum DNSQuery {
         return .answer(rcode: message[base + 3] & 0x0F)
     }
 
-    static func rcodeName(_ code: UInt8) -> String {
+    public static func rcodeName(_ code: UInt8) -> String {
         rcodes.first { $0.value == code }?.key ?? "rcode \(code)"
     }
 }
