@@ -55,6 +55,22 @@ extension Worker {
         }
     }
 
+    /// The prologue of a completion that holds no buffer: the record, when the completion
+    /// is its current connection's (its generation) and the connection is still `state`;
+    /// nil when the completion is stale, or the connection is closing (finished here once
+    /// its last request has completed).
+    @inline(__always)
+    func completedRecord(_ userData: UserData, expecting state: Connection.State) -> UnsafeMutablePointer<Connection>? {
+        let record = slab[userData.slot]
+        guard record.pointee.generation == userData.generation else { return nil }
+        record.pointee.inFlight -= 1
+        guard record.pointee.state == state else {
+            finishClosing(userData.slot)
+            return nil
+        }
+        return record
+    }
+
     func finishClosing(_ slot: UInt32) {
         let record = slab[slot]
         guard record.pointee.state == .closing, record.pointee.inFlight == 0 else { return }

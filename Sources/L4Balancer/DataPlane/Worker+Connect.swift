@@ -119,13 +119,7 @@ extension Worker {
 
     func connected(_ completion: Completion, _ userData: UserData) {
         let slot = userData.slot
-        let record = slab[slot]
-        guard record.pointee.generation == userData.generation else { return }
-        record.pointee.inFlight -= 1
-        guard record.pointee.state == .connecting else {
-            finishClosing(slot)
-            return
-        }
+        guard let record = completedRecord(userData, expecting: .connecting) else { return }
         let endpoint = Int(record.pointee.endpoint)
         let listener = Int(record.pointee.listener)
         guard completion.result >= 0 else {
@@ -184,13 +178,7 @@ extension Worker {
 
     func proxyHeaderSent(_ completion: Completion, _ userData: UserData) {
         let slot = userData.slot
-        let record = slab[slot]
-        guard record.pointee.generation == userData.generation else { return }
-        record.pointee.inFlight -= 1
-        guard record.pointee.state == .sendingProxyHeader else {
-            finishClosing(slot)
-            return
-        }
+        guard let record = completedRecord(userData, expecting: .sendingProxyHeader) else { return }
         guard completion.result > 0 else {
             close(slot, reason: Worker.reason(completion.result))
             return

@@ -117,13 +117,7 @@ extension Worker {
 
     func clientHelloReadable(_ completion: Completion, _ userData: UserData) {
         let slot = userData.slot
-        let record = slab[slot]
-        guard record.pointee.generation == userData.generation else { return }
-        record.pointee.inFlight -= 1
-        guard record.pointee.state == .inspecting else {
-            finishClosing(slot)
-            return
-        }
+        guard let record = completedRecord(userData, expecting: .inspecting) else { return }
         guard completion.result > 0 else {
             close(slot, reason: Worker.reason(completion.result))
             return
