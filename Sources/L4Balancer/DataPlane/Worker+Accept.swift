@@ -11,20 +11,20 @@ extension Worker {
     /// Not armed when the submission queue stays full: the next tick tries again.
     /// `listener` is the listener's identity; the completion carries its socket's serial.
     func armAccept(_ listener: Int) {
-        if listenerIsDatagram[listener] {
+        if listeners[listener].isDatagram {
             armDatagrams(listener)
             return
         }
-        acceptArmed[listener] = ring.prepareMultishotAccept(
-            listener: listenerFDs[listener], userData: UserData(.accept, slot: UInt32(listener), generation: listenerSerials[listener]).raw)
-        if !acceptArmed[listener] { stats.add(.submissionDrops) }
+        listeners[listener].armed = ring.prepareMultishotAccept(
+            listener: listeners[listener].fd, userData: UserData(.accept, slot: UInt32(listener), generation: listeners[listener].serial).raw)
+        if !listeners[listener].armed { stats.add(.submissionDrops) }
     }
 
     func accepted(_ completion: Completion, listener: Int, serial: UInt32) {
-        // A retired socket's last completions (its listener was removed or rebound).
-        let live = serial == listenerSerials[listener] && listenerFDs[listener] >= 0
+        // A retired socket's last loop.completions (its listener was removed or rebound).
+        let live = listeners.isLive(listener, serial: serial)
         if !completion.hasMore, live {
-            acceptArmed[listener] = false
+            listeners[listener].armed = false
             // Re-arm at once after a normal end; after an error, at the next tick.
             if completion.result >= 0, !draining { armAccept(listener) }
         }
@@ -40,7 +40,7 @@ extension Worker {
             refuse(fd, listener: listener)
             return
         }
-        let plan = current
+        let plan = plans.current
         let rule = plan.rateRules[listener]
         var sourcePlace: UInt32 = 0
         if sourceFilter.enforcing || rule != nil {
@@ -67,7 +67,7 @@ extension Worker {
         }
         let maximum = plan.listenerLimits[listener]
         let limited = maximum != nil
-        if let maximum, !limits.admit(listener, maximum: maximum) {
+        if let maximum, !shared.limits.admit(listener, maximum: maximum) {
             leaveSource(sourcePlace)
             refuse(fd, listener: listener)
             return
@@ -77,17 +77,17 @@ extension Worker {
         // Routed by server name: the cluster is known once the ClientHello is read.
         let routed = plan.routes[listener] != nil
         let clusterLimit = routed ? nil : plan.clusterLimits[cluster]
-        if let clusterLimit, !status.admit(cluster: clusterID, limit: clusterLimit) {
+        if let clusterLimit, !shared.status.admit(cluster: clusterID, limit: clusterLimit) {
             // Circuit breaking: the cluster is at max_connections.
-            if limited { limits.leave(listener) }
+            if limited { shared.limits.leave(listener) }
             leaveSource(sourcePlace)
             refuse(fd, listener: listener)
             stats.add(.clusterFull, listener: listener)
             return
         }
         guard let slot = slab.allocate() else {
-            if clusterLimit != nil { status.leave(cluster: clusterID) }
-            if limited { limits.leave(listener) }
+            if clusterLimit != nil { shared.status.leave(cluster: clusterID) }
+            if limited { shared.limits.leave(listener) }
             leaveSource(sourcePlace)
             refuse(fd, listener: listener)
             return
@@ -103,16 +103,16 @@ extension Worker {
         record.pointee.clusterAdmitted = clusterLimit != nil
         if sourcePlace != 0 {
             record.pointee.holds.insert(.sourcePlace)
-            sourcePlaces[Int(slot)] = sourcePlace
+            side.sourcePlaces[Int(slot)] = sourcePlace
         }
-        record.pointee.lastActivity = nowTick
+        record.pointee.lastActivity = clock.tick
         record.pointee.cluster = UInt16(cluster)
         if !routed, plan.balancers[cluster].usesFlowHash {
             record.pointee.flowHash = FlowHash.compute(client: fd, key: plan.hashKeys[cluster])
         }
         stats.add(.accepted, listener: listener)
         stats.add(.active, listener: listener)
-        if accessSlots != nil { noteAccepted(slot, client: fd) }
+        if side.access != nil { noteAccepted(slot, client: fd) }
         startTimers(slot, listener: listener)
         if routed {
             startInspecting(slot, record)

@@ -45,10 +45,10 @@ extension Worker {
     @inline(never)
     func logSessionEnded(_ slot: UInt32, reason: EndReason) {
         guard let accessLog else { return }
-        var session = udpSessions[slot]
+        var session = datagrams.sessions[slot]
         var record = AccessRecord()
         record.endedAt = Worker.wallMilliseconds()
-        record.durationMilliseconds = UInt32(clamping: max(0, nowMilliseconds - session.startedAt))
+        record.durationMilliseconds = UInt32(clamping: max(0, clock.milliseconds - session.startedAt))
         record.listener = session.listener
         record.reason = reason.rawValue
         record.endpoint = session.endpoint
@@ -60,9 +60,9 @@ extension Worker {
 
     func noteAccepted(_ slot: UInt32, client fd: Int32) {
         var entry = AccessSlot()
-        entry.startedAt = nowMilliseconds
+        entry.startedAt = clock.milliseconds
         Worker.peer(fd, ip: &entry.clientIP, port: &entry.clientPort, family: &entry.family)
-        accessSlots.unsafelyUnwrapped[Int(slot)] = entry
+        side.access.unsafelyUnwrapped[Int(slot)] = entry
     }
 
     /// Closes a client refused at accept (limits, draining, no slot), counted and logged.
@@ -81,11 +81,11 @@ extension Worker {
 
     @inline(never)
     func logClosed(_ slot: UInt32, _ connection: UnsafeMutablePointer<Connection>, reason: EndReason?) {
-        guard let accessLog, let slots = accessSlots else { return }
+        guard let accessLog, let slots = side.access else { return }
         let entry = slots[Int(slot)]
         var record = AccessRecord()
         record.endedAt = Worker.wallMilliseconds()
-        record.durationMilliseconds = UInt32(clamping: max(0, nowMilliseconds - entry.startedAt))
+        record.durationMilliseconds = UInt32(clamping: max(0, clock.milliseconds - entry.startedAt))
         record.listener = connection.pointee.listener
         record.reason = reason?.rawValue ?? (entry.firstFIN != 0 ? entry.firstFIN : EndReason.error.rawValue)
         record.endpoint = connection.pointee.endpoint >= 0 ? connection.pointee.endpoint : entry.lastEndpoint

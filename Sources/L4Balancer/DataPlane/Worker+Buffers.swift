@@ -11,33 +11,33 @@ import Glibc
 extension Worker {
     @inline(__always)
     func recycle(_ buffer: UInt16, large: Bool) {
-        if large { largeBuffers.recycle(buffer) } else { smallBuffers.recycle(buffer) }
+        buffers.recycle(buffer, large: large)
     }
 
     /// A completion named a buffer of this group: it is ours until recycled.
     @inline(__always)
     func handedOut(large: Bool) {
-        if large { largeBuffers.handedOut() } else { smallBuffers.handedOut() }
+        buffers.handedOut(large: large)
     }
 
     @inline(__always)
     func bufferAddress(_ buffer: UInt16, large: Bool) -> UnsafeMutableRawPointer {
-        large ? largeBuffers.address(of: buffer) : smallBuffers.address(of: buffer)
+        buffers.address(buffer, large: large)
     }
 
     /// Publishes recycled buffers, then re-arms as many waiting receives as there are free
     /// small buffers: connections that are moving first (`BufferWaitQueue`).
     @inline(__always)
     func returnBuffers() {
-        smallBuffers.publish()
-        largeBuffers.publish()
-        datagramBuffers.publish()
-        if datagramReceivesWaiting, datagramBuffers.available > 0 { rearmDatagramReceives() }
-        if waiters.count > 0 {
+        buffers.small.publish()
+        buffers.large.publish()
+        datagrams.buffers.publish()
+        if datagrams.receivesWaiting, datagrams.buffers.available > 0 { rearmDatagramReceives() }
+        if buffers.waiters.count > 0 {
             // Each waiting direction at most once per pass: one whose re-arm fails goes
             // back to the end of the queue.
-            var budget = min(smallBuffers.available, waiters.count)
-            while budget > 0, let entry = waiters.pop() {
+            var budget = min(buffers.small.available, buffers.waiters.count)
+            while budget > 0, let entry = buffers.waiters.pop() {
                 let slot = entry / 2
                 let toUpstream = entry & 1 == 0
                 let record = slab[slot]
@@ -48,13 +48,9 @@ extension Worker {
             }
         }
         // The most buffers in use at once: a shared store only when a peak is passed.
-        if smallBuffers.inUse > smallBuffersPeak {
-            smallBuffersPeak = smallBuffers.inUse
-            stats.set(.smallBuffersPeak, UInt64(smallBuffersPeak))
-        }
-        if largeBuffers.inUse > largeBuffersPeak {
-            largeBuffersPeak = largeBuffers.inUse
-            stats.set(.largeBuffersPeak, UInt64(largeBuffersPeak))
+        if buffers.notePeaks() {
+            stats.set(.smallBuffersPeak, UInt64(buffers.smallPeak))
+            stats.set(.largeBuffersPeak, UInt64(buffers.largePeak))
         }
     }
 

@@ -15,29 +15,29 @@ extension Worker {
         let record = slab[slot]
         let state = record.pointee.state
         guard state != .closing, state != .free else { return }
-        if accessSlots != nil { logClosed(slot, record, reason: reason) }
+        if side.access != nil { logClosed(slot, record, reason: reason) }
         record.pointee.move(to: .closing)
         wheel.remove(slot, in: slab)
         releaseEndpoint(record)
         if record.pointee.clusterAdmitted {
             record.pointee.clusterAdmitted = false
-            status.leave(cluster: plans[Int(record.pointee.plan)].unsafelyUnwrapped.clusterIDs[Int(record.pointee.cluster)])
+            shared.status.leave(cluster: plans[record.pointee.plan].clusterIDs[Int(record.pointee.cluster)])
         }
         if record.pointee.counted {
             record.pointee.counted = false
             let listener = Int(record.pointee.listener)
-            if record.pointee.listenerLimited { limits.leave(listener) }
+            if record.pointee.listenerLimited { shared.limits.leave(listener) }
             stats.add(.active, listener: listener, UInt64.max)
         }
         if record.pointee.holds.contains(.sourcePlace) {
             record.pointee.holds.remove(.sourcePlace)
-            leaveSource(sourcePlaces[Int(slot)])
+            leaveSource(side.sourcePlaces[Int(slot)])
         }
         dropPending(stream(record, toUpstream: true))
         dropPending(stream(record, toUpstream: false))
         if record.pointee.tls || record.pointee.upstreamTLS { releaseTLSBuffers(slot, record) }
-        waiters.remove(BufferWaitQueue.entry(slot: slot, toUpstream: true))
-        waiters.remove(BufferWaitQueue.entry(slot: slot, toUpstream: false))
+        buffers.waiters.remove(BufferWaitQueue.entry(slot: slot, toUpstream: true))
+        buffers.waiters.remove(BufferWaitQueue.entry(slot: slot, toUpstream: false))
         if record.pointee.inFlight > 0 {
             cancelAll(on: record.pointee.client)
             if record.pointee.upstream >= 0 { cancelAll(on: record.pointee.upstream) }
@@ -56,7 +56,7 @@ extension Worker {
     }
 
     /// The prologue of a completion that holds no buffer: the record, when the completion
-    /// is its current connection's (its generation) and the connection is still `state`;
+    /// is its plans.current connection's (its generation) and the connection is still `state`;
     /// nil when the completion is stale, or the connection is closing (finished here once
     /// its last request has completed).
     @inline(__always)
@@ -89,10 +89,10 @@ extension Worker {
         stats.add(.active, endpoint: endpoint, UInt64.max)
         if record.pointee.endpointLimited {
             record.pointee.endpointLimited = false
-            status.leave(endpoint)
+            shared.status.leave(endpoint)
         }
-        activeByEndpoint[endpoint] -= 1
-        activeByCluster[plans[Int(record.pointee.plan)].unsafelyUnwrapped.clusterIDs[Int(record.pointee.cluster)]] -= 1
+        active.byEndpoint[endpoint] -= 1
+        active.byCluster[plans[record.pointee.plan].clusterIDs[Int(record.pointee.cluster)]] -= 1
         record.pointee.endpoint = -1
     }
 
@@ -101,8 +101,8 @@ extension Worker {
     @inline(never)
     func noteResourceError(_ code: Int32, while doing: String) {
         guard code == EMFILE || code == ENFILE || code == ENOMEM || code == ENOBUFS else { return }
-        guard nowMilliseconds - lastResourceWarning >= 60_000 || lastResourceWarning == 0 else { return }
-        lastResourceWarning = nowMilliseconds
+        guard clock.milliseconds - lastResourceWarning >= 60_000 || lastResourceWarning == 0 else { return }
+        lastResourceWarning = clock.milliseconds
         let what = code == EMFILE || code == ENFILE ? "out of file descriptors" : "out of memory"
         logger.warning("\(what) while \(doing): \(String(cString: strerror(code))); new clients are refused until it recovers", metadata: [
             "worker": "\(control.index)",

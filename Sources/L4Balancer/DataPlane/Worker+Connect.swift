@@ -11,7 +11,7 @@ extension Worker {
     func startConnect(_ slot: UInt32) {
         let record = slab[slot]
         let listener = Int(record.pointee.listener)
-        let plan = plans[Int(record.pointee.plan)].unsafelyUnwrapped
+        let plan = plans[record.pointee.plan]
         let clusterIndex = Int(record.pointee.cluster)
         let firstEndpoint = plan.firstEndpoints[clusterIndex]
         let clusterID = plan.clusterIDs[clusterIndex]
@@ -30,7 +30,7 @@ extension Worker {
             // The pick took a place on the endpoint (its max_connections); give it back.
             if record.pointee.endpointLimited {
                 record.pointee.endpointLimited = false
-                status.leave(endpoint)
+                shared.status.leave(endpoint)
             }
             stats.add(.connectFailed, listener: listener)
             close(slot, reason: .connectFailed)
@@ -39,10 +39,10 @@ extension Worker {
         setNoDelay(fd)
         record.pointee.upstream = fd
         record.pointee.endpoint = Int32(endpoint)
-        if let slots = accessSlots { slots[Int(slot)].lastEndpoint = Int32(endpoint) }
+        if let slots = side.access { slots[Int(slot)].lastEndpoint = Int32(endpoint) }
         stats.add(.active, endpoint: endpoint)
-        activeByEndpoint[endpoint] += 1
-        activeByCluster[clusterID] += 1
+        active.byEndpoint[endpoint] += 1
+        active.byCluster[clusterID] += 1
         guard ring.prepareConnect(
             socket: fd, address: address, length: plan.endpointAddressLengths[position],
             userData: UserData(.connect, slot: slot, generation: record.pointee.generation).raw,
@@ -61,7 +61,7 @@ extension Worker {
     @inline(__always)
     func markTried(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, _ local: Int) {
         var count = Int(record.pointee.triedAbove64)
-        Worker.exclude(local, bits: &record.pointee.tried, others: triedAbove64 + Int(slot) * Worker.triedStride, count: &count)
+        Worker.exclude(local, bits: &record.pointee.tried, others: side.tried(slot), count: &count)
         record.pointee.triedAbove64 = UInt8(count)
         record.pointee.attempts &+= 1
     }
@@ -74,23 +74,23 @@ extension Worker {
         _ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, plan: WorkerPlan, clusterIndex: Int, clusterID: Int, firstEndpoint: Int
     ) -> Int? {
         let snapshot = plan.snapshot
-        let view = status.view(snapshot, firstEndpoint: firstEndpoint)
+        let view = shared.status.view(snapshot, firstEndpoint: firstEndpoint)
         let ids = snapshot.endpointIDs + firstEndpoint
         let limits = snapshot.endpointLimits + firstEndpoint
         let window = plan.slowStartMilliseconds[clusterIndex]
         // Tried endpoints, plus those skipped for this choice only (appended after them).
         var bits = record.pointee.tried
-        let others = triedAbove64 + Int(slot) * Worker.triedStride
+        let others = side.tried(slot)
         var otherCount = Int(record.pointee.triedAbove64)
         var fallback: Int?
         for _ in 0..<Worker.picksPerChoice {
             guard let local = plan.balancers[clusterIndex].pick(
                 flowHash: record.pointee.flowHash, tried: TriedEndpoints(bits: bits, others: others, otherCount: otherCount),
-                active: ActiveCounts(base: activeByEndpoint, ids: ids), clusterActive: activeByCluster[clusterID], endpoints: view)
+                active: ActiveCounts(base: active.byEndpoint, ids: ids), clusterActive: active.byCluster[clusterID], endpoints: view)
             else { break }
             if window > 0 {
-                let since = status.availableSince(Int(ids[local]))
-                let elapsed = nowMilliseconds - since
+                let since = shared.status.availableSince(Int(ids[local]))
+                let elapsed = clock.milliseconds - since
                 if since > 0, elapsed < window {
                     let factor = 0.1 + 0.9 * Double(elapsed) / Double(window)
                     if Double(random.next() >> 11) * 0x1p-53 >= factor {
@@ -112,7 +112,7 @@ extension Worker {
     @inline(__always)
     func admit(_ record: UnsafeMutablePointer<Connection>, id: Int, limit: Int) -> Bool {
         guard limit != Int.max else { return true }
-        guard status.admit(id, limit: limit) else { return false }
+        guard shared.status.admit(id, limit: limit) else { return false }
         record.pointee.endpointLimited = true
         return true
     }
@@ -129,7 +129,7 @@ extension Worker {
             releaseEndpoint(record)
             Glibc.close(record.pointee.upstream)
             record.pointee.upstream = -1
-            if Int(record.pointee.attempts) < plans[Int(record.pointee.plan)].unsafelyUnwrapped.connectAttempts[listener] {
+            if Int(record.pointee.attempts) < plans[record.pointee.plan].connectAttempts[listener] {
                 startConnect(slot)
             } else {
                 stats.add(.connectFailed, listener: listener)
@@ -139,11 +139,11 @@ extension Worker {
         }
         // With TLS to the endpoint, a connection counts as made once its handshake is
         // (outlier detection weighs failed handshakes against these).
-        if !plans[Int(record.pointee.plan)].unsafelyUnwrapped.wantsUpstreamTLS[Int(record.pointee.cluster)] {
+        if !plans[record.pointee.plan].wantsUpstreamTLS[Int(record.pointee.cluster)] {
             stats.add(.total, endpoint: endpoint)
         }
-        record.pointee.lastActivity = nowTick
-        let version = plans[Int(record.pointee.plan)].unsafelyUnwrapped.proxyProtocols[listener]
+        record.pointee.lastActivity = clock.tick
+        let version = plans[record.pointee.plan].proxyProtocols[listener]
         if version == .none {
             upstreamReady(slot, record)
             return
@@ -154,16 +154,16 @@ extension Worker {
             startTLSProxyHeader(slot, record)
             return
         }
-        let header = proxyHeaders + Int(slot) * ProxyProtocolHeader.capacity
+        let header = side.proxyHeader(slot)
         record.pointee.toUpstream.length = Int32(ProxyProtocolHeader.write(version: version, client: record.pointee.client, into: header))
         record.pointee.toUpstream.sent = 0
         sendProxyHeader(slot, record)
     }
 
     func sendProxyHeader(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
-        let tlsHeader = record.pointee.tls ? tlsSlots[Int(slot)].headerBuffer : Connection.Stream.noBuffer
+        let tlsHeader = record.pointee.tls ? side.tls[Int(slot)].headerBuffer : Connection.Stream.noBuffer
         let header = tlsHeader != Connection.Stream.noBuffer
-            ? bufferAddress(tlsHeader, large: false) : proxyHeaders + Int(slot) * ProxyProtocolHeader.capacity
+            ? bufferAddress(tlsHeader, large: false) : side.proxyHeader(slot)
         let sent = Int(record.pointee.toUpstream.sent)
         guard ring.prepareSend(
             socket: record.pointee.upstream, bytes: header + sent, length: Int(record.pointee.toUpstream.length) - sent,
@@ -187,9 +187,9 @@ extension Worker {
         if record.pointee.toUpstream.sent < record.pointee.toUpstream.length {
             sendProxyHeader(slot, record)
         } else {
-            if record.pointee.tls, tlsSlots[Int(slot)].headerBuffer != Connection.Stream.noBuffer {
-                recycle(tlsSlots[Int(slot)].headerBuffer, large: false)
-                tlsSlots[Int(slot)].headerBuffer = Connection.Stream.noBuffer
+            if record.pointee.tls, side.tls[Int(slot)].headerBuffer != Connection.Stream.noBuffer {
+                recycle(side.tls[Int(slot)].headerBuffer, large: false)
+                side.tls[Int(slot)].headerBuffer = Connection.Stream.noBuffer
             }
             upstreamReady(slot, record)
         }

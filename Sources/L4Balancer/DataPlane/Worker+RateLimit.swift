@@ -14,7 +14,7 @@ extension Worker {
             stats.add(.rateLimitExempt, listener: listener)
             return 0
         }
-        let sources = limits.sources
+        let sources = shared.limits.sources
         let now = SourceTable.now()
         guard let (slot, tag) = sources.slot(for: SourceKey(address, listener: listener, prefixV4: rule.prefixV4, prefixV6: rule.prefixV6), now: now)
         else { return 0 }
@@ -42,7 +42,7 @@ extension Worker {
     @inline(__always)
     func admitDatagram(_ raw: UnsafeRawPointer, _ rule: SourceRateRule, listener: Int) -> Bool {
         guard let address = SourceAddress(raw), !rule.exempt.contains(address) else { return true }
-        let sources = limits.sources
+        let sources = shared.limits.sources
         let now = SourceTable.now()
         guard let (slot, _) = sources.slot(for: SourceKey(address, listener: listener, prefixV4: rule.prefixV4, prefixV6: rule.prefixV6), now: now)
         else { return true }
@@ -54,7 +54,7 @@ extension Worker {
     /// Gives back a place `admitNewSource` returned.
     @inline(__always)
     func leaveSource(_ place: UInt32) {
-        if place != 0 { limits.sources.leave(Int(place) - 1) }
+        if place != 0 { shared.limits.sources.leave(Int(place) - 1) }
     }
 
     private func noteLimited(_ slot: Int, _ reason: RateLimitReason, listener: Int, now: UInt64) {
@@ -64,6 +64,6 @@ extension Worker {
         case .maxConnections: .rateLimitedMaxConnections
         }
         stats.add(counter, listener: listener)
-        limits.sources.noteLimited(slot, reason: reason, now: now)
+        shared.limits.sources.noteLimited(slot, reason: reason, now: now)
     }
 }

@@ -56,7 +56,7 @@ extension Worker {
             if result == -ENOBUFS {
                 // No buffer to peek into: again at the next tick.
                 stats.add(.bufferWaits, listener: listener)
-                retriesAtTick.append((slot: slot, generation: record.pointee.generation))
+                buffers.retriesAtTick.append((slot: slot, generation: record.pointee.generation))
             } else {
                 close(slot, reason: result == 0 ? .clientFIN : Worker.reason(result))
             }
@@ -66,7 +66,7 @@ extension Worker {
         let s = stream(record, toUpstream: true)
         switch ClientHello.parse(bytes) {
         case .complete(let offset, let length):
-            let routes = plans[Int(record.pointee.plan)].unsafelyUnwrapped.routes[listener].unsafelyUnwrapped
+            let routes = plans[record.pointee.plan].routes[listener].unsafelyUnwrapped
             let matched = length > 0 ? routes.route(for: bytes, offset: offset, length: length) : nil
             recycle(buffer, large: false)
             stats.add(matched == nil ? .sniDefault : .sniRouted, listener: listener)
@@ -77,7 +77,7 @@ extension Worker {
             route(slot, record, cluster: routed ?? routes.defaultCluster)
         case .needMore(let total):
             recycle(buffer, large: false)
-            if total > smallBuffers.bufferSize {
+            if total > buffers.small.bufferSize {
                 stats.add(.sniOversize, listener: listener)
                 close(slot, reason: .error)
             } else if s.pointee.sent == 1, result <= s.pointee.length {
@@ -130,9 +130,9 @@ extension Worker {
     /// The route is known: circuit breaking and the flow hash for that cluster, then the
     /// upstream connect, as at accept for a plain listener.
     func route(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, cluster: Int) {
-        let plan = plans[Int(record.pointee.plan)].unsafelyUnwrapped
+        let plan = plans[record.pointee.plan]
         if let limit = plan.clusterLimits[cluster] {
-            guard status.admit(cluster: plan.clusterIDs[cluster], limit: limit) else {
+            guard shared.status.admit(cluster: plan.clusterIDs[cluster], limit: limit) else {
                 stats.add(.clusterFull, listener: Int(record.pointee.listener))
                 close(slot, reason: .refused)
                 return

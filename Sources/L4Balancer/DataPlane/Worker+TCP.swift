@@ -54,9 +54,9 @@ extension Worker {
         let queued: Bool
         if large {
             queued = ring.prepareReceive(socket: socket, bufferGroup: Worker.largeBufferGroup, userData: userData)
-        } else if multishotSmallReceives {
+        } else if buffers.multishotSmallReceives {
             queued = ring.prepareMultishotReceive(
-                socket: socket, bufferGroup: Worker.smallBufferGroup, limit: UInt32(smallBuffers.bufferSize), userData: userData)
+                socket: socket, bufferGroup: Worker.smallBufferGroup, limit: UInt32(buffers.small.bufferSize), userData: userData)
         } else {
             queued = ring.prepareReceive(socket: socket, bufferGroup: Worker.smallBufferGroup, userData: userData)
         }
@@ -77,7 +77,7 @@ extension Worker {
         let s = stream(record, toUpstream: toUpstream)
         if s.pointee.state != .waitingForBuffer { s.pointee.move(to: .waitingForBuffer) }
         let stuck = stream(record, toUpstream: !toUpstream).pointee.isSending
-        waiters.push(BufferWaitQueue.entry(slot: slot, toUpstream: toUpstream), priority: stuck ? .later : .first)
+        buffers.waiters.push(BufferWaitQueue.entry(slot: slot, toUpstream: toUpstream), priority: stuck ? .later : .first)
     }
 
     /// Sends what is left of the direction's buffer. The buffer is recycled when this send
@@ -101,7 +101,7 @@ extension Worker {
 
     @inline(__always)
     func startSend(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, toUpstream: Bool, buffer: UInt16, length: Int32, large: Bool) {
-        stream(record, toUpstream: toUpstream).pointee.hold(buffer, length: length, large: large, at: nowTick)
+        stream(record, toUpstream: toUpstream).pointee.hold(buffer, length: length, large: large, at: clock.tick)
         sendPending(slot, record, toUpstream: toUpstream)
     }
 
@@ -141,12 +141,12 @@ extension Worker {
         let more = completion.hasMore
         let result = completion.result
         if result > 0, let buffer {
-            if !large, Int(result) == smallBuffers.bufferSize {
+            if !large, Int(result) == buffers.small.bufferSize {
                 s.pointee.prefersLarge = true
-            } else if large, Int(result) < smallBuffers.bufferSize {
+            } else if large, Int(result) < buffers.small.bufferSize {
                 s.pointee.prefersLarge = false
             }
-            record.pointee.lastActivity = nowTick
+            record.pointee.lastActivity = clock.tick
             countRelayed(slot, record, toUpstream: toUpstream, result)
             if isTLS(record, atUpstream: toUpstream) {
                 receivedPlaintext(slot, record, forTLSAtUpstream: toUpstream, buffer: buffer, length: result, large: large)
@@ -160,7 +160,7 @@ extension Worker {
         }
         if let buffer { recycle(buffer, large: large) }
         if result == 0 {
-            if let slots = accessSlots, slots[Int(slot)].firstFIN == 0 {
+            if let slots = side.access, slots[Int(slot)].firstFIN == 0 {
                 slots[Int(slot)].firstFIN = (toUpstream ? EndReason.clientFIN : .upstreamFIN).rawValue
             }
             // EOF: forward it as a half-close once what came before it is sent, and keep
@@ -196,11 +196,11 @@ extension Worker {
         if toUpstream {
             stats.add(.bytesIn, listener: listener, UInt64(count))
             stats.add(.bytesOut, endpoint: endpoint, UInt64(count))
-            if let slots = accessSlots { slots[Int(slot)].bytesFromClient &+= UInt64(count) }
+            if let slots = side.access { slots[Int(slot)].bytesFromClient &+= UInt64(count) }
         } else {
             stats.add(.bytesOut, listener: listener, UInt64(count))
             stats.add(.bytesIn, endpoint: endpoint, UInt64(count))
-            if let slots = accessSlots { slots[Int(slot)].bytesFromUpstream &+= UInt64(count) }
+            if let slots = side.access { slots[Int(slot)].bytesFromUpstream &+= UInt64(count) }
         }
     }
 
@@ -209,7 +209,7 @@ extension Worker {
     /// limit one arm never needs more (`Connection.Stream`).
     @inline(__always)
     func absorb(_ slot: UInt32, _ buffer: UInt16, length: Int32, into s: UnsafeMutablePointer<Connection.Stream>) {
-        let capacity = Int32(smallBuffers.bufferSize)
+        let capacity = Int32(buffers.small.bufferSize)
         if s.pointee.pending == Connection.Stream.noBuffer {
             if !s.pointee.large, s.pointee.length + length <= capacity {
                 // Past the bytes the send in flight reads: safe to write now.
@@ -249,8 +249,8 @@ extension Worker {
             return
         }
         s.pointee.sent += completion.result
-        record.pointee.lastActivity = nowTick
-        s.pointee.sendProgress = nowTick
+        record.pointee.lastActivity = clock.tick
+        s.pointee.sendProgress = clock.tick
         if s.pointee.sent < s.pointee.length {
             sendPending(slot, record, toUpstream: toUpstream)
             return

@@ -6,7 +6,7 @@ import Glibc
 #endif
 
 /// One side's OpenSSL state for a TLS connection, in the worker's side tables by slot
-/// (`tlsSlots` for the client side, `upstreamTLSSlots` for the upstream; touched only by
+/// (`side.tls` for the client side, `side.upstreamTLS` for the upstream; touched only by
 /// TLS connections). Ciphertext from the peer goes to OpenSSL through `input`
 /// (`input_bio.h`: a large receive is read where it lies, anything else copied) and the
 /// receive buffer is reused for the plaintext OpenSSL reads out of it; ciphertext OpenSSL
@@ -37,7 +37,7 @@ struct TLSSlot {
     var cipherUnsent = false
     /// Accept time (monotonic ms), for the handshake latency.
     var started: Int64 = 0
-    /// In `inputReleasesAtTick`: the input BIO copied a large receive, and the memory that
+    /// In `buffers.inputReleasesAtTick`: the input BIO copied a large receive, and the memory that
     /// took is given back at the first tick that finds it read.
     var inputReleaseQueued = false
     /// An SSL_read failed other than for want of ciphertext (an error, close_notify), and
@@ -80,7 +80,7 @@ extension Worker {
 
     @inline(__always)
     func tlsSlot(_ slot: UInt32, atUpstream: Bool) -> UnsafeMutablePointer<TLSSlot> {
-        (atUpstream ? upstreamTLSSlots : tlsSlots) + Int(slot)
+        (atUpstream ? side.upstreamTLS : side.tls) + Int(slot)
     }
 
     @inline(__always)
@@ -117,13 +117,13 @@ extension Worker {
                 if large, !t.pointee.inputReleaseQueued {
                     // The BIO grew by a megabyte: given back once it is read (at a tick).
                     t.pointee.inputReleaseQueued = true
-                    inputReleasesAtTick.append((slot: slot, generation: record.pointee.generation, atUpstream: atUpstream))
+                    buffers.inputReleasesAtTick.append((slot: slot, generation: record.pointee.generation, atUpstream: atUpstream))
                 }
             }
             if state == .proxying {
-                if !large, Int(result) == smallBuffers.bufferSize {
+                if !large, Int(result) == buffers.small.bufferSize {
                     s.pointee.prefersLarge = true
-                } else if large, Int(result) < smallBuffers.bufferSize {
+                } else if large, Int(result) < buffers.small.bufferSize {
                     s.pointee.prefersLarge = false
                 }
             }
@@ -131,7 +131,7 @@ extension Worker {
                 recycle(buffer, large: large)
                 if !t.pointee.closeAfterFlush { continueHandshake(slot, record, atUpstream: atUpstream) }
             } else if state == .proxying, s.pointee.state == .receiving {
-                record.pointee.lastActivity = nowTick
+                record.pointee.lastActivity = clock.tick
                 afterPlaintextPull(slot, record, atUpstream: atUpstream, pullPlaintext(slot, record, atUpstream: atUpstream, into: buffer, large: large))
             } else {
                 // Connecting, or the other side busy: the bytes wait in the BIO, and the
@@ -192,9 +192,9 @@ extension Worker {
             return .drained
         }
         let address = plaintextAddress(buffer, large: large)
-        var count = SSL_read(ssl, address, Int32(smallBuffers.bufferSize))
+        var count = SSL_read(ssl, address, Int32(buffers.small.bufferSize))
         if large, count > 0 {
-            let capacity = Int32(largeBuffers.bufferSize + Worker.plaintextHeadroom)
+            let capacity = Int32(buffers.large.bufferSize + Worker.plaintextHeadroom)
             while capacity - count >= 16_384 {
                 let more = SSL_read(ssl, address + Int(count), capacity - count)
                 guard more > 0 else {
@@ -238,7 +238,7 @@ extension Worker {
         let s = stream(record, toUpstream: toUpstream)
         if s.pointee.state == .receiving { s.pointee.move(to: .sending) }
         if isTLS(record, atUpstream: toUpstream) {
-            s.pointee.hold(buffer, length: count, large: large, at: nowTick)
+            s.pointee.hold(buffer, length: count, large: large, at: clock.tick)
             encryptFor(slot, record, atUpstream: toUpstream)
         } else {
             startSend(slot, record, toUpstream: toUpstream, buffer: buffer, length: count, large: large)
@@ -250,8 +250,8 @@ extension Worker {
     /// is freed at the first tick that finds it read, so an idle connection does not hold
     /// a megabyte for longer than a tick.
     func releaseIdleInputMemory() {
-        let queued = inputReleasesAtTick
-        inputReleasesAtTick.removeAll(keepingCapacity: true)
+        let queued = buffers.inputReleasesAtTick
+        buffers.inputReleasesAtTick.removeAll(keepingCapacity: true)
         for (slot, generation, atUpstream) in queued {
             let record = slab[slot]
             guard stillOpen(record, generation: generation), isTLS(record, atUpstream: atUpstream) else { continue }
@@ -260,7 +260,7 @@ extension Worker {
             if COpenSSL_input_release_kept(input) == 1 {
                 t.pointee.inputReleaseQueued = false
             } else {
-                inputReleasesAtTick.append((slot: slot, generation: generation, atUpstream: atUpstream))
+                buffers.inputReleasesAtTick.append((slot: slot, generation: generation, atUpstream: atUpstream))
             }
         }
     }
@@ -268,7 +268,7 @@ extension Worker {
     /// Where plaintext read from TLS into `buffer` starts: a large buffer's headroom.
     @inline(__always)
     func plaintextAddress(_ buffer: UInt16, large: Bool) -> UnsafeMutableRawPointer {
-        large ? largeBuffers.address(of: buffer) - Worker.plaintextHeadroom : smallBuffers.address(of: buffer)
+        large ? buffers.large.address(of: buffer) - Worker.plaintextHeadroom : buffers.small.address(of: buffer)
     }
 
     /// Where the bytes direction `s` holds start: its buffer, or for plaintext from a TLS
@@ -338,8 +338,8 @@ extension Worker {
         let pending = COpenSSL_input_pending(t.pointee.inputState) > 0 || SSL_has_pending(t.pointee.ssl) == 1
         var buffer = Connection.Stream.noBuffer
         if pending {
-            guard let taken = smallBuffers.take() else {
-                retriesAtTick.append((slot: slot, generation: record.pointee.generation))
+            guard let taken = buffers.small.take() else {
+                buffers.retriesAtTick.append((slot: slot, generation: record.pointee.generation))
                 return
             }
             buffer = taken
@@ -347,7 +347,7 @@ extension Worker {
         if s.pointee.state == .waitingForBuffer {
             // Still waiting with nothing to do: it re-arms when buffers return.
             guard pending || t.pointee.peerEnded else { return }
-            waiters.remove(BufferWaitQueue.entry(slot: slot, toUpstream: toUpstream))
+            buffers.waiters.remove(BufferWaitQueue.entry(slot: slot, toUpstream: toUpstream))
             s.pointee.move(to: .receiving)
         }
         if pending {
@@ -397,13 +397,13 @@ extension Worker {
 
     func freeTLS(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
         if record.pointee.tls {
-            let t = tlsSlots + Int(slot)
+            let t = side.tls + Int(slot)
             SSL_free(t.pointee.ssl)
             if t.pointee.headerBuffer != Connection.Stream.noBuffer { recycle(t.pointee.headerBuffer, large: false) }
             t.pointee = TLSSlot()
         }
         if record.pointee.upstreamTLS {
-            let t = upstreamTLSSlots + Int(slot)
+            let t = side.upstreamTLS + Int(slot)
             SSL_free(t.pointee.ssl)
             t.pointee = TLSSlot()
         }

@@ -16,7 +16,7 @@ extension Worker {
             absorb(slot, buffer, length: length, into: s)
         } else {
             s.pointee.move(to: .sending)
-            s.pointee.hold(buffer, length: length, large: large, at: nowTick)
+            s.pointee.hold(buffer, length: length, large: large, at: clock.tick)
         }
         if record.pointee.state == .proxying { encryptFor(slot, record, atUpstream: atUpstream) }
     }
@@ -112,12 +112,12 @@ extension Worker {
             COpenSSL_bytes_clear(t.pointee.outputQueue)
             return
         }
-        guard let buffer = smallBuffers.take() else {
+        guard let buffer = buffers.small.take() else {
             // Every small buffer is out: try again on the next tick.
-            retriesAtTick.append((slot: slot, generation: record.pointee.generation))
+            buffers.retriesAtTick.append((slot: slot, generation: record.pointee.generation))
             return
         }
-        let count = COpenSSL_output_take(t.pointee.outputQueue, bufferAddress(buffer, large: false), min(pending, smallBuffers.bufferSize))
+        let count = COpenSSL_output_take(t.pointee.outputQueue, bufferAddress(buffer, large: false), min(pending, buffers.small.bufferSize))
         t.pointee.cipherBuffer = buffer
         t.pointee.cipherLength = Int32(count)
         t.pointee.cipherSent = 0
@@ -137,7 +137,7 @@ extension Worker {
             // held (so no second send starts) and the send is tried again at the tick.
             stats.add(.submissionDrops)
             t.pointee.cipherUnsent = true
-            retriesAtTick.append((slot: slot, generation: record.pointee.generation))
+            buffers.retriesAtTick.append((slot: slot, generation: record.pointee.generation))
             return
         }
         t.pointee.cipherUnsent = false
@@ -158,8 +158,8 @@ extension Worker {
             return
         }
         t.pointee.cipherSent += completion.result
-        stream(record, toUpstream: atUpstream).pointee.sendProgress = nowTick
-        if state == .proxying { record.pointee.lastActivity = nowTick }
+        stream(record, toUpstream: atUpstream).pointee.sendProgress = clock.tick
+        if state == .proxying { record.pointee.lastActivity = clock.tick }
         if t.pointee.cipherSent < t.pointee.cipherLength {
             sendCiphertext(slot, record, atUpstream: atUpstream)
             return

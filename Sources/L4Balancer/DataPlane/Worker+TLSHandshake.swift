@@ -34,12 +34,12 @@ extension Worker {
         }
         record.pointee.upstreamTLS = true
         record.pointee.move(to: .upstreamHandshaking)
-        record.pointee.lastActivity = nowTick
+        record.pointee.lastActivity = clock.tick
         // Bounded by connect_timeout: filed again at that deadline.
-        let limit = plans[Int(record.pointee.plan)].unsafelyUnwrapped.connectTicks[Int(record.pointee.listener)]
+        let limit = plans[record.pointee.plan].connectTicks[Int(record.pointee.listener)]
         if limit > 0 {
             wheel.remove(slot, in: slab)
-            wheel.insert(slot, deadline: nowTick &+ limit, in: slab)
+            wheel.insert(slot, deadline: clock.tick &+ limit, in: slab)
         }
         continueHandshake(slot, record, atUpstream: true)
     }
@@ -57,7 +57,7 @@ extension Worker {
         SSL_set_bio(ssl, input, output)
         tlsSlot(slot, atUpstream: atUpstream).initialize(to: TLSSlot(
             ssl: ssl, input: input, output: output, inputState: COpenSSL_input_state(input),
-            outputQueue: COpenSSL_output_queue(output), started: nowMilliseconds))
+            outputQueue: COpenSSL_output_queue(output), started: clock.milliseconds))
         return true
     }
 
@@ -102,7 +102,7 @@ extension Worker {
     }
 
     func handshakeDone(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
-        let t = tlsSlots + Int(slot)
+        let t = side.tls + Int(slot)
         let ssl = t.pointee.ssl
         let listener = Int(record.pointee.listener)
         switch SSL_version(ssl) {
@@ -111,10 +111,10 @@ extension Worker {
         default: stats.add(.tlsHandshakesOther, listener: listener)
         }
         if SSL_session_reused(ssl) == 1 { stats.add(.tlsResumed, listener: listener) }
-        let milliseconds = max(0, nowMilliseconds - t.pointee.started)
+        let milliseconds = max(0, clock.milliseconds - t.pointee.started)
         stats.add(.tlsHandshakeMilliseconds, listener: listener, UInt64(milliseconds))
         stats.add(WorkerStats.ListenerCounter.handshakeBucket(milliseconds: milliseconds), listener: listener)
-        record.pointee.lastActivity = nowTick
+        record.pointee.lastActivity = clock.tick
         record.pointee.move(to: .connecting)
         startConnect(slot)
     }
@@ -131,15 +131,15 @@ extension Worker {
         let listener = Int(record.pointee.listener)
         stats.add(.tlsUpstreamHandshakes, listener: listener)
         stats.add(.total, endpoint: Int(record.pointee.endpoint))
-        if SSL_session_reused(upstreamTLSSlots[Int(slot)].ssl) == 1 { stats.add(.tlsUpstreamResumed, listener: listener) }
-        record.pointee.lastActivity = nowTick
+        if SSL_session_reused(side.upstreamTLS[Int(slot)].ssl) == 1 { stats.add(.tlsUpstreamResumed, listener: listener) }
+        record.pointee.lastActivity = clock.tick
         startProxying(slot, record)
     }
 
     /// After the connect (and the PROXY header): the upstream handshake when the cluster
     /// has `tls:`, else the relay.
     func upstreamReady(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
-        let plan = plans[Int(record.pointee.plan)].unsafelyUnwrapped
+        let plan = plans[record.pointee.plan]
         let cluster = Int(record.pointee.cluster)
         if let context = plan.upstreamTLS[cluster] {
             startUpstreamHandshake(slot, record, context: context)

@@ -11,11 +11,11 @@ extension Worker {
     /// free (the connection waits in `.sendingProxyHeader`, nothing in flight).
     func startTLSProxyHeader(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
         guard let length = writeTLSProxyHeader(slot, record) else {
-            tlsSlots[Int(slot)].headerUnwritten = true
-            retriesAtTick.append((slot: slot, generation: record.pointee.generation))
+            side.tls[Int(slot)].headerUnwritten = true
+            buffers.retriesAtTick.append((slot: slot, generation: record.pointee.generation))
             return
         }
-        tlsSlots[Int(slot)].headerUnwritten = false
+        side.tls[Int(slot)].headerUnwritten = false
         record.pointee.toUpstream.length = length
         record.pointee.toUpstream.sent = 0
         sendProxyHeader(slot, record)
@@ -25,8 +25,8 @@ extension Worker {
     /// TLV: version, cipher and, under mTLS, the verified client's common name) into a
     /// small buffer taken for it; returns its length, or nil when no buffer is free.
     func writeTLSProxyHeader(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) -> Int32? {
-        let t = tlsSlots + Int(slot)
-        guard let buffer = smallBuffers.take() else { return nil }
+        let t = side.tls + Int(slot)
+        guard let buffer = buffers.small.take() else { return nil }
         t.pointee.headerBuffer = buffer
         let out = bufferAddress(buffer, large: false)
         var length = ProxyProtocolHeader.write(version: .v2, client: record.pointee.client, into: out)

@@ -12,59 +12,59 @@ extension Worker {
     /// The timer tick and the control plane's wake-up read. Losing either would stop the
     /// timers or leave a drain request unseen, so a refusal is retried every loop.
     func armTick() {
-        tickArmed = ring.prepareTimeout(tickTimeout, userData: UserData(.tick).raw)
-        if !tickArmed { stats.add(.submissionDrops) }
+        loop.tickArmed = ring.prepareTimeout(loop.tickTimeout, userData: UserData(.tick).raw)
+        if !loop.tickArmed { stats.add(.submissionDrops) }
     }
 
     func armWake() {
-        wakeArmed = ring.prepareRead(fd: control.wakeFD, into: wakeCounter, length: 8, userData: UserData(.wake).raw)
-        if !wakeArmed { stats.add(.submissionDrops) }
+        loop.wakeArmed = ring.prepareRead(fd: control.wakeFD, into: loop.wakeCounter, length: 8, userData: UserData(.wake).raw)
+        if !loop.wakeArmed { stats.add(.submissionDrops) }
     }
 
     func woken() {
         armWake()
         if !draining, control.drainRequested.load(ordering: .acquiring) { startDrain() }
-        let filter = filters.filter
+        let filter = shared.filters.filter
         if filter !== sourceFilter {
             sourceFilter = filter
             // Every datagram must pass the user-space blocklist: the kernel gives its sessions back.
             if filter.enforcing { reclaimRelayedSessions() }
         }
         if !draining {
-            let published = store.snapshot
-            if published !== current.snapshot { adopt(published) }
+            let published = shared.store.snapshot
+            if published !== plans.current.snapshot { adopt(published) }
         }
     }
 
     /// Stop accepting: the listening sockets stop listening at once (new SYNs are refused),
     /// established connections carry on.
     func startDrain() {
-        draining = true
-        for id in servedListeners { retireListener(id) }
-        servedListeners = []
+        drain = .draining
+        for id in listeners.served { retireListener(id) }
+        listeners.served = []
         logger.debug("worker draining", metadata: ["worker": "\(control.index)", "connections": "\(slab.active)"])
     }
 
     func ticked() {
         armTick()
-        stats.set(.smallBuffersInUse, UInt64(smallBuffers.inUse))
-        stats.set(.largeBuffersInUse, UInt64(largeBuffers.inUse))
+        stats.set(.smallBuffersInUse, UInt64(buffers.small.inUse))
+        stats.set(.largeBuffersInUse, UInt64(buffers.large.inUse))
         expireConnections()
-        if !retriesAtTick.isEmpty { retryAtTick() }
-        if !inputReleasesAtTick.isEmpty { releaseIdleInputMemory() }
-        if udpSessions.active > 0 || !repliesToRearm.isEmpty { expireSessions() }
-        if !relayedSessions.isEmpty { relayedActivityTick() }
-        if closesOnUnhealthy { closeConnectionsToUnavailableEndpoints() }
-        if !removedListeners.isEmpty { closeExpiredRemovedListeners() }
-        if !draining, store.snapshot !== current.snapshot { adopt(store.snapshot) }
+        if !buffers.retriesAtTick.isEmpty { retryAtTick() }
+        if !buffers.inputReleasesAtTick.isEmpty { releaseIdleInputMemory() }
+        if datagrams.sessions.active > 0 || !datagrams.repliesToRearm.isEmpty { expireSessions() }
+        if !datagrams.relayed.isEmpty { relayedActivityTick() }
+        if plans.closesOnUnhealthy { closeConnectionsToUnavailableEndpoints() }
+        if !listeners.removed.isEmpty { closeExpiredRemovedListeners() }
+        if !draining, shared.store.snapshot !== plans.current.snapshot { adopt(shared.store.snapshot) }
         if draining {
-            if !forcedClose, nowMilliseconds >= control.drainDeadline.load(ordering: .relaxed) {
-                forcedClose = true
+            if drain != .forcing, clock.milliseconds >= control.drainDeadline.load(ordering: .relaxed) {
+                drain = .forcing
                 closeAll()
             }
         } else {
             // Accepts that stopped on an error (EMFILE and the like) retry once per tick.
-            for id in servedListeners where !acceptArmed[id] { armAccept(id) }
+            for id in listeners.served where !listeners[id].armed { armAccept(id) }
         }
     }
 
@@ -78,8 +78,8 @@ extension Worker {
     /// Steps that found no free small buffer (a TLS flush, a ClientHello peek), retried
     /// once per tick.
     func retryAtTick() {
-        let waiting = retriesAtTick
-        retriesAtTick.removeAll(keepingCapacity: true)
+        let waiting = buffers.retriesAtTick
+        buffers.retriesAtTick.removeAll(keepingCapacity: true)
         for (slot, generation) in waiting {
             let record = slab[slot]
             guard stillOpen(record, generation: generation) else { continue }
@@ -115,7 +115,7 @@ extension Worker {
     /// either way) for `idle_timeout`, or a send of it has made no progress for
     /// `send_timeout`; otherwise it is filed again at its next deadline.
     func expireConnections() {
-        while let head = wheel.takeNextDueBucket(now: nowTick) {
+        while let head = wheel.takeNextDueBucket(now: clock.tick) {
             var cursor = head
             while cursor != 0 {
                 let slot = cursor - 1
@@ -127,7 +127,7 @@ extension Worker {
                 let state = record.pointee.state
                 guard state != .free, state != .closing else { continue }
                 let listener = Int(record.pointee.listener)
-                switch timerCheck(record, plan: plans[Int(record.pointee.plan)].unsafelyUnwrapped, listener: listener) {
+                switch timerCheck(record, plan: plans[record.pointee.plan], listener: listener) {
                 case .idle:
                     stats.add(.idleTimeouts, listener: listener)
                     close(slot, reason: .idleTimeout)
@@ -164,7 +164,7 @@ extension Worker {
     func timerCheck(_ record: UnsafeMutablePointer<Connection>, plan: WorkerPlan, listener: Int) -> TimerVerdict {
         if record.pointee.state == .handshaking || record.pointee.state == .inspecting || record.pointee.state == .upstreamHandshaking {
             let limit = record.pointee.state == .upstreamHandshaking ? plan.connectTicks[listener] : plan.openingTicks[listener]
-            let elapsed = nowTick &- record.pointee.lastActivity
+            let elapsed = clock.tick &- record.pointee.lastActivity
             return elapsed >= limit ? .openingTimeout : .refile(record.pointee.lastActivity &+ limit)
         }
         let idle = plan.idleTicks[listener]
@@ -172,12 +172,12 @@ extension Worker {
         var next = UInt32.max
         if idle > 0 {
             var deadline = record.pointee.lastActivity &+ idle
-            if deadline <= nowTick {
+            if deadline <= clock.tick {
                 // The peer still taking what l4lb handed the kernel long ago is progress
                 // too: a slow reader draining a large socket buffer is not idle.
                 let sent = min(ticksSincePeerTookData(record.pointee.client), ticksSincePeerTookData(record.pointee.upstream))
                 guard sent < idle else { return .idle }
-                deadline = nowTick &+ (idle - sent)
+                deadline = clock.tick &+ (idle - sent)
             }
             next = deadline
         }
@@ -198,13 +198,13 @@ extension Worker {
     @inline(__always)
     func sendDeadline(_ record: UnsafeMutablePointer<Connection>, toUpstream: Bool, send: UInt32) -> UInt32? {
         let s = stream(record, toUpstream: toUpstream)
-        guard s.pointee.isSending else { return nowTick &+ send }
+        guard s.pointee.isSending else { return clock.tick &+ send }
         let due = s.pointee.sendProgress &+ send
-        if due > nowTick { return due }
+        if due > clock.tick { return due }
         let sent = ticksSincePeerTookData(destination(record, toUpstream: toUpstream))
         guard sent < send else { return nil }
-        s.pointee.sendProgress = nowTick &- sent
-        return nowTick &+ (send - sent)
+        s.pointee.sendProgress = clock.tick &- sent
+        return clock.tick &+ (send - sent)
     }
 
     /// Timer ticks since the socket's peer last took data (TCP_INFO; see
@@ -219,26 +219,26 @@ extension Worker {
     /// Files a new connection under its first timer deadline, if it has any timer.
     @inline(__always)
     func startTimers(_ slot: UInt32, listener: Int) {
-        let idle = current.idleTicks[listener]
-        let send = current.sendTicks[listener]
-        let handshake = current.openingTicks[listener]
+        let idle = plans.current.idleTicks[listener]
+        let send = plans.current.sendTicks[listener]
+        let handshake = plans.current.openingTicks[listener]
         guard idle > 0 || send > 0 || handshake > 0 else { return }
         let first = min(idle == 0 ? UInt32.max : idle, send == 0 ? UInt32.max : send, handshake == 0 ? UInt32.max : handshake)
-        wheel.insert(slot, deadline: nowTick &+ first, in: slab)
+        wheel.insert(slot, deadline: clock.tick &+ first, in: slab)
     }
 
     /// `on_unhealthy: close`: after an endpoint stops being available, close what is open
     /// to it (checked once per tick, only when something changed).
     func closeConnectionsToUnavailableEndpoints() {
-        let epoch = status.unavailableEpoch.load(ordering: .acquiring)
-        guard epoch != seenUnavailableEpoch else { return }
-        seenUnavailableEpoch = epoch
+        let epoch = shared.status.unavailableEpoch.load(ordering: .acquiring)
+        guard epoch != plans.seenUnavailableEpoch else { return }
+        plans.seenUnavailableEpoch = epoch
         for index in 0..<slab.highWater {
             let record = slab[UInt32(index)]
             let endpoint = Int(record.pointee.endpoint)
             guard endpoint >= 0, record.pointee.state != .free, record.pointee.state != .closing,
-                  plans[Int(record.pointee.plan)].unsafelyUnwrapped.closeOnUnhealthy[Int(record.pointee.cluster)],
-                  !status.flags(endpoint).isDisjoint(with: [.unhealthy, .ejected, .markedUnhealthy])
+                  plans[record.pointee.plan].closeOnUnhealthy[Int(record.pointee.cluster)],
+                  !shared.status.flags(endpoint).isDisjoint(with: [.unhealthy, .ejected, .markedUnhealthy])
             else { continue }
             stats.add(.closedUnhealthy, listener: Int(record.pointee.listener))
             close(UInt32(index), reason: .unhealthy)

@@ -24,20 +24,20 @@ extension Worker {
     // MARK: From clients
 
     func armDatagrams(_ listener: Int) {
-        acceptArmed[listener] = ring.prepareMultishotReceiveMessage(
-            socket: listenerFDs[listener], message: datagramHeader, bufferGroup: Worker.datagramBufferGroup,
-            userData: UserData(.datagramFromClient, slot: UInt32(listener), generation: listenerSerials[listener]).raw)
-        if !acceptArmed[listener] { stats.add(.submissionDrops) }
+        listeners[listener].armed = ring.prepareMultishotReceiveMessage(
+            socket: listeners[listener].fd, message: datagrams.header, bufferGroup: Worker.datagramBufferGroup,
+            userData: UserData(.datagramFromClient, slot: UInt32(listener), generation: listeners[listener].serial).raw)
+        if !listeners[listener].armed { stats.add(.submissionDrops) }
     }
 
     func datagramFromClient(_ completion: Completion, listener: Int, serial: UInt32) {
-        let live = serial == listenerSerials[listener] && listenerFDs[listener] >= 0
+        let live = listeners.isLive(listener, serial: serial)
         if !completion.hasMore, live {
-            acceptArmed[listener] = false
+            listeners[listener].armed = false
             // Out of buffers: re-armed once one is recycled (the datagrams wait in the
             // socket's queue meanwhile; the kernel drops and counts beyond it).
             if completion.result == -ENOBUFS {
-                datagramReceivesWaiting = true
+                datagrams.receivesWaiting = true
             } else if completion.result >= 0, !draining {
                 armDatagrams(listener)
             }
@@ -47,44 +47,44 @@ extension Worker {
             if completion.result == -ENOBUFS { stats.add(.bufferWaits, listener: listener) }
             return
         }
-        datagramBuffers.handedOut()
+        datagrams.buffers.handedOut()
         guard completion.result >= 0, live, !draining else {
-            datagramBuffers.recycle(buffer)
+            datagrams.buffers.recycle(buffer)
             return
         }
-        guard let message = ReceivedMessage(buffer: datagramBuffers.address(of: buffer), length: completion.result, message: datagramHeader),
+        guard let message = ReceivedMessage(buffer: datagrams.buffers.address(of: buffer), length: completion.result, message: datagrams.header),
               !message.truncated, let key = UDPClientKey(message.name, length: message.nameLength)
         else {
-            datagramBuffers.recycle(buffer)
+            datagrams.buffers.recycle(buffer)
             stats.add(.dropsMalformed, listener: listener)
             return
         }
         if sourceFilter.enforcing {
             // The user-space blocklist, per datagram (as XDP would have dropped it).
-            let verdict = sourceFilter.verdict(address: message.name, port: current.listenerPorts[listener], transport: .udp)
+            let verdict = sourceFilter.verdict(address: message.name, port: plans.current.listenerPorts[listener], transport: .udp)
             stats.add(.filterCounter(verdict))
             if verdict.drops {
-                datagramBuffers.recycle(buffer)
+                datagrams.buffers.recycle(buffer)
                 return
             }
         }
-        let plan = current
+        let plan = plans.current
         let rule = plan.rateRules[listener]
         if let rule, rule.packetInterval > 0, !admitDatagram(message.name, rule, listener: listener) {
-            datagramBuffers.recycle(buffer)
+            datagrams.buffers.recycle(buffer)
             return
         }
         let session: UInt32
         if plan.perPacket[listener] {
             guard let lent = lendUpstream(client: message.name, clientLength: message.nameLength, key: key, listener: listener, local: message.destination) else {
-                datagramBuffers.recycle(buffer)
+                datagrams.buffers.recycle(buffer)
                 stats.add(.dropsNoEndpoint, listener: listener)
                 return
             }
             session = lent
-        } else if let found = udpSessions.find(key) {
+        } else if let found = datagrams.sessions.find(key) {
             session = found
-            udpSessions.touch(found, tick: nowTick)
+            datagrams.sessions.touch(found, tick: clock.tick)
         } else if let rule, rule.limitsNewSources, case let place = admitNewSource(message.name, rule, listener: listener), place != 0 {
             // A new session from a limited source: over its budget, dropped (counted).
             guard place != Worker.limitedVerdict,
@@ -94,38 +94,38 @@ extension Worker {
                     leaveSource(place)
                     stats.add(.dropsNoEndpoint, listener: listener)
                 }
-                datagramBuffers.recycle(buffer)
+                datagrams.buffers.recycle(buffer)
                 return
             }
-            udpSessions[opened].sourcePlace = place
+            datagrams.sessions[opened].sourcePlace = place
             session = opened
         } else if let opened = openSession(key, client: message.name, clientLength: message.nameLength, listener: listener, local: message.destination) {
             session = opened
         } else {
-            datagramBuffers.recycle(buffer)
+            datagrams.buffers.recycle(buffer)
             stats.add(.dropsNoEndpoint, listener: listener)
             return
         }
         let length = message.payloadLength
-        guard ring.prepareSend(socket: udpSessions[session].upstream, bytes: message.payload, length: length,
+        guard ring.prepareSend(socket: datagrams.sessions[session].upstream, bytes: message.payload, length: length,
                                userData: UserData(.datagramToUpstream, slot: UInt32(buffer), generation: UInt32(listener)).raw)
         else {
-            datagramBuffers.recycle(buffer)
+            datagrams.buffers.recycle(buffer)
             stats.add(.dropsQueueFull, listener: listener)
             if plan.perPacket[listener] { endLease(session) }
             return
         }
         stats.add(.datagramsIn, listener: listener)
         stats.add(.bytesIn, listener: listener, UInt64(length))
-        stats.add(.bytesOut, endpoint: Int(udpSessions[session].endpoint), UInt64(length))
-        udpSessions[session].bytesFromClient &+= UInt64(length)
-        udpSessions[session].requests &+= 1
+        stats.add(.bytesOut, endpoint: Int(datagrams.sessions[session].endpoint), UInt64(length))
+        datagrams.sessions[session].bytesFromClient &+= UInt64(length)
+        datagrams.sessions[session].requests &+= 1
         // No reply expected (`proxy_responses: 0`): the socket can serve the next datagram.
         if plan.proxyResponses[listener] == 0 { endLease(session) }
     }
 
     func datagramSentUpstream(_ completion: Completion, buffer: UInt16, listener: Int) {
-        datagramBuffers.recycle(buffer)
+        datagrams.buffers.recycle(buffer)
         if completion.result < 0 { stats.add(.dropsSendFailed, listener: listener) }
     }
 
@@ -143,12 +143,12 @@ extension Worker {
     /// that endpoint (or a new one) is lent to its client until the replies are in.
     func lendUpstream(client: UnsafeRawPointer, clientLength: Int, key: UDPClientKey, listener: Int, local: PacketDestination?) -> UInt32? {
         guard let (position, endpoint, cluster) = pickUpstream(client: client, clientLength: clientLength, listener: listener) else { return nil }
-        guard let slot = udpSessions.takePooled(listener: listener, endpoint: endpoint) else {
+        guard let slot = datagrams.sessions.takePooled(listener: listener, endpoint: endpoint) else {
             return openUpstream(key, position: position, endpoint: endpoint, cluster: cluster, client: client, clientLength: clientLength, local: local,
                                 listener: listener, indexed: false)
         }
         setClient(slot, client, clientLength, local: local)
-        udpSessions.touch(slot, tick: nowTick)
+        datagrams.sessions.touch(slot, tick: clock.tick)
         beginLease(slot)
         return slot
     }
@@ -156,7 +156,7 @@ extension Worker {
     /// The balancer's pick for a new session or datagram: endpoint position, identity and
     /// cluster identity.
     func pickUpstream(client: UnsafeRawPointer, clientLength: Int, listener: Int) -> (Int, Int, Int)? {
-        let plan = current
+        let plan = plans.current
         let cluster = plan.clusterSplits[listener].flatMap { plan.listenerClusters[listener][$0.pick()!] } ?? plan.listenerClusters[listener][0]
         let firstEndpoint = plan.firstEndpoints[cluster]
         let clusterID = plan.clusterIDs[cluster]
@@ -164,8 +164,8 @@ extension Worker {
         let ids = snapshot.endpointIDs + firstEndpoint
         let flowHash = plan.balancers[cluster].usesFlowHash ? FlowHash.compute(peer: client, length: clientLength, key: plan.hashKeys[cluster]) : 0
         guard let local = plan.balancers[cluster].pick(
-            flowHash: flowHash, tried: 0, active: ActiveCounts(base: activeByEndpoint, ids: ids),
-            clusterActive: activeByCluster[clusterID], endpoints: status.view(snapshot, firstEndpoint: firstEndpoint))
+            flowHash: flowHash, tried: 0, active: ActiveCounts(base: active.byEndpoint, ids: ids),
+            clusterActive: active.byCluster[clusterID], endpoints: shared.status.view(snapshot, firstEndpoint: firstEndpoint))
         else { return nil }
         return (firstEndpoint + local, Int(ids[local]), clusterID)
     }
@@ -173,8 +173,8 @@ extension Worker {
     /// A record with a socket connected to the endpoint at `position`, lent to `client`.
     func openUpstream(_ key: UDPClientKey, position: Int, endpoint: Int, cluster: Int, client: UnsafeRawPointer, clientLength: Int,
                       local: PacketDestination?, listener: Int, indexed: Bool) -> UInt32? {
-        let plan = current
-        if udpSessions.counts[listener] >= plan.maxSessions[listener], let oldest = longestIdleSession(listener) {
+        let plan = plans.current
+        if datagrams.sessions.counts[listener] >= plan.maxSessions[listener], let oldest = longestIdleSession(listener) {
             endSession(oldest, reason: .evicted)
             stats.add(.sessionsEvicted, listener: listener)
         }
@@ -190,10 +190,10 @@ extension Worker {
             stats.add(.connectFailures, endpoint: endpoint)
             return nil
         }
-        let slot = udpSessions.insert(key, listener: UInt16(listener), tick: nowTick, indexed: indexed)
-        udpSessions[slot].upstream = fd
-        udpSessions[slot].endpoint = Int32(endpoint)
-        udpSessions[slot].cluster = Int32(cluster)
+        let slot = datagrams.sessions.insert(key, listener: UInt16(listener), tick: clock.tick, indexed: indexed)
+        datagrams.sessions[slot].upstream = fd
+        datagrams.sessions[slot].endpoint = Int32(endpoint)
+        datagrams.sessions[slot].cluster = Int32(cluster)
         setClient(slot, client, clientLength, local: local)
         armReplies(slot)
         beginLease(slot)
@@ -205,24 +205,24 @@ extension Worker {
     /// Where replies go: the client's address, and the local one they leave from on a
     /// wildcard-bound listener.
     private func setClient(_ slot: UInt32, _ client: UnsafeRawPointer, _ clientLength: Int, local: PacketDestination?) {
-        udpSessions[slot].local = local
+        datagrams.sessions[slot].local = local
         let length = min(clientLength, MemoryLayout<sockaddr_in6>.size)
-        udpSessions[slot].clientLength = socklen_t(length)
-        withUnsafeMutableBytes(of: &udpSessions[slot].client) { $0.copyMemory(from: UnsafeRawBufferPointer(start: client, count: length)) }
+        datagrams.sessions[slot].clientLength = socklen_t(length)
+        withUnsafeMutableBytes(of: &datagrams.sessions[slot].client) { $0.copyMemory(from: UnsafeRawBufferPointer(start: client, count: length)) }
     }
 
     /// A client starts using the record: a session (or one datagram's exchange) begins.
     private func beginLease(_ slot: UInt32) {
-        let session = udpSessions[slot]
+        let session = datagrams.sessions[slot]
         let endpoint = Int(session.endpoint), listener = Int(session.listener)
-        udpSessions[slot].leased = true
-        udpSessions[slot].replies = 0
-        udpSessions[slot].requests = 0
-        udpSessions[slot].startedAt = nowMilliseconds
-        udpSessions[slot].bytesFromClient = 0
-        udpSessions[slot].bytesFromUpstream = 0
-        activeByEndpoint[endpoint] += 1
-        activeByCluster[Int(session.cluster)] += 1
+        datagrams.sessions[slot].leased = true
+        datagrams.sessions[slot].replies = 0
+        datagrams.sessions[slot].requests = 0
+        datagrams.sessions[slot].startedAt = clock.milliseconds
+        datagrams.sessions[slot].bytesFromClient = 0
+        datagrams.sessions[slot].bytesFromUpstream = 0
+        active.byEndpoint[endpoint] += 1
+        active.byCluster[Int(session.cluster)] += 1
         stats.add(.accepted, listener: listener)
         stats.add(.active, listener: listener)
         stats.add(.active, endpoint: endpoint)
@@ -232,7 +232,7 @@ extension Worker {
     /// The client's exchange is over: a per-client session ends; a per-packet record goes
     /// back to its pool, its socket still open and receiving.
     func endLease(_ slot: UInt32) {
-        let session = udpSessions[slot]
+        let session = datagrams.sessions[slot]
         guard session.live, session.leased else { return }
         if session.indexed {
             endSession(slot, reason: .responses)
@@ -240,38 +240,38 @@ extension Worker {
         }
         if accessLog != nil { logSessionEnded(slot, reason: .responses) }
         releaseLeaseCounts(slot)
-        udpSessions.pool(slot)
+        datagrams.sessions.pool(slot)
     }
 
     /// Gives back what `beginLease` counted.
     private func releaseLeaseCounts(_ slot: UInt32) {
-        let session = udpSessions[slot]
-        udpSessions[slot].leased = false
+        let session = datagrams.sessions[slot]
+        datagrams.sessions[slot].leased = false
         let endpoint = Int(session.endpoint)
-        activeByEndpoint[endpoint] -= 1
-        activeByCluster[Int(session.cluster)] -= 1
+        active.byEndpoint[endpoint] -= 1
+        active.byCluster[Int(session.cluster)] -= 1
         stats.add(.active, listener: Int(session.listener), UInt64(bitPattern: -1))
         stats.add(.active, endpoint: endpoint, UInt64(bitPattern: -1))
     }
 
     func armReplies(_ slot: UInt32) {
-        let session = udpSessions[slot]
-        udpSessions[slot].receiveArmed = ring.prepareMultishotReceive(
+        let session = datagrams.sessions[slot]
+        datagrams.sessions[slot].receiveArmed = ring.prepareMultishotReceive(
             socket: session.upstream, bufferGroup: Worker.datagramBufferGroup,
             userData: UserData(.datagramFromUpstream, slot: slot, generation: session.generation).raw)
-        if !udpSessions[slot].receiveArmed {
+        if !datagrams.sessions[slot].receiveArmed {
             stats.add(.submissionDrops)
-            repliesToRearm.append(slot)
+            datagrams.repliesToRearm.append(slot)
         }
     }
 
     /// Ends a session (or closes a per-packet record): its receive is cancelled (its
     /// completion arrives stale and is ignored), its socket closed, its counts given back.
     func endSession(_ slot: UInt32, reason: EndReason) {
-        guard udpSessions[slot].live else { return }
+        guard datagrams.sessions[slot].live else { return }
         // The kernel's last counts first, so the access log and stats have them.
-        if udpSessions[slot].relayed { endRelay(slot) }
-        let session = udpSessions[slot]
+        if datagrams.sessions[slot].relayed { endRelay(slot) }
+        let session = datagrams.sessions[slot]
         if session.leased {
             if accessLog != nil { logSessionEnded(slot, reason: reason) }
             releaseLeaseCounts(slot)
@@ -281,22 +281,22 @@ extension Worker {
         }
         // Closed after the next submit: a send to it may still be queued in this batch, and
         // the number must not go to a new session's socket before that send is issued.
-        upstreamsToClose.append(session.upstream)
+        datagrams.upstreamsToClose.append(session.upstream)
         leaveSource(session.sourcePlace)
-        udpSessions.remove(slot)
+        datagrams.sessions.remove(slot)
     }
 
     /// Sessions idle for their listener's `idle_timeout` end; receives that stopped for
     /// want of a buffer start again.
     func expireSessions() {
-        for listener in servedListeners where current.listenerIsUDP[listener] {
-            let idle = current.idleTicks[listener]
-            while let oldest = udpSessions.oldest(listener), nowTick &- udpSessions[oldest].lastTick >= idle {
+        for listener in listeners.served where plans.current.listenerIsUDP[listener] {
+            let idle = plans.current.idleTicks[listener]
+            while let oldest = datagrams.sessions.oldest(listener), clock.tick &- datagrams.sessions[oldest].lastTick >= idle {
                 // The kernel may have carried datagrams since: idle only if it has not.
-                if udpSessions[oldest].relayed, moveUpToKernelActivity(oldest), nowTick &- udpSessions[oldest].lastTick < idle { continue }
+                if datagrams.sessions[oldest].relayed, moveUpToKernelActivity(oldest), clock.tick &- datagrams.sessions[oldest].lastTick < idle { continue }
                 // A pooled per-packet socket unused this long closes quietly; a lease
                 // still waiting for its reply expires like a session.
-                if udpSessions[oldest].leased { stats.add(.idleTimeouts, listener: listener) }
+                if datagrams.sessions[oldest].leased { stats.add(.idleTimeouts, listener: listener) }
                 endSession(oldest, reason: .idleTimeout)
             }
         }
@@ -306,24 +306,24 @@ extension Worker {
     /// Session receives that stopped start again (a slot may have been freed meanwhile, or
     /// the whole table given back).
     func rearmWaitingReplies() {
-        while let slot = repliesToRearm.popLast() {
-            if Int(slot) < udpSessions.sessions.count, udpSessions[slot].live, !udpSessions[slot].receiveArmed { armReplies(slot) }
+        while let slot = datagrams.repliesToRearm.popLast() {
+            if Int(slot) < datagrams.sessions.sessions.count, datagrams.sessions[slot].live, !datagrams.sessions[slot].receiveArmed { armReplies(slot) }
         }
     }
 
     /// Receives that stopped for want of a buffer start again, now that one is free.
     func rearmDatagramReceives() {
-        datagramReceivesWaiting = false
+        datagrams.receivesWaiting = false
         guard !draining else { return }
-        for listener in servedListeners where listenerIsDatagram[listener] && !acceptArmed[listener] && listenerFDs[listener] >= 0 {
+        for listener in listeners.served where listeners[listener].isDatagram && !listeners[listener].armed && listeners[listener].fd >= 0 {
             armDatagrams(listener)
         }
         rearmWaitingReplies()
     }
 
     func endAllSessions() {
-        for listener in 0..<udpSessions.counts.count {
-            while let slot = udpSessions.oldest(listener) { endSession(slot, reason: .drain) }
+        for listener in 0..<datagrams.sessions.counts.count {
+            while let slot = datagrams.sessions.oldest(listener) { endSession(slot, reason: .drain) }
         }
     }
 }

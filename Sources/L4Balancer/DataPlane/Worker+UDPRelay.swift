@@ -81,15 +81,15 @@ extension Worker {
         var listenerName = sockaddr_in6(), upstreamName = sockaddr_in6()
         var length = socklen_t(MemoryLayout<sockaddr_in6>.size)
         let named = withUnsafeMutableBytes(of: &listenerName) {
-            getsockname(listenerFDs[listener], $0.baseAddress!.assumingMemoryBound(to: sockaddr.self), &length) == 0
+            getsockname(listeners[listener].fd, $0.baseAddress!.assumingMemoryBound(to: sockaddr.self), &length) == 0
         }
         length = socklen_t(MemoryLayout<sockaddr_in6>.size)
         guard named, withUnsafeMutableBytes(of: &upstreamName, {
-            getsockname(udpSessions[slot].upstream, $0.baseAddress!.assumingMemoryBound(to: sockaddr.self), &length) == 0
+            getsockname(datagrams.sessions[slot].upstream, $0.baseAddress!.assumingMemoryBound(to: sockaddr.self), &length) == 0
         }) else { return }
-        var client = udpSessions[slot].client
+        var client = datagrams.sessions[slot].client
         let table: RelayedSession.Table
-        if current.kernelRelay[listener] == .forwarder, let relay = current.snapshot.forwarder {
+        if plans.current.kernelRelay[listener] == .forwarder, let relay = plans.current.snapshot.forwarder {
             guard let forward = KernelRelayTuple(.udp, source: &client, destination: &listenerName),
                   let forwardTo = KernelRelayTuple(.udp, source: &upstreamName, destination: endpoint),
                   let reverse = KernelRelayTuple(.udp, source: endpoint, destination: &upstreamName),
@@ -108,7 +108,7 @@ extension Worker {
             }
             table = .forwarder(relay, forward: forward, reverse: reverse)
         } else {
-            guard let flows = current.snapshot.relayFlows,
+            guard let flows = plans.current.snapshot.relayFlows,
                   let forward = UDPRelayTuple(source: &client, destination: &listenerName),
                   let forwardTo = UDPRelayTuple(source: &upstreamName, destination: endpoint),
                   let reverse = UDPRelayTuple(source: endpoint, destination: &upstreamName),
@@ -126,8 +126,8 @@ extension Worker {
             }
             table = .loopback(flows, forward: forward, reverse: reverse)
         }
-        relayedSessions[slot] = RelayedSession(table: table)
-        udpSessions[slot].relayed = true
+        datagrams.relayed[slot] = RelayedSession(table: table)
+        datagrams.sessions[slot].relayed = true
         stats.add(.kernelSessions, listener: listener)
     }
 
@@ -135,7 +135,7 @@ extension Worker {
     /// tick of its last datagram either way, nil when it has carried none.
     @discardableResult
     func foldRelayed(_ slot: UInt32) -> UInt32? {
-        guard let relayed = relayedSessions[slot] else { return nil }
+        guard let relayed = datagrams.relayed[slot] else { return nil }
         let counts = relayed.counts()
         return fold(slot, relayed, inbound: counts.inbound, outbound: counts.outbound)
     }
@@ -143,8 +143,8 @@ extension Worker {
     /// Takes session `slot` back from the kernel (it ends, or may no longer be relayed
     /// there): its flows are removed and their last counts folded in.
     func endRelay(_ slot: UInt32) {
-        guard udpSessions[slot].relayed, let relayed = relayedSessions.removeValue(forKey: slot) else { return }
-        udpSessions[slot].relayed = false
+        guard datagrams.sessions[slot].relayed, let relayed = datagrams.relayed.removeValue(forKey: slot) else { return }
+        datagrams.sessions[slot].relayed = false
         let counts = relayed.take()
         fold(slot, relayed, inbound: counts.inbound, outbound: counts.outbound)
     }
@@ -160,29 +160,29 @@ extension Worker {
             add(outbound, since: relayed.foldedOut, replies: true, slot)
             updated.foldedOut = outbound
         }
-        if udpSessions[slot].relayed { relayedSessions[slot] = updated }
+        if datagrams.sessions[slot].relayed { datagrams.relayed[slot] = updated }
         let last = max(updated.foldedIn.lastNanoseconds, updated.foldedOut.lastNanoseconds)
         guard last > 0 else { return nil }
         // The kernel's clock is CLOCK_MONOTONIC, the worker's the coarse one (a few ms behind).
-        let ticks = max(Int64(last / 1_000_000) - startMilliseconds, 0) / Worker.tickMilliseconds
-        return min(UInt32(truncatingIfNeeded: ticks), nowTick)
+        let ticks = max(Int64(last / 1_000_000) - clock.start, 0) / Worker.tickMilliseconds
+        return min(UInt32(truncatingIfNeeded: ticks), clock.tick)
     }
 
     /// One direction's new datagrams and bytes, counted as the worker counts its own: the
     /// client's (`replies` false) or the endpoint's replies.
     private func add(_ counters: RelayedCounts, since folded: RelayedCounts, replies outbound: Bool, _ slot: UInt32) {
-        let listener = Int(udpSessions[slot].listener), endpoint = Int(udpSessions[slot].endpoint)
-        let datagrams = counters.datagrams - folded.datagrams, bytes = counters.bytes &- folded.bytes
-        stats.add(outbound ? .datagramsOut : .datagramsIn, listener: listener, datagrams)
-        stats.add(outbound ? .kernelDatagramsOut : .kernelDatagramsIn, listener: listener, datagrams)
+        let listener = Int(datagrams.sessions[slot].listener), endpoint = Int(datagrams.sessions[slot].endpoint)
+        let count = counters.datagrams - folded.datagrams, bytes = counters.bytes &- folded.bytes
+        stats.add(outbound ? .datagramsOut : .datagramsIn, listener: listener, count)
+        stats.add(outbound ? .kernelDatagramsOut : .kernelDatagramsIn, listener: listener, count)
         stats.add(outbound ? .bytesOut : .bytesIn, listener: listener, bytes)
         stats.add(outbound ? .bytesIn : .bytesOut, endpoint: endpoint, bytes)
         if outbound {
-            udpSessions[slot].bytesFromUpstream &+= bytes
-            udpSessions[slot].replies &+= UInt32(truncatingIfNeeded: datagrams)
+            datagrams.sessions[slot].bytesFromUpstream &+= bytes
+            datagrams.sessions[slot].replies &+= UInt32(truncatingIfNeeded: count)
         } else {
-            udpSessions[slot].bytesFromClient &+= bytes
-            udpSessions[slot].requests &+= UInt32(truncatingIfNeeded: datagrams)
+            datagrams.sessions[slot].bytesFromClient &+= bytes
+            datagrams.sessions[slot].requests &+= UInt32(truncatingIfNeeded: count)
         }
     }
 
@@ -190,8 +190,8 @@ extension Worker {
     /// session's last activity, moves it up to that tick in the idle order. True if moved.
     @discardableResult
     func moveUpToKernelActivity(_ slot: UInt32) -> Bool {
-        guard let last = foldRelayed(slot), Int32(bitPattern: last &- udpSessions[slot].lastTick) > 0 else { return false }
-        udpSessions.touch(slot, tick: last)
+        guard let last = foldRelayed(slot), Int32(bitPattern: last &- datagrams.sessions[slot].lastTick) > 0 else { return false }
+        datagrams.sessions.touch(slot, tick: last)
         return true
     }
 
@@ -199,14 +199,14 @@ extension Worker {
     /// when there are more than `relayFoldsPerSecond`), and their place in the idle order
     /// moved up to their last datagram, so `max_sessions` evicts the longest idle.
     func relayedActivityTick() {
-        guard nowTick &- lastRelayFoldTick >= UInt32(1000 / Worker.tickMilliseconds) else { return }
-        lastRelayFoldTick = nowTick
-        let shares = UInt32((relayedSessions.count + Worker.relayFoldsPerSecond - 1) / Worker.relayFoldsPerSecond)
-        relayFoldPhase = (relayFoldPhase &+ 1) % shares
+        guard clock.tick &- datagrams.lastRelayFoldTick >= UInt32(1000 / Worker.tickMilliseconds) else { return }
+        datagrams.lastRelayFoldTick = clock.tick
+        let shares = UInt32((datagrams.relayed.count + Worker.relayFoldsPerSecond - 1) / Worker.relayFoldsPerSecond)
+        datagrams.relayFoldPhase = (datagrams.relayFoldPhase &+ 1) % shares
         // The slots first: folding writes to the dictionary, which must not be copied.
-        relayFoldSlots.removeAll(keepingCapacity: true)
-        for slot in relayedSessions.keys where slot % shares == relayFoldPhase { relayFoldSlots.append(slot) }
-        for slot in relayFoldSlots { moveUpToKernelActivity(slot) }
+        datagrams.relayFoldSlots.removeAll(keepingCapacity: true)
+        for slot in datagrams.relayed.keys where slot % shares == datagrams.relayFoldPhase { datagrams.relayFoldSlots.append(slot) }
+        for slot in datagrams.relayFoldSlots { moveUpToKernelActivity(slot) }
     }
 
     /// The session `max_sessions` evicts on `listener`: the longest idle, counting what
@@ -214,22 +214,22 @@ extension Worker {
     /// last fold moves back first).
     func longestIdleSession(_ listener: Int) -> UInt32? {
         var checked = 0
-        while let oldest = udpSessions.oldest(listener), udpSessions[oldest].relayed, checked < udpSessions.counts[listener],
+        while let oldest = datagrams.sessions.oldest(listener), datagrams.sessions[oldest].relayed, checked < datagrams.sessions.counts[listener],
               moveUpToKernelActivity(oldest) {
             checked += 1
         }
-        return udpSessions.oldest(listener)
+        return datagrams.sessions.oldest(listener)
     }
 
     /// Takes back the sessions the kernel may no longer carry: their listener's plan no
     /// longer relays in the kernel, or the blocklist is enforced in user space (every
     /// datagram must pass it).
     func reclaimRelayedSessions() {
-        guard !relayedSessions.isEmpty else { return }
-        let plan = current
+        guard !datagrams.relayed.isEmpty else { return }
+        let plan = plans.current
         let all = sourceFilter.enforcing
-        let slots = relayedSessions.keys.filter { slot in
-            let listener = Int(udpSessions[slot].listener)
+        let slots = datagrams.relayed.keys.filter { slot in
+            let listener = Int(datagrams.sessions[slot].listener)
             return all || listener >= plan.kernelRelay.count || plan.kernelRelay[listener] == nil
         }
         for slot in slots { endRelay(slot) }

@@ -10,21 +10,21 @@ import Glibc
 extension Worker {
     func datagramFromUpstream(_ completion: Completion, _ userData: UserData) {
         let slot = userData.slot
-        let valid = Int(slot) < udpSessions.sessions.count && udpSessions[slot].live && udpSessions[slot].generation == userData.generation
+        let valid = Int(slot) < datagrams.sessions.sessions.count && datagrams.sessions[slot].live && datagrams.sessions[slot].generation == userData.generation
         if let buffer = completion.bufferID {
-            datagramBuffers.handedOut()
+            datagrams.buffers.handedOut()
             guard valid, completion.result >= 0 else {
-                datagramBuffers.recycle(buffer)
+                datagrams.buffers.recycle(buffer)
                 if valid, !completion.hasMore {
-                    udpSessions[slot].receiveArmed = false
-                    repliesToRearm.append(slot)
+                    datagrams.sessions[slot].receiveArmed = false
+                    datagrams.repliesToRearm.append(slot)
                 }
                 return
             }
         }
         guard valid else { return }
-        if !completion.hasMore { udpSessions[slot].receiveArmed = false }
-        let session = udpSessions[slot]
+        if !completion.hasMore { datagrams.sessions[slot].receiveArmed = false }
+        let session = datagrams.sessions[slot]
         let listener = Int(session.listener)
         guard completion.result >= 0, let buffer = completion.bufferID else {
             if completion.result == 0 {
@@ -39,32 +39,32 @@ extension Worker {
                 endSession(slot, reason: .portUnreachable)
             case ENOBUFS:
                 stats.add(.bufferWaits, listener: listener)
-                repliesToRearm.append(slot)
-                datagramReceivesWaiting = true
+                datagrams.repliesToRearm.append(slot)
+                datagrams.receivesWaiting = true
             default:
-                if !udpSessions[slot].receiveArmed { repliesToRearm.append(slot) }
+                if !datagrams.sessions[slot].receiveArmed { datagrams.repliesToRearm.append(slot) }
             }
             return
         }
-        if !udpSessions[slot].receiveArmed { armReplies(slot) }
+        if !datagrams.sessions[slot].receiveArmed { armReplies(slot) }
         guard replyIsAwaited(slot, session) else {
-            datagramBuffers.recycle(buffer)
+            datagrams.buffers.recycle(buffer)
             return
         }
         let length = Int(completion.result)
-        let fd = listenerFDs[listener]
+        let fd = listeners[listener].fd
         // The reply leaves from the listener's socket, to the client's address (a copy:
         // the session may end before the send completes).
-        let message = datagramReplies + Int(buffer)
-        (datagramReplyNames + Int(buffer)).pointee = session.client
-        (datagramReplyVectors + Int(buffer)).pointee = iovec(iov_base: datagramBuffers.address(of: buffer), iov_len: length)
-        message.pointee.msg_name = UnsafeMutableRawPointer(datagramReplyNames + Int(buffer))
+        let message = datagrams.replies + Int(buffer)
+        (datagrams.replyNames + Int(buffer)).pointee = session.client
+        (datagrams.replyVectors + Int(buffer)).pointee = iovec(iov_base: datagrams.buffers.address(of: buffer), iov_len: length)
+        message.pointee.msg_name = UnsafeMutableRawPointer(datagrams.replyNames + Int(buffer))
         message.pointee.msg_namelen = session.clientLength
-        message.pointee.msg_iov = datagramReplyVectors + Int(buffer)
+        message.pointee.msg_iov = datagrams.replyVectors + Int(buffer)
         message.pointee.msg_iovlen = 1
         if let local = session.local {
             // A wildcard-bound listener: the reply leaves from the address the client used.
-            let control = datagramReplyControls + Int(buffer) * PacketDestination.controlSpace
+            let control = datagrams.replyControls + Int(buffer) * PacketDestination.controlSpace
             message.pointee.msg_control = control
             message.pointee.msg_controllen = local.writeSourceControl(into: control)
         } else {
@@ -72,13 +72,13 @@ extension Worker {
             message.pointee.msg_controllen = 0
         }
         guard fd >= 0, ring.prepareSendMessage(socket: fd, message: message, userData: UserData(.datagramToClient, slot: UInt32(buffer), generation: UInt32(listener)).raw) else {
-            datagramBuffers.recycle(buffer)
+            datagrams.buffers.recycle(buffer)
             stats.add(.dropsQueueFull, listener: listener)
             return
         }
         stats.add(.bytesOut, listener: listener, UInt64(length))
         stats.add(.bytesIn, endpoint: Int(session.endpoint), UInt64(length))
-        udpSessions[slot].bytesFromUpstream &+= UInt64(length)
+        datagrams.sessions[slot].bytesFromUpstream &+= UInt64(length)
         // The send above has its own copy of the client's address.
         replySent(slot, listener: listener)
     }
@@ -90,12 +90,12 @@ extension Worker {
     @inline(__always)
     func replyIsAwaited(_ slot: UInt32, _ session: UDPSessionTable.Session) -> Bool {
         let listener = Int(session.listener)
-        guard session.leased, current.proxyResponses[listener] > 0 || session.indexed else {
+        guard session.leased, plans.current.proxyResponses[listener] > 0 || session.indexed else {
             stats.add(.dropsLateReply, listener: listener)
             endSession(slot, reason: .responses)
             return false
         }
-        udpSessions.touch(slot, tick: nowTick)
+        datagrams.sessions.touch(slot, tick: clock.tick)
         return true
     }
 
@@ -104,9 +104,9 @@ extension Worker {
     @inline(__always)
     func replySent(_ slot: UInt32, listener: Int) {
         stats.add(.datagramsOut, listener: listener)
-        udpSessions[slot].replies &+= 1
-        let expected = current.proxyResponses[listener]
-        if expected != .max, UInt64(udpSessions[slot].replies) >= UInt64(expected) * UInt64(udpSessions[slot].requests) { endLease(slot) }
+        datagrams.sessions[slot].replies &+= 1
+        let expected = plans.current.proxyResponses[listener]
+        if expected != .max, UInt64(datagrams.sessions[slot].replies) >= UInt64(expected) * UInt64(datagrams.sessions[slot].requests) { endLease(slot) }
     }
 
     /// A zero-length reply is a datagram like any other, but the kernel selects no buffer
@@ -114,8 +114,8 @@ extension Worker {
     /// from the listener's socket, and counted.
     @inline(never)
     func relayEmptyReply(_ slot: UInt32) {
-        if !udpSessions[slot].receiveArmed { armReplies(slot) }
-        let session = udpSessions[slot]
+        if !datagrams.sessions[slot].receiveArmed { armReplies(slot) }
+        let session = datagrams.sessions[slot]
         guard replyIsAwaited(slot, session) else { return }
         let listener = Int(session.listener)
         var client = session.client
@@ -128,7 +128,7 @@ extension Worker {
                     message.msg_control = control.baseAddress
                     message.msg_controllen = local.writeSourceControl(into: control.baseAddress!)
                 }
-                return sendmsg(listenerFDs[listener], &message, Int32(MSG_DONTWAIT))
+                return sendmsg(listeners[listener].fd, &message, Int32(MSG_DONTWAIT))
             }
         }
         guard sent == 0 else {
@@ -139,7 +139,7 @@ extension Worker {
     }
 
     func datagramSentToClient(_ completion: Completion, buffer: UInt16, listener: Int) {
-        datagramBuffers.recycle(buffer)
+        datagrams.buffers.recycle(buffer)
         if completion.result < 0 { stats.add(.dropsSendFailed, listener: listener) }
     }
 }
