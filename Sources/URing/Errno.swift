@@ -22,21 +22,22 @@ public struct Errno: Error, Equatable, Hashable, Sendable, CustomStringConvertib
         String(cString: strerror(rawValue)) + " (errno \(rawValue))"
     }
 
-    public static let interrupted = Errno(rawValue: EINTR)
-    public static let wouldBlock = Errno(rawValue: EAGAIN)
-    public static let noBufferSpace = Errno(rawValue: ENOBUFS)
-    public static let canceled = Errno(rawValue: ECANCELED)
-    public static let timerExpired = Errno(rawValue: ETIME)
-    public static let timedOut = Errno(rawValue: ETIMEDOUT)
-    public static let connectionRefused = Errno(rawValue: ECONNREFUSED)
-    public static let connectionReset = Errno(rawValue: ECONNRESET)
-    public static let brokenPipe = Errno(rawValue: EPIPE)
-    public static let busy = Errno(rawValue: EBUSY)
-    public static let tooManyOpenFiles = Errno(rawValue: EMFILE)
-    public static let fileTableOverflow = Errno(rawValue: ENFILE)
-    public static let notFound = Errno(rawValue: ENOENT)
-    public static let alreadyDone = Errno(rawValue: EALREADY)
-    public static let invalidArgument = Errno(rawValue: EINVAL)
-    public static let notPermitted = Errno(rawValue: EPERM)
-    public static let notImplemented = Errno(rawValue: ENOSYS)
+    @inlinable public static var interrupted: Errno { Errno(rawValue: EINTR) }
+    @inlinable public static var wouldBlock: Errno { Errno(rawValue: EAGAIN) }
+    @inlinable public static var noBufferSpace: Errno { Errno(rawValue: ENOBUFS) }
+    @inlinable public static var canceled: Errno { Errno(rawValue: ECANCELED) }
+    @inlinable public static var timerExpired: Errno { Errno(rawValue: ETIME) }
+    @inlinable public static var timedOut: Errno { Errno(rawValue: ETIMEDOUT) }
+    @inlinable public static var connectionRefused: Errno { Errno(rawValue: ECONNREFUSED) }
+    @inlinable public static var connectionReset: Errno { Errno(rawValue: ECONNRESET) }
+    @inlinable public static var brokenPipe: Errno { Errno(rawValue: EPIPE) }
+    @inlinable public static var busy: Errno { Errno(rawValue: EBUSY) }
+    @inlinable public static var tooManyOpenFiles: Errno { Errno(rawValue: EMFILE) }
+    @inlinable public static var fileTableOverflow: Errno { Errno(rawValue: ENFILE) }
+    @inlinable public static var notFound: Errno { Errno(rawValue: ENOENT) }
+    @inlinable public static var alreadyDone: Errno { Errno(rawValue: EALREADY) }
+    @inlinable public static var invalidArgument: Errno { Errno(rawValue: EINVAL) }
+    @inlinable public static var notPermitted: Errno { Errno(rawValue: EPERM) }
+    @inlinable public static var notImplemented: Errno { Errno(rawValue: ENOSYS) }
+    @inlinable public static var outOfMemory: Errno { Errno(rawValue: ENOMEM) }
 }

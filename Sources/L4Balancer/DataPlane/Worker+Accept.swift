@@ -21,17 +21,18 @@ extension Worker {
     }
 
     func accepted(_ completion: Completion, listener: Int, serial: UInt32) {
-        // A retired socket's last loop.completions (its listener was removed or rebound).
+        // A retired socket's last completions (its listener was removed or rebound).
         let live = listeners.isLive(listener, serial: serial)
         if !completion.hasMore, live {
             listeners[listener].armed = false
             // Re-arm at once after a normal end; after an error, at the next tick.
             if completion.result >= 0, !draining { armAccept(listener) }
         }
-        guard completion.result >= 0 else {
-            if live, completion.result != -ECANCELED, completion.result != -EINVAL {
+        if let error = completion.error {
+            // Cancelled or shut down: the listener is being retired.
+            if live, error != .canceled, error != .invalidArgument {
                 stats.add(.acceptErrors, listener: listener)
-                noteResourceError(-completion.result, while: "accepting")
+                noteResourceError(error, while: "accepting")
             }
             return
         }
@@ -41,57 +42,99 @@ extension Worker {
             return
         }
         let plan = plans.current
-        let rule = plan.rateRules[listener]
+        guard let admission = admit(fd, listener: listener, plan: plan) else { return }
+        guard let slot = slab.allocate() else {
+            withdraw(admission, listener: listener, plan: plan)
+            refuse(fd, listener: listener)
+            return
+        }
+        open(slot, client: fd, listener: listener, plan: plan, admission: admission)
+    }
+
+    /// What admitting a connection took, to be given back if it goes no further.
+    struct Admission {
+        /// The source-table slot + 1 of a `max_connections` place, or 0.
+        var sourcePlace: UInt32
+        /// A place in the listener's `max_connections`.
+        var listenerLimited: Bool
+        var cluster: Int
+        /// A place in the cluster's `max_connections` (not for clusters routed by name).
+        var clusterAdmitted: Bool
+        /// Routed by server name: the cluster is known once the ClientHello is read.
+        var routed: Bool
+    }
+
+    /// Admission of accepted socket `fd`: the user-space blocklist, the per-source rate
+    /// limit, the listener's and the cluster's `max_connections`. Nil when refused (the
+    /// socket is then closed and counted).
+    @inline(__always)
+    func admit(_ fd: Int32, listener: Int, plan: WorkerPlan) -> Admission? {
         var sourcePlace: UInt32 = 0
-        if sourceFilter.enforcing || rule != nil {
-            var peer = sockaddr_storage()
-            // A peer the kernel cannot name (it reset already) has no source to limit.
-            let known = SourceFilter.peer(of: fd, into: &peer)
-            if !known { peer.ss_family = sa_family_t(AF_UNSPEC) }
-            if sourceFilter.enforcing {
-                // The user-space blocklist: closed before any byte reaches an upstream.
-                let verdict = known ? sourceFilter.verdict(source: &peer, port: plan.listenerPorts[listener], transport: .tcp) : .malformed
-                stats.add(.filterCounter(verdict))
-                if verdict.drops {
-                    Glibc.close(fd)
-                    return
-                }
-            }
-            if let rule, rule.limitsNewSources {
-                sourcePlace = withUnsafeBytes(of: &peer) { admitNewSource($0.baseAddress!, rule, listener: listener) }
-                if sourcePlace == Worker.limitedVerdict {
-                    refuse(fd, listener: listener)
-                    return
-                }
-            }
+        if sourceFilter.enforcing || plan.rateRules[listener] != nil {
+            guard let place = admitSource(fd, listener: listener, plan: plan) else { return nil }
+            sourcePlace = place
         }
         let maximum = plan.listenerLimits[listener]
-        let limited = maximum != nil
         if let maximum, !shared.limits.admit(listener, maximum: maximum) {
             leaveSource(sourcePlace)
             refuse(fd, listener: listener)
-            return
+            return nil
         }
         let cluster = plan.clusterSplits[listener].flatMap { plan.listenerClusters[listener][$0.pick()!] } ?? plan.listenerClusters[listener][0]
-        let clusterID = plan.clusterIDs[cluster]
-        // Routed by server name: the cluster is known once the ClientHello is read.
         let routed = plan.routes[listener] != nil
         let clusterLimit = routed ? nil : plan.clusterLimits[cluster]
-        if let clusterLimit, !shared.status.admit(cluster: clusterID, limit: clusterLimit) {
-            // Circuit breaking: the cluster is at max_connections.
-            if limited { shared.limits.leave(listener) }
-            leaveSource(sourcePlace)
-            refuse(fd, listener: listener)
-            stats.add(.clusterFull, listener: listener)
-            return
+        var admission = Admission(
+            sourcePlace: sourcePlace, listenerLimited: maximum != nil, cluster: cluster,
+            clusterAdmitted: false, routed: routed)
+        if let clusterLimit {
+            guard shared.status.admit(cluster: plan.clusterIDs[cluster], limit: clusterLimit) else {
+                // Circuit breaking: the cluster is at max_connections.
+                withdraw(admission, listener: listener, plan: plan)
+                refuse(fd, listener: listener)
+                stats.add(.clusterFull, listener: listener)
+                return nil
+            }
+            admission.clusterAdmitted = true
         }
-        guard let slot = slab.allocate() else {
-            if clusterLimit != nil { shared.status.leave(cluster: clusterID) }
-            if limited { shared.limits.leave(listener) }
-            leaveSource(sourcePlace)
-            refuse(fd, listener: listener)
-            return
+        return admission
+    }
+
+    /// The blocklist and the per-source rate limit for `fd`'s peer: its source-table place
+    /// (0 for none), or nil when it was dropped or refused.
+    func admitSource(_ fd: Int32, listener: Int, plan: WorkerPlan) -> UInt32? {
+        var peer = sockaddr_storage()
+        // A peer the kernel cannot name (it reset already) has no source to limit.
+        let known = SourceFilter.peer(of: fd, into: &peer)
+        if !known { peer.ss_family = sa_family_t(AF_UNSPEC) }
+        if sourceFilter.enforcing {
+            // The user-space blocklist: closed before any byte reaches an upstream.
+            let verdict = known ? sourceFilter.verdict(source: &peer, port: plan.listenerPorts[listener], transport: .tcp) : .malformed
+            stats.add(.filterCounter(verdict))
+            if verdict.drops {
+                Glibc.close(fd)
+                return nil
+            }
         }
+        guard let rule = plan.rateRules[listener], rule.limitsNewSources else { return 0 }
+        let place = withUnsafeBytes(of: &peer) { admitNewSource($0.baseAddress!, rule, listener: listener) }
+        if place == Worker.limitedVerdict {
+            refuse(fd, listener: listener)
+            return nil
+        }
+        return place
+    }
+
+    /// Gives back the places `admission` took.
+    func withdraw(_ admission: Admission, listener: Int, plan: WorkerPlan) {
+        if admission.clusterAdmitted { shared.status.leave(cluster: plan.clusterIDs[admission.cluster]) }
+        if admission.listenerLimited { shared.limits.leave(listener) }
+        leaveSource(admission.sourcePlace)
+    }
+
+    /// Fills slot `slot`'s record for an admitted connection and starts it: a connect, a
+    /// TLS handshake, or reading the ClientHello for routing.
+    @inline(__always)
+    func open(_ slot: UInt32, client fd: Int32, listener: Int, plan: WorkerPlan, admission: Admission) {
         let record = slab[slot]
         record.pointee.move(to: .connecting)
         record.pointee.plan = plan.index
@@ -99,22 +142,23 @@ extension Worker {
         record.pointee.listener = UInt16(listener)
         record.pointee.client = fd
         record.pointee.counted = true
-        record.pointee.listenerLimited = limited
-        record.pointee.clusterAdmitted = clusterLimit != nil
-        if sourcePlace != 0 {
+        record.pointee.listenerLimited = admission.listenerLimited
+        record.pointee.clusterAdmitted = admission.clusterAdmitted
+        if admission.sourcePlace != 0 {
             record.pointee.holds.insert(.sourcePlace)
-            side.sourcePlaces[Int(slot)] = sourcePlace
+            side.sourcePlaces[Int(slot)] = admission.sourcePlace
         }
         record.pointee.lastActivity = clock.tick
+        let cluster = admission.cluster
         record.pointee.cluster = UInt16(cluster)
-        if !routed, plan.balancers[cluster].usesFlowHash {
+        if !admission.routed, plan.balancers[cluster].usesFlowHash {
             record.pointee.flowHash = FlowHash.compute(client: fd, key: plan.hashKeys[cluster])
         }
         stats.add(.accepted, listener: listener)
         stats.add(.active, listener: listener)
         if side.access != nil { noteAccepted(slot, client: fd) }
         startTimers(slot, listener: listener)
-        if routed {
+        if admission.routed {
             startInspecting(slot, record)
             return
         }

@@ -1,3 +1,5 @@
+import URing
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -15,7 +17,8 @@ extension Worker {
 
     /// The end reason an error result says.
     static func reason(_ result: Int32) -> EndReason {
-        result == -ECONNRESET || result == -EPIPE ? .reset : .error
+        let error = Errno(result: result)
+        return error == .connectionReset || error == .brokenPipe ? .reset : .error
     }
 
     /// The client's address, into `ip` / `port` / `family`.

@@ -51,24 +51,9 @@ extension Worker {
     func cancelAll(on fd: Int32) {
         if !ring.prepareCancelAll(fd: fd, userData: UserData(.cancel).raw) {
             stats.add(.submissionDrops)
-            shutdown(fd, Int32(SHUT_RDWR))
+            // Fails only for a socket already shut down or reset, whose requests end anyway.
+            try? SocketCalls.shutdown(fd, Int32(SHUT_RDWR))
         }
-    }
-
-    /// The prologue of a completion that holds no buffer: the record, when the completion
-    /// is its plans.current connection's (its generation) and the connection is still `state`;
-    /// nil when the completion is stale, or the connection is closing (finished here once
-    /// its last request has completed).
-    @inline(__always)
-    func completedRecord(_ userData: UserData, expecting state: Connection.State) -> UnsafeMutablePointer<Connection>? {
-        let record = slab[userData.slot]
-        guard record.pointee.generation == userData.generation else { return nil }
-        record.pointee.inFlight -= 1
-        guard record.pointee.state == state else {
-            finishClosing(userData.slot)
-            return nil
-        }
-        return record
     }
 
     func finishClosing(_ slot: UInt32) {
@@ -99,27 +84,28 @@ extension Worker {
     /// Out of descriptors or memory: tell the operator, at most once a minute per worker
     /// (the counters have every occurrence).
     @inline(never)
-    func noteResourceError(_ code: Int32, while doing: String) {
-        guard code == EMFILE || code == ENFILE || code == ENOMEM || code == ENOBUFS else { return }
+    func noteResourceError(_ error: Errno, while doing: String) {
+        let outOfDescriptors = error == .tooManyOpenFiles || error == .fileTableOverflow
+        guard outOfDescriptors || error == .outOfMemory || error == .noBufferSpace else { return }
         guard clock.milliseconds - lastResourceWarning >= 60_000 || lastResourceWarning == 0 else { return }
         lastResourceWarning = clock.milliseconds
-        let what = code == EMFILE || code == ENFILE ? "out of file descriptors" : "out of memory"
-        logger.warning("\(what) while \(doing): \(String(cString: strerror(code))); new clients are refused until it recovers", metadata: [
+        let what = outOfDescriptors ? "out of file descriptors" : "out of memory"
+        logger.warning("\(what) while \(doing): \(error); new clients are refused until it recovers", metadata: [
             "worker": "\(control.index)",
         ])
     }
 
     /// Makes the coming close send RST on both sockets and drop what is unsent.
     func resetOnClose(_ record: UnsafeMutablePointer<Connection>) {
-        var linger = Glibc.linger(l_onoff: 1, l_linger: 0)
-        let size = socklen_t(MemoryLayout<Glibc.linger>.size)
-        setsockopt(record.pointee.client, SOL_SOCKET, SO_LINGER, &linger, size)
-        if record.pointee.upstream >= 0 { setsockopt(record.pointee.upstream, SOL_SOCKET, SO_LINGER, &linger, size) }
+        // SO_LINGER cannot fail on an open TCP socket; if it did, the close sends FIN instead.
+        let linger = Glibc.linger(l_onoff: 1, l_linger: 0)
+        try? SocketCalls.setOption(record.pointee.client, level: SOL_SOCKET, SO_LINGER, linger)
+        if record.pointee.upstream >= 0 { try? SocketCalls.setOption(record.pointee.upstream, level: SOL_SOCKET, SO_LINGER, linger) }
     }
 
     @inline(__always)
     func setNoDelay(_ fd: Int32) {
-        var one: Int32 = 1
-        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        // Cannot fail on a TCP socket; if it did, the relay still works, with Nagle's delays.
+        try? SocketCalls.setOption(fd, level: Int32(IPPROTO_TCP), TCP_NODELAY, Int32(1))
     }
 }

@@ -24,9 +24,11 @@ extension Worker {
         let position = firstEndpoint + local
         let endpoint = Int(plan.snapshot.endpointIDs[position])
         let address = UnsafeMutableRawPointer(plan.endpointAddresses + position).assumingMemoryBound(to: sockaddr.self)
-        let fd = socket(Int32(address.pointee.sa_family), Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else {
-            noteResourceError(errno, while: "opening an upstream socket")
+        let fd: Int32
+        do throws(Errno) {
+            fd = try SocketCalls.open(family: Int32(address.pointee.sa_family), type: Int32(SOCK_STREAM.rawValue))
+        } catch {
+            noteResourceError(error, while: "opening an upstream socket")
             // The pick took a place on the endpoint (its max_connections); give it back.
             if record.pointee.endpointLimited {
                 record.pointee.endpointLimited = false
@@ -125,7 +127,7 @@ extension Worker {
         guard completion.result >= 0 else {
             stats.add(.connectFailures, endpoint: endpoint)
             // The linked timeout cancelled the connect.
-            if completion.result == -ECANCELED { stats.add(.connectTimeouts, endpoint: endpoint) }
+            if completion.error == .canceled { stats.add(.connectTimeouts, endpoint: endpoint) }
             releaseEndpoint(record)
             Glibc.close(record.pointee.upstream)
             record.pointee.upstream = -1
@@ -165,24 +167,14 @@ extension Worker {
         let header = tlsHeader != Connection.Stream.noBuffer
             ? bufferAddress(tlsHeader, large: false) : side.proxyHeader(slot)
         let sent = Int(record.pointee.toUpstream.sent)
-        guard ring.prepareSend(
+        queued(ring.prepareSend(
             socket: record.pointee.upstream, bytes: header + sent, length: Int(record.pointee.toUpstream.length) - sent,
-            userData: UserData(.sendProxyHeader, slot: slot, generation: record.pointee.generation).raw)
-        else {
-            stats.add(.submissionDrops)
-            close(slot, reason: .error)
-            return
-        }
-        record.pointee.inFlight += 1
+            userData: UserData(.sendProxyHeader, slot: slot, generation: record.pointee.generation).raw), slot, record)
     }
 
     func proxyHeaderSent(_ completion: Completion, _ userData: UserData) {
         let slot = userData.slot
-        guard let record = completedRecord(userData, expecting: .sendingProxyHeader) else { return }
-        guard completion.result > 0 else {
-            close(slot, reason: Worker.reason(completion.result))
-            return
-        }
+        guard let record = succeededRecord(completion, userData, expecting: .sendingProxyHeader) else { return }
         record.pointee.toUpstream.sent += completion.result
         if record.pointee.toUpstream.sent < record.pointee.toUpstream.length {
             sendProxyHeader(slot, record)

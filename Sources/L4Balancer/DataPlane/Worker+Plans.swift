@@ -56,7 +56,8 @@ extension Worker {
         if listeners[id].isDatagram {
             while let session = datagrams.sessions.oldest(id) { endSession(session, reason: .drain) }
         }
-        shutdown(fd, Int32(SHUT_RDWR))
+        // A listening socket always shuts down; if not, the cancel below still stops it.
+        try? SocketCalls.shutdown(fd, Int32(SHUT_RDWR))
         if listeners[id].armed, ring.prepareCancelAll(fd: fd, userData: UserData(.listenerCancelled, slot: UInt32(bitPattern: fd)).raw) {
             listeners.retiring.insert(fd)
         } else {

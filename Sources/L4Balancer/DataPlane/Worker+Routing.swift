@@ -23,37 +23,20 @@ extension Worker {
     }
 
     func peekClientHello(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
-        guard ring.prepareReceive(
+        queued(ring.prepareReceive(
             socket: record.pointee.client, bufferGroup: Worker.smallBufferGroup, flags: Int32(MSG_PEEK),
-            userData: UserData(.peekClientHello, slot: slot, generation: record.pointee.generation).raw)
-        else {
-            stats.add(.submissionDrops)
-            close(slot, reason: .error)
-            return
-        }
-        record.pointee.inFlight += 1
+            userData: UserData(.peekClientHello, slot: slot, generation: record.pointee.generation).raw), slot, record)
     }
 
     func peekedClientHello(_ completion: Completion, _ userData: UserData) {
-        let buffer = completion.bufferID
-        if buffer != nil { handedOut(large: false) }
+        guard let record = receivedRecord(completion, userData, large: false, in: .inspection) else { return }
         let slot = userData.slot
-        let record = slab[slot]
-        guard record.pointee.generation == userData.generation else {
-            if let buffer { recycle(buffer, large: false) }
-            return
-        }
-        record.pointee.inFlight -= 1
-        guard record.pointee.state == .inspecting else {
-            if let buffer { recycle(buffer, large: false) }
-            finishClosing(slot)
-            return
-        }
+        let buffer = completion.bufferID
         let listener = Int(record.pointee.listener)
         let result = completion.result
         guard result > 0, let buffer else {
             if let buffer { recycle(buffer, large: false) }
-            if result == -ENOBUFS {
+            if completion.error == .noBufferSpace {
                 // No buffer to peek into: again at the next tick.
                 stats.add(.bufferWaits, listener: listener)
                 buffers.retriesAtTick.append((slot: slot, generation: record.pointee.generation))
@@ -104,24 +87,14 @@ extension Worker {
     }
 
     func armClientHelloPoll(_ slot: UInt32, _ record: UnsafeMutablePointer<Connection>) {
-        guard ring.preparePoll(
+        queued(ring.preparePoll(
             fd: record.pointee.client, events: UInt32(Int32(POLLIN) | Worker.pollReadHangUp),
-            userData: UserData(.clientHelloReadable, slot: slot, generation: record.pointee.generation).raw)
-        else {
-            stats.add(.submissionDrops)
-            close(slot, reason: .error)
-            return
-        }
-        record.pointee.inFlight += 1
+            userData: UserData(.clientHelloReadable, slot: slot, generation: record.pointee.generation).raw), slot, record)
     }
 
     func clientHelloReadable(_ completion: Completion, _ userData: UserData) {
         let slot = userData.slot
-        guard let record = completedRecord(userData, expecting: .inspecting) else { return }
-        guard completion.result > 0 else {
-            close(slot, reason: Worker.reason(completion.result))
-            return
-        }
+        guard let record = succeededRecord(completion, userData, expecting: .inspecting) else { return }
         // Peek again either way: a client may send its last bytes and FIN together.
         if Int32(completion.result) & (Worker.pollReadHangUp | Int32(POLLHUP) | Int32(POLLERR)) != 0 { record.pointee.toUpstream.sent = 1 }
         peekClientHello(slot, record)
@@ -149,7 +122,7 @@ extension Worker {
 
     @inline(__always)
     func setReceiveLowWater(_ fd: Int32, _ bytes: Int32) {
-        var value = bytes
-        setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &value, socklen_t(MemoryLayout<Int32>.size))
+        // If refused, the peek wakes for every segment of the ClientHello: slower, not wrong.
+        try? SocketCalls.setOption(fd, level: SOL_SOCKET, SO_RCVLOWAT, bytes)
     }
 }

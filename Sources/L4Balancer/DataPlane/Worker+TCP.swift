@@ -105,35 +105,6 @@ extension Worker {
         sendPending(slot, record, toUpstream: toUpstream)
     }
 
-    /// What every receive completion does first: takes its buffer, drops a completion of a
-    /// slot's earlier connection, ends an arm, and gives the buffer back (finishing the
-    /// close) when the connection is not in a state that takes bytes — `.proxying`, or
-    /// with `duringOpening` also the TLS handshake and connect. Nil: nothing more to do.
-    @inline(__always)
-    func beginReceive(
-        _ completion: Completion, _ userData: UserData, toUpstream: Bool, large: Bool, duringOpening: Bool
-    ) -> (record: UnsafeMutablePointer<Connection>, stream: UnsafeMutablePointer<Connection.Stream>)? {
-        let buffer = completion.bufferID
-        if buffer != nil { handedOut(large: large) }
-        let slot = userData.slot
-        let record = slab[slot]
-        guard record.pointee.generation == userData.generation else {
-            if let buffer { recycle(buffer, large: large) }
-            return nil
-        }
-        let more = completion.hasMore
-        if !more { record.pointee.inFlight -= 1 }
-        let state = record.pointee.state
-        guard duringOpening ? state != .closing && state != .free : state == .proxying else {
-            if let buffer { recycle(buffer, large: large) }
-            if !more { finishClosing(slot) }
-            return nil
-        }
-        let s = stream(record, toUpstream: toUpstream)
-        if !more { s.pointee.receiveArmed = false }
-        return (record, s)
-    }
-
     func received(_ completion: Completion, _ userData: UserData, toUpstream: Bool, large: Bool) {
         guard let (record, s) = beginReceive(completion, userData, toUpstream: toUpstream, large: large, duringOpening: false) else { return }
         let slot = userData.slot
@@ -141,11 +112,7 @@ extension Worker {
         let more = completion.hasMore
         let result = completion.result
         if result > 0, let buffer {
-            if !large, Int(result) == buffers.small.bufferSize {
-                s.pointee.prefersLarge = true
-            } else if large, Int(result) < buffers.small.bufferSize {
-                s.pointee.prefersLarge = false
-            }
+            noteReceiveSize(s, result, large: large)
             record.pointee.lastActivity = clock.tick
             countRelayed(slot, record, toUpstream: toUpstream, result)
             if isTLS(record, atUpstream: toUpstream) {
@@ -172,19 +139,47 @@ extension Worker {
             } else {
                 forwardEOF(slot, record, toUpstream: toUpstream)
             }
-        } else if result == -ENOBUFS, large {
-            // Large buffers are few: fall back to small ones rather than wait.
-            s.pointee.prefersLarge = false
-            if s.pointee.state == .receiving { armReceive(slot, record, toUpstream: toUpstream) }
-        } else if result == -ENOBUFS {
-            // Nothing held: wait for buffers. Sending: re-armed when the send completes.
-            stats.add(.bufferWaits, listener: Int(record.pointee.listener))
-            if s.pointee.state == .receiving { waitForBuffer(slot, record, toUpstream: toUpstream) }
-        } else if result == -ECANCELED, !more {
-            if s.pointee.state == .receiving { armReceive(slot, record, toUpstream: toUpstream) }
+        } else if retryReceive(slot, record, s, toUpstream: toUpstream, large: large, completion, ready: s.pointee.state == .receiving) {
+            return
         } else if !more || result < 0 {
             close(slot, reason: result < 0 ? Worker.reason(result) : nil)
         }
+    }
+
+    /// A direction's buffer size follows its reads: one that fills a small buffer moves to
+    /// large ones (bulk), one that would fit a small buffer moves back.
+    @inline(__always)
+    func noteReceiveSize(_ s: UnsafeMutablePointer<Connection.Stream>, _ length: Int32, large: Bool) {
+        if !large, Int(length) == buffers.small.bufferSize {
+            s.pointee.prefersLarge = true
+        } else if large, Int(length) < buffers.small.bufferSize {
+            s.pointee.prefersLarge = false
+        }
+    }
+
+    /// A receive that ended for want of a buffer, or was cancelled: armed again (with small
+    /// buffers, or once one is free) if the direction takes bytes now (`ready`). False for
+    /// any other result, which the caller handles.
+    @inline(__always)
+    func retryReceive(
+        _ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, _ s: UnsafeMutablePointer<Connection.Stream>,
+        toUpstream: Bool, large: Bool, _ completion: Completion, ready: Bool
+    ) -> Bool {
+        switch completion.error {
+        case .noBufferSpace? where large:
+            // Large buffers are few: fall back to small ones rather than wait.
+            s.pointee.prefersLarge = false
+            if ready { armReceive(slot, record, toUpstream: toUpstream) }
+        case .noBufferSpace?:
+            // Nothing held: wait for buffers. Sending: re-armed when the send completes.
+            stats.add(.bufferWaits, listener: Int(record.pointee.listener))
+            if ready { waitForBuffer(slot, record, toUpstream: toUpstream) }
+        case .canceled? where !completion.hasMore:
+            if ready { armReceive(slot, record, toUpstream: toUpstream) }
+        default:
+            return false
+        }
+        return true
     }
 
     /// Counts application bytes on their way `toUpstream` (or to the client): the
@@ -238,10 +233,8 @@ extension Worker {
     }
 
     func sent(_ completion: Completion, _ userData: UserData, toUpstream: Bool) {
+        guard let record = sentRecord(userData) else { return }
         let slot = userData.slot
-        let record = slab[slot]
-        guard record.pointee.generation == userData.generation else { return }
-        record.pointee.inFlight -= 1
         let s = stream(record, toUpstream: toUpstream)
         guard record.pointee.state == .proxying, completion.result > 0 else {
             recycle(s.pointee.buffer, large: s.pointee.large)
@@ -287,10 +280,9 @@ extension Worker {
             close(slot)
             return
         }
-        // A direct syscall, not IORING_OP_SHUTDOWN: the ring always runs shutdown on an
-        // io-wq thread, which could resolve the descriptor number after it was closed and
-        // reused by a new connection.
-        shutdown(destination(record, toUpstream: toUpstream), Int32(SHUT_WR))
+        // Fails only when the peer has reset the socket already: the other direction's
+        // next receive or send then reports it and closes the connection.
+        try? SocketCalls.shutdown(destination(record, toUpstream: toUpstream), Int32(SHUT_WR))
     }
 
     /// A closing connection gives back the buffer waiting behind a send; the one being

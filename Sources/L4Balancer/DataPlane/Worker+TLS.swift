@@ -37,7 +37,7 @@ struct TLSSlot {
     var cipherUnsent = false
     /// Accept time (monotonic ms), for the handshake latency.
     var started: Int64 = 0
-    /// In `buffers.inputReleasesAtTick`: the input BIO copied a large receive, and the memory that
+    /// In `inputReleasesAtTick`: the input BIO copied a large receive, and the memory that
     /// took is given back at the first tick that finds it read.
     var inputReleaseQueued = false
     /// An SSL_read failed other than for want of ciphertext (an error, close_notify), and
@@ -96,58 +96,23 @@ extension Worker {
         let toUpstream = !atUpstream
         guard let (record, s) = beginReceive(completion, userData, toUpstream: toUpstream, large: large, duringOpening: true) else { return }
         let slot = userData.slot
-        let buffer = completion.bufferID
-        let more = completion.hasMore
-        let state = record.pointee.state
-        let handshaking: Connection.State = atUpstream ? .upstreamHandshaking : .handshaking
         let result = completion.result
-        let t = tlsSlot(slot, atUpstream: atUpstream)
-        if result > 0, let buffer {
-            let address = bufferAddress(buffer, large: large)
-            // In place only when OpenSSL holds no plaintext: then what it reads before this
-            // buffer's own records is at most one partial record (the headroom's bound).
-            let lent = large && state == .proxying && s.pointee.state == .receiving && SSL_pending(t.pointee.ssl) == 0
-                && COpenSSL_input_lend(t.pointee.inputState, address, Int(result)) == 1
-            if !lent {
-                guard COpenSSL_input_append(t.pointee.inputState, address, Int(result)) == 1 else {
-                    recycle(buffer, large: large)
-                    close(slot, reason: .error)
-                    return
-                }
-                if large, !t.pointee.inputReleaseQueued {
-                    // The BIO grew by a megabyte: given back once it is read (at a tick).
-                    t.pointee.inputReleaseQueued = true
-                    buffers.inputReleasesAtTick.append((slot: slot, generation: record.pointee.generation, atUpstream: atUpstream))
-                }
-            }
-            if state == .proxying {
-                if !large, Int(result) == buffers.small.bufferSize {
-                    s.pointee.prefersLarge = true
-                } else if large, Int(result) < buffers.small.bufferSize {
-                    s.pointee.prefersLarge = false
-                }
-            }
-            if state == handshaking {
-                recycle(buffer, large: large)
-                if !t.pointee.closeAfterFlush { continueHandshake(slot, record, atUpstream: atUpstream) }
-            } else if state == .proxying, s.pointee.state == .receiving {
-                record.pointee.lastActivity = clock.tick
-                afterPlaintextPull(slot, record, atUpstream: atUpstream, pullPlaintext(slot, record, atUpstream: atUpstream, into: buffer, large: large))
-            } else {
-                // Connecting, or the other side busy: the bytes wait in the BIO, and the
-                // receive is armed again only once they are read.
-                recycle(buffer, large: large)
-            }
+        if result > 0, let buffer = completion.bufferID {
+            ciphertextArrived(slot, record, s, buffer: buffer, length: result, large: large, atUpstream: atUpstream)
             return
         }
-        if let buffer { recycle(buffer, large: large) }
+        if let buffer = completion.bufferID { recycle(buffer, large: large) }
+        let state = record.pointee.state
+        let handshaking: Connection.State = atUpstream ? .upstreamHandshaking : .handshaking
+        // Whether this direction takes bytes now: a receive that ended without any is armed again.
+        let ready = state == handshaking || (state == .proxying && s.pointee.state == .receiving)
         if result == 0 {
             guard state == .proxying else {
                 if state == handshaking {
                     if atUpstream { upstreamHandshakeFailed(record) }
                     close(slot, reason: atUpstream ? .upstreamFIN : .clientFIN)
                 } else {
-                    t.pointee.peerEnded = true
+                    tlsSlot(slot, atUpstream: atUpstream).pointee.peerEnded = true
                 }
                 return
             }
@@ -156,24 +121,53 @@ extension Worker {
             case .receiving: endDirection(slot, record, toUpstream: toUpstream)
             default: break
             }
-        } else if result == -ENOBUFS, large {
-            // Large buffers are few: fall back to small ones rather than wait.
-            s.pointee.prefersLarge = false
-            if state == .proxying, s.pointee.state == .receiving { armReceive(slot, record, toUpstream: toUpstream) }
-        } else if result == -ENOBUFS {
-            stats.add(.bufferWaits, listener: Int(record.pointee.listener))
-            if state == handshaking || (state == .proxying && s.pointee.state == .receiving) {
-                waitForBuffer(slot, record, toUpstream: toUpstream)
-            }
-        } else if result == -ECANCELED, !more {
-            if state == handshaking || (state == .proxying && s.pointee.state == .receiving) {
-                armReceive(slot, record, toUpstream: toUpstream)
-            }
+        } else if retryReceive(slot, record, s, toUpstream: toUpstream, large: large, completion, ready: ready) {
+            return
         } else if result < 0 {
             if atUpstream, state == handshaking { upstreamHandshakeFailed(record) }
             close(slot, reason: Worker.reason(result))
-        } else if !more, state == handshaking || (state == .proxying && s.pointee.state == .receiving) {
+        } else if !completion.hasMore, ready {
             armReceive(slot, record, toUpstream: toUpstream)
+        }
+    }
+
+    /// `length` bytes of ciphertext in `buffer`: into OpenSSL's input (lent in place when it
+    /// can be), then on with the handshake or the relay.
+    @inline(__always)
+    func ciphertextArrived(
+        _ slot: UInt32, _ record: UnsafeMutablePointer<Connection>, _ s: UnsafeMutablePointer<Connection.Stream>,
+        buffer: UInt16, length result: Int32, large: Bool, atUpstream: Bool
+    ) {
+        let state = record.pointee.state
+        let t = tlsSlot(slot, atUpstream: atUpstream)
+        let address = bufferAddress(buffer, large: large)
+        // In place only when OpenSSL holds no plaintext: then what it reads before this
+        // buffer's own records is at most one partial record (the headroom's bound).
+        let lent = large && state == .proxying && s.pointee.state == .receiving && SSL_pending(t.pointee.ssl) == 0
+            && COpenSSL_input_lend(t.pointee.inputState, address, Int(result)) == 1
+        if !lent {
+            guard COpenSSL_input_append(t.pointee.inputState, address, Int(result)) == 1 else {
+                recycle(buffer, large: large)
+                close(slot, reason: .error)
+                return
+            }
+            if large, !t.pointee.inputReleaseQueued {
+                // The BIO grew by a megabyte: given back once it is read (at a tick).
+                t.pointee.inputReleaseQueued = true
+                buffers.inputReleasesAtTick.append((slot: slot, generation: record.pointee.generation, atUpstream: atUpstream))
+            }
+        }
+        if state == .proxying { noteReceiveSize(s, result, large: large) }
+        if state == (atUpstream ? .upstreamHandshaking : .handshaking) {
+            recycle(buffer, large: large)
+            if !t.pointee.closeAfterFlush { continueHandshake(slot, record, atUpstream: atUpstream) }
+        } else if state == .proxying, s.pointee.state == .receiving {
+            record.pointee.lastActivity = clock.tick
+            afterPlaintextPull(slot, record, atUpstream: atUpstream, pullPlaintext(slot, record, atUpstream: atUpstream, into: buffer, large: large))
+        } else {
+            // Connecting, or the other side busy: the bytes wait in the BIO, and the
+            // receive is armed again only once they are read.
+            recycle(buffer, large: large)
         }
     }
 

@@ -145,10 +145,8 @@ extension Worker {
     }
 
     func ciphertextSent(_ completion: Completion, _ userData: UserData, atUpstream: Bool) {
+        guard let record = sentRecord(userData) else { return }
         let slot = userData.slot
-        let record = slab[slot]
-        guard record.pointee.generation == userData.generation else { return }
-        record.pointee.inFlight -= 1
         let t = tlsSlot(slot, atUpstream: atUpstream)
         let state = record.pointee.state
         guard state != .closing, completion.result > 0 else {

@@ -36,7 +36,7 @@ extension Worker {
             listeners[listener].armed = false
             // Out of buffers: re-armed once one is recycled (the datagrams wait in the
             // socket's queue meanwhile; the kernel drops and counts beyond it).
-            if completion.result == -ENOBUFS {
+            if completion.error == .noBufferSpace {
                 datagrams.receivesWaiting = true
             } else if completion.result >= 0, !draining {
                 armDatagrams(listener)
@@ -44,7 +44,7 @@ extension Worker {
         }
         guard let buffer = completion.bufferID else {
             // No buffer free: the datagram waits in the socket until a buffer is recycled.
-            if completion.result == -ENOBUFS { stats.add(.bufferWaits, listener: listener) }
+            if completion.error == .noBufferSpace { stats.add(.bufferWaits, listener: listener) }
             return
         }
         datagrams.buffers.handedOut()
@@ -74,36 +74,8 @@ extension Worker {
             datagrams.buffers.recycle(buffer)
             return
         }
-        let session: UInt32
-        if plan.perPacket[listener] {
-            guard let lent = lendUpstream(client: message.name, clientLength: message.nameLength, key: key, listener: listener, local: message.destination) else {
-                datagrams.buffers.recycle(buffer)
-                stats.add(.dropsNoEndpoint, listener: listener)
-                return
-            }
-            session = lent
-        } else if let found = datagrams.sessions.find(key) {
-            session = found
-            datagrams.sessions.touch(found, tick: clock.tick)
-        } else if let rule, rule.limitsNewSources, case let place = admitNewSource(message.name, rule, listener: listener), place != 0 {
-            // A new session from a limited source: over its budget, dropped (counted).
-            guard place != Worker.limitedVerdict,
-                  let opened = openSession(key, client: message.name, clientLength: message.nameLength, listener: listener, local: message.destination)
-            else {
-                if place != Worker.limitedVerdict {
-                    leaveSource(place)
-                    stats.add(.dropsNoEndpoint, listener: listener)
-                }
-                datagrams.buffers.recycle(buffer)
-                return
-            }
-            datagrams.sessions[opened].sourcePlace = place
-            session = opened
-        } else if let opened = openSession(key, client: message.name, clientLength: message.nameLength, listener: listener, local: message.destination) {
-            session = opened
-        } else {
+        guard let session = session(for: message, key, listener: listener, plan: plan, rule: rule) else {
             datagrams.buffers.recycle(buffer)
-            stats.add(.dropsNoEndpoint, listener: listener)
             return
         }
         let length = message.payloadLength
@@ -122,6 +94,37 @@ extension Worker {
         datagrams.sessions[session].requests &+= 1
         // No reply expected (`proxy_responses: 0`): the socket can serve the next datagram.
         if plan.proxyResponses[listener] == 0 { endLease(session) }
+    }
+
+    /// The session a client's datagram goes out on: a lent upstream socket (`per_packet`),
+    /// the client's session, or a new one (within its source's rate limit). Nil when there
+    /// is none to be had; the drop is counted.
+    @inline(__always)
+    func session(for message: ReceivedMessage, _ key: UDPClientKey, listener: Int, plan: WorkerPlan, rule: SourceRateRule?) -> UInt32? {
+        if plan.perPacket[listener] {
+            guard let lent = lendUpstream(client: message.name, clientLength: message.nameLength, key: key, listener: listener, local: message.destination) else {
+                stats.add(.dropsNoEndpoint, listener: listener)
+                return nil
+            }
+            return lent
+        }
+        if let found = datagrams.sessions.find(key) {
+            datagrams.sessions.touch(found, tick: clock.tick)
+            return found
+        }
+        var place: UInt32 = 0
+        if let rule, rule.limitsNewSources {
+            place = admitNewSource(message.name, rule, listener: listener)
+            // A new session from a limited source: over its budget, dropped (counted).
+            if place == Worker.limitedVerdict { return nil }
+        }
+        guard let opened = openSession(key, client: message.name, clientLength: message.nameLength, listener: listener, local: message.destination) else {
+            leaveSource(place)
+            stats.add(.dropsNoEndpoint, listener: listener)
+            return nil
+        }
+        if place != 0 { datagrams.sessions[opened].sourcePlace = place }
+        return opened
     }
 
     func datagramSentUpstream(_ completion: Completion, buffer: UInt16, listener: Int) {
@@ -179,14 +182,18 @@ extension Worker {
             stats.add(.sessionsEvicted, listener: listener)
         }
         let address = UnsafeMutableRawPointer(plan.endpointAddresses + position).assumingMemoryBound(to: sockaddr.self)
-        let fd = socket(Int32(address.pointee.sa_family), Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else {
-            noteResourceError(errno, while: "opening an upstream UDP socket")
+        let fd: Int32
+        do throws(Errno) {
+            fd = try SocketCalls.open(family: Int32(address.pointee.sa_family), type: Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue))
+        } catch {
+            noteResourceError(error, while: "opening an upstream UDP socket")
             return nil
         }
         // A UDP connect only sets the peer: it does not wait.
-        guard connect(fd, address, plan.endpointAddressLengths[position]) == 0 else {
-            Glibc.close(fd)
+        do throws(Errno) {
+            try SocketCalls.connect(fd, to: address, length: plan.endpointAddressLengths[position])
+        } catch {
+            SocketCalls.close(fd)
             stats.add(.connectFailures, endpoint: endpoint)
             return nil
         }

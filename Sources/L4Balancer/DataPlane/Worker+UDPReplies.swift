@@ -31,13 +31,13 @@ extension Worker {
                 relayEmptyReply(slot)
                 return
             }
-            switch -completion.result {
-            case ECONNREFUSED:
+            switch completion.error {
+            case .connectionRefused?:
                 // ICMP port unreachable: the endpoint is not there. The client's next
                 // datagram opens a new session; outlier detection sees the failure.
                 stats.add(.connectFailures, endpoint: Int(session.endpoint))
                 endSession(slot, reason: .portUnreachable)
-            case ENOBUFS:
+            case .noBufferSpace?:
                 stats.add(.bufferWaits, listener: listener)
                 datagrams.repliesToRearm.append(slot)
                 datagrams.receivesWaiting = true

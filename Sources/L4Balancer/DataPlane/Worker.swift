@@ -15,13 +15,13 @@ final class Worker {
     static let smallBufferGroup: UInt16 = 1
     static let largeBufferGroup: UInt16 = 2
     static let completionBatch: UInt32 = 256
-    /// Under load, loop.completions may gather for up to this long before the worker is woken
+    /// Under load, completions may gather for up to this long before the worker is woken
     /// (batched waits): the peers that send the packets then stop paying a cross-CPU
     /// wake-up for most of them (function-call IPIs on the worker's CPU: 0.2–0.5 per
     /// request without, ~0.02 with). `L4LB_BATCH_US` sets it; 0 wakes for every completion.
     static let defaultBatchWindowMicroseconds: UInt32 = 20
     /// The load that turns the window on: a wake-up that found at least this many
-    /// loop.completions. A lone request (ping-pong) stays below it and is never delayed.
+    /// completions. A lone request (ping-pong) stays below it and is never delayed.
     /// `L4LB_BATCH_MIN` sets it, for measuring.
     static let defaultBatchThreshold = 8
 

@@ -75,17 +75,7 @@ final class WorkerPlan {
     init(snapshot: Snapshot, index: UInt16, worker: Int, previous: WorkerPlan?, sessions: UpstreamSessions) {
         self.snapshot = snapshot
         self.index = index
-        var kept: [String: ClusterBalancer] = [:]
-        if let previous {
-            for (i, cluster) in previous.snapshot.clusters.enumerated() { kept[cluster.name] = previous.balancers[i] }
-        }
-        balancers = snapshot.clusters.enumerated().map { i, cluster in
-            if let balancer = kept[cluster.name],
-               let old = previous?.snapshot.clusters.first(where: { $0.name == cluster.name }), old.config == cluster.config {
-                return balancer
-            }
-            return ClusterBalancer(cluster: cluster, seed: UInt64(worker) << 32 | UInt64(i) ^ snapshot.generation << 48)
-        }
+        balancers = WorkerPlan.balancers(snapshot, worker: worker, previous: previous)
         clusterIDs = snapshot.clusters.map(\.id)
         clusterLimits = snapshot.clusters.map(\.config.maxConnections)
         firstEndpoints = snapshot.clusters.map(\.firstEndpoint)
@@ -94,47 +84,32 @@ final class WorkerPlan {
         closeOnUnhealthy = snapshot.clusters.map { $0.config.onUnhealthy == .close }
         closesOnUnhealthy = closeOnUnhealthy.contains(true)
         wantsUpstreamTLS = snapshot.clusters.map { $0.config.tls != nil }
-        upstreamTLS = snapshot.clusters.map { cluster in
-            guard let settings = cluster.config.tls else { return nil }
-            // Unchanged settings keep the context (and the sessions it made stay resumable).
-            if let previous, let i = previous.snapshot.clusters.firstIndex(where: { $0.name == cluster.name }),
-               let kept = previous.upstreamTLS[i], kept.settings == settings {
-                return kept
-            }
-            return TLSClientContext(settings, sessions: sessions)
-        }
+        upstreamTLS = WorkerPlan.upstreamContexts(snapshot, previous: previous, sessions: sessions)
 
         let bound = max(snapshot.listenerIDBound, 1)
-        var idle = [UInt32](repeating: 0, count: bound)
-        var send = [UInt32](repeating: 0, count: bound)
-        var splits = [SmoothRoundRobin?](repeating: nil, count: bound)
-        var clusters = [[Int]](repeating: [], count: bound)
-        var maxima = [Int?](repeating: nil, count: bound)
-        var attempts = [Int](repeating: 0, count: bound)
-        var proxy = [Config.Listener.ProxyProtocol](repeating: .none, count: bound)
-        var ports = [UInt16](repeating: 0, count: bound)
-        var udp = [Bool](repeating: false, count: bound)
-        var sessions = [Int](repeating: 0, count: bound)
+        idleTicks = WorkerPlan.perListener(snapshot, 0) { Worker.ticks($0.idleTimeoutMilliseconds) }
+        sendTicks = WorkerPlan.perListener(snapshot, 0) { Worker.ticks($0.sendTimeoutMilliseconds) }
+        clusterSplits = WorkerPlan.perListener(snapshot, nil) { $0.clusters.count > 1 ? SmoothRoundRobin(weights: $0.clusterWeights) : nil }
+        listenerClusters = WorkerPlan.perListener(snapshot, []) { $0.clusters }
+        listenerLimits = WorkerPlan.perListener(snapshot, nil) { $0.maxConnections }
+        connectAttempts = WorkerPlan.perListener(snapshot, 0) { $0.connectAttempts }
+        proxyProtocols = WorkerPlan.perListener(snapshot, .none) { $0.proxyProtocol }
+        listenerPorts = WorkerPlan.perListener(snapshot, 0) { $0.address.port }
+        listenerIsUDP = WorkerPlan.perListener(snapshot, false) { $0.transport == .udp }
+        maxSessions = WorkerPlan.perListener(snapshot, 0) { $0.maxSessions }
+        perPacket = WorkerPlan.perListener(snapshot, false) { $0.session == .none }
+        connectTicks = WorkerPlan.perListener(snapshot, 0) { Worker.ticks($0.connectTimeoutMilliseconds) }
         var responses = [UInt32](repeating: .max, count: bound)
-        var packet = [Bool](repeating: false, count: bound)
         var kernel = [KernelTable?](repeating: nil, count: bound)
         var tls = [TLSServerContext?](repeating: nil, count: bound)
         var opening = [UInt32](repeating: 0, count: bound)
-        var connect = [UInt32](repeating: 0, count: bound)
         var isTLS = [Bool](repeating: false, count: bound)
         var routes = [ServerNameRoutes?](repeating: nil, count: bound)
         var rules = [SourceRateRule?](repeating: nil, count: bound)
         connectTimeouts = .allocate(capacity: bound)
         for listener in snapshot.listeners {
             if let settings = listener.tls {
-                // Unchanged TLS settings keep their contexts (and the session cache).
-                if let previous, listener.id < previous.tlsContexts.count, let kept = previous.tlsContexts[listener.id],
-                   let old = previous.snapshot.listeners.first(where: { $0.id == listener.id }),
-                   old.tls == settings, old.ticketSecret == listener.ticketSecret {
-                    tls[listener.id] = kept
-                } else {
-                    tls[listener.id] = TLSServerContext(settings, listenerName: listener.name, ticketSecret: listener.ticketSecret)
-                }
+                tls[listener.id] = WorkerPlan.serverContext(listener, settings, previous: previous)
                 opening[listener.id] = Worker.ticks(settings.handshakeTimeout.milliseconds)
                 isTLS[listener.id] = true
             }
@@ -143,30 +118,10 @@ final class WorkerPlan {
                     routes: listener.routes.map { ($0.serverNames, $0.cluster) }, defaultCluster: listener.clusters[0])
                 opening[listener.id] = Worker.ticks(listener.inspectTimeoutMilliseconds)
             }
-            if let limit = listener.rateLimit {
-                let rule = SourceRateRule(limit, listener: listener.id, bucketsInKernel: listener.rateLimitInKernel)
-                // Nothing left for the workers when XDP enforces the buckets and there is no max_connections.
-                if rule.limitsNewSources || rule.packetInterval > 0 { rules[listener.id] = rule }
-            }
-            idle[listener.id] = Worker.ticks(listener.idleTimeoutMilliseconds)
-            send[listener.id] = Worker.ticks(listener.sendTimeoutMilliseconds)
-            if listener.clusters.count > 1 { splits[listener.id] = SmoothRoundRobin(weights: listener.clusterWeights) }
-            clusters[listener.id] = listener.clusters
-            maxima[listener.id] = listener.maxConnections
-            attempts[listener.id] = listener.connectAttempts
-            proxy[listener.id] = listener.proxyProtocol
-            ports[listener.id] = listener.address.port
-            udp[listener.id] = listener.transport == .udp
-            sessions[listener.id] = listener.maxSessions
-            packet[listener.id] = listener.session == .none
-            let table: KernelTable = listener.forwardedInKernel ? .forwarder : .loopback
-            let loaded = table == .forwarder ? snapshot.forwarder != nil : snapshot.relayFlows != nil
-            if listener.transport == .udp, listener.relay == .kernel, loaded, (rules[listener.id]?.packetInterval ?? 0) == 0 {
-                kernel[listener.id] = table
-            }
+            rules[listener.id] = WorkerPlan.rateRule(listener)
+            kernel[listener.id] = WorkerPlan.kernelTable(listener, snapshot, rule: rules[listener.id])
             // A per-packet lease ends after one reply unless told otherwise.
             responses[listener.id] = listener.proxyResponses.map { UInt32($0) } ?? (listener.session == .none ? 1 : .max)
-            connect[listener.id] = Worker.ticks(listener.connectTimeoutMilliseconds)
             (connectTimeouts + listener.id).initialize(to: Timeout(milliseconds: listener.connectTimeoutMilliseconds))
         }
         tlsContexts = tls
@@ -174,26 +129,82 @@ final class WorkerPlan {
         rateRules = rules
         self.isTLS = isTLS
         openingTicks = opening
-        connectTicks = connect
-        idleTicks = idle
-        sendTicks = send
-        clusterSplits = splits
-        listenerClusters = clusters
-        listenerLimits = maxima
-        connectAttempts = attempts
-        proxyProtocols = proxy
-        listenerPorts = ports
-        listenerIsUDP = udp
-        maxSessions = sessions
         proxyResponses = responses
-        perPacket = packet
         kernelRelay = kernel
 
-        endpointAddresses = .allocate(capacity: max(snapshot.endpoints.count, 1))
-        endpointAddressLengths = .allocate(capacity: max(snapshot.endpoints.count, 1))
-        for (i, endpoint) in snapshot.endpoints.enumerated() {
-            endpointAddressLengths[i] = endpoint.address.write(to: endpointAddresses + i)
+        (endpointAddresses, endpointAddressLengths) = WorkerPlan.endpointAddresses(snapshot)
+    }
+
+    /// A column by listener identity: `value` of each listener, `absent` where there is none.
+    private static func perListener<Value>(_ snapshot: Snapshot, _ absent: Value, _ value: (Snapshot.ListenerPlan) -> Value) -> [Value] {
+        var column = [Value](repeating: absent, count: max(snapshot.listenerIDBound, 1))
+        for listener in snapshot.listeners { column[listener.id] = value(listener) }
+        return column
+    }
+
+    /// The clusters' balancers: those whose config did not change keep their state.
+    private static func balancers(_ snapshot: Snapshot, worker: Int, previous: WorkerPlan?) -> [ClusterBalancer] {
+        var kept: [String: ClusterBalancer] = [:]
+        if let previous {
+            for (i, cluster) in previous.snapshot.clusters.enumerated() { kept[cluster.name] = previous.balancers[i] }
         }
+        return snapshot.clusters.enumerated().map { i, cluster in
+            if let balancer = kept[cluster.name],
+               let old = previous?.snapshot.clusters.first(where: { $0.name == cluster.name }), old.config == cluster.config {
+                return balancer
+            }
+            return ClusterBalancer(cluster: cluster, seed: UInt64(worker) << 32 | UInt64(i) ^ snapshot.generation << 48)
+        }
+    }
+
+    /// Clusters with `tls:`: their client contexts. Unchanged settings keep the context
+    /// (and the sessions it made stay resumable).
+    private static func upstreamContexts(_ snapshot: Snapshot, previous: WorkerPlan?, sessions: UpstreamSessions) -> [TLSClientContext?] {
+        snapshot.clusters.map { cluster in
+            guard let settings = cluster.config.tls else { return nil }
+            if let previous, let i = previous.snapshot.clusters.firstIndex(where: { $0.name == cluster.name }),
+               let kept = previous.upstreamTLS[i], kept.settings == settings {
+                return kept
+            }
+            return TLSClientContext(settings, sessions: sessions)
+        }
+    }
+
+    /// A TLS listener's server context: unchanged settings keep theirs (and the session cache).
+    private static func serverContext(_ listener: Snapshot.ListenerPlan, _ settings: Config.TLS, previous: WorkerPlan?) -> TLSServerContext? {
+        if let previous, listener.id < previous.tlsContexts.count, let kept = previous.tlsContexts[listener.id],
+           let old = previous.snapshot.listeners.first(where: { $0.id == listener.id }),
+           old.tls == settings, old.ticketSecret == listener.ticketSecret {
+            return kept
+        }
+        return TLSServerContext(settings, listenerName: listener.name, ticketSecret: listener.ticketSecret)
+    }
+
+    /// What the workers check a listener's sources against; nil when XDP enforces the
+    /// buckets and there is no `max_connections`, which leaves the workers nothing.
+    private static func rateRule(_ listener: Snapshot.ListenerPlan) -> SourceRateRule? {
+        guard let limit = listener.rateLimit else { return nil }
+        let rule = SourceRateRule(limit, listener: listener.id, bucketsInKernel: listener.rateLimitInKernel)
+        return rule.limitsNewSources || rule.packetInterval > 0 ? rule : nil
+    }
+
+    /// udp `relay: kernel`: the table its sessions are handed to, when that program is
+    /// loaded and no per-datagram rate rule needs the workers to see each datagram.
+    private static func kernelTable(_ listener: Snapshot.ListenerPlan, _ snapshot: Snapshot, rule: SourceRateRule?) -> KernelTable? {
+        let table: KernelTable = listener.forwardedInKernel ? .forwarder : .loopback
+        let loaded = table == .forwarder ? snapshot.forwarder != nil : snapshot.relayFlows != nil
+        guard listener.transport == .udp, listener.relay == .kernel, loaded, (rule?.packetInterval ?? 0) == 0 else { return nil }
+        return table
+    }
+
+    /// The endpoints' socket addresses, by position: what connect reads at submit time.
+    private static func endpointAddresses(_ snapshot: Snapshot) -> (UnsafeMutablePointer<sockaddr_storage>, UnsafeMutablePointer<socklen_t>) {
+        let addresses = UnsafeMutablePointer<sockaddr_storage>.allocate(capacity: max(snapshot.endpoints.count, 1))
+        let lengths = UnsafeMutablePointer<socklen_t>.allocate(capacity: max(snapshot.endpoints.count, 1))
+        for (i, endpoint) in snapshot.endpoints.enumerated() {
+            lengths[i] = endpoint.address.write(to: addresses + i)
+        }
+        return (addresses, lengths)
     }
 
     deinit {
