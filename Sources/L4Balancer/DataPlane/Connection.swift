@@ -164,10 +164,8 @@ struct Connection {
     /// What this connection holds a place in (released once, on close). One byte, so the
     /// record stays at 112 bytes.
     var holds = Holds()
-    /// TLS terminated here: OpenSSL state in the worker's `tlsSlots`.
-    var tls = false
-    /// TLS to the upstream: OpenSSL state in the worker's `upstreamTLSSlots`.
-    var upstreamTLS = false
+    /// TLS on either side, and what inspection learned (one byte, as `holds`).
+    var flags = Flags()
     /// The worker plan it was opened under (`WorkerPlan.index`).
     var plan: UInt16 = 0
     /// The listener's identity; the cluster's position in the plan's snapshot.
@@ -206,6 +204,39 @@ struct Connection {
         /// A place among its source's `rate_limit` `max_connections` (the slot is in the
         /// worker's `sourcePlaces`).
         static let sourcePlace = Holds(rawValue: 16)
+    }
+
+    struct Flags: OptionSet {
+        let rawValue: UInt8
+        /// TLS terminated here: OpenSSL state in the worker's `side.tls`.
+        static let tls = Flags(rawValue: 1)
+        /// TLS to the upstream: OpenSSL state in the worker's `side.upstreamTLS`.
+        static let upstreamTLS = Flags(rawValue: 2)
+        /// `.inspecting`: the client half-closed (its ClientHello can grow no more).
+        static let clientHalfClosed = Flags(rawValue: 4)
+    }
+
+    var tls: Bool {
+        get { flags.contains(.tls) }
+        set { if newValue { flags.insert(.tls) } else { flags.remove(.tls) } }
+    }
+    var upstreamTLS: Bool {
+        get { flags.contains(.upstreamTLS) }
+        set { if newValue { flags.insert(.upstreamTLS) } else { flags.remove(.upstreamTLS) } }
+    }
+
+    // While `.inspecting`, no byte is relayed yet and `toUpstream` is idle (it is reset
+    // when the relay starts); its two lengths hold the inspection's numbers, by these names.
+
+    /// `.inspecting`: the bytes the last peek saw.
+    var inspectedBytes: Int32 {
+        get { toUpstream.length }
+        set { toUpstream.length = newValue }
+    }
+    /// `.inspecting`: the raised `SO_RCVLOWAT` (0: unchanged).
+    var inspectionLowWater: Int32 {
+        get { toUpstream.pendingLength }
+        set { toUpstream.pendingLength = newValue }
     }
 
     var counted: Bool {

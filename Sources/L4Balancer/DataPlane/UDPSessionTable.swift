@@ -6,12 +6,12 @@ import Glibc
 
 /// A UDP client as the session table keys it: family, port and address, as the kernel
 /// reported the datagram's sender.
-struct UDPClientKey: Hashable {
+public struct UDPClientKey: Hashable {
     var high: UInt64
     var low: UInt64
     var portAndFamily: UInt32
 
-    init?(_ name: UnsafeRawPointer, length: Int) {
+    public init?(_ name: UnsafeRawPointer, length: Int) {
         switch Int32(name.load(as: sa_family_t.self)) {
         case AF_INET where length >= MemoryLayout<sockaddr_in>.size:
             let sin = name.load(as: sockaddr_in.self)
@@ -36,7 +36,7 @@ struct UDPClientKey: Hashable {
 /// Per-packet listeners (`session: none`) use the same records without the dictionary: a
 /// record is an upstream socket lent to one datagram's client until its replies are in,
 /// then kept in a pool per (listener, endpoint) for the next datagram to that endpoint.
-struct UDPSessionTable {
+public struct UDPSessionTable {
     struct Session {
         var key: UDPClientKey
         /// The client's address, as replies are sent to it.
@@ -80,7 +80,7 @@ struct UDPSessionTable {
     /// Per listener identity: the least and most recently active session, and the count.
     private var heads: [UInt32]
     private var tails: [UInt32]
-    private(set) var counts: [Int]
+    public private(set) var counts: [Int]
     /// Per-packet records not lent out, per (listener, endpoint identity): slot and
     /// generation, checked when taken (a record may have ended while pooled).
     private var pools: [UInt64: [UInt64]] = [:]
@@ -88,15 +88,19 @@ struct UDPSessionTable {
     /// The generation new records start at (raised when the table gives its memory back).
     private var generationFloor: UInt32 = 0
 
-    init(listeners: Int) {
+    public init(listeners: Int) {
         heads = Array(repeating: UDPSessionTable.none, count: listeners)
         tails = heads
         counts = Array(repeating: 0, count: listeners)
     }
 
-    var active: Int { live }
+    public var active: Int { live }
 
-    func find(_ key: UDPClientKey) -> UInt32? { index[key] }
+    public func find(_ key: UDPClientKey) -> UInt32? { index[key] }
+
+    /// Whether `slot` holds a session, and the generation its requests carry.
+    public func isLive(_ slot: UInt32) -> Bool { Int(slot) < sessions.count && sessions[Int(slot)].live }
+    public func generation(_ slot: UInt32) -> UInt32 { sessions[Int(slot)].generation }
 
     subscript(slot: UInt32) -> Session {
         get { sessions[Int(slot)] }
@@ -105,7 +109,7 @@ struct UDPSessionTable {
 
     /// A new session for `key` on `listener`, most recently active; `indexed: false` for a
     /// per-packet record, which `find` does not return.
-    mutating func insert(_ key: UDPClientKey, listener: UInt16, tick: UInt32, indexed: Bool = true) -> UInt32 {
+    public mutating func insert(_ key: UDPClientKey, listener: UInt16, tick: UInt32, indexed: Bool = true) -> UInt32 {
         let slot: UInt32
         if let reused = free.popLast() {
             slot = reused
@@ -122,7 +126,7 @@ struct UDPSessionTable {
     }
 
     /// Frees `slot` (its socket is the caller's to close).
-    mutating func remove(_ slot: UInt32) {
+    public mutating func remove(_ slot: UInt32) {
         guard sessions[Int(slot)].live else { return }
         unlink(slot)
         if sessions[Int(slot)].indexed { index[sessions[Int(slot)].key] = nil }
@@ -135,7 +139,7 @@ struct UDPSessionTable {
 
     /// A table this large gives its memory back when its last session ends (after a
     /// burst of clients, RSS returns to where it was).
-    static let keptWhenEmpty = 4096
+    public static let keptWhenEmpty = 4096
 
     /// Frees the records, index and pools. New records start past every generation used
     /// so far, so a completion still in flight for a freed slot stays stale.
@@ -152,7 +156,7 @@ struct UDPSessionTable {
     }
 
     /// Activity on `slot`: it moves to the end of its listener's list.
-    mutating func touch(_ slot: UInt32, tick: UInt32) {
+    public mutating func touch(_ slot: UInt32, tick: UInt32) {
         sessions[Int(slot)].lastTick = tick
         guard tails[Int(sessions[Int(slot)].listener)] != slot else { return }
         unlink(slot)
@@ -179,7 +183,7 @@ struct UDPSessionTable {
     private static func poolKey(_ listener: Int, _ endpoint: Int) -> UInt64 { UInt64(listener) << 32 | UInt64(UInt32(truncatingIfNeeded: endpoint)) }
 
     /// The least recently active session of `listener`.
-    func oldest(_ listener: Int) -> UInt32? {
+    public func oldest(_ listener: Int) -> UInt32? {
         heads[listener] == UDPSessionTable.none ? nil : heads[listener]
     }
 

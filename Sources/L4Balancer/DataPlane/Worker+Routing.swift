@@ -10,9 +10,9 @@ import Glibc
 /// poll waits for that much: a ClientHello in 1-byte segments costs one wake-up per
 /// threshold, not one per byte, and holds no buffer between peeks.
 ///
-/// During inspection `toUpstream.length` holds the bytes seen by the last peek,
-/// `toUpstream.pendingLength` the raised threshold (0: unchanged) and `toUpstream.sent`
-/// 1 once the client has half-closed.
+/// During inspection the record keeps the bytes seen by the last peek
+/// (`inspectedBytes`), the raised threshold (`inspectionLowWater`) and whether the client
+/// has half-closed (`Flags.clientHalfClosed`).
 extension Worker {
     /// POLLRDHUP (the peer half-closed): glibc declares it only under _GNU_SOURCE.
     static var pollReadHangUp: Int32 { 0x2000 }
@@ -46,7 +46,6 @@ extension Worker {
             return
         }
         let bytes = UnsafeRawBufferPointer(start: bufferAddress(buffer, large: false), count: Int(result))
-        let s = stream(record, toUpstream: true)
         switch ClientHello.parse(bytes) {
         case .complete(let offset, let length):
             let routes = plans[record.pointee.plan].routes[listener].unsafelyUnwrapped
@@ -55,7 +54,7 @@ extension Worker {
             stats.add(matched == nil ? .sniDefault : .sniRouted, listener: listener)
             if let matched { stats.addRouteHit(listener: listener, route: matched) }
             let routed = matched.map { routes.clusters[$0] }
-            if s.pointee.pendingLength != 0 { setReceiveLowWater(record.pointee.client, 1) }
+            if record.pointee.inspectionLowWater != 0 { setReceiveLowWater(record.pointee.client, 1) }
             record.pointee.toUpstream = Connection.Stream()
             route(slot, record, cluster: routed ?? routes.defaultCluster)
         case .needMore(let total):
@@ -63,14 +62,14 @@ extension Worker {
             if total > buffers.small.bufferSize {
                 stats.add(.sniOversize, listener: listener)
                 close(slot, reason: .error)
-            } else if s.pointee.sent == 1, result <= s.pointee.length {
+            } else if record.pointee.flags.contains(.clientHalfClosed), result <= record.pointee.inspectedBytes {
                 // The client half-closed with its ClientHello unfinished.
                 stats.add(.sniMalformed, listener: listener)
                 close(slot, reason: .clientFIN)
             } else {
-                s.pointee.length = result
-                if s.pointee.pendingLength != Int32(total) {
-                    s.pointee.pendingLength = Int32(total)
+                record.pointee.inspectedBytes = result
+                if record.pointee.inspectionLowWater != Int32(total) {
+                    record.pointee.inspectionLowWater = Int32(total)
                     setReceiveLowWater(record.pointee.client, Int32(total))
                 }
                 armClientHelloPoll(slot, record)
@@ -96,7 +95,7 @@ extension Worker {
         let slot = userData.slot
         guard let record = succeededRecord(completion, userData, expecting: .inspecting) else { return }
         // Peek again either way: a client may send its last bytes and FIN together.
-        if Int32(completion.result) & (Worker.pollReadHangUp | Int32(POLLHUP) | Int32(POLLERR)) != 0 { record.pointee.toUpstream.sent = 1 }
+        if Int32(completion.result) & (Worker.pollReadHangUp | Int32(POLLHUP) | Int32(POLLERR)) != 0 { record.pointee.flags.insert(.clientHalfClosed) }
         peekClientHello(slot, record)
     }
 

@@ -117,13 +117,8 @@ extension Worker {
     func expireConnections() {
         while let head = wheel.takeNextDueBucket(now: clock.tick) {
             var cursor = head
-            while cursor != 0 {
-                let slot = cursor - 1
+            while let slot = wheel.next(&cursor, in: slab) {
                 let record = slab[slot]
-                cursor = record.pointee.timerNext
-                record.pointee.timerBucket = UInt32.max
-                record.pointee.timerPrevious = 0
-                record.pointee.timerNext = 0
                 let state = record.pointee.state
                 guard state != .free, state != .closing else { continue }
                 let listener = Int(record.pointee.listener)
