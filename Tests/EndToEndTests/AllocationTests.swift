@@ -44,6 +44,15 @@ final class AllocationTests: XCTestCase {
         return count
     }
 
+    /// Allocations for `n` and `6n` units of traffic: what one more unit costs.
+    func perUnit(_ n: Int, _ unit: String, _ measure: (Int) throws -> Int) throws -> Double {
+        let few = try measure(n)
+        let many = try measure(6 * n)
+        let each = Double(many - few) / Double(5 * n)
+        print("allocations: \(few) for \(n) \(unit), \(many) for \(6 * n): \(each) per one")
+        return each
+    }
+
     func testAProxiedTCPConnectionAllocatesNothing() throws {
         let backend = try TestBackend(.echo)
         defer { backend.stop() }
@@ -65,14 +74,9 @@ final class AllocationTests: XCTestCase {
                 }
             }
         }
-        let n = 200
-        let few = try connections(n)
-        let many = try connections(6 * n)
-        let perConnection = Double(many - few) / Double(5 * n)
-        print("allocations: \(few) for \(n) connections, \(many) for \(6 * n): \(perConnection) per connection")
         // One allocation per connection would be 1.0; the margin is for the control side's
         // timers, which run a few more times in the longer run.
-        XCTAssertLessThan(perConnection, 0.05, "heap allocations per proxied connection")
+        XCTAssertLessThan(try perUnit(200, "connections", connections), 0.05, "heap allocations per proxied connection")
     }
 
     func testARelayedDatagramAllocatesNothing() throws {
@@ -96,11 +100,6 @@ final class AllocationTests: XCTestCase {
                 }
             }
         }
-        let n = 500
-        let few = try datagrams(n)
-        let many = try datagrams(6 * n)
-        let perDatagram = Double(many - few) / Double(5 * n)
-        print("allocations: \(few) for \(n) datagrams, \(many) for \(6 * n): \(perDatagram) per datagram")
-        XCTAssertLessThan(perDatagram, 0.05, "heap allocations per relayed datagram")
+        XCTAssertLessThan(try perUnit(500, "datagrams", datagrams), 0.05, "heap allocations per relayed datagram")
     }
 }
