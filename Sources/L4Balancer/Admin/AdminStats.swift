@@ -12,22 +12,8 @@ extension WorkerPool {
 
         func listenerEntry(id: Int, name: String, address: String?, removed: Bool) -> [String: Any] {
             func total(_ c: WorkerStats.ListenerCounter) -> UInt64 { stats.total(c, listener: id) }
-            var entry: [String: Any] = [
-                "name": name,
-                "active": signed(total(.active)),
-                "total": total(.accepted),
-                "refused": total(.refused),
-                "bytes_in": total(.bytesIn),
-                "bytes_out": total(.bytesOut),
-                "connect_failed": total(.connectFailed),
-                "idle_timeouts": total(.idleTimeouts),
-                "send_timeouts": total(.sendTimeouts),
-                "drain_timeouts": total(.drainTimeouts),
-                "accept_errors": total(.acceptErrors),
-                "cluster_full": total(.clusterFull),
-                "closed_unhealthy": total(.closedUnhealthy),
-                "buffer_waits": total(.bufferWaits),
-            ]
+            var entry: [String: Any] = ["name": name]
+            for c in ExportedCounters.listener { entry[c.key] = c.isGauge ? signed(total(c.counter)) : total(c.counter) }
             if let address { entry["address"] = address }
             if removed { entry["removed"] = true }
             return entry
@@ -80,15 +66,10 @@ extension WorkerPool {
                 "healthy": !flags.contains(.unhealthy),
                 "ejected": flags.contains(.ejected),
                 "draining": flags.contains(.draining),
-                "active": signed(total(.active)),
-                "total": total(.total),
-                "connect_failures": total(.connectFailures),
-                "connect_timeouts": total(.connectTimeouts),
                 "outlier_ejections": healthChecker.ejectionCount(endpoint: id),
-                "bytes_in": total(.bytesIn),
-                "bytes_out": total(.bytesOut),
                 "health_transitions": healthChecker.transitionCount(endpoint: id),
             ]
+            for c in ExportedCounters.endpoint { entry[c.key] = c.isGauge ? signed(total(c.counter)) : total(c.counter) }
             if let weight { entry["weight"] = weight }
             if removed { entry["removed"] = true }
             if flags.contains(.markedUnhealthy) { entry["control_plane"] = "unhealthy" }
@@ -126,21 +107,19 @@ extension WorkerPool {
 
         let workers = controls.map { control -> [String: Any] in
             let s = control.stats
-            return [
+            var entry: [String: Any] = [
                 "index": control.index,
                 "cpu": control.cpu.map { $0 as Any } ?? NSNull(),
                 "generation": s.value(.adoptedGeneration),
                 "plans": s.value(.livePlans),
                 "oldest_plan_generation": s.value(.oldestPlanGeneration),
-                "iterations": s.value(.iterations),
                 "small_buffers_peak": s.value(.smallBuffersPeak),
                 "large_buffers_peak": s.value(.largeBuffersPeak),
                 "small_buffers_in_use": s.value(.smallBuffersInUse),
                 "large_buffers_in_use": s.value(.largeBuffersInUse),
-                "submission_drops": s.value(.submissionDrops),
-                "wait_errors": s.value(.waitErrors),
-                "access_log_drops": s.value(.accessLogDrops),
             ]
+            for c in ExportedCounters.worker { entry[c.key] = s.value(c.counter) }
+            return entry
         }
         var reloadEntry: [String: Any] = ["succeeded": reloads.succeeded, "failed": reloads.failed]
         let accessLogEntry: Any = accessLogTotals.map { ["written": $0.written, "dropped": $0.dropped] } ?? NSNull()

@@ -85,6 +85,17 @@ public final class MetricsExporter: @unchecked Sendable {
         gauge.set(to: value)
     }
 
+    /// Renders `counters` (the list `/stats` renders too) with `labels`.
+    private func export<Counter>(_ counters: [ExportedCounter<Counter>], _ labels: [(String, String)], _ value: (Counter) -> UInt64) {
+        for c in counters {
+            if c.isGauge {
+                gauge(c.metric, c.help, labels, Double(Int64(bitPattern: value(c.counter))))
+            } else {
+                counter(c.metric, c.help, labels, value(c.counter))
+            }
+        }
+    }
+
     private func collect() {
         let snapshot = pool.store.snapshot
         let stats = pool.controls.map(\.stats)
@@ -103,19 +114,7 @@ public final class MetricsExporter: @unchecked Sendable {
         for listener in listeners {
             let labels = [("listener", listener.name)]
             func total(_ c: WorkerStats.ListenerCounter) -> UInt64 { stats.total(c, listener: listener.id) }
-            gauge("l4lb_listener_connections_active", "Connections open now (connecting or proxying).", labels, signed(total(.active)))
-            counter("l4lb_listener_connections_total", "Connections accepted.", labels, total(.accepted))
-            counter("l4lb_listener_connections_refused_total", "Connections closed at accept: limits, draining, no slot.", labels, total(.refused))
-            counter("l4lb_listener_received_bytes_total", "Bytes received from clients.", labels, total(.bytesIn))
-            counter("l4lb_listener_sent_bytes_total", "Bytes sent to clients.", labels, total(.bytesOut))
-            counter("l4lb_listener_connect_failures_total", "Connections closed because no upstream connect succeeded.", labels, total(.connectFailed))
-            counter("l4lb_listener_idle_timeouts_total", "Connections closed by idle_timeout.", labels, total(.idleTimeouts))
-            counter("l4lb_listener_send_timeouts_total", "Connections reset by send_timeout (a peer accepted nothing).", labels, total(.sendTimeouts))
-            counter("l4lb_listener_drain_timeouts_total", "Connections closed drain_timeout after a reload removed their listener.", labels, total(.drainTimeouts))
-            counter("l4lb_circuit_breaker_rejections_total", "Connections refused because the cluster was at max_connections.", labels, total(.clusterFull))
-            counter("l4lb_listener_closed_unhealthy_total", "Connections closed because their endpoint turned unhealthy (on_unhealthy: close).", labels, total(.closedUnhealthy))
-            counter("l4lb_listener_accept_errors_total", "Accepts the kernel failed (EMFILE and the like).", labels, total(.acceptErrors))
-            counter("l4lb_listener_buffer_waits_total", "Receives that found no free buffer and waited.", labels, total(.bufferWaits))
+            export(ExportedCounters.listener, labels, total)
             if let tls = tlsListeners[listener.id] {
                 let help = "TLS handshakes, by result (ok by version, failed, timeout)."
                 counter("l4lb_tls_handshakes_total", help, labels + [("result", "ok"), ("version", "1.2")], total(.tlsHandshakes12))
@@ -197,14 +196,9 @@ public final class MetricsExporter: @unchecked Sendable {
             let labels = [("cluster", endpoint.cluster), ("endpoint", endpoint.address.description)]
             func total(_ c: WorkerStats.EndpointCounter) -> UInt64 { stats.total(c, endpoint: endpoint.id) }
             let flags = pool.status.flags(endpoint.id)
-            gauge("l4lb_endpoint_connections_active", "Upstream connections open now (connecting or connected).", labels, signed(total(.active)))
-            counter("l4lb_endpoint_connections_total", "Upstream connections established.", labels, total(.total))
-            counter("l4lb_endpoint_connect_failures_total", "Upstream connect attempts that failed or timed out.", labels, total(.connectFailures))
-            counter("l4lb_endpoint_connect_timeouts_total", "Upstream connect attempts that hit connect_timeout (also in connect_failures).", labels, total(.connectTimeouts))
+            export(ExportedCounters.endpoint, labels, total)
             counter("l4lb_endpoint_outlier_ejections_total", "Times outlier detection ejected the endpoint.", labels,
                     UInt64(max(0, pool.healthChecker.ejectionCount(endpoint: endpoint.id))))
-            counter("l4lb_endpoint_received_bytes_total", "Bytes received from the endpoint.", labels, total(.bytesIn))
-            counter("l4lb_endpoint_sent_bytes_total", "Bytes sent to the endpoint.", labels, total(.bytesOut))
             gauge("l4lb_endpoint_healthy", "1 when the endpoint passes its health checks (or has none).", labels, flags.contains(.unhealthy) ? 0 : 1)
             gauge("l4lb_endpoint_ejected", "1 while outlier detection has ejected the endpoint.", labels, flags.contains(.ejected) ? 1 : 0)
             gauge("l4lb_endpoint_draining", "1 while the endpoint is drained.", labels, flags.contains(.draining) ? 1 : 0)
@@ -230,10 +224,7 @@ public final class MetricsExporter: @unchecked Sendable {
         for control in pool.controls {
             let labels = [("worker", String(control.index))]
             let s = control.stats
-            counter("l4lb_worker_loop_iterations_total", "Event-loop iterations (one ring wait each).", labels, s.value(.iterations))
-            counter("l4lb_worker_submission_drops_total", "Requests dropped because the submission queue stayed full.", labels, s.value(.submissionDrops))
-            counter("l4lb_worker_wait_errors_total", "Ring waits the kernel failed.", labels, s.value(.waitErrors))
-            counter("l4lb_worker_access_log_drops_total", "Access-log lines dropped because the writer was behind.", labels, s.value(.accessLogDrops))
+            export(ExportedCounters.worker, labels) { s.value($0) }
             gauge("l4lb_worker_buffers_peak", "The most receive buffers of a size in use at once.", labels + [("size", "small")], Double(s.value(.smallBuffersPeak)))
             gauge("l4lb_worker_buffers_peak", "The most receive buffers of a size in use at once.", labels + [("size", "large")], Double(s.value(.largeBuffersPeak)))
             let buffers = pool.snapshot.config.buffers

@@ -80,13 +80,13 @@ public final class WorkerStats: @unchecked Sendable {
             (.dropsLateReply, "late_reply"), (.dropsSendFailed, "send_failed"),
         ]
     }
-    public enum EndpointCounter: Int, CaseIterable {
+    public enum EndpointCounter: Int, CaseIterable, Sendable {
         case active, total, connectFailures, bytesIn, bytesOut
         /// Connect attempts that hit connect_timeout (also in `connectFailures`).
         case connectTimeouts
     }
     /// The worker's own: not tied to a listener or endpoint.
-    public enum WorkerCounter: Int, CaseIterable {
+    public enum WorkerCounter: Int, CaseIterable, Sendable {
         /// Loop iterations (one wait each).
         case iterations
         /// Waits the kernel failed (counted; the loop carries on).
