@@ -16,7 +16,7 @@ extension Worker {
             return
         }
         listeners[listener].armed = ring.prepareMultishotAccept(
-            listener: listeners[listener].fd, userData: UserData(.accept, slot: UInt32(listener), generation: listeners[listener].serial).raw)
+            listener: listeners[listener].fd, userData: UserData.listener(.accept, listener, serial: listeners[listener].serial).raw)
         if !listeners[listener].armed { stats.add(.submissionDrops) }
     }
 

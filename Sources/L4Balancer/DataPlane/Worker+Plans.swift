@@ -58,7 +58,7 @@ extension Worker {
         }
         // A listening socket always shuts down; if not, the cancel below still stops it.
         try? SocketCalls.shutdown(fd, Int32(SHUT_RDWR))
-        if listeners[id].armed, ring.prepareCancelAll(fd: fd, userData: UserData(.listenerCancelled, slot: UInt32(bitPattern: fd)).raw) {
+        if listeners[id].armed, ring.prepareCancelAll(fd: fd, userData: UserData.retiring(fd).raw) {
             listeners.retiring.insert(fd)
         } else {
             // Nothing refers to the descriptor by number: the shut-down accept (if any)

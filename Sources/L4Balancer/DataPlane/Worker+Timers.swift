@@ -17,7 +17,7 @@ extension Worker {
     }
 
     func armWake() {
-        loop.wakeArmed = ring.prepareRead(fd: control.wakeFD, into: loop.wakeCounter, length: 8, userData: UserData(.wake).raw)
+        loop.wakeArmed = ring.prepareRead(fd: control.wakeSignal.fd, into: loop.wakeCounter, length: 8, userData: UserData(.wake).raw)
         if !loop.wakeArmed { stats.add(.submissionDrops) }
     }
 

@@ -26,7 +26,7 @@ extension Worker {
     func armDatagrams(_ listener: Int) {
         listeners[listener].armed = ring.prepareMultishotReceiveMessage(
             socket: listeners[listener].fd, message: datagrams.header, bufferGroup: Worker.datagramBufferGroup,
-            userData: UserData(.datagramFromClient, slot: UInt32(listener), generation: listeners[listener].serial).raw)
+            userData: UserData.listener(.datagramFromClient, listener, serial: listeners[listener].serial).raw)
         if !listeners[listener].armed { stats.add(.submissionDrops) }
     }
 
@@ -80,7 +80,7 @@ extension Worker {
         }
         let length = message.payloadLength
         guard ring.prepareSend(socket: datagrams.sessions[session].upstream, bytes: message.payload, length: length,
-                               userData: UserData(.datagramToUpstream, slot: UInt32(buffer), generation: UInt32(listener)).raw)
+                               userData: UserData.datagram(.datagramToUpstream, buffer: buffer, listener: listener).raw)
         else {
             datagrams.buffers.recycle(buffer)
             stats.add(.dropsQueueFull, listener: listener)

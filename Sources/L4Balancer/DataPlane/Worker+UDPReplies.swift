@@ -71,7 +71,7 @@ extension Worker {
             message.pointee.msg_control = nil
             message.pointee.msg_controllen = 0
         }
-        guard fd >= 0, ring.prepareSendMessage(socket: fd, message: message, userData: UserData(.datagramToClient, slot: UInt32(buffer), generation: UInt32(listener)).raw) else {
+        guard fd >= 0, ring.prepareSendMessage(socket: fd, message: message, userData: UserData.datagram(.datagramToClient, buffer: buffer, listener: listener).raw) else {
             datagrams.buffers.recycle(buffer)
             stats.add(.dropsQueueFull, listener: listener)
             return

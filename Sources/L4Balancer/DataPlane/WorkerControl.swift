@@ -13,7 +13,7 @@ public final class WorkerControl: @unchecked Sendable {
     public let index: Int
     public let cpu: Int?
     public let stats: WorkerStats
-    let wakeFD: Int32
+    let wakeSignal: WakeSignal
     /// The worker's access-log ring, when the access log is on.
     let accessLog: AccessLogRing?
     let drainRequested = ManagedAtomic<Bool>(false)
@@ -25,12 +25,8 @@ public final class WorkerControl: @unchecked Sendable {
         self.cpu = cpu
         self.stats = stats
         self.accessLog = accessLog
-        let fd = CLinux_eventfd()
-        guard fd >= 0 else { throw Errno(result: fd) }
-        wakeFD = fd
+        wakeSignal = try WakeSignal()
     }
-
-    deinit { close(wakeFD) }
 
     /// Stop accepting; close what is still open after `deadline` (monotonic ms).
     func requestDrain(deadline: Int64) {
@@ -39,10 +35,7 @@ public final class WorkerControl: @unchecked Sendable {
         wake()
     }
 
-    func wake() {
-        var one: UInt64 = 1
-        _ = write(wakeFD, &one, 8)
-    }
+    func wake() { wakeSignal.signal() }
 }
 
 /// Live connection counts per listener (by identity) across all workers, for

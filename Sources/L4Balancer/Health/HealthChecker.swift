@@ -28,9 +28,9 @@ public final class HealthChecker: @unchecked Sendable {
     private let pending = LockedBox<Snapshot?>(nil)
     /// Written when a snapshot is pending (or on stop), so the loop takes it at once rather
     /// than after its poll's 100 ms: a reload waits for the checker, and xDS may send ten
-    /// a second. -1 if it could not be made (poll ignores it; the loop then takes snapshots
-    /// on its next pass).
-    private let wakeFD = CLinux_eventfd()
+    /// a second. Nil if it could not be made (the loop then takes snapshots on its next
+    /// pass).
+    private let wakeSignal = try? WakeSignal()
     private var thread: Thread?
     private let finished = DispatchSemaphore(value: 0)
     /// Health transitions per endpoint identity (healthy ↔ unhealthy, ejected ↔ returned).
@@ -57,13 +57,9 @@ public final class HealthChecker: @unchecked Sendable {
 
     deinit {
         munmap(transitions, IdentityRegistry.endpointCapacity * MemoryLayout<UnsafeAtomic<Int>.Storage>.stride)
-        if wakeFD >= 0 { close(wakeFD) }
     }
 
-    private func wake() {
-        var one: UInt64 = 1
-        if wakeFD >= 0 { _ = write(wakeFD, &one, 8) }
-    }
+    private func wake() { wakeSignal?.signal() }
 
     public func transitionCount(endpoint: Int) -> Int {
         UnsafeAtomic<Int>(at: transitions + endpoint).load(ordering: .relaxed)
@@ -79,13 +75,9 @@ public final class HealthChecker: @unchecked Sendable {
     public func apply(_ snapshot: Snapshot, timeoutMilliseconds: Int64) {
         pending.set { $0 = snapshot }
         wake()
-        let deadline = monotonicMilliseconds() + timeoutMilliseconds
-        // Installing takes microseconds, a first check up to its timeout: short waits first.
-        var pause: UInt32 = 50
-        while monotonicMilliseconds() < deadline {
-            if installed.load(ordering: .acquiring) >= snapshot.generation, unchecked.load(ordering: .acquiring) == 0 { return }
-            usleep(pause)
-            pause = min(pause * 2, 2000)
+        // Installing takes microseconds, a first check up to its timeout.
+        waitUntil(deadline: monotonicMilliseconds() + timeoutMilliseconds, longestPause: 2000) {
+            installed.load(ordering: .acquiring) >= snapshot.generation && unchecked.load(ordering: .acquiring) == 0
         }
     }
 
@@ -131,7 +123,8 @@ public final class HealthChecker: @unchecked Sendable {
             }
             fds.removeAll(keepingCapacity: true)
             owners.removeAll(keepingCapacity: true)
-            fds.append(pollfd(fd: wakeFD, events: Int16(POLLIN), revents: 0))
+            // A negative descriptor is skipped by poll.
+            fds.append(pollfd(fd: wakeSignal?.fd ?? -1, events: Int16(POLLIN), revents: 0))
             owners.append(-1)
             var wake = now + 100
             for (i, t) in targets.enumerated() {
@@ -147,10 +140,7 @@ public final class HealthChecker: @unchecked Sendable {
             if !outliers.isEmpty { wake = min(wake, nextOutlierSweep) }
             _ = poll(&fds, nfds_t(fds.count), Int32(max(0, min(100, wake - now))))
             let after = monotonicMilliseconds()
-            if fds[0].revents != 0 {
-                var count: UInt64 = 0
-                _ = read(wakeFD, &count, 8)
-            }
+            if fds[0].revents != 0 { wakeSignal?.drain() }
             for (k, pfd) in fds.enumerated().dropFirst() {
                 let i = owners[k]
                 if pfd.revents != 0 {

@@ -190,16 +190,12 @@ extension WorkerPool {
             xdsClient?.fileReloaded()
         }
         if let proposed { xdsClusters = proposed }
-        let deadline = monotonicMilliseconds() + WorkerPool.adoptionTimeoutMilliseconds
         var lagging: [Int] = []
-        // A woken worker adopts within microseconds to a millisecond: short waits first.
-        var pause: UInt32 = 50
-        repeat {
+        // A woken worker adopts within microseconds to a millisecond.
+        waitUntil(deadline: monotonicMilliseconds() + WorkerPool.adoptionTimeoutMilliseconds, longestPause: 1000) {
             lagging = controls.filter { $0.stats.value(.adoptedGeneration) < snapshot.generation }.map(\.index)
-            if lagging.isEmpty { break }
-            usleep(pause)
-            pause = min(pause * 2, 1000)
-        } while monotonicMilliseconds() < deadline
+            return lagging.isEmpty
+        }
         var changes = WorkerPool.changes(from: old, to: snapshot)
         if filterChange.added + filterChange.removed > 0 {
             changes.append("filter: \(filterChange.added) entries added, \(filterChange.removed) removed")
