@@ -13,6 +13,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 int CTest_epoll_create(void) {
@@ -57,11 +58,22 @@ int CTest_send_frames(const char *interface, const unsigned char *frames, unsign
     address.sll_ifindex = (int)index;
     address.sll_halen = 6;
     int rc = 0;
-    for (unsigned i = 0; i < count && rc == 0; i++) {
+    // A burst can fill the socket's send buffer or the device's queue (ENOBUFS): the
+    // frame is sent again once it drains, backing off 1 ms at a time for at most 5 s.
+    unsigned waited = 0;
+    unsigned i = 0;
+    while (i < count && rc == 0) {
         const unsigned char *frame = frames + (size_t)i * length;
         memcpy(address.sll_addr, frame, 6);
         ssize_t sent = sendto(fd, frame, length, 0, (struct sockaddr *)&address, sizeof(address));
+        if (sent < 0 && (errno == ENOBUFS || errno == EAGAIN) && waited < 5000) {
+            struct timespec pause = { .tv_sec = 0, .tv_nsec = 1000000 };
+            nanosleep(&pause, NULL);
+            waited++;
+            continue;
+        }
         if (sent != (ssize_t)length) rc = -(sent < 0 ? errno : EMSGSIZE);
+        i++;
     }
     close(fd);  // closing a packet socket waits for an RCU grace period: one per batch
     return rc;

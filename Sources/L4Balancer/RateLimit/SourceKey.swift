@@ -2,14 +2,14 @@ import BPFSteer
 
 /// What a rate limit counts by: a listener and a source prefix (the client's address
 /// masked to `prefix_v4` / `prefix_v6`).
-struct SourceKey: Equatable {
+public struct SourceKey: Equatable, Sendable {
     /// The masked address (IPv4: in the low 32 bits of `low`).
     var high: UInt64
     var low: UInt64
     /// listener identity << 16 | family (4 or 6) << 8 | prefix length.
     var meta: UInt64
 
-    init(high: UInt64, low: UInt64, meta: UInt64) {
+    public init(high: UInt64, low: UInt64, meta: UInt64) {
         self.high = high
         self.low = low
         self.meta = meta

@@ -20,9 +20,9 @@ import Glibc
 /// connection is forgotten (counted in `evictions`); if every source there holds one, the
 /// new source goes untracked and is let through (counted in `untracked`) — the table
 /// degrades, it never refuses clients for being full.
-final class SourceTable: @unchecked Sendable {
+public final class SourceTable: @unchecked Sendable {
     /// Word offsets within a slot.
-    enum Word: Int {
+    public enum Word: Int, Sendable {
         /// tag (40 bits, never 0 in use) << 24 | connections (24 bits).
         case tagAndPlaces = 0
         case connectionTAT, packetTAT
@@ -46,10 +46,10 @@ final class SourceTable: @unchecked Sendable {
     private let words: UnsafeMutablePointer<UnsafeAtomic<UInt64>.Storage>
     private let counters: UnsafeMutablePointer<UnsafeAtomic<UInt64>.Storage>
 
-    enum Counter: Int, CaseIterable { case evictions, untracked, tracked }
+    public enum Counter: Int, CaseIterable, Sendable { case evictions, untracked, tracked }
 
     /// `capacity`: a power of two.
-    init(capacity: Int) {
+    public init(capacity: Int) {
         precondition(capacity > 0 && capacity & (capacity - 1) == 0)
         self.capacity = capacity
         mask = capacity - 1
@@ -66,7 +66,7 @@ final class SourceTable: @unchecked Sendable {
         UnsafeAtomic(at: words + (slot &* SourceTable.wordsPerSlot &+ word.rawValue))
     }
 
-    func count(_ counter: Counter) -> UInt64 {
+    public func count(_ counter: Counter) -> UInt64 {
         UnsafeAtomic<UInt64>(at: counters + counter.rawValue).load(ordering: .relaxed)
     }
 
@@ -77,14 +77,14 @@ final class SourceTable: @unchecked Sendable {
 
     /// Monotonic nanoseconds (`bpf_ktime_get_ns`'s clock).
     @inline(__always)
-    static func now() -> UInt64 {
+    public static func now() -> UInt64 {
         var ts = timespec()
         clock_gettime(CLOCK_MONOTONIC, &ts)
         return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
     }
 
     /// The slot of `key` (found, or claimed for it), and its tag; nil: untracked.
-    func slot(for key: SourceKey, now: UInt64) -> (slot: Int, tag: UInt64)? {
+    public func slot(for key: SourceKey, now: UInt64) -> (slot: Int, tag: UInt64)? {
         let hash = key.hash
         let tag = (hash >> 24) | 1
         let start = Int(truncatingIfNeeded: hash) & mask
@@ -137,7 +137,7 @@ final class SourceTable: @unchecked Sendable {
 
     /// GCRA: takes one unit from the bucket `which` of `slot`; false: over the limit.
     @inline(__always)
-    func take(_ slot: Int, _ which: Word, interval: UInt64, tolerance: UInt64, now: UInt64) -> Bool {
+    public func take(_ slot: Int, _ which: Word, interval: UInt64, tolerance: UInt64, now: UInt64) -> Bool {
         let bucket = word(slot, which)
         var due = bucket.load(ordering: .relaxed)
         while true {
@@ -152,7 +152,7 @@ final class SourceTable: @unchecked Sendable {
     /// Takes one of the source's `maximum` connection places; false when it holds them all
     /// (or the slot went to another source meanwhile).
     @inline(__always)
-    func enter(_ slot: Int, tag: UInt64, maximum: Int) -> Bool {
+    public func enter(_ slot: Int, tag: UInt64, maximum: Int) -> Bool {
         let first = word(slot, .tagAndPlaces)
         var value = first.load(ordering: .relaxed)
         while true {
@@ -165,7 +165,7 @@ final class SourceTable: @unchecked Sendable {
 
     /// Gives back a place taken by `enter` (the slot cannot have changed hands meanwhile).
     @inline(__always)
-    func leave(_ slot: Int) {
+    public func leave(_ slot: Int) {
         word(slot, .tagAndPlaces).wrappingDecrement(ordering: .relaxed)
     }
 
