@@ -99,7 +99,6 @@ public final class MetricsExporter: @unchecked Sendable {
     private func collect() {
         let snapshot = pool.store.snapshot
         let stats = pool.controls.map(\.stats)
-        func signed(_ value: UInt64) -> Double { Double(Int64(bitPattern: value)) }
 
         // Listeners: the running ones, and removed ones with connections still open.
         let listeners = snapshot.listeners.map { (id: $0.id, name: $0.name) } + pool.removedListenersWithConnections(snapshot)

@@ -21,8 +21,6 @@ import Glibc
 /// - A descriptor in `upstreamsToClose` is closed only after the batch that may still
 ///   send on it has been submitted.
 struct DatagramPlane: ~Copyable {
-    static let bufferCount = Worker.datagramBufferCount
-
     var buffers: ProvidedBufferRing
     let header: UnsafeMutablePointer<msghdr>
     let replies: UnsafeMutablePointer<msghdr>
@@ -42,7 +40,7 @@ struct DatagramPlane: ~Copyable {
     var relayFoldSlots: [UInt32] = []
 
     init(ring: borrowing Ring) throws {
-        let count = DatagramPlane.bufferCount
+        let count = Worker.datagramBufferCount
         buffers = try ProvidedBufferRing(
             ring: ring, group: Worker.datagramBufferGroup, count: count, bufferSize: Worker.datagramBufferSize)
         header = .allocate(capacity: 1)
